@@ -156,8 +156,8 @@ def read_documents(files, text_field, skip=0):
         skip = 0
 
 
-def load_hf_documents(dataset, name, split, streaming, text_field, skip=0):
-    """(where, text) for every row of a Hugging Face dataset, leaving out the first `skip` rows."""
+def load_hf_dataset(dataset, name, split, streaming, text_field):
+    """The split of a Hugging Face dataset, downloaded now (or opened for streaming); fails with one clear line."""
     import datasets  # imported here: it takes a second to import and --input runs never need it
 
     try:
@@ -170,6 +170,11 @@ def load_hf_documents(dataset, name, split, streaming, text_field, skip=0):
         ) from None
     if rows.column_names is not None and text_field not in rows.column_names:
         raise UserError(f"{dataset}: no column '{text_field}' (columns: {', '.join(rows.column_names)}); pick one with --text_field")
+    return rows
+
+
+def hf_documents(rows, dataset, text_field, skip=0):
+    """(where, text) for every row of a loaded Hugging Face dataset, leaving out the first `skip` rows."""
     row = skip
     for batch in rows.skip(skip).iter(batch_size=1024):
         for text in batch[text_field]:
@@ -315,54 +320,77 @@ def save_shard(out_dir, prefix, index, tokens):
     write_atomically(shard_path(out_dir, prefix, index), temp_path(out_dir, prefix, f"{index:06d}"), lambda f: np.save(f, tokens))
 
 
+class ShardWriter:
+    """Lays batches of tokens end to end, cuts them into shards of shard_size tokens, and writes each one.
+
+    After each shard it saves the progress: how many documents the finished shards hold in full, and how many
+    tokens of the next document they hold already. A resumed writer starts from such a record.
+    """
+
+    def __init__(self, out_dir, prefix, shard_size, progress):
+        self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
+        self.progress = dict(progress)
+        self.shard = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
+        self.filled = 0
+        self.documents = progress["documents"]  # documents added so far, counting the ones of earlier runs
+        self.skip_tokens = progress["tokens_of_next_document"]  # tokens of the first document in finished shards
+
+    def add(self, ids, document_ends):
+        """Add one batch: ids holds its documents one after another, document i ends at document_ends[i]."""
+        start, self.skip_tokens = self.skip_tokens, 0
+        while start < len(ids):
+            taken = min(self.shard_size - self.filled, len(ids) - start)
+            self.shard[self.filled : self.filled + taken] = ids[start : start + taken]
+            self.filled += taken
+            start += taken
+            if self.filled == self.shard_size:
+                whole = int(np.searchsorted(document_ends, start, side="right"))  # documents of the batch done
+                begun = start - (int(document_ends[whole - 1]) if whole else 0)  # tokens of the next one done
+                self.write_shard(self.shard, self.documents + whole, begun)
+                self.filled = 0
+        self.documents += len(document_ends)
+
+    def finish(self):
+        """Write the last, shorter shard and mark the run finished."""
+        if self.filled:
+            self.write_shard(self.shard[: self.filled], self.documents, 0)
+        self.progress["finished"] = True
+        save_progress(self.out_dir, self.prefix, self.progress)
+
+    def write_shard(self, tokens, documents, tokens_of_next_document):
+        if not os.path.exists(progress_path(self.out_dir, self.prefix)):  # the settings go on disk before any shard
+            os.makedirs(self.out_dir, exist_ok=True)
+            save_progress(self.out_dir, self.prefix, self.progress)
+        save_shard(self.out_dir, self.prefix, self.progress["shards"], tokens)
+        self.progress["shards"] += 1
+        self.progress["tokens"] += len(tokens)
+        self.progress.update(documents=documents, tokens_of_next_document=tokens_of_next_document)
+        save_progress(self.out_dir, self.prefix, self.progress)
+
+
 def write_shards(documents, encode, out_dir, prefix, shard_size, num_proc, progress, batch_chars=1 << 20):
     """Tokenize (where, text) documents with num_proc workers into shards; returns the final progress.
 
     `documents` must start where `progress` left off (read_documents(..., skip=progress["documents"])).
     """
-    progress = dict(progress)
-    shard = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
-    filled = 0
-    skip_tokens = progress["tokens_of_next_document"]  # the first document's tokens already in finished shards
-    documents_before_batch = progress["documents"]
+    writer = ShardWriter(out_dir, prefix, shard_size, progress)
     bar = tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing", postfix={"shards": progress["shards"]})
 
-    def finish_shard(tokens, documents, tokens_of_next_document):
-        if not os.path.exists(progress_path(out_dir, prefix)):  # record the settings before the first shard lands
-            os.makedirs(out_dir, exist_ok=True)
-            save_progress(out_dir, prefix, progress)
-        save_shard(out_dir, prefix, progress["shards"], tokens)
-        progress.update(shards=progress["shards"] + 1, documents=documents, tokens_of_next_document=tokens_of_next_document)
-        progress["tokens"] += len(tokens)
-        save_progress(out_dir, prefix, progress)
-        bar.set_postfix(shards=progress["shards"])
-
     def add_to_shards(wheres, result):
-        nonlocal filled, skip_tokens, documents_before_batch
         try:
             ids, document_ends = result.get()
         except TokenIdTooLarge as e:
-            raise UserError(
-                f"{describe(wheres[e.document_index])}: the tokenizer made token id {e.token_id}, which does not fit "
-                f"the uint16 shards; use a tokenizer with fewer than 65536 tokens"
-            ) from None
-        start, skip_tokens = skip_tokens, 0
-        bar.update(len(ids) - start)
-        while start < len(ids):
-            taken = min(shard_size - filled, len(ids) - start)
-            shard[filled : filled + taken] = ids[start : start + taken]
-            filled += taken
-            start += taken
-            if filled == shard_size:
-                whole = int(np.searchsorted(document_ends, start, side="right"))  # documents of the batch done
-                begun = start - (int(document_ends[whole - 1]) if whole else 0)  # tokens of the next one done
-                finish_shard(shard, documents_before_batch + whole, begun)
-                filled = 0
-        documents_before_batch += len(document_ends)
+            where = describe(wheres[e.document_index])
+            raise UserError(f"{where}: the tokenizer made token id {e.token_id}, which does not fit the uint16 shards; use a tokenizer with fewer than 65536 tokens") from None
+        shards_before, tokens_done_before = writer.progress["shards"], writer.skip_tokens
+        writer.add(ids, document_ends)
+        bar.update(len(ids) - tokens_done_before)
+        if writer.progress["shards"] != shards_before:
+            bar.set_postfix(shards=writer.progress["shards"])
 
-    # Ordered results with a bounded number of batches in flight: Pool.imap would read the whole corpus
-    # ahead into memory when reading is faster than tokenizing.
-    with multiprocessing.Pool(num_proc, initializer=init_worker, initargs=(encode,)) as pool:
+    # Results in order, with a bounded number of batches in flight: Pool.imap would read the whole corpus
+    # ahead into memory whenever reading is faster than tokenizing.
+    with bar, multiprocessing.Pool(num_proc, initializer=init_worker, initargs=(encode,)) as pool:
         in_flight = collections.deque()
         for wheres, texts in batches_of_documents(documents, batch_chars):
             in_flight.append((wheres, pool.apply_async(tokenize_in_worker, (texts,))))
@@ -370,15 +398,10 @@ def write_shards(documents, encode, out_dir, prefix, shard_size, num_proc, progr
                 add_to_shards(*in_flight.popleft())
         while in_flight:
             add_to_shards(*in_flight.popleft())
-    if documents_before_batch == 0:
-        bar.close()
-        raise UserError("the corpus holds no documents; check --input (or --dataset, --name, --split)")
-    if filled:  # the last shard is shorter than the others
-        finish_shard(shard[:filled], documents_before_batch, 0)
-    progress.update(finished=True)
-    save_progress(out_dir, prefix, progress)
-    bar.close()
-    return progress
+        if writer.documents == 0:
+            raise UserError("the corpus holds no documents; check --input (or --dataset, --name, --split)")
+        writer.finish()
+    return writer.progress
 
 
 # -----------------------------------------------------------------------------
@@ -422,7 +445,8 @@ def main(argv=None):
     if args.input:
         documents = read_documents(files, args.text_field, skip=progress["documents"])
     else:
-        documents = load_hf_documents(args.dataset, args.name, args.split, args.streaming, args.text_field, skip=progress["documents"])
+        rows = load_hf_dataset(args.dataset, args.name, args.split, args.streaming, args.text_field)
+        documents = hf_documents(rows, args.dataset, args.text_field, skip=progress["documents"])
     encode = functools.partial(gpt2_encode, gpt2_tokenizer())
     tokens_before = progress["tokens"]
     progress = write_shards(documents, encode, args.out, args.prefix, args.shard_size, args.num_proc, progress)
