@@ -1,0 +1,189 @@
+"""The training run: schedule, data loader striding, DDP equivalence, exact resume, learning, compile."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt2
+from train_gpt2 import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, DataLoaderLite, get_lr, gpt2_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_MODEL = ["--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--block_size", "64", "--dtype", "float32"]
+QUIET = ["--no-hellaswag", "--no-sample_every_eval"]
+
+
+def run_trainer(args, nproc=1, **kwargs):
+    """train_gpt2.py in a subprocess (under torchrun for nproc > 1); returns the CompletedProcess."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(launcher + [os.path.join(REPO, "train_gpt2.py")] + args, capture_output=True, text=True, env=env, timeout=300, **kwargs)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def load_params(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def text_shards(tmp_path_factory):
+    """A small real-text corpus (this repository's own source, tokenized): a val and a train shard."""
+    enc = gpt2_tokenizer()
+    text = open(os.path.join(REPO, "train_gpt2.py")).read()
+    tokens = np.array([train_gpt2.EOT_TOKEN] + enc.encode_ordinary(text), dtype=np.uint16)
+    data_dir = tmp_path_factory.mktemp("text_shards")
+    np.save(data_dir / "text_val_000000.npy", tokens[:2048])
+    np.save(data_dir / "text_train_000001.npy", tokens[2048:])
+    return str(data_dir)
+
+
+# --- the learning-rate schedule --------------------------------------------------------------------
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    kw = dict(max_lr=6e-4, min_lr=6e-5, warmup_steps=10, max_steps=100)
+    lrs = [get_lr(step, **kw) for step in range(101)]
+    assert lrs[0] > 0
+    assert lrs[9] == pytest.approx(6e-4)  # the end of warmup reaches max_lr
+    assert max(lrs) == pytest.approx(6e-4)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine only falls
+    assert lrs[100] == pytest.approx(6e-5)
+    assert get_lr(1000, **kw) == pytest.approx(6e-5)
+
+
+# --- the data loader -------------------------------------------------------------------------------
+
+
+def make_marked_shards(directory, lengths, split="train"):
+    """Shards whose token at offset i of shard k is 10000 * k + i, so a window's first token says where it was read."""
+    for k, length in enumerate(lengths):
+        np.save(directory / f"marked_{split}_{k:06d}.npy", (10000 * k + np.arange(length)).astype(np.uint16))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
+    B, T = 2, 8
+    window = B * T * world_size
+    lengths = [5 * window + 7, 3 * window, 4 * window + 1]  # shard ends that fit, just miss, and exactly fit
+    make_marked_shards(tmp_path, lengths)
+    loaders = [DataLoaderLite(str(tmp_path), B, T, rank, world_size, "train") for rank in range(world_size)]
+    # windows whose +1 target token still fits in the shard: (length - 1) // window of them
+    windows_per_shard = [(length - 1) // window for length in lengths]
+    assert loaders[0].steps_per_epoch() == sum(windows_per_shard)
+
+    seen = set()
+    for epoch in range(2):
+        for shard, num_windows in enumerate(windows_per_shard):
+            for w in range(num_windows):
+                for rank, loader in enumerate(loaders):
+                    assert (loader.epoch, loader.shard) == (epoch, shard)  # every rank on the same shard
+                    x, y = loader.next_batch()
+                    start = w * window + rank * B * T  # the striding: global window, then rank offset
+                    expected = (10000 * shard + np.arange(start, start + B * T + 1)).astype(np.int64)
+                    assert start + B * T + 1 <= lengths[shard]  # never past the shard's end
+                    assert torch.equal(x.flatten(), torch.from_numpy(expected[:-1]))
+                    assert torch.equal(y.flatten(), torch.from_numpy(expected[1:]))
+                    if epoch == 0:
+                        assert (shard, start) not in seen  # no window twice in an epoch
+                        seen.add((shard, start))
+    assert all(loader.epoch == 2 and loader.shard == 0 and loader.position == 0 for loader in loaders)
+
+
+def test_loader_state_round_trips_mid_shard(tmp_path):
+    make_marked_shards(tmp_path, [1000, 1000])
+    loader = DataLoaderLite(str(tmp_path), 4, 16, 1, 2, "train")
+    for _ in range(9):  # 9 windows of 128: into the second shard
+        loader.next_batch()
+    state = loader.state_dict()
+    assert state["shard"] == 1 and state["position"] > 0
+    resumed = DataLoaderLite(str(tmp_path), 4, 16, 1, 2, "train")
+    resumed.load_state_dict(state)
+    for _ in range(10):  # across the wrap-around too
+        for a, b in zip(loader.next_batch(), resumed.next_batch()):
+            assert torch.equal(a, b)
+    assert resumed.state_dict() == loader.state_dict()
+
+
+def test_loader_reads_llm_c_bin_shards(tmp_path):
+    tokens = np.arange(300, dtype=np.uint16)
+    header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
+    header[:3] = BIN_MAGIC, BIN_VERSION, len(tokens)
+    with open(tmp_path / "fineweb_val_000000.bin", "wb") as f:
+        f.write(header.tobytes() + tokens.tobytes())
+    x, y = DataLoaderLite(str(tmp_path), 2, 10, 0, 1, "val").next_batch()
+    assert torch.equal(x.flatten(), torch.arange(20)) and torch.equal(y.flatten(), torch.arange(1, 21))
+
+
+def test_loader_memory_maps_shards(tmp_path):
+    make_marked_shards(tmp_path, [1000])
+    loader = DataLoaderLite(str(tmp_path), 2, 8, 0, 1, "train")
+    assert isinstance(loader.shards[0], np.memmap)
+
+
+# --- the training run ------------------------------------------------------------------------------
+
+
+def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_shards):
+    """torchrun with 2 gloo ranks and no accumulation == 1 process accumulating 2 micro-steps."""
+    args = ["--data_dir", text_shards, *TINY_MODEL, *QUIET, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "256",
+            "--max_steps", "4", "--warmup_steps", "2", "--eval_every", "2", "--val_tokens", "512"]
+    ddp = run_trainer(args + ["--log_dir", str(tmp_path / "ddp")], nproc=2)
+    single = run_trainer(args + ["--log_dir", str(tmp_path / "single")])
+    assert "2 process(es)" in ddp.stdout and "x 2 ranks x 1 micro-steps" in ddp.stdout
+    assert "x 1 ranks x 2 micro-steps" in single.stdout
+    a, b = load_params(tmp_path / "ddp" / "model_00003.pt"), load_params(tmp_path / "single" / "model_00003.pt")
+    initial = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)).state_dict()
+    assert any(not torch.allclose(a[k], initial[k]) for k in a)  # the runs did train
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    # the val loss, reduced across ranks, is the single process's too
+    val = lambda out: [line for line in out.splitlines() if "val loss" in line]
+    assert val(ddp.stdout) == val(single.stdout)
+
+
+def test_resume_is_bit_identical(tmp_path, text_shards):
+    """N steps in one go == N/2 steps, stop, --resume, N/2 more: every parameter and optimizer moment equal."""
+    args = ["--data_dir", text_shards, *TINY_MODEL, *QUIET, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "256",
+            "--max_steps", "8", "--warmup_steps", "2", "--eval_every", "3", "--val_tokens", "512", "--ckpt_every", "4"]
+    run_trainer(args + ["--log_dir", str(tmp_path / "straight")])
+    os.makedirs(tmp_path / "resumed")
+    shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "resumed")  # stopped after 4 of 8 steps
+    result = run_trainer(args + ["--log_dir", str(tmp_path / "resumed"), "--resume"])
+    assert "resumed from" in result.stdout and "at step 4" in result.stdout
+    assert "step     3 |" not in result.stdout  # the first half is not trained again
+    straight = torch.load(tmp_path / "straight" / "model_00007.pt", weights_only=True)
+    resumed = torch.load(tmp_path / "resumed" / "model_00007.pt", weights_only=True)
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], resumed["model"][key]), key
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["loader"] == resumed["loader"]
+
+
+def test_loss_goes_down_on_real_text(tmp_path, text_shards):
+    result = run_trainer(["--data_dir", text_shards, *TINY_MODEL, *QUIET, "--batch_size", "8", "--seq_len", "64", "--total_batch_size", "512",
+                          "--max_steps", "40", "--warmup_steps", "5", "--max_lr", "3e-3", "--eval_every", "20", "--val_tokens", "1024",
+                          "--log_dir", str(tmp_path / "log")])
+    log = [line.split() for line in open(tmp_path / "log" / "log.txt")]
+    train = [float(v) for _, kind, v in log if kind == "train"]
+    val = [float(v) for _, kind, v in log if kind == "val"]
+    assert train[0] > 10.5  # ln(50257) = 10.8: the start is uniform guessing
+    assert sum(train[-5:]) / 5 < train[0] - 3.0
+    assert len(val) == 2 and val[1] < val[0] < 9.0
+    assert "tok/s" in result.stdout
+
+
+def test_compile_with_eval_and_sampling_runs_on_cpu(tmp_path, text_shards):
+    result = run_trainer(["--data_dir", text_shards, *TINY_MODEL, "--no-hellaswag", "--compile", "--batch_size", "4", "--seq_len", "32",
+                          "--total_batch_size", "128", "--max_steps", "2", "--warmup_steps", "1", "--eval_every", "1", "--val_tokens", "256",
+                          "--log_dir", str(tmp_path / "log")])
+    assert "compile True" in result.stdout
+    assert result.stdout.count("val loss") == 2
+    assert result.stdout.count("sample 0: Hello, I'm a language model,") == 2
+    assert os.path.exists(tmp_path / "log" / "model_00001.pt")
