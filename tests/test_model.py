@@ -1,0 +1,325 @@
+"""The model is OpenAI's GPT-2: same numbers as transformers' GPT2LMHeadModel, loads and exports its
+checkpoints, tokenizes like tiktoken's gpt2, and samples with a KV cache that changes nothing."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from export_hf import export_hf  # noqa: E402
+from sample import main as sample_main  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, UserError, gpt2_tokenizer, load_model  # noqa: E402
+
+SMALL = dict(n_layer=2, n_head=4, n_embd=64)
+PROMPT = "Hello, I'm a language model,"
+PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+
+
+def randomize_(model, seed=0):
+    """Random values in every parameter, LayerNorms and biases included: the default init leaves biases
+    at 0 and LayerNorm gains at 1, which would hide a mis-mapped or mis-transposed tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if p.dim() == 1:
+                p.copy_((1.0 if ".ln_" in name and name.endswith("weight") else 0.0) + 0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+    return model
+
+
+def random_hf_model(seed=0, **shape):
+    """A randomly initialised GPT2LMHeadModel in eval mode, with the plain (eager) attention as reference."""
+    torch.manual_seed(seed)
+    return randomize_(GPT2LMHeadModel(GPT2Config(**shape, attn_implementation="eager")), seed).eval()
+
+
+def random_gpt(seed=0, **config):
+    torch.manual_seed(seed)
+    return randomize_(GPT(GPTConfig(**config)), seed).eval()
+
+
+def save_checkpoint(model, path):
+    """A checkpoint as train_gpt2.py writes it: the weights and the config as a plain dict."""
+    torch.save({"model": model.state_dict(), "config": asdict(model.config)}, path)
+    return str(path)
+
+
+def run_script(*args, env=None):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+
+
+def assert_one_line_error(result, *fragments):
+    """A script's answer to a user mistake: exit status 1 and one line on stderr, no traceback."""
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+# -----------------------------------------------------------------------------
+# Equivalence with transformers
+
+
+def assert_same_as_hf(model, hf_model, idx):
+    """Same logits within 1e-4 and the same loss. transformers shifts `labels` inside the model; our
+    targets are already the next tokens, so ours sees idx[:, :-1] with targets idx[:, 1:]."""
+    with torch.no_grad():
+        hf_out = hf_model(idx, labels=idx)
+        logits, loss = model(idx[:, :-1], targets=idx[:, 1:])
+        full_logits, _ = model(idx)
+    assert full_logits.shape == hf_out.logits.shape
+    torch.testing.assert_close(full_logits, hf_out.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(loss, hf_out.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits, hf_out.logits[:, :-1], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [dict(SMALL, n_positions=128), {}], ids=["small", "124M"])
+def test_from_pretrained_matches_transformers(tmp_path, shape):
+    hf_model = random_hf_model(**shape)
+    hf_model.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    assert model.config == GPTConfig(block_size=shape.get("n_positions", 1024), **{k: v for k, v in shape.items() if k != "n_positions"})
+    idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+    assert_same_as_hf(model, hf_model, idx)
+
+
+def test_from_pretrained_reads_openai_pytorch_model_bin(tmp_path):
+    """OpenAI's original upload: pytorch_model.bin with keys lacking 'transformer.' and with the
+    causal-mask buffers stored as tensors."""
+    hf_model = random_hf_model(**SMALL, n_positions=128)
+    state = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    for i in range(SMALL["n_layer"]):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(128, 128)).view(1, 1, 128, 128)
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    hf_model.config.to_json_file(tmp_path / "config.json")
+    model = load_model(str(tmp_path))
+    assert_same_as_hf(model, hf_model, torch.randint(0, 50257, (2, 12)))
+
+
+# -----------------------------------------------------------------------------
+# Export to a Hugging Face directory and back
+
+
+@pytest.mark.parametrize("vocab_size", [50257, 50304])
+def test_export_round_trip(tmp_path, vocab_size):
+    model = random_gpt(vocab_size=vocab_size, block_size=64, **SMALL)
+    out_dir = tmp_path / "hf"
+    export_hf(model, str(out_dir))
+
+    tensors = load_file(out_dir / "model.safetensors")
+    assert tensors["transformer.wte.weight"].shape == (50257, 64)  # padded rows trimmed
+    assert json.loads((out_dir / "config.json").read_text())["vocab_size"] == 50257
+    hf_model = GPT2LMHeadModel.from_pretrained(out_dir, attn_implementation="eager").eval()
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.transformer.wte.weight.data_ptr()  # still tied
+    idx = torch.randint(0, 50257, (2, 20))
+    assert_same_as_hf(model, hf_model, idx)
+    # ... and back into our GPT, which now has exactly the 50257 real rows
+    reloaded = GPT.from_pretrained(str(out_dir))
+    torch.testing.assert_close(reloaded(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
+    # the tokenizer files make the directory usable by transformers' tools on their own
+    assert AutoTokenizer.from_pretrained(out_dir).encode(PROMPT) == PROMPT_IDS
+    assert not [p for p in os.listdir(tmp_path) if p != "hf"]  # no temporary directory left behind
+
+
+def test_export_refuses_to_overwrite(tmp_path):
+    model = random_gpt(block_size=32, **SMALL)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="--force"):
+        export_hf(model, str(tmp_path / "hf"))
+    assert os.listdir(tmp_path / "hf") == ["notes.txt"]
+    export_hf(model, str(tmp_path / "hf"), overwrite=True)
+    assert "notes.txt" not in os.listdir(tmp_path / "hf") and "model.safetensors" in os.listdir(tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_export_script(tmp_path):
+    model = random_gpt(vocab_size=50304, block_size=32, **SMALL)
+    checkpoint = save_checkpoint(model, tmp_path / "model_00010.pt")
+    result = run_script("export_hf.py", "--init", checkpoint, "--out", str(tmp_path / "hf"))
+    assert result.returncode == 0, result.stderr
+    idx = torch.randint(0, 50257, (1, 10))
+    torch.testing.assert_close(load_model(str(tmp_path / "hf"))(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
+    assert_one_line_error(run_script("export_hf.py", "--init", checkpoint, "--out", str(tmp_path / "hf")), "--force")
+
+
+# -----------------------------------------------------------------------------
+# Size and tokenizer
+
+
+def test_parameter_count():
+    with torch.device("meta"):  # shapes only: no memory, no init time
+        gpt2 = GPT(GPTConfig())
+        padded = GPT(GPTConfig(vocab_size=50304))
+    assert sum(p.numel() for p in gpt2.parameters()) == 124_439_808  # lm_head is wte: counted once
+    assert sum(p.numel() for p in padded.parameters()) == 124_439_808 + 47 * 768
+
+
+def test_tokenizer():
+    enc = gpt2_tokenizer()
+    assert enc.encode_ordinary(PROMPT) == PROMPT_IDS
+    for text in [PROMPT, "naïve café, 東京, emoji 🤖\n\ttabs  and   spaces", ""]:
+        assert enc.decode(enc.encode_ordinary(text)) == text
+    # Documents are joined with <|endoftext|> = 50256; as plain text the same characters are ordinary tokens.
+    ids = enc.encode("one<|endoftext|>two", allowed_special={"<|endoftext|>"})
+    assert ids.count(50256) == 1 and enc.decode(ids) == "one<|endoftext|>two"
+    assert 50256 not in enc.encode_ordinary("one<|endoftext|>two")
+    assert enc.n_vocab == 50257
+
+
+# -----------------------------------------------------------------------------
+# Generation
+
+
+@torch.no_grad()
+def greedy_by_recomputing(model, idx, max_new_tokens):
+    """The plain way: forward the whole sequence at every step and take the most likely last token."""
+    for _ in range(max_new_tokens):
+        logits, _ = model(idx)
+        idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
+    return idx
+
+
+def test_kv_cache_greedy_matches_recomputing():
+    # float64 so that rounding differences between the two paths cannot flip a near-tie; a small
+    # vocabulary keeps recomputing cheap; large position embeddings make the output depend on the
+    # position, so the sequence keeps changing and a wrong position in the cached path would show.
+    model = random_gpt(vocab_size=1000, block_size=100, **SMALL).double()
+    with torch.no_grad():
+        model.transformer.wpe.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(4))
+    prompt = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(3))
+    cached = model.generate(prompt, 88, temperature=0)  # up to exactly block_size
+    assert cached.shape == (3, 100)
+    assert torch.equal(cached, greedy_by_recomputing(model, prompt, 88))
+    assert all(len(set(row[12:].tolist())) > 20 for row in cached)  # no fixed point: the test means something
+    with pytest.raises(UserError, match="context window"):
+        model.generate(prompt, 89, temperature=0)
+
+
+def test_sampling_reproducible_top_k_and_never_padded():
+    model = random_gpt(vocab_size=50304, block_size=64, **SMALL)
+    # Make the padded rows win by far: the final LayerNorm outputs all ones, and the padded rows of the
+    # (tied) embedding are large and positive. Only slicing the logits keeps them from being sampled.
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.transformer.wte.weight[50257:] = 10.0
+    unsliced = model.lm_head(torch.ones(64))
+    assert unsliced.argmax() >= 50257
+    prompt = torch.randint(0, 50257, (2, 5))
+    logits, loss = model(prompt, targets=prompt)
+    assert logits.shape == (2, 5, 50257) and torch.isfinite(loss)
+
+    def sample(seed, **kwargs):
+        return model.generate(prompt, 40, generator=torch.Generator().manual_seed(seed), **kwargs)
+
+    assert torch.equal(sample(7), sample(7))
+    assert not torch.equal(sample(7), sample(8))
+    assert sample(7).max() < 50257 and sample(8, top_k=50).max() < 50257
+    assert torch.equal(sample(9, top_k=1), model.generate(prompt, 40, temperature=0))
+
+
+# -----------------------------------------------------------------------------
+# Errors a user can make: one clear line each
+
+
+def test_unknown_size_name():
+    with pytest.raises(UserError, match="gpt2-medium"):
+        GPT.from_pretrained("gpt3")
+    with pytest.raises(UserError, match="not a file, a directory"):
+        load_model("no/such/checkpoint.pt")
+
+
+def test_not_a_gpt2_directory(tmp_path):
+    with pytest.raises(UserError, match="not a Hugging Face GPT-2 checkpoint"):
+        load_model(str(tmp_path))  # empty
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UserError, match="model_type is 'llama'"):
+        load_model(str(tmp_path))
+
+
+def test_hf_directory_that_does_not_fit(tmp_path):
+    random_hf_model(**SMALL, n_positions=128).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, n_positions=64)))
+    with pytest.raises(UserError, match=r"wpe.weight is \(128, 64\) there and \(64, 64\) here"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, n_layer=3)))
+    with pytest.raises(UserError, match=r"missing \['transformer.h.2"):
+        load_model(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, tie_word_embeddings=False)))
+    with pytest.raises(UserError, match="variant"):
+        load_model(str(tmp_path))
+
+
+def test_checkpoint_that_does_not_fit(tmp_path):
+    model = random_gpt(block_size=32, **SMALL)
+    state = {"model": model.state_dict(), "config": dict(asdict(model.config), n_embd=128)}
+    torch.save(state, tmp_path / "wrong_shape.pt")
+    with pytest.raises(UserError, match="does not fit"):
+        load_model(str(tmp_path / "wrong_shape.pt"))
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "wrong_shape.pt").read_bytes()[:1000])
+    with pytest.raises(UserError, match="not a checkpoint of this project"):
+        load_model(str(tmp_path / "truncated.pt"))
+
+
+def test_no_network_says_how_to_get_the_weights(tmp_path, monkeypatch):
+    # huggingface_hub reads these when it is imported, so the check runs in a fresh process.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    # sample.py --init gpt2 goes through load_model and GPT.from_pretrained('gpt2')
+    assert_one_line_error(run_script("sample.py", "--init", "gpt2"), "hf download openai-community/gpt2", "pass its path")
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    model = random_gpt(vocab_size=50304, block_size=32, n_layer=2, n_head=2, n_embd=32)
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "model_00010.pt")
+
+
+def test_sample_script(tiny_checkpoint, capsys):
+    args = ["--init", tiny_checkpoint, "--num_samples", "3", "--max_new_tokens", "8", "--device", "cpu"]
+    script = run_script("sample.py", *args, "--seed", "1")
+    assert script.returncode == 0, script.stderr
+    assert script.stdout.count(PROMPT) == 3 and "sample 3/3" in script.stdout
+    sample_main(args + ["--seed", "1"])
+    assert capsys.readouterr().out == script.stdout  # the seed fixes the samples
+    sample_main(args + ["--seed", "2"])
+    assert capsys.readouterr().out != script.stdout
+
+
+def test_sample_script_error():
+    assert_one_line_error(run_script("sample.py", "--init", "gpt5"), "--init 'gpt5'")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prompt", "word " * 40], "context window"),
+        (["--max_new_tokens", "30"], "context window"),
+        (["--num_samples", "0"], "--num_samples"),
+        (["--top_k", "0"], "--top_k"),
+        (["--temperature", "-1"], "--temperature"),
+        (["--max_new_tokens", "-1"], "--max_new_tokens"),
+    ],
+)
+def test_sample_flag_errors(tiny_checkpoint, capsys, flags, message):
+    with pytest.raises(SystemExit) as exited:
+        sample_main(["--init", tiny_checkpoint, "--device", "cpu", *flags])
+    assert_one_line_error(subprocess.CompletedProcess([], exited.value.code, "", capsys.readouterr().err), message)
