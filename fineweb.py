@@ -401,6 +401,7 @@ def write_shards(documents, encode, out_dir, prefix, shard_size, num_proc, progr
         if writer.documents == 0:
             raise UserError("the corpus holds no documents; check --input (or --dataset, --name, --split)")
         writer.finish()
+        bar.set_postfix(shards=writer.progress["shards"])
     return writer.progress
 
 

@@ -1,0 +1,254 @@
+"""fineweb.py: shards hold exactly EOT + doc1 + EOT + doc2 ..., a killed run resumes to the same bytes,
+the worker count changes nothing, and each kind of bad input ends in one clear error and no partial shard."""
+
+import functools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import fineweb
+from train_gpt2 import EOT_TOKEN, UserError, gpt2_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ["the", "king", "hath", "spoken", "über", "naïve", "café", "日本語", "🙂", "\n", "  ", "don't", "1234", "<|endoftext|>", "rock'n'roll", ",", "."]
+
+
+def make_documents(count, max_words, seed=0):
+    """Random documents from a small vocabulary with odd characters, one of them empty."""
+    rng = random.Random(seed)
+    documents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words))) for _ in range(count)]
+    documents[3] = ""
+    return documents
+
+
+def write_jsonl(path, documents):
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(documents))
+    return str(path)
+
+
+def write_corpus(directory, documents):
+    """The documents spread over a jsonl file, a parquet file with small row groups and a folder of .txt files."""
+    a, b, c = documents[: len(documents) // 3], documents[len(documents) // 3 : -20], documents[-20:]
+    jsonl = write_jsonl(directory / "a.jsonl", a)
+    parquet = str(directory / "b.parquet")
+    pq.write_table(pa.table({"text": b}), parquet, row_group_size=17)
+    (directory / "c").mkdir()
+    for i, document in enumerate(c):
+        (directory / "c" / f"{i:03d}.txt").write_text(document, encoding="utf-8")
+    return [jsonl, parquet, str(directory / "c")]
+
+
+def shard_files(out_dir):
+    """The shard names in out_dir, in shard order (by their number: "val" sorts after "train")."""
+    return sorted((name for name in os.listdir(out_dir) if name.endswith(".npy")), key=lambda name: name[-10:])
+
+
+def read_directory(out_dir):
+    """Every file in out_dir (hidden ones too), name -> bytes."""
+    return {name: open(os.path.join(out_dir, name), "rb").read() for name in sorted(os.listdir(out_dir))}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return gpt2_tokenizer()
+
+
+def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
+    documents = make_documents(300, 60)
+    inputs = write_corpus(tmp_path, documents)
+    out = str(tmp_path / "out")
+    fineweb.main(["--input", *inputs, "--out", out, "--shard_size", "1000", "--num_proc", "2"])
+
+    names = shard_files(out)
+    assert names[0] == "edufineweb_val_000000.npy"
+    assert names[1:] == [f"edufineweb_train_{i:06d}.npy" for i in range(1, len(names))]
+    shards = [np.load(os.path.join(out, name), mmap_mode="r") for name in names]
+    assert all(shard.dtype == np.uint16 for shard in shards)
+    assert [len(shard) for shard in shards[:-1]] == [1000] * (len(shards) - 1)
+    assert 0 < len(shards[-1]) <= 1000
+
+    tokens = np.concatenate(shards)
+    expected = [token for document in documents for token in [EOT_TOKEN, *tokenizer.encode_ordinary(document)]]
+    assert tokens.tolist() == expected  # "<|endoftext|>" inside a document is plain text, not the EOT token
+    assert tokenizer.decode(tokens.tolist()) == "".join("<|endoftext|>" + document for document in documents)
+    assert sorted(os.listdir(out)) == sorted(["edufineweb_progress.json", *names])  # no temp files left
+    with open(os.path.join(out, "edufineweb_progress.json")) as f:
+        progress = json.load(f)
+    assert (progress["finished"], progress["documents"], progress["tokens"], progress["shards"]) == (True, 300, len(expected), len(names))
+
+
+def test_gpt2_encode_matches_encode_ordinary(tokenizer):
+    for text in ["", "hello <|endoftext|> world", "lone surrogate \ud800 here", "日本語 🙂"]:
+        assert fineweb.gpt2_encode(tokenizer, text).tolist() == tokenizer.encode_ordinary(text)
+
+
+def test_reading_can_skip_any_number_of_documents(tmp_path):
+    documents = make_documents(120, 5)
+    files = fineweb.find_input_files(write_corpus(tmp_path, documents))
+    everything = list(fineweb.read_documents(files, "text"))
+    assert [text for _, text in everything] == documents
+    assert everything[0][0] == (files[0], "line", 1) and everything[40][0] == (files[1], "row", 0)
+    for skip in [1, 39, 40, 41, 56, 57, 100, 101, 119, 120]:  # jsonl, parquet row groups of 17, the .txt files
+        assert list(fineweb.read_documents(files, "text", skip=skip)) == everything[skip:]
+
+
+def test_one_or_two_workers_give_the_same_shards(tmp_path, tokenizer):
+    documents = make_documents(300, 60, seed=1)
+    files = fineweb.find_input_files(write_corpus(tmp_path, documents))
+    settings = {"test": True}
+    encode = functools.partial(fineweb.gpt2_encode, tokenizer)
+    outputs = []
+    for num_proc in [1, 2]:
+        out = str(tmp_path / f"out{num_proc}")
+        progress = fineweb.load_progress(out, "edufineweb", settings)
+        # Small batches, so that many are in flight at once and have to come back in order.
+        fineweb.write_shards(fineweb.read_documents(files, "text"), encode, out, "edufineweb", 700, num_proc, progress, batch_chars=500)
+        outputs.append(read_directory(out))
+    assert len(outputs[0]) > 10
+    assert outputs[0] == outputs[1]
+
+
+def test_killed_run_resumes_to_the_same_bytes(tmp_path):
+    documents = make_documents(400, 1000, seed=2)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", documents)
+    flags = ["--input", corpus, "--shard_size", "2000"]
+    reference = str(tmp_path / "reference")
+    fineweb.main([*flags, "--out", reference])
+    total_shards = len(shard_files(reference))
+    assert total_shards > 60
+
+    out = str(tmp_path / "out")
+    progress_file = os.path.join(out, "edufineweb_progress.json")
+    for kill_after in [3, 20]:  # shards finished when the run is killed; the second kill hits a resumed run
+        run = subprocess.Popen([sys.executable, "fineweb.py", *flags, "--out", out], cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while time.time() < deadline and run.poll() is None:
+            if len([n for n in os.listdir(out) if n.endswith(".npy")] if os.path.isdir(out) else []) >= kill_after:
+                break
+            time.sleep(0.002)
+        os.killpg(run.pid, signal.SIGKILL)  # the main process and its workers, as a crash would
+        run.wait()
+        with open(progress_file) as f:
+            progress = json.load(f)
+        assert not progress["finished"], "the run ended before it could be killed"
+        assert kill_after - 1 <= progress["shards"] < total_shards
+    # A shard being written when a kill comes leaves a temp file like this one behind (shard 1 is done, so
+    # only the clean-up can remove it).
+    with open(os.path.join(out, ".edufineweb_000001.tmp"), "wb") as f:
+        f.write(b"torn")
+
+    fineweb.main([*flags, "--out", out])
+    assert read_directory(out) == read_directory(reference)
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(50, 20))
+    out = str(tmp_path / "out")
+    fineweb.main(["--input", corpus, "--out", out, "--shard_size", "300"])
+    before = read_directory(out)
+    fineweb.main(["--input", corpus, "--out", out, "--shard_size", "300"])
+    assert "already complete" in capsys.readouterr().out
+    with pytest.raises(UserError, match="shard_size 300 -> 400"):
+        fineweb.main(["--input", corpus, "--out", out, "--shard_size", "400"])
+    other = write_jsonl(tmp_path / "other.jsonl", make_documents(50, 20, seed=5))
+    with pytest.raises(UserError, match="other settings"):
+        fineweb.main(["--input", other, "--out", out, "--shard_size", "300"])
+    assert read_directory(out) == before
+    os.remove(os.path.join(out, "edufineweb_progress.json"))  # shards whose origin is unknown
+    with pytest.raises(UserError, match="no edufineweb_progress.json"):
+        fineweb.main(["--input", corpus, "--out", out, "--shard_size", "300"])
+
+
+def assert_no_partial_shard(out_dir, shard_size):
+    """Nothing in out_dir but whole shards and the progress file (or no out_dir at all)."""
+    if not os.path.isdir(out_dir):
+        return
+    for name in os.listdir(out_dir):
+        assert name.endswith(".npy") or name == "edufineweb_progress.json", name
+        if name.endswith(".npy"):
+            assert len(np.load(os.path.join(out_dir, name))) == shard_size
+
+
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([json.dumps({"text": "fine"}), "{not json", json.dumps({"text": "fine"})], "bad.jsonl line 2: not valid JSON"),
+        ([json.dumps({"text": "fine"}), "", json.dumps({"body": "no text"})], "bad.jsonl line 3: no text in field 'text'"),
+        ([json.dumps({"text": 7})], "bad.jsonl line 1: no text in field 'text'"),
+    ],
+)
+def test_bad_jsonl_is_named_with_its_line(tmp_path, lines, message):
+    good = write_jsonl(tmp_path / "good.jsonl", make_documents(200, 30))  # a few shards come first
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    out = str(tmp_path / "out")
+    with pytest.raises(UserError, match=message) as error:
+        fineweb.main(["--input", good, str(bad), "--out", out, "--shard_size", "500"])
+    assert "\n" not in str(error.value)
+    assert_no_partial_shard(out, 500)
+
+
+def test_empty_corpus(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n   \n")
+    with pytest.raises(UserError, match="no documents"):
+        fineweb.main(["--input", str(empty), "--out", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_missing_input_path(tmp_path):
+    with pytest.raises(UserError, match="nope.jsonl: no such file or directory"):
+        fineweb.main(["--input", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out")
+
+
+def encode_with_a_huge_id(text):
+    """A stand-in for a tokenizer with more than 65536 tokens."""
+    return [70000] if "HUGE" in text else [len(word) for word in text.split()]
+
+
+def test_token_id_too_large_for_uint16(tmp_path):
+    documents = make_documents(300, 30)
+    documents[250] = "a HUGE word"
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", documents)
+    out = str(tmp_path / "out")
+    progress = fineweb.load_progress(out, "edufineweb", {"test": True})
+    with pytest.raises(UserError, match=r"corpus.jsonl line 251: the tokenizer made token id 70000"):
+        fineweb.write_shards(fineweb.read_documents([corpus], "text"), encode_with_a_huge_id, out, "edufineweb", 400, 2, progress, batch_chars=300)
+    assert len(shard_files(out)) > 3  # the shards before the bad document are whole and kept
+    assert_no_partial_shard(out, 400)
+
+
+def run_script(tmp_path, *flags, env=None):
+    return subprocess.run([sys.executable, "fineweb.py", *flags], cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    run = run_script(tmp_path, "--input", str(bad), "--out", str(tmp_path / "out"))
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.jsonl line 2" in errors[0]
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_dataset_without_network_fails_with_advice(tmp_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    run = run_script(tmp_path, "--out", str(tmp_path / "out"), env=offline)
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--input" in errors[0] and "HuggingFaceFW/fineweb-edu" in errors[0]
+    assert not os.path.exists(tmp_path / "out")
