@@ -519,8 +519,9 @@ def save_checkpoint(path, state):
 
 def latest_checkpoint(log_dir):
     """The newest model_XXXXX.pt in log_dir, or None. Half-written .tmp files never match."""
-    paths = sorted(glob.glob(os.path.join(log_dir, "model_*.pt")))
-    return paths[-1] if paths else None
+    paths = glob.glob(os.path.join(log_dir, "model_*.pt"))
+    # More digits first, then as text: past step 99999, model_100000.pt comes after model_99999.pt.
+    return max(paths, key=lambda path: (len(path), path)) if paths else None
 
 
 # -----------------------------------------------------------------------------
@@ -741,7 +742,7 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
     train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     peak_flops = args.peak_flops or device_peak_flops(device)
     flops_per_step = flops_per_token(config, T, num_params) * args.total_batch_size
-    hellaswag_eval = load_hellaswag_eval(args, master, ddp, print0)
+    hellaswag_eval = load_hellaswag_eval(args, rank, world_size, ddp, print0)
 
     print0(f"{num_params:,} parameters | {world_size} process(es) on {device} | autocast {autocast_dtype} | compile {use_compile}")
     print0(f"{args.total_batch_size:,} tokens per step = {B} x {T} x {world_size} ranks x {grad_accum_steps} micro-steps | val {val_steps * val_loader.window:,} tokens")
@@ -793,7 +794,7 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
             if master:
                 log_file.write(f"{step} val {val_loss:.4f}\n")
             if hellaswag_eval:
-                acc_norm = hellaswag_eval(raw_model, device, autocast)
+                acc_norm = hellaswag_eval(raw_model, device)  # uncompiled: its lengths vary
                 print0(f"step {step:5d} | hellaswag acc_norm {acc_norm:.4f}")
                 if master:
                     log_file.write(f"{step} hella {acc_norm:.4f}\n")
@@ -839,10 +840,36 @@ def sample_texts(model, device, autocast, prompt="Hello, I'm a language model,",
     return [enc.decode(row.tolist()) for row in out]
 
 
-def load_hellaswag_eval(args, master, ddp, print0):
-    """A function (model, device, autocast) -> acc_norm over the HellaSwag val set split across ranks, or
+def load_hellaswag_eval(args, rank, world_size, ddp, print0):
+    """A function (model, device) -> HellaSwag acc_norm, each rank scoring its share of the examples, or
     None when it is switched off or its data cannot be had (a one-line notice says why)."""
-    return None
+    if not args.hellaswag:
+        return None
+    import hellaswag  # imported here, not at the top: hellaswag.py itself builds on this file
+
+    if args.hellaswag_data:
+        path = hellaswag.hellaswag_path(args.hellaswag_data)  # a path the user gave must exist
+    else:
+        path = None
+        if rank == 0:  # one download into the cache, which the other ranks then read
+            try:
+                path = hellaswag.hellaswag_path()
+            except UserError:
+                print0("HellaSwag skipped: its data is not cached and could not be downloaded; pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag")
+        if ddp:
+            torch.distributed.barrier()
+        path = hellaswag.hellaswag_path(download=False)
+        if path is None:
+            return None
+    examples = hellaswag.load_examples(path)
+    enc = gpt2_tokenizer()
+    examples_per_forward = max(1, args.batch_size // 4)  # 4 endings per example: about a training micro-batch
+
+    def hellaswag_acc_norm(model, device):
+        counts = hellaswag.evaluate(model, examples, enc, device, examples_per_forward, rank, world_size)
+        return counts["correct_norm"] / counts["n"]
+
+    return hellaswag_acc_norm
 
 
 def main(argv=None):
@@ -856,4 +883,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    # Run main() of the module `train_gpt2`, not of `__main__`: hellaswag.py imports train_gpt2, and the
+    # two must share one UserError class for main() to catch the errors raised there.
+    import train_gpt2
+
+    train_gpt2.main()

@@ -1,5 +1,6 @@
 """The training run: schedule, data loader striding, DDP equivalence, exact resume, learning, compile."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -179,11 +180,17 @@ def test_loss_goes_down_on_real_text(tmp_path, text_shards):
     assert "tok/s" in result.stdout
 
 
-def test_compile_with_eval_and_sampling_runs_on_cpu(tmp_path, text_shards):
-    result = run_trainer(["--data_dir", text_shards, *TINY_MODEL, "--no-hellaswag", "--compile", "--batch_size", "4", "--seq_len", "32",
+def test_compile_with_eval_hellaswag_and_sampling_runs_on_cpu(tmp_path, text_shards):
+    """build-nanogpt ships with compile off because it broke its in-loop evals: here they all run compiled."""
+    with open(tmp_path / "hellaswag.jsonl", "w") as f:
+        for i in range(6):
+            f.write(json.dumps({"ctx": f"Example {i}: the model reads", "endings": ["a", "b c", "d e f", "g"], "label": i % 4}) + "\n")
+    result = run_trainer(["--data_dir", text_shards, *TINY_MODEL, "--hellaswag_data", str(tmp_path / "hellaswag.jsonl"), "--compile", "--batch_size", "4", "--seq_len", "32",
                           "--total_batch_size", "128", "--max_steps", "2", "--warmup_steps", "1", "--eval_every", "1", "--val_tokens", "256",
                           "--log_dir", str(tmp_path / "log")])
     assert "compile True" in result.stdout
     assert result.stdout.count("val loss") == 2
     assert result.stdout.count("sample 0: Hello, I'm a language model,") == 2
+    hella = [line.split() for line in open(tmp_path / "log" / "log.txt") if " hella " in line]
+    assert [step for step, _, _ in hella] == ["0", "1"] and all(0 <= float(acc) <= 1 for _, _, acc in hella)
     assert os.path.exists(tmp_path / "log" / "model_00001.pt")
