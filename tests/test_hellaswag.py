@@ -1,0 +1,309 @@
+"""Tests of hellaswag.py: reading and checking the data, rendering, batched scoring that equals one
+example at a time, a model whose answers are known by construction, DDP splitting, and the CLI.
+Offline: the data files and the tiny models are made here."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import hellaswag  # noqa: E402
+from train_gpt2 import GPT, GPTConfig, UserError, gpt2_tokenizer  # noqa: E402
+
+# Six ordinary examples: the right ending differs from the wrong ones from its first word on, and the
+# endings have different lengths. The labels cover 0..3 so that no fixed position can pass.
+EXAMPLES = [
+    {"ctx": "The chef cracks two eggs into a bowl. She", "endings": ["whisks them with a fork until they are smooth.", "paints the fence.", "jumps over a very tall building while singing loudly.", "sleeps."], "label": 0},
+    {"ctx": "A boy kicks a ball across the park. His dog", "endings": ["reads a newspaper.", "runs after it and brings it back to him.", "files taxes online.", "orbits the moon at night."], "label": 1},
+    {"ctx": "The pianist sits down at the piano. He", "endings": ["eats the keys.", "drives a truck.", "places his hands on the keys and begins to play a slow song.", "melts."], "label": 2},
+    {"ctx": "Rain begins to fall on the city. People", "endings": ["swim in the clouds.", "sell the sun.", "become trees.", "open their umbrellas and hurry inside."], "label": 3},
+    {"ctx": "A woman holds a paintbrush near a canvas. She", "endings": ["dips it in blue paint and draws the sky.", "barks.", "flies to Mars in a shoe.", "counts the ocean."], "label": 0},
+    {"ctx": "Two men lift a heavy sofa. They", "endings": ["eat it for lunch.", "carry it carefully up the stairs into the new apartment.", "turn into birds.", "whisper."], "label": 1},
+]
+# One example where acc and acc_norm must disagree. The model is trained on its context followed by the
+# long right ending once, and followed by "ran" (then more words) three times: after the context, "ran"
+# gets probability 3/4 and the right ending's first word 1/4; the rest of the right ending is memorised.
+# So the one-word wrong ending "ran" has the lower summed loss (-ln 3/4 = 0.29 < -ln 1/4 = 1.39), and
+# the 15-word right ending the lower mean loss (about 1.39 / 15 = 0.09 < 0.29).
+LENGTH_EXAMPLE = {
+    "ctx": "Lisa looked at the old map and",
+    "endings": ["ran", "followed the faded red line across the hills to the hidden valley by the river.", "ate glue.", "purple seven."],
+    "label": 1,
+}
+LENGTH_EXAMPLE_DECOY = "Lisa looked at the old map and ran to the station to catch the morning train."
+ALL_EXAMPLES = EXAMPLES + [LENGTH_EXAMPLE]
+EXPECTED_COUNTS = dict(n=7, correct=6, correct_norm=7)  # acc misses LENGTH_EXAMPLE only
+
+
+class WordTokenizer:
+    """A stand-in for GPT-2's BPE with a vocabulary of a few hundred words, so that a model over it
+    learns the examples in a second: each word with its leading space is one token, numbered as first seen."""
+
+    def __init__(self):
+        self.ids = {}
+
+    def encode_ordinary(self, text):
+        return [self.ids.setdefault(word, len(self.ids)) for word in re.findall(r" ?[^ ]+", text)]
+
+
+WORD_MODEL_CONFIG = GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=64)
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return gpt2_tokenizer()
+
+
+def write_jsonl(path, lines):
+    """Lines are dicts (written as JSON) or raw strings (written as they are)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for line in lines:
+            f.write((line if isinstance(line, str) else json.dumps(line)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def memorised():
+    """A tiny GPT trained until it knows the right ending of every example by heart (see LENGTH_EXAMPLE),
+    and its word tokenizer."""
+    words = WordTokenizer()
+    texts = [ex["ctx"] + " " + ex["endings"][ex["label"]] for ex in EXAMPLES]
+    texts += [LENGTH_EXAMPLE["ctx"] + " " + LENGTH_EXAMPLE["endings"][1]] + [LENGTH_EXAMPLE_DECOY] * 3
+    sequences = [words.encode_ordinary(text) for text in texts]
+    length = max(len(s) for s in sequences)
+    inputs = torch.zeros((len(sequences), length - 1), dtype=torch.long)
+    targets = torch.full((len(sequences), length - 1), -100)  # -100: padding, ignored by cross_entropy
+    for i, s in enumerate(sequences):
+        inputs[i, : len(s) - 1] = torch.tensor(s[:-1])
+        targets[i, : len(s) - 1] = torch.tensor(s[1:])
+    torch.manual_seed(0)
+    model = GPT(WORD_MODEL_CONFIG)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for _ in range(100):
+        _, loss = model(inputs, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1  # memorised: what is left is the 3:1 choice after LENGTH_EXAMPLE's context
+    return model.eval(), words
+
+
+# -----------------------------------------------------------------------------
+# Reading the data
+
+
+def test_load_examples_reads_fields_skips_blank_lines_and_limits(tmp_path):
+    path = write_jsonl(tmp_path / "val.jsonl", EXAMPLES[:3] + ["", "   "])
+    examples = hellaswag.load_examples(path)
+    assert [ex["label"] for ex in examples] == [0, 1, 2]
+    assert examples[1]["endings"] == EXAMPLES[1]["endings"]
+    assert len(hellaswag.load_examples(path, limit=2)) == 2
+
+
+BAD_LINES = {
+    "not JSON": ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 0', "not valid JSON"),
+    "missing ctx": ({"endings": ["a", "b", "c", "d"], "label": 0}, "'ctx'"),
+    "missing label": ({"ctx": "x", "endings": ["a", "b", "c", "d"]}, "'label'"),
+    "label out of range": ({"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 4}, "'label'"),
+    "label as text": ({"ctx": "x", "endings": ["a", "b", "c", "d"], "label": "1"}, "'label'"),
+    "3 endings": ({"ctx": "x", "endings": ["a", "b", "c"], "label": 0}, "'endings'"),
+    "ending not text": ({"ctx": "x", "endings": ["a", "b", "c", 4], "label": 0}, "'endings'"),
+    "not an object": ("[1, 2, 3]", "JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_LINES)
+def test_bad_line_is_a_user_error_naming_file_and_line(tmp_path, case):
+    bad_line, expected = BAD_LINES[case]
+    path = write_jsonl(tmp_path / "val.jsonl", [EXAMPLES[0], "", bad_line, EXAMPLES[1]])
+    with pytest.raises(UserError, match=r"val\.jsonl, line 3: ") as error:
+        hellaswag.load_examples(path)
+    assert expected in str(error.value)
+
+
+def test_empty_or_unreadable_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no examples"):
+        hellaswag.load_examples(write_jsonl(tmp_path / "empty.jsonl", []))
+    with pytest.raises(UserError, match="cannot read"):
+        hellaswag.load_examples(str(tmp_path))  # a directory
+
+
+def test_data_path_must_exist(tmp_path):
+    assert hellaswag.hellaswag_path(write_jsonl(tmp_path / "mine.jsonl", EXAMPLES)) == str(tmp_path / "mine.jsonl")
+    with pytest.raises(UserError, match="no such file.*pass the path of hellaswag_val.jsonl"):
+        hellaswag.hellaswag_path(str(tmp_path / "missing.jsonl"))
+
+
+def test_cache_without_download_gives_none(tmp_path):
+    assert hellaswag.hellaswag_path(cache_dir=str(tmp_path / "cache"), download=False) is None
+    assert not (tmp_path / "cache").exists()
+
+
+def test_download_fills_the_cache_once(tmp_path):
+    # A file:// URL goes through the same urllib code as the real https one, without network.
+    source = write_jsonl(tmp_path / "source.jsonl", EXAMPLES)
+    cache_dir = str(tmp_path / "cache")
+    path = hellaswag.hellaswag_path(cache_dir=cache_dir, url="file://" + source)
+    assert path == os.path.join(cache_dir, "hellaswag_val.jsonl")
+    assert hellaswag.load_examples(path) == EXAMPLES
+    assert os.listdir(cache_dir) == ["hellaswag_val.jsonl"]  # no temporary file left behind
+    os.remove(source)  # the second call must use the cache, not the URL
+    assert hellaswag.hellaswag_path(cache_dir=cache_dir, url="file://" + source) == path
+    assert hellaswag.hellaswag_path(cache_dir=cache_dir, download=False) == path
+
+
+def test_failed_download_is_a_user_error_and_leaves_no_file(tmp_path):
+    cache_dir = tmp_path / "cache"
+    with pytest.raises(UserError, match="could not download.*--data PATH"):
+        hellaswag.hellaswag_path(cache_dir=str(cache_dir), url="file://" + str(tmp_path / "nowhere.jsonl"))
+    assert os.listdir(cache_dir) == []
+
+
+# -----------------------------------------------------------------------------
+# Rendering
+
+
+def test_render_example_tokens_and_mask(tmp_path, enc):
+    path = write_jsonl(tmp_path / "val.jsonl", [EXAMPLES[2]])
+    example = hellaswag.load_examples(path)[0]
+    tokens, mask, label = hellaswag.render_example(example, enc)
+    context = enc.encode_ordinary(example["ctx"])
+    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    length = len(context) + max(len(e) for e in endings)
+    assert label == 2
+    assert tokens.shape == mask.shape == (4, length) and tokens.dtype == mask.dtype == torch.long
+    for i, ending in enumerate(endings):
+        n = len(context) + len(ending)
+        assert tokens[i, :n].tolist() == context + ending
+        assert tokens[i, n:].tolist() == [0] * (length - n)  # right padding
+        assert mask[i].tolist() == [0] * len(context) + [1] * len(ending) + [0] * (length - n)
+        # The masked tokens are exactly the ending, joined to the context by one space.
+        assert enc.decode(tokens[i][mask[i] == 1].tolist()) == " " + example["endings"][i]
+        assert enc.decode(tokens[i][: len(context)].tolist()) == example["ctx"]
+
+
+def test_render_example_keeps_the_ending_when_too_long(enc):
+    example = EXAMPLES[2]
+    tokens, mask, _ = hellaswag.render_example(example, enc, max_len=12)
+    full_tokens, full_mask, _ = hellaswag.render_example(example, enc)
+    assert tokens.size(1) == 12
+    for i in range(4):
+        n = int((full_mask[i] == 1).nonzero().max()) + 1  # real length of row i
+        kept = min(n, 12)
+        assert tokens[i, :kept].tolist() == full_tokens[i, n - kept : n].tolist()  # the last tokens
+        assert mask[i, :kept].tolist() == full_mask[i, n - kept : n].tolist()
+
+
+# -----------------------------------------------------------------------------
+# Scoring
+
+
+def test_batched_scores_equal_one_example_at_a_time():
+    torch.manual_seed(0)
+    model = GPT(WORD_MODEL_CONFIG).eval()  # random weights: every score is different
+    words = WordTokenizer()
+    long_context = {"ctx": " ".join(f"w{i}" for i in range(80)), "endings": ["short.", "a bit longer than that.", "x", "the end."], "label": 0}
+    examples = ALL_EXAMPLES + [long_context]  # endings of 1 to 15 tokens; rows over block_size 64
+    reference_sums, reference_counts = [], []
+    with torch.no_grad():
+        for example in examples:
+            tokens, mask, _ = hellaswag.render_example(example, words, max_len=WORD_MODEL_CONFIG.block_size)
+            sums, counts = hellaswag.ending_losses(model, tokens, mask)
+            reference_sums.append(sums)
+            reference_counts.append(counts)
+    reference_sums, reference_counts = torch.stack(reference_sums), torch.stack(reference_counts)
+    # Every ending token is scored: the context before it predicts the first one.
+    assert reference_counts[:7].tolist() == [[len(e.split()) for e in ex["endings"]] for ex in ALL_EXAMPLES]
+    for batch_size in (1, 3, 100):
+        sums, counts = hellaswag.score_examples(model, examples, words, "cpu", batch_size)
+        assert torch.equal(counts, reference_counts)
+        torch.testing.assert_close(sums, reference_sums, rtol=1e-5, atol=1e-5)
+
+
+def test_predictions_acc_by_sum_acc_norm_by_mean():
+    # Ending 0: one token of loss 3 (sum 3, mean 3); ending 1: five tokens of loss 1 (sum 5, mean 1).
+    sum_losses = torch.tensor([[3.0, 5.0, 9.0, 12.0], [4.0, 2.0, 6.0, 8.0]])
+    n_tokens = torch.tensor([[1, 5, 3, 4], [2, 2, 2, 2]])
+    pred, pred_norm = hellaswag.predictions(sum_losses, n_tokens)
+    assert pred.tolist() == [0, 1]
+    assert pred_norm.tolist() == [1, 1]
+
+
+def test_memorised_model_finds_the_right_endings(memorised):
+    model, words = memorised
+    sum_losses, n_tokens = hellaswag.score_examples(model, ALL_EXAMPLES, words, "cpu", batch_size=4)
+    pred, pred_norm = hellaswag.predictions(sum_losses, n_tokens)
+    labels = [ex["label"] for ex in ALL_EXAMPLES]
+    assert pred_norm.tolist() == labels
+    # acc differs on LENGTH_EXAMPLE only: the one-word "ran" wins the sum and loses the mean.
+    assert pred.tolist() == labels[:-1] + [0]
+    assert hellaswag.evaluate(model, ALL_EXAMPLES, words, "cpu", batch_size=2) == EXPECTED_COUNTS
+
+
+def test_evaluate_works_with_a_compiled_model(memorised):
+    # The eager backend runs Dynamo's tracing (the part that sees the changing batch shapes) without
+    # the C++ compile time of the default backend.
+    model, words = memorised
+    compiled = torch.compile(model, backend="eager")
+    assert hellaswag.evaluate(compiled, ALL_EXAMPLES, words, "cpu", batch_size=3) == EXPECTED_COUNTS
+
+
+def ddp_worker(rank, world_size, init_file, model, words, result_dir):
+    """One rank of a gloo run on CPU: evaluate its share, write the counts it gets back to a file."""
+    torch.distributed.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world_size)
+    try:
+        result = hellaswag.evaluate(model, ALL_EXAMPLES, words, "cpu", 2, rank, world_size)
+        with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_evaluate_splits_examples_across_ranks_and_reduces(tmp_path, memorised):
+    model, words = memorised
+    torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / "init"), model, words, str(tmp_path)), nprocs=2)
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            assert json.load(f) == EXPECTED_COUNTS  # every rank holds the totals, each example counted once
+
+
+# -----------------------------------------------------------------------------
+# The command line
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "hellaswag.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prints_the_summary_line(tmp_path, enc):
+    # The CLI reads text with GPT-2's tokenizer, so its model has GPT-2's vocabulary (random weights).
+    torch.manual_seed(0)
+    config = GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)
+    model = GPT(config).eval()
+    checkpoint = str(tmp_path / "model.pt")
+    torch.save({"model": model.state_dict(), "config": asdict(config)}, checkpoint)
+    data = write_jsonl(tmp_path / "val.jsonl", ALL_EXAMPLES)
+    counts = hellaswag.evaluate(model, ALL_EXAMPLES, enc, "cpu", batch_size=16)
+    result = run_cli("--init", checkpoint, "--data", data, "--batch_size", "3", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    summary = result.stdout.strip().splitlines()[-1]
+    n, correct, correct_norm = counts["n"], counts["correct"], counts["correct_norm"]
+    assert summary.startswith(
+        f"hellaswag {checkpoint}: 7 examples, acc {correct}/7 = {correct / 7:.4f}, acc_norm {correct_norm}/7 = {correct_norm / 7:.4f}, "
+    )
+    assert re.search(r", [0-9.]+ examples/s on cpu \(completion style, 0-shot, acc = lowest summed loss, acc_norm = lowest mean loss\)$", summary)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    result = run_cli("--init", "gpt2", "--data", str(tmp_path / "missing.jsonl"))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: --data ") and result.stderr.count("\n") == 1
+    assert "missing.jsonl" in result.stderr
