@@ -203,6 +203,9 @@ def gpt2_encode(encoding, text):
         return encoding.encode_to_numpy(text, disallowed_special=())
 
 
+EOT_ARRAY = np.array([EOT_TOKEN])
+
+
 class TokenIdTooLarge(Exception):
     """Raised in a worker; the main process knows which file the document came from and reports it."""
 
@@ -214,8 +217,9 @@ class TokenIdTooLarge(Exception):
 def tokenize_documents(texts, encode):
     """EOT followed by the tokens of each text, all in one uint16 array, and where each document ends in it."""
     encoded = [np.asarray(encode(text)) for text in texts]
-    pieces = [np.array([EOT_TOKEN])] * (2 * len(encoded))
-    pieces[1::2] = encoded
+    pieces = []
+    for document in encoded:
+        pieces += [EOT_ARRAY, document]
     # casting="unsafe" only so that an empty document's float64 np.asarray([]) joins in; ids are checked next.
     ids = np.concatenate(pieces, dtype=np.int64, casting="unsafe")
     document_ends = np.cumsum([1 + len(piece) for piece in encoded], dtype=np.int64)
@@ -283,9 +287,10 @@ def write_atomically(path, temp, write):
             os.fsync(f.fileno())
         os.replace(temp, path)
     except OSError as e:
+        raise UserError(f"could not write {path}: {e.strerror or e}") from None
+    finally:  # after an error or Ctrl-C; a kill leaves the temp file to the next run's clean-up
         if os.path.exists(temp):
             os.remove(temp)
-        raise UserError(f"could not write {path}: {e.strerror or e}") from None
 
 
 def load_progress(out_dir, prefix, settings):
