@@ -1,0 +1,21 @@
+"""Fixtures shared by the test files: the repository on sys.path, and a tiny token corpus."""
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # `import train_gpt2` works however pytest is started
+
+
+@pytest.fixture(scope="session")
+def random_shards(tmp_path_factory):
+    """A directory with a val shard (16,384 tokens) and a train shard (32,768 tokens) of GPT-2 token ids
+    drawn uniformly from a fixed seed, named as fineweb.py names its shards. Shared: treat it as read-only."""
+    rng = np.random.default_rng(0)
+    data_dir = tmp_path_factory.mktemp("random_shards")
+    np.save(data_dir / "tiny_val_000000.npy", rng.integers(0, 50257, 16384, dtype=np.uint16))
+    np.save(data_dir / "tiny_train_000001.npy", rng.integers(0, 50257, 32768, dtype=np.uint16))
+    return str(data_dir)
