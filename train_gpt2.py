@@ -235,11 +235,13 @@ class GPT(nn.Module):
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:
                 logits = logits / temperature
-                if top_k is not None:
-                    kth_largest = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+                candidates = None  # None: every token of the vocabulary
+                if top_k is not None:  # draw among the k best only: also far cheaper than over 50257 tokens
+                    logits, candidates = torch.topk(logits, min(top_k, logits.size(-1)))  # (B, k) each
                 probs = F.softmax(logits, dim=-1)
                 next_token = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+                if candidates is not None:
+                    next_token = candidates.gather(-1, next_token)  # position among the k -> token id
             idx = torch.cat([idx, next_token], dim=1)
             if idx.size(1) < total:  # the last token needs no forward pass: nothing comes after it
                 logits, _ = self(next_token, kv_caches=kv_caches)
@@ -510,10 +512,16 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 
 def save_checkpoint(path, state):
     tmp_path = path + ".tmp"
-    with open(tmp_path, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename, so the rename never points at a torn file
+    try:
+        with open(tmp_path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so the rename never points at a torn file
+    except (OSError, RuntimeError) as e:  # a full disk or a lost mount (torch reports a failed write as RuntimeError)
+        with contextlib.suppress(OSError):
+            os.remove(tmp_path)  # a partial file would only take more of the space that ran out
+        reason = e.strerror if isinstance(e, OSError) else "the write failed"
+        raise UserError(f"could not write {path} ({reason}): is the disk full? The checkpoints already there are intact: free some space, then continue with --resume") from None
     os.replace(tmp_path, path)
 
 
@@ -732,7 +740,7 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
         set_rng_state(checkpoint["rng"], device)
         start_step = checkpoint["step"] + 1
         print0(f"resumed from {path} at step {start_step}")
-    elif latest_checkpoint(args.log_dir) and master:
+    elif latest_checkpoint(args.log_dir):  # every rank checks, so that no rank goes on alone
         raise UserError(f"{args.log_dir} already holds checkpoints: pass --resume to continue that run, or choose another --log_dir")
     for stale in glob.glob(os.path.join(args.log_dir, "*.tmp")) if master else []:
         os.remove(stale)  # a checkpoint whose write was interrupted: the previous one is intact
@@ -877,7 +885,7 @@ def main(argv=None):
     try:
         train(args)
     except UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # once per machine, not once per GPU
             print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
