@@ -802,7 +802,7 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
             if master:
                 log_file.write(f"{step} val {val_loss:.4f}\n")
             if hellaswag_eval:
-                acc_norm = hellaswag_eval(raw_model, device)  # uncompiled: its lengths vary
+                acc_norm = hellaswag_eval(raw_model, device, autocast_dtype)  # uncompiled: its lengths vary
                 print0(f"step {step:5d} | hellaswag acc_norm {acc_norm:.4f}")
                 if master:
                     log_file.write(f"{step} hella {acc_norm:.4f}\n")
@@ -849,7 +849,7 @@ def sample_texts(model, device, autocast, prompt="Hello, I'm a language model,",
 
 
 def load_hellaswag_eval(args, rank, world_size, ddp, print0):
-    """A function (model, device) -> HellaSwag acc_norm, each rank scoring its share of the examples, or
+    """A function (model, device, autocast_dtype) -> HellaSwag acc_norm, each rank scoring its share of the examples, or
     None when it is switched off or its data cannot be had (a one-line notice says why)."""
     if not args.hellaswag:
         return None
@@ -873,8 +873,8 @@ def load_hellaswag_eval(args, rank, world_size, ddp, print0):
     enc = gpt2_tokenizer()
     examples_per_forward = max(1, args.batch_size // 4)  # 4 endings per example: about a training micro-batch
 
-    def hellaswag_acc_norm(model, device):
-        counts = hellaswag.evaluate(model, examples, enc, device, examples_per_forward, rank, world_size)
+    def hellaswag_acc_norm(model, device, autocast_dtype):
+        counts = hellaswag.evaluate(model, examples, enc, device, examples_per_forward, rank, world_size, autocast_dtype)
         return counts["correct_norm"] / counts["n"]
 
     return hellaswag_acc_norm
