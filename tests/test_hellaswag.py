@@ -12,11 +12,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+import hellaswag  # the repository is on sys.path through conftest.py
+from train_gpt2 import GPT, GPTConfig, UserError, gpt2_tokenizer
 
-import hellaswag  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, UserError, gpt2_tokenizer  # noqa: E402
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Six ordinary examples: the right ending differs from the wrong ones from its first word on, and the
 # endings have different lengths. The labels cover 0..3 so that no fixed position can pass.
