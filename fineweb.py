@@ -57,6 +57,12 @@ def find_input_files(paths):
     return files
 
 
+def first_line(error):
+    """An exception's message cut to its first line, to quote it in a one-line error."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
 def describe(where):
     """('data.jsonl', 'line', 7) -> 'data.jsonl line 7'."""
     return " ".join(str(part) for part in where)
@@ -100,7 +106,7 @@ def read_parquet(path, text_field, skip):
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+        raise UserError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     schema = parquet.schema_arrow
     if text_field not in schema.names:
         raise UserError(f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); pick one with --text_field")
@@ -163,9 +169,8 @@ def load_hf_dataset(dataset, name, split, streaming, text_field):
     try:
         rows = datasets.load_dataset(dataset, name=name, split=split, streaming=streaming)
     except Exception as e:  # no network, unknown name, ...: the library raises many different types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
-            f"could not load {dataset} ({name}, {split}) with the datasets library: {reason}. Without network, "
+            f"could not load {dataset} ({name}, {split}) with the datasets library: {first_line(e)}. Without network, "
             f"download its parquet files elsewhere and pass them with --input, or set HF_HUB_OFFLINE=1 with a filled HF cache"
         ) from None
     if rows.column_names is not None and text_field not in rows.column_names:

@@ -198,6 +198,22 @@ def test_bad_jsonl_is_named_with_its_line(tmp_path, lines, message):
     assert_no_partial_shard(out, 500)
 
 
+def test_bad_parquet_is_named(tmp_path):
+    no_text = str(tmp_path / "no_text.parquet")
+    pq.write_table(pa.table({"body": ["a", "b"]}), no_text)
+    with pytest.raises(UserError, match=r"no_text.parquet: no column 'text' \(columns: body\)"):
+        fineweb.main(["--input", no_text, "--out", str(tmp_path / "out")])
+    nulls = str(tmp_path / "nulls.parquet")
+    pq.write_table(pa.table({"text": ["a", None]}), nulls)
+    with pytest.raises(UserError, match="nulls.parquet row 1: no text"):
+        fineweb.main(["--input", nulls, "--out", str(tmp_path / "out")])
+    not_parquet = tmp_path / "not.parquet"
+    not_parquet.write_text("hello")
+    with pytest.raises(UserError, match="not.parquet: not a readable parquet file"):
+        fineweb.main(["--input", str(not_parquet), "--out", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_empty_corpus(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n   \n")
