@@ -374,6 +374,8 @@ def load_model(init, device="cpu"):
 
 def load_checkpoint(path):
     """A checkpoint of this project, read with weights_only=True so that a downloaded file cannot run code."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -677,7 +679,11 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C raises KeyboardInterrupt
-        print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping", flush=True)
+        notice = f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping\n"
+        # os.write, not print: the signal can arrive in the middle of a print (say, one blocked on a full
+        # pipe), and print cannot be re-entered: it would raise instead of letting the run save and stop.
+        with contextlib.suppress(OSError):
+            os.write(sys.stdout.fileno(), notice.encode())
 
 
 def train(args):
@@ -730,7 +736,8 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
             raise UserError(f"--resume: no checkpoint model_*.pt in {args.log_dir}: start without --resume, or pass --log_dir of the run")
         checkpoint = load_checkpoint(path)
         if checkpoint["config"] != asdict(config):
-            raise UserError(f"{path} was trained with {checkpoint['config']}, these flags give {asdict(config)}: pass the same model flags")
+            differences = ", ".join(f"--{k} {v} there, {getattr(config, k)} here" for k, v in checkpoint["config"].items() if getattr(config, k, None) != v)
+            raise UserError(f"{path} is from another model ({differences}): resume with the model flags it was trained with")
         if "optimizer" not in checkpoint:
             raise UserError(f"{path} holds weights only (no optimizer state): it cannot be resumed")
         load_weights(raw_model, checkpoint["model"], source=path)

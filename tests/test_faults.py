@@ -446,7 +446,7 @@ def resume_from_weights_only_checkpoint(corpus, data, log):
 def resume_with_another_n_layer(corpus, data, log):
     copy_shards(corpus, data, "val", "train")
     path = tiny_checkpoint(os.path.join(log, "model_00005.pt"), n_layer=2)
-    return ["--resume", "--n_layer", "3"], [path, "'n_layer': 2", "'n_layer': 3", "same model flags"]
+    return ["--resume", "--n_layer", "3"], [path, "--n_layer 2 there, 3 here", "model flags it was trained with"]
 
 
 def resume_with_no_checkpoint(corpus, data, log):
