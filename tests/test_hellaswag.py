@@ -176,6 +176,13 @@ def test_failed_download_is_a_user_error_and_leaves_no_file(tmp_path):
     assert os.listdir(cache_dir) == []
 
 
+def test_unwritable_cache_is_a_user_error(tmp_path):
+    source = write_jsonl(tmp_path / "source.jsonl", EXAMPLES)
+    cache_dir = str(tmp_path / "source.jsonl" / "cache")  # under a file: cannot be made
+    with pytest.raises(UserError, match="cannot write to .*XDG_CACHE_HOME"):
+        hellaswag.hellaswag_path(cache_dir=cache_dir, url="file://" + source)
+
+
 # -----------------------------------------------------------------------------
 # Rendering
 
@@ -314,5 +321,5 @@ def test_cli_prints_the_summary_line(tmp_path, enc):
 def test_cli_errors_are_one_line(tmp_path):
     result = run_cli("--init", "gpt2", "--data", str(tmp_path / "missing.jsonl"))
     assert result.returncode == 1
-    assert result.stderr.startswith("error: --data ") and result.stderr.count("\n") == 1
-    assert "missing.jsonl" in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "missing.jsonl: no such file" in result.stderr
