@@ -231,6 +231,16 @@ def test_sampling_reproducible_top_k_and_never_padded():
     assert torch.equal(sample(9, top_k=1), model.generate(prompt, 40, temperature=0))
 
 
+def test_top_k_draws_among_the_k_most_likely():
+    model = random_gpt(block_size=16, **SMALL)
+    prompt = torch.randint(0, 50257, (1, 4))
+    logits, _ = model(prompt)
+    top3 = set(torch.topk(logits[0, -1], 3).indices.tolist())
+    # one new token for 300 copies of the prompt, at a high temperature that flattens the distribution
+    drawn = model.generate(prompt.repeat(300, 1), 1, temperature=100.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    assert set(drawn[:, -1].tolist()) == top3
+
+
 # -----------------------------------------------------------------------------
 # Errors a user can make: one clear line each
 
