@@ -378,36 +378,41 @@ class ShardWriter:
         save_progress(self.out_dir, self.prefix, self.progress)
 
 
+def tokenize_in_order(batches, pool, max_in_flight):
+    """(wheres, result) for each (wheres, texts) batch, in order, tokenized by the pool's workers.
+
+    Pool.imap would also keep the order, but it reads its whole input ahead into memory whenever reading
+    is faster than tokenizing; here at most max_in_flight batches are read and not yet handed back.
+    """
+    in_flight = collections.deque()
+    for wheres, texts in batches:
+        in_flight.append((wheres, pool.apply_async(tokenize_in_worker, (texts,))))
+        if len(in_flight) > max_in_flight:
+            yield in_flight.popleft()
+    yield from in_flight
+
+
 def write_shards(documents, encode, out_dir, prefix, shard_size, num_proc, progress, batch_chars=1 << 20):
     """Tokenize (where, text) documents with num_proc workers into shards; returns the final progress.
 
     `documents` must start where `progress` left off (read_documents(..., skip=progress["documents"])).
     """
     writer = ShardWriter(out_dir, prefix, shard_size, progress)
-    bar = tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing", postfix={"shards": progress["shards"]})
-
-    def add_to_shards(wheres, result):
-        try:
-            ids, document_ends = result.get()
-        except TokenIdTooLarge as e:
-            where = describe(wheres[e.document_index])
-            raise UserError(f"{where}: the tokenizer made token id {e.token_id}, which does not fit the uint16 shards; use a tokenizer with fewer than 65536 tokens") from None
-        shards_before, tokens_done_before = writer.progress["shards"], writer.skip_tokens
-        writer.add(ids, document_ends)
-        bar.update(len(ids) - tokens_done_before)
-        if writer.progress["shards"] != shards_before:
-            bar.set_postfix(shards=writer.progress["shards"])
-
-    # Results in order, with a bounded number of batches in flight: Pool.imap would read the whole corpus
-    # ahead into memory whenever reading is faster than tokenizing.
-    with bar, multiprocessing.Pool(num_proc, initializer=init_worker, initargs=(encode,)) as pool:
-        in_flight = collections.deque()
-        for wheres, texts in batches_of_documents(documents, batch_chars):
-            in_flight.append((wheres, pool.apply_async(tokenize_in_worker, (texts,))))
-            if len(in_flight) > 2 * num_proc:
-                add_to_shards(*in_flight.popleft())
-        while in_flight:
-            add_to_shards(*in_flight.popleft())
+    # The pool comes first: its workers are forked before the bar starts its monitor thread (forking a
+    # process that runs threads is unsafe).
+    pool = multiprocessing.Pool(num_proc, initializer=init_worker, initargs=(encode,))
+    with pool, tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing") as bar:
+        batches = batches_of_documents(documents, batch_chars)
+        for wheres, result in tokenize_in_order(batches, pool, max_in_flight=2 * num_proc):
+            try:
+                ids, document_ends = result.get()
+            except TokenIdTooLarge as e:
+                where = describe(wheres[e.document_index])
+                raise UserError(f"{where}: the tokenizer made token id {e.token_id}, which does not fit the uint16 shards; use a tokenizer with fewer than 65536 tokens") from None
+            tokens_written_before = writer.skip_tokens  # by an earlier run, for the first batch of a resumed one
+            writer.add(ids, document_ends)
+            bar.update(len(ids) - tokens_written_before)
+            bar.set_postfix(shards=writer.progress["shards"], refresh=False)
         if writer.documents == 0:
             raise UserError("the corpus holds no documents; check --input (or --dataset, --name, --split)")
         writer.finish()
