@@ -264,6 +264,15 @@ def test_memorised_model_finds_the_right_endings(memorised):
     assert hellaswag.evaluate(model, ALL_EXAMPLES, words, "cpu", batch_size=2) == EXPECTED_COUNTS
 
 
+def test_bf16_autocast_scores_close_to_fp32(memorised):
+    model, words = memorised
+    exact_sums, counts = hellaswag.score_examples(model, ALL_EXAMPLES, words, "cpu", batch_size=4)
+    bf16_sums, bf16_counts = hellaswag.score_examples(model, ALL_EXAMPLES, words, "cpu", batch_size=4, autocast_dtype=torch.bfloat16)
+    assert torch.equal(bf16_counts, counts)
+    assert not torch.equal(bf16_sums, exact_sums)  # autocast did run in bf16
+    torch.testing.assert_close(bf16_sums / counts, exact_sums / counts, atol=0.1, rtol=0.05)
+
+
 def test_evaluate_works_with_a_compiled_model(memorised):
     # The eager backend runs Dynamo's tracing (the part that sees the changing batch shapes) without
     # the C++ compile time of the default backend.
