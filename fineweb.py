@@ -112,19 +112,15 @@ def read_parquet(path, text_field, skip):
         raise UserError(f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); pick one with --text_field")
     if not (pa.types.is_string(schema.field(text_field).type) or pa.types.is_large_string(schema.field(text_field).type)):
         raise UserError(f"{path}: column '{text_field}' holds {schema.field(text_field).type}, not text")
-    # Whole row groups that a resumed run has already done are skipped without being read.
-    row = 0
-    row_groups = []
-    for index in range(parquet.num_row_groups):
-        rows = parquet.metadata.row_group(index).num_rows
-        if skip >= rows and not row_groups:
-            skip -= rows
-            row += rows
-        else:
-            row_groups.append(index)
-    if not row_groups:
+    # Row groups that the finished shards of an earlier run already hold are skipped without being read.
+    group, row = 0, 0
+    while group < parquet.num_row_groups and skip >= parquet.metadata.row_group(group).num_rows:
+        skip -= parquet.metadata.row_group(group).num_rows
+        row += parquet.metadata.row_group(group).num_rows
+        group += 1
+    if group == parquet.num_row_groups:
         return
-    for batch in parquet.iter_batches(batch_size=1024, row_groups=row_groups, columns=[text_field]):
+    for batch in parquet.iter_batches(batch_size=1024, row_groups=range(group, parquet.num_row_groups), columns=[text_field]):
         for text in batch.column(0).to_pylist():
             if skip:
                 skip -= 1
