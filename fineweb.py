@@ -176,6 +176,8 @@ def load_hf_dataset(dataset, name, split, streaming, text_field):
 
 def hf_documents(rows, dataset, text_field, skip=0):
     """(where, text) for every row of a loaded Hugging Face dataset, leaving out the first `skip` rows."""
+    if hasattr(rows, "__len__") and skip >= len(rows):  # all done already: Dataset.skip refuses to skip it all
+        return
     row = skip
     for batch in rows.skip(skip).iter(batch_size=1024):
         for text in batch[text_field]:

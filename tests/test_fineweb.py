@@ -102,6 +102,15 @@ def test_reading_can_skip_any_number_of_documents(tmp_path):
         assert list(fineweb.read_documents(files, "text", skip=skip)) == everything[skip:]
 
 
+def test_hugging_face_rows_can_be_skipped_too():
+    datasets = pytest.importorskip("datasets")
+    documents = make_documents(50, 5)
+    rows = datasets.Dataset.from_dict({"text": documents})
+    for loaded in [rows, rows.to_iterable_dataset()]:  # as load_dataset returns it, and with --streaming
+        for skip in [0, 7, 50]:
+            assert list(fineweb.hf_documents(loaded, "corpus", "text", skip)) == [(("corpus", "row", i), documents[i]) for i in range(skip, 50)]
+
+
 def test_one_or_two_workers_give_the_same_shards(tmp_path, tokenizer):
     documents = make_documents(300, 60, seed=1)
     files = fineweb.find_input_files(write_corpus(tmp_path, documents))
