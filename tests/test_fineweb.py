@@ -141,9 +141,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
     for kill_after in [3, 20]:  # shards finished when the run is killed; the second kill hits a resumed run
         run = subprocess.Popen([sys.executable, "fineweb.py", *flags, "--out", out], cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
-        while time.time() < deadline and run.poll() is None:
-            if len([n for n in os.listdir(out) if n.endswith(".npy")] if os.path.isdir(out) else []) >= kill_after:
-                break
+        while run.poll() is None and time.time() < deadline and not (os.path.isdir(out) and len(shard_files(out)) >= kill_after):
             time.sleep(0.002)
         os.killpg(run.pid, signal.SIGKILL)  # the main process and its workers, as a crash would
         run.wait()
