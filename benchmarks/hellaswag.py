@@ -1,7 +1,7 @@
 """HellaSwag eval speed for the GPT-2 124M shape: examples/s of hellaswag.py's batched scoring against
 one example (4 rows) per forward pass, the way build-nanogpt scores, in fp32 and in bf16 autocast.
 
-    python benchmarks/hellaswag.py                      # CPU, 16 examples
+    python benchmarks/hellaswag.py                      # CPU, 64 examples (about 10 minutes on 2 cores)
     python benchmarks/hellaswag.py --device cuda --examples 512
 
 Random weights and synthetic examples: speed does not depend on what the weights are. The examples are
@@ -77,9 +77,9 @@ def timed(fn, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--examples", type=int, default=16, help="examples per measurement")
+    parser.add_argument("--examples", type=int, default=64, help="examples per measurement")
     parser.add_argument("--batch_sizes", default="4,16", help="examples per forward pass of the batched scoring")
-    parser.add_argument("--rounds", type=int, default=3, help="every method runs once per round; each keeps its best time")
+    parser.add_argument("--rounds", type=int, default=2, help="every method runs once per round; each keeps its best time")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     args = parser.parse_args()
     if args.threads:

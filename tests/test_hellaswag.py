@@ -151,6 +151,14 @@ def test_data_path_must_exist(tmp_path):
         hellaswag.hellaswag_path(str(tmp_path / "missing.jsonl"))
 
 
+def test_default_cache_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert hellaswag.default_cache_dir() == str(tmp_path / "xdg" / "gpt2-repro" / "hellaswag")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert hellaswag.default_cache_dir() == str(tmp_path / "home" / ".cache" / "gpt2-repro" / "hellaswag")
+
+
 def test_cache_without_download_gives_none(tmp_path):
     assert hellaswag.hellaswag_path(cache_dir=str(tmp_path / "cache"), download=False) is None
     assert not (tmp_path / "cache").exists()
