@@ -39,8 +39,8 @@ def sample(args):
     prompt_ids = enc.encode(args.prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
     idx = torch.tensor([prompt_ids] * args.num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    # bf16 where the device has it, as in training: sampling reads every weight once per token, so half
-    # the bytes is close to twice the speed (4x on a CPU with AMX, see benchmarks/sampling.py).
+    # bf16 where the device has it, as in training: each new token reads every weight once, so half the
+    # bytes is close to twice the speed (1.8x on a 2-core AMX CPU, see benchmarks/sampling.py).
     dtype = pick_autocast_dtype("auto", device)
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, generator=generator)

@@ -12,13 +12,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from export_hf import export_hf
+from sample import main as sample_main
+from train_gpt2 import GPT, GPTConfig, UserError, gpt2_tokenizer, load_model
 
-from export_hf import export_hf  # noqa: E402
-from sample import main as sample_main  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, UserError, gpt2_tokenizer, load_model  # noqa: E402
-
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # conftest.py puts it on sys.path
 SMALL = dict(n_layer=2, n_head=4, n_embd=64)
 PROMPT = "Hello, I'm a language model,"
 PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
@@ -55,8 +53,8 @@ def save_checkpoint(model, path):
     return str(path)
 
 
-def run_script(*args, env=None):
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+def run_script(*args):
+    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def assert_one_line_error(result, *fragments):
