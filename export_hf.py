@@ -86,7 +86,9 @@ def export_hf(model, out_dir, overwrite=False):
         # GPT-2's BPE files under the names transformers expects (the very files OpenAI's hub repo holds).
         shutil.copyfile(encoder_json, os.path.join(build_dir, "vocab.json"))
         shutil.copyfile(vocab_bpe, os.path.join(build_dir, "merges.txt"))
-        os.chmod(build_dir, 0o755)  # mkdtemp makes it private to us; a model directory is normally readable
+        # mkdtemp and safetensors make their outputs private to us; a model directory is normally readable
+        os.chmod(build_dir, 0o755)
+        os.chmod(os.path.join(build_dir, "model.safetensors"), 0o644)
         if os.path.isdir(out_dir):  # empty, or --force: move the old one aside until the new one is in place
             old_dir = build_dir + ".old"
             os.rename(out_dir, old_dir)
