@@ -197,7 +197,8 @@ def hf_documents(rows, dataset, text_field, skip=0):
 def gpt2_encode(encoding, text):
     """GPT-2 ids of `text` as a uint32 array, special tokens treated as plain text (as encode_ordinary does).
 
-    encode_to_numpy hands back the ids without turning each into a Python int, which saves ~10% of the time.
+    encode_to_numpy hands the ids over as an array without making a Python int of each, which makes it
+    ~15% faster than encode_ordinary followed by turning its list into an array.
     """
     try:
         return encoding.encode_to_numpy(text, disallowed_special=())
