@@ -472,6 +472,8 @@ def main(argv=None):
         f"{progress['documents']:,} documents, {progress['tokens']:,} tokens, {progress['shards']} shards in {args.out}; "
         f"this run: {tokens:,} tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
     )
+    if progress["shards"] == 1:
+        print(f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below {progress['tokens']:,} to a new --out")
 
 
 if __name__ == "__main__":
