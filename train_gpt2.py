@@ -86,13 +86,15 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # query, key, value of all heads at once
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)  # back into the residual stream
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, attn_mask=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size): each head attends on its own slice of the channels
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash attention where available
+            # Causal unless the caller says who may see whom (attn_mask (B, 1, T, T), True = may see).
+            # The causal case runs flash attention where available.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
         else:
             # Generation: a prompt is fed in one go into an empty cache (causal mask), then one token at
             # a time; a single new query may look at every cached position, so it needs no mask.
@@ -124,8 +126,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), kv_cache)
+    def forward(self, x, kv_cache=None, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -165,22 +167,38 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx, targets=None, kv_caches=None):
+    def forward(self, idx, targets=None):
         """idx, targets: (B, T) token ids. Returns logits (B, T, 50257) and the mean cross-entropy
-        loss (None without targets). kv_caches (one KVCache per layer) is for generate()."""
-        B, T = idx.size()
-        start = kv_caches[0].length if kv_caches else 0
-        assert start + T <= self.config.block_size, f"sequence of {start + T} tokens, block_size is {self.config.block_size}"
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C) + (T, C) broadcast
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches else None)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)[..., : self.n_real_tokens]  # (B, T, vocab_size) -> (B, T, 50257)
+        loss (None without targets)."""
+        logits = self.logits(self.hidden_states(idx))
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.reshape(B * T, -1).float(), targets.reshape(B * T))
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())  # (B, T, V) -> (B*T, V)
         return logits, loss
+
+    def hidden_states(self, idx, kv_caches=None, positions=None, attn_mask=None):
+        """(B, T) token ids -> (B, T, n_embd): the final LayerNorm's output, which logits() turns into
+        next-token logits. Kept apart from them so that a caller that needs the logits of only a few
+        positions (generate(), hellaswag.py) does not pay the big vocabulary matmul for every position.
+
+        By default each row is one sequence: positions 0..T-1, causal attention. kv_caches (one KVCache
+        per layer, for generate()) holds earlier positions of the rows, and idx continues after them.
+        A row may instead hold several sequences that share a beginning, as hellaswag.py packs a context
+        and its 4 endings: then positions (B, T) gives each token's place in its own sequence and
+        attn_mask (B, 1, T, T) which tokens each token may see."""
+        B, T = idx.size()
+        if positions is None:
+            start = kv_caches[0].length if kv_caches else 0
+            assert start + T <= self.config.block_size, f"sequence of {start + T} tokens, block_size is {self.config.block_size}"
+            positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C) or (B, T, C)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_caches[i] if kv_caches else None, attn_mask)
+        return self.transformer.ln_f(x)
+
+    def logits(self, hidden):
+        """(..., n_embd) hidden states -> (..., 50257) next-token logits, through the tied output head."""
+        return self.lm_head(hidden)[..., : self.n_real_tokens]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
@@ -194,9 +212,9 @@ class GPT(nn.Module):
                 f"{self.config.block_size}: shorten the prompt or ask for fewer tokens"
             )
         kv_caches = [KVCache(total) for _ in range(self.config.n_layer)]
-        logits, _ = self(idx, kv_caches=kv_caches)  # the whole prompt fills the caches in one pass
+        hidden = self.hidden_states(idx, kv_caches=kv_caches)  # the whole prompt fills the caches in one pass
         for _ in range(max_new_tokens):
-            logits = logits[:, -1, :].float()  # (B, vocab): only the last position predicts the next token
+            logits = self.logits(hidden[:, -1]).float()  # (B, vocab): only the last position predicts the next token
             if temperature == 0:
                 next_token = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -210,7 +228,7 @@ class GPT(nn.Module):
                     next_token = candidates.gather(-1, next_token)  # position among the k -> token id
             idx = torch.cat([idx, next_token], dim=1)
             if idx.size(1) < total:  # the last token needs no forward pass: nothing comes after it
-                logits, _ = self(next_token, kv_caches=kv_caches)
+                hidden = self.hidden_states(next_token, kv_caches=kv_caches)
         return idx
 
     @classmethod
@@ -477,7 +495,7 @@ def load_hellaswag_eval(args, enc, rank, world_size, ddp, print0):
         if path is None:
             return None
     examples = hellaswag.load_examples(path)
-    examples_per_forward = max(1, args.batch_size // 4)  # 4 endings per example: about a training micro-batch
+    examples_per_forward = args.batch_size  # one row per example, shorter than a training row: fits where training does
 
     def hellaswag_acc_norm(model, device, autocast_dtype):
         counts = hellaswag.evaluate(model, examples, enc, device, examples_per_forward, rank, world_size, autocast_dtype)
