@@ -18,6 +18,7 @@ The training loop calls evaluate() from its eval step; the rest of the file buil
 """
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -121,8 +122,8 @@ def parse_example(line, where):
     if not isinstance(example, dict):
         raise UserError(f"{where}: expected a JSON object with ctx, endings and label")
     ctx, endings, label = example.get("ctx"), example.get("endings"), example.get("label")
-    if not isinstance(ctx, str):
-        raise UserError(f"{where}: 'ctx' must be a string (the context)")
+    if not (isinstance(ctx, str) and ctx):  # the context's last token predicts each ending's first
+        raise UserError(f"{where}: 'ctx' must be a non-empty string (the context)")
     if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
         raise UserError(f"{where}: 'endings' must be a list of 4 strings")
     if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label <= 3):
@@ -131,82 +132,111 @@ def parse_example(line, where):
 
 
 # -----------------------------------------------------------------------------
-# Rendering. Each ending becomes one row: the context's tokens, then the ending's tokens (with the
-# leading space that joins it to the context). The mask marks the ending's tokens: only they are scored.
-# Rows are right-padded; with causal attention a real position never sees the padding after it.
-
-
-def render_rows(example, enc, max_len=None):
-    """The 4 rows of an example as (tokens, number of ending tokens at its end). A row longer than
-    max_len (the model's block_size) keeps its last max_len tokens: it loses context from the left."""
-    context = enc.encode_ordinary(example["ctx"])
-    rows = []
-    for ending in example["endings"]:
-        ending_tokens = enc.encode_ordinary(" " + ending)
-        row = context + ending_tokens
-        if max_len is not None:
-            row = row[-max_len:]
-        rows.append((row, min(len(ending_tokens), len(row))))
-    return rows
-
-
-def pad_rows(rows):
-    """(tokens, n_ending) rows -> tokens (R, L) and mask (R, L), right-padded with token 0 and mask 0."""
-    length = max(len(row) for row, _ in rows)
-    tokens = torch.zeros((len(rows), length), dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, (row, n_ending) in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, len(row) - n_ending : len(row)] = 1
-    return tokens, mask
+# Rendering. An example is scored as 4 sequences, the context followed by each ending (with the leading
+# space that joins it to the context); only the ending's tokens are scored. The 4 sequences share their
+# beginning, so we pack them into one row: the context once, then the 4 endings, each placed (by its
+# position numbers) right after the context and seeing only the context and itself. A context of ~40
+# tokens and endings of ~25 make a row of ~140 tokens instead of 4 rows of ~75, padded.
 
 
 def render_example(example, enc, max_len=None):
-    """tokens (4, L), mask (4, L) (1 exactly over each ending's tokens) and the label of one example."""
-    tokens, mask = pad_rows(render_rows(example, enc, max_len))
-    return tokens, mask, example["label"]
+    """The tokens of an example's context and of its 4 endings: (context, [4 endings]). Context plus
+    ending must fit in max_len (the model's block_size): an ending keeps at most max_len - 1 tokens, and
+    a context too long for the longest ending loses tokens from its start (the same ones for all 4)."""
+    context = enc.encode_ordinary(example["ctx"])
+    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    if max_len is not None:
+        endings = [ending[: max_len - 1] for ending in endings]
+        context = context[-(max_len - max(len(ending) for ending in endings)) :]
+    return context, endings
+
+
+# One example as a row: its tokens, each token's position in its own sequence, and its segment (0 for
+# the context, k + 1 for ending k); then, for every ending token in order, the row index whose output
+# predicts it, the token itself, and which ending (0..3) it belongs to.
+PackedExample = collections.namedtuple("PackedExample", "tokens positions segments predict_at targets ending_of")
+
+
+def pack_example(context, endings):
+    """The row of an example (see PackedExample). Ending token j is predicted by the output just before
+    it: the context's last token for j = 0, the ending's token j - 1 after that. So an ending's last
+    token predicts nothing and is left out of the row: it is only a target."""
+    tokens, positions, segments = list(context), list(range(len(context))), [0] * len(context)
+    predict_at, targets, ending_of = [], [], []
+    for k, ending in enumerate(endings):
+        start = len(tokens)  # where this ending's tokens go in the row (it has at least one: its space)
+        predict_at += [len(context) - 1] + list(range(start, start + len(ending) - 1))
+        targets += ending
+        ending_of += [k] * len(ending)
+        tokens += ending[:-1]
+        positions += range(len(context), len(context) + len(ending) - 1)
+        segments += [k + 1] * (len(ending) - 1)
+    return PackedExample(tokens, positions, segments, predict_at, targets, ending_of)
+
+
+def attention_mask(segments, positions):
+    """Who may see whom in packed rows: segments, positions (B, L) -> (B, 1, L, L), True where token q (dim 2)
+    may see token s (dim 3): s is in the context or in q's own ending, and not at a later position. Padding
+    (segment -1) is seen by no real token."""
+    seg_q, seg_s = segments[:, :, None], segments[:, None, :]
+    visible = ((seg_s == 0) | (seg_s == seg_q)) & (positions[:, None, :] <= positions[:, :, None])
+    return visible.unsqueeze(1)  # one mask for all heads
 
 
 # -----------------------------------------------------------------------------
-# Scoring. The logits at position t predict token t+1, so an ending token at t+1 is scored by the
-# cross-entropy at t. Only those positions are turned into fp32 losses: the (rows, positions, 50257)
-# logits are the largest tensor here, and the context and padding positions need no loss at all.
+# Scoring. The outputs at the predicting positions go through the output head, and the cross-entropy
+# against the ending's tokens is each token's loss. Only those positions become logits: the
+# (positions, 50257) logits are the largest tensor here, and the rest of the row needs none.
 
 
-def ending_losses(model, tokens, mask):
-    """One forward pass over rows (R, L) on the model's device: the summed loss of each row's masked
-    tokens (R,) and how many there are (R,). The caller sets no_grad and any autocast."""
-    logits, _ = model(tokens)
-    scored = mask[:, 1:].bool()  # position t is scored when token t+1 belongs to the ending
-    token_losses = torch.zeros(scored.shape, device=tokens.device)
-    token_losses[scored] = F.cross_entropy(logits[:, :-1][scored].float(), tokens[:, 1:][scored], reduction="none")
-    return token_losses.sum(dim=1), scored.sum(dim=1)
+def ending_losses(model, packed, device):
+    """One forward pass over packed examples (one right-padded row each) on `device`: the summed loss of
+    each ending's tokens (E, 4) and how many there are (E, 4). The caller sets no_grad and any autocast."""
+    length = max(len(example.tokens) for example in packed)
+    tokens = torch.zeros((len(packed), length), dtype=torch.long)
+    positions = torch.zeros((len(packed), length), dtype=torch.long)
+    segments = torch.full((len(packed), length), -1, dtype=torch.long)  # -1: padding
+    for i, example in enumerate(packed):
+        n = len(example.tokens)
+        tokens[i, :n] = torch.tensor(example.tokens)
+        positions[i, :n] = torch.tensor(example.positions)
+        segments[i, :n] = torch.tensor(example.segments)
+    tokens, positions, segments = tokens.to(device), positions.to(device), segments.to(device)
+    hidden = model.hidden_states(tokens, positions=positions, attn_mask=attention_mask(segments, positions))  # (E, L, n_embd)
+
+    def flat(field):  # one field of every example, laid end to end, as a tensor on the device
+        return torch.tensor([x for example in packed for x in getattr(example, field)], device=device)
+
+    rows = torch.tensor([i for i, example in enumerate(packed) for _ in example.targets], device=device)
+    losses = F.cross_entropy(model.logits(hidden[rows, flat("predict_at")]).float(), flat("targets"), reduction="none")
+    ending = 4 * rows + flat("ending_of")  # the (example, ending) each loss belongs to, as one index
+    sums = torch.zeros(4 * len(packed), device=device).index_add_(0, ending, losses)
+    counts = torch.bincount(ending, minlength=4 * len(packed))
+    return sums.view(-1, 4), counts.view(-1, 4)
 
 
 def score_examples(model, examples, enc, device, batch_size, autocast_dtype=torch.float32, progress=False):
     """Summed losses (E, 4) and scored token counts (E, 4) of every ending of every example, batch_size
-    examples' worth of rows (4 per example) per forward pass. The rows are sorted by length first so
-    that a batch holds rows of about the same length and little compute goes into padding; the
-    results are put back in the examples' order. autocast_dtype float32 (no autocast) is exact;
-    bfloat16 is faster where matmuls have bf16 units, but its rounding moves the mean losses by about
-    0.001 to 0.01, enough to flip a few near-tied answers."""
+    examples (one row each) per forward pass. The rows are sorted by length first so that a batch holds
+    rows of about the same length and little compute goes into padding; the results are put back in
+    the examples' order. autocast_dtype float32 (no autocast) is exact; bfloat16 is faster where
+    matmuls have bf16 units, but its rounding moves the mean losses by about 0.001 to 0.01, enough to
+    flip a few near-tied answers."""
     device_type = torch.device(device).type
-    rows = [row for example in examples for row in render_rows(example, enc, max_len=model.config.block_size)]
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)  # longest first: OOM shows at once
-    sum_losses = torch.zeros(len(rows))
-    n_tokens = torch.zeros(len(rows), dtype=torch.long)
-    rows_per_batch = 4 * batch_size
+    packed = [pack_example(*render_example(example, enc, max_len=model.config.block_size)) for example in examples]
+    order = sorted(range(len(packed)), key=lambda i: len(packed[i].tokens), reverse=True)  # longest first: OOM shows at once
+    sum_losses = torch.zeros(len(packed), 4)
+    n_tokens = torch.zeros(len(packed), 4, dtype=torch.long)
     autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32)
     with torch.no_grad(), autocast:
-        with tqdm(total=len(rows), unit="ending", desc="hellaswag", disable=not progress) as bar:
-            for start in range(0, len(rows), rows_per_batch):
-                batch = order[start : start + rows_per_batch]
-                tokens, mask = pad_rows([rows[i] for i in batch])
-                batch_losses, batch_counts = ending_losses(model, tokens.to(device), mask.to(device))
+        with tqdm(total=len(packed), unit="example", desc="hellaswag", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                batch_losses, batch_counts = ending_losses(model, [packed[i] for i in batch], device)
                 sum_losses[batch] = batch_losses.cpu()
                 n_tokens[batch] = batch_counts.cpu()
                 bar.update(len(batch))
-    return sum_losses.view(-1, 4), n_tokens.view(-1, 4)
+    return sum_losses, n_tokens
 
 
 def predictions(sum_losses, n_tokens):
@@ -246,7 +276,7 @@ def parse_args(argv):
     parser.add_argument("--init", required=True, help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face directory, or a checkpoint .pt")
     parser.add_argument("--data", default=None, help=f"path of {HELLASWAG_FILE} (default: download once into {default_cache_dir()})")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    parser.add_argument("--batch_size", type=int, default=None, help="examples per forward pass (4 rows each); default 16 on a GPU, 4 on CPU (measured fastest there)")
+    parser.add_argument("--batch_size", type=int, default=None, help="examples per forward pass (one row of ~140 tokens each); default 32 on a GPU, 4 on CPU (measured fastest there)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="float32: exact, the way the reference numbers were measured; bfloat16 autocast: faster on GPUs and CPUs with bf16 units, a few answers may change")
     return parser.parse_args(argv)
@@ -259,7 +289,7 @@ def main(argv=None):
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
-    batch_size = args.batch_size or (4 if device.type == "cpu" else 16)
+    batch_size = args.batch_size or (4 if device.type == "cpu" else 32)
     autocast_dtype = getattr(torch, args.dtype)
     examples = load_examples(hellaswag_path(args.data), args.limit)
     model = load_model(args.init, device)

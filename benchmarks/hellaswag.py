@@ -47,6 +47,17 @@ def synthetic_examples(enc, n, seed=0):
     ]
 
 
+def full_rows(context, endings):
+    """build-nanogpt's rendering: 4 rows of context + ending, right-padded, and a mask over each ending."""
+    length = len(context) + max(len(ending) for ending in endings)
+    tokens = torch.zeros((4, length), dtype=torch.long)
+    mask = torch.zeros((4, length), dtype=torch.long)
+    for i, ending in enumerate(endings):
+        tokens[i, : len(context) + len(ending)] = torch.tensor(context + ending)
+        mask[i, len(context) : len(context) + len(ending)] = 1
+    return tokens, mask
+
+
 def one_example_per_forward(model, examples, enc, device, autocast_dtype):
     """build-nanogpt's way: one (4, L) forward per example, the loss of every position in fp32, then
     masked. Returns the summed losses and counts (E, 4), like hellaswag.score_examples."""
@@ -54,7 +65,7 @@ def one_example_per_forward(model, examples, enc, device, autocast_dtype):
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32)
     with torch.no_grad(), autocast:
         for example in examples:
-            tokens, mask, _ = hellaswag.render_example(example, enc)
+            tokens, mask = full_rows(*hellaswag.render_example(example, enc))
             tokens, mask = tokens.to(device), mask.to(device)
             logits, _ = model(tokens)
             losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
@@ -89,8 +100,13 @@ def main():
     model = GPT(GPTConfig()).to(device).eval()  # 124M, random weights
     enc = gpt2_tokenizer()
     examples = synthetic_examples(enc, args.examples)
-    lengths = [len(row) for ex in examples for row, _ in hellaswag.render_rows(ex, enc)]
-    print(f"{len(examples)} examples on {device} ({torch.get_num_threads()} threads), rows of {min(lengths)} to {max(lengths)} tokens (mean {sum(lengths) / len(lengths):.0f})")
+    rendered = [hellaswag.render_example(example, enc) for example in examples]
+    full = [len(context) + len(ending) for context, endings in rendered for ending in endings]
+    packed = [len(hellaswag.pack_example(context, endings).tokens) for context, endings in rendered]
+    print(
+        f"{len(examples)} examples on {device} ({torch.get_num_threads()} threads): context + ending of {min(full)} to "
+        f"{max(full)} tokens (mean {sum(full) / len(full):.0f}); packed rows of {sum(packed) / len(packed):.0f} tokens on average"
+    )
 
     methods = {}  # name -> function of a list of examples, returning summed losses and counts (E, 4)
     for dtype in (torch.float32, torch.bfloat16):

@@ -120,6 +120,7 @@ def test_load_examples_reads_fields_skips_blank_lines_and_limits(tmp_path):
 BAD_LINES = {
     "not JSON": ('{"ctx": "a", "endings": ["a", "b", "c", "d"], "label": 0', "not valid JSON"),
     "missing ctx": ({"endings": ["a", "b", "c", "d"], "label": 0}, "'ctx'"),
+    "empty ctx": ({"ctx": "", "endings": ["a", "b", "c", "d"], "label": 0}, "'ctx'"),
     "missing label": ({"ctx": "x", "endings": ["a", "b", "c", "d"]}, "'label'"),
     "label out of range": ({"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 4}, "'label'"),
     "label as text": ({"ctx": "x", "endings": ["a", "b", "c", "d"], "label": "1"}, "'label'"),
@@ -195,54 +196,84 @@ def test_unwritable_cache_is_a_user_error(tmp_path):
 # Rendering
 
 
-def test_render_example_tokens_and_mask(tmp_path, enc):
+def test_render_example_gives_the_context_and_the_endings_with_a_space(tmp_path, enc):
     path = write_jsonl(tmp_path / "val.jsonl", [EXAMPLES[2]])
     example = hellaswag.load_examples(path)[0]
-    tokens, mask, label = hellaswag.render_example(example, enc)
-    context = enc.encode_ordinary(example["ctx"])
-    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
-    length = len(context) + max(len(e) for e in endings)
-    assert label == 2
-    assert tokens.shape == mask.shape == (4, length) and tokens.dtype == mask.dtype == torch.long
-    for i, ending in enumerate(endings):
-        n = len(context) + len(ending)
-        assert tokens[i, :n].tolist() == context + ending
-        assert tokens[i, n:].tolist() == [0] * (length - n)  # right padding
-        assert mask[i].tolist() == [0] * len(context) + [1] * len(ending) + [0] * (length - n)
-        # The masked tokens are exactly the ending, joined to the context by one space.
-        assert enc.decode(tokens[i][mask[i] == 1].tolist()) == " " + example["endings"][i]
-        assert enc.decode(tokens[i][: len(context)].tolist()) == example["ctx"]
+    context, endings = hellaswag.render_example(example, enc)
+    assert context == enc.encode_ordinary(example["ctx"])
+    assert enc.decode(context) == example["ctx"]
+    assert [enc.decode(ending) for ending in endings] == [" " + ending for ending in example["endings"]]
+    # Context + ending is the tokenization of the whole sentence (the space joins them, BPE keeps it).
+    for ending, text in zip(endings, example["endings"]):
+        assert context + ending == enc.encode_ordinary(example["ctx"] + " " + text)
 
 
-def test_render_example_keeps_the_ending_when_too_long(enc):
+def test_render_example_cuts_the_context_so_the_longest_ending_fits(enc):
     example = EXAMPLES[2]
-    tokens, mask, _ = hellaswag.render_example(example, enc, max_len=12)
-    full_tokens, full_mask, _ = hellaswag.render_example(example, enc)
-    assert tokens.size(1) == 12
-    for i in range(4):
-        n = int((full_mask[i] == 1).nonzero().max()) + 1  # real length of row i
-        kept = min(n, 12)
-        assert tokens[i, :kept].tolist() == full_tokens[i, n - kept : n].tolist()  # the last tokens
-        assert mask[i, :kept].tolist() == full_mask[i, n - kept : n].tolist()
+    full_context, full_endings = hellaswag.render_example(example, enc)
+    longest = max(len(ending) for ending in full_endings)
+    context, endings = hellaswag.render_example(example, enc, max_len=longest + 3)
+    assert endings == full_endings  # endings are what is scored: they are kept whole
+    assert context == full_context[-3:]  # the context loses tokens from its start
+    context, endings = hellaswag.render_example(example, enc, max_len=4)  # shorter than the longest ending
+    assert endings == [ending[:3] for ending in full_endings] and context == full_context[-1:]
+
+
+def test_packed_row_puts_each_ending_right_after_the_context():
+    context, endings = [10, 11, 12], [[20, 21], [30], [40, 41, 42], [50, 51]]
+    packed = hellaswag.pack_example(context, endings)
+    # The row: the context, then each ending without its last token (that token predicts nothing).
+    assert packed.tokens == [10, 11, 12, 20, 40, 41, 50]
+    assert packed.positions == [0, 1, 2, 3, 3, 4, 3]  # every ending starts at the position after the context
+    assert packed.segments == [0, 0, 0, 1, 3, 3, 4]
+    # Every ending token is a target exactly once, predicted by the output of the token before it in
+    # its own sequence: the context's last token (row index 2) for the first token of each ending.
+    assert packed.targets == [20, 21, 30, 40, 41, 42, 50, 51]
+    assert packed.ending_of == [0, 0, 1, 2, 2, 2, 3, 3]
+    assert packed.predict_at == [2, 3, 2, 2, 4, 5, 2, 6]
+    row = packed.tokens
+    for target, at, k in zip(packed.targets, packed.predict_at, packed.ending_of):
+        sequence = context + endings[k]  # what the model reads when this ending is scored alone
+        assert sequence[sequence.index(target) - 1] == row[at]
+
+
+def test_attention_mask_lets_an_ending_see_the_context_and_itself_only():
+    packed = hellaswag.pack_example([10, 11, 12], [[20, 21], [30], [40, 41, 42], [50, 51]])
+    segments = torch.tensor([packed.segments + [-1]])  # one padding token at the end
+    positions = torch.tensor([packed.positions + [0]])
+    mask = hellaswag.attention_mask(segments, positions)[0, 0]
+    sees = {q: [s for s in range(mask.size(1)) if mask[q, s]] for q in range(mask.size(0))}
+    assert sees[0] == [0] and sees[1] == [0, 1] and sees[2] == [0, 1, 2]  # the context: causal
+    assert sees[3] == [0, 1, 2, 3]  # ending 0
+    assert sees[4] == [0, 1, 2, 4] and sees[5] == [0, 1, 2, 4, 5]  # ending 2 sees nothing of ending 0
+    assert sees[6] == [0, 1, 2, 6]  # ending 3
+    assert all(not mask[q, 7] for q in range(7))  # padding is seen by no real token
 
 
 # -----------------------------------------------------------------------------
 # Scoring
 
 
-def test_batched_scores_equal_one_example_at_a_time():
+def alone(model, context, ending):
+    """The summed loss of an ending's tokens, the model reading context + ending as one plain sequence."""
+    tokens = torch.tensor([context + ending])
+    logits, _ = model(tokens)
+    losses = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:], reduction="none")
+    return losses[len(context) - 1 :].sum()
+
+
+def test_batched_scores_equal_each_ending_scored_alone():
     torch.manual_seed(0)
     model = GPT(WORD_MODEL_CONFIG).eval()  # random weights: every score is different
     words = WordTokenizer()
     long_context = {"ctx": " ".join(f"w{i}" for i in range(80)), "endings": ["short.", "a bit longer than that.", "x", "the end."], "label": 0}
-    examples = ALL_EXAMPLES + [long_context]  # endings of 1 to 15 tokens; rows over block_size 64
+    examples = ALL_EXAMPLES + [long_context]  # endings of 1 to 15 tokens; a context over block_size 64
     reference_sums, reference_counts = [], []
     with torch.no_grad():
         for example in examples:
-            tokens, mask, _ = hellaswag.render_example(example, words, max_len=WORD_MODEL_CONFIG.block_size)
-            sums, counts = hellaswag.ending_losses(model, tokens, mask)
-            reference_sums.append(sums)
-            reference_counts.append(counts)
+            context, endings = hellaswag.render_example(example, words, max_len=WORD_MODEL_CONFIG.block_size)
+            reference_sums.append(torch.stack([alone(model, context, ending) for ending in endings]))
+            reference_counts.append(torch.tensor([len(ending) for ending in endings]))
     reference_sums, reference_counts = torch.stack(reference_sums), torch.stack(reference_counts)
     # Every ending token is scored: the context before it predicts the first one.
     assert reference_counts[:7].tolist() == [[len(e.split()) for e in ex["endings"]] for ex in ALL_EXAMPLES]
