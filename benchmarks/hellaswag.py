@@ -113,7 +113,7 @@ def main():
         dtype_name = str(dtype).removeprefix("torch.")
         methods[f"{dtype_name:>8} | one example per forward"] = lambda exs, dtype=dtype: one_example_per_forward(model, exs, enc, device, dtype)
         for b in map(int, args.batch_sizes.split(",")):
-            methods[f"{dtype_name:>8} | batched, {b} examples per forward"] = lambda exs, b=b, dtype=dtype: hellaswag.score_examples(model, exs, enc, device, b, dtype)
+            methods[f"{dtype_name:>8} | packed, {b} examples per forward"] = lambda exs, b=b, dtype=dtype: hellaswag.score_examples(model, exs, enc, device, b, dtype)
     # Rounds, not one method after another: the machine may be busier at some moments than at others,
     # and the best of several interleaved runs is the least disturbed one of each method.
     best, scores = {}, {}
