@@ -248,8 +248,9 @@ def evaluate(model, examples, enc, device, batch_size, rank=0, world_size=1, aut
     """HellaSwag counts over all `examples`: dict(n, correct, correct_norm) (correct for acc, correct_norm
     for acc_norm). With DDP every rank calls this with the same examples and scores its share (rank r
     takes examples r, r + world_size, ...); the counts are then summed with all_reduce, so every rank
-    gets the totals (torch.distributed must be initialised when world_size > 1). `model` is a GPT or a
-    torch.compile'd GPT, not the DDP wrapper: evaluation needs no gradient sync. autocast_dtype: as in
+    gets the totals (torch.distributed must be initialised when world_size > 1). `model` is a GPT (a
+    torch.compile'd one runs its uncompiled methods here), not the DDP wrapper: evaluation needs no
+    gradient sync. autocast_dtype: as in
     score_examples()."""
     my_examples = examples[rank::world_size]
     if my_examples:
