@@ -250,8 +250,7 @@ def evaluate(model, examples, enc, device, batch_size, rank=0, world_size=1, aut
     takes examples r, r + world_size, ...); the counts are then summed with all_reduce, so every rank
     gets the totals (torch.distributed must be initialised when world_size > 1). `model` is a GPT (a
     torch.compile'd one runs its uncompiled methods here), not the DDP wrapper: evaluation needs no
-    gradient sync. autocast_dtype: as in
-    score_examples()."""
+    gradient sync. autocast_dtype: as in score_examples()."""
     my_examples = examples[rank::world_size]
     if my_examples:
         sum_losses, n_tokens = score_examples(model, my_examples, enc, device, batch_size, autocast_dtype, progress)

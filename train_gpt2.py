@@ -186,7 +186,7 @@ class GPT(nn.Module):
         A row may instead hold several sequences that share a beginning, as hellaswag.py packs a context
         and its 4 endings: then positions (B, T) gives each token's place in its own sequence and
         attn_mask (B, 1, T, T) which tokens each token may see."""
-        B, T = idx.size()
+        T = idx.size(1)
         if positions is None:
             start = kv_caches[0].length if kv_caches else 0
             assert start + T <= self.config.block_size, f"sequence of {start + T} tokens, block_size is {self.config.block_size}"
