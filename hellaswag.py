@@ -21,8 +21,6 @@ import argparse
 import collections
 import json
 import os
-import sys
-import tempfile
 import time
 import urllib.request
 from http.client import HTTPException
@@ -31,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train_gpt2 import UserError, gpt2_tokenizer, load_model, pick_device
+from common import UserError, atomic_write, gpt2_tokenizer, run_cli
+from train_gpt2 import load_model, pick_device
 
 PROTOCOL = "completion style, 0-shot, acc = lowest summed loss, acc_norm = lowest mean loss"
 
@@ -69,30 +68,33 @@ def hellaswag_path(data=None, cache_dir=None, download=True, url=HELLASWAG_URL):
 
 
 def download_file(url, path):
-    """Fetch url into path through a temporary file in the same directory, so that an interrupted
-    download never leaves a torn file where the next run would trust it."""
+    """Fetch url into path atomically, so that an interrupted download never leaves a torn file where
+    the next run would trust it."""
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
     except OSError as e:
-        raise UserError(f"cannot write to {directory} ({e}): set XDG_CACHE_HOME to a writable directory, or pass --data PATH") from None
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=30) as response:
-            size = response.headers.get("Content-Length")  # bytes to come, when the server says
-            with tqdm(total=int(size) if size else None, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        os.replace(tmp_path, path)
-    except (OSError, HTTPException) as e:  # no network, timeout, HTTP error, connection cut short
         raise UserError(
-            f"could not download {url} ({e}); on a machine with network, download that file and pass "
-            f"--data PATH (or put it at {path})"
+            f"cannot write to {directory} ({e}): set XDG_CACHE_HOME to a writable directory, or pass --data PATH"
         ) from None
-    finally:
-        if os.path.exists(tmp_path):  # left only by a failure, Ctrl-C included
-            os.remove(tmp_path)
+    with atomic_write(path) as f:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                size = response.headers.get("Content-Length")  # bytes to come, when the server says
+                with tqdm(
+                    total=int(size) if size else None,
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"downloading {os.path.basename(path)}",
+                ) as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except (OSError, HTTPException) as e:  # no network, timeout, HTTP error, connection cut short
+            raise UserError(
+                f"could not download {url} ({e}); on a machine with network, download that file and pass "
+                f"--data PATH (or put it at {path})"
+            ) from None
 
 
 def load_examples(path, limit=None):
@@ -202,7 +204,9 @@ def ending_losses(model, packed, device):
         positions[i, :n] = torch.tensor(example.positions)
         segments[i, :n] = torch.tensor(example.segments)
     tokens, positions, segments = tokens.to(device), positions.to(device), segments.to(device)
-    hidden = model.hidden_states(tokens, positions=positions, attn_mask=attention_mask(segments, positions))  # (E, L, n_embd)
+    hidden = model.hidden_states(
+        tokens, positions=positions, attn_mask=attention_mask(segments, positions)
+    )  # (E, L, n_embd)
 
     def flat(field):  # one field of every example, laid end to end, as a tensor on the device
         return torch.tensor([x for example in packed for x in getattr(example, field)], device=device)
@@ -224,7 +228,9 @@ def score_examples(model, examples, enc, device, batch_size, autocast_dtype=torc
     flip a few near-tied answers."""
     device_type = torch.device(device).type
     packed = [pack_example(*render_example(example, enc, max_len=model.config.block_size)) for example in examples]
-    order = sorted(range(len(packed)), key=lambda i: len(packed[i].tokens), reverse=True)  # longest first: OOM shows at once
+    order = sorted(
+        range(len(packed)), key=lambda i: len(packed[i].tokens), reverse=True
+    )  # longest first: OOM shows at once
     sum_losses = torch.zeros(len(packed), 4)
     n_tokens = torch.zeros(len(packed), 4, dtype=torch.long)
     autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32)
@@ -244,7 +250,9 @@ def predictions(sum_losses, n_tokens):
     return sum_losses.argmin(dim=-1), (sum_losses / n_tokens).argmin(dim=-1)
 
 
-def evaluate(model, examples, enc, device, batch_size, rank=0, world_size=1, autocast_dtype=torch.float32, progress=False):
+def evaluate(
+    model, examples, enc, device, batch_size, rank=0, world_size=1, autocast_dtype=torch.float32, progress=False
+):
     """HellaSwag counts over all `examples`: dict(n, correct, correct_norm) (correct for acc, correct_norm
     for acc_norm). With DDP every rank calls this with the same examples and scores its share (rank r
     takes examples r, r + world_size, ...); the counts are then summed with all_reduce, so every rank
@@ -273,12 +281,28 @@ def evaluate(model, examples, enc, device, batch_size, rank=0, world_size=1, aut
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (" + PROTOCOL + ")")
-    parser.add_argument("--init", required=True, help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face directory, or a checkpoint .pt")
-    parser.add_argument("--data", default=None, help=f"path of {HELLASWAG_FILE} (default: download once into {default_cache_dir()})")
+    parser.add_argument(
+        "--init",
+        required=True,
+        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face directory, or a checkpoint .pt",
+    )
+    parser.add_argument(
+        "--data", default=None, help=f"path of {HELLASWAG_FILE} (default: download once into {default_cache_dir()})"
+    )
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples")
-    parser.add_argument("--batch_size", type=int, default=None, help="examples per forward pass (one row of ~140 tokens each); default 32 on a GPU, 4 on CPU (measured fastest there)")
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="examples per forward pass (one row of ~140 tokens each); default 32 on a GPU, 4 on CPU (measured fastest there)",
+    )
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="float32: exact, the way the reference numbers were measured; bfloat16 autocast: faster on GPUs and CPUs with bf16 units, a few answers may change")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="float32: exact, the way the reference numbers were measured; bfloat16 autocast: faster on GPUs and CPUs with bf16 units, a few answers may change",
+    )
     return parser.parse_args(argv)
 
 
@@ -306,8 +330,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(main)

@@ -7,7 +7,6 @@ The log has one line per measurement, `{step} {kind} {value}`, where kind is tra
 
 import argparse
 import os
-import sys
 
 import matplotlib
 
@@ -15,7 +14,7 @@ matplotlib.use("Agg")  # draw into files only; no display needed
 import matplotlib.pyplot as plt
 import numpy as np
 
-from train_gpt2 import UserError
+from common import UserError, atomic_write, run_cli
 
 # The numbers we are trying to beat. Val loss is on FineWeb-edu shard 0; HellaSwag is acc_norm.
 GPT2_124M_VAL_LOSS = 3.2924
@@ -34,7 +33,11 @@ def parse_log(path):
         raise UserError(f"no log file at {path}; pass the log.txt your training run wrote")
     series = {}
     previous_step = -1
-    with open(path) as f:
+    try:
+        f = open(path)
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}); pass the log.txt your training run wrote") from None
+    with f:
         for line_number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -42,7 +45,9 @@ def parse_log(path):
                 step_text, kind, value_text = line.split()
                 step, value = int(step_text), float(value_text)
             except ValueError:
-                raise UserError(f"{path} line {line_number}: expected '<step> <kind> <value>', got {line.strip()!r}") from None
+                raise UserError(
+                    f"{path} line {line_number}: expected '<step> <kind> <value>', got {line.strip()!r}"
+                ) from None
             steps, values = series.setdefault(kind, ([], []))
             if step < previous_step or (steps and step <= steps[-1]):
                 for old_steps, old_values in series.values():
@@ -101,20 +106,14 @@ def plot_hellaswag(ax, series):
 
 
 def save_figure(fig, out_path):
-    """Write the figure atomically: to a temporary file beside the target, then rename it into place."""
+    """Write the figure atomically: a half-drawn image never replaces a good one."""
     extension = os.path.splitext(out_path)[1] or ".png"
     image_format = extension[1:].lower()
     if image_format not in fig.canvas.get_supported_filetypes():
         raise UserError(f"cannot write {extension} files; use an output name ending in .png, .pdf or .svg")
-    out_dir, name = os.path.split(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    tmp_path = os.path.join(out_dir, f".{name}.{os.getpid()}.tmp{extension}")
-    try:
-        fig.savefig(tmp_path, dpi=120, format=image_format)
-        os.replace(tmp_path, out_path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with atomic_write(out_path) as f:
+        fig.savefig(f, dpi=120, format=image_format)
 
 
 def main(argv=None):
@@ -123,19 +122,14 @@ def main(argv=None):
     parser.add_argument("-o", "--out", help="image to write (.png, .pdf, .svg); default: loss.png next to the log")
     args = parser.parse_args(argv)
     out_path = args.out or os.path.join(os.path.dirname(args.log), "loss.png")
-    try:
-        series = parse_log(args.log)
-        fig, (loss_ax, hella_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
-        plot_loss(loss_ax, series)
-        plot_hellaswag(hella_ax, series)
-        fig.tight_layout()
-        save_figure(fig, out_path)
-    except (UserError, OSError) as e:  # OSError: e.g. no permission to read the log or write the image
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    series = parse_log(args.log)
+    fig, (loss_ax, hella_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
+    plot_loss(loss_ax, series)
+    plot_hellaswag(hella_ax, series)
+    fig.tight_layout()
+    save_figure(fig, out_path)
     print(f"wrote {out_path}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

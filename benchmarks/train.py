@@ -71,7 +71,12 @@ def main():
         config, B, T, runs = GPTConfig(vocab_size=50304), 64, 1024, [(torch.bfloat16, True)]
     else:
         torch.set_flush_denormal(True)
-        config, B, T, runs = GPTConfig(vocab_size=50304, n_layer=4, n_head=4, n_embd=256, block_size=256), 8, 256, [(torch.float32, False), (torch.bfloat16, False)]
+        config, B, T, runs = (
+            GPTConfig(vocab_size=50304, n_layer=4, n_head=4, n_embd=256, block_size=256),
+            8,
+            256,
+            [(torch.float32, False), (torch.bfloat16, False)],
+        )
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name} | torch {torch.__version__} | model {config} | B={B} T={T}")
     for dtype, compile_model in runs:

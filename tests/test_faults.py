@@ -33,7 +33,18 @@ import torch
 
 import sample
 import train_gpt2
-from train_gpt2 import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, GPT, GPTConfig, UserError, latest_checkpoint, load_checkpoint, load_model, save_checkpoint
+from common import UserError, run_cli
+from train_gpt2 import (
+    BIN_HEADER_INTS,
+    BIN_MAGIC,
+    BIN_VERSION,
+    GPT,
+    GPTConfig,
+    latest_checkpoint,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--block_size", "64"]
@@ -56,8 +67,19 @@ class Trainer:
     it is printed, so that a test can act at a chosen moment of the run."""
 
     def __init__(self, log_dir, data_dir, *flags):
-        command = [sys.executable, os.path.join(REPO, "train_gpt2.py"), *TINY_RUN, "--data_dir", data_dir, "--log_dir", str(log_dir), *flags]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO)
+        command = [
+            sys.executable,
+            os.path.join(REPO, "train_gpt2.py"),
+            *TINY_RUN,
+            "--data_dir",
+            data_dir,
+            "--log_dir",
+            str(log_dir),
+            *flags,
+        ]
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=REPO
+        )
         self.lines = []
         self.ended = False
         self._queue = queue.Queue()
@@ -87,7 +109,9 @@ class Trainer:
                 raise AssertionError(f"no line matched {pattern!r} within {TIMEOUT}s:\n{self.output()}") from None
             if line is not None and re.search(pattern, line):
                 return re.search(pattern, line)
-        raise AssertionError(f"the run ended (exit {self.proc.wait()}) before a line matched {pattern!r}:\n{self.output()}")
+        raise AssertionError(
+            f"the run ended (exit {self.proc.wait()}) before a line matched {pattern!r}:\n{self.output()}"
+        )
 
     def send(self, sig):
         self.proc.send_signal(sig)
@@ -174,7 +198,9 @@ def assert_matches_reference(log_dir, reference_dir):
     # A resumed run appends to log.txt and logs again the steps after its checkpoint: same values.
     reference_values = {(step, kind): value for step, kind, value in read_log(reference_dir)}
     for step, kind, value in read_log(log_dir):
-        assert reference_values[(step, kind)] == value, f"log.txt: step {step} {kind} {value}, uninterrupted run {reference_values[(step, kind)]}"
+        assert reference_values[(step, kind)] == value, (
+            f"log.txt: step {step} {kind} {value}, uninterrupted run {reference_values[(step, kind)]}"
+        )
     assert {(step, kind) for step, kind, _ in read_log(log_dir)} == reference_values.keys()
 
 
@@ -205,7 +231,9 @@ def kill_during_checkpoint_write(run, log_dir):
     raise AssertionError(f"no checkpoint write was seen:\n{run.output()}")
 
 
-def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact(tmp_path, random_shards, reference_run, trainers):
+def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact(
+    tmp_path, random_shards, reference_run, trainers
+):
     log_dir = str(tmp_path / "log")
 
     # 1. Mid-step: at a random moment of step 5, once a checkpoint exists (they follow steps 2, 5, 8, 11).
@@ -244,7 +272,9 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
     else:
         pytest.fail("three kills in a row landed after the checkpoint's rename, none during its write")
     good = latest_checkpoint(log_dir)
-    assert step_of(good) < step_of(torn) and not os.path.exists(torn.removesuffix(".tmp"))  # the torn write replaced nothing
+    assert step_of(good) < step_of(torn) and not os.path.exists(
+        torn.removesuffix(".tmp")
+    )  # the torn write replaced nothing
     load_checkpoint(good)  # the previous checkpoint is whole
 
     # 4. Resume from the last whole checkpoint and run to the end.
@@ -263,7 +293,11 @@ def stop_step(run, signal_name):
     a line at once, so the last step line before it says which step the run was in at that moment."""
     notice = next(i for i, line in enumerate(run.lines) if line.startswith(f"{signal_name}: saving a checkpoint"))
     before = [int(m.group(1)) for line in run.lines[:notice] if (m := re.match(r"step +(\d+) \| loss", line))]
-    stopped = [int(m.group(1)) for line in run.lines[notice:] if (m := re.fullmatch(r"stopped after step (\d+); continue with --resume", line))]
+    stopped = [
+        int(m.group(1))
+        for line in run.lines[notice:]
+        if (m := re.fullmatch(r"stopped after step (\d+); continue with --resume", line))
+    ]
     assert len(stopped) == 1, run.output()
     stopped = stopped[0]
     # The step in progress when the signal came finishes (or, if it had already passed the point where
@@ -272,7 +306,9 @@ def stop_step(run, signal_name):
     return stopped
 
 
-def test_sigterm_and_sigint_save_the_current_step_exit_0_and_resume_exactly(tmp_path, random_shards, reference_run, trainers):
+def test_sigterm_and_sigint_save_the_current_step_exit_0_and_resume_exactly(
+    tmp_path, random_shards, reference_run, trainers
+):
     log_dir = str(tmp_path / "log")
     rare = ["--ckpt_every", "1000"]  # no periodic checkpoint: any checkpoint was written for the signal
 
@@ -288,7 +324,9 @@ def test_sigterm_and_sigint_save_the_current_step_exit_0_and_resume_exactly(tmp_
     assert run.printed(f"^saved {re.escape(checkpoint_path(log_dir, term_step))}$")
     assert checkpoint_steps(log_dir) == [term_step]
     assert "Traceback" not in run.output()
-    assert seconds_to_exit < 30, f"took {seconds_to_exit:.1f}s to stop"  # a step and a save: well under 1s on an idle machine
+    assert seconds_to_exit < 30, (
+        f"took {seconds_to_exit:.1f}s to stop"
+    )  # a step and a save: well under 1s on an idle machine
 
     # SIGINT (Ctrl-C) during the evaluation after step 7: the evaluation completes, one more step, a save.
     run = trainers(log_dir, random_shards, *rare, "--resume")
@@ -326,16 +364,24 @@ def test_sigterm_while_printing_to_a_full_pipe_still_saves(tmp_path, random_shar
             "--warmup_steps", "2", "--max_steps", "100000", "--eval_every", "100000", "--ckpt_every", "100000", "--val_tokens", "16",
             "--no-hellaswag", "--no-sample_every_eval", "--dtype", "float32", "--data_dir", random_shards, "--log_dir", str(tmp_path)]  # fmt: skip
     env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as in a normal run
-    proc = subprocess.Popen([sys.executable, "train_gpt2.py", *tiny], stdout=write_fd, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "train_gpt2.py", *tiny], stdout=write_fd, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+    )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         try:
             # Blocked: the pipe is (nearly) full and stays so while the run would print a line every few ms.
             deadline, last_fill, still_since = time.monotonic() + TIMEOUT, -1, time.monotonic()
-            while (fill := pipe_fill(read_fd)) < capacity - 256 or fill != last_fill or time.monotonic() - still_since < 0.5:
+            while (
+                (fill := pipe_fill(read_fd)) < capacity - 256
+                or fill != last_fill
+                or time.monotonic() - still_since < 0.5
+            ):
                 if fill != last_fill:
                     last_fill, still_since = fill, time.monotonic()
-                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() is not None else "the pipe never filled"
+                assert proc.poll() is None and time.monotonic() < deadline, (
+                    proc.stderr.read() if proc.poll() is not None else "the pipe never filled"
+                )
                 time.sleep(0.05)
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.2)
@@ -536,7 +582,7 @@ def test_bad_input_is_one_error_line_and_touches_no_file(case, tmp_path, random_
     argv, fragments, directories = prepare(case, tmp_path, random_shards)
     before = files_in(*directories)
     with pytest.raises(SystemExit) as exit_info:
-        train_gpt2.main(argv)
+        run_cli(train_gpt2.main, argv)
     assert exit_info.value.code not in (0, None)
     assert_one_error_line(capsys.readouterr().err, fragments)
     assert files_in(*directories) == before
@@ -547,7 +593,9 @@ def test_bad_input_is_one_error_line_and_touches_no_file(case, tmp_path, random_
 def test_bad_input_from_the_command_line(case, tmp_path, random_shards):
     argv, fragments, directories = prepare(case, tmp_path, random_shards)
     before = files_in(*directories)
-    result = subprocess.run([sys.executable, "train_gpt2.py", *argv], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, "train_gpt2.py", *argv], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=TIMEOUT
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # nothing but the error line
     assert_one_error_line(result.stderr, fragments)
@@ -558,7 +606,14 @@ def test_bad_input_from_the_command_line(case, tmp_path, random_shards):
 
 
 def test_sample_with_unknown_init_is_one_error_line():
-    result = subprocess.run([sys.executable, "sample.py", "--init", "nonexistent_thing", "--device", "cpu"], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, "sample.py", "--init", "nonexistent_thing", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert_one_error_line(result.stderr, ["nonexistent_thing"])
@@ -569,7 +624,21 @@ def test_sample_prompt_longer_than_the_context_window(tmp_path, capsys):
     path = tiny_checkpoint(tmp_path / "model_00005.pt")  # block_size 64
     before = files_in(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        sample.main(["--init", path, "--device", "cpu", "--prompt", "the cat sat on the mat " * 20, "--max_new_tokens", "8", "--num_samples", "1"])
+        run_cli(
+            sample.main,
+            [
+                "--init",
+                path,
+                "--device",
+                "cpu",
+                "--prompt",
+                "the cat sat on the mat " * 20,
+                "--max_new_tokens",
+                "8",
+                "--num_samples",
+                "1",
+            ],
+        )
     assert exit_info.value.code == 1
     assert_one_error_line(capsys.readouterr().err, ["context window", "64"])
     assert files_in(tmp_path) == before
@@ -605,9 +674,12 @@ def test_a_checkpoint_cannot_run_code(tmp_path, random_shards, capsys, keep_sign
     with pytest.raises(UserError, match="not a checkpoint"):
         load_model(path)
     with pytest.raises(SystemExit):
-        train_gpt2.main([*TINY_RUN, "--data_dir", random_shards, "--log_dir", str(tmp_path / "log"), "--resume", path])
+        run_cli(
+            train_gpt2.main,
+            [*TINY_RUN, "--data_dir", random_shards, "--log_dir", str(tmp_path / "log"), "--resume", path],
+        )
     with pytest.raises(SystemExit):
-        sample.main(["--init", path, "--device", "cpu"])
+        run_cli(sample.main, ["--init", path, "--device", "cpu"])
     for line in capsys.readouterr().err.strip().splitlines():
         assert line.startswith(f"error: {path} is not a checkpoint"), line
     assert not marker.exists()

@@ -16,10 +16,28 @@ import pyarrow.parquet as pq
 import pytest
 
 import fineweb
-from train_gpt2 import EOT_TOKEN, UserError, gpt2_tokenizer
+from common import EOT_TOKEN, UserError, gpt2_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ["the", "king", "hath", "spoken", "über", "naïve", "café", "日本語", "🙂", "\n", "  ", "don't", "1234", "<|endoftext|>", "rock'n'roll", ",", "."]
+WORDS = [
+    "the",
+    "king",
+    "hath",
+    "spoken",
+    "über",
+    "naïve",
+    "café",
+    "日本語",
+    "🙂",
+    "\n",
+    "  ",
+    "don't",
+    "1234",
+    "<|endoftext|>",
+    "rock'n'roll",
+    ",",
+    ".",
+]
 
 
 def make_documents(count, max_words, seed=0):
@@ -84,7 +102,12 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
     assert sorted(os.listdir(out)) == sorted(["edufineweb_progress.json", *names])  # no temp files left
     with open(os.path.join(out, "edufineweb_progress.json")) as f:
         progress = json.load(f)
-    assert (progress["finished"], progress["documents"], progress["tokens"], progress["shards"]) == (True, 300, len(expected), len(names))
+    assert (progress["finished"], progress["documents"], progress["tokens"], progress["shards"]) == (
+        True,
+        300,
+        len(expected),
+        len(names),
+    )
 
 
 def test_gpt2_encode_matches_encode_ordinary(tokenizer):
@@ -108,7 +131,9 @@ def test_hugging_face_rows_can_be_skipped_too():
     rows = datasets.Dataset.from_dict({"text": documents})
     for loaded in [rows, rows.to_iterable_dataset()]:  # as load_dataset returns it, and with --streaming
         for skip in [0, 7, 50]:
-            assert list(fineweb.hf_documents(loaded, "corpus", "text", skip)) == [(("corpus", "row", i), documents[i]) for i in range(skip, 50)]
+            assert list(fineweb.hf_documents(loaded, "corpus", "text", skip)) == [
+                (("corpus", "row", i), documents[i]) for i in range(skip, 50)
+            ]
 
 
 def test_one_or_two_workers_give_the_same_shards(tmp_path, tokenizer):
@@ -121,7 +146,9 @@ def test_one_or_two_workers_give_the_same_shards(tmp_path, tokenizer):
         out = str(tmp_path / f"out{num_proc}")
         progress = fineweb.load_progress(out, "edufineweb", settings)
         # Small batches, so that many are in flight at once and have to come back in order.
-        fineweb.write_shards(fineweb.read_documents(files, "text"), encode, out, "edufineweb", 700, num_proc, progress, batch_chars=500)
+        fineweb.write_shards(
+            fineweb.read_documents(files, "text"), encode, out, "edufineweb", 700, num_proc, progress, batch_chars=500
+        )
         outputs.append(read_directory(out))
     assert len(outputs[0]) > 10
     assert outputs[0] == outputs[1]
@@ -139,9 +166,19 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
     out = str(tmp_path / "out")
     progress_file = os.path.join(out, "edufineweb_progress.json")
     for kill_after in [3, 20]:  # shards finished when the run is killed; the second kill hits a resumed run
-        run = subprocess.Popen([sys.executable, "fineweb.py", *flags, "--out", out], cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run = subprocess.Popen(
+            [sys.executable, "fineweb.py", *flags, "--out", out],
+            cwd=REPO,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 60
-        while run.poll() is None and time.time() < deadline and not (os.path.isdir(out) and len(shard_files(out)) >= kill_after):
+        while (
+            run.poll() is None
+            and time.time() < deadline
+            and not (os.path.isdir(out) and len(shard_files(out)) >= kill_after)
+        ):
             time.sleep(0.002)
         os.killpg(run.pid, signal.SIGKILL)  # the main process and its workers, as a crash would
         run.wait()
@@ -190,7 +227,10 @@ def assert_no_partial_shard(out_dir, shard_size):
     "lines, message",
     [
         ([json.dumps({"text": "fine"}), "{not json", json.dumps({"text": "fine"})], "bad.jsonl line 2: not valid JSON"),
-        ([json.dumps({"text": "fine"}), "", json.dumps({"body": "no text"})], "bad.jsonl line 3: no text in field 'text'"),
+        (
+            [json.dumps({"text": "fine"}), "", json.dumps({"body": "no text"})],
+            "bad.jsonl line 3: no text in field 'text'",
+        ),
         ([json.dumps({"text": 7})], "bad.jsonl line 1: no text in field 'text'"),
     ],
 )
@@ -247,13 +287,29 @@ def test_token_id_too_large_for_uint16(tmp_path):
     out = str(tmp_path / "out")
     progress = fineweb.load_progress(out, "edufineweb", {"test": True})
     with pytest.raises(UserError, match=r"corpus.jsonl line 251: the tokenizer made token id 70000"):
-        fineweb.write_shards(fineweb.read_documents([corpus], "text"), encode_with_a_huge_id, out, "edufineweb", 400, 2, progress, batch_chars=300)
+        fineweb.write_shards(
+            fineweb.read_documents([corpus], "text"),
+            encode_with_a_huge_id,
+            out,
+            "edufineweb",
+            400,
+            2,
+            progress,
+            batch_chars=300,
+        )
     assert len(shard_files(out)) > 3  # the shards before the bad document are whole and kept
     assert_no_partial_shard(out, 400)
 
 
 def run_script(tmp_path, *flags, env=None):
-    return subprocess.run([sys.executable, "fineweb.py", *flags], cwd=REPO, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+    return subprocess.run(
+        [sys.executable, "fineweb.py", *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
 
 
 def test_command_line_error_is_one_line(tmp_path):

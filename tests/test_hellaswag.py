@@ -13,19 +13,69 @@ import pytest
 import torch
 
 import hellaswag  # the repository is on sys.path through conftest.py
-from train_gpt2 import GPT, GPTConfig, UserError, gpt2_tokenizer
+from common import UserError, gpt2_tokenizer
+from train_gpt2 import GPT, GPTConfig
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Six ordinary examples: the right ending differs from the wrong ones from its first word on, and the
 # endings have different lengths. The labels cover 0..3 so that no fixed position can pass.
 EXAMPLES = [
-    {"ctx": "The chef cracks two eggs into a bowl. She", "endings": ["whisks them with a fork until they are smooth.", "paints the fence.", "jumps over a very tall building while singing loudly.", "sleeps."], "label": 0},
-    {"ctx": "A boy kicks a ball across the park. His dog", "endings": ["reads a newspaper.", "runs after it and brings it back to him.", "files taxes online.", "orbits the moon at night."], "label": 1},
-    {"ctx": "The pianist sits down at the piano. He", "endings": ["eats the keys.", "drives a truck.", "places his hands on the keys and begins to play a slow song.", "melts."], "label": 2},
-    {"ctx": "Rain begins to fall on the city. People", "endings": ["swim in the clouds.", "sell the sun.", "become trees.", "open their umbrellas and hurry inside."], "label": 3},
-    {"ctx": "A woman holds a paintbrush near a canvas. She", "endings": ["dips it in blue paint and draws the sky.", "barks.", "flies to Mars in a shoe.", "counts the ocean."], "label": 0},
-    {"ctx": "Two men lift a heavy sofa. They", "endings": ["eat it for lunch.", "carry it carefully up the stairs into the new apartment.", "turn into birds.", "whisper."], "label": 1},
+    {
+        "ctx": "The chef cracks two eggs into a bowl. She",
+        "endings": [
+            "whisks them with a fork until they are smooth.",
+            "paints the fence.",
+            "jumps over a very tall building while singing loudly.",
+            "sleeps.",
+        ],
+        "label": 0,
+    },
+    {
+        "ctx": "A boy kicks a ball across the park. His dog",
+        "endings": [
+            "reads a newspaper.",
+            "runs after it and brings it back to him.",
+            "files taxes online.",
+            "orbits the moon at night.",
+        ],
+        "label": 1,
+    },
+    {
+        "ctx": "The pianist sits down at the piano. He",
+        "endings": [
+            "eats the keys.",
+            "drives a truck.",
+            "places his hands on the keys and begins to play a slow song.",
+            "melts.",
+        ],
+        "label": 2,
+    },
+    {
+        "ctx": "Rain begins to fall on the city. People",
+        "endings": ["swim in the clouds.", "sell the sun.", "become trees.", "open their umbrellas and hurry inside."],
+        "label": 3,
+    },
+    {
+        "ctx": "A woman holds a paintbrush near a canvas. She",
+        "endings": [
+            "dips it in blue paint and draws the sky.",
+            "barks.",
+            "flies to Mars in a shoe.",
+            "counts the ocean.",
+        ],
+        "label": 0,
+    },
+    {
+        "ctx": "Two men lift a heavy sofa. They",
+        "endings": [
+            "eat it for lunch.",
+            "carry it carefully up the stairs into the new apartment.",
+            "turn into birds.",
+            "whisper.",
+        ],
+        "label": 1,
+    },
 ]
 # One example where acc and acc_norm must disagree. The model is trained on its context followed by the
 # long right ending once, and followed by "ran" (then more words) three times: after the context, "ran"
@@ -34,7 +84,12 @@ EXAMPLES = [
 # the 15-word right ending the lower mean loss (about 1.39 / 15 = 0.09 < 0.29).
 LENGTH_EXAMPLE = {
     "ctx": "Lisa looked at the old map and",
-    "endings": ["ran", "followed the faded red line across the hills to the hidden valley by the river.", "ate glue.", "purple seven."],
+    "endings": [
+        "ran",
+        "followed the faded red line across the hills to the hidden valley by the river.",
+        "ate glue.",
+        "purple seven.",
+    ],
     "label": 1,
 }
 LENGTH_EXAMPLE_DECOY = "Lisa looked at the old map and ran to the station to catch the morning train."
@@ -266,7 +321,11 @@ def test_batched_scores_equal_each_ending_scored_alone():
     torch.manual_seed(0)
     model = GPT(WORD_MODEL_CONFIG).eval()  # random weights: every score is different
     words = WordTokenizer()
-    long_context = {"ctx": " ".join(f"w{i}" for i in range(80)), "endings": ["short.", "a bit longer than that.", "x", "the end."], "label": 0}
+    long_context = {
+        "ctx": " ".join(f"w{i}" for i in range(80)),
+        "endings": ["short.", "a bit longer than that.", "x", "the end."],
+        "label": 0,
+    }
     examples = ALL_EXAMPLES + [long_context]  # endings of 1 to 15 tokens; a context over block_size 64
     reference_sums, reference_counts = [], []
     with torch.no_grad():
@@ -306,7 +365,9 @@ def test_memorised_model_finds_the_right_endings(memorised):
 def test_bf16_autocast_scores_close_to_fp32(memorised):
     model, words = memorised
     exact_sums, counts = hellaswag.score_examples(model, ALL_EXAMPLES, words, "cpu", batch_size=4)
-    bf16_sums, bf16_counts = hellaswag.score_examples(model, ALL_EXAMPLES, words, "cpu", batch_size=4, autocast_dtype=torch.bfloat16)
+    bf16_sums, bf16_counts = hellaswag.score_examples(
+        model, ALL_EXAMPLES, words, "cpu", batch_size=4, autocast_dtype=torch.bfloat16
+    )
     assert torch.equal(bf16_counts, counts)
     assert not torch.equal(bf16_sums, exact_sums)  # autocast did run in bf16
     torch.testing.assert_close(bf16_sums / counts, exact_sums / counts, atol=0.1, rtol=0.05)
@@ -344,7 +405,9 @@ def test_evaluate_splits_examples_across_ranks_and_reduces(tmp_path, memorised):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "hellaswag.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "hellaswag.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_prints_the_summary_line(tmp_path, enc):
@@ -363,7 +426,10 @@ def test_cli_prints_the_summary_line(tmp_path, enc):
     assert summary.startswith(
         f"hellaswag {checkpoint}: 7 examples, acc {correct}/7 = {correct / 7:.4f}, acc_norm {correct_norm}/7 = {correct_norm / 7:.4f}, "
     )
-    assert re.search(r", [0-9.]+ examples/s on cpu in float32 \(completion style, 0-shot, acc = lowest summed loss, acc_norm = lowest mean loss\)$", summary)
+    assert re.search(
+        r", [0-9.]+ examples/s on cpu in float32 \(completion style, 0-shot, acc = lowest summed loss, acc_norm = lowest mean loss\)$",
+        summary,
+    )
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from common import UserError, gpt2_tokenizer, run_cli
 from export_hf import export_hf
 from sample import main as sample_main
-from train_gpt2 import GPT, GPTConfig, UserError, gpt2_tokenizer, load_model
+from train_gpt2 import GPT, GPTConfig, load_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # conftest.py puts it on sys.path
 SMALL = dict(n_layer=2, n_head=4, n_embd=64)
@@ -88,7 +89,9 @@ def test_from_pretrained_matches_transformers(tmp_path, shape):
     hf_model = random_hf_model(**shape)
     hf_model.save_pretrained(tmp_path)
     model = GPT.from_pretrained(str(tmp_path)).eval()
-    assert model.config == GPTConfig(block_size=shape.get("n_positions", 1024), **{k: v for k, v in shape.items() if k != "n_positions"})
+    assert model.config == GPTConfig(
+        block_size=shape.get("n_positions", 1024), **{k: v for k, v in shape.items() if k != "n_positions"}
+    )
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     assert_same_as_hf(model, hf_model, idx)
 
@@ -235,7 +238,9 @@ def test_top_k_draws_among_the_k_most_likely():
     logits, _ = model(prompt)
     top3 = set(torch.topk(logits[0, -1], 3).indices.tolist())
     # one new token for 300 copies of the prompt, at a high temperature that flattens the distribution
-    drawn = model.generate(prompt.repeat(300, 1), 1, temperature=100.0, top_k=3, generator=torch.Generator().manual_seed(0))
+    drawn = model.generate(
+        prompt.repeat(300, 1), 1, temperature=100.0, top_k=3, generator=torch.Generator().manual_seed(0)
+    )
     assert set(drawn[:, -1].tolist()) == top3
 
 
@@ -288,7 +293,9 @@ def test_no_network_says_how_to_get_the_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     # sample.py --init gpt2 goes through load_model and GPT.from_pretrained('gpt2')
-    assert_one_line_error(run_script("sample.py", "--init", "gpt2"), "hf download openai-community/gpt2", "pass its path")
+    assert_one_line_error(
+        run_script("sample.py", "--init", "gpt2"), "hf download openai-community/gpt2", "pass its path"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -329,5 +336,5 @@ def test_sample_script_error():
 )
 def test_sample_flag_errors(tiny_checkpoint, capsys, flags, message):
     with pytest.raises(SystemExit) as exited:
-        sample_main(["--init", tiny_checkpoint, "--device", "cpu", *flags])
+        run_cli(sample_main, ["--init", tiny_checkpoint, "--device", "cpu", *flags])
     assert_one_line_error(subprocess.CompletedProcess([], exited.value.code, "", capsys.readouterr().err), message)

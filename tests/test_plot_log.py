@@ -12,8 +12,8 @@ import pytest
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from common import UserError, run_cli  # noqa: E402
 from plot_log import main, parse_log  # noqa: E402
-from train_gpt2 import UserError  # noqa: E402
 
 PLOT_LOG = os.path.join(REPO_ROOT, "plot_log.py")
 
@@ -105,7 +105,9 @@ def test_plots_log_without_hellaswag_next_to_the_log(tmp_path):
 
 
 def assert_one_line_error(capsys, argv, start, message=""):
-    assert main([str(a) for a in argv]) == 1
+    with pytest.raises(SystemExit) as exited:
+        run_cli(main, [str(a) for a in argv])
+    assert exited.value.code == 1
     stderr = capsys.readouterr().err
     assert stderr.startswith(f"error: {start}") and message in stderr
     assert stderr.count("\n") == 1  # one line, no traceback

