@@ -5,6 +5,7 @@ train_gpt2.py builds on this file, and every other script builds on train_gpt2.p
 alone (fineweb.py and plot_log.py, which need no torch). It imports nothing of this project.
 """
 
+import argparse
 import contextlib
 import importlib.util
 import os
@@ -33,6 +34,16 @@ def run_cli(main, argv=None, interrupted=None):
             raise
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         sys.exit(130)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help lists each flag's default once: after its reason, unless the reason already names it or
+    there is none to show."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ device or on many with torchrun. Importing this file does no work, so every piec
 """
 
 import argparse
+import collections
 import contextlib
 import glob
 import inspect
@@ -15,14 +16,17 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
+from http.client import HTTPException
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
-from common import EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, atomic_write, gpt2_tokenizer, run_cli
+from common import EOT_TOKEN, GPT2_VOCAB_SIZE, HelpFormatter, UserError, atomic_write, gpt2_tokenizer, run_cli
 
 # -----------------------------------------------------------------------------
 # The model. GPT-2 is a stack of identical pre-LayerNorm transformer blocks between a token+position
@@ -46,28 +50,6 @@ GPT2_SIZES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
-
-
-class KVCache:
-    """One layer's keys and values of the positions seen so far, so that generating a token needs a
-    forward pass over that token alone. Preallocated for max_len positions and filled left to right."""
-
-    def __init__(self, max_len):
-        self.max_len = max_len
-        self.length = 0
-        self.keys = self.values = None
-
-    def append(self, k, v):
-        """Store k, v of shape (B, n_head, T, head_size); return the keys and values of all positions."""
-        if self.keys is None:  # allocated on first use, in the dtype autocast gives k and v
-            B, n_head, _, head_size = k.shape
-            self.keys = k.new_empty(B, n_head, self.max_len, head_size)
-            self.values = v.new_empty(B, n_head, self.max_len, head_size)
-        T = k.size(2)
-        self.keys[:, :, self.length : self.length + T] = k
-        self.values[:, :, self.length : self.length + T] = v
-        self.length += T
-        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
 
 
 class CausalSelfAttention(nn.Module):
@@ -121,18 +103,6 @@ class Block(nn.Module):
     def forward(self, x, kv_cache=None, attn_mask=None):
         x = x + self.attn(self.ln_1(x), kv_cache, attn_mask)
         return x + self.mlp(self.ln_2(x))
-
-
-# OpenAI's checkpoint uses Conv1D layers, whose weights are stored (in, out), transposed from nn.Linear.
-HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# GPTConfig's fields under the names Hugging Face's GPT2Config gives them.
-HF_CONFIG_NAMES = {
-    "block_size": "n_positions",
-    "vocab_size": "vocab_size",
-    "n_layer": "n_layer",
-    "n_head": "n_head",
-    "n_embd": "n_embd",
-}
 
 
 class GPT(nn.Module):
@@ -234,25 +204,73 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path):
         """OpenAI's GPT-2 from a Hugging Face hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl) or from a
-        local directory in Hugging Face format (config.json + model.safetensors or pytorch_model.bin)."""
-        if os.path.isdir(name_or_path):
-            directory = name_or_path
-        elif name_or_path in GPT2_SIZES:
-            directory = download_gpt2(name_or_path)
-        else:
-            raise UserError(
-                f"'{name_or_path}' is neither a directory nor one of {', '.join(GPT2_SIZES)}: "
-                "pass an OpenAI size name or a Hugging Face GPT-2 directory"
-            )
-        hf_config, hf_state = read_hf_checkpoint(directory)
-        try:
-            config = GPTConfig(**{field: hf_config[hf_name] for field, hf_name in HF_CONFIG_NAMES.items()})
-        except KeyError as e:
-            raise UserError(f"{directory}/config.json lacks {e}: it is not a complete GPT-2 config") from None
+        local directory in Hugging Face format; read_gpt2_weights (below) explains the format."""
+        config, state = read_gpt2_weights(name_or_path)
         model = cls(config)
-        state = {k: (v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v) for k, v in hf_state.items()}
-        load_weights(model, state, source=directory)
+        load_weights(model, state, source=name_or_path)
         return model
+
+
+# Generation keeps each layer's keys and values, so that each new token costs a forward pass over one
+# position instead of the whole sequence.
+class KVCache:
+    """One layer's keys and values of the positions seen so far, so that generating a token needs a
+    forward pass over that token alone. Preallocated for max_len positions and filled left to right."""
+
+    def __init__(self, max_len):
+        self.max_len = max_len
+        self.length = 0
+        self.keys = self.values = None
+
+    def append(self, k, v):
+        """Store k, v of shape (B, n_head, T, head_size); return the keys and values of all positions."""
+        if self.keys is None:  # allocated on first use, in the dtype autocast gives k and v
+            B, n_head, _, head_size = k.shape
+            self.keys = k.new_empty(B, n_head, self.max_len, head_size)
+            self.values = v.new_empty(B, n_head, self.max_len, head_size)
+        T = k.size(2)
+        self.keys[:, :, self.length : self.length + T] = k
+        self.values[:, :, self.length : self.length + T] = v
+        self.length += T
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+
+# -----------------------------------------------------------------------------
+# OpenAI's weights, in Hugging Face's format. Read to check this model against the original (its logits
+# equal GPT2LMHeadModel's) and to start from them; written by export_hf.py so that any Hugging Face tool
+# can load what we train. The module names above follow OpenAI's checkpoint, so the weights map 1:1.
+
+# OpenAI's checkpoint uses Conv1D layers, whose weights are stored (in, out), transposed from nn.Linear.
+HF_CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+# GPTConfig's fields under the names Hugging Face's GPT2Config gives them.
+HF_CONFIG_NAMES = {
+    "block_size": "n_positions",
+    "vocab_size": "vocab_size",
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+    "n_embd": "n_embd",
+}
+
+
+def read_gpt2_weights(name_or_path):
+    """The GPTConfig and the state dict (in this model's layout) of OpenAI's GPT-2: a hub name, downloaded
+    once and cached, or a local Hugging Face directory (config.json + model.safetensors or pytorch_model.bin)."""
+    if os.path.isdir(name_or_path):
+        directory = name_or_path
+    elif name_or_path in GPT2_SIZES:
+        directory = download_gpt2(name_or_path)
+    else:
+        raise UserError(
+            f"'{name_or_path}' is neither a directory nor one of {', '.join(GPT2_SIZES)}: "
+            "pass an OpenAI size name or a Hugging Face GPT-2 directory"
+        )
+    hf_config, hf_state = read_hf_checkpoint(directory)
+    try:
+        config = GPTConfig(**{field: hf_config[hf_name] for field, hf_name in HF_CONFIG_NAMES.items()})
+    except KeyError as e:
+        raise UserError(f"{directory}/config.json lacks {e}: it is not a complete GPT-2 config") from None
+    state = {k: (v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v) for k, v in hf_state.items()}
+    return config, state
 
 
 def download_gpt2(name):
@@ -282,8 +300,9 @@ OPENAI_GPT2_SETTINGS = {
 
 
 def read_hf_checkpoint(directory):
-    """The config dict and the transformer's tensors (keys without the 'transformer.' prefix, the attention
-    mask buffers and the tied lm_head dropped) of a Hugging Face GPT-2 directory."""
+    """The config dict and the tensors of a Hugging Face GPT-2 directory, keyed as our GPT names them:
+    with the 'transformer.' prefix (which some files omit), without the attention-mask buffers and the
+    lm_head (tied to wte)."""
     config_path = os.path.join(directory, "config.json")
     safetensors_path = os.path.join(directory, "model.safetensors")
     bin_path = os.path.join(directory, "pytorch_model.bin")
@@ -312,7 +331,8 @@ def read_hf_checkpoint(directory):
     }
     if variant:
         raise UserError(
-            f"{directory} is a GPT-2 variant that this model does not implement ({variant}); only OpenAI's architecture loads"
+            f"{directory} is a GPT-2 variant that this model does not implement ({variant}); "
+            "only OpenAI's architecture loads"
         )
     state = {}
     for key, tensor in hf_state.items():
@@ -361,13 +381,15 @@ def load_shard(path):
         if len(header) < BIN_HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
             found = f"magic {header[0]}, version {header[1]}" if len(header) >= 2 else "no header"
             raise UserError(
-                f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, version {BIN_VERSION}): not an llm.c token shard"
+                f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, version {BIN_VERSION}): "
+                "not an llm.c token shard"
             )
         num_tokens = int(header[2])
         expected_bytes = 4 * BIN_HEADER_INTS + 2 * num_tokens
         if os.path.getsize(path) != expected_bytes:
             raise UserError(
-                f"{path}: {os.path.getsize(path)} bytes, header promises {expected_bytes}: the file is truncated, download it again"
+                f"{path}: {os.path.getsize(path)} bytes, header promises {expected_bytes}: "
+                "the file is truncated, download it again"
             )
         return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * BIN_HEADER_INTS, shape=(num_tokens,))
     try:
@@ -378,7 +400,8 @@ def load_shard(path):
         ) from None
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(
-            f"{path}: tokens are {tokens.dtype} with shape {tokens.shape}, expected a 1-D uint16 array: regenerate it with fineweb.py"
+            f"{path}: tokens are {tokens.dtype} with shape {tokens.shape}, expected a 1-D uint16 array: "
+            "regenerate it with fineweb.py"
         )
     return tokens
 
@@ -394,13 +417,15 @@ class DataLoaderLite:
         )
         if not paths:
             raise UserError(
-                f"no {split} shards (*_{split}_*.npy or .bin) in {data_dir}: run `python fineweb.py` (or fineweb.py --input your.txt --out {data_dir}) first"
+                f"no {split} shards (*_{split}_*.npy or .bin) in {data_dir}: run `python fineweb.py` "
+                f"(or fineweb.py --input your.txt --out {data_dir}) first"
             )
         self.shards = [load_shard(p) for p in paths]
         for path, tokens in zip(paths, self.shards):
             if len(tokens) < self.window + 1:
                 raise UserError(
-                    f"{path} has {len(tokens)} tokens, fewer than one batch of B*T*world_size+1 = {self.window + 1}: lower --batch_size/--seq_len or add data"
+                    f"{path} has {len(tokens)} tokens, fewer than one batch of B*T*world_size+1 = "
+                    f"{self.window + 1}: lower --batch_size/--seq_len or add data"
                 )
         self.reset()
 
@@ -439,52 +464,292 @@ class DataLoaderLite:
 
 
 @torch.no_grad()
-def validation_loss(model, val_loader, steps, device, autocast_dtype, ddp):
+def validation_loss(model, val_loader, steps, autocast, procs):
     """Mean loss over `steps` batches from the start of the validation split, averaged over ranks."""
+    device = next(model.parameters()).device
     model.eval()
     val_loader.reset()
     loss_sum = torch.zeros((), device=device)
     for _ in range(steps):
         x, y = val_loader.next_batch()
-        with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+        with autocast:
             _, loss = model(x.to(device), y.to(device))
         loss_sum += loss.detach()
-    if ddp:
-        torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.SUM)  # gloo has no AVG
-        loss_sum /= torch.distributed.get_world_size()
     model.train()
-    return loss_sum.item() / steps
+    return procs.mean(loss_sum).item() / steps
 
 
-def load_hellaswag_eval(args, enc, rank, world_size, ddp, print0):
-    """A function (model, device, autocast_dtype) -> HellaSwag acc_norm, each rank scoring its share of the examples, or
-    None when it is switched off or its data cannot be had (a one-line notice says why)."""
+# -----------------------------------------------------------------------------
+# HellaSwag, the multiple-choice benchmark that the lecture runs during training (hellaswag.py runs it
+# alone and explains the protocol). The data: hellaswag_val.jsonl from the authors' repository, one
+# JSON object per line. We use three fields: "ctx" (the context), "endings" (4 strings) and "label"
+# (the index of the right ending).
+# It is downloaded once into a cache directory; offline, pass a copy with --data.
+
+HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+HELLASWAG_FILE = "hellaswag_val.jsonl"
+
+
+def default_cache_dir():
+    """$XDG_CACHE_HOME/gpt2-repro/hellaswag, or ~/.cache/gpt2-repro/hellaswag (the usual Linux place)."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "gpt2-repro", "hellaswag")
+
+
+def hellaswag_path(data=None, cache_dir=None, download=True, url=HELLASWAG_URL):
+    """Where hellaswag_val.jsonl is: `data` if given (it must exist), else the copy in cache_dir
+    (default_cache_dir() when None), downloaded from `url` first if it is not there. With
+    download=False a missing cached copy gives None, so a caller can skip the eval without network."""
+    if data is not None:
+        if not os.path.isfile(data):
+            raise UserError(f"{data}: no such file; pass the path of {HELLASWAG_FILE} (from {HELLASWAG_URL})")
+        return data
+    cache_dir = cache_dir or default_cache_dir()
+    path = os.path.join(cache_dir, HELLASWAG_FILE)
+    if os.path.isfile(path):
+        return path
+    if not download:
+        return None
+    download_file(url, path)
+    return path
+
+
+def download_file(url, path):
+    """Fetch url into path atomically, so that an interrupted download never leaves a torn file where
+    the next run would trust it."""
+    directory = os.path.dirname(path)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot write to {directory} ({e}): set XDG_CACHE_HOME to a writable directory, or pass --data PATH"
+        ) from None
+    with atomic_write(path) as f:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as response:
+                size = response.headers.get("Content-Length")  # bytes to come, when the server says
+                with tqdm(
+                    total=int(size) if size else None,
+                    unit="B",
+                    unit_scale=True,
+                    desc=f"downloading {os.path.basename(path)}",
+                ) as bar:
+                    while chunk := response.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except (OSError, HTTPException) as e:  # no network, timeout, HTTP error, connection cut short
+            raise UserError(
+                f"could not download {url} ({e}); on a machine with network, download that file and pass "
+                f"--data PATH (or put it at {path})"
+            ) from None
+
+
+def load_examples(path, limit=None):
+    """The examples of a HellaSwag jsonl file (the first `limit` of them), each a dict with at least
+    ctx (str), endings (4 str) and label (int 0..3). A bad line ends with an error naming it."""
+    examples = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line_number, line in enumerate(f, start=1):
+                if limit is not None and len(examples) == limit:
+                    break
+                if line.strip():  # blank lines (a trailing newline or two) are not examples
+                    examples.append(parse_example(line, f"{path}, line {line_number}"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path} ({e}): pass the path of {HELLASWAG_FILE}") from None
+    if not examples:
+        raise UserError(f"{path} holds no examples: pass the path of {HELLASWAG_FILE}")
+    return examples
+
+
+def parse_example(line, where):
+    """One line of the jsonl file as an example dict; `where` (file and line) goes into any error."""
+    try:
+        example = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg}); is this {HELLASWAG_FILE}?") from None
+    if not isinstance(example, dict):
+        raise UserError(f"{where}: expected a JSON object with ctx, endings and label")
+    ctx, endings, label = example.get("ctx"), example.get("endings"), example.get("label")
+    if not (isinstance(ctx, str) and ctx):  # the context's last token predicts each ending's first
+        raise UserError(f"{where}: 'ctx' must be a non-empty string (the context)")
+    if not (isinstance(endings, list) and len(endings) == 4 and all(isinstance(e, str) for e in endings)):
+        raise UserError(f"{where}: 'endings' must be a list of 4 strings")
+    if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label <= 3):
+        raise UserError(f"{where}: 'label' must be an integer from 0 to 3 (the right ending), got {label!r}")
+    return example
+
+
+# -----------------------------------------------------------------------------
+# Rendering. An example is scored as 4 sequences, the context followed by each ending (with the leading
+# space that joins it to the context); only the ending's tokens are scored. The 4 sequences share their
+# beginning, so we pack them into one row: the context once, then the 4 endings, each placed (by its
+# position numbers) right after the context and seeing only the context and itself. A context of ~40
+# tokens and endings of ~25 make a row of ~140 tokens instead of 4 rows of ~75, padded.
+
+
+def render_example(example, enc, max_len=None):
+    """The tokens of an example's context and of its 4 endings: (context, [4 endings]). Context plus
+    ending must fit in max_len (the model's block_size): an ending keeps at most max_len - 1 tokens, and
+    a context too long for the longest ending loses tokens from its start (the same ones for all 4)."""
+    context = enc.encode_ordinary(example["ctx"])
+    endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
+    if max_len is not None:
+        endings = [ending[: max_len - 1] for ending in endings]
+        context = context[-(max_len - max(len(ending) for ending in endings)) :]
+    return context, endings
+
+
+# One example as a row: its tokens, each token's position in its own sequence, and its segment (0 for
+# the context, k + 1 for ending k); then, for every ending token in order, the row index whose output
+# predicts it, the token itself, and which ending (0..3) it belongs to.
+PackedExample = collections.namedtuple("PackedExample", "tokens positions segments predict_at targets ending_of")
+
+
+def pack_example(context, endings):
+    """The row of an example (see PackedExample). Ending token j is predicted by the output just before
+    it: the context's last token for j = 0, the ending's token j - 1 after that. So an ending's last
+    token predicts nothing and is left out of the row: it is only a target."""
+    tokens, positions, segments = list(context), list(range(len(context))), [0] * len(context)
+    predict_at, targets, ending_of = [], [], []
+    for k, ending in enumerate(endings):
+        start = len(tokens)  # where this ending's tokens go in the row (it has at least one: its space)
+        predict_at += [len(context) - 1] + list(range(start, start + len(ending) - 1))
+        targets += ending
+        ending_of += [k] * len(ending)
+        tokens += ending[:-1]
+        positions += range(len(context), len(context) + len(ending) - 1)
+        segments += [k + 1] * (len(ending) - 1)
+    return PackedExample(tokens, positions, segments, predict_at, targets, ending_of)
+
+
+def attention_mask(segments, positions):
+    """Who may see whom in packed rows: segments, positions (B, L) -> (B, 1, L, L), True where token q (dim 2)
+    may see token s (dim 3): s is in the context or in q's own ending, and not at a later position. Padding
+    (segment -1) is seen by no real token."""
+    seg_q, seg_s = segments[:, :, None], segments[:, None, :]
+    visible = ((seg_s == 0) | (seg_s == seg_q)) & (positions[:, None, :] <= positions[:, :, None])
+    return visible.unsqueeze(1)  # one mask for all heads
+
+
+# -----------------------------------------------------------------------------
+# Scoring. The outputs at the predicting positions go through the output head, and the cross-entropy
+# against the ending's tokens is each token's loss. Only those positions become logits: the
+# (positions, 50257) logits are the largest tensor here, and the rest of the row needs none.
+
+
+def ending_losses(model, packed, device):
+    """One forward pass over packed examples (one right-padded row each) on `device`: the summed loss of
+    each ending's tokens (E, 4) and how many there are (E, 4). The caller sets no_grad and any autocast."""
+    length = max(len(example.tokens) for example in packed)
+    tokens = torch.zeros((len(packed), length), dtype=torch.long)
+    positions = torch.zeros((len(packed), length), dtype=torch.long)
+    segments = torch.full((len(packed), length), -1, dtype=torch.long)  # -1: padding
+    for i, example in enumerate(packed):
+        n = len(example.tokens)
+        tokens[i, :n] = torch.tensor(example.tokens)
+        positions[i, :n] = torch.tensor(example.positions)
+        segments[i, :n] = torch.tensor(example.segments)
+    tokens, positions, segments = tokens.to(device), positions.to(device), segments.to(device)
+    hidden = model.hidden_states(
+        tokens, positions=positions, attn_mask=attention_mask(segments, positions)
+    )  # (E, L, n_embd)
+
+    def flat(field):  # one field of every example, laid end to end, as a tensor on the device
+        return torch.tensor([x for example in packed for x in getattr(example, field)], device=device)
+
+    rows = torch.tensor([i for i, example in enumerate(packed) for _ in example.targets], device=device)
+    losses = F.cross_entropy(model.logits(hidden[rows, flat("predict_at")]).float(), flat("targets"), reduction="none")
+    ending = 4 * rows + flat("ending_of")  # the (example, ending) each loss belongs to, as one index
+    sums = torch.zeros(4 * len(packed), device=device).index_add_(0, ending, losses)
+    counts = torch.bincount(ending, minlength=4 * len(packed))
+    return sums.view(-1, 4), counts.view(-1, 4)
+
+
+def score_examples(model, examples, enc, device, batch_size, autocast_dtype=torch.float32, progress=False):
+    """Summed losses (E, 4) and scored token counts (E, 4) of every ending of every example, batch_size
+    examples (one row each) per forward pass. The rows are sorted by length first so that a batch holds
+    rows of about the same length and little compute goes into padding; the results are put back in
+    the examples' order. autocast_dtype float32 (no autocast) is exact; bfloat16 is faster where
+    matmuls have bf16 units, but its rounding moves the mean losses by about 0.001 to 0.01, enough to
+    flip a few near-tied answers."""
+    device_type = torch.device(device).type
+    packed = [pack_example(*render_example(example, enc, max_len=model.config.block_size)) for example in examples]
+    order = sorted(
+        range(len(packed)), key=lambda i: len(packed[i].tokens), reverse=True
+    )  # longest first: OOM shows at once
+    sum_losses = torch.zeros(len(packed), 4)
+    n_tokens = torch.zeros(len(packed), 4, dtype=torch.long)
+    autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32)
+    with torch.no_grad(), autocast:
+        with tqdm(total=len(packed), unit="example", desc="hellaswag", disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                batch = order[start : start + batch_size]
+                batch_losses, batch_counts = ending_losses(model, [packed[i] for i in batch], device)
+                sum_losses[batch] = batch_losses.cpu()
+                n_tokens[batch] = batch_counts.cpu()
+                bar.update(len(batch))
+    return sum_losses, n_tokens
+
+
+def predictions(sum_losses, n_tokens):
+    """The chosen ending of each example by summed loss (acc) and by mean loss per token (acc_norm)."""
+    return sum_losses.argmin(dim=-1), (sum_losses / n_tokens).argmin(dim=-1)
+
+
+def evaluate_hellaswag(
+    model, examples, enc, device, batch_size, rank=0, world_size=1, autocast_dtype=torch.float32, progress=False
+):
+    """HellaSwag counts over all `examples`: dict(n, correct, correct_norm) (correct for acc, correct_norm
+    for acc_norm). With DDP every rank calls this with the same examples and scores its share (rank r
+    takes examples r, r + world_size, ...); the counts are then summed with all_reduce, so every rank
+    gets the totals (torch.distributed must be initialised when world_size > 1). `model` is a GPT (a
+    torch.compile'd one runs its uncompiled methods here), not the DDP wrapper: evaluation needs no
+    gradient sync. autocast_dtype: as in score_examples()."""
+    my_examples = examples[rank::world_size]
+    if my_examples:
+        sum_losses, n_tokens = score_examples(model, my_examples, enc, device, batch_size, autocast_dtype, progress)
+        pred, pred_norm = predictions(sum_losses, n_tokens)
+        labels = torch.tensor([example["label"] for example in my_examples])
+        counts = [len(my_examples), (pred == labels).sum().item(), (pred_norm == labels).sum().item()]
+    else:
+        counts = [0, 0, 0]  # more ranks than examples: this rank still joins the all_reduce
+    if world_size > 1:
+        counts = torch.tensor(counts, dtype=torch.long, device=device)
+        torch.distributed.all_reduce(counts)
+        counts = counts.tolist()
+    n, correct, correct_norm = counts
+    return dict(n=n, correct=correct, correct_norm=correct_norm)
+
+
+def load_hellaswag_eval(args, enc, procs):
+    """A function model -> HellaSwag acc_norm, each rank scoring its share of the examples, or None when it
+    is switched off or its data cannot be had (a one-line notice says why)."""
     if not args.hellaswag:
         return None
-    import hellaswag  # imported here, not at the top: hellaswag.py itself builds on this file
-
     if args.hellaswag_data:
-        path = hellaswag.hellaswag_path(args.hellaswag_data)  # a path the user gave must exist
+        path = hellaswag_path(args.hellaswag_data)  # a path the user gave must exist
     else:
-        path = None
-        if rank == 0:  # one download into the cache, which the other ranks then read
+        if procs.master:  # one download into the cache, which the other ranks then read
             try:
-                path = hellaswag.hellaswag_path()
+                hellaswag_path()
             except UserError:
-                print0(
-                    "HellaSwag skipped: its data is not cached and could not be downloaded; pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag"
+                print(
+                    "HellaSwag skipped: its data is not cached and could not be downloaded; "
+                    "pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag"
                 )
-        if ddp:
+        if procs.ddp:
             torch.distributed.barrier()
-        path = hellaswag.hellaswag_path(download=False)
+        path = hellaswag_path(download=False)
         if path is None:
             return None
-    examples = hellaswag.load_examples(path)
-    examples_per_forward = args.batch_size  # one row per example, shorter than a training row: fits where training does
+    examples = load_examples(path)
 
-    def hellaswag_acc_norm(model, device, autocast_dtype):
-        counts = hellaswag.evaluate(
-            model, examples, enc, device, examples_per_forward, rank, world_size, autocast_dtype
+    def hellaswag_acc_norm(model, autocast_dtype):
+        device = next(model.parameters()).device
+        # One row per example, shorter than a training row: --batch_size of them fit where training does.
+        counts = evaluate_hellaswag(
+            model, examples, enc, device, args.batch_size, procs.rank, procs.world_size, autocast_dtype
         )
         return counts["correct_norm"] / counts["n"]
 
@@ -496,13 +761,15 @@ def load_hellaswag_eval(args, enc, rank, world_size, ddp, print0):
 # gains just fights the normalisation), a linear warmup, then cosine decay to min_lr.
 
 
-def configure_optimizer(model, weight_decay, lr, betas, eps, device_type):
+def configure_optimizer(model, weight_decay, lr, betas, eps, device_type, fused=None):
+    """AdamW over model's parameters. fused: the fused CUDA kernel, which updates every parameter in one
+    launch instead of several per tensor; None takes it wherever it exists (CUDA)."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # matmul weights and embeddings
     no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorm parameters
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused CUDA kernel updates every parameter in one launch instead of several per tensor.
-    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    if fused is None:
+        fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
@@ -556,7 +823,8 @@ def load_checkpoint(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(
-            f"{path} is not a checkpoint of this project ({type(e).__name__}): it may be truncated or another kind of file"
+            f"{path} is not a checkpoint of this project ({type(e).__name__}): "
+            "it may be truncated or another kind of file"
         ) from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint of this project: it lacks the 'model' and 'config' entries")
@@ -567,14 +835,13 @@ def load_checkpoint(path):
 # Sampling: continuations of a prompt, for the samples printed during training and for sample.py.
 
 
-def sample_texts(
-    model, enc, prompt, num_samples, max_new_tokens, device, autocast_dtype, temperature=1.0, top_k=50, seed=42
-):
+def sample_texts(model, enc, prompt, *, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=42, autocast):
     """The prompt and its continuations, one string per sample. An empty prompt starts a new document."""
+    device = next(model.parameters()).device
     prompt_ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
     idx = torch.tensor([prompt_ids] * num_samples, device=device)
     generator = torch.Generator(device=device).manual_seed(seed)  # on the model's device: same samples every call
-    with torch.autocast(device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32):
+    with autocast:
         out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
     return [enc.decode(row.tolist()) for row in out]
 
@@ -601,13 +868,163 @@ def device_peak_flops(device):
 
 
 # -----------------------------------------------------------------------------
-# The training run. main() parses the flags, sets up one process or a torchrun DDP group, and trains.
+# Devices and number formats. Autocast runs the matmuls in a 16-bit format where the hardware has fast
+# units for it and keeps fp32 where precision matters (softmax, norms, the loss); the weights, their
+# gradients and the optimizer stay fp32.
+
+
+def pick_device(requested):
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(
+                f"--device {requested}, but PyTorch sees no CUDA GPU: install a CUDA build of torch or use --device cpu"
+            )
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise UserError("--device mps, but MPS is not available: use --device cpu")
+        try:
+            return torch.device(requested)
+        except RuntimeError:
+            raise UserError(
+                f"--device {requested!r} is not a device PyTorch knows: use cuda, cuda:N, mps or cpu"
+            ) from None
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_has_native_bf16(cpuinfo=None):
+    """Whether the CPU computes in bf16 in hardware: x86 AMX or AVX512-BF16, Arm's BF16 extension. Without
+    it PyTorch emulates bf16, and a training step runs many times slower than in fp32 (a 4-layer model
+    here: 4.4 s in fp32, 245 s in bf16). `cpuinfo`: the text of /proc/cpuinfo (read when None)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:  # not Linux: no way to tell, so no bf16
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith(("flags", "Features")):  # x86, Arm
+            flags.update(line.partition(":")[2].split())
+    return bool(flags & {"amx_bf16", "avx512_bf16", "bf16"})
+
+
+def auto_dtype(device_type, native_bf16):
+    """The autocast dtype `--dtype auto` picks, and why, as a pure function of the device's type and whether
+    it does bf16 in hardware. bf16 keeps fp32's range, so it trains without loss scaling; fp16 needs a
+    loss scaler and serves GPUs without bf16; emulated bf16 is slower than fp32, so such CPUs stay in fp32."""
+    if device_type == "cuda":
+        if native_bf16:
+            return torch.bfloat16, "the GPU has bf16 tensor cores"
+        return torch.float16, "the GPU lacks bf16: fp16 with loss scaling"
+    if device_type == "cpu":
+        if native_bf16:
+            return torch.bfloat16, "the CPU has native bf16 (AMX or AVX512-BF16)"
+        return torch.float32, "the CPU has no native bf16 (no AMX, no AVX512-BF16): emulated bf16 is slower"
+    return torch.float32, f"{device_type}: autocast to a 16-bit type is not set up for it here"
+
+
+def pick_autocast_dtype(requested, device):
+    """(dtype, reason): `--dtype` as given, or auto_dtype() for this device."""
+    if requested != "auto":
+        return getattr(torch, requested), "as --dtype asks"
+    if device.type == "cuda":
+        return auto_dtype("cuda", torch.cuda.is_bf16_supported())
+    return auto_dtype(device.type, device.type == "cpu" and cpu_has_native_bf16())
+
+
+def autocast_context(device, dtype):
+    """The mixed-precision context, built once and entered as `with autocast:` (no-op for fp32)."""
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def use_fast_math(device):
+    """Speed-ups that change no result a run depends on."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that autocast leaves
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # tiny floats as zero: x86 handles them slowly (17% per step here)
+
+
+# -----------------------------------------------------------------------------
+# Processes. torchrun starts one process per GPU (or per CPU worker with gloo) and sets RANK and
+# WORLD_SIZE: each process reads its own slice of every batch, and DDP averages their gradients so that
+# they stay one model. Without torchrun there is one process.
+
+
+@dataclass(frozen=True)
+class Processes:
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0  # the GPU of this process on its machine
+    world_size: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0  # only rank 0 prints, logs and saves
+
+    def print(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+    def mean(self, tensor):
+        """The mean of `tensor` over the ranks (summed, then divided: gloo has no average)."""
+        if self.ddp:
+            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+            tensor /= self.world_size
+        return tensor
+
+
+def torchrun_processes():
+    env = os.environ
+    ddp = "RANK" in env and "WORLD_SIZE" in env
+    return Processes(ddp, int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+
+
+# -----------------------------------------------------------------------------
+# The training step: one optimizer step over total_batch_size tokens, read as grad_accum_steps
+# micro-batches of B x T per process. Gradients add up over the micro-steps (each loss divided by their
+# number, so the sum is the gradient of the mean), are clipped to a global norm, and AdamW applies them.
+
+
+def train_step(step_model, optimizer, scaler, loader, grad_accum_steps, lr, grad_clip, autocast):
+    """One optimizer step; returns this process's mean loss and the gradient norm before clipping (tensors).
+    step_model: the GPT as training runs it (compiled and/or in DDP); scaler: enabled for fp16 only."""
+    device = next(step_model.parameters()).device
+    ddp = isinstance(step_model, nn.parallel.DistributedDataParallel)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(grad_accum_steps):
+        x, y = loader.next_batch()
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        # DDP averages gradients across ranks on the last micro-step only; before it, they add up locally.
+        last_micro_step = micro_step == grad_accum_steps - 1
+        with contextlib.nullcontext() if last_micro_step or not ddp else step_model.no_sync():
+            with autocast:
+                _, loss = step_model(x, y)
+            loss = loss / grad_accum_steps  # backward of the mean over micro-steps, not their sum
+            loss_sum += loss.detach()
+            scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(step_model.parameters(), grad_clip)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.step(optimizer)  # with fp16, skipped when the gradients overflowed
+    scaler.update()
+    return loss_sum, norm
+
+
+# -----------------------------------------------------------------------------
+# The training run. main() parses the flags, sets up one process or a torchrun group, and calls train():
+# set up (or resume) the run, then the loop: step, report, evaluate now and then, save now and then.
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train GPT-2 (124M by default) on pre-tokenized shards.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
     g.add_argument("--data_dir", default="edu_fineweb10B", help="shards written by fineweb.py (or llm.c .bin shards)")
@@ -729,36 +1146,233 @@ def check_args(args, world_size):
         )
 
 
-def pick_device(requested):
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
+def main(argv=None):
+    args = parse_args(argv)
+    procs = torchrun_processes()
+    check_args(args, procs.world_size)
+    device = pick_device(args.device)
+    if device.type == "cuda" and procs.ddp:
+        device = torch.device("cuda", procs.local_rank)
+        torch.cuda.set_device(device)
+    if procs.ddp:
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    try:
+        train(args, device, procs)
+    finally:
+        if procs.ddp:
+            torch.distributed.destroy_process_group()
+
+
+@dataclass
+class Run:
+    """What a training run sets up once, for the steps of its loop to use."""
+
+    args: argparse.Namespace
+    procs: Processes
+    device: torch.device
+    dtype: torch.dtype
+    autocast: torch.autocast
+    model: GPT  # the weights, as checkpoints, HellaSwag and sampling see them
+    forward_model: nn.Module  # model, compiled where --compile is on: the training and val forward
+    step_model: nn.Module  # forward_model, in DDP under torchrun: what train_step runs
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: DataLoaderLite
+    val_loader: DataLoaderLite
+    grad_accum_steps: int
+    val_steps: int
+    start_step: int
+    enc: object  # the tokenizer, for samples
+    hellaswag: object  # model, dtype -> acc_norm; None when off
+    log: object  # log.txt, open on rank 0 only
+    flops_per_step: float  # the model's arithmetic in one optimizer step, for MFU
+    peak_flops: float  # the device's, None when unknown
+
+
+def train(args, device, procs):
+    run = set_up_run(args, device, procs)
+    stop = StopRequest()
+    last_step = args.max_steps - 1
+    for step in range(run.start_step, args.max_steps):
+        t0 = time.time()
+        lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+        loss, norm = train_step(
+            run.step_model, run.optimizer, run.scaler, run.train_loader, run.grad_accum_steps, lr, args.grad_clip,
+            run.autocast,
+        )  # fmt: skip
+        train_loss, stop_now = mean_loss_and_stop_flag(loss, stop.requested, procs)
+        check_finite(run, step, train_loss, norm)
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # so that dt measures the step, not just its launch
+        report_step(run, step, train_loss, lr, norm, time.time() - t0)
+        if (step + 1) % args.eval_every == 0 or step == last_step:
+            evaluate_and_sample(run, step)
+        if procs.master:
+            run.log.flush()
+        if (step + 1) % args.ckpt_every == 0 or step == last_step or stop_now:
+            if procs.master:
+                save_run(run, step)
+            if stop_now:
+                procs.print(f"stopped after step {step}; continue with --resume")
+                break
+    if procs.master:
+        run.log.close()
+
+
+def set_up_run(args, device, procs):
+    """The model, optimizer, data and evaluations of a run, from scratch or from a checkpoint; prints them."""
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    use_fast_math(device)
+    dtype, dtype_reason = pick_autocast_dtype(args.dtype, device)
+    B, T = args.batch_size, args.seq_len
+    train_loader = DataLoaderLite(args.data_dir, B, T, procs.rank, procs.world_size, "train")
+    val_loader = DataLoaderLite(args.data_dir, B, T, procs.rank, procs.world_size, "val")
+    val_steps = min(args.val_tokens // val_loader.window, val_loader.steps_per_epoch()) or 1
+    config = GPTConfig(args.block_size, args.vocab_size, args.n_layer, args.n_head, args.n_embd)
+    model = GPT(config).to(device)
+    betas = (args.beta1, args.beta2)
+    optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, betas, args.eps, device.type)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
+    start_step = resume_or_start(args, procs, device, model, optimizer, scaler, train_loader)
+
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    forward_model = torch.compile(model) if use_compile else model
+    step_model = forward_model
+    if procs.ddp:
+        step_model = nn.parallel.DistributedDataParallel(
+            forward_model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    enc = gpt2_tokenizer()
+    hellaswag = load_hellaswag_eval(args, enc, procs)
+
+    grad_accum_steps = args.total_batch_size // (B * T * procs.world_size)
+    num_params = sum(p.numel() for p in model.parameters())
+    flops_per_step = flops_per_token(config, T, num_params) * args.total_batch_size
+    procs.print(
+        f"{num_params:,} parameters | {procs.world_size} process(es) on {device} | autocast "
+        f"{dtype} | compile {use_compile}"
+    )
+    procs.print(
+        f"{args.total_batch_size:,} tokens per step = {B} x {T} x {procs.world_size} ranks x "
+        f"{grad_accum_steps} micro-steps | val {val_steps * val_loader.window:,} tokens"
+    )
+    log = open(os.path.join(args.log_dir, "log.txt"), "a" if args.resume else "w") if procs.master else None
+    return Run(
+        args, procs, device, dtype, autocast_context(device, dtype), model, forward_model, step_model, optimizer,
+        scaler, train_loader, val_loader, grad_accum_steps, val_steps, start_step, enc, hellaswag, log,
+        flops_per_step, args.peak_flops or device_peak_flops(device),
+    )  # fmt: skip
+
+
+def resume_or_start(args, procs, device, model, optimizer, scaler, train_loader):
+    """The first step to run: 0 for a new run in an empty --log_dir, or the step after a checkpoint's,
+    with the model, optimizer, scaler, data position and random state restored from it."""
+    os.makedirs(args.log_dir, exist_ok=True)
+    start_step = 0
+    if args.resume:
+        path = latest_checkpoint(args.log_dir) if args.resume == "latest" else args.resume
+        if path is None:
             raise UserError(
-                f"--device {requested}, but PyTorch sees no CUDA GPU: install a CUDA build of torch or use --device cpu"
+                f"--resume: no checkpoint model_*.pt in {args.log_dir}: start without --resume, "
+                "or pass --log_dir of the run"
             )
-        if requested == "mps" and not torch.backends.mps.is_available():
-            raise UserError("--device mps, but MPS is not available: use --device cpu")
-        try:
-            return torch.device(requested)
-        except RuntimeError:
+        checkpoint = load_checkpoint(path)
+        if checkpoint["config"] != asdict(model.config):
+            differences = ", ".join(
+                f"--{k} {v} there, {getattr(model.config, k, None)} here"
+                for k, v in checkpoint["config"].items()
+                if getattr(model.config, k, None) != v
+            )
             raise UserError(
-                f"--device {requested!r} is not a device PyTorch knows: use cuda, cuda:N, mps or cpu"
-            ) from None
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+                f"{path} is from another model ({differences}): resume with the model flags it was trained with"
+            )
+        if "optimizer" not in checkpoint:
+            raise UserError(f"{path} holds weights only (no optimizer state): it cannot be resumed")
+        load_weights(model, checkpoint["model"], source=path)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        train_loader.load_state_dict(checkpoint["loader"])
+        set_rng_state(checkpoint["rng"], device)
+        start_step = checkpoint["step"] + 1
+        procs.print(f"resumed from {path} at step {start_step}")
+    elif latest_checkpoint(args.log_dir):  # every rank checks, so that no rank goes on alone
+        raise UserError(
+            f"{args.log_dir} already holds checkpoints: pass --resume to continue that run, or choose another --log_dir"
+        )
+    for stale in glob.glob(os.path.join(args.log_dir, "*.tmp")) if procs.master else []:
+        os.remove(stale)  # a checkpoint whose write was interrupted: the previous one is intact
+    return start_step
 
 
-def pick_autocast_dtype(requested, device):
-    """bf16 keeps fp32's range, so it trains with no loss scaling; fp16 only where bf16 is missing."""
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu":
-        return torch.bfloat16
-    return torch.float32
+def mean_loss_and_stop_flag(loss, stop_requested, procs):
+    """The loss averaged over ranks, and whether any rank was asked to stop: one all_reduce brings both,
+    so that all ranks stop after the same step."""
+    stats = torch.stack([loss, torch.tensor(float(stop_requested), device=loss.device)])
+    if procs.ddp:
+        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
+    return stats[0].item() / procs.world_size, stats[1].item() > 0
+
+
+def check_finite(run, step, train_loss, norm):
+    """A loss or gradient that is inf or NaN will not come back: stop before the weights are saved."""
+    # With fp16 the scaler skips steps whose gradients overflowed, so only its loss must be finite.
+    if math.isfinite(train_loss) and (run.scaler.is_enabled() or math.isfinite(norm.item())):
+        return
+    kept = latest_checkpoint(run.args.log_dir)
+    raise UserError(
+        f"step {step}: loss {train_loss} / grad norm {norm.item()} is not finite, stopping; "
+        f"last good checkpoint: {kept}: resume from it with a lower --max_lr"
+    )
+
+
+def report_step(run, step, train_loss, lr, norm, dt):
+    tokens_per_second = run.args.total_batch_size / dt
+    mfu = ""
+    if run.peak_flops:  # the model's arithmetic per second, as a share of what the devices can do
+        mfu = f" | mfu {100 * run.flops_per_step / dt / (run.peak_flops * run.procs.world_size):.1f}%"
+    run.procs.print(
+        f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | dt {1000 * dt:.0f}ms | "
+        f"tok/s {tokens_per_second:,.0f}{mfu}",
+        flush=True,
+    )
+    if run.procs.master:
+        run.log.write(f"{step} train {train_loss:.6f}\n")
+
+
+def evaluate_and_sample(run, step):
+    """Val loss (all ranks), HellaSwag (all ranks, each its share) and a few samples (rank 0), logged."""
+    procs = run.procs
+    val_loss = validation_loss(run.forward_model, run.val_loader, run.val_steps, run.autocast, procs)
+    procs.print(f"step {step:5d} | val loss {val_loss:.4f}")
+    if procs.master:
+        run.log.write(f"{step} val {val_loss:.4f}\n")
+    if run.hellaswag:
+        acc_norm = run.hellaswag(run.model, run.dtype)  # uncompiled: its row lengths vary
+        procs.print(f"step {step:5d} | hellaswag acc_norm {acc_norm:.4f}")
+        if procs.master:
+            run.log.write(f"{step} hella {acc_norm:.4f}\n")
+    if procs.master and run.args.sample_every_eval:
+        prompt = "Hello, I'm a language model,"
+        texts = sample_texts(run.model, run.enc, prompt, num_samples=4, max_new_tokens=32, autocast=run.autocast)
+        for i, text in enumerate(texts):
+            print(f"sample {i}: {text}")
+
+
+def save_run(run, step):
+    """A checkpoint of everything the run needs to go on after `step` as if it had never stopped."""
+    path = os.path.join(run.args.log_dir, f"model_{step:05d}.pt")
+    state = {
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "step": step,
+        "loader": run.train_loader.state_dict(),
+        "rng": rng_state(run.device),
+        "config": asdict(run.model.config),
+        "args": vars(run.args),
+    }
+    save_checkpoint(path, state)
+    print(f"saved {path}", flush=True)
 
 
 def rng_state(device):
@@ -791,205 +1405,6 @@ class StopRequest:
         # pipe), and print cannot be re-entered: it would raise instead of letting the run save and stop.
         with contextlib.suppress(OSError):
             os.write(sys.stdout.fileno(), notice.encode())
-
-
-def train(args):
-    # torchrun sets RANK/WORLD_SIZE: one process per GPU (or per CPU worker with gloo), each with its
-    # own slice of the data; DDP averages their gradients so they stay one model.
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    master = rank == 0  # only rank 0 prints, logs and saves
-    print0 = print if master else (lambda *a, **k: None)
-    check_args(args, world_size)
-    device = pick_device(args.device)
-    if device.type == "cuda" and ddp:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    if ddp:
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    try:
-        run_training(args, device, ddp, rank, world_size, master, print0)
-    finally:
-        if ddp:
-            torch.distributed.destroy_process_group()
-
-
-def run_training(args, device, ddp, rank, world_size, master, print0):
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that autocast leaves
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)  # tiny floats as zero: x86 handles them slowly (17% per step here)
-    autocast_dtype = pick_autocast_dtype(args.dtype, device)
-    autocast = lambda: torch.autocast(
-        device_type=device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32
-    )
-
-    B, T = args.batch_size, args.seq_len
-    grad_accum_steps = args.total_batch_size // (B * T * world_size)
-    train_loader = DataLoaderLite(args.data_dir, B, T, rank, world_size, "train")
-    val_loader = DataLoaderLite(args.data_dir, B, T, rank, world_size, "val")
-    val_steps = min(args.val_tokens // val_loader.window, val_loader.steps_per_epoch()) or 1
-
-    config = GPTConfig(
-        block_size=args.block_size,
-        vocab_size=args.vocab_size,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        n_embd=args.n_embd,
-    )
-    raw_model = GPT(config).to(device)
-    num_params = sum(p.numel() for p in raw_model.parameters())
-    optimizer = configure_optimizer(
-        raw_model, args.weight_decay, args.max_lr, (args.beta1, args.beta2), args.eps, device.type
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)  # fp16 only
-
-    os.makedirs(args.log_dir, exist_ok=True)
-    start_step = 0
-    if args.resume:
-        path = latest_checkpoint(args.log_dir) if args.resume == "latest" else args.resume
-        if path is None:
-            raise UserError(
-                f"--resume: no checkpoint model_*.pt in {args.log_dir}: start without --resume, or pass --log_dir of the run"
-            )
-        checkpoint = load_checkpoint(path)
-        if checkpoint["config"] != asdict(config):
-            differences = ", ".join(
-                f"--{k} {v} there, {getattr(config, k)} here"
-                for k, v in checkpoint["config"].items()
-                if getattr(config, k, None) != v
-            )
-            raise UserError(
-                f"{path} is from another model ({differences}): resume with the model flags it was trained with"
-            )
-        if "optimizer" not in checkpoint:
-            raise UserError(f"{path} holds weights only (no optimizer state): it cannot be resumed")
-        load_weights(raw_model, checkpoint["model"], source=path)
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint["scaler"])
-        train_loader.load_state_dict(checkpoint["loader"])
-        set_rng_state(checkpoint["rng"], device)
-        start_step = checkpoint["step"] + 1
-        print0(f"resumed from {path} at step {start_step}")
-    elif latest_checkpoint(args.log_dir):  # every rank checks, so that no rank goes on alone
-        raise UserError(
-            f"{args.log_dir} already holds checkpoints: pass --resume to continue that run, or choose another --log_dir"
-        )
-    for stale in glob.glob(os.path.join(args.log_dir, "*.tmp")) if master else []:
-        os.remove(stale)  # a checkpoint whose write was interrupted: the previous one is intact
-
-    use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    model = torch.compile(raw_model) if use_compile else raw_model
-    train_model = (
-        torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if ddp
-        else model
-    )
-    peak_flops = args.peak_flops or device_peak_flops(device)
-    flops_per_step = flops_per_token(config, T, num_params) * args.total_batch_size
-    enc = gpt2_tokenizer()
-    hellaswag_eval = load_hellaswag_eval(args, enc, rank, world_size, ddp, print0)
-
-    print0(
-        f"{num_params:,} parameters | {world_size} process(es) on {device} | autocast {autocast_dtype} | compile {use_compile}"
-    )
-    print0(
-        f"{args.total_batch_size:,} tokens per step = {B} x {T} x {world_size} ranks x {grad_accum_steps} micro-steps | val {val_steps * val_loader.window:,} tokens"
-    )
-    log_path = os.path.join(args.log_dir, "log.txt")
-    log_file = open(log_path, "a" if args.resume else "w") if master else None
-    stop = StopRequest()
-    last_step = args.max_steps - 1
-    for step in range(start_step, args.max_steps):
-        t0 = time.time()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=device)
-        for micro_step in range(grad_accum_steps):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # DDP averages gradients across ranks on the last micro-step only; before it, they accumulate locally.
-            last_micro_step = micro_step == grad_accum_steps - 1
-            with contextlib.nullcontext() if last_micro_step or not ddp else train_model.no_sync():
-                with autocast():
-                    _, loss = train_model(x, y)
-                loss = loss / grad_accum_steps  # backward of the mean over micro-steps, not their sum
-                loss_accum += loss.detach()
-                scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
-        # One all_reduce brings every rank the mean loss and whether any rank was asked to stop.
-        stats = torch.stack([loss_accum, torch.tensor(float(stop.requested), device=device)])
-        if ddp:
-            torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.SUM)
-        train_loss, stop_now = stats[0].item() / world_size, stats[1].item() > 0
-        if not math.isfinite(train_loss) or (not scaler.is_enabled() and not math.isfinite(norm.item())):
-            kept = latest_checkpoint(args.log_dir)
-            raise UserError(
-                f"step {step}: loss {train_loss} / grad norm {norm.item()} is not finite, stopping; last good checkpoint: {kept}: resume from it with a lower --max_lr"
-            )
-        lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.step(optimizer)
-        scaler.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dt = time.time() - t0
-        mfu = f" | mfu {100 * flops_per_step / dt / (peak_flops * world_size):.1f}%" if peak_flops else ""
-        print0(
-            f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | dt {1000 * dt:.0f}ms | tok/s {args.total_batch_size / dt:,.0f}{mfu}",
-            flush=True,
-        )
-        if master:
-            log_file.write(f"{step} train {train_loss:.6f}\n")
-
-        if (step + 1) % args.eval_every == 0 or step == last_step:
-            val_loss = validation_loss(model, val_loader, val_steps, device, autocast_dtype, ddp)
-            print0(f"step {step:5d} | val loss {val_loss:.4f}")
-            if master:
-                log_file.write(f"{step} val {val_loss:.4f}\n")
-            if hellaswag_eval:
-                acc_norm = hellaswag_eval(raw_model, device, autocast_dtype)  # uncompiled: its lengths vary
-                print0(f"step {step:5d} | hellaswag acc_norm {acc_norm:.4f}")
-                if master:
-                    log_file.write(f"{step} hella {acc_norm:.4f}\n")
-            if master and args.sample_every_eval:
-                for i, text in enumerate(
-                    sample_texts(raw_model, enc, "Hello, I'm a language model,", 4, 32, device, autocast_dtype)
-                ):
-                    print(f"sample {i}: {text}")
-        if master:
-            log_file.flush()
-
-        if (step + 1) % args.ckpt_every == 0 or step == last_step or stop_now:
-            if master:
-                path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
-                save_checkpoint(
-                    path,
-                    {
-                        "model": raw_model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "step": step,
-                        "loader": train_loader.state_dict(),
-                        "rng": rng_state(device),
-                        "config": asdict(config),
-                        "args": vars(args),
-                    },
-                )
-                print(f"saved {path}", flush=True)
-            if stop_now:
-                print0(f"stopped after step {step}; continue with --resume")
-                break
-    if master:
-        log_file.close()
-
-
-def main(argv=None):
-    train(parse_args(argv))
 
 
 if __name__ == "__main__":
