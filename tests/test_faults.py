@@ -30,6 +30,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, TINY_MODEL
 
 import sample
 import train_gpt2
@@ -46,12 +47,10 @@ from train_gpt2 import (
     save_checkpoint,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = ["--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--block_size", "64"]
-# 12 steps of 128 tokens; evaluation after steps 3, 7 and 11. float32 so that every run does the same arithmetic.
+# 12 steps of 128 tokens; evaluation after steps 3, 7 and 11.
 TINY_RUN = TINY_MODEL + [
     "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "--max_steps", "12", "--warmup_steps", "2",
-    "--eval_every", "4", "--val_tokens", "2048", "--no-hellaswag", "--no-sample_every_eval", "--dtype", "float32",
+    "--eval_every", "4", "--val_tokens", "2048", "--no-hellaswag", "--no-sample_every_eval",
 ]  # fmt: skip
 LAST_STEP = 11
 # One thread: no fight for the cores with other tests. Unbuffered: each line reaches the test when printed.

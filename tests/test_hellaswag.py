@@ -11,12 +11,11 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import REPO
 
 import hellaswag  # the repository is on sys.path through conftest.py
 from common import UserError, gpt2_tokenizer
 from train_gpt2 import GPT, GPTConfig
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Six ordinary examples: the right ending differs from the wrong ones from its first word on, and the
 # endings have different lengths. The labels cover 0..3 so that no fixed position can pass.
@@ -406,7 +405,7 @@ def test_evaluate_splits_examples_across_ranks_and_reduces(tmp_path, memorised):
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "hellaswag.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "hellaswag.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
 
 

@@ -9,13 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, TINY_MODEL
 
 import train_gpt2
 from common import gpt2_tokenizer
 from train_gpt2 import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, DataLoaderLite, get_lr
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = ["--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--block_size", "64", "--dtype", "float32"]
 QUIET = ["--no-hellaswag", "--no-sample_every_eval"]
 
 
