@@ -421,12 +421,14 @@ def test_cli_prints_the_summary_line(tmp_path, enc):
     result = run_cli("--init", checkpoint, "--data", data, "--batch_size", "3", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     summary = result.stdout.strip().splitlines()[-1]
-    n, correct, correct_norm = counts["n"], counts["correct"], counts["correct_norm"]
+    correct, correct_norm = counts["correct"], counts["correct_norm"]
     assert summary.startswith(
-        f"hellaswag {checkpoint}: 7 examples, acc {correct}/7 = {correct / 7:.4f}, acc_norm {correct_norm}/7 = {correct_norm / 7:.4f}, "
+        f"hellaswag {checkpoint}: 7 examples, acc {correct}/7 = {correct / 7:.4f}, "
+        f"acc_norm {correct_norm}/7 = {correct_norm / 7:.4f}, "
     )
     assert re.search(
-        r", [0-9.]+ examples/s on cpu in float32 \(completion style, 0-shot, acc = lowest summed loss, acc_norm = lowest mean loss\)$",
+        r", [0-9.]+ examples/s on cpu in float32 "
+        r"\(completion style, 0-shot, acc = lowest summed loss, acc_norm = lowest mean loss\)$",
         summary,
     )
 

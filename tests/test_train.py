@@ -42,6 +42,10 @@ def load_params(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
+def val_loss_lines(stdout):
+    return [line for line in stdout.splitlines() if "val loss" in line]
+
+
 @pytest.fixture(scope="module")
 def text_shards(tmp_path_factory):
     """A small real-text corpus (this repository's own source, tokenized): a val and a train shard."""
@@ -175,8 +179,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_sh
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
     # the val loss, reduced across ranks, is the single process's too
-    val = lambda out: [line for line in out.splitlines() if "val loss" in line]
-    assert val(ddp.stdout) == val(single.stdout)
+    assert val_loss_lines(ddp.stdout) == val_loss_lines(single.stdout)
 
 
 def test_resume_is_bit_identical(tmp_path, text_shards):
