@@ -1,4 +1,4 @@
-"""Fault drills (issue 7): a training run that is killed, interrupted or fed bad input loses nothing and says why.
+"""Fault drills: a training run that is killed, interrupted or fed bad input loses nothing and says why.
 
 - SIGKILL mid-step, during evaluation and during a checkpoint write, each followed by --resume: the run
   ends bit-identical to one that was never killed, and a torn checkpoint never replaces the good one.
