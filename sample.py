@@ -1,6 +1,7 @@
-"""Sample text from GPT-2: OpenAI's weights, a Hugging Face directory, or a checkpoint of this project.
+r"""Sample text from GPT-2: OpenAI's weights, a Hugging Face directory, or a checkpoint of this project.
 
-    python sample.py --init gpt2 --prompt "Hello, I'm a language model," --num_samples 4 --max_new_tokens 64 --top_k 50 --seed 42
+    python sample.py --init gpt2 --prompt "Hello, I'm a language model," --num_samples 4 --max_new_tokens 64 \
+        --top_k 50 --seed 42
     python sample.py --init log/model_19072.pt --temperature 0.8
 
 An empty --prompt starts from <|endoftext|>, that is, from the beginning of a document.
