@@ -1,4 +1,4 @@
-"""Sample text from GPT-2: OpenAI's weights, a Hugging Face directory, or a checkpoint of this project.
+r"""Sample text from GPT-2: OpenAI's weights, a Hugging Face directory, or a checkpoint of this project.
 
     python sample.py --init gpt2 --prompt "Hello, I'm a language model," --num_samples 4 --max_new_tokens 64 \
         --top_k 50 --seed 42

@@ -2,11 +2,12 @@
 one example (4 rows) per forward pass, the way build-nanogpt scores, in fp32 and in bf16 autocast.
 
     python benchmarks/hellaswag.py                      # CPU, 64 examples (about 10 minutes on 2 cores)
-    python benchmarks/hellaswag.py --device cuda --examples 512
+    python benchmarks/hellaswag.py --device cuda --examples 512 --text shakespeare.txt
 
 Random weights and synthetic examples: speed does not depend on what the weights are. The examples are
-cut from tinyshakespeare (or random tokens if it is absent) at HellaSwag's lengths: contexts of 20 to
-60 tokens, endings of 10 to 40. Each line also says how far the scores are from the exact fp32 ones.
+cut from --text (any English text; by default this repository's README.md, so that a fresh clone runs
+as is) at HellaSwag's lengths: contexts of 20 to 60 tokens, endings of 10 to 40. Each line also says
+how far the scores are from the exact fp32 ones.
 With a few dozen examples a big batch mixes rows of more different lengths (more padding) than it
 would among the 10,042 of the real set, so big batches come out a little slower here than in a real run.
 """
@@ -17,26 +18,23 @@ import random
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+# Run as `python benchmarks/hellaswag.py`, Python puts benchmarks/ on sys.path, not the repository.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import hellaswag  # noqa: E402
-from common import gpt2_tokenizer  # noqa: E402
-from train_gpt2 import GPT, GPTConfig  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-TEXT_PATH = os.path.normpath(os.path.join(REPO_ROOT, "..", "shared", "data", "tinyshakespeare.txt"))
+import hellaswag
+from common import UserError, gpt2_tokenizer, run_cli
+from train_gpt2 import GPT, GPTConfig
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
-def synthetic_examples(enc, n, seed=0):
-    """n HellaSwag-shaped examples: text windows of tinyshakespeare decoded from random token spans."""
+def synthetic_examples(text, enc, n, seed=0):
+    """n HellaSwag-shaped examples: windows of random token spans of `text`, decoded back to text."""
     rng = random.Random(seed)
-    if os.path.isfile(TEXT_PATH):
-        with open(TEXT_PATH, encoding="utf-8") as f:
-            tokens = enc.encode_ordinary(f.read())
-    else:
-        tokens = [rng.randrange(50000) for _ in range(100_000)]
+    tokens = enc.encode_ordinary(text)
 
     def window(length):
         start = rng.randrange(len(tokens) - length)
@@ -80,18 +78,20 @@ def one_example_per_forward(model, examples, enc, device, autocast_dtype):
     return torch.stack(sums), torch.stack(counts)
 
 
-def timed(fn, device):
+def timed(device, fn, *args):
+    """fn(*args) and the seconds it took on device."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    result = fn()
+    result = fn(*args)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return result, time.perf_counter() - t0
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--text", default=README, help="text file to cut the examples from (default: README.md)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--examples", type=int, default=64, help="examples per measurement")
     parser.add_argument("--batch_sizes", default="4,16", help="examples per forward pass of the batched scoring")
@@ -99,20 +99,25 @@ def main():
         "--rounds", type=int, default=2, help="every method runs once per round; each keeps its best time"
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if not os.path.isfile(args.text):
+        raise UserError(f"--text {args.text}: no such file")
+    with open(args.text, encoding="utf-8") as f:
+        text = f.read()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = GPT(GPTConfig()).to(device).eval()  # 124M, random weights
     enc = gpt2_tokenizer()
-    examples = synthetic_examples(enc, args.examples)
+    examples = synthetic_examples(text, enc, args.examples)
     rendered = [hellaswag.render_example(example, enc) for example in examples]
     full = [len(context) + len(ending) for context, endings in rendered for ending in endings]
     packed = [len(hellaswag.pack_example(context, endings).tokens) for context, endings in rendered]
     print(
-        f"{len(examples)} examples on {device} ({torch.get_num_threads()} threads): context + ending of {min(full)} to "
-        f"{max(full)} tokens (mean {sum(full) / len(full):.0f}); packed rows of {sum(packed) / len(packed):.0f} tokens on average"
+        f"{len(examples)} examples on {device} ({torch.get_num_threads()} threads): context + ending of "
+        f"{min(full)} to {max(full)} tokens (mean {sum(full) / len(full):.0f}); "
+        f"packed rows of {sum(packed) / len(packed):.0f} tokens on average"
     )
 
     methods = {}  # name -> function of a list of examples, returning summed losses and counts (E, 4)
@@ -128,11 +133,11 @@ def main():
     # Rounds, not one method after another: the machine may be busier at some moments than at others,
     # and the best of several interleaved runs is the least disturbed one of each method.
     best, scores = {}, {}
-    for name, run in methods.items():
+    for run in methods.values():
         run(examples[:2])  # warm-up: first-call allocations
     for _ in range(args.rounds):
         for name, run in methods.items():
-            scores[name], seconds = timed(lambda: run(examples), device)
+            scores[name], seconds = timed(device, run, examples)
             best[name] = min(best.get(name, seconds), seconds)
 
     exact_sums, counts = scores[next(iter(methods))]  # fp32, one example at a time
@@ -152,4 +157,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -13,6 +13,7 @@ import platform
 import sys
 import time
 
+# Run as `python benchmarks/sampling.py`, Python puts benchmarks/ on sys.path, not the repository.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch

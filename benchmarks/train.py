@@ -11,10 +11,12 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import torch  # noqa: E402
+# Run as `python benchmarks/train.py`, Python puts benchmarks/ on sys.path, not the repository.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train_gpt2 import GPT, GPTConfig, configure_optimizer, device_peak_flops, flops_per_token, pick_device  # noqa: E402
+import torch
+
+from train_gpt2 import GPT, GPTConfig, configure_optimizer, device_peak_flops, flops_per_token, pick_device
 
 
 def matmul_flops(device, dtype, n=4096, repeats=10):
@@ -83,8 +85,12 @@ def main():
         peak = device_peak_flops(device) if device.type == "cuda" else None
         measured_peak = matmul_flops(device, dtype)
         tokens_per_s, model_flops = train_throughput(config, B, T, device, dtype, compile_model, args.steps)
-        line = f"{str(dtype):15s} compile={compile_model!s:5s} | {tokens_per_s:10,.0f} tok/s | model {model_flops / 1e12:7.2f} TFLOP/s"
-        line += f" | matmul peak measured {measured_peak / 1e12:.2f} TFLOP/s -> {100 * model_flops / measured_peak:.0f}% of it"
+        line = (
+            f"{str(dtype):15s} compile={compile_model!s:5s} | {tokens_per_s:10,.0f} tok/s"
+            f" | model {model_flops / 1e12:7.2f} TFLOP/s"
+            f" | matmul peak measured {measured_peak / 1e12:.2f} TFLOP/s"
+            f" -> {100 * model_flops / measured_peak:.0f}% of it"
+        )
         if peak:
             line += f" | MFU {100 * model_flops / peak:.1f}% of the {peak / 1e12:.0f} TFLOP/s spec"
         print(line, flush=True)

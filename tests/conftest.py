@@ -1,4 +1,6 @@
-"""Fixtures shared by the test files: the repository on sys.path, and a tiny token corpus."""
+"""What the test files share: the repository on sys.path and its path, the tiny model's flags, and a
+tiny token corpus. The constants are imported as `from conftest import REPO` (pytest puts tests/ on
+sys.path); the corpus is a fixture."""
 
 import os
 import sys
@@ -8,6 +10,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `import train_gpt2` works however pytest is started
+
+# train_gpt2.py's flags for a 2-layer, 64-wide GPT that trains in seconds on a CPU. float32, so that every
+# run does the same arithmetic and two runs can be compared bit for bit.
+TINY_MODEL = ["--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--block_size", "64", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,11 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import REPO
 
 import hellaswag  # the repository is on sys.path through conftest.py
 from common import UserError, gpt2_tokenizer
 from train_gpt2 import GPT, GPTConfig
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Six ordinary examples: the right ending differs from the wrong ones from its first word on, and the
 # endings have different lengths. The labels cover 0..3 so that no fixed position can pass.
@@ -406,7 +405,7 @@ def test_evaluate_splits_examples_across_ranks_and_reduces(tmp_path, memorised):
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "hellaswag.py", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "hellaswag.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
     )
 
 
@@ -422,12 +421,14 @@ def test_cli_prints_the_summary_line(tmp_path, enc):
     result = run_cli("--init", checkpoint, "--data", data, "--batch_size", "3", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     summary = result.stdout.strip().splitlines()[-1]
-    n, correct, correct_norm = counts["n"], counts["correct"], counts["correct_norm"]
+    correct, correct_norm = counts["correct"], counts["correct_norm"]
     assert summary.startswith(
-        f"hellaswag {checkpoint}: 7 examples, acc {correct}/7 = {correct / 7:.4f}, acc_norm {correct_norm}/7 = {correct_norm / 7:.4f}, "
+        f"hellaswag {checkpoint}: 7 examples, acc {correct}/7 = {correct / 7:.4f}, "
+        f"acc_norm {correct_norm}/7 = {correct_norm / 7:.4f}, "
     )
     assert re.search(
-        r", [0-9.]+ examples/s on cpu in float32 \(completion style, 0-shot, acc = lowest summed loss, acc_norm = lowest mean loss\)$",
+        r", [0-9.]+ examples/s on cpu in float32 "
+        r"\(completion style, 0-shot, acc = lowest summed loss, acc_norm = lowest mean loss\)$",
         summary,
     )
 

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import pytest
 import torch
+from conftest import REPO
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
@@ -17,7 +18,6 @@ from export_hf import export_hf
 from sample import main as sample_main
 from train_gpt2 import GPT, GPTConfig, load_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # conftest.py puts it on sys.path
 SMALL = dict(n_layer=2, n_head=4, n_embd=64)
 PROMPT = "Hello, I'm a language model,"
 PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]

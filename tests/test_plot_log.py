@@ -8,14 +8,12 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
+from conftest import REPO
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
+from common import UserError, run_cli
+from plot_log import main, parse_log
 
-from common import UserError, run_cli  # noqa: E402
-from plot_log import main, parse_log  # noqa: E402
-
-PLOT_LOG = os.path.join(REPO_ROOT, "plot_log.py")
+PLOT_LOG = os.path.join(REPO, "plot_log.py")
 
 
 def run_lines(first_step, last_step, with_hella, evals_first=True, eval_every=25):

@@ -9,13 +9,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO, TINY_MODEL
 
 import train_gpt2
 from common import gpt2_tokenizer
 from train_gpt2 import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, DataLoaderLite, get_lr
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_MODEL = ["--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--block_size", "64", "--dtype", "float32"]
 QUIET = ["--no-hellaswag", "--no-sample_every_eval"]
 
 
@@ -41,6 +40,10 @@ def run_trainer(args, nproc=1, **kwargs):
 
 def load_params(path):
     return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def val_loss_lines(stdout):
+    return [line for line in stdout.splitlines() if "val loss" in line]
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +179,7 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_sh
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
     # the val loss, reduced across ranks, is the single process's too
-    val = lambda out: [line for line in out.splitlines() if "val loss" in line]
-    assert val(ddp.stdout) == val(single.stdout)
+    assert val_loss_lines(ddp.stdout) == val_loss_lines(single.stdout)
 
 
 def test_resume_is_bit_identical(tmp_path, text_shards):
