@@ -30,11 +30,11 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL
 
 import sample
 import train_gpt2
 from common import UserError, run_cli
+from conftest import REPO, TINY_MODEL
 from train_gpt2 import (
     BIN_HEADER_INTS,
     BIN_MAGIC,

@@ -9,11 +9,11 @@ from dataclasses import asdict
 
 import pytest
 import torch
-from conftest import REPO
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from common import UserError, gpt2_tokenizer, run_cli
+from conftest import REPO
 from export_hf import export_hf
 from sample import main as sample_main
 from train_gpt2 import GPT, GPTConfig, load_model

@@ -8,9 +8,9 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import REPO
 
 from common import UserError, run_cli
+from conftest import REPO
 from plot_log import main, parse_log
 
 PLOT_LOG = os.path.join(REPO, "plot_log.py")

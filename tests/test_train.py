@@ -9,10 +9,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL
 
 import train_gpt2
 from common import gpt2_tokenizer
+from conftest import REPO, TINY_MODEL
 from train_gpt2 import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, DataLoaderLite, get_lr
 
 QUIET = ["--no-hellaswag", "--no-sample_every_eval"]

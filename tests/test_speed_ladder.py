@@ -1,0 +1,48 @@
+"""benchmarks/speed_ladder.py: every rung runs the trainer's real step, and no rung changes the numbers."""
+
+import math
+import os
+import sys
+
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+import speed_ladder  # noqa: E402  (benchmarks/ is no package: it goes on sys.path first)
+
+
+def test_every_cpu_rung_runs_and_keeps_the_numbers(capsys):
+    # The smallest shape that compiles, trained hard enough (lr 1e-2, 6 steps on real text) that the loss
+    # has left its random-init value, ln(50257): equal losses then mean equal training, not equal noise.
+    argv = "--device cpu --n_layer 1 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 32 --steps 3 --warmup 3"
+    rows = speed_ladder.main([*argv.split(), "--lr", "1e-2"])
+    by_rung = {row["rung"]: row for row in rows}
+
+    assert {n for n, row in by_rung.items() if row.get("skipped") == "CUDA only"} == {2, 7}  # TF32, fused AdamW
+    timed = [row for row in rows if "skipped" not in row]
+    assert [row["rung"] for row in timed] == [1, 3, 4, 5, 6]
+    first = by_rung[1]
+    assert first["loss"] < math.log(50257) - 0.5
+    for row in timed:
+        assert row["ms"] > 0 and row["tokens_per_s"] > 0
+        assert abs(row["loss"] - first["loss"]) < 0.02, row  # rungs 3-6 run in bf16
+    printed = capsys.readouterr().out
+    assert "6. + vocab 50304" in printed and "7. + fused AdamW       skipped: CUDA only" in printed
+
+
+def test_padding_the_vocabulary_keeps_the_model():
+    base = speed_ladder.GPT(speed_ladder.GPTConfig(32, 50257, 1, 2, 32))
+    padded = speed_ladder.padded_copy(base, 50304)
+    wte = padded.transformer.wte.weight
+    assert wte.shape == (50304, 32) and not wte[50257:].any()  # the extra rows start at zero
+    x = speed_ladder.torch.randint(0, 50257, (2, 16))
+    logits, loss = base(x, x)
+    padded_logits, padded_loss = padded(x, x)
+    assert padded_logits.shape == logits.shape  # the padded rows are never a target or a prediction
+    assert speed_ladder.torch.allclose(padded_loss, loss, atol=1e-6)
+
+
+def test_the_top_rung_is_what_the_trainer_does_by_default():
+    top = speed_ladder.cumulative_settings()[-1]
+    trainer = speed_ladder.TRAINER_DEFAULTS
+    assert top.vocab_size == trainer.vocab_size
+    assert top.tf32 and top.compile and top.flash and top.fused_adamw and top.dtype == speed_ladder.torch.bfloat16
