@@ -1193,6 +1193,10 @@ def train(args, device, procs):
     run = set_up_run(args, device, procs)
     stop = StopRequest()
     last_step = args.max_steps - 1
+    progress = Progress(run.start_step, last_step)
+    if run.start_step > last_step:
+        procs.print(f"nothing to train: the run is past step {last_step} already; raise --max_steps to go on")
+        return
     for step in range(run.start_step, args.max_steps):
         t0 = time.time()
         lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
@@ -1204,19 +1208,20 @@ def train(args, device, procs):
         check_finite(run, step, train_loss, norm)
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that dt measures the step, not just its launch
-        report_step(run, step, train_loss, lr, norm, time.time() - t0)
+        report_step(run, progress, step, train_loss, lr, norm, time.time() - t0)
         if (step + 1) % args.eval_every == 0 or step == last_step:
-            evaluate_and_sample(run, step)
+            evaluate_and_sample(run, progress, step)
         if procs.master:
             run.log.flush()
         if (step + 1) % args.ckpt_every == 0 or step == last_step or stop_now:
             if procs.master:
-                save_run(run, step)
+                progress.checkpoint = save_run(run, step)
             if stop_now:
                 procs.print(f"stopped after step {step}; continue with --resume")
                 break
     if procs.master:
         run.log.close()
+        print_summary(run, progress)
 
 
 def set_up_run(args, device, procs):
@@ -1249,12 +1254,15 @@ def set_up_run(args, device, procs):
     num_params = sum(p.numel() for p in model.parameters())
     flops_per_step = flops_per_token(config, T, num_params) * args.total_batch_size
     procs.print(
-        f"{num_params:,} parameters | {procs.world_size} process(es) on {device} | autocast "
-        f"{dtype} | compile {use_compile}"
-    )
-    procs.print(
-        f"{args.total_batch_size:,} tokens per step = {B} x {T} x {procs.world_size} ranks x "
-        f"{grad_accum_steps} micro-steps | val {val_steps * val_loader.window:,} tokens"
+        f"log folder  {args.log_dir} (log.txt and checkpoints)\n"
+        f"device      {procs.world_size} process(es) on {device} | compile {'on' if use_compile else 'off'} | "
+        f"autocast {str(dtype).removeprefix('torch.')}: {dtype_reason}\n"
+        f"model       {num_params:,} parameters: {config.n_layer} layers, {config.n_head} heads, "
+        f"{config.n_embd} channels, vocabulary {config.vocab_size}\n"
+        f"batch       {args.total_batch_size:,} tokens per step = {B} x {T} x {procs.world_size} process(es) x "
+        f"{grad_accum_steps} micro-steps | steps {start_step} to {args.max_steps - 1}\n"
+        f"data        {args.data_dir}: {describe_split(train_loader)} train, {describe_split(val_loader)} val "
+        f"({val_steps * val_loader.window:,} tokens per evaluation)"
     )
     log = open(os.path.join(args.log_dir, "log.txt"), "a" if args.resume else "w") if procs.master else None
     return Run(
@@ -1325,37 +1333,47 @@ def check_finite(run, step, train_loss, norm):
     )
 
 
-def report_step(run, step, train_loss, lr, norm, dt):
-    tokens_per_second = run.args.total_batch_size / dt
-    mfu = ""
+def report_step(run, progress, step, train_loss, lr, norm, dt):
+    """The step's line on stdout (where the run is, how fast it goes) and its loss in log.txt."""
+    progress.train_loss = train_loss
+    elapsed, left = progress.step_done(step)
+    speed = f"{1000 * dt:.0f} ms | {run.args.total_batch_size / dt:,.0f} tok/s"
     if run.peak_flops:  # the model's arithmetic per second, as a share of what the devices can do
-        mfu = f" | mfu {100 * run.flops_per_step / dt / (run.peak_flops * run.procs.world_size):.1f}%"
+        speed += f" | mfu {100 * run.flops_per_step / dt / (run.peak_flops * run.procs.world_size):.1f}%"
+    if run.device.type == "cuda":
+        speed += f" | mem {torch.cuda.max_memory_allocated(run.device) / 2**30:.1f} GiB"
     run.procs.print(
-        f"step {step:5d} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | dt {1000 * dt:.0f}ms | "
-        f"tok/s {tokens_per_second:,.0f}{mfu}",
+        f"{progress.label(step)} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | {speed} | "
+        f"{format_seconds(elapsed)} elapsed, {format_seconds(left)} left",
         flush=True,
     )
     if run.procs.master:
         run.log.write(f"{step} train {train_loss:.6f}\n")
 
 
-def evaluate_and_sample(run, step):
+def evaluate_and_sample(run, progress, step):
     """Val loss (all ranks), HellaSwag (all ranks, each its share) and a few samples (rank 0), logged."""
     procs = run.procs
+    started = time.time()
     val_loss = validation_loss(run.forward_model, run.val_loader, run.val_steps, run.autocast, procs)
-    procs.print(f"step {step:5d} | val loss {val_loss:.4f}")
+    procs.print(f"{progress.label(step)} | val loss {val_loss:.4f} | {time.time() - started:.1f} s")
+    progress.val_done(step, val_loss)
     if procs.master:
         run.log.write(f"{step} val {val_loss:.4f}\n")
     if run.hellaswag:
+        started = time.time()
         acc_norm = run.hellaswag(run.model, run.dtype)  # uncompiled: its row lengths vary
-        procs.print(f"step {step:5d} | hellaswag acc_norm {acc_norm:.4f}")
+        procs.print(f"{progress.label(step)} | hellaswag acc_norm {acc_norm:.4f} | {time.time() - started:.1f} s")
+        progress.hellaswag = acc_norm
         if procs.master:
             run.log.write(f"{step} hella {acc_norm:.4f}\n")
     if procs.master and run.args.sample_every_eval:
+        started = time.time()
         prompt = "Hello, I'm a language model,"
         texts = sample_texts(run.model, run.enc, prompt, num_samples=4, max_new_tokens=32, autocast=run.autocast)
         for i, text in enumerate(texts):
             print(f"sample {i}: {text}")
+        print(f"{progress.label(step)} | 4 samples | {time.time() - started:.1f} s")
 
 
 def save_run(run, step):
@@ -1373,6 +1391,65 @@ def save_run(run, step):
     }
     save_checkpoint(path, state)
     print(f"saved {path}", flush=True)
+    return path
+
+
+class Progress:
+    """Where the run is: for each step's elapsed time and estimate of the time left, and the last block."""
+
+    def __init__(self, first_step, last_step):
+        self.first_step, self.last_step = first_step, last_step
+        self.started = self.last_step_end = time.time()
+        self.seconds_per_step = None  # smoothed over recent steps, evaluations and checkpoints included
+        self.train_loss = self.val_loss = self.best_val_loss = self.best_val_step = None
+        self.hellaswag = self.checkpoint = None
+
+    def label(self, step):
+        return f"step {step:{len(str(self.last_step))}d}/{self.last_step}"
+
+    def step_done(self, step):
+        """(seconds since the start, estimated seconds left, None until there is an estimate)."""
+        now = time.time()
+        interval, self.last_step_end = now - self.last_step_end, now
+        if step > self.first_step:  # the first step compiles and warms up: it says nothing of the others
+            smoothed = self.seconds_per_step
+            self.seconds_per_step = interval if smoothed is None else 0.9 * smoothed + 0.1 * interval
+        left = None if self.seconds_per_step is None else self.seconds_per_step * (self.last_step - step)
+        return now - self.started, left
+
+    def val_done(self, step, val_loss):
+        self.val_loss = val_loss
+        if self.best_val_loss is None or val_loss < self.best_val_loss:
+            self.best_val_loss, self.best_val_step = val_loss, step
+
+
+def format_seconds(seconds):
+    if seconds is None:
+        return "?"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def print_summary(run, progress):
+    """The last block: what the run reached, where it is, and what to run next."""
+    val = "-" if progress.val_loss is None else f"{progress.val_loss:.4f}"
+    best = ""
+    if progress.best_val_step is not None:
+        best = f" (best {progress.best_val_loss:.4f} at step {progress.best_val_step})"
+    hellaswag = "" if progress.hellaswag is None else f" | hellaswag acc_norm {progress.hellaswag:.4f}"
+    log_path = os.path.join(run.args.log_dir, "log.txt")
+    print(f"\ndone in {format_seconds(time.time() - progress.started)}")
+    print(f"final       train loss {progress.train_loss:.4f} | val loss {val}{best}{hellaswag}")
+    print(f"checkpoint  {progress.checkpoint}")
+    print(f"log         {log_path}")
+    print(f"next        python sample.py --init {progress.checkpoint}")
+    print(f"            python plot_log.py {log_path}")
+
+
+def describe_split(loader):
+    tokens = sum(len(shard) for shard in loader.shards)
+    return f"{len(loader.shards)} shard{'s' if len(loader.shards) > 1 else ''} of {tokens:,} tokens"
 
 
 def rng_state(device):

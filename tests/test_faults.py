@@ -238,7 +238,7 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
     # 1. Mid-step: at a random moment of step 5, once a checkpoint exists (they follow steps 2, 5, 8, 11).
     run = trainers(log_dir, random_shards, "--ckpt_every", "3")
     run.wait_for(r"^saved .*model_00002\.pt$")
-    step_ms = int(run.wait_for(r"^step +4 \| loss .* dt (\d+)ms").group(1))
+    step_ms = int(run.wait_for(r"^step +4/\d+ \| loss .* \| (\d+) ms \|").group(1))
     time.sleep(random.Random(7).uniform(0.0, 1.0) * step_ms / 1000)  # step 5 started as step 4's line came
     run.send(signal.SIGKILL)
     assert run.finish() == -signal.SIGKILL
@@ -249,10 +249,10 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
     for _ in range(3):
         run = trainers(log_dir, random_shards, "--ckpt_every", "3", "--resume")
         run.wait_for(r"^resumed from .*model_0000[25]\.pt at step [36]$")
-        run.wait_for(r"^step +7 \| loss")
+        run.wait_for(r"^step +7/\d+ \| loss")
         run.send(signal.SIGKILL)
         assert run.finish() == -signal.SIGKILL
-        if not run.printed(r"^step +7 \| val loss"):
+        if not run.printed(r"^step +7/\d+ \| val loss"):
             break
         for step in checkpoint_steps(log_dir):
             if step > 5:
@@ -291,7 +291,7 @@ def stop_step(run, signal_name):
     """The step after which the run stopped, checked against when the signal arrived: the handler prints
     a line at once, so the last step line before it says which step the run was in at that moment."""
     notice = next(i for i, line in enumerate(run.lines) if line.startswith(f"{signal_name}: saving a checkpoint"))
-    before = [int(m.group(1)) for line in run.lines[:notice] if (m := re.match(r"step +(\d+) \| loss", line))]
+    before = [int(m.group(1)) for line in run.lines[:notice] if (m := re.match(r"step +(\d+)/\d+ \| loss", line))]
     stopped = [
         int(m.group(1))
         for line in run.lines[notice:]
@@ -313,7 +313,7 @@ def test_sigterm_and_sigint_save_the_current_step_exit_0_and_resume_exactly(
 
     # SIGTERM (a cluster's preemption) in the middle of the steps.
     run = trainers(log_dir, random_shards, *rare)
-    run.wait_for(r"^step +2 \| loss")
+    run.wait_for(r"^step +2/\d+ \| loss")
     time.sleep(0.05)
     sent = time.monotonic()
     run.send(signal.SIGTERM)
@@ -330,13 +330,13 @@ def test_sigterm_and_sigint_save_the_current_step_exit_0_and_resume_exactly(
     # SIGINT (Ctrl-C) during the evaluation after step 7: the evaluation completes, one more step, a save.
     run = trainers(log_dir, random_shards, *rare, "--resume")
     run.wait_for(f"^resumed from {re.escape(checkpoint_path(log_dir, term_step))} at step {term_step + 1}$")
-    run.wait_for(r"^step +7 \| loss")
+    run.wait_for(r"^step +7/\d+ \| loss")
     sent = time.monotonic()
     run.send(signal.SIGINT)
     assert run.finish() == 0, run.output()
     seconds_to_exit = time.monotonic() - sent
     int_step = stop_step(run, "SIGINT")
-    assert run.printed(r"^step +7 \| val loss")
+    assert run.printed(r"^step +7/\d+ \| val loss")
     assert checkpoint_steps(log_dir) == [term_step, int_step]
     assert "Traceback" not in run.output() and "KeyboardInterrupt" not in run.output()
     assert seconds_to_exit < 30, f"took {seconds_to_exit:.1f}s to stop"
