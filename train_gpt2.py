@@ -1227,6 +1227,8 @@ def train(args, device, procs):
     progress = Progress(run.start_step, last_step)
     if run.start_step > last_step:
         procs.print(f"nothing to train: the run is past step {last_step} already; raise --max_steps to go on")
+        if procs.master:
+            run.log.close()
         return
     for step in range(run.start_step, args.max_steps):
         t0 = time.time()
