@@ -2,6 +2,7 @@
 the worker count changes nothing, and each kind of bad input ends in one clear error and no partial shard."""
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -38,12 +39,31 @@ WORDS = [
     ",",
     ".",
 ]
+CODE_AND_MARKUP = [
+    "def f(x):",
+    "\n    return x + 1",
+    "{",
+    "}",
+    '<div class="note">',
+    "</div>",
+    "# Title\n",
+    "**bold**",
+    "`x = 1`",
+    "\t",
+    "\r\n",
+    "=>",
+    "0x1F",
+    "\\n",
+    "[link](https://example.com)",
+    "|---|",
+    "if (a && b) {",
+]
 
 
-def make_documents(count, max_words, seed=0):
+def make_documents(count, max_words, seed=0, words=WORDS):
     """Random documents from a small vocabulary with odd characters, one of them empty."""
     rng = random.Random(seed)
-    documents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words))) for _ in range(count)]
+    documents = [" ".join(rng.choice(words) for _ in range(rng.randint(1, max_words))) for _ in range(count)]
     documents[3] = ""
     return documents
 
@@ -108,6 +128,50 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
         len(expected),
         len(names),
     )
+
+
+def pinned_corpus(directory, kind):
+    """2.5 MB of prose and of code and markup, as .txt files, one jsonl or one parquet file: several batches."""
+    prose, code = make_documents(500, 1000, seed=7), make_documents(500, 1000, seed=8, words=CODE_AND_MARKUP)
+    documents = [document for pair in zip(prose, code) for document in pair]
+    if kind == "txt":
+        (directory / "docs").mkdir()
+        for i, document in enumerate(documents):
+            (directory / "docs" / f"{i:04d}.txt").write_text(document, encoding="utf-8")
+        return str(directory / "docs")
+    if kind == "jsonl":
+        return write_jsonl(directory / "corpus.jsonl", documents)
+    pq.write_table(pa.table({"text": documents}), directory / "corpus.parquet", row_group_size=100)
+    return str(directory / "corpus.parquet")
+
+
+def digest_of_shards(out_dir):
+    """How many shards out_dir holds, and one sha256 of their names and bytes in order."""
+    digest = hashlib.sha256()
+    names = shard_files(out_dir)
+    for name in names:
+        digest.update(name.encode())
+        with open(os.path.join(out_dir, name), "rb") as f:
+            digest.update(f.read())
+    return len(names), digest.hexdigest()
+
+
+# What the code of commit 067ecb5 made from pinned_corpus: however the making of shards changes (its speed, the
+# workers' start method, who reads the files), the bytes of the shards must not. The .txt files differ because
+# they are read as text, in which "\r\n" becomes "\n" (in jsonl and parquet it stays as it is).
+PINNED_SHARDS = {
+    "txt": (33, "bcf5df3a2587b872d5fcaff208fb59033ee98f014b6d77cd13c34cf684243d84"),
+    "jsonl": (33, "ebc6de53c29a2b51a3896f5d599e078f701e055fbc62ccc5d3c152297e59d28d"),
+    "parquet": (33, "ebc6de53c29a2b51a3896f5d599e078f701e055fbc62ccc5d3c152297e59d28d"),
+}
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_shards_are_byte_identical_to_pinned_ones(tmp_path, kind):
+    corpus = pinned_corpus(tmp_path, kind)
+    out = str(tmp_path / "out")
+    fineweb.main(["--input", corpus, "--out", out, "--shard_size", "50000", "--num_proc", "2"])
+    assert digest_of_shards(out) == PINNED_SHARDS[kind]
 
 
 def test_gpt2_encode_matches_encode_ordinary(tokenizer):
