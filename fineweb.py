@@ -176,13 +176,22 @@ def load_hf_dataset(dataset, name, split, streaming, text_field):
     except Exception as e:  # no network, unknown name, ...: the library raises many different types
         raise UserError(
             f"could not load {dataset} ({name}, {split}) with the datasets library: {first_line(e)}. Without network, "
-            f"download its parquet files elsewhere and pass them with --input, or set HF_HUB_OFFLINE=1 with a filled HF cache"
+            f"download its parquet files elsewhere and pass them with --input"
         ) from None
     if rows.column_names is not None and text_field not in rows.column_names:
         raise UserError(
             f"{dataset}: no column '{text_field}' (columns: {', '.join(rows.column_names)}); pick one with --text_field"
         )
     return rows
+
+
+def offline_variable():
+    """The variable (name=value) by which the user says that the Hugging Face hub is out of reach, or None."""
+    for name in ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"]:
+        value = os.environ.get(name, "")
+        if value.upper() in {"1", "ON", "YES", "TRUE"}:  # the values huggingface_hub and datasets take for true
+            return f"{name}={value}"
+    return None
 
 
 def hf_documents(rows, dataset, text_field, skip=0):
@@ -324,7 +333,8 @@ def load_progress(out_dir, prefix, settings):
             if old.get(key) != settings.get(key)
         )
         raise UserError(
-            f"{out_dir} holds shards made with other settings ({changed}); rerun with the same flags to resume, or pass another --out"
+            f"{out_dir} holds shards made with other settings ({changed}); rerun with the same flags to resume, "
+            f"or pass another --out"
         )
     return progress
 
@@ -402,15 +412,20 @@ def tokenize_in_order(batches, pool, max_in_flight):
     yield from in_flight
 
 
-def write_shards(documents, encode, out_dir, prefix, shard_size, num_proc, progress, batch_chars=1 << 20):
+def write_shards(
+    documents, encode, out_dir, prefix, shard_size, num_proc, progress, batch_chars=1 << 20, start_method=None
+):
     """Tokenize (where, text) documents with num_proc workers into shards; returns the final progress.
 
     `documents` must start where `progress` left off (read_documents(..., skip=progress["documents"])).
+    `encode` goes to each worker once: under the spawn start method (macOS, Windows) it is pickled, so it
+    must be a module-level function or a functools.partial of one, as gpt2_encode is.
     """
     writer = ShardWriter(out_dir, prefix, shard_size, progress)
-    # The pool comes first: its workers are forked before the bar starts its monitor thread (forking a
+    # The pool comes first: under fork its workers start before the bar starts its monitor thread (forking a
     # process that runs threads is unsafe).
-    pool = multiprocessing.Pool(num_proc, initializer=init_worker, initargs=(encode,))
+    context = multiprocessing.get_context(start_method)
+    pool = context.Pool(num_proc, initializer=init_worker, initargs=(encode,))
     with pool, tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing") as bar:
         batches = batches_of_documents(documents, batch_chars)
         for wheres, result in tokenize_in_order(batches, pool, max_in_flight=2 * num_proc):
@@ -419,7 +434,8 @@ def write_shards(documents, encode, out_dir, prefix, shard_size, num_proc, progr
             except TokenIdTooLarge as e:
                 where = describe(wheres[e.document_index])
                 raise UserError(
-                    f"{where}: the tokenizer made token id {e.token_id}, which does not fit the uint16 shards; use a tokenizer with fewer than 65536 tokens"
+                    f"{where}: the tokenizer made token id {e.token_id}, which does not fit the uint16 shards; "
+                    f"use a tokenizer with fewer than 65536 tokens"
                 ) from None
             tokens_written_before = writer.skip_tokens  # by an earlier run, for the first batch of a resumed one
             writer.add(ids, document_ends)
@@ -446,26 +462,53 @@ def main(argv=None):
     parser.add_argument(
         "--input",
         nargs="+",
-        help="local .txt (one document each), .jsonl or .parquet files or directories, instead of --dataset",
+        metavar="PATH",
+        help="local .txt (one document each), .jsonl or .parquet files or directories; without it, --dataset is "
+        "downloaded",
     )
-    parser.add_argument("--out", default="edu_fineweb10B", help="directory for the shards")
+    parser.add_argument("--out", default="edu_fineweb10B", help="directory for the shards (default: %(default)s)")
     parser.add_argument(
-        "--prefix", default="edufineweb", help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ..."
+        "--prefix",
+        default="edufineweb",
+        help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: %(default)s)",
     )
-    parser.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard")
     parser.add_argument(
-        "--num_proc", type=int, default=available_cores(), help="tokenizing processes (default: all cores)"
+        "--shard_size", type=int, default=10**8, help="tokens per shard, of 2 bytes each on disk (default: %(default)s)"
     )
-    parser.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset to download")
-    parser.add_argument("--name", default="sample-10BT", help="its configuration")
-    parser.add_argument("--split", default="train")
+    parser.add_argument(
+        "--num_proc",
+        type=int,
+        default=available_cores(),
+        help="tokenizing processes (default: %(default)s, the cores this process may use)",
+    )
+    parser.add_argument(
+        "--start_method",
+        choices=multiprocessing.get_all_start_methods(),
+        default=multiprocessing.get_start_method(),
+        help="how the tokenizing processes start; the shards are the same with any of them (default: %(default)s, "
+        "this platform's)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default="HuggingFaceFW/fineweb-edu",
+        help="Hugging Face dataset to download when there is no --input (default: %(default)s)",
+    )
+    parser.add_argument("--name", default="sample-10BT", help="its configuration (default: %(default)s)")
+    parser.add_argument("--split", default="train", help="its split to tokenize (default: %(default)s)")
     parser.add_argument(
         "--streaming", action="store_true", help="tokenize while downloading, without keeping the dataset on disk"
     )
-    parser.add_argument("--text_field", default="text", help="the JSON field or column that holds the text")
+    parser.add_argument(
+        "--text_field", default="text", help="the JSON field or column that holds the text (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.num_proc < 1:
         raise UserError("--shard_size and --num_proc must be at least 1")
+    if not args.input and offline_variable():  # before datasets spends seconds importing and retrying
+        raise UserError(
+            f"{offline_variable()} says there is no network, so {args.dataset} cannot be downloaded; pass local "
+            f".parquet, .jsonl or .txt files with --input (FineWeb-edu's parquet files, downloaded elsewhere)"
+        )
     start_time = time.perf_counter()
 
     settings = {"tokenizer": "gpt2", "shard_size": args.shard_size, "text_field": args.text_field}
@@ -477,7 +520,8 @@ def main(argv=None):
     progress = load_progress(args.out, args.prefix, settings)
     if progress["finished"]:
         print(
-            f"{args.out} is already complete: {progress['documents']:,} documents, {progress['tokens']:,} tokens, {progress['shards']} shards"
+            f"{args.out} is already complete: {progress['documents']:,} documents, {progress['tokens']:,} tokens, "
+            f"{progress['shards']} shards"
         )
         return
     if progress["shards"]:
@@ -489,17 +533,28 @@ def main(argv=None):
         documents = hf_documents(rows, args.dataset, args.text_field, skip=progress["documents"])
     encode = functools.partial(gpt2_encode, gpt2_tokenizer())
     tokens_before = progress["tokens"]
-    progress = write_shards(documents, encode, args.out, args.prefix, args.shard_size, args.num_proc, progress)
+    progress = write_shards(
+        documents,
+        encode,
+        args.out,
+        args.prefix,
+        args.shard_size,
+        args.num_proc,
+        progress,
+        start_method=args.start_method,
+    )
 
     seconds = time.perf_counter() - start_time
     tokens = progress["tokens"] - tokens_before
     print(
-        f"{progress['documents']:,} documents, {progress['tokens']:,} tokens, {progress['shards']} shards in {args.out}; "
+        f"{progress['documents']:,} documents, {progress['tokens']:,} tokens, {progress['shards']} shards "
+        f"in {args.out}; "
         f"this run: {tokens:,} tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
     )
     if progress["shards"] == 1:
         print(
-            f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below {progress['tokens']:,} to a new --out"
+            f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below "
+            f"{progress['tokens']:,} to a new --out"
         )
 
 

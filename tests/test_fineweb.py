@@ -176,6 +176,16 @@ def test_shards_are_byte_identical_to_pinned_ones(tmp_path, kind):
     assert digest_of_shards(out) == PINNED_SHARDS[kind]
 
 
+def test_the_script_makes_the_same_shards_under_spawn(tmp_path):
+    # spawn, the default on macOS and Windows, starts each worker as a new Python that imports the script
+    # again and receives the tokenizer pickled: nothing of the main process is inherited.
+    out = str(tmp_path / "out")
+    flags = ["--input", pinned_corpus(tmp_path, "jsonl"), "--out", out, "--shard_size", "50000", "--num_proc", "2"]
+    run = run_script(tmp_path, *flags, "--start_method", "spawn")
+    assert run.returncode == 0, run.stderr
+    assert digest_of_shards(out) == PINNED_SHARDS["jsonl"]
+
+
 def every_token(encoding):
     return [encoding.decode_single_token_bytes(token) for token in range(encoding.n_vocab)]
 
@@ -232,22 +242,30 @@ def test_hugging_face_rows_can_be_skipped_too():
             ]
 
 
-def test_one_or_two_workers_give_the_same_shards(tmp_path, tokenizer):
+def test_one_or_two_workers_started_by_fork_or_spawn_give_the_same_shards(tmp_path, tokenizer):
     documents = make_documents(300, 60, seed=1)
     files = fineweb.find_input_files(write_corpus(tmp_path, documents))
     settings = {"test": True}
     encode = functools.partial(fineweb.gpt2_encode, tokenizer)
     outputs = []
-    for num_proc in [1, 2]:
-        out = str(tmp_path / f"out{num_proc}")
+    for num_proc, start_method in [(1, "fork"), (2, "fork"), (2, "spawn")]:
+        out = str(tmp_path / f"out{num_proc}{start_method}")
         progress = fineweb.load_progress(out, "edufineweb", settings)
         # Small batches, so that many are in flight at once and have to come back in order.
         fineweb.write_shards(
-            fineweb.read_documents(files, "text"), encode, out, "edufineweb", 700, num_proc, progress, batch_chars=500
+            fineweb.read_documents(files, "text"),
+            encode,
+            out,
+            "edufineweb",
+            700,
+            num_proc,
+            progress,
+            batch_chars=500,
+            start_method=start_method,
         )
         outputs.append(read_directory(out))
     assert len(outputs[0]) > 10
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] == outputs[2]
 
 
 def test_killed_run_resumes_to_the_same_bytes(tmp_path):
@@ -419,11 +437,26 @@ def test_command_line_error_is_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_dataset_without_network_fails_with_advice(tmp_path):
-    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    run = run_script(tmp_path, "--out", str(tmp_path / "out"), env=offline)
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_offline_without_input_fails_at_once_with_advice(tmp_path, variable):
+    # As `python fineweb.py --out OUT` would run, and then, at exit, whether datasets was ever imported.
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('datasets imported:', 'datasets' in sys.modules))\n"
+        "import common, fineweb\n"
+        "common.run_cli(fineweb.main, sys.argv[1:])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", variable: "1", "HF_HOME": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-c", script, "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert run.returncode == 1
-    assert "Traceback" not in run.stderr
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--input" in errors[0] and "HuggingFaceFW/fineweb-edu" in errors[0]
+    assert run.stdout == "datasets imported: False\n"
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: {variable}=1 says there is no network")
+    assert "--input" in run.stderr and "HuggingFaceFW/fineweb-edu" in run.stderr
     assert not os.path.exists(tmp_path / "out")
