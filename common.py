@@ -5,7 +5,7 @@ train_gpt2.py builds on this file, and every other script builds on train_gpt2.p
 alone (fineweb.py and plot_log.py, which need no torch). It imports nothing of this project.
 """
 
-import base64
+import binascii
 import contextlib
 import hashlib
 import importlib.util
@@ -105,10 +105,11 @@ def gpt2_merge_ranks(vocab_bpe, encoder_json):
         with open(cache, "rb") as f:
             cached = f.read()
         if hashlib.sha256(cached).hexdigest() == GPT2_TIKTOKEN_SHA256:
-            return {base64.b64decode(token): int(rank) for token, rank in map(bytes.split, cached.splitlines())}
+            return {binascii.a2b_base64(token): int(rank) for token, rank in map(bytes.split, cached.splitlines())}
     ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe, encoder_json, GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256)
     lines = [
-        base64.b64encode(token) + b" " + str(ranks[token]).encode() + b"\n" for token in sorted(ranks, key=ranks.get)
+        binascii.b2a_base64(token, newline=False) + b" " + str(ranks[token]).encode() + b"\n"
+        for token in sorted(ranks, key=ranks.get)
     ]
     # The cache only saves time: a read-only or full home folder just means the table is built every time. The
     # temporary file is the process's own, so that processes starting together (torchrun) never mix their writes.
