@@ -231,6 +231,16 @@ def test_reading_can_skip_any_number_of_documents(tmp_path):
         assert list(fineweb.read_documents(files, "text", skip=skip)) == everything[skip:]
 
 
+def test_txt_files_read_as_text_mode_reads_them(tmp_path):
+    path = tmp_path / "lines.txt"
+    path.write_bytes("one\r\ntwo\rthree\n\r\n\n\rfour \u00e9\r".encode())
+    with open(path, encoding="utf-8") as f:
+        assert list(fineweb.read_txt(str(path), "text", skip=0)) == [((str(path),), f.read())]
+    path.write_bytes(b"fine" * 5000 + b"\xff")
+    with pytest.raises(UserError, match=r"lines.txt: not UTF-8 text \(invalid start byte at byte 20000\)"):
+        list(fineweb.read_txt(str(path), "text", skip=0))
+
+
 def test_hugging_face_rows_can_be_skipped_too():
     datasets = pytest.importorskip("datasets")
     documents = make_documents(50, 5)
