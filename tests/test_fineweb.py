@@ -221,24 +221,41 @@ def test_gpt2_encode_matches_encode_ordinary(tokenizer):
         assert fineweb.gpt2_encode(tokenizer, text).tolist() == tokenizer.encode_ordinary(text)
 
 
-def test_reading_can_skip_any_number_of_documents(tmp_path):
+def documents_of(pieces):
+    """What the workers read from the pieces, in order: (where, text) pairs."""
+    return [document for reader, *arguments in pieces for document in reader(*arguments)]
+
+
+def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
     documents = make_documents(120, 5)
     files = fineweb.find_input_files(write_corpus(tmp_path, documents))
-    everything = list(fineweb.read_documents(files, "text"))
-    assert [text for _, text in everything] == documents
-    assert everything[0][0] == (files[0], "line", 1) and everything[40][0] == (files[1], "row", 0)
-    for skip in [1, 39, 40, 41, 56, 57, 100, 101, 119, 120]:  # jsonl, parquet row groups of 17, the .txt files
-        assert list(fineweb.read_documents(files, "text", skip=skip)) == everything[skip:]
+    jsonl = files[0]
+    with open(jsonl) as f:
+        lines = f.readlines()
+    lines[10:10] = ["\n", "  \r\n"]  # blank lines are no documents, but they count in line numbers
+    lines = ["\n", *lines[:-1], lines[-1].rstrip("\n")]  # and the last line may have no line end
+    with open(jsonl, "w", newline="") as f:
+        f.writelines(lines)
+    line_numbers = [number for number, line in enumerate(lines, start=1) if line.strip()]
+    # Pieces of 50 bytes: a few lines of the jsonl file, one or two .txt files each. Pieces of a megabyte: all.
+    for piece_bytes in [50, fineweb.PIECE_BYTES]:
+        everything = documents_of(fineweb.plan_pieces(files, "text", piece_bytes=piece_bytes))
+        assert [text for _, text in everything] == documents
+        assert [where for where, _ in everything[:40]] == [(jsonl, "line", number) for number in line_numbers]
+        assert everything[40][0] == (files[1], "row", 0)
+        for skip in [1, 11, 39, 40, 41, 56, 57, 100, 101, 119, 120]:  # jsonl, parquet groups of 17, .txt files
+            pieces = fineweb.plan_pieces(files, "text", skip=skip, piece_bytes=piece_bytes)
+            assert documents_of(pieces) == everything[skip:]
 
 
 def test_txt_files_read_as_text_mode_reads_them(tmp_path):
     path = tmp_path / "lines.txt"
     path.write_bytes("one\r\ntwo\rthree\n\r\n\n\rfour \u00e9\r".encode())
     with open(path, encoding="utf-8") as f:
-        assert list(fineweb.read_txt(str(path), "text", skip=0)) == [((str(path),), f.read())]
+        assert fineweb.read_txt(str(path)) == f.read()
     path.write_bytes(b"fine" * 5000 + b"\xff")
     with pytest.raises(UserError, match=r"lines.txt: not UTF-8 text \(invalid start byte at byte 20000\)"):
-        list(fineweb.read_txt(str(path), "text", skip=0))
+        fineweb.read_txt(str(path))
 
 
 def test_hugging_face_rows_can_be_skipped_too():
@@ -261,16 +278,15 @@ def test_one_or_two_workers_started_by_fork_or_spawn_give_the_same_shards(tmp_pa
     for num_proc, start_method in [(1, "fork"), (2, "fork"), (2, "spawn")]:
         out = str(tmp_path / f"out{num_proc}{start_method}")
         progress = fineweb.load_progress(out, "edufineweb", settings)
-        # Small batches, so that many are in flight at once and have to come back in order.
+        # Small pieces, so that many are in flight at once and have to come back in order.
         fineweb.write_shards(
-            fineweb.read_documents(files, "text"),
+            fineweb.plan_pieces(files, "text", piece_bytes=500),
             encode,
             out,
             "edufineweb",
             700,
             num_proc,
             progress,
-            batch_chars=500,
             start_method=start_method,
         )
         outputs.append(read_directory(out))
@@ -412,14 +428,13 @@ def test_token_id_too_large_for_uint16(tmp_path):
     progress = fineweb.load_progress(out, "edufineweb", {"test": True})
     with pytest.raises(UserError, match=r"corpus.jsonl line 251: the tokenizer made token id 70000"):
         fineweb.write_shards(
-            fineweb.read_documents([corpus], "text"),
+            fineweb.plan_pieces([corpus], "text", piece_bytes=300),
             encode_with_a_huge_id,
             out,
             "edufineweb",
             400,
             2,
             progress,
-            batch_chars=300,
         )
     assert len(shard_files(out)) > 3  # the shards before the bad document are whole and kept
     assert_no_partial_shard(out, 400)
