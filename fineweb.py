@@ -31,13 +31,12 @@ from common import EOT_TOKEN, UserError, atomic_write, gpt2_tokenizer, run_cli
 
 # -----------------------------------------------------------------------------
 # Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt files, a
-# range of lines of a jsonl file, a few row groups of a parquet file, or rows that the main process read itself
-# (of a Hugging Face dataset). A piece is (reader, *arguments), and reader(*arguments) yields (where, text) for
-# each of its documents in order; `where` names the file and line or row, so that a bad document can be reported
-# precisely. The workers read the pieces of files themselves: when the main process read and parsed all the text
-# and sent it through a pipe, that cost a tenth of the tokenizing, on cores that the workers need. Pieces can
-# start after any number of documents, which is how a resumed run jumps over the documents that finished shards
-# already hold.
+# range of lines of a jsonl file, or rows that the main process read itself (of a parquet file, or of a Hugging
+# Face dataset). A piece is (reader, *arguments), and reader(*arguments) yields (where, text) for each of its
+# documents in order; `where` names the file and line or row, so that a bad document can be reported precisely.
+# The workers read .txt and jsonl pieces themselves: when the main process read and parsed all the text and sent
+# it through a pipe, that cost a tenth of the tokenizing, on cores that the workers need. Pieces can start after
+# any number of documents, which is how a resumed run jumps over the documents that finished shards already hold.
 
 PIECE_BYTES = 1 << 20
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -143,8 +142,13 @@ def plan_jsonl(path, text_field, skip, piece_bytes):
             line_number += block.count(b"\n")
 
 
-def open_parquet(path, text_field):
-    """A parquet file, checked to have a text column named text_field; fails with one clear line."""
+def read_parquet(path, text_field, skip):
+    """The `text_field` column of a parquet file, read a batch of rows at a time so memory stays bounded.
+
+    This runs in the main process, which sends the rows on in pieces: a worker could only read whole row
+    groups, and a group holds megabytes (FineWeb's hold a thousand documents) or far more (pyarrow writes a
+    million rows to a group by default), too few pieces to keep every worker busy on a file of a few groups.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -161,16 +165,17 @@ def open_parquet(path, text_field):
         pa.types.is_string(schema.field(text_field).type) or pa.types.is_large_string(schema.field(text_field).type)
     ):
         raise UserError(f"{path}: column '{text_field}' holds {schema.field(text_field).type}, not text")
-    return parquet
-
-
-def read_parquet_rows(path, text_field, groups, first_row, skip):
-    """The rows of some row groups of a parquet file, the first of them row first_row of the file, leaving out
-    the first `skip`; read a batch of rows at a time, so that memory stays bounded."""
-    import pyarrow.parquet as pq
-
-    row = first_row
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024, row_groups=groups, columns=[text_field]):
+    # Row groups that the finished shards of an earlier run already hold are skipped without being read.
+    group, row = 0, 0
+    while group < parquet.num_row_groups and skip >= parquet.metadata.row_group(group).num_rows:
+        skip -= parquet.metadata.row_group(group).num_rows
+        row += parquet.metadata.row_group(group).num_rows
+        group += 1
+    if group == parquet.num_row_groups:
+        return
+    for batch in parquet.iter_batches(
+        batch_size=1024, row_groups=range(group, parquet.num_row_groups), columns=[text_field]
+    ):
         for text in batch.column(0).to_pylist():
             if skip:
                 skip -= 1
@@ -179,39 +184,6 @@ def read_parquet_rows(path, text_field, groups, first_row, skip):
             else:
                 yield (path, "row", row), text
             row += 1
-
-
-MAX_GROUP_BYTES = 64 << 20
-
-
-def plan_parquet(path, text_field, skip, piece_bytes):
-    """The pieces of a parquet file after its first `skip` rows: whole row groups, about piece_bytes at a time.
-
-    A worker can only read whole row groups. A file with a group over MAX_GROUP_BYTES (pyarrow writes a
-    million rows to a group by default; FineWeb's files have groups of a thousand) is read here instead, a
-    batch of rows at a time, so that such a group is neither held whole in memory nor tokenized by one worker.
-    """
-    metadata = open_parquet(path, text_field).metadata
-    groups = [metadata.row_group(group) for group in range(metadata.num_row_groups)]
-    first_group, first_row = 0, 0
-    while first_group < len(groups) and skip >= groups[first_group].num_rows:  # already in finished shards
-        skip -= groups[first_group].num_rows
-        first_row += groups[first_group].num_rows
-        first_group += 1
-    if first_group == len(groups):
-        return
-    if max(group.total_byte_size for group in groups[first_group:]) > MAX_GROUP_BYTES:
-        rows = read_parquet_rows(path, text_field, range(first_group, len(groups)), first_row, skip)
-        yield from pieces_of_documents(rows, piece_bytes)
-        return
-    piece, piece_bytes_so_far = [], 0
-    for index in range(first_group, len(groups)):
-        piece.append(index)
-        piece_bytes_so_far += groups[index].total_byte_size
-        if piece_bytes_so_far >= piece_bytes or index == len(groups) - 1:
-            yield read_parquet_rows, path, text_field, piece, first_row, skip
-            first_row += sum(groups[group].num_rows for group in piece)
-            piece, piece_bytes_so_far, skip = [], 0, 0
 
 
 def pieces_of_documents(documents, piece_chars=PIECE_BYTES):
@@ -261,7 +233,7 @@ def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
         if path.endswith(".jsonl"):
             yield from plan_jsonl(path, text_field, skip, piece_bytes)
         else:
-            yield from plan_parquet(path, text_field, skip, piece_bytes)
+            yield from pieces_of_documents(read_parquet(path, text_field, skip), piece_bytes)
         skip = 0
     if txt_files:
         yield read_txt_files, txt_files

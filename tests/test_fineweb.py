@@ -226,10 +226,7 @@ def documents_of(pieces):
     return [document for reader, *arguments in pieces for document in reader(*arguments)]
 
 
-@pytest.mark.parametrize("parquet_read_by", ["workers", "main process"])
-def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path, monkeypatch, parquet_read_by):
-    if parquet_read_by == "main process":  # as it is when a row group is too large for a worker to hold
-        monkeypatch.setattr(fineweb, "MAX_GROUP_BYTES", 100)
+def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
     documents = make_documents(120, 5)
     files = fineweb.find_input_files(write_corpus(tmp_path, documents))
     jsonl = files[0]
@@ -246,8 +243,6 @@ def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path, monke
         assert [text for _, text in everything] == documents
         assert [where for where, _ in everything[:40]] == [(jsonl, "line", number) for number in line_numbers]
         assert everything[40][0] == (files[1], "row", 0)
-        readers = {reader for reader, *_ in fineweb.plan_pieces(files, "text", piece_bytes=piece_bytes)}
-        assert (fineweb.read_parquet_rows in readers) == (parquet_read_by == "workers")
         for skip in [1, 11, 39, 40, 41, 56, 57, 100, 101, 119, 120]:  # jsonl, parquet groups of 17, .txt files
             pieces = fineweb.plan_pieces(files, "text", skip=skip, piece_bytes=piece_bytes)
             assert documents_of(pieces) == everything[skip:]
