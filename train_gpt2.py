@@ -722,26 +722,26 @@ def evaluate_hellaswag(
     return dict(n=n, correct=correct, correct_norm=correct_norm)
 
 
-def load_hellaswag_eval(args, enc, procs):
+def load_hellaswag_eval(args, enc, procs, download=True):
     """A function model -> HellaSwag acc_norm, each rank scoring its share of the examples, or None when it
-    is switched off or its data cannot be had (a one-line notice says why)."""
+    is switched off or its data cannot be had (a one-line notice says why). download=False uses the cached
+    copy only, for --eval_only, which writes no file."""
     if not args.hellaswag:
         return None
     if args.hellaswag_data:
         path = hellaswag_path(args.hellaswag_data)  # a path the user gave must exist
     else:
-        if procs.master:  # one download into the cache, which the other ranks then read
-            try:
+        if procs.master and download:  # one download into the cache, which the other ranks then read
+            with contextlib.suppress(UserError):
                 hellaswag_path()
-            except UserError:
-                print(
-                    "HellaSwag skipped: its data is not cached and could not be downloaded; "
-                    "pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag"
-                )
         if procs.ddp:
             torch.distributed.barrier()
         path = hellaswag_path(download=False)
         if path is None:
+            procs.print(
+                f"HellaSwag skipped: its data is not cached{' and could not be downloaded' if download else ''}; "
+                "pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag"
+            )
             return None
     examples = load_examples(path)
 
@@ -1028,7 +1028,8 @@ def train_step(step_model, optimizer, scaler, loader, grad_accum_steps, lr, grad
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Train GPT-2 (124M by default) on pre-tokenized shards, from scratch or from --init weights.",
+        description="Train GPT-2 (124M by default) on pre-tokenized shards, from scratch or from --init weights; "
+        "or only evaluate weights (--eval_only).",
         formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -1089,6 +1090,11 @@ def parse_args(argv=None):
         action=argparse.BooleanOptionalAction,
         default=True,
         help="print 4 samples at each evaluation",
+    )
+    g.add_argument(
+        "--eval_only",
+        action="store_true",
+        help="evaluate the --init or --resume weights (val loss, HellaSwag), print, write no file, and exit",
     )
     g.add_argument("--log_dir", default="log", help="log.txt and checkpoints go here")
     g.add_argument(
@@ -1154,10 +1160,12 @@ def check_args(args, world_size):
             "--init and --resume together: --init starts a new run from given weights, --resume continues a run "
             "(a fine-tune too, without --init); pass one of them"
         )
+    if args.eval_only and not (args.init or args.resume):
+        raise UserError("--eval_only evaluates given weights: pass --init NAME_OR_PATH or --resume [PATH]")
     if args.vocab_size < GPT2_VOCAB_SIZE:
         raise UserError(f"--vocab_size {args.vocab_size} is smaller than GPT-2's {GPT2_VOCAB_SIZE} tokens")
     tokens_per_micro_step = args.batch_size * args.seq_len * world_size
-    if args.total_batch_size % tokens_per_micro_step:
+    if args.total_batch_size % tokens_per_micro_step and not args.eval_only:  # --eval_only takes no step
         raise UserError(
             f"--total_batch_size {args.total_batch_size} is not divisible by batch_size*seq_len*world_size = "
             f"{args.batch_size}*{args.seq_len}*{world_size} = {tokens_per_micro_step}: change one of them"
@@ -1175,7 +1183,10 @@ def main(argv=None):
     if procs.ddp:
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        train(args, device, procs)
+        if args.eval_only:
+            evaluate_only(args, device, procs)
+        else:
+            train(args, device, procs)
     finally:
         if procs.ddp:
             torch.distributed.destroy_process_group()
@@ -1240,6 +1251,31 @@ def train(args, device, procs):
     if procs.master:
         run.log.close()
         print_summary(run, progress)
+
+
+def evaluate_only(args, device, procs):
+    """--eval_only: the val loss of the --init or --resume weights over --val_tokens of the val split, and
+    their HellaSwag acc_norm when its data is at hand, printed with the time each took. Every rank scores
+    its share, as during training. No file is written, not even the log folder: it can run beside a
+    training run, or on a read-only copy of its checkpoints."""
+    use_fast_math(device)
+    dtype, dtype_reason = pick_autocast_dtype(args.dtype, device)
+    val_loader, val_steps = validation_data(args, procs)
+    model, path, _ = build_model(args, device)
+    procs.print(
+        f"weights     {path or args.init}: {sum(p.numel() for p in model.parameters()):,} parameters\n"
+        f"device      {procs.world_size} process(es) on {device} | "
+        f"autocast {str(dtype).removeprefix('torch.')}: {dtype_reason}\n"
+        f"data        {args.data_dir}: {val_steps * val_loader.window:,} tokens of {describe_split(val_loader)} val"
+    )
+    hellaswag = load_hellaswag_eval(args, gpt2_tokenizer(), procs, download=False)
+    # Not compiled: one pass over the val tokens would spend longer compiling than it saves.
+    started = time.time()
+    val_loss = validation_loss(model, val_loader, val_steps, autocast_context(device, dtype), procs)
+    procs.print(f"val loss {val_loss:.6f} | {time.time() - started:.1f} s")
+    if hellaswag:
+        started = time.time()
+        procs.print(f"hellaswag acc_norm {hellaswag(model, dtype):.4f} | {time.time() - started:.1f} s")
 
 
 def set_up_run(args, device, procs):
