@@ -753,26 +753,26 @@ def evaluate_hellaswag(
     return dict(n=n, correct=correct, correct_norm=correct_norm)
 
 
-def load_hellaswag_eval(args, enc, procs):
+def load_hellaswag_eval(args, enc, procs, download=True):
     """A function model -> HellaSwag acc_norm, each rank scoring its share of the examples, or None when it
-    is switched off or its data cannot be had (a one-line notice says why)."""
+    is switched off or its data cannot be had (a one-line notice says why). download=False uses the cached
+    copy only, for --eval_only, which writes no file."""
     if not args.hellaswag:
         return None
     if args.hellaswag_data:
         path = hellaswag_path(args.hellaswag_data)  # a path the user gave must exist
     else:
-        if procs.master:  # one download into the cache, which the other ranks then read
-            try:
+        if procs.master and download:  # one download into the cache, which the other ranks then read
+            with contextlib.suppress(UserError):
                 hellaswag_path()
-            except UserError:
-                print(
-                    "HellaSwag skipped: its data is not cached and could not be downloaded; "
-                    "pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag"
-                )
         if procs.ddp:
             torch.distributed.barrier()
         path = hellaswag_path(download=False)
         if path is None:
+            procs.print(
+                f"HellaSwag skipped: its data is not cached{' and could not be downloaded' if download else ''}; "
+                "pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag"
+            )
             return None
     examples = load_examples(path)
 
@@ -832,17 +832,22 @@ def latest_checkpoint(log_dir):
     return max(paths, key=lambda path: (len(path), path)) if paths else None
 
 
-def load_model(init, device="cpu"):
-    """A GPT from `init`: an OpenAI size name, a Hugging Face directory, or a checkpoint of this project
-    (log/model_XXXXX.pt). Ready for inference on `device`."""
+def read_weights(init):
+    """The GPTConfig and the state dict of `init`: an OpenAI size name, a Hugging Face directory, or a
+    checkpoint of this project (log/model_XXXXX.pt)."""
     if init in GPT2_SIZES or os.path.isdir(init):
-        model = GPT.from_pretrained(init)
-    elif os.path.isfile(init):
+        return read_gpt2_weights(init)
+    if os.path.isfile(init):
         checkpoint = load_checkpoint(init)
-        model = GPT(GPTConfig(**checkpoint["config"]))
-        load_weights(model, checkpoint["model"], source=init)
-    else:
-        raise UserError(f"--init {init!r} is not a file, a directory, or one of {', '.join(GPT2_SIZES)}")
+        return GPTConfig(**checkpoint["config"]), checkpoint["model"]
+    raise UserError(f"--init {init!r} is not a file, a directory, or one of {', '.join(GPT2_SIZES)}")
+
+
+def load_model(init, device="cpu"):
+    """A GPT holding the weights of `init` (as read_weights reads them), ready for inference on `device`."""
+    config, state = read_weights(init)
+    model = GPT(config)
+    load_weights(model, state, source=init)
     return model.to(device).eval()
 
 
@@ -1054,7 +1059,8 @@ def train_step(step_model, optimizer, scaler, loader, grad_accum_steps, lr, grad
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
-        description="Train GPT-2 (124M by default) on pre-tokenized shards.",
+        description="Train GPT-2 (124M by default) on pre-tokenized shards, from scratch or from --init weights; "
+        "or only evaluate weights (--eval_only).",
         formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data")
@@ -1067,10 +1073,22 @@ def parse_args(argv=None):
     )
     g.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (T): GPT-2's context")
     g = p.add_argument_group("model")
-    g.add_argument("--n_layer", type=int, default=12, help="transformer blocks (GPT-2 124M: 12)")
-    g.add_argument("--n_head", type=int, default=12, help="attention heads (GPT-2 124M: 12)")
-    g.add_argument("--n_embd", type=int, default=768, help="channels (GPT-2 124M: 768)")
-    g.add_argument("--block_size", type=int, default=1024, help="longest context the model can take (GPT-2: 1024)")
+    g.add_argument(
+        "--init",
+        default=None,
+        help="start from these weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face GPT-2 directory, "
+        "or log/model_XXXXX.pt) with a fresh optimizer at step 0: fine-tuning",
+    )
+    g.add_argument(
+        "--n_layer", type=int, default=None, help="transformer blocks (default: GPT-2 124M's 12, or the weights')"
+    )
+    g.add_argument(
+        "--n_head", type=int, default=None, help="attention heads (default: GPT-2 124M's 12, or the weights')"
+    )
+    g.add_argument("--n_embd", type=int, default=None, help="channels (default: GPT-2 124M's 768, or the weights')")
+    g.add_argument(
+        "--block_size", type=int, default=None, help="longest context the model takes (default: 1024, or the weights')"
+    )
     g.add_argument(
         "--vocab_size", type=int, default=50304, help="50257 tokens padded to a multiple of 128 for faster matmuls"
     )
@@ -1103,6 +1121,11 @@ def parse_args(argv=None):
         action=argparse.BooleanOptionalAction,
         default=True,
         help="print 4 samples at each evaluation",
+    )
+    g.add_argument(
+        "--eval_only",
+        action="store_true",
+        help="evaluate the --init or --resume weights (val loss, HellaSwag), print, write no file, and exit",
     )
     g.add_argument("--log_dir", default="log", help="log.txt and checkpoints go here")
     g.add_argument(
@@ -1154,7 +1177,7 @@ def check_args(args, world_size):
         "ckpt_every",
         "val_tokens",
     ):
-        if getattr(args, name) <= 0:
+        if getattr(args, name) is not None and getattr(args, name) <= 0:  # None: a shape flag left to the weights
             raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
     for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "eps", "warmup_steps"):
         if getattr(args, name) < 0:
@@ -1163,14 +1186,17 @@ def check_args(args, world_size):
         raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {args.beta1}, {args.beta2}")
     if args.min_lr > args.max_lr:
         raise UserError(f"--min_lr {args.min_lr} is above --max_lr {args.max_lr}")
-    if args.n_embd % args.n_head:
-        raise UserError(f"--n_embd {args.n_embd} must be divisible by --n_head {args.n_head}")
-    if args.seq_len > args.block_size:
-        raise UserError(f"--seq_len {args.seq_len} is longer than the model's --block_size {args.block_size}")
+    if args.init and args.resume:
+        raise UserError(
+            "--init and --resume together: --init starts a new run from given weights, --resume continues a run "
+            "(a fine-tune too, without --init); pass one of them"
+        )
+    if args.eval_only and not (args.init or args.resume):
+        raise UserError("--eval_only evaluates given weights: pass --init NAME_OR_PATH or --resume [PATH]")
     if args.vocab_size < GPT2_VOCAB_SIZE:
         raise UserError(f"--vocab_size {args.vocab_size} is smaller than GPT-2's {GPT2_VOCAB_SIZE} tokens")
     tokens_per_micro_step = args.batch_size * args.seq_len * world_size
-    if args.total_batch_size % tokens_per_micro_step:
+    if args.total_batch_size % tokens_per_micro_step and not args.eval_only:  # --eval_only takes no step
         raise UserError(
             f"--total_batch_size {args.total_batch_size} is not divisible by batch_size*seq_len*world_size = "
             f"{args.batch_size}*{args.seq_len}*{world_size} = {tokens_per_micro_step}: change one of them"
@@ -1188,7 +1214,10 @@ def main(argv=None):
     if procs.ddp:
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
-        train(args, device, procs)
+        if args.eval_only:
+            evaluate_only(args, device, procs)
+        else:
+            train(args, device, procs)
     finally:
         if procs.ddp:
             torch.distributed.destroy_process_group()
@@ -1257,6 +1286,31 @@ def train(args, device, procs):
         print_summary(run, progress)
 
 
+def evaluate_only(args, device, procs):
+    """--eval_only: the val loss of the --init or --resume weights over --val_tokens of the val split, and
+    their HellaSwag acc_norm when its data is at hand, printed with the time each took. Every rank scores
+    its share, as during training. No file is written, not even the log folder: it can run beside a
+    training run, or on a read-only copy of its checkpoints."""
+    use_fast_math(device)
+    dtype, dtype_reason = pick_autocast_dtype(args.dtype, device)
+    val_loader, val_steps = validation_data(args, procs)
+    model, path, _ = build_model(args, device)
+    procs.print(
+        f"weights     {path or args.init}: {sum(p.numel() for p in model.parameters()):,} parameters\n"
+        f"device      {procs.world_size} process(es) on {device} | "
+        f"autocast {str(dtype).removeprefix('torch.')}: {dtype_reason}\n"
+        f"data        {args.data_dir}: {val_steps * val_loader.window:,} tokens of {describe_split(val_loader)} val"
+    )
+    hellaswag = load_hellaswag_eval(args, gpt2_tokenizer(), procs, download=False)
+    # Not compiled: one pass over the val tokens would spend longer compiling than it saves.
+    started = time.time()
+    val_loss = validation_loss(model, val_loader, val_steps, autocast_context(device, dtype), procs)
+    procs.print(f"val loss {val_loss:.6f} | {time.time() - started:.1f} s")
+    if hellaswag:
+        started = time.time()
+        procs.print(f"hellaswag acc_norm {hellaswag(model, dtype):.4f} | {time.time() - started:.1f} s")
+
+
 def set_up_run(args, device, procs):
     """The model, optimizer, data and evaluations of a run, from scratch or from a checkpoint; prints them."""
     torch.manual_seed(args.seed)  # the same initial weights on every rank
@@ -1264,14 +1318,13 @@ def set_up_run(args, device, procs):
     dtype, dtype_reason = pick_autocast_dtype(args.dtype, device)
     B, T = args.batch_size, args.seq_len
     train_loader = DataLoaderLite(args.data_dir, B, T, procs.rank, procs.world_size, "train")
-    val_loader = DataLoaderLite(args.data_dir, B, T, procs.rank, procs.world_size, "val")
-    val_steps = min(args.val_tokens // val_loader.window, val_loader.steps_per_epoch()) or 1
-    config = GPTConfig(args.block_size, args.vocab_size, args.n_layer, args.n_head, args.n_embd)
-    model = GPT(config).to(device)
+    val_loader, val_steps = validation_data(args, procs)
+    model, resume_path, checkpoint = build_model(args, device)
+    config = model.config
     betas = (args.beta1, args.beta2)
     optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, betas, args.eps, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
-    start_step = resume_or_start(args, procs, device, model, optimizer, scaler, train_loader)
+    start_step = resume_or_start(args, procs, device, optimizer, scaler, train_loader, resume_path, checkpoint)
 
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     forward_model = torch.compile(model) if use_compile else model
@@ -1291,7 +1344,7 @@ def set_up_run(args, device, procs):
         f"device      {procs.world_size} process(es) on {device} | compile {'on' if use_compile else 'off'} | "
         f"autocast {str(dtype).removeprefix('torch.')}: {dtype_reason}\n"
         f"model       {num_params:,} parameters: {config.n_layer} layers, {config.n_head} heads, "
-        f"{config.n_embd} channels, vocabulary {config.vocab_size}\n"
+        f"{config.n_embd} channels, vocabulary {config.vocab_size}{f' | weights of {args.init}' if args.init else ''}\n"
         f"batch       {args.total_batch_size:,} tokens per step = {B} x {T} x {procs.world_size} process(es) x "
         f"{grad_accum_steps} micro-steps | steps {start_step} to {args.max_steps - 1}\n"
         f"data        {args.data_dir}: {describe_split(train_loader)} train, {describe_split(val_loader)} val "
@@ -1305,31 +1358,103 @@ def set_up_run(args, device, procs):
     )  # fmt: skip
 
 
-def resume_or_start(args, procs, device, model, optimizer, scaler, train_loader):
-    """The first step to run: 0 for a new run in an empty --log_dir, or the step after a checkpoint's,
-    with the model, optimizer, scaler, data position and random state restored from it."""
-    os.makedirs(args.log_dir, exist_ok=True)
-    start_step = 0
-    if args.resume:
-        path = latest_checkpoint(args.log_dir) if args.resume == "latest" else args.resume
-        if path is None:
-            raise UserError(
-                f"--resume: no checkpoint model_*.pt in {args.log_dir}: start without --resume, "
-                "or pass --log_dir of the run"
-            )
-        checkpoint = load_checkpoint(path)
-        if checkpoint["config"] != asdict(model.config):
-            differences = ", ".join(
-                f"--{k} {v} there, {getattr(model.config, k, None)} here"
-                for k, v in checkpoint["config"].items()
-                if getattr(model.config, k, None) != v
-            )
+def validation_data(args, procs):
+    """The val split's loader and how many of its batches an evaluation reads (--val_tokens, at most all)."""
+    val_loader = DataLoaderLite(args.data_dir, args.batch_size, args.seq_len, procs.rank, procs.world_size, "val")
+    return val_loader, min(args.val_tokens // val_loader.window, val_loader.steps_per_epoch()) or 1
+
+
+# A run starts from weights of its own (--resume), from someone else's (--init: fine-tuning), or from a
+# random draw. Weights set the model's shape, so the shape flags are needed only for a random draw.
+SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
+
+
+def build_model(args, device):
+    """The run's GPT on `device` with the weights it starts from, and the checkpoint path and contents that
+    --resume continues ((None, None) for a new run). --init's weights get a fresh vocabulary padding."""
+    path, checkpoint = checkpoint_to_resume(args)
+    if checkpoint is not None:
+        config = model_config(args, checkpoint["config"])
+        if differences := config_differences(checkpoint["config"], config, asdict(config)):
             raise UserError(
                 f"{path} is from another model ({differences}): resume with the model flags it was trained with"
             )
-        if "optimizer" not in checkpoint:
-            raise UserError(f"{path} holds weights only (no optimizer state): it cannot be resumed")
+        model = GPT(config)
         load_weights(model, checkpoint["model"], source=path)
+    elif args.init:
+        init_config, state = read_weights(args.init)
+        config = model_config(args, asdict(init_config))
+        if differences := config_differences(asdict(init_config), config, SHAPE_FLAGS):
+            raise UserError(
+                f"--init {args.init} has another shape ({differences}): its weights set the model's shape, "
+                "so leave out --n_layer/--n_head/--n_embd/--block_size"
+            )
+        model = GPT(config)
+        load_weights(model, padded_vocabulary(state, config.vocab_size), source=args.init)
+    else:
+        model = GPT(model_config(args))
+    return model.to(device), path, checkpoint
+
+
+def checkpoint_to_resume(args):
+    """(path, checkpoint) of the run that --resume continues, or (None, None) without --resume."""
+    if not args.resume:
+        return None, None
+    path = latest_checkpoint(args.log_dir) if args.resume == "latest" else args.resume
+    if path is None:
+        raise UserError(
+            f"--resume: no checkpoint model_*.pt in {args.log_dir}: start without --resume, "
+            "or pass --log_dir of the run"
+        )
+    checkpoint = load_checkpoint(path)
+    if "optimizer" not in checkpoint:
+        raise UserError(f"{path} holds weights only (no optimizer state): it cannot be resumed")
+    return path, checkpoint
+
+
+def model_config(args, weights=None):
+    """The run's GPTConfig. `weights`: the config (a dict) of the weights the run starts from; a shape flag
+    left out takes their value (GPT-2 124M's without weights). The vocabulary is always --vocab_size."""
+    shape_of = weights or asdict(GPTConfig())
+    shape = {name: shape_of.get(name) if getattr(args, name) is None else getattr(args, name) for name in SHAPE_FLAGS}
+    config = GPTConfig(vocab_size=args.vocab_size, **shape)
+    if config.n_embd % config.n_head:
+        raise UserError(f"--n_embd {config.n_embd} must be divisible by --n_head {config.n_head}")
+    if args.seq_len > config.block_size:
+        raise UserError(f"--seq_len {args.seq_len} is longer than the model's --block_size {config.block_size}")
+    return config
+
+
+def config_differences(weights, config, names):
+    """Where the run's GPTConfig differs from `weights` (the config dict of the weights it loads) among `names`,
+    as flags: '--n_layer 12 there, 24 here, ...'; empty when they agree."""
+    return ", ".join(
+        f"--{name} {weights.get(name)} there, {getattr(config, name)} here"
+        for name in names
+        if weights.get(name) != getattr(config, name)
+    )
+
+
+def padded_vocabulary(state, vocab_size):
+    """`state` with its token embedding (tied to the output head) cut to GPT-2's 50257 real tokens, then
+    padded with zero rows to vocab_size, as training from scratch pads it, so that the matmuls run as fast.
+    A padded row is never an input and never a target (the logits stop at 50257), so it stays zero."""
+    key = "transformer.wte.weight"
+    if key not in state:
+        return state  # load_weights says what is missing
+    real = state[key][:GPT2_VOCAB_SIZE]
+    padded = real.new_zeros(vocab_size, real.size(1))
+    padded[: len(real)] = real
+    return {**state, key: padded}
+
+
+def resume_or_start(args, procs, device, optimizer, scaler, train_loader, path, checkpoint):
+    """The first step to run: 0 for a new run in an empty --log_dir, or the step after the checkpoint's at
+    `path` (None for a new run), with the optimizer, scaler, data position and random state restored from
+    it. build_model has loaded its weights already."""
+    os.makedirs(args.log_dir, exist_ok=True)
+    start_step = 0
+    if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["loader"])

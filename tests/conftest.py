@@ -1,6 +1,6 @@
-"""What the test files share: the repository on sys.path and its path, the tiny model's flags, and a
-tiny token corpus. The constants are imported as `from conftest import REPO` (pytest puts tests/ on
-sys.path); the corpus is a fixture."""
+"""What the test files share: the repository on sys.path and its path, the tiny model's flags, and
+two tiny token corpora. The constants are imported as `from conftest import REPO` (pytest puts tests/ on
+sys.path); the corpora are fixtures."""
 
 import os
 import sys
@@ -24,4 +24,19 @@ def random_shards(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("random_shards")
     np.save(data_dir / "tiny_val_000000.npy", rng.integers(0, 50257, 16384, dtype=np.uint16))
     np.save(data_dir / "tiny_train_000001.npy", rng.integers(0, 50257, 32768, dtype=np.uint16))
+    return str(data_dir)
+
+
+@pytest.fixture(scope="session")
+def text_shards(tmp_path_factory):
+    """A small real-text corpus (this repository's own source, tokenized): a val shard of 2,048 tokens and a
+    train shard of the rest. Shared: treat it as read-only."""
+    from common import EOT_TOKEN, gpt2_tokenizer  # here, not at the top: REPO is on sys.path only from above
+
+    enc = gpt2_tokenizer()
+    text = open(os.path.join(REPO, "train_gpt2.py")).read()
+    tokens = np.array([EOT_TOKEN] + enc.encode_ordinary(text), dtype=np.uint16)
+    data_dir = tmp_path_factory.mktemp("text_shards")
+    np.save(data_dir / "text_val_000000.npy", tokens[:2048])
+    np.save(data_dir / "text_train_000001.npy", tokens[2048:])
     return str(data_dir)

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import train_gpt2
-from common import gpt2_tokenizer
 from conftest import REPO, TINY_MODEL
 from train_gpt2 import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, DataLoaderLite, get_lr
 
@@ -45,18 +44,6 @@ def load_params(path):
 def val_loss_lines(stdout):
     """Each evaluation's step and val loss as printed (without the time it took, which varies)."""
     return [line.rsplit(" | ", 1)[0] for line in stdout.splitlines() if "val loss" in line]
-
-
-@pytest.fixture(scope="module")
-def text_shards(tmp_path_factory):
-    """A small real-text corpus (this repository's own source, tokenized): a val and a train shard."""
-    enc = gpt2_tokenizer()
-    text = open(os.path.join(REPO, "train_gpt2.py")).read()
-    tokens = np.array([train_gpt2.EOT_TOKEN] + enc.encode_ordinary(text), dtype=np.uint16)
-    data_dir = tmp_path_factory.mktemp("text_shards")
-    np.save(data_dir / "text_val_000000.npy", tokens[:2048])
-    np.save(data_dir / "text_train_000001.npy", tokens[2048:])
-    return str(data_dir)
 
 
 # --- the learning-rate schedule --------------------------------------------------------------------

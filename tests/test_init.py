@@ -1,0 +1,260 @@
+"""Starting a run from given weights (--init: fine-tuning) and evaluating weights without training
+(--eval_only). Offline: a random GPT2LMHeadModel that transformers saves stands in for OpenAI's weights,
+and this repository's own source, tokenized, for the text to fine-tune on."""
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2LMHeadModel
+
+import train_gpt2
+from common import GPT2_VOCAB_SIZE, run_cli
+from conftest import REPO
+from test_model import SMALL, random_gpt, random_hf_model, save_checkpoint
+from train_gpt2 import DataLoaderLite, load_model
+
+# Micro-batches of 4 x 32 tokens, 1,024 val tokens per evaluation, exact fp32 arithmetic.
+BATCH = [
+    "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "--val_tokens", "1024", "--dtype", "float32",
+    "--no-hellaswag", "--no-sample_every_eval",
+]  # fmt: skip
+# 30 steps of fine-tuning: val loss after steps 14 and 29, checkpoints after steps 9, 19 and 29.
+FINE_TUNE = BATCH + [
+    "--max_steps", "30", "--warmup_steps", "3", "--max_lr", "1e-3", "--eval_every", "15", "--ckpt_every", "10",
+]  # fmt: skip
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # the same arithmetic in every run
+TIMEOUT = 300  # seconds: generous, since a loaded 2-core machine is slow
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A random GPT-2 in Hugging Face's format, as save_pretrained writes it: 2 layers, 4 heads, 64 channels,
+    a context of 64 and GPT-2's 50257 tokens. Random LayerNorms and biases too, so that a tensor mapped
+    wrongly cannot hide."""
+    directory = tmp_path_factory.mktemp("hf_gpt2")
+    random_hf_model(**SMALL, n_positions=64).save_pretrained(directory)
+    return str(directory)
+
+
+def trainer(*args):
+    """The command line of train_gpt2.py with these flags."""
+    return [sys.executable, os.path.join(REPO, "train_gpt2.py"), *args]
+
+
+def run_trainer(*args):
+    result = subprocess.run(trainer(*args), capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def fine_tune(hf_dir, text_shards, tmp_path_factory):
+    """The log folder of 30 uninterrupted steps of fine-tuning from hf_dir (FINE_TUNE's flags)."""
+    log_dir = str(tmp_path_factory.mktemp("fine_tune"))
+    run_trainer("--init", hf_dir, "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE)
+    return log_dir
+
+
+def eval_only(capsys, *flags):
+    """--eval_only in this process: the val loss it prints, and everything it printed."""
+    run_cli(train_gpt2.main, ["--eval_only", *BATCH, *flags])
+    out = capsys.readouterr().out
+    [line] = [line for line in out.splitlines() if line.startswith("val loss ")]
+    return float(line.split()[2]), out
+
+
+def read_log(log_dir):
+    return [line.split() for line in open(os.path.join(log_dir, "log.txt"))]
+
+
+def files_in(directory):
+    """{path: sha256 of its bytes} of every file under directory: a before/after snapshot."""
+    snapshot = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                snapshot[os.path.join(root, name)] = hashlib.sha256(f.read()).hexdigest()
+    return snapshot
+
+
+def write_hellaswag(path, n=6):
+    with open(path, "w") as f:
+        for i in range(n):
+            example = {"ctx": f"Example {i}: the model reads", "endings": ["a", "b c", "d e f", "g"], "label": i % 4}
+            f.write(json.dumps(example) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """A training run in this process installs SIGINT/SIGTERM handlers; give pytest its own back."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+# --- --eval_only -----------------------------------------------------------------------------------
+
+
+def test_eval_only_gives_the_val_loss_transformers_gives(hf_dir, text_shards, capsys):
+    val_loss, out = eval_only(capsys, "--init", hf_dir, "--data_dir", text_shards)
+    assert "1,024 tokens" in out
+    # The same 1,024 tokens through transformers' own model: the first 1,024 inputs of the val shard, each
+    # predicting the token after it, in rows of 32.
+    [shard] = glob.glob(os.path.join(text_shards, "*_val_*.npy"))
+    tokens = torch.from_numpy(np.load(shard)[:1025].astype(np.int64))
+    hf_model = GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = hf_model(tokens[:-1].view(-1, 32)).logits
+    expected = F.cross_entropy(logits.flatten(0, 1), tokens[1:]).item()
+    assert abs(val_loss - expected) < 1e-5, (val_loss, expected)
+
+
+def test_eval_only_writes_no_file(hf_dir, text_shards, fine_tune, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where a HellaSwag download would go
+    # --init, with a log folder that does not exist: it is not created, HellaSwag is not downloaded
+    _, out = eval_only(
+        capsys, "--init", hf_dir, "--data_dir", text_shards, "--log_dir", str(tmp_path / "log"), "--hellaswag"
+    )
+    assert "HellaSwag skipped: its data is not cached;" in out
+    assert os.listdir(tmp_path) == []
+    # --resume, in a run's log folder: nothing in it changes, not even the leftover of an interrupted write
+    # that a training run would delete
+    log_dir = tmp_path / "run"
+    log_dir.mkdir()
+    for name in ("log.txt", "model_00029.pt"):
+        shutil.copy(os.path.join(fine_tune, name), log_dir)
+    (log_dir / "model_00039.pt.tmp").write_bytes(b"torn")
+    hellaswag = write_hellaswag(tmp_path / "hellaswag.jsonl")
+    before = files_in(tmp_path)
+    _, out = eval_only(
+        capsys, "--resume", "--log_dir", str(log_dir), "--data_dir", text_shards, "--hellaswag", "--hellaswag_data",
+        hellaswag,
+    )  # fmt: skip
+    assert f"weights     {log_dir / 'model_00029.pt'}" in out and "hellaswag acc_norm" in out
+    assert files_in(tmp_path) == before
+
+
+def test_eval_only_under_torchrun_equals_one_process(hf_dir, text_shards, tmp_path, capsys):
+    """Two ranks each score half of the val batches and half of the HellaSwag examples; the results are one
+    process's."""
+    flags = ["--init", hf_dir, "--data_dir", text_shards, "--hellaswag", "--hellaswag_data"]
+    flags.append(write_hellaswag(tmp_path / "hellaswag.jsonl"))
+    val_loss, out = eval_only(capsys, *flags)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = launcher + trainer("--eval_only", *BATCH, *flags)[1:]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    [ddp_line] = [line for line in result.stdout.splitlines() if line.startswith("val loss ")]
+    assert abs(float(ddp_line.split()[2]) - val_loss) < 1e-5
+
+    def acc_norm(text):
+        return [line.split(" | ")[0] for line in text.splitlines() if line.startswith("hellaswag")]
+
+    assert acc_norm(result.stdout) == acc_norm(out) and len(acc_norm(out)) == 1
+
+
+# --- fine-tuning -------------------------------------------------------------------------------------
+
+
+def test_fine_tune_lowers_the_val_loss(hf_dir, text_shards, fine_tune, capsys):
+    before, _ = eval_only(capsys, "--init", hf_dir, "--data_dir", text_shards)
+    log = read_log(fine_tune)
+    assert log[0][:2] == ["0", "train"]  # the step count starts fresh
+    val = {int(step): float(value) for step, kind, value in log if kind == "val"}
+    assert sorted(val) == [14, 29]
+    assert val[29] < val[14] < before - 0.5
+    # the fine-tuned weights, evaluated alone, give the val loss the run logged
+    after, _ = eval_only(capsys, "--resume", "--log_dir", fine_tune, "--data_dir", text_shards)
+    assert abs(after - val[29]) < 1e-4
+
+
+def test_fine_tune_killed_then_resumed_is_bit_exact(hf_dir, text_shards, fine_tune, tmp_path):
+    log_dir = str(tmp_path / "killed")
+    run = subprocess.Popen(
+        trainer("--init", hf_dir, "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+    )
+    watchdog = threading.Timer(TIMEOUT, run.kill)  # a run that hangs fails the test instead of blocking it
+    watchdog.start()
+    for line in run.stdout:
+        if line.startswith("step 12/29"):  # after the checkpoint of step 9, well before the next one
+            run.send_signal(signal.SIGKILL)
+            break
+    run.wait()
+    watchdog.cancel()
+    run.stdout.close()
+    assert run.returncode == -signal.SIGKILL
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00009.pt"]
+    # resumed as any run is: the same flags and --resume; the checkpoint holds the config, so no --init
+    result = run_trainer("--resume", "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE)
+    assert "at step 10" in result.stdout and "step  9/29 |" not in result.stdout
+    straight = torch.load(os.path.join(fine_tune, "model_00029.pt"), weights_only=True)
+    resumed = torch.load(os.path.join(log_dir, "model_00029.pt"), weights_only=True)
+    for key in straight["model"]:
+        assert torch.equal(straight["model"][key], resumed["model"][key]), key
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["loader"] == resumed["loader"]
+
+
+def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path, keep_signal_handlers):
+    model = random_gpt(vocab_size=50304, block_size=64, **SMALL)  # random values in the padded rows too
+    path = save_checkpoint(model, tmp_path / "ours.pt")
+    log_dir = tmp_path / "log"
+    # one step at learning rate 0: AdamW leaves every weight as it was, so the checkpoint shows what was loaded
+    flags = ["--max_steps", "1", "--warmup_steps", "0", "--max_lr", "0", "--eval_every", "1", "--ckpt_every", "1"]
+    run_cli(train_gpt2.main, ["--init", path, "--data_dir", text_shards, "--log_dir", str(log_dir), *BATCH, *flags])
+    x, y = DataLoaderLite(text_shards, 4, 32, 0, 1, "train").next_batch()  # step 0's batch
+    with torch.no_grad():
+        _, expected = load_model(path)(x, y)
+    step, kind, loss = read_log(log_dir)[0]
+    assert (step, kind) == ("0", "train") and abs(float(loss) - expected.item()) < 1e-6
+    loaded = torch.load(log_dir / "model_00000.pt", weights_only=True)["model"]
+    for key, tensor in model.state_dict().items():
+        if key in ("transformer.wte.weight", "lm_head.weight"):  # the padding is fresh: zero rows
+            assert torch.equal(loaded[key][:GPT2_VOCAB_SIZE], tensor[:GPT2_VOCAB_SIZE]), key
+            assert not loaded[key][GPT2_VOCAB_SIZE:].any(), key
+        else:
+            assert torch.equal(loaded[key], tensor), key
+
+
+# --- refusals --------------------------------------------------------------------------------------
+
+
+def test_refusals_are_one_line_and_touch_no_file(hf_dir, text_shards, tmp_path, capsys):
+    log_dir = tmp_path / "log"
+    cases = [
+        (["--init", hf_dir, "--n_layer", "3"], [f"--init {hf_dir} has another shape", "--n_layer 2 there, 3 here"]),
+        (["--init", hf_dir, "--n_embd", "64", "--block_size", "128"], ["(--block_size 64 there, 128 here)"]),
+        (["--init", hf_dir, "--seq_len", "128", "--total_batch_size", "512"], ["--seq_len 128", "--block_size 64"]),
+        (["--init", hf_dir, "--resume"], ["--init and --resume together"]),
+        (["--eval_only"], ["--eval_only", "--init", "--resume"]),
+        (["--init", str(tmp_path / "nowhere")], ["nowhere", "is not a file"]),
+    ]
+    before = files_in(tmp_path)
+    for flags, fragments in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(train_gpt2.main, ["--data_dir", text_shards, "--log_dir", str(log_dir), *FINE_TUNE, *flags])
+        assert exit_info.value.code == 1, flags
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        for fragment in fragments:
+            assert fragment in lines[0], (fragment, lines[0])
+    assert files_in(tmp_path) == before and not log_dir.exists()
