@@ -18,6 +18,7 @@ import argparse
 import collections
 import functools
 import glob
+import hashlib
 import json
 import multiprocessing
 import os
@@ -27,7 +28,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from common import EOT_TOKEN, UserError, atomic_write, gpt2_tokenizer, run_cli
+from common import EOT_TOKEN, UserError, atomic_write, gpt2_tokenizer, output_lock, run_cli
 
 # -----------------------------------------------------------------------------
 # Reading documents. Each reader yields (where, text) pairs in a fixed order; `where` names the file and
@@ -314,8 +315,16 @@ def load_progress(out_dir, prefix, settings):
                 f"saying how they were made; delete them or pass another --out"
             )
         return fresh
-    with open(progress_path(out_dir, prefix)) as f:
-        progress = json.load(f)
+    try:
+        with open(progress_path(out_dir, prefix)) as f:
+            progress = json.load(f)
+    except (OSError, ValueError):  # unreadable, or not JSON
+        progress = None
+    if not (isinstance(progress, dict) and "settings" in progress):  # it is written atomically: edited by hand?
+        raise UserError(
+            f"{progress_path(out_dir, prefix)} is damaged: delete it and the {prefix} shards beside it to start "
+            "over, or pass another --out"
+        )
     if progress["settings"] != settings:
         old = progress["settings"]
         changed = ", ".join(
@@ -327,6 +336,25 @@ def load_progress(out_dir, prefix, settings):
             f"{out_dir} holds shards made with other settings ({changed}); rerun with the same flags to resume, or pass another --out"
         )
     return progress
+
+
+def input_key(path):
+    """What identifies an input file's content for a resume: its size, its modification time and a hash
+    of its first and last MiB. Path and size alone would let a replaced file of the same size resume,
+    and mix two corpora in one set of shards; hashing the ends costs two reads, not the whole file."""
+    edge = 1 << 20
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(edge))
+        f.seek(max(0, os.path.getsize(path) - edge))
+        digest.update(f.read(edge))
+    stat = os.stat(path)
+    return {
+        "path": os.path.abspath(path),
+        "bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ends_sha256": digest.hexdigest(),
+    }
 
 
 def save_progress(out_dir, prefix, progress):
@@ -466,14 +494,24 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.num_proc < 1:
         raise UserError("--shard_size and --num_proc must be at least 1")
-    start_time = time.perf_counter()
+    # The trainer tells the splits apart by the word before the shard's number; a prefix that names a split
+    # or a folder would make names other loaders (build-nanogpt's glob of *_train_*) read wrongly.
+    if not args.prefix or os.sep in args.prefix or "_train" in args.prefix or "_val" in args.prefix:
+        raise UserError(f"--prefix {args.prefix!r}: use a plain name without '/', '_train' or '_val'")
 
     settings = {"tokenizer": "gpt2", "shard_size": args.shard_size, "text_field": args.text_field}
     if args.input:
         files = find_input_files(args.input)
-        settings["input"] = [{"path": os.path.abspath(path), "bytes": os.path.getsize(path)} for path in files]
+        settings["input"] = [input_key(path) for path in files]
     else:
         settings.update(dataset=args.dataset, name=args.name, split=args.split, streaming=args.streaming)
+    with output_lock(args.out, "--out"):  # one writer per folder; removed again if this run makes nothing
+        write_corpus(args, settings, files if args.input else None)
+
+
+def write_corpus(args, settings, files):
+    """Tokenize the corpus into args.out, resuming an earlier run with the same settings; prints what it did."""
+    start_time = time.perf_counter()
     progress = load_progress(args.out, args.prefix, settings)
     if progress["finished"]:
         print(
@@ -501,6 +539,8 @@ def main(argv=None):
         print(
             f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below {progress['tokens']:,} to a new --out"
         )
+    if progress["tokens"] == progress["documents"]:  # each document added its end-of-text token and nothing else
+        print("note: every document was empty: the shards hold end-of-text tokens only, nothing to train on")
 
 
 if __name__ == "__main__":
