@@ -281,9 +281,11 @@ def read_gpt2_weights(name_or_path):
         )
     hf_config, hf_state = read_hf_checkpoint(directory)
     try:
-        config = GPTConfig(**{field: hf_config[hf_name] for field, hf_name in HF_CONFIG_NAMES.items()})
+        config = {field: hf_config[hf_name] for field, hf_name in HF_CONFIG_NAMES.items()}
     except KeyError as e:
         raise UserError(f"{directory}/config.json lacks {e}: it is not a complete GPT-2 config") from None
+    check_config(config, f"{directory}/config.json")
+    config = GPTConfig(**config)
     state = {k: (v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v) for k, v in hf_state.items()}
     return config, state
 
@@ -332,10 +334,13 @@ def read_hf_checkpoint(directory):
             hf_state = load_file(safetensors_path)
         else:
             hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # the message's first line only: torch's for a pickle goes on for lines
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(
-            f"{directory} is not a Hugging Face GPT-2 checkpoint ({type(e).__name__}: {e}): it needs a config.json "
-            "with model_type gpt2 and a model.safetensors or pytorch_model.bin"
+            f"{directory} is not a Hugging Face GPT-2 checkpoint ({type(e).__name__}: {reason}): it needs a "
+            "config.json with model_type gpt2 and a model.safetensors, or a pytorch_model.bin of plain tensors "
+            "(one that holds other Python objects is refused, since loading it could run code: convert it to "
+            "safetensors)"
         ) from None
     # GPT2Config can also describe variants of the network (another activation, an untied output head,
     # other attention scaling); loading one into our GPT would silently give a different model.
@@ -929,7 +934,7 @@ def load_model(init, device="cpu"):
         model = GPT.from_pretrained(init)
     elif os.path.isfile(init):
         checkpoint = load_checkpoint(init)
-        model = GPT(GPTConfig(**checkpoint["config"]))
+        model = GPT(GPTConfig(**checkpoint["config"]))  # load_checkpoint checked the config
         load_weights(model, checkpoint["model"], source=init)
     else:
         raise UserError(f"--init {init!r} is not a file, a directory, or one of {', '.join(GPT2_SIZES)}")
@@ -949,7 +954,26 @@ def load_checkpoint(path):
         ) from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint of this project: it lacks the 'model' and 'config' entries")
+    check_config(checkpoint["config"], path)
     return checkpoint
+
+
+def check_config(config, source):
+    """Refuse a model config that GPT cannot be built from, before building it: one from another program
+    (nanoGPT's checkpoints also hold a 'config', of training settings), or one with impossible sizes."""
+    fields = set(GPTConfig.__dataclass_fields__)
+    if not isinstance(config, dict) or config.keys() != fields:
+        found = sorted(config)[:4] if isinstance(config, dict) else type(config).__name__
+        raise UserError(
+            f"{source} is not a checkpoint of this project: its config holds {found}, not {sorted(fields)} "
+            "(checkpoints of nanoGPT and other trainers are laid out differently)"
+        )
+    bad = [f"{k} {v!r}" for k, v in config.items() if not (isinstance(v, int) and v > 0)]
+    if bad or config["n_embd"] % config["n_head"]:
+        raise UserError(
+            f"{source}: its model config is impossible ({', '.join(bad) or 'n_embd not divisible by n_head'}): "
+            "sizes must be positive integers and n_embd a multiple of n_head"
+        )
 
 
 # -----------------------------------------------------------------------------
