@@ -1277,7 +1277,10 @@ FLAG_RANGES = {
         + ["max_steps", "eval_every", "ckpt_every", "val_tokens", "peak_flops"],
         POSITIVE,
     ),
-    **dict.fromkeys(["max_lr", "min_lr", "weight_decay", "grad_clip", "eps", "warmup_steps", "seed"], NOT_NEGATIVE),
+    # AdamW moves each weight by about the learning rate per step: above 1 no run can train, and far above
+    # it the update overflows float32 inside the optimizer.
+    **dict.fromkeys(["max_lr", "min_lr"], (lambda value: 0 <= value <= 1, "in [0, 1]")),
+    **dict.fromkeys(["weight_decay", "grad_clip", "eps", "warmup_steps", "seed"], NOT_NEGATIVE),
     **dict.fromkeys(["beta1", "beta2"], BELOW_ONE),
 }
 
