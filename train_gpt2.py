@@ -1364,6 +1364,7 @@ class Run:
     grad_accum_steps: int
     val_steps: int
     start_step: int
+    eval_pending: bool  # the checkpoint's evaluation was cut short by a signal: do it before the first step
     enc: object  # the tokenizer, for samples
     hellaswag: object  # model, dtype -> acc_norm; None when off
     log: object  # log.txt, open on rank 0 only
@@ -1379,6 +1380,8 @@ def train(args, device, procs):
     if run.start_step > last_step:
         procs.print(f"nothing to train: the run is past step {last_step} already; raise --max_steps to go on")
         return
+    if run.eval_pending:
+        evaluate_and_sample(run, progress, run.start_step - 1, stop)
     for step in range(run.start_step, args.max_steps):
         t0 = time.time()
         lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
@@ -1391,15 +1394,16 @@ def train(args, device, procs):
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that dt measures the step, not just its launch
         report_step(run, progress, step, train_loss, lr, norm, time.time() - t0)
+        eval_pending = False
         if (step + 1) % args.eval_every == 0 or step == last_step:
-            evaluate_and_sample(run, progress, step, stop)
+            eval_pending = not evaluate_and_sample(run, progress, step, stop)
             stop_now = procs.any(stop.requested, device)  # a signal may have come during the evaluation
         if procs.master:
             run.log.flush()
         if (step + 1) % args.ckpt_every == 0 or step == last_step or stop_now:
             check_finite_weights(run, step)
             if procs.master:
-                progress.checkpoint = save_run(run, step)
+                progress.checkpoint = save_run(run, step, eval_pending)
             if stop_now:
                 procs.print(f"stopped after step {step}; continue with --resume")
                 break
@@ -1422,7 +1426,7 @@ def set_up_run(args, device, procs):
     betas = (args.beta1, args.beta2)
     optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, betas, args.eps, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
-    start_step = resume_or_start(args, procs, device, model, optimizer, scaler, train_loader)
+    start_step, eval_pending = resume_or_start(args, procs, device, model, optimizer, scaler, train_loader)
 
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     forward_model = torch.compile(model) if use_compile else model
@@ -1451,15 +1455,16 @@ def set_up_run(args, device, procs):
     log = open(os.path.join(args.log_dir, "log.txt"), "a" if args.resume else "w") if procs.master else None
     return Run(
         args, procs, device, dtype, autocast_context(device, dtype), model, forward_model, step_model, optimizer,
-        scaler, train_loader, val_loader, grad_accum_steps, val_steps, start_step, enc, hellaswag, log,
-        flops_per_step, args.peak_flops or device_peak_flops(device),
+        scaler, train_loader, val_loader, grad_accum_steps, val_steps, start_step, eval_pending, enc, hellaswag,
+        log, flops_per_step, args.peak_flops or device_peak_flops(device),
     )  # fmt: skip
 
 
 def resume_or_start(args, procs, device, model, optimizer, scaler, train_loader):
-    """The first step to run: 0 for a new run in an empty --log_dir, or the step after a checkpoint's,
-    with the model, optimizer, scaler, data position and random state restored from it."""
-    start_step = 0
+    """The first step to run and whether the evaluation before it is still to do: (0, False) for a new run
+    in an empty --log_dir, or the step after a checkpoint's, with the model, optimizer, scaler, data
+    position and random state restored from it."""
+    start_step, eval_pending = 0, False
     if args.resume:
         path = checkpoint_to_resume(args)
         checkpoint = load_checkpoint(path)
@@ -1479,7 +1484,7 @@ def resume_or_start(args, procs, device, model, optimizer, scaler, train_loader)
         scaler.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"], device)
-        start_step = checkpoint["step"] + 1
+        start_step, eval_pending = checkpoint["step"] + 1, checkpoint.get("eval_pending", False)
         elsewhere = "" if in_folder(path, args.log_dir) else f"; new checkpoints go to {args.log_dir}"
         procs.print(f"resumed from {path} at step {start_step}{elsewhere}")
     elif latest_checkpoint(args.log_dir):  # every rank checks, so that no rank goes on alone
@@ -1491,7 +1496,7 @@ def resume_or_start(args, procs, device, model, optimizer, scaler, train_loader)
     for stale in glob.glob(os.path.join(args.log_dir, "model_*.pt.tmp")) if procs.master else []:
         if CHECKPOINT_NAME.fullmatch(os.path.basename(stale).removesuffix(".tmp")):
             os.remove(stale)
-    return start_step
+    return start_step, eval_pending
 
 
 def checkpoint_to_resume(args):
@@ -1576,7 +1581,8 @@ def report_step(run, progress, step, train_loss, lr, norm, dt):
 def evaluate_and_sample(run, progress, step, stop):
     """Val loss (all ranks), HellaSwag (all ranks, each its share) and a few samples (rank 0), logged.
     A stop request cuts the evaluations short between batches: what they had not finished is not
-    reported, and every rank still runs each reduction, so that none waits for another."""
+    reported, and every rank still runs each reduction, so that none waits for another. Returns whether
+    they all ran to the end (the resumed run does them again if not)."""
     procs = run.procs
     started = time.time()
     val_loss = validation_loss(run.forward_model, run.val_loader, run.val_steps, run.autocast, procs, stop)
@@ -1601,17 +1607,20 @@ def evaluate_and_sample(run, progress, step, stop):
             print(f"sample {i}: {text}")
         print(f"{progress.label(step)} | 4 samples | {time.time() - started:.1f} s")
     if stop.requested:
-        procs.print(f"{progress.label(step)} | evaluation cut short by the stop request")
+        procs.print(f"{progress.label(step)} | evaluation cut short by the stop request; a resume does it again")
+    return not stop.requested
 
 
-def save_run(run, step):
-    """A checkpoint of everything the run needs to go on after `step` as if it had never stopped."""
+def save_run(run, step, eval_pending):
+    """A checkpoint of everything the run needs to go on after `step` as if it had never stopped, its
+    evaluation included when a signal cut that short (eval_pending)."""
     path = os.path.join(run.args.log_dir, f"model_{step:05d}.pt")
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
         "step": step,
+        "eval_pending": eval_pending,
         "loader": run.train_loader.state_dict(),
         "rng": rng_state(run.device),
         "config": asdict(run.model.config),
@@ -1694,8 +1703,9 @@ def set_rng_state(state, device):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM (Ctrl-C, a cluster's preemption) ask the run to stop: it finishes the step it is in,
-    saves a checkpoint and exits 0. A second Ctrl-C stops at once."""
+    """SIGINT/SIGTERM (Ctrl-C, a cluster's preemption) ask the run to stop: it finishes the step it is in
+    (an evaluation stops between batches), saves a checkpoint and exits 0. A second Ctrl-C stops at once:
+    run_cli says so in one line, and a checkpoint being written is discarded (atomic_write)."""
 
     def __init__(self):
         self.requested = False

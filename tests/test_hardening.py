@@ -713,6 +713,13 @@ def test_sigterm_cuts_an_evaluation_short_then_saves_and_exits_0(tmp_path):
     assert "evaluation cut short by the stop request" in output and not re.search(r"\| val loss \d", output)
     assert f"saved {os.path.join(log, 'model_00001.pt')}" in output and "stopped after step 1" in output
     assert seconds < 20, f"{seconds:.1f} s from SIGTERM to exit"
+    # The resumed run does the evaluation that was cut short before its first step (a shorter one here).
+    resumed = subprocess.run(
+        [sys.executable, "train_gpt2.py", *TINY_RUN, *flags, "--resume", "--max_steps", "3", "--val_tokens", "256"],
+        cwd=REPO, capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert re.search(r"^step 1/2 \| val loss \d.*\n(.*\n)*step 2/2 \| loss", resumed.stdout, re.M), resumed.stdout
 
 
 def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
