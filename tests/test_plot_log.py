@@ -9,9 +9,10 @@ import matplotlib.image
 import numpy as np
 import pytest
 
+import plot_log
 from common import UserError, run_cli
 from conftest import REPO
-from plot_log import main, parse_log
+from plot_log import GPT2_124M_FINEWEB_EDU_VAL_LOSS, build_figure, main, parse_log
 
 PLOT_LOG = os.path.join(REPO, "plot_log.py")
 
@@ -133,3 +134,120 @@ def test_missing_log_and_bad_output_name(tmp_path, capsys):
     log = write_log(tmp_path, run_lines(0, 30, False))
     assert_one_line_error(capsys, [log, "-o", tmp_path / "loss.txt"], "cannot write .txt files")
     assert os.listdir(tmp_path) == ["log.txt"]
+
+
+# -----------------------------------------------------------------------------
+# What the figure shows: read back from the matplotlib Figure, since a PNG existing says nothing of its panels.
+
+
+def figure_for(tmp_path, lines, **options):
+    return build_figure(parse_log(write_log(tmp_path, lines)), **options)
+
+
+def legend_texts(ax):
+    legend = ax.get_legend()
+    return [t.get_text() for t in legend.get_texts()] if legend else []
+
+
+def notes(ax):
+    return [t.get_text() for t in ax.texts]
+
+
+def only(lines, *kinds):
+    return [line for line in lines if line.split()[1] in kinds]
+
+
+def test_panels_and_legend_entries_follow_what_the_log_has(tmp_path):
+    lines = run_lines(0, 200, True)
+    fig = figure_for(tmp_path, only(lines, "train"))
+    assert len(fig.axes) == 1
+    assert legend_texts(fig.axes[0]) == ["train"]
+
+    fig = figure_for(tmp_path, only(lines, "train", "val"))
+    assert len(fig.axes) == 1
+    assert legend_texts(fig.axes[0]) == ["train", "val"]
+
+    fig = figure_for(tmp_path, only(lines, "val"))  # a log with val lines only still has a loss panel
+    assert len(fig.axes) == 1
+    assert legend_texts(fig.axes[0]) == ["val"]
+
+    loss_ax, hella_ax = figure_for(tmp_path, lines).axes
+    assert (loss_ax.get_title(), hella_ax.get_title()) == ("Loss", "HellaSwag")
+    assert legend_texts(loss_ax) == ["train", "val"]
+    assert legend_texts(hella_ax) == ["this run", "OpenAI GPT-2 124M: 0.2955", "GPT-3 124M: 0.337"]
+
+
+def reference_lines(ax):
+    """The horizontal reference lines drawn on ax, by their height."""
+    return sorted(line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--")
+
+
+def test_reference_lines_follow_the_flags(tmp_path):
+    log = write_log(tmp_path, run_lines(0, 200, True))
+    series = parse_log(log)
+    loss_label = f"OpenAI GPT-2 124M, FineWeb-edu val: {GPT2_124M_FINEWEB_EDU_VAL_LOSS}"
+
+    # Default: HellaSwag's references only; the loss one holds for FineWeb-edu val alone, which log.txt can't show.
+    loss_ax, hella_ax = build_figure(series).axes
+    assert reference_lines(loss_ax) == [] and loss_label not in legend_texts(loss_ax)
+    assert reference_lines(hella_ax) == [0.2955, 0.337]
+
+    loss_ax, hella_ax = build_figure(series, loss_reference=True).axes
+    assert reference_lines(loss_ax) == [GPT2_124M_FINEWEB_EDU_VAL_LOSS]
+    assert legend_texts(loss_ax) == ["train", "val", loss_label]
+    low, high = loss_ax.get_ylim()
+    assert low < GPT2_124M_FINEWEB_EDU_VAL_LOSS < high
+    assert reference_lines(hella_ax) == [0.2955, 0.337]
+
+    loss_ax, hella_ax = build_figure(series, hellaswag_reference=False).axes
+    assert reference_lines(loss_ax) == reference_lines(hella_ax) == []
+    assert legend_texts(hella_ax) == ["this run"]
+
+    # A short run whose loss is still far above the reference: the axis reaches down to the line anyway.
+    short_run = [f"{step} train {9.0 - 0.01 * step}" for step in range(100)]
+    low, high = figure_for(tmp_path, short_run, loss_reference=True).axes[0].get_ylim()
+    assert low < GPT2_124M_FINEWEB_EDU_VAL_LOSS < 8.0 < high
+
+
+def test_ref_flags_on_the_command_line(tmp_path, monkeypatch):
+    log = write_log(tmp_path, run_lines(0, 200, True))
+    figures = []
+    monkeypatch.setattr(plot_log, "save_figure", lambda fig, out_path: figures.append(fig))
+    for flags, loss_lines, hella_lines in [([], [], [0.2955, 0.337]), (["--ref"], [3.2924], [0.2955, 0.337])]:
+        main([str(log), *flags])
+        loss_ax, hella_ax = figures.pop().axes
+        assert (reference_lines(loss_ax), reference_lines(hella_ax)) == (loss_lines, hella_lines)
+    main([str(log), "--ref", "--no-ref"])  # the last one given wins, as with any pair of flags
+    assert [reference_lines(ax) for ax in figures.pop().axes] == [[], []]
+
+
+def test_clipped_axis_says_how_many_points_it_hides(tmp_path):
+    # Loss falls from 11 to 3.3: the axis stops 3 nats above the lowest loss, hiding the first steps.
+    lines = ["0 train nan"] + run_lines(1, 200, False)
+    series = parse_log(write_log(tmp_path, lines))
+    ax = build_figure(series).axes[0]
+    top = ax.get_ylim()[1]
+    losses = np.array(series["train"][1] + series["val"][1])
+    hidden = int(np.sum(losses > top))  # nan compares False: not counted as above
+    assert hidden > 5
+    assert f"y clipped at {top:.2f}: {hidden} points above (--no-clip shows them)" in notes(ax)[0]
+    assert "1 point nan/inf: not drawn" in notes(ax)[0]
+
+    ax = build_figure(series, clip=False).axes[0]
+    assert ax.get_ylim()[1] > np.nanmax(losses)
+    assert notes(ax) == ["1 point nan/inf: not drawn"]
+
+    # A curve that fits in the clip window hides nothing and says nothing.
+    flat = [f"{step} train {3.5 + 0.01 * step}" for step in range(50)]
+    assert notes(figure_for(tmp_path, flat).axes[0]) == []
+
+
+def test_help_lists_every_flag_with_its_default_once(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--out", "--ref", "--no-ref", "--no-clip"):
+        assert flag in help_text
+    # --ref and --no-ref share one setting: its default is told once, and in words, not as "(default: hellaswag)".
+    assert help_text.count("default") == 3  # --out's, --ref's, --no-clip's
+    assert "(default:" not in help_text

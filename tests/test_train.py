@@ -294,7 +294,7 @@ def test_compile_with_eval_hellaswag_and_sampling_runs_on_cpu(tmp_path, text_sha
             str(tmp_path / "log"),
         ]
     )
-    assert "compile True" in result.stdout
+    assert "compile on" in result.stdout
     assert result.stdout.count("val loss") == 2
     assert result.stdout.count("sample 0: Hello, I'm a language model,") == 2
     hella = [line.split() for line in open(tmp_path / "log" / "log.txt") if " hella " in line]
