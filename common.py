@@ -1,5 +1,6 @@
 """What every script shares and none should pay `import torch` for: the user-error type and the way a
-script reports one, atomic file writes, and the GPT-2 tokenizer.
+script reports one, checks of numeric flags, the lock of an output folder, atomic file writes, and the
+GPT-2 tokenizer.
 
 train_gpt2.py builds on this file, and every other script builds on train_gpt2.py or on this file
 alone (fineweb.py and plot_log.py, which need no torch). It imports nothing of this project.
@@ -8,9 +9,12 @@ alone (fineweb.py and plot_log.py, which need no torch). It imports nothing of t
 import argparse
 import binascii
 import contextlib
+import fcntl
 import hashlib
 import importlib.util
+import math
 import os
+import socket
 import sys
 
 # -----------------------------------------------------------------------------
@@ -46,6 +50,84 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+# -----------------------------------------------------------------------------
+# Numeric flags are checked by one table per script, {flag: RANGE}, instead of one `if` per flag. float()
+# accepts "nan" and "inf" (and "1e400", which overflows to inf), so every value must also be finite.
+
+POSITIVE = (lambda value: value > 0, "positive")
+NOT_NEGATIVE = (lambda value: value >= 0, "at least 0")
+BELOW_ONE = (lambda value: 0 <= value < 1, "in [0, 1)")
+
+
+def check_ranges(args, ranges):
+    """Refuse the first flag of `ranges` ({name: (test, what it must be)}) whose value fails its test
+    or is not finite. A flag left at None (an optional one not given) is not checked."""
+    for name, (test, must_be) in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and test(value)):
+            raise UserError(f"--{name} must be a finite number, {must_be}; got {value}")
+
+
+# -----------------------------------------------------------------------------
+# One writer per output folder. Two runs writing one folder (two trainers on one --log_dir, two
+# fineweb.py on one --out) would overwrite each other's checkpoints, logs and shards, and each would
+# delete the other's half-written files as stale. So a writer holds an OS lock on <folder>/.lock for as
+# long as it writes, and a second one is refused at once. The OS drops the lock when its process ends,
+# however it ends (even SIGKILL), so a lock left by a dead process never blocks. POSIX record locks
+# (lockf) are used rather than flock: a child process (tokenizer workers, torch.compile's compilers)
+# does not inherit them, so a worker that outlives a killed parent holds nothing. Not covered: two
+# writers in one process, and network file systems that do not implement POSIX locks.
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder, flag):
+    """`with output_lock(folder, "--out"):` creates folder if needed and holds its lock for the block; a
+    folder held by another process is a UserError naming the holder. The lock file holds pid@host for
+    that message and is removed at the end, and so is the folder if this block created it and left it empty."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is a file, not a folder: pass a folder's path")
+    created = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {folder}: cannot create the folder ({e.strerror})") from None
+    path = os.path.join(folder, LOCK_NAME)
+    fd = acquire_lock(path, folder, flag)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)  # while still held, so nobody else holds a file about to disappear
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)  # only succeeds if the folder is empty: a refused run leaves no folder
+
+
+def acquire_lock(path, folder, flag):
+    """An open fd of `path`, locked; or a UserError naming the process that holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "a process that is starting"
+            os.close(fd)
+            raise UserError(
+                f"{flag} {folder} is in use by another run (pid {holder}): wait for it to end, or pass another {flag}"
+            ) from None
+        # The holder removes the file just before it lets go: if we locked a file that is no longer at
+        # `path`, a newcomer could create and lock a new one beside us. Then try again on the new one.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
+                return fd
+        os.close(fd)
 
 
 # -----------------------------------------------------------------------------

@@ -8,7 +8,8 @@ lm-evaluation-harness and other tools can load what this project trains:
 Face directory). The directory holds config.json and model.safetensors, with the vocabulary trimmed back
 from the padded 50304 rows to GPT-2's 50257 tokens, and GPT-2's tokenizer files (vocab.json, merges.txt).
 It is built in a temporary directory next to --out and renamed into place when complete, so a crash
-never leaves half a model behind; an existing non-empty --out is replaced only with --force.
+never leaves half a model behind; an existing non-empty --out is replaced only with --force. --out is
+locked while the export runs (common.output_lock), so two exports never write one folder.
 """
 
 import argparse
@@ -19,13 +20,14 @@ import tempfile
 
 from safetensors.torch import save_file
 
-from common import UserError, gpt2_bpe_files, run_cli
+from common import LOCK_NAME, UserError, gpt2_bpe_files, output_lock, run_cli
 from train_gpt2 import load_model, to_hf_checkpoint
 
 
 def export_hf(model, out_dir, overwrite=False):
     """Write `model` (a GPT of train_gpt2.py) to out_dir as a GPT2LMHeadModel directory with its tokenizer."""
-    if os.path.isfile(out_dir) or (os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite):
+    others = set(os.listdir(out_dir)) - {LOCK_NAME} if os.path.isdir(out_dir) else set()  # our own lock aside
+    if os.path.isfile(out_dir) or (others and not overwrite):
         raise UserError(
             f"{out_dir} already exists and is not empty: choose another --out, or pass --force to replace it"
         )
@@ -78,8 +80,11 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
     args = parser.parse_args(argv)
+    if not args.out.strip():
+        raise UserError("--out is empty: pass the directory to write the model to")
     model = load_model(args.init, device="cpu")
-    export_hf(model, args.out, overwrite=args.force)
+    with output_lock(args.out, "--out"):
+        export_hf(model, args.out, overwrite=args.force)
     print(
         f"wrote {args.out}: load it with GPT2LMHeadModel.from_pretrained({args.out!r}) or AutoTokenizer.from_pretrained"
     )

@@ -18,6 +18,7 @@ import argparse
 import collections
 import functools
 import glob
+import hashlib
 import json
 import multiprocessing
 import os
@@ -27,7 +28,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from common import EOT_TOKEN, UserError, atomic_write, gpt2_tokenizer, run_cli
+from common import EOT_TOKEN, UserError, atomic_write, gpt2_tokenizer, output_lock, run_cli
 
 # -----------------------------------------------------------------------------
 # Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt files, a
@@ -395,8 +396,16 @@ def load_progress(out_dir, prefix, settings):
                 f"saying how they were made; delete them or pass another --out"
             )
         return fresh
-    with open(progress_path(out_dir, prefix)) as f:
-        progress = json.load(f)
+    try:
+        with open(progress_path(out_dir, prefix)) as f:
+            progress = json.load(f)
+    except (OSError, ValueError):  # unreadable, or not JSON
+        progress = None
+    if not (isinstance(progress, dict) and "settings" in progress):  # it is written atomically: edited by hand?
+        raise UserError(
+            f"{progress_path(out_dir, prefix)} is damaged: delete it and the {prefix} shards beside it to start "
+            "over, or pass another --out"
+        )
     if progress["settings"] != settings:
         old = progress["settings"]
         changed = ", ".join(
@@ -409,6 +418,26 @@ def load_progress(out_dir, prefix, settings):
             f"or pass another --out"
         )
     return progress
+
+
+def input_key(path):
+    """What identifies an input file's content for a resume: its size, its modification time and a hash
+    of its first and last MiB. Path and size alone would let a replaced file of the same size resume,
+    and mix two corpora in one set of shards; hashing the ends costs two reads, not the whole file."""
+    edge = 1 << 20
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        stat = os.fstat(f.fileno())
+        digest.update(f.read(edge))
+        if stat.st_size > edge:  # a small file is read once: its first MiB is all of it
+            f.seek(max(edge, stat.st_size - edge))
+            digest.update(f.read(edge))
+    return {
+        "path": os.path.abspath(path),
+        "bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "ends_sha256": digest.hexdigest(),
+    }
 
 
 def save_progress(out_dir, prefix, progress):
@@ -569,19 +598,29 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.num_proc < 1:
         raise UserError("--shard_size and --num_proc must be at least 1")
+    # The trainer tells the splits apart by the word before the shard's number; a prefix that names a split
+    # or a folder would make names other loaders (build-nanogpt's glob of *_train_*) read wrongly.
+    if not args.prefix or os.sep in args.prefix or "_train" in args.prefix or "_val" in args.prefix:
+        raise UserError(f"--prefix {args.prefix!r}: use a plain name without '/', '_train' or '_val'")
     if not args.input and offline_variable():  # before datasets spends seconds importing and retrying
         raise UserError(
             f"{offline_variable()} says there is no network, so {args.dataset} cannot be downloaded; pass local "
             f".parquet, .jsonl or .txt files with --input (FineWeb-edu's parquet files, downloaded elsewhere)"
         )
-    start_time = time.perf_counter()
 
     settings = {"tokenizer": "gpt2", "shard_size": args.shard_size, "text_field": args.text_field}
     if args.input:
         files = find_input_files(args.input)
-        settings["input"] = [{"path": os.path.abspath(path), "bytes": os.path.getsize(path)} for path in files]
+        settings["input"] = [input_key(path) for path in files]
     else:
         settings.update(dataset=args.dataset, name=args.name, split=args.split, streaming=args.streaming)
+    with output_lock(args.out, "--out"):  # one writer per folder; removed again if this run makes nothing
+        write_corpus(args, settings, files if args.input else None)
+
+
+def write_corpus(args, settings, files):
+    """Tokenize the corpus into args.out, resuming an earlier run with the same settings; prints what it did."""
+    start_time = time.perf_counter()
     progress = load_progress(args.out, args.prefix, settings)
     if progress["finished"]:
         print(
@@ -621,6 +660,8 @@ def main(argv=None):
             f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below "
             f"{progress['tokens']:,} to a new --out"
         )
+    if progress["tokens"] == progress["documents"]:  # each document added its end-of-text token and nothing else
+        print("note: every document was empty: the shards hold end-of-text tokens only, nothing to train on")
 
 
 if __name__ == "__main__":

@@ -38,28 +38,30 @@ def parse_log(path):
     series = {}
     previous_step = -1
     try:
-        f = open(path)
+        with open(path) as f:
+            lines = f.read().splitlines()  # a log has one short line per step: it fits in memory
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); pass the log.txt your training run wrote") from None
-    with f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                step_text, kind, value_text = line.split()
-                step, value = int(step_text), float(value_text)
-            except ValueError:
-                raise UserError(
-                    f"{path} line {line_number}: expected '<step> <kind> <value>', got {line.strip()!r}"
-                ) from None
-            steps, values = series.setdefault(kind, ([], []))
-            if step < previous_step or (steps and step <= steps[-1]):
-                for old_steps, old_values in series.values():
-                    keep = sum(1 for s in old_steps if s < step)
-                    del old_steps[keep:], old_values[keep:]
-            steps.append(step)
-            values.append(value)
-            previous_step = step
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file; pass the log.txt your training run wrote") from None
+    for line_number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            step_text, kind, value_text = line.split()
+            step, value = int(step_text), float(value_text)
+        except ValueError:
+            raise UserError(
+                f"{path} line {line_number}: expected '<step> <kind> <value>', got {line.strip()[:60]!r}"
+            ) from None
+        steps, values = series.setdefault(kind, ([], []))
+        if step < previous_step or (steps and step <= steps[-1]):
+            for old_steps, old_values in series.values():
+                keep = sum(1 for s in old_steps if s < step)
+                del old_steps[keep:], old_values[keep:]
+        steps.append(step)
+        values.append(value)
+        previous_step = step
     if not series.get("train") and not series.get("val"):
         raise UserError(f"{path} has no train or val lines to plot")
     return series

@@ -9,8 +9,19 @@ An empty --prompt starts from <|endoftext|>, that is, from the beginning of a do
 
 import argparse
 
-from common import HelpFormatter, UserError, gpt2_tokenizer, run_cli
-from train_gpt2 import autocast_context, load_model, pick_autocast_dtype, pick_device, sample_texts
+import torch
+
+from common import NOT_NEGATIVE, POSITIVE, HelpFormatter, check_ranges, gpt2_tokenizer, run_cli
+from train_gpt2 import autocast_context, load_model, out_of_memory, pick_autocast_dtype, pick_device, sample_texts
+
+# Each numeric flag's range (common.check_ranges, which also refuses nan and inf). Logits are divided by
+# the temperature: below 1e-3 they overflow to inf and the sampling breaks, so 0 is the greedy choice.
+FLAG_RANGES = {
+    "num_samples": POSITIVE,
+    "max_new_tokens": NOT_NEGATIVE,
+    "top_k": POSITIVE,
+    "temperature": (lambda value: value == 0 or value >= 1e-3, "0 (the most likely token) or at least 1e-3"),
+}
 
 
 def parse_args(argv=None):
@@ -34,14 +45,7 @@ def parse_args(argv=None):
         help="autocast dtype, as in training; float32 for exact greedy text (--temperature 0)",
     )
     args = p.parse_args(argv)
-    for flag, value, smallest in [
-        ("num_samples", args.num_samples, 1),
-        ("max_new_tokens", args.max_new_tokens, 0),
-        ("top_k", args.top_k, 1),
-        ("temperature", args.temperature, 0),
-    ]:
-        if value < smallest:
-            raise UserError(f"--{flag} is {value}: it must be at least {smallest}")
+    check_ranges(args, FLAG_RANGES)
     return args
 
 
@@ -50,17 +54,20 @@ def sample(args):
     device = pick_device(args.device)
     model = load_model(args.init, device)
     dtype, _ = pick_autocast_dtype(args.dtype, device)
-    return sample_texts(
-        model,
-        gpt2_tokenizer(),
-        args.prompt,
-        num_samples=args.num_samples,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        seed=args.seed,
-        autocast=autocast_context(device, dtype),
-    )
+    try:
+        return sample_texts(
+            model,
+            gpt2_tokenizer(),
+            args.prompt,
+            num_samples=args.num_samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            autocast=autocast_context(device, dtype),
+        )
+    except torch.OutOfMemoryError:
+        raise out_of_memory(device, "lower --num_samples (they are drawn in one batch) or --max_new_tokens") from None
 
 
 def main(argv=None):

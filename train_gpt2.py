@@ -9,10 +9,12 @@ import argparse
 import collections
 import contextlib
 import glob
+import hashlib
 import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -26,7 +28,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import EOT_TOKEN, GPT2_VOCAB_SIZE, HelpFormatter, UserError, atomic_write, gpt2_tokenizer, run_cli
+from common import (
+    BELOW_ONE,
+    EOT_TOKEN,
+    GPT2_VOCAB_SIZE,
+    NOT_NEGATIVE,
+    POSITIVE,
+    HelpFormatter,
+    UserError,
+    atomic_write,
+    check_ranges,
+    gpt2_tokenizer,
+    output_lock,
+    run_cli,
+)
 
 # -----------------------------------------------------------------------------
 # The model. GPT-2 is a stack of identical pre-LayerNorm transformer blocks between a token+position
@@ -266,9 +281,11 @@ def read_gpt2_weights(name_or_path):
         )
     hf_config, hf_state = read_hf_checkpoint(directory)
     try:
-        config = GPTConfig(**{field: hf_config[hf_name] for field, hf_name in HF_CONFIG_NAMES.items()})
+        config = {field: hf_config[hf_name] for field, hf_name in HF_CONFIG_NAMES.items()}
     except KeyError as e:
         raise UserError(f"{directory}/config.json lacks {e}: it is not a complete GPT-2 config") from None
+    check_config(config, f"{directory}/config.json")
+    config = GPTConfig(**config)
     state = {k: (v.t() if k.endswith(HF_CONV1D_WEIGHTS) else v) for k, v in hf_state.items()}
     return config, state
 
@@ -317,10 +334,13 @@ def read_hf_checkpoint(directory):
             hf_state = load_file(safetensors_path)
         else:
             hf_state = torch.load(bin_path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # the message's first line only: torch's for a pickle goes on for lines
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(
-            f"{directory} is not a Hugging Face GPT-2 checkpoint ({type(e).__name__}: {e}): it needs a config.json "
-            "with model_type gpt2 and a model.safetensors or pytorch_model.bin"
+            f"{directory} is not a Hugging Face GPT-2 checkpoint ({type(e).__name__}: {reason}): it needs a "
+            "config.json with model_type gpt2 and a model.safetensors, or a pytorch_model.bin of plain tensors "
+            "(one that holds other Python objects is refused, since loading it could run code: convert it to "
+            "safetensors)"
         ) from None
     # GPT2Config can also describe variants of the network (another activation, an untied output head,
     # other attention scaling); loading one into our GPT would silently give a different model.
@@ -400,7 +420,8 @@ def load_weights(model, state, source):
 # The data loader. The corpus is pre-tokenized into shards (fineweb.py): uint16 .npy files, or the .bin
 # shards of llm.c / modded-nanogpt (a 256 x int32 header, then uint16 tokens). Shards are memory-mapped,
 # so a 10B-token corpus costs no RAM. Each optimizer step consumes one global window of
-# B*T*world_size tokens (+1 for the last target); rank r reads its own B*T slice of that window.
+# total_batch_size tokens (+1 for the last target); each micro-step of each rank reads its own B*T
+# slice of it, so that the tokens of a step do not depend on how many processes share it.
 
 BIN_MAGIC, BIN_VERSION, BIN_HEADER_INTS = 20240520, 1, 256
 
@@ -422,7 +443,8 @@ def load_shard(path):
                 f"{path}: {os.path.getsize(path)} bytes, header promises {expected_bytes}: "
                 "the file is truncated, download it again"
             )
-        return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * BIN_HEADER_INTS, shape=(num_tokens,))
+        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=4 * BIN_HEADER_INTS, shape=(num_tokens,))
+        return check_token_ids(path, tokens)
     try:
         tokens = np.load(path, mmap_mode="r")
     except Exception as e:
@@ -434,59 +456,147 @@ def load_shard(path):
             f"{path}: tokens are {tokens.dtype} with shape {tokens.shape}, expected a 1-D uint16 array: "
             "regenerate it with fineweb.py"
         )
+    return check_token_ids(path, tokens)
+
+
+def check_token_ids(path, tokens):
+    """Refuse a shard with ids the tokenizer never makes (a shard of another tokenizer, or uint16 data that
+    is not tokens): past the embedding table they would crash a step deep into the run, and below it they
+    would train rows that no text uses. Reading a shard once costs about as much as a few training steps."""
+    largest = int(tokens.max()) if len(tokens) else 0
+    if largest >= GPT2_VOCAB_SIZE:
+        raise UserError(
+            f"{path} holds token id {largest}, but GPT-2's tokenizer has {GPT2_VOCAB_SIZE} tokens: it is not "
+            "a shard of GPT-2 tokens; remove it, or regenerate it with fineweb.py"
+        )
     return tokens
 
 
+# A shard's name as fineweb.py and llm.c write it, matched whole: PREFIX_SPLIT_INDEX.npy or .bin. Matched
+# whole, the split is the word right before the index, so a prefix such as "x_train" cannot make a val
+# shard (x_train_val_000000.npy) look like a train shard.
+SHARD_NAME = re.compile(r"(.+)_(train|val)_(\d{6})\.(npy|bin)")
+
+
+def find_shards(data_dir, split):
+    """The paths of the split's shards in data_dir, in index order. Only files count: a folder named like
+    a shard is not one. Two shards with one index (two corpora in one folder) are refused."""
+    shards = {}
+    for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
+        match = SHARD_NAME.fullmatch(name)
+        path = os.path.join(data_dir, name)
+        if not (match and match.group(2) == split and os.path.isfile(path)):
+            continue
+        index = int(match.group(3))
+        if index in shards:
+            raise UserError(
+                f"{data_dir} holds two {split} shards with index {index} ({os.path.basename(shards[index])}, "
+                f"{name}): keep one corpus per --data_dir"
+            )
+        shards[index] = path
+    if not shards:
+        raise UserError(
+            f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir}: run `python fineweb.py` "
+            f"(or fineweb.py --input your.txt --out {data_dir}) first"
+        )
+    return [shards[index] for index in sorted(shards)]
+
+
 class DataLoaderLite:
-    def __init__(self, data_dir, B, T, process_rank, num_processes, split):
+    """This rank's batches of B sequences of T tokens, read in order from the shards of one split.
+
+    The split is read in windows of step_tokens tokens (+1, the last target): one optimizer step's tokens,
+    all ranks and all micro-steps together (by default one micro-step of all ranks). A window never
+    crosses a shard's end: when the next one does not fit, the next shard begins. Within a window,
+    micro-step m of rank r reads the B*T block m * world_size + r. So a step reads the same tokens however
+    many processes share it (one process accumulating k micro-steps, or k processes), and the state
+    is one global position, which a run on any number of processes can resume."""
+
+    def __init__(self, data_dir, B, T, process_rank, num_processes, split, step_tokens=None):
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
-        self.window = B * T * num_processes  # tokens consumed by all ranks together in one next_batch()
-        paths = sorted(
-            glob.glob(os.path.join(data_dir, f"*_{split}_*.npy"))
-            + glob.glob(os.path.join(data_dir, f"*_{split}_*.bin"))
-        )
-        if not paths:
-            raise UserError(
-                f"no {split} shards (*_{split}_*.npy or .bin) in {data_dir}: run `python fineweb.py` "
-                f"(or fineweb.py --input your.txt --out {data_dir}) first"
-            )
+        self.window = step_tokens or B * T * num_processes  # tokens of all ranks in one optimizer step
+        self.micro_steps = self.window // (B * T * num_processes)  # check_args makes it divide evenly
+        paths = find_shards(data_dir, split)
         self.shards = [load_shard(p) for p in paths]
         for path, tokens in zip(paths, self.shards):
             if len(tokens) < self.window + 1:
                 raise UserError(
-                    f"{path} has {len(tokens)} tokens, fewer than one batch of B*T*world_size+1 = "
-                    f"{self.window + 1}: lower --batch_size/--seq_len or add data"
+                    f"{path} has {len(tokens)} tokens, fewer than one batch of all ranks' sequences + 1 = "
+                    f"{self.window + 1}: lower --total_batch_size (or --batch_size/--seq_len) or add data"
                 )
+        self.data = data_fingerprint(paths, self.shards)
         self.reset()
 
     def reset(self):
-        self.shard, self.position, self.epoch = 0, 0, 0
+        self.shard, self.position, self.epoch, self.micro_step = 0, 0, 0, 0
 
     def steps_per_epoch(self):
         return sum((len(tokens) - 1) // self.window for tokens in self.shards)
 
     def next_batch(self):
         """x, y of shape (B, T): this rank's inputs and, one token later, their targets."""
-        start = self.position + self.process_rank * self.B * self.T
+        block = self.micro_step * self.num_processes + self.process_rank
+        start = self.position + block * self.B * self.T
         buf = torch.from_numpy(self.shards[self.shard][start : start + self.B * self.T + 1].astype(np.int64))
         x = buf[:-1].view(self.B, self.T)
         y = buf[1:].view(self.B, self.T)
-        # Every rank advances by the same global window, so all ranks stay on the same shard and switch
-        # together, exactly when the next global window would not fit in this one.
-        self.position += self.window
-        if self.position + self.window + 1 > len(self.shards[self.shard]):
-            self.shard, self.position = (self.shard + 1) % len(self.shards), 0
-            self.epoch += self.shard == 0  # past the last shard: wrap around, a new epoch
+        self.micro_step += 1
+        if self.micro_step == self.micro_steps:  # the step's window is used up: every rank moves on together
+            self.micro_step = 0
+            self.position += self.window
+            if self.position + self.window + 1 > len(self.shards[self.shard]):
+                self.shard, self.position = (self.shard + 1) % len(self.shards), 0
+                self.epoch += self.shard == 0  # past the last shard: wrap around, a new epoch
         return x, y
 
-    # The position is global (the start of the next global window), so it is the same on every rank:
-    # one state restores all ranks, even if the run resumes on a different number of processes.
+    # Saved between steps, the state is where the next window starts: the same on every rank. The window
+    # size and the data it points into are saved with it, so that a resume can tell when they changed.
     def state_dict(self):
-        return {"shard": self.shard, "position": self.position, "epoch": self.epoch}
+        return {
+            "shard": self.shard,
+            "position": self.position,
+            "epoch": self.epoch,
+            "step_tokens": self.window,
+            "data": self.data,
+        }
 
     def load_state_dict(self, state):
+        """Continue where `state` ends; the data and --total_batch_size must be what it was saved with
+        (checkpoints from before these were recorded are taken as they are)."""
+        if state.get("step_tokens", self.window) != self.window:
+            raise UserError(
+                f"the checkpoint read {state['step_tokens']} tokens per step, this run {self.window}: resume "
+                "with its --total_batch_size (the number of processes may change)"
+            )
+        then, now = state.get("data", self.data), self.data
+        if then != now:
+            then_shard, now_shard = next(((a, b) for a, b in zip(then, now) if a != b), (None, None))
+            detail = (
+                f"{len(then)} train shards then, {len(now)} now"
+                if then_shard is None
+                else f"{then_shard[0]} of {then_shard[1]:,} tokens then, {now_shard[0]} of {now_shard[1]:,} now"
+            )
+            raise UserError(
+                f"the train shards are not the ones the checkpoint was trained on ({detail}): "
+                "point --data_dir at the data of the run"
+            )
         self.shard, self.position, self.epoch = state["shard"], state["position"], state["epoch"]
+        self.micro_step = 0
+
+
+def data_fingerprint(paths, shards):
+    """[name, tokens, digest] of each shard: enough to notice a shard that was replaced, cut, or regenerated
+    differently, cheaply (the digest covers a shard's first and last 4096 tokens, not all of it)."""
+    edges = 4096
+    return [
+        [
+            os.path.basename(path),
+            len(tokens),
+            hashlib.sha256(tokens[:edges].tobytes() + tokens[-edges:].tobytes()).hexdigest(),
+        ]
+        for path, tokens in zip(paths, shards)
+    ]
 
 
 # -----------------------------------------------------------------------------
@@ -495,13 +605,17 @@ class DataLoaderLite:
 
 
 @torch.no_grad()
-def validation_loss(model, val_loader, steps, autocast, procs):
-    """Mean loss over `steps` batches from the start of the validation split, averaged over ranks."""
+def validation_loss(model, val_loader, steps, autocast, procs, stop=None):
+    """Mean loss over `steps` batches from the start of the validation split, averaged over ranks.
+    A stop request (StopRequest, below) ends the loop between batches; the result is then meaningless,
+    but every rank still joins the final reduction, so that none waits for another."""
     device = next(model.parameters()).device
     model.eval()
     val_loader.reset()
     loss_sum = torch.zeros((), device=device)
     for _ in range(steps):
+        if stop is not None and stop.requested:
+            break
         x, y = val_loader.next_batch()
         with autocast:
             _, loss = model(x.to(device), y.to(device))
@@ -697,13 +811,13 @@ def ending_losses(model, packed, device):
     return sums.view(-1, 4), counts.view(-1, 4)
 
 
-def score_examples(model, examples, enc, device, batch_size, autocast_dtype=torch.float32, progress=False):
+def score_examples(model, examples, enc, device, batch_size, autocast_dtype=torch.float32, progress=False, stop=None):
     """Summed losses (E, 4) and scored token counts (E, 4) of every ending of every example, batch_size
     examples (one row each) per forward pass. The rows are sorted by length first so that a batch holds
     rows of about the same length and little compute goes into padding; the results are put back in
     the examples' order. autocast_dtype float32 (no autocast) is exact; bfloat16 is faster where
     matmuls have bf16 units, but its rounding moves the mean losses by about 0.001 to 0.01, enough to
-    flip a few near-tied answers."""
+    flip a few near-tied answers. A stop request (as in validation_loss) ends the scoring between batches."""
     device_type = torch.device(device).type
     packed = [pack_example(*render_example(example, enc, max_len=model.config.block_size)) for example in examples]
     order = sorted(
@@ -715,6 +829,8 @@ def score_examples(model, examples, enc, device, batch_size, autocast_dtype=torc
     with torch.no_grad(), autocast:
         with tqdm(total=len(packed), unit="example", desc="hellaswag", disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
+                if stop is not None and stop.requested:
+                    break
                 batch = order[start : start + batch_size]
                 batch_losses, batch_counts = ending_losses(model, [packed[i] for i in batch], device)
                 sum_losses[batch] = batch_losses.cpu()
@@ -729,17 +845,20 @@ def predictions(sum_losses, n_tokens):
 
 
 def evaluate_hellaswag(
-    model, examples, enc, device, batch_size, rank=0, world_size=1, autocast_dtype=torch.float32, progress=False
-):
+    model, examples, enc, device, batch_size, rank=0, world_size=1, autocast_dtype=torch.float32, progress=False,
+    stop=None,
+):  # fmt: skip
     """HellaSwag counts over all `examples`: dict(n, correct, correct_norm) (correct for acc, correct_norm
     for acc_norm). With DDP every rank calls this with the same examples and scores its share (rank r
     takes examples r, r + world_size, ...); the counts are then summed with all_reduce, so every rank
     gets the totals (torch.distributed must be initialised when world_size > 1). `model` is a GPT (a
     torch.compile'd one runs its uncompiled methods here), not the DDP wrapper: evaluation needs no
-    gradient sync. autocast_dtype: as in score_examples()."""
+    gradient sync. autocast_dtype, stop: as in score_examples()."""
     my_examples = examples[rank::world_size]
     if my_examples:
-        sum_losses, n_tokens = score_examples(model, my_examples, enc, device, batch_size, autocast_dtype, progress)
+        sum_losses, n_tokens = score_examples(
+            model, my_examples, enc, device, batch_size, autocast_dtype, progress, stop
+        )
         pred, pred_norm = predictions(sum_losses, n_tokens)
         labels = torch.tensor([example["label"] for example in my_examples])
         counts = [len(my_examples), (pred == labels).sum().item(), (pred_norm == labels).sum().item()]
@@ -776,11 +895,11 @@ def load_hellaswag_eval(args, enc, procs, download=True):
             return None
     examples = load_examples(path)
 
-    def hellaswag_acc_norm(model, autocast_dtype):
+    def hellaswag_acc_norm(model, autocast_dtype, stop=None):
         device = next(model.parameters()).device
         # One row per example, shorter than a training row: --batch_size of them fit where training does.
         counts = evaluate_hellaswag(
-            model, examples, enc, device, args.batch_size, procs.rank, procs.world_size, autocast_dtype
+            model, examples, enc, device, args.batch_size, procs.rank, procs.world_size, autocast_dtype, stop=stop
         )
         return counts["correct_norm"] / counts["n"]
 
@@ -825,11 +944,18 @@ def save_checkpoint(path, state):
         torch.save(state, f)
 
 
+# The names save_run writes, and the only files that count as checkpoints: not a half-written
+# model_00042.pt.tmp, nor a copy a user made, such as model_00002_backup.pt.
+CHECKPOINT_NAME = re.compile(r"model_(\d{5,})\.pt")
+
+
 def latest_checkpoint(log_dir):
-    """The newest model_XXXXX.pt in log_dir, or None. Half-written .tmp files never match."""
-    paths = glob.glob(os.path.join(log_dir, "model_*.pt"))
-    # More digits first, then as text: past step 99999, model_100000.pt comes after model_99999.pt.
-    return max(paths, key=lambda path: (len(path), path)) if paths else None
+    """The checkpoint of the highest step in log_dir, or None."""
+    steps = {}
+    for path in glob.glob(os.path.join(log_dir, "model_*.pt")):
+        if match := CHECKPOINT_NAME.fullmatch(os.path.basename(path)):
+            steps[int(match.group(1))] = path
+    return steps[max(steps)] if steps else None
 
 
 def read_weights(init):
@@ -864,7 +990,26 @@ def load_checkpoint(path):
         ) from None
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(f"{path} is not a checkpoint of this project: it lacks the 'model' and 'config' entries")
+    check_config(checkpoint["config"], path)
     return checkpoint
+
+
+def check_config(config, source):
+    """Refuse a model config that GPT cannot be built from, before building it: one from another program
+    (nanoGPT's checkpoints also hold a 'config', of training settings), or one with impossible sizes."""
+    fields = set(GPTConfig.__dataclass_fields__)
+    if not isinstance(config, dict) or config.keys() != fields:
+        found = sorted(config)[:4] if isinstance(config, dict) else type(config).__name__
+        raise UserError(
+            f"{source} is not a checkpoint of this project: its config holds {found}, not {sorted(fields)} "
+            "(checkpoints of nanoGPT and other trainers are laid out differently)"
+        )
+    bad = [f"{k} {v!r}" for k, v in config.items() if not (isinstance(v, int) and v > 0)]
+    if bad or config["n_embd"] % config["n_head"]:
+        raise UserError(
+            f"{source}: its model config is impossible ({', '.join(bad) or 'n_embd not divisible by n_head'}): "
+            "sizes must be positive integers and n_embd a multiple of n_head"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -976,6 +1121,16 @@ def autocast_context(device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def out_of_memory(device, advice):
+    """The UserError for a device that ran out of memory: the memory figures, and what to lower."""
+    figures = ""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        figures = f" ({peak / 2**30:.1f} GiB at the peak of {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free now)"
+    return UserError(f"out of memory on {device}{figures}: {advice}")
+
+
 def use_fast_math(device):
     """Speed-ups that change no result a run depends on."""
     if device.type == "cuda":
@@ -1004,6 +1159,14 @@ class Processes:
     def print(self, *args, **kwargs):
         if self.master:
             print(*args, **kwargs)
+
+    def any(self, flag, device):
+        """Whether `flag` is true on any rank; every rank gets the same answer."""
+        if not self.ddp:
+            return flag
+        flags = torch.tensor(float(flag), device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.SUM)
+        return flags.item() > 0
 
     def mean(self, tensor):
         """The mean of `tensor` over the ranks (summed, then divided: gloo has no average)."""
@@ -1161,29 +1324,24 @@ def parse_args(argv=None):
     return args
 
 
+# The range of every numeric flag, checked by check_ranges (which also refuses nan and inf).
+FLAG_RANGES = {
+    **dict.fromkeys(
+        ["total_batch_size", "batch_size", "seq_len", "n_layer", "n_head", "n_embd", "block_size", "vocab_size"]
+        + ["max_steps", "eval_every", "ckpt_every", "val_tokens", "peak_flops"],
+        POSITIVE,
+    ),
+    # AdamW moves each weight by about the learning rate per step: above 1 no run can train, and far above
+    # it the update overflows float32 inside the optimizer.
+    **dict.fromkeys(["max_lr", "min_lr"], (lambda value: 0 <= value <= 1, "in [0, 1]")),
+    **dict.fromkeys(["weight_decay", "grad_clip", "eps", "warmup_steps", "seed"], NOT_NEGATIVE),
+    **dict.fromkeys(["beta1", "beta2"], BELOW_ONE),
+}
+
+
 def check_args(args, world_size):
     """Refuse flags that make no sense before any work starts, each with one line that says why."""
-    for name in (
-        "total_batch_size",
-        "batch_size",
-        "seq_len",
-        "n_layer",
-        "n_head",
-        "n_embd",
-        "block_size",
-        "vocab_size",
-        "max_steps",
-        "eval_every",
-        "ckpt_every",
-        "val_tokens",
-    ):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:  # None: a shape flag left to the weights
-            raise UserError(f"--{name} must be positive, got {getattr(args, name)}")
-    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip", "eps", "warmup_steps"):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
-        raise UserError(f"--beta1 and --beta2 must be in [0, 1), got {args.beta1}, {args.beta2}")
+    check_ranges(args, FLAG_RANGES)
     if args.min_lr > args.max_lr:
         raise UserError(f"--min_lr {args.min_lr} is above --max_lr {args.max_lr}")
     if args.init and args.resume:
@@ -1215,12 +1373,36 @@ def main(argv=None):
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     try:
         if args.eval_only:
-            evaluate_only(args, device, procs)
+            evaluate_only(args, device, procs)  # writes nothing, so it needs no lock
         else:
-            train(args, device, procs)
+            with log_dir_lock(args, procs, device):
+                train(args, device, procs)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(
+            device,
+            f"lower --batch_size (now {args.batch_size}) and keep --total_batch_size {args.total_batch_size}: "
+            "more micro-steps make up the difference, and the run stays the same",
+        ) from None
     finally:
         if procs.ddp:
             torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def log_dir_lock(args, procs, device):
+    """Rank 0 holds --log_dir's lock for the whole run (common.output_lock), so that a second run on
+    the same folder is refused before it reads or removes anything there. All ranks learn whether it
+    got the lock, so that none goes on alone; only rank 0's message is printed."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if procs.master:
+            try:
+                stack.enter_context(output_lock(args.log_dir, "--log_dir"))
+            except UserError as e:
+                refusal = e
+        if procs.any(refusal is not None, device):
+            raise refusal or UserError(f"rank 0 could not lock --log_dir {args.log_dir}")
+        yield
 
 
 @dataclass
@@ -1242,6 +1424,7 @@ class Run:
     grad_accum_steps: int
     val_steps: int
     start_step: int
+    eval_pending: bool  # the checkpoint's evaluation was cut short by a signal: do it before the first step
     enc: object  # the tokenizer, for samples
     hellaswag: object  # model, dtype -> acc_norm; None when off
     log: object  # log.txt, open on rank 0 only
@@ -1259,6 +1442,8 @@ def train(args, device, procs):
         if procs.master:
             run.log.close()
         return
+    if run.eval_pending:
+        evaluate_and_sample(run, progress, run.start_step - 1, stop)
     for step in range(run.start_step, args.max_steps):
         t0 = time.time()
         lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
@@ -1271,13 +1456,16 @@ def train(args, device, procs):
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that dt measures the step, not just its launch
         report_step(run, progress, step, train_loss, lr, norm, time.time() - t0)
+        eval_pending = False
         if (step + 1) % args.eval_every == 0 or step == last_step:
-            evaluate_and_sample(run, progress, step)
+            eval_pending = not evaluate_and_sample(run, progress, step, stop)
+            stop_now = procs.any(stop.requested, device)  # a signal may have come during the evaluation
         if procs.master:
             run.log.flush()
         if (step + 1) % args.ckpt_every == 0 or step == last_step or stop_now:
+            check_finite_weights(run, step)
             if procs.master:
-                progress.checkpoint = save_run(run, step)
+                progress.checkpoint = save_run(run, step, eval_pending)
             if stop_now:
                 procs.print(f"stopped after step {step}; continue with --resume")
                 break
@@ -1317,14 +1505,16 @@ def set_up_run(args, device, procs):
     use_fast_math(device)
     dtype, dtype_reason = pick_autocast_dtype(args.dtype, device)
     B, T = args.batch_size, args.seq_len
-    train_loader = DataLoaderLite(args.data_dir, B, T, procs.rank, procs.world_size, "train")
+    train_loader = DataLoaderLite(args.data_dir, B, T, procs.rank, procs.world_size, "train", args.total_batch_size)
     val_loader, val_steps = validation_data(args, procs)
     model, resume_path, checkpoint = build_model(args, device)
     config = model.config
     betas = (args.beta1, args.beta2)
     optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, betas, args.eps, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
-    start_step = resume_or_start(args, procs, device, optimizer, scaler, train_loader, resume_path, checkpoint)
+    start_step, eval_pending = resume_or_start(
+        args, procs, device, optimizer, scaler, train_loader, resume_path, checkpoint
+    )
 
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     forward_model = torch.compile(model) if use_compile else model
@@ -1353,8 +1543,8 @@ def set_up_run(args, device, procs):
     log = open(os.path.join(args.log_dir, "log.txt"), "a" if args.resume else "w") if procs.master else None
     return Run(
         args, procs, device, dtype, autocast_context(device, dtype), model, forward_model, step_model, optimizer,
-        scaler, train_loader, val_loader, grad_accum_steps, val_steps, start_step, enc, hellaswag, log,
-        flops_per_step, args.peak_flops or device_peak_flops(device),
+        scaler, train_loader, val_loader, grad_accum_steps, val_steps, start_step, eval_pending, enc, hellaswag,
+        log, flops_per_step, args.peak_flops or device_peak_flops(device),
     )  # fmt: skip
 
 
@@ -1397,15 +1587,32 @@ def build_model(args, device):
 
 
 def checkpoint_to_resume(args):
-    """(path, checkpoint) of the run that --resume continues, or (None, None) without --resume."""
+    """(path, checkpoint) of the run that --resume continues, or (None, None) without --resume: the newest
+    checkpoint in --log_dir (bare --resume) or in a folder --resume names, or the file it names. A run
+    resumed from another folder writes its own checkpoints to --log_dir, so that folder must not hold
+    another run's."""
     if not args.resume:
         return None, None
-    path = latest_checkpoint(args.log_dir) if args.resume == "latest" else args.resume
-    if path is None:
+    folder = args.log_dir if args.resume == "latest" else args.resume
+    if args.resume == "latest" or os.path.isdir(folder):
+        path = latest_checkpoint(folder)
+        if path is None:
+            raise UserError(
+                f"--resume: no checkpoint model_*.pt in {folder}: start without --resume, or pass --log_dir of the run"
+            )
+    elif args.resume.endswith(".tmp"):
         raise UserError(
-            f"--resume: no checkpoint model_*.pt in {args.log_dir}: start without --resume, "
-            "or pass --log_dir of the run"
+            f"--resume {args.resume}: a .tmp file is a checkpoint whose write was cut short, not a checkpoint; "
+            "pass the model_XXXXX.pt before it"
         )
+    else:
+        path = args.resume
+        kept = latest_checkpoint(args.log_dir)
+        if kept and os.path.isfile(path) and not in_folder(path, args.log_dir):
+            raise UserError(
+                f"--log_dir {args.log_dir} holds checkpoints of another run ({os.path.basename(kept)}): resuming "
+                f"{path} there would overwrite them; pass an empty --log_dir for the resumed run"
+            )
     checkpoint = load_checkpoint(path)
     if "optimizer" not in checkpoint:
         raise UserError(f"{path} holds weights only (no optimizer state): it cannot be resumed")
@@ -1449,25 +1656,33 @@ def padded_vocabulary(state, vocab_size):
 
 
 def resume_or_start(args, procs, device, optimizer, scaler, train_loader, path, checkpoint):
-    """The first step to run: 0 for a new run in an empty --log_dir, or the step after the checkpoint's at
-    `path` (None for a new run), with the optimizer, scaler, data position and random state restored from
-    it. build_model has loaded its weights already."""
-    os.makedirs(args.log_dir, exist_ok=True)
-    start_step = 0
+    """The first step to run and whether the evaluation before it is still to do: (0, False) for a new run
+    in an empty --log_dir, or the step after the checkpoint's at `path` (None for a new run), with the
+    optimizer, scaler, data position and random state restored from it. build_model has loaded its weights."""
+    start_step, eval_pending = 0, False
     if checkpoint is not None:
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         train_loader.load_state_dict(checkpoint["loader"])
         set_rng_state(checkpoint["rng"], device)
-        start_step = checkpoint["step"] + 1
-        procs.print(f"resumed from {path} at step {start_step}")
+        start_step, eval_pending = checkpoint["step"] + 1, checkpoint.get("eval_pending", False)
+        elsewhere = "" if in_folder(path, args.log_dir) else f"; new checkpoints go to {args.log_dir}"
+        procs.print(f"resumed from {path} at step {start_step}{elsewhere}")
     elif latest_checkpoint(args.log_dir):  # every rank checks, so that no rank goes on alone
         raise UserError(
             f"{args.log_dir} already holds checkpoints: pass --resume to continue that run, or choose another --log_dir"
         )
-    for stale in glob.glob(os.path.join(args.log_dir, "*.tmp")) if procs.master else []:
-        os.remove(stale)  # a checkpoint whose write was interrupted: the previous one is intact
-    return start_step
+    # A checkpoint whose write was interrupted (the previous one is intact). We hold --log_dir's lock, so
+    # no other run can be writing it; only names save_run writes are removed, never a file of the user's.
+    for stale in glob.glob(os.path.join(args.log_dir, "model_*.pt.tmp")) if procs.master else []:
+        if CHECKPOINT_NAME.fullmatch(os.path.basename(stale).removesuffix(".tmp")):
+            os.remove(stale)
+    return start_step, eval_pending
+
+
+def in_folder(path, folder):
+    """Whether the file `path` lies directly in `folder`, however either is spelled."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(folder)
 
 
 def mean_loss_and_stop_flag(loss, stop_requested, procs):
@@ -1482,13 +1697,22 @@ def mean_loss_and_stop_flag(loss, stop_requested, procs):
 def check_finite(run, step, train_loss, norm):
     """A loss or gradient that is inf or NaN will not come back: stop before the weights are saved."""
     # With fp16 the scaler skips steps whose gradients overflowed, so only its loss must be finite.
-    if math.isfinite(train_loss) and (run.scaler.is_enabled() or math.isfinite(norm.item())):
-        return
+    if not (math.isfinite(train_loss) and (run.scaler.is_enabled() or math.isfinite(norm.item()))):
+        stop_diverged(run, step, f"loss {train_loss} / grad norm {norm.item()} is not finite")
+
+
+def check_finite_weights(run, step):
+    """A step can leave inf or NaN weights behind a finite loss (a learning rate far too high): checked
+    before each checkpoint (on every rank, which hold the same weights), so that none ever holds them."""
+    if not torch.stack([torch.isfinite(p).all() for p in run.model.parameters()]).all():
+        stop_diverged(run, step, "the loss is finite, but the weights after the step are not")
+
+
+def stop_diverged(run, step, fault):
+    """End a diverged run with one line that names the checkpoint to go back to, if there is one."""
     kept = latest_checkpoint(run.args.log_dir)
-    raise UserError(
-        f"step {step}: loss {train_loss} / grad norm {norm.item()} is not finite, stopping; "
-        f"last good checkpoint: {kept}: resume from it with a lower --max_lr"
-    )
+    advice = f"last good checkpoint: {kept}: resume from it" if kept else "no checkpoint was saved yet: start again"
+    raise UserError(f"step {step}: {fault}; stopping without saving. {advice} with a lower --max_lr")
 
 
 def report_step(run, progress, step, train_loss, lr, norm, dt):
@@ -1509,39 +1733,49 @@ def report_step(run, progress, step, train_loss, lr, norm, dt):
         run.log.write(f"{step} train {train_loss:.6f}\n")
 
 
-def evaluate_and_sample(run, progress, step):
-    """Val loss (all ranks), HellaSwag (all ranks, each its share) and a few samples (rank 0), logged."""
+def evaluate_and_sample(run, progress, step, stop):
+    """Val loss (all ranks), HellaSwag (all ranks, each its share) and a few samples (rank 0), logged.
+    A stop request cuts the evaluations short between batches: what they had not finished is not
+    reported, and every rank still runs each reduction, so that none waits for another. Returns whether
+    they all ran to the end (the resumed run does them again if not)."""
     procs = run.procs
     started = time.time()
-    val_loss = validation_loss(run.forward_model, run.val_loader, run.val_steps, run.autocast, procs)
-    procs.print(f"{progress.label(step)} | val loss {val_loss:.4f} | {time.time() - started:.1f} s")
-    progress.val_done(step, val_loss)
-    if procs.master:
-        run.log.write(f"{step} val {val_loss:.4f}\n")
+    val_loss = validation_loss(run.forward_model, run.val_loader, run.val_steps, run.autocast, procs, stop)
+    if not stop.requested:
+        procs.print(f"{progress.label(step)} | val loss {val_loss:.4f} | {time.time() - started:.1f} s")
+        progress.val_done(step, val_loss)
+        if procs.master:
+            run.log.write(f"{step} val {val_loss:.4f}\n")
     if run.hellaswag:
         started = time.time()
-        acc_norm = run.hellaswag(run.model, run.dtype)  # uncompiled: its row lengths vary
-        procs.print(f"{progress.label(step)} | hellaswag acc_norm {acc_norm:.4f} | {time.time() - started:.1f} s")
-        progress.hellaswag = acc_norm
-        if procs.master:
-            run.log.write(f"{step} hella {acc_norm:.4f}\n")
-    if procs.master and run.args.sample_every_eval:
+        acc_norm = run.hellaswag(run.model, run.dtype, stop)  # uncompiled: its row lengths vary
+        if not stop.requested:
+            procs.print(f"{progress.label(step)} | hellaswag acc_norm {acc_norm:.4f} | {time.time() - started:.1f} s")
+            progress.hellaswag = acc_norm
+            if procs.master:
+                run.log.write(f"{step} hella {acc_norm:.4f}\n")
+    if procs.master and run.args.sample_every_eval and not stop.requested:
         started = time.time()
         prompt = "Hello, I'm a language model,"
         texts = sample_texts(run.model, run.enc, prompt, num_samples=4, max_new_tokens=32, autocast=run.autocast)
         for i, text in enumerate(texts):
             print(f"sample {i}: {text}")
         print(f"{progress.label(step)} | 4 samples | {time.time() - started:.1f} s")
+    if stop.requested:
+        procs.print(f"{progress.label(step)} | evaluation cut short by the stop request; a resume does it again")
+    return not stop.requested
 
 
-def save_run(run, step):
-    """A checkpoint of everything the run needs to go on after `step` as if it had never stopped."""
+def save_run(run, step, eval_pending):
+    """A checkpoint of everything the run needs to go on after `step` as if it had never stopped, its
+    evaluation included when a signal cut that short (eval_pending)."""
     path = os.path.join(run.args.log_dir, f"model_{step:05d}.pt")
     state = {
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
         "step": step,
+        "eval_pending": eval_pending,
         "loader": run.train_loader.state_dict(),
         "rng": rng_state(run.device),
         "config": asdict(run.model.config),
@@ -1624,8 +1858,9 @@ def set_rng_state(state, device):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM (Ctrl-C, a cluster's preemption) ask the run to stop: it finishes the step it is in,
-    saves a checkpoint and exits 0. A second Ctrl-C stops at once."""
+    """SIGINT/SIGTERM (Ctrl-C, a cluster's preemption) ask the run to stop: it finishes the step it is in
+    (an evaluation stops between batches), saves a checkpoint and exits 0. A second Ctrl-C stops at once:
+    run_cli says so in one line, and a checkpoint being written is discarded (atomic_write)."""
 
     def __init__(self):
         self.requested = False
@@ -1643,4 +1878,4 @@ class StopRequest:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, interrupted="stopped at once, without saving; the last checkpoint is intact: continue with --resume")

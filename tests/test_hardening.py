@@ -1,0 +1,741 @@
+"""Hardening: bad inputs and faults across the scripts, as one table, and the drills that need real processes.
+
+Each row of the table names a script, sets up a folder for it, and states what must come of it: the exit
+status, the files it may create, change or remove (none for a refusal), and a substring of its last line.
+The test runs the script's main() in this process through run_cli, as its command line would, and also
+checks that no traceback was printed. Rows cover every class of fault: numbers, paths, data, resumes,
+foreign files, concurrency (a lock held by another process), out of memory and divergence.
+
+Below the table, with real processes: two trainers on one --log_dir and two fineweb.py on one --out cannot
+both run; the data loader reads the same tokens per step for any number of processes, at shard ends too,
+and a run resumed on 2 ranks from a 1-rank checkpoint continues on the 2-rank run's stream; SIGTERM cuts
+an evaluation short; a second Ctrl-C exits at once without a traceback.
+"""
+
+import fnmatch
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+import export_hf
+import fineweb
+import plot_log
+import sample
+import train_gpt2
+from common import run_cli
+from conftest import REPO, TINY_MODEL
+from train_gpt2 import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, GPT, DataLoaderLite, GPTConfig, configure_optimizer
+
+# 6 steps of 128 tokens: 4 sequences of 32, one process, one micro-step.
+TINY_RUN = TINY_MODEL + [
+    "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "--max_steps", "6", "--warmup_steps", "2",
+    "--eval_every", "3", "--val_tokens", "256", "--no-hellaswag", "--no-sample_every_eval",
+]  # fmt: skip
+TINY_CONFIG = GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+TIMEOUT = 180
+
+
+# --- the table ---------------------------------------------------------------------------------------
+# A row is a setup function, registered with @row(script, says, exit_code, changes). It gets a Workspace
+# (a temporary folder with good shards in data/) and returns the script's argv.
+
+ROWS = []
+
+
+def row(script, says, exit_code=1, changes=()):
+    """Register the decorated setup as a row: `script` (a main function) run on its argv must exit with
+    exit_code, its last line must contain `says`, and only paths matching the globs in `changes`
+    (relative to the workspace) may appear, change or disappear."""
+
+    def register(setup):
+        ROWS.append(pytest.param(script, setup, exit_code, changes, says, id=setup.__name__))
+        return setup
+
+    return register
+
+
+class Workspace:
+    """A temporary folder for one row: data/ holds a val and a train shard of random GPT-2 token ids."""
+
+    def __init__(self, root, monkeypatch):
+        self.root, self.monkeypatch = str(root), monkeypatch
+        self.data, self.log = self.path("data"), self.path("log")
+        os.makedirs(self.data)
+        rng = np.random.default_rng(0)
+        np.save(self.path("data/tiny_val_000000.npy"), rng.integers(0, 50257, 4096, dtype=np.uint16))
+        np.save(self.path("data/tiny_train_000001.npy"), rng.integers(0, 50257, 8192, dtype=np.uint16))
+        self.holders = []
+
+    def path(self, *parts):
+        return os.path.join(self.root, *parts)
+
+    def train(self, *flags):
+        return [*TINY_RUN, "--data_dir", self.data, "--log_dir", self.log, *flags]
+
+    def write(self, relative, content):
+        path = self.path(relative)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb" if isinstance(content, bytes) else "w") as f:
+            f.write(content)
+        return path
+
+    def hold_lock(self, folder):
+        """Another process that holds `folder`'s lock until the row ends."""
+        holder = subprocess.Popen(
+            [sys.executable, "-c", HOLD_LOCK, folder], cwd=REPO, stdout=subprocess.PIPE, text=True, env=ENV
+        )
+        self.holders.append(holder)
+        assert holder.stdout.readline().strip() == "locked"
+
+    def release(self):
+        for holder in self.holders:
+            holder.kill()
+            holder.wait()
+
+
+HOLD_LOCK = """
+import sys, time
+from common import output_lock
+with output_lock(sys.argv[1], "--folder"):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def checkpoint(path, config=TINY_CONFIG, data_dir=None, total_batch_size=128, **extra):
+    """A checkpoint in the trainer's layout for `config`; resumable (optimizer, loader, RNG) with data_dir."""
+    model = GPT(config)
+    state = {"model": model.state_dict(), "config": asdict(config), **extra}
+    if data_dir:
+        loader = DataLoaderLite(data_dir, 4, 32, 0, 1, "train", total_batch_size)
+        optimizer = configure_optimizer(model, 0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
+        state.update(optimizer=optimizer.state_dict(), scaler={}, step=3, loader=loader.state_dict())
+        state.update(rng={"torch": torch.get_rng_state()}, args={})
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def hf_directory(w, config, weights="model.safetensors"):
+    """A Hugging Face GPT-2 folder with `config` as config.json and a weights file of plain tensors."""
+    folder = w.path("hf")
+    w.write("hf/config.json", json.dumps({"model_type": "gpt2", **config}))
+    torch.save({"wte.weight": torch.zeros(3)}, os.path.join(folder, weights))
+    return folder
+
+
+# Numbers: every numeric flag must be finite and in its range, by one table (FLAG_RANGES).
+@row(train_gpt2.main, "--max_lr must be a finite number")
+def max_lr_inf(w):
+    return w.train("--max_lr", "inf")
+
+
+@row(train_gpt2.main, "--max_lr must be a finite number")
+def max_lr_nan(w):
+    return w.train("--max_lr", "nan")
+
+
+@row(train_gpt2.main, "--min_lr must be a finite number")
+def min_lr_nan(w):
+    return w.train("--min_lr", "nan")
+
+
+@row(train_gpt2.main, "--weight_decay must be a finite number")
+def weight_decay_overflowing_to_inf(w):
+    return w.train("--weight_decay", "1e400")
+
+
+@row(train_gpt2.main, "--grad_clip must be a finite number")
+def grad_clip_inf(w):
+    return w.train("--grad_clip", "inf")
+
+
+@row(train_gpt2.main, "--beta2 must be a finite number, in [0, 1)")
+def beta2_one(w):
+    return w.train("--beta2", "1")
+
+
+@row(train_gpt2.main, "--eps must be a finite number, at least 0")
+def eps_negative(w):
+    return w.train("--eps=-1e-8")
+
+
+@row(train_gpt2.main, "--peak_flops must be a finite number, positive")
+def peak_flops_zero(w):
+    return w.train("--peak_flops", "0")
+
+
+@row(train_gpt2.main, "--n_head must be a finite number, positive")
+def n_head_zero(w):
+    return w.train("--n_head", "0")
+
+
+@row(train_gpt2.main, "--val_tokens must be a finite number, positive")
+def val_tokens_zero(w):
+    return w.train("--val_tokens", "0")
+
+
+@row(train_gpt2.main, "--vocab_size 100 is smaller than GPT-2's 50257")
+def vocab_size_too_small(w):
+    return w.train("--vocab_size", "100")
+
+
+@row(sample.main, "--temperature must be a finite number")
+def sample_temperature_nan(w):
+    return ["--init", checkpoint(w.path("model_00005.pt")), "--temperature", "nan", "--device", "cpu"]
+
+
+@row(sample.main, "--temperature must be a finite number, 0 (the most likely token) or at least 1e-3")
+def sample_temperature_tiny(w):
+    return ["--init", checkpoint(w.path("model_00005.pt")), "--temperature", "1e-40", "--device", "cpu"]
+
+
+@row(sample.main, "--top_k must be a finite number, positive")
+def sample_top_k_zero(w):
+    return ["--init", checkpoint(w.path("model_00005.pt")), "--top_k", "0", "--device", "cpu"]
+
+
+@row(fineweb.main, "--shard_size and --num_proc must be at least 1")
+def fineweb_shard_size_zero(w):
+    return ["--input", w.write("corpus.txt", "some text"), "--out", w.path("out"), "--shard_size", "0"]
+
+
+# Paths: each path flag must be the right kind of thing.
+@row(train_gpt2.main, "is a file, not a folder")
+def log_dir_is_a_file(w):
+    w.write("log", "not a folder")
+    return w.train()
+
+
+@row(train_gpt2.main, "no train shards")
+def data_dir_missing(w):
+    return w.train("--data_dir", w.path("nowhere"))
+
+
+@row(train_gpt2.main, "no train shards")
+def folder_named_like_a_shard_is_not_one(w):
+    os.remove(w.path("data/tiny_train_000001.npy"))
+    os.makedirs(w.path("data/tiny_train_000001.bin"))
+    return w.train()
+
+
+@row(export_hf.main, "--out is empty")
+def export_out_empty(w):
+    return ["--init", checkpoint(w.path("model_00005.pt")), "--out", ""]
+
+
+@row(export_hf.main, "is a file, not a folder")
+def export_out_is_a_file(w):
+    w.write("exported", "not a folder")
+    return ["--init", checkpoint(w.path("model_00005.pt")), "--out", w.path("exported")]
+
+
+@row(fineweb.main, "is a file, not a folder")
+def fineweb_out_is_a_file(w):
+    w.write("out", "not a folder")
+    return ["--input", w.write("corpus.txt", "some text"), "--out", w.path("out")]
+
+
+@row(plot_log.main, "is not a text file")
+def plot_a_binary_file(w):
+    return [w.write("log.txt", bytes(range(256)) * 4), "-o", w.path("loss.png")]
+
+
+@row(plot_log.main, "expected '<step> <kind> <value>'")
+def plot_a_text_file_that_is_not_a_log(w):
+    return [w.write("log.txt", "x" * 10_000 + "\n"), "-o", w.path("loss.png")]
+
+
+# Data: shards that are not GPT-2 tokens, or names that would mix the splits or two corpora.
+@row(train_gpt2.main, "holds token id 60000, but GPT-2's tokenizer has 50257 tokens")
+def npy_shard_with_token_ids_past_the_vocabulary(w):
+    np.save(w.path("data/tiny_train_000001.npy"), np.full(8192, 60000, dtype=np.uint16))
+    return w.train()
+
+
+@row(train_gpt2.main, "holds token id 50300")
+def bin_shard_with_token_ids_past_the_vocabulary(w):
+    os.remove(w.path("data/tiny_train_000001.npy"))
+    header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
+    header[:3] = BIN_MAGIC, BIN_VERSION, 8192
+    w.write("data/llmc_train_000001.bin", header.tobytes() + np.full(8192, 50300, dtype=np.uint16).tobytes())
+    return w.train()
+
+
+@row(train_gpt2.main, "two train shards with index 1")
+def two_corpora_in_one_folder(w):
+    shutil.copy(w.path("data/tiny_train_000001.npy"), w.path("data/other_train_000001.npy"))
+    return w.train()
+
+
+@row(train_gpt2.main, "no train shards")
+def a_prefix_ending_in_train_does_not_make_val_a_train_shard(w):
+    os.remove(w.path("data/tiny_train_000001.npy"))
+    os.rename(w.path("data/tiny_val_000000.npy"), w.path("data/x_train_val_000000.npy"))
+    return w.train()
+
+
+@row(fineweb.main, "--prefix 'x_train'")
+def fineweb_prefix_naming_a_split(w):
+    return ["--input", w.write("corpus.txt", "some text"), "--out", w.path("out"), "--prefix", "x_train"]
+
+
+@row(fineweb.main, "every document was empty", exit_code=0, changes=["out", "out/*"])
+def fineweb_empty_documents_say_so(w):
+    return ["--input", w.write("empty.txt", ""), "--out", w.path("out"), "--num_proc", "1"]
+
+
+@row(fineweb.main, "is damaged")
+def fineweb_damaged_progress_file(w):
+    w.write("out/edufineweb_progress.json", '{"settings": ')
+    return ["--input", w.write("corpus.txt", "some text"), "--out", w.path("out")]
+
+
+@row(fineweb.main, "other settings (input")
+def fineweb_input_replaced_by_a_file_of_the_same_size(w):
+    corpus = w.write("corpus.txt", "the first corpus, " * 200)
+    fineweb.main(["--input", corpus, "--out", w.path("out"), "--shard_size", "500", "--num_proc", "1"])
+    w.write("corpus.txt", "another corpus!!, " * 200)  # same size, other text
+    return ["--input", corpus, "--out", w.path("out"), "--shard_size", "500", "--num_proc", "1"]
+
+
+# Resume: only the trainer's own checkpoints count, and a checkpoint must fit the data and the run.
+@row(train_gpt2.main, "no checkpoint model_*.pt in")
+def a_users_backup_is_not_a_checkpoint(w):
+    checkpoint(w.path("log/model_00002_backup.pt"), data_dir=w.data)
+    return w.train("--resume")
+
+
+@row(train_gpt2.main, "a .tmp file is a checkpoint whose write was cut short")
+def resume_from_a_tmp_file_by_name(w):
+    return w.train("--resume", checkpoint(w.path("log/model_00003.pt.tmp"), data_dir=w.data))
+
+
+@row(train_gpt2.main, "no checkpoint model_*.pt in")
+def resume_from_an_empty_folder(w):
+    os.makedirs(w.path("elsewhere"))
+    return w.train("--resume", w.path("elsewhere"))
+
+
+@row(train_gpt2.main, "holds checkpoints of another run (model_00007.pt)")
+def resume_from_another_folder_into_a_used_log_dir(w):
+    checkpoint(w.path("log/model_00007.pt"), data_dir=w.data)
+    return w.train("--resume", checkpoint(w.path("other/model_00003.pt"), data_dir=w.data))
+
+
+@row(train_gpt2.main, "not the ones the checkpoint was trained on (tiny_train_000001.npy of 8,192 tokens then")
+def resume_after_the_data_changed(w):
+    path = checkpoint(w.path("log/model_00003.pt"), data_dir=w.data)
+    np.save(w.path("data/tiny_train_000001.npy"), np.arange(8192, dtype=np.uint16))  # regenerated differently
+    return w.train("--resume", path)
+
+
+@row(train_gpt2.main, "1 train shards then, 2 now")
+def resume_after_a_shard_was_added(w):
+    path = checkpoint(w.path("log/model_00003.pt"), data_dir=w.data)
+    np.save(w.path("data/tiny_train_000002.npy"), np.arange(8192, dtype=np.uint16))
+    return w.train("--resume", path)
+
+
+@row(train_gpt2.main, "resume with its --total_batch_size")
+def resume_with_another_total_batch_size(w):
+    path = checkpoint(w.path("log/model_00003.pt"), data_dir=w.data)
+    return w.train("--resume", path, "--total_batch_size", "256")
+
+
+# Foreign files: checkpoints of other programs, impossible configs, pickles.
+def nanogpt_checkpoint(w):
+    """nanoGPT's layout: 'model_args' for the model, and 'config' holding its training settings."""
+    model_args = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=False, vocab_size=50304, dropout=0.0)
+    state = {"model": GPT(TINY_CONFIG).state_dict(), "model_args": model_args, "iter_num": 5}
+    state["config"] = {"out_dir": "out", "eval_interval": 2000, "batch_size": 12, **model_args}
+    torch.save(state, w.path("ckpt.pt"))
+    return w.path("ckpt.pt")
+
+
+@row(sample.main, "laid out differently")
+def sample_a_nanogpt_checkpoint(w):
+    return ["--init", nanogpt_checkpoint(w), "--device", "cpu"]
+
+
+@row(export_hf.main, "laid out differently")
+def export_a_nanogpt_checkpoint(w):
+    return ["--init", nanogpt_checkpoint(w), "--out", w.path("exported")]
+
+
+@row(sample.main, "its model config is impossible (n_head 0)")
+def sample_a_checkpoint_with_n_head_0(w):
+    path = checkpoint(w.path("model_00005.pt"))
+    state = torch.load(path, weights_only=True)
+    state["config"]["n_head"] = 0
+    torch.save(state, path)
+    return ["--init", path, "--device", "cpu"]
+
+
+@row(train_gpt2.main, "its model config is impossible (n_embd not divisible by n_head)")
+def resume_a_checkpoint_with_indivisible_heads(w):
+    path = checkpoint(w.path("log/model_00003.pt"), data_dir=w.data)
+    state = torch.load(path, weights_only=True)
+    state["config"]["n_head"] = 3
+    torch.save(state, path)
+    return w.train("--resume", path)
+
+
+@row(sample.main, "config.json: its model config is impossible (n_head 0)")
+def sample_a_hugging_face_folder_with_n_head_0(w):
+    config = dict(n_positions=64, vocab_size=50257, n_layer=2, n_head=0, n_embd=64)
+    return ["--init", hf_directory(w, config, "pytorch_model.bin"), "--device", "cpu"]
+
+
+@row(sample.main, "a pytorch_model.bin of plain tensors")
+def sample_a_pickled_pytorch_model_bin(w):
+    config = dict(n_positions=64, vocab_size=50257, n_layer=2, n_head=4, n_embd=64)
+    folder = hf_directory(w, config, "pytorch_model.bin")
+    torch.save({"wte.weight": torch.zeros(3), "extra": Pickled()}, os.path.join(folder, "pytorch_model.bin"))
+    return ["--init", folder, "--device", "cpu"]
+
+
+class Pickled:
+    """An object that only an unrestricted (code-running) unpickler can load."""
+
+
+# Concurrency: a folder locked by a live process refuses a second writer; a dead process's lock does not.
+@row(train_gpt2.main, "is in use by another run (pid ")
+def log_dir_held_by_another_process(w):
+    w.hold_lock(w.log)
+    return w.train()
+
+
+@row(fineweb.main, "is in use by another run (pid ")
+def fineweb_out_held_by_another_process(w):
+    w.hold_lock(w.path("out"))
+    return ["--input", w.write("corpus.txt", "some text"), "--out", w.path("out")]
+
+
+@row(train_gpt2.main, "no checkpoint model_*.pt in", changes=["log/.lock"])
+def a_dead_process_lock_never_blocks(w):
+    w.write("log/.lock", "999999999@a-host-that-crashed\n")  # the refusal that follows is the next check's
+    return w.train("--resume")
+
+
+# Faults during a run: out of memory, divergence.
+def out_of_memory(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@row(train_gpt2.main, "lower --batch_size (now 4) and keep --total_batch_size 128", changes=["log", "log/log.txt"])
+def out_of_memory_in_a_training_step(w):
+    w.monkeypatch.setattr(train_gpt2, "train_step", out_of_memory)
+    return w.train()
+
+
+@row(train_gpt2.main, "out of memory on cpu: lower --batch_size", changes=["log", "log/*"])
+def out_of_memory_in_an_evaluation(w):
+    w.monkeypatch.setattr(train_gpt2, "validation_loss", out_of_memory)
+    return w.train()
+
+
+@row(sample.main, "lower --num_samples")
+def out_of_memory_while_sampling(w):
+    w.monkeypatch.setattr(GPT, "generate", out_of_memory)
+    return ["--init", checkpoint(w.path("model_00005.pt")), "--device", "cpu"]
+
+
+@row(train_gpt2.main, "--max_lr must be a finite number, in [0, 1]")
+def max_lr_past_what_adamw_can_step(w):
+    return w.train("--max_lr", "1e38")
+
+
+def diverging_train_step(bad_step, weights):
+    """train_step as it is until call `bad_step`, which returns a NaN loss, or (weights=True) leaves inf
+    weights behind a finite loss."""
+    calls = []
+
+    def train_step(step_model, *args):
+        loss, norm = real_train_step(step_model, *args)
+        calls.append(None)
+        if len(calls) - 1 == bad_step:
+            if not weights:
+                return loss * float("nan"), norm
+            next(step_model.parameters()).data.fill_(float("inf"))
+        return loss, norm
+
+    real_train_step = train_gpt2.train_step
+    return train_step
+
+
+@row(train_gpt2.main, "no checkpoint was saved yet: start again with a lower --max_lr", changes=["log", "log/*"])
+def loss_nan_before_any_checkpoint(w):
+    w.monkeypatch.setattr(train_gpt2, "train_step", diverging_train_step(0, weights=False))
+    return w.train()
+
+
+@row(
+    train_gpt2.main,
+    "the weights after the step are not; stopping without saving. last good checkpoint",
+    changes=["log", "log/*"],
+)
+def weights_inf_behind_a_finite_loss(w):
+    w.monkeypatch.setattr(train_gpt2, "train_step", diverging_train_step(2, weights=True))
+    return w.train("--ckpt_every", "1")
+
+
+def snapshot(root):
+    """{relative path: sha256 of a file, or 'folder'} of everything under root."""
+    found = {}
+    for folder, folders, files in os.walk(root):
+        for name in folders:
+            found[os.path.relpath(os.path.join(folder, name), root)] = "folder"
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                found[os.path.relpath(os.path.join(folder, name), root)] = hashlib.sha256(f.read()).hexdigest()
+    return found
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """train_gpt2.main() installs SIGINT/SIGTERM handlers once training starts; give pytest its own back."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
+
+
+@pytest.mark.parametrize("script, setup, exit_code, changes, says", ROWS)
+def test_fault(script, setup, exit_code, changes, says, tmp_path, monkeypatch, capsys, keep_signal_handlers):
+    w = Workspace(tmp_path, monkeypatch)
+    try:
+        argv = setup(w)
+        before = snapshot(w.root)
+        capsys.readouterr()  # what the setup printed is not the row's output
+        try:
+            run_cli(script, argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    finally:
+        w.release()
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, out + err
+    assert code == exit_code, out + err
+    lines = (err if exit_code else out).strip().splitlines()
+    assert lines and says in lines[-1], f"{says!r} not in the last line of:\n{out + err}"
+    after = snapshot(w.root)
+    touched = {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)}
+    unexpected = {path for path in touched if not any(fnmatch.fnmatch(path, glob) for glob in changes)}
+    assert not unexpected, f"files touched: {sorted(unexpected)}"
+
+
+def test_the_table_covers_enough_faults():
+    assert len(ROWS) >= 40
+
+
+# --- concurrency: one writer per folder, with real processes -----------------------------------------
+
+
+def start(script, *args):
+    """A script in a subprocess, its stdout and stderr merged into one pipe read by the test."""
+    return subprocess.Popen(
+        [sys.executable, script, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+    )
+
+
+def read_until(proc, pattern):
+    """Lines of proc's output up to the first that matches `pattern` (the test fails if none does)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            return lines
+    raise AssertionError(f"exit {proc.wait()} before a line matched {pattern!r}:\n{''.join(lines)}")
+
+
+def random_shards(folder, val_tokens=4096, train_lengths=(8192,)):
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "tiny_val_000000.npy"), rng.integers(0, 50257, val_tokens, dtype=np.uint16))
+    for index, length in enumerate(train_lengths, start=1):
+        np.save(os.path.join(folder, f"tiny_train_{index:06d}.npy"), rng.integers(0, 50257, length, dtype=np.uint16))
+    return str(folder)
+
+
+def test_two_trainers_on_one_log_dir_cannot_both_run(tmp_path):
+    data, log = random_shards(tmp_path / "data"), str(tmp_path / "log")
+    first = start("train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", log, "--max_steps", "100000")
+    try:
+        read_until(first, r"^step +0/")
+        first.send_signal(signal.SIGSTOP)  # holds the lock, writes nothing while the second one tries
+        second = subprocess.run(
+            [sys.executable, "train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", log],
+            cwd=REPO, capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+        assert f"--log_dir {log} is in use by another run (pid {first.pid}@" in second.stderr.splitlines()[-1]
+        first.send_signal(signal.SIGCONT)
+        first.send_signal(signal.SIGTERM)  # the first run goes on, undisturbed, until it is told to stop
+        assert first.wait(timeout=TIMEOUT) == 0
+    finally:
+        first.kill()
+    assert not os.path.exists(os.path.join(log, ".lock"))  # released and removed at the end
+
+
+def test_two_fineweb_runs_on_one_out_cannot_both_run(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i} " * 50}) + "\n" for i in range(2000)))
+    out, flags = str(tmp_path / "out"), ["--input", str(corpus), "--shard_size", "5000", "--num_proc", "1"]
+    first = start("fineweb.py", *flags, "--out", out)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not os.path.exists(os.path.join(out, ".lock")) and time.monotonic() < deadline:
+            time.sleep(0.001)
+        first.send_signal(signal.SIGSTOP)
+        second = subprocess.run(
+            [sys.executable, "fineweb.py", *flags, "--out", out],
+            cwd=REPO, capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
+        )  # fmt: skip
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+        assert f"--out {out} is in use by another run (pid" in second.stderr.splitlines()[-1]
+        first.send_signal(signal.SIGCONT)
+        assert first.wait(timeout=TIMEOUT) == 0, first.stdout.read()
+    finally:
+        first.kill()
+    assert "tiny" not in os.listdir(out) and ".lock" not in os.listdir(out)
+    with open(os.path.join(out, "edufineweb_progress.json")) as f:
+        assert json.load(f)["finished"]
+
+
+# --- the loader's stream does not depend on the number of processes ---------------------------------
+
+
+def steps_read(data_dir, world_size, micro_steps, steps, state=None):
+    """The sequences of each optimizer step, in block order (micro-step m of rank r is block m * world_size
+    + r), as lists of first tokens, read by world_size loaders; and the state after them."""
+    B, T = 2, 8
+    loaders = [DataLoaderLite(data_dir, B, T, rank, world_size, "train", B * T * world_size * micro_steps)
+               for rank in range(world_size)]  # fmt: skip
+    for loader in loaders:
+        if state:
+            loader.load_state_dict(state)
+    read = []
+    for _ in range(steps):
+        blocks = {}
+        for micro_step in range(micro_steps):
+            for rank, loader in enumerate(loaders):
+                x, y = loader.next_batch()
+                assert torch.equal(x[:, 1:], y[:, :-1])
+                blocks[micro_step * world_size + rank] = x[:, 0].tolist()
+        read.append([blocks[i] for i in sorted(blocks)])
+    return read, loaders[0].state_dict()
+
+
+def test_each_step_reads_the_same_tokens_for_any_number_of_processes(tmp_path):
+    window = 2 * 8 * 4  # 4 sequences of 8 tokens per step
+    # shard ends where one process's micro-window would still fit but the step's window does not
+    lengths = [3 * window + 20, 4 * window + 1, 2 * window + window // 2]
+    for k, length in enumerate(lengths):
+        np.save(tmp_path / f"marked_train_{k:06d}.npy", (10000 * k + np.arange(length)).astype(np.uint16))
+    steps = 2 * sum((length - 1) // window for length in lengths) + 3  # two epochs and more
+    one, _ = steps_read(str(tmp_path), world_size=1, micro_steps=4, steps=steps)
+    for world_size, micro_steps in [(2, 2), (4, 1)]:
+        assert steps_read(str(tmp_path), world_size, micro_steps, steps)[0] == one
+    # a state saved by one process is resumed by four, on the same stream
+    _, state = steps_read(str(tmp_path), world_size=1, micro_steps=4, steps=3)  # at the end of shard 0
+    assert state["shard"] == 1 and state["position"] == 0
+    assert steps_read(str(tmp_path), 4, 1, steps - 3, state)[0] == one[3:]
+
+
+def test_resume_on_two_ranks_from_a_one_rank_checkpoint_near_a_shard_end(tmp_path):
+    """A 1-process run (2 micro-steps) checkpointed at a shard's end, resumed under torchrun on 2 ranks,
+    ends where a 2-rank run that never stopped ends: same weights, same data position."""
+    window = 256  # --total_batch_size
+    data = random_shards(tmp_path / "data", val_tokens=2048, train_lengths=(3 * window + 130, 5 * window + 1))
+    flags = [
+        *TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", str(window),
+        "--max_steps", "6", "--warmup_steps", "2", "--eval_every", "100", "--val_tokens", "256", "--no-hellaswag",
+        "--no-sample_every_eval", "--ckpt_every", "3",
+    ]  # fmt: skip
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+    def run(launcher, log_dir, *more):
+        result = subprocess.run(
+            [*launcher, "train_gpt2.py", *flags, "--log_dir", str(log_dir), *more],
+            cwd=REPO, capture_output=True, text=True, env=ENV, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+        return result
+
+    run([sys.executable], tmp_path / "one")  # step 2 ends shard 1: step 3 reads shard 2
+    run(torchrun, tmp_path / "two")
+    os.makedirs(tmp_path / "resumed")
+    shutil.copy(tmp_path / "one" / "model_00002.pt", tmp_path / "resumed")
+    resumed = run(torchrun, tmp_path / "resumed", "--resume")
+    assert "resumed from" in resumed.stdout and "2 process(es) x 1 micro-steps" in resumed.stdout
+    ours = torch.load(tmp_path / "resumed" / "model_00005.pt", weights_only=True)
+    for reference in ("two", "one"):
+        theirs = torch.load(tmp_path / reference / "model_00005.pt", weights_only=True)
+        assert ours["loader"] == theirs["loader"]
+        for key in theirs["model"]:  # accumulation and DDP add the same gradients in another order
+            torch.testing.assert_close(ours["model"][key], theirs["model"][key], atol=1e-5, rtol=0)
+    assert ours["loader"]["shard"] == 1 and ours["loader"]["position"] == 3 * window  # in shard 2, as both read
+
+
+# --- signals -----------------------------------------------------------------------------------------
+
+
+def test_sigterm_cuts_an_evaluation_short_then_saves_and_exits_0(tmp_path):
+    data = random_shards(tmp_path / "data", val_tokens=1_000_000)
+    log = str(tmp_path / "log")
+    # An evaluation of ~7800 batches after step 1: far longer than the test waits for.
+    flags = ["--data_dir", data, "--log_dir", log, "--eval_every", "2", "--val_tokens", "999000"]
+    run = start("train_gpt2.py", *TINY_RUN, *flags)
+    try:
+        read_until(run, r"^step +1/")
+        time.sleep(0.5)
+        sent = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        output = run.communicate(timeout=TIMEOUT)[0]
+        seconds = time.monotonic() - sent
+    finally:
+        run.kill()
+    assert run.returncode == 0 and "Traceback" not in output, output
+    assert "evaluation cut short by the stop request" in output and not re.search(r"\| val loss \d", output)
+    assert f"saved {os.path.join(log, 'model_00001.pt')}" in output and "stopped after step 1" in output
+    assert seconds < 20, f"{seconds:.1f} s from SIGTERM to exit"
+    # The resumed run does the evaluation that was cut short before its first step (a shorter one here).
+    resumed = subprocess.run(
+        [sys.executable, "train_gpt2.py", *TINY_RUN, *flags, "--resume", "--max_steps", "3", "--val_tokens", "256"],
+        cwd=REPO, capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert re.search(r"^step 1/2 \| val loss \d.*\n(.*\n)*step 2/2 \| loss", resumed.stdout, re.M), resumed.stdout
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
+    data = random_shards(tmp_path / "data", train_lengths=(70_000,))
+    log = str(tmp_path / "log")
+    # 512 micro-steps per step: the second Ctrl-C comes long before the step could end and save.
+    run = start("train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", log, "--total_batch_size", "65536")
+    try:
+        read_until(run, r"^data ")
+        time.sleep(1)
+        run.send_signal(signal.SIGINT)
+        read_until(run, r"^SIGINT: saving a checkpoint after this step")
+        run.send_signal(signal.SIGINT)
+        output = run.communicate(timeout=TIMEOUT)[0]
+    finally:
+        run.kill()
+    assert run.returncode == 130 and "Traceback" not in output, output
+    assert output.strip().splitlines()[-1].startswith("interrupted: stopped at once, without saving")
+    assert os.listdir(log) == ["log.txt"]  # no checkpoint, no torn .tmp, the lock released
