@@ -203,7 +203,7 @@ def test_fine_tune_killed_then_resumed_is_bit_exact(hf_dir, text_shards, fine_tu
     watchdog.cancel()
     run.stdout.close()
     assert run.returncode == -signal.SIGKILL
-    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00009.pt"]
+    assert sorted(os.listdir(log_dir)) == [".lock", "log.txt", "model_00009.pt"]  # the lock: see common.output_lock
     # resumed as any run is: the same flags and --resume; the checkpoint holds the config, so no --init
     result = run_trainer("--resume", "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE)
     assert "at step 10" in result.stdout and "step  9/29 |" not in result.stdout
