@@ -1226,7 +1226,19 @@ def parse_args(argv=None):
         "or only evaluate weights (--eval_only).",
         formatter_class=HelpFormatter,
     )
-    g = p.add_argument_group("data")
+    add_data_flags(p.add_argument_group("data"))
+    add_model_flags(p.add_argument_group("model"))
+    add_optimisation_flags(p.add_argument_group("optimisation"))
+    add_evaluation_flags(p.add_argument_group("evaluation, logging and checkpoints"))
+    add_hardware_flags(p.add_argument_group("hardware"))
+    args = p.parse_args(argv)
+    if args.min_lr is None:
+        args.min_lr = 0.1 * args.max_lr
+    return args
+
+
+def add_data_flags(g):
+    """Where the tokens come from and how many make one step."""
     g.add_argument("--data_dir", default="edu_fineweb10B", help="shards written by fineweb.py (or llm.c .bin shards)")
     g.add_argument(
         "--total_batch_size", type=int, default=524288, help="tokens per optimizer step: 2**19, ~0.5M as in GPT-3 Small"
@@ -1235,7 +1247,10 @@ def parse_args(argv=None):
         "--batch_size", type=int, default=64, help="sequences per micro-step per GPU (B); lower it if memory runs out"
     )
     g.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (T): GPT-2's context")
-    g = p.add_argument_group("model")
+
+
+def add_model_flags(g):
+    """The network's shape, or the weights it starts from."""
     g.add_argument(
         "--init",
         default=None,
@@ -1255,7 +1270,10 @@ def parse_args(argv=None):
     g.add_argument(
         "--vocab_size", type=int, default=50304, help="50257 tokens padded to a multiple of 128 for faster matmuls"
     )
-    g = p.add_argument_group("optimisation")
+
+
+def add_optimisation_flags(g):
+    """AdamW and its schedule: GPT-3 Small's recipe, as the lecture uses it."""
     g.add_argument("--max_lr", type=float, default=6e-4, help="peak learning rate (GPT-3 Small)")
     g.add_argument(
         "--min_lr", type=float, default=None, help="final learning rate (default: 10%% of --max_lr, as GPT-3)"
@@ -1270,7 +1288,10 @@ def parse_args(argv=None):
     g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon (GPT-3)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (GPT-3)")
     g.add_argument("--seed", type=int, default=1337, help="seed of the weight init")
-    g = p.add_argument_group("evaluation, logging and checkpoints")
+
+
+def add_evaluation_flags(g):
+    """What the run measures, prints and keeps."""
     g.add_argument("--eval_every", type=int, default=250, help="steps between val loss / HellaSwag / samples")
     g.add_argument(
         "--val_tokens", type=int, default=10485760, help="tokens of the val split per evaluation (20 steps of 2**19)"
@@ -1301,13 +1322,17 @@ def parse_args(argv=None):
         default=None,
         help="continue from the latest checkpoint in --log_dir, or from the given path",
     )
-    g = p.add_argument_group("hardware")
+
+
+def add_hardware_flags(g):
+    """Where and in which number format the run computes."""
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     g.add_argument(
         "--dtype",
         default="auto",
         choices=["auto", "bfloat16", "float16", "float32"],
-        help="autocast dtype; auto: bf16 where supported, fp16 + loss scaling on older GPUs",
+        help="autocast dtype; auto: bf16 where the GPU or CPU has it in hardware, fp16 + loss scaling on older "
+        "GPUs, else fp32 (emulated bf16 is slower)",
     )
     g.add_argument(
         "--compile",
@@ -1318,10 +1343,6 @@ def parse_args(argv=None):
     g.add_argument(
         "--peak_flops", type=float, default=None, help="device peak FLOP/s for MFU (known for A100/H100/H200)"
     )
-    args = p.parse_args(argv)
-    if args.min_lr is None:
-        args.min_lr = 0.1 * args.max_lr
-    return args
 
 
 # The range of every numeric flag, checked by check_ranges (which also refuses nan and inf).
