@@ -1,8 +1,9 @@
 """What the test files share: the repository on sys.path and its path, the tiny model's flags, and
-two tiny token corpora. The constants are imported as `from conftest import REPO` (pytest puts tests/ on
-sys.path); the corpora are fixtures."""
+two tiny token corpora, and a guard for signal handlers. The constants are imported as `from conftest import REPO`
+(pytest puts tests/ on sys.path); the corpora and the guard are fixtures."""
 
 import os
+import signal
 import sys
 
 import numpy as np
@@ -40,3 +41,12 @@ def text_shards(tmp_path_factory):
     np.save(data_dir / "text_val_000000.npy", tokens[:2048])
     np.save(data_dir / "text_train_000001.npy", tokens[2048:])
     return str(data_dir)
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """A training run in the test's own process installs SIGINT/SIGTERM handlers; give pytest its own back."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)

@@ -575,15 +575,6 @@ def assert_one_error_line(stderr, fragments):
         assert fragment in lines[-1], f"{fragment!r} not in {lines[-1]!r}"
 
 
-@pytest.fixture
-def keep_signal_handlers():
-    """train_gpt2.main() installs SIGINT/SIGTERM handlers once training starts; give pytest its own back."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case.__name__)
 def test_bad_input_is_one_error_line_and_touches_no_file(case, tmp_path, random_shards, capsys, keep_signal_handlers):
     argv, fragments, directories = prepare(case, tmp_path, random_shards)

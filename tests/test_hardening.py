@@ -504,15 +504,6 @@ def snapshot(root):
     return found
 
 
-@pytest.fixture
-def keep_signal_handlers():
-    """train_gpt2.main() installs SIGINT/SIGTERM handlers once training starts; give pytest its own back."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
 @pytest.mark.parametrize("script, setup, exit_code, changes, says", ROWS)
 def test_fault(script, setup, exit_code, changes, says, tmp_path, monkeypatch, capsys, keep_signal_handlers):
     w = Workspace(tmp_path, monkeypatch)

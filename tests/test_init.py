@@ -96,15 +96,6 @@ def write_hellaswag(path, n=6):
     return str(path)
 
 
-@pytest.fixture
-def keep_signal_handlers():
-    """A training run in this process installs SIGINT/SIGTERM handlers; give pytest its own back."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for sig, handler in handlers.items():
-        signal.signal(sig, handler)
-
-
 # --- --eval_only -----------------------------------------------------------------------------------
 
 
