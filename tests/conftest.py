@@ -1,5 +1,5 @@
-"""What the test files share: the repository on sys.path and its path, the tiny model's flags, and
-two tiny token corpora, and a guard for signal handlers. The constants are imported as `from conftest import REPO`
+"""What the test files share: the repository on sys.path and its path, the tiny model's flags, two tiny
+token corpora, and a guard for signal handlers. The constants are imported as `from conftest import REPO`
 (pytest puts tests/ on sys.path); the corpora and the guard are fixtures."""
 
 import os
