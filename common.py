@@ -9,6 +9,7 @@ alone (fineweb.py and plot_log.py, which need no torch). It imports nothing of t
 import argparse
 import binascii
 import contextlib
+import errno
 import fcntl
 import hashlib
 import importlib.util
@@ -32,14 +33,25 @@ def run_cli(main, argv=None, interrupted=None):
     try:
         return main(argv)
     except UserError as e:
-        if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # under torchrun: once per machine, not once per GPU
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        message = str(e)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # A full disk can strike any write (a line of log.txt, an exported file). The writes that matter are
+        # atomic (checkpoints, shards, progress files), so whatever was finished before is intact.
+        where = f" while writing {e.filename}" if e.filename else ""
+        message = (
+            f"the disk is full{where}: free some space and run the command again; finished checkpoints and "
+            "shards are intact (a training run continues with --resume)"
+        )
     except KeyboardInterrupt:
         if interrupted is None:
             raise
         print(f"\ninterrupted: {interrupted}", file=sys.stderr)
         sys.exit(130)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # under torchrun: once per machine, not once per GPU
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -162,9 +162,7 @@ def read_parquet(path, text_field, skip):
         raise UserError(
             f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); pick one with --text_field"
         )
-    if not (
-        pa.types.is_string(schema.field(text_field).type) or pa.types.is_large_string(schema.field(text_field).type)
-    ):
+    if not holds_text(schema.field(text_field).type):
         raise UserError(f"{path}: column '{text_field}' holds {schema.field(text_field).type}, not text")
     # Row groups that the finished shards of an earlier run already hold are skipped without being read.
     group, row = 0, 0
@@ -185,6 +183,17 @@ def read_parquet(path, text_field, skip):
             else:
                 yield (path, "row", row), text
             row += 1
+
+
+def holds_text(arrow_type):
+    """Whether a parquet column holds plain strings, however Arrow stores them: as offsets (string,
+    large_string), as views (string_view), or as a dictionary of repeated values; all read as str."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(arrow_type):
+        arrow_type = arrow_type.value_type
+    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow 16 and later
+    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or is_string_view(arrow_type)
 
 
 def pieces_of_documents(documents, piece_chars=PIECE_BYTES):

@@ -1689,6 +1689,11 @@ def resume_or_start(args, procs, device, optimizer, scaler, train_loader, path, 
         start_step, eval_pending = checkpoint["step"] + 1, checkpoint.get("eval_pending", False)
         elsewhere = "" if in_folder(path, args.log_dir) else f"; new checkpoints go to {args.log_dir}"
         procs.print(f"resumed from {path} at step {start_step}{elsewhere}")
+        for flag in ("seq_len", "val_tokens"):  # they change what a val loss measures
+            then, now = checkpoint.get("args", {}).get(flag, getattr(args, flag)), getattr(args, flag)
+            if then != now:
+                procs.print(f"note: --{flag} is {now}, the run before was {then}: its val losses compare with "
+                            "this run's only roughly")  # fmt: skip
     elif latest_checkpoint(args.log_dir):  # every rank checks, so that no rank goes on alone
         raise UserError(
             f"{args.log_dir} already holds checkpoints: pass --resume to continue that run, or choose another --log_dir"

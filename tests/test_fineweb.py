@@ -401,6 +401,20 @@ def test_bad_parquet_is_named(tmp_path):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_parquet_text_stored_as_a_dictionary_or_as_views_reads_as_plain_text(tmp_path):
+    texts = [" ".join(document) for document in make_documents(40, 30)] * 2  # repeats: what dictionaries hold
+    columns = {"plain": pa.array(texts), "dictionary": pa.array(texts).dictionary_encode()}
+    if hasattr(pa, "string_view"):  # pyarrow 16 and later
+        columns["view"] = pa.array(texts, type=pa.string_view())
+    digests = {}
+    for name, column in columns.items():
+        pq.write_table(pa.table({"text": column}), tmp_path / f"{name}.parquet")
+        out = tmp_path / f"out_{name}"
+        fineweb.main(["--input", str(tmp_path / f"{name}.parquet"), "--out", str(out), "--shard_size", "500"])
+        digests[name] = digest_of_shards(out)
+    assert len(set(digests.values())) == 1, digests
+
+
 def test_empty_corpus(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n   \n")

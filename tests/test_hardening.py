@@ -730,3 +730,18 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
     assert run.returncode == 130 and "Traceback" not in output, output
     assert output.strip().splitlines()[-1].startswith("interrupted: stopped at once, without saving")
     assert os.listdir(log) == ["log.txt"]  # no checkpoint, no torn .tmp, the lock released
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a file whose writes fail as on a full disk"
+)
+def test_a_full_disk_at_any_write_is_one_error_line(capsys):
+    def writes_a_log_line(argv):  # log.txt's lines are plain writes, not atomic ones: any of them can hit it
+        with open("/dev/full", "w") as log:
+            log.write("0 train 10.9\n")
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(writes_a_log_line)
+    assert exited.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the disk is full") and err.count("\n") == 1, err

@@ -207,6 +207,12 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight["loader"] == resumed["loader"]
+    assert "note:" not in result.stdout
+    # Resumed with another --val_tokens: the run goes on, and says its val losses measure something else now.
+    os.makedirs(tmp_path / "changed")
+    shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "changed")
+    changed = run_trainer(args + ["--log_dir", str(tmp_path / "changed"), "--resume", "--val_tokens", "1024"])
+    assert "note: --val_tokens is 1024, the run before was 512" in changed.stdout
 
 
 def test_loss_goes_down_on_real_text(tmp_path, text_shards):
