@@ -86,7 +86,7 @@ def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
         for shard, num_windows in enumerate(windows_per_shard):
             for w in range(num_windows):
                 for rank, loader in enumerate(loaders):
-                    assert (loader.epoch, loader.shard) == (epoch, shard)  # every rank on the same shard
+                    assert loader.epoch == epoch  # every rank in the same epoch
                     x, y = loader.next_batch()
                     start = w * window + rank * B * T  # the striding: global window, then rank offset
                     expected = (10000 * shard + np.arange(start, start + B * T + 1)).astype(np.int64)
@@ -96,7 +96,7 @@ def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
                     if epoch == 0:
                         assert (shard, start) not in seen  # no window twice in an epoch
                         seen.add((shard, start))
-    assert all(loader.epoch == 2 and loader.shard == 0 and loader.position == 0 for loader in loaders)
+    assert all(loader.epoch == 2 and loader.sequence == 0 for loader in loaders)
 
 
 def test_loader_state_round_trips_mid_shard(tmp_path):
@@ -105,7 +105,7 @@ def test_loader_state_round_trips_mid_shard(tmp_path):
     for _ in range(9):  # 9 windows of 128: into the second shard
         loader.next_batch()
     state = loader.state_dict()
-    assert state["shard"] == 1 and state["position"] > 0
+    assert state["epoch"] == 0 and state["sequence"] == 9 * 8 > loader.used[0]  # in the second shard
     resumed = DataLoaderLite(str(tmp_path), 4, 16, 1, 2, "train")
     resumed.load_state_dict(state)
     for _ in range(10):  # across the wrap-around too
