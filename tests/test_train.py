@@ -114,6 +114,81 @@ def test_loader_state_round_trips_mid_shard(tmp_path):
     assert resumed.state_dict() == loader.state_dict()
 
 
+def rows_read(loader, steps):
+    """The window each row of `steps` optimizer steps starts at, as (shard, token offset) read off a marked
+    shard's first token, in the order a 1-process loader reads them."""
+    rows = []
+    for _ in range(steps * loader.micro_steps):
+        x, y = loader.next_batch()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        rows += [divmod(int(token), 10000) for token in x[:, 0]]
+    return rows
+
+
+SHUFFLED_LENGTHS = [530, 1000, 777, 64 * 5 + 1]  # shard tails of 1 to 15 tokens, and one that fits exactly
+
+
+def shuffled_loader(directory, seed=0, B=2, T=16, step_tokens=128):
+    return DataLoaderLite(str(directory), B, T, 0, 1, "train", step_tokens, shuffle=True, seed=seed)
+
+
+def test_shuffled_order_depends_on_the_seed_and_the_epoch_only(tmp_path):
+    make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
+    steps = shuffled_loader(tmp_path).steps_per_epoch()
+    first, again = rows_read(shuffled_loader(tmp_path), 2 * steps), rows_read(shuffled_loader(tmp_path), 2 * steps)
+    assert first == again  # the same seed: the same order, twice
+    epoch0, epoch1 = first[: len(first) // 2], first[len(first) // 2 :]
+    assert epoch0 != epoch1  # each epoch its own order
+    assert rows_read(shuffled_loader(tmp_path, seed=1), steps) != epoch0  # another seed, another order
+    assert epoch0 != sorted(epoch0)  # shuffled indeed
+    # --batch_size does not change it: 8 sequences per step, read as 4 micro-steps of 2 or one of 8
+    assert rows_read(shuffled_loader(tmp_path, B=8), steps) == epoch0
+
+
+def test_shuffled_epoch_reads_every_window_once(tmp_path):
+    make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
+    loader = shuffled_loader(tmp_path)
+    rows = rows_read(loader, loader.steps_per_epoch())
+    windows = {(shard, k * 16) for shard, length in enumerate(SHUFFLED_LENGTHS) for k in range((length - 1) // 16)}
+    tails, left_over = loader.unread_per_epoch()
+    assert tails == sum((length - 1) % 16 for length in SHUFFLED_LENGTHS)
+    assert len(rows) == len(set(rows)) == len(windows) - left_over and 0 <= left_over < 8  # fewer than one step
+    assert set(rows) <= windows and {shard for shard, _ in rows} == set(range(4))
+    assert (loader.epoch, loader.sequence) == (1, 0)  # the epoch ended with its last whole step
+
+
+@pytest.mark.parametrize("steps_before", [5, 19, 20, 21])  # mid-epoch, at its last step, at its end, past it
+def test_shuffled_loader_resumes_exactly(tmp_path, steps_before):
+    make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
+    straight = rows_read(shuffled_loader(tmp_path), 50)
+    assert shuffled_loader(tmp_path).steps_per_epoch() == 20
+    loader = shuffled_loader(tmp_path)
+    rows_read(loader, steps_before)
+    resumed = shuffled_loader(tmp_path, B=4)  # and on another --batch_size
+    resumed.load_state_dict(loader.state_dict())
+    assert rows_read(resumed, 50 - steps_before) == straight[steps_before * 8 :]
+
+
+def test_a_resume_in_another_order_is_refused(tmp_path):
+    make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
+    state = shuffled_loader(tmp_path, seed=3).state_dict()
+    for other in (shuffled_loader(tmp_path, seed=4), DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)):
+        with pytest.raises(train_gpt2.UserError, match="another order: resume with --shuffle --seed 3"):
+            other.load_state_dict(state)
+
+
+def test_loader_resumes_a_checkpoint_from_before_the_shuffle(tmp_path):
+    """Such a checkpoint saved the next step as a shard and a token position in it, and read in order."""
+    make_marked_shards(tmp_path, [1000, 1000])
+    loader = DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)
+    old_state = {"shard": 1, "position": 2 * 128, "epoch": 0, "step_tokens": 128, "data": loader.data}
+    loader.load_state_dict(old_state)
+    x, _ = loader.next_batch()
+    assert x[0, 0].item() == 10000 + 2 * 128
+    with pytest.raises(train_gpt2.UserError, match="resume with --no-shuffle"):
+        shuffled_loader(tmp_path).load_state_dict(old_state)
+
+
 def test_loader_reads_llm_c_bin_shards(tmp_path):
     tokens = np.arange(300, dtype=np.uint16)
     header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
