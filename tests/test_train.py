@@ -246,10 +246,15 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_sh
 
 
 def test_resume_is_bit_identical(tmp_path, text_shards):
-    """N steps in one go == N/2 steps, stop, --resume, N/2 more: every parameter and optimizer moment equal."""
+    """N steps in one go == N/2 steps, stop, --resume, N/2 more: every parameter and optimizer moment equal,
+    over a train split of 3 steps an epoch (shuffled), so that the resumed half crosses an epoch's end."""
+    data = tmp_path / "data"
+    os.makedirs(data)
+    shutil.copy(os.path.join(text_shards, "text_val_000000.npy"), data)
+    np.save(data / "text_train_000001.npy", np.load(os.path.join(text_shards, "text_train_000001.npy"))[:900])
     args = [
         "--data_dir",
-        text_shards,
+        str(data),
         *TINY_MODEL,
         *QUIET,
         "--batch_size",
@@ -269,7 +274,9 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
         "--ckpt_every",
         "4",
     ]
-    run_trainer(args + ["--log_dir", str(tmp_path / "straight")])
+    straight_run = run_trainer(args + ["--log_dir", str(tmp_path / "straight")])
+    assert "epoch       3 steps, shuffled by --seed 1337" in straight_run.stdout
+    assert "epoch 0 done at step 2: 768 tokens seen" in straight_run.stdout
     os.makedirs(tmp_path / "resumed")
     shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "resumed")  # stopped after 4 of 8 steps
     result = run_trainer(args + ["--log_dir", str(tmp_path / "resumed"), "--resume"])
@@ -281,7 +288,9 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
         assert torch.equal(straight["model"][key], resumed["model"][key]), key
     for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert straight["loader"] == resumed["loader"]
+    assert straight["loader"] == resumed["loader"] and straight["loader"]["epoch"] == 2
+    straight_losses = [line for line in open(tmp_path / "straight" / "log.txt") if int(line.split()[0]) >= 4]
+    assert open(tmp_path / "resumed" / "log.txt").readlines() == straight_losses
 
 
 def test_loss_goes_down_on_real_text(tmp_path, text_shards):
