@@ -607,11 +607,11 @@ class DataLoaderLite:
                 f"{state.get('seq_len', self.T)}, this run {self.window} in {self.T}: resume with its "
                 "--total_batch_size and --seq_len (the number of processes and --batch_size may change)"
             )
+        check_same_data(state.get("data", self.data), self.data)
         shuffled, seed = state.get("shuffle", False), state.get("seed")  # older checkpoints read in order
         if shuffled != self.shuffle or (shuffled and seed != self.seed):
             order = f"--shuffle --seed {seed}" if shuffled else "--no-shuffle"
             raise UserError(f"the checkpoint read the train shards in another order: resume with {order}")
-        check_same_data(state.get("data", self.data), self.data)
         self.epoch, self.micro_step = state["epoch"], 0
         if "sequence" in state:
             self.sequence = state["sequence"]
