@@ -8,6 +8,7 @@ device or on many with torchrun. Importing this file does no work, so every piec
 import argparse
 import collections
 import contextlib
+import functools
 import glob
 import hashlib
 import inspect
@@ -503,20 +504,32 @@ def find_shards(data_dir, split):
 
 
 class DataLoaderLite:
-    """This rank's batches of B sequences of T tokens, read in order from the shards of one split.
+    """This rank's batches of B sequences of T tokens from the shards of one split, as a stream of sequences.
 
-    The split is read in windows of step_tokens tokens (+1, the last target): one optimizer step's tokens,
-    all ranks and all micro-steps together (by default one micro-step of all ranks). A window never
-    crosses a shard's end: when the next one does not fit, the next shard begins. Within a window,
-    micro-step m of rank r reads the B*T block m * world_size + r. So a step reads the same tokens however
-    many processes share it (one process accumulating k micro-steps, or k processes), and the state
-    is one global position, which a run on any number of processes can resume."""
+    A shard is cut into sequence windows: window k covers tokens [k*T, k*T+T+1), T inputs and, one token
+    later, T targets (so neighbouring windows share one token); a shard's tail shorter than a window is
+    never read. One epoch is a stream of these windows, and an optimizer step takes the next S =
+    step_tokens/T of them, all ranks and all micro-steps together (by default one micro-step of all
+    ranks): micro-step m of rank r reads the B sequences of block m * world_size + r of the step. So a
+    step reads the same sequences however many processes share it (one process accumulating k
+    micro-steps, or k processes) and whatever B is, and the state is one global position in the stream,
+    which a run on any number of processes can resume.
 
-    def __init__(self, data_dir, B, T, process_rank, num_processes, split, step_tokens=None):
+    In order (shuffle=False, the lecture's loader), the stream is each shard's windows front to back, a
+    shard after the other; a step never crosses a shard's end: when the next step does not fit, the next
+    shard begins (so up to S-1 windows at each shard's end are skipped). Shuffled, each epoch reads the
+    shards in a random order and each shard's windows in a random order, drawn from the seed and the epoch
+    number alone (so the order never depends on the world size, B, or when the run was resumed); steps
+    run across shard ends, and only the last sequences of the epoch that do not fill a step are left over
+    (fewer than S, a different few each epoch). In both, no window is read twice in an epoch."""
+
+    def __init__(self, data_dir, B, T, process_rank, num_processes, split, step_tokens=None, shuffle=False, seed=0):
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
+        self.shuffle, self.seed = shuffle, seed
         self.window = step_tokens or B * T * num_processes  # tokens of all ranks in one optimizer step
-        self.micro_steps = self.window // (B * T * num_processes)  # check_args makes it divide evenly
+        self.step_sequences = self.window // T  # S; check_args makes the step a whole number of micro-steps
+        self.micro_steps = self.window // (B * T * num_processes)
         paths = find_shards(data_dir, split)
         self.shards = [load_shard(p) for p in paths]
         for path, tokens in zip(paths, self.shards):
@@ -526,63 +539,106 @@ class DataLoaderLite:
                     f"{self.window + 1}: lower --total_batch_size (or --batch_size/--seq_len) or add data"
                 )
         self.data = data_fingerprint(paths, self.shards)
+        self.windows = np.array([(len(tokens) - 1) // T for tokens in self.shards])  # sequence windows per shard
+        # The windows each shard puts in the stream: all of them shuffled; in order, whole steps only.
+        self.used = self.windows if shuffle else self.windows // self.step_sequences * self.step_sequences
+        self.epoch_sequences = int(self.used.sum()) // self.step_sequences * self.step_sequences
         self.reset()
 
     def reset(self):
-        self.shard, self.position, self.epoch, self.micro_step = 0, 0, 0, 0
+        self.epoch, self.sequence, self.micro_step = 0, 0, 0  # sequence: the step's first, in the epoch's stream
 
     def steps_per_epoch(self):
-        return sum((len(tokens) - 1) // self.window for tokens in self.shards)
+        return self.epoch_sequences // self.step_sequences
+
+    def unread_per_epoch(self):
+        """(tokens at shard ends shorter than a window, windows left out of each epoch's steps)."""
+        tails = sum(len(tokens) - 1 - n * self.T for tokens, n in zip(self.shards, self.windows))
+        return int(tails), int(self.windows.sum()) - self.epoch_sequences
 
     def next_batch(self):
         """x, y of shape (B, T): this rank's inputs and, one token later, their targets."""
         block = self.micro_step * self.num_processes + self.process_rank
-        start = self.position + block * self.B * self.T
-        buf = torch.from_numpy(self.shards[self.shard][start : start + self.B * self.T + 1].astype(np.int64))
-        x = buf[:-1].view(self.B, self.T)
-        y = buf[1:].view(self.B, self.T)
+        first = self.sequence + block * self.B
+        rows = [self.shards[shard][k * self.T : k * self.T + self.T + 1] for shard, k in self.windows_at(first)]
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # read from the memory map, row by row
+        x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
         self.micro_step += 1
-        if self.micro_step == self.micro_steps:  # the step's window is used up: every rank moves on together
+        if self.micro_step == self.micro_steps:  # the step's sequences are used up: every rank moves on together
             self.micro_step = 0
-            self.position += self.window
-            if self.position + self.window + 1 > len(self.shards[self.shard]):
-                self.shard, self.position = (self.shard + 1) % len(self.shards), 0
-                self.epoch += self.shard == 0  # past the last shard: wrap around, a new epoch
+            self.sequence += self.step_sequences
+            if self.sequence == self.epoch_sequences:  # the epoch is over: the next one starts (reshuffled)
+                self.epoch, self.sequence = self.epoch + 1, 0
         return x, y
 
-    # Saved between steps, the state is where the next window starts: the same on every rank. The window
-    # size and the data it points into are saved with it, so that a resume can tell when they changed.
+    def windows_at(self, first):
+        """(shard, window) of the B sequences of this epoch's stream from sequence `first` on."""
+        shards = len(self.shards)
+        order = (
+            np.random.default_rng([self.seed, self.epoch]).permutation(shards) if self.shuffle else np.arange(shards)
+        )
+        starts = np.cumsum(self.used[order]) - self.used[order]  # each shard's first sequence in the stream
+        for sequence in range(first, first + self.B):
+            position = np.searchsorted(starts, sequence, side="right") - 1
+            shard, k = int(order[position]), sequence - int(starts[position])
+            if self.shuffle:
+                k = int(window_order(self.seed, self.epoch, shard, int(self.windows[shard]))[k])
+            yield shard, k
+
+    # Saved between steps, the state is where the next step starts: the same on every rank. The step size,
+    # the order and the data it points into are saved with it, so that a resume can tell when they changed.
     def state_dict(self):
         return {
-            "shard": self.shard,
-            "position": self.position,
             "epoch": self.epoch,
+            "sequence": self.sequence,
+            "seq_len": self.T,
             "step_tokens": self.window,
+            "shuffle": self.shuffle,
+            "seed": self.seed,
             "data": self.data,
         }
 
     def load_state_dict(self, state):
-        """Continue where `state` ends; the data and --total_batch_size must be what it was saved with
-        (checkpoints from before these were recorded are taken as they are)."""
-        if state.get("step_tokens", self.window) != self.window:
+        """Continue where `state` ends; the data, --total_batch_size, --seq_len and the order must be what
+        it was saved with (checkpoints from before these were recorded are taken as they are)."""
+        if (state.get("step_tokens", self.window), state.get("seq_len", self.T)) != (self.window, self.T):
             raise UserError(
-                f"the checkpoint read {state['step_tokens']} tokens per step, this run {self.window}: resume "
-                "with its --total_batch_size (the number of processes may change)"
+                f"the checkpoint read steps of {state.get('step_tokens', self.window)} tokens in sequences of "
+                f"{state.get('seq_len', self.T)}, this run {self.window} in {self.T}: resume with its "
+                "--total_batch_size and --seq_len (the number of processes and --batch_size may change)"
             )
-        then, now = state.get("data", self.data), self.data
-        if then != now:
-            then_shard, now_shard = next(((a, b) for a, b in zip(then, now) if a != b), (None, None))
-            detail = (
-                f"{len(then)} train shards then, {len(now)} now"
-                if then_shard is None
-                else f"{then_shard[0]} of {then_shard[1]:,} tokens then, {now_shard[0]} of {now_shard[1]:,} now"
-            )
-            raise UserError(
-                f"the train shards are not the ones the checkpoint was trained on ({detail}): "
-                "point --data_dir at the data of the run"
-            )
-        self.shard, self.position, self.epoch = state["shard"], state["position"], state["epoch"]
-        self.micro_step = 0
+        check_same_data(state.get("data", self.data), self.data)
+        shuffled, seed = state.get("shuffle", False), state.get("seed")  # older checkpoints read in order
+        if shuffled != self.shuffle or (shuffled and seed != self.seed):
+            order = f"--shuffle --seed {seed}" if shuffled else "--no-shuffle"
+            raise UserError(f"the checkpoint read the train shards in another order: resume with {order}")
+        self.epoch, self.micro_step = state["epoch"], 0
+        if "sequence" in state:
+            self.sequence = state["sequence"]
+        else:  # a checkpoint from before the stream of sequences: a shard and a token position in it
+            self.sequence = int(self.used[: state["shard"]].sum()) + state["position"] // self.T
+
+
+@functools.lru_cache(maxsize=4)
+def window_order(seed, epoch, shard, windows):
+    """The order in which epoch `epoch` reads the `windows` windows of shard number `shard`: a permutation
+    from a generator of its own, so that a rank computes only the orders of the shards it reads."""
+    return np.random.default_rng([seed, epoch, shard]).permutation(windows)
+
+
+def check_same_data(then, now):
+    """Refuse to resume on train shards other than the checkpoint's (`then`, `now`: data_fingerprint's)."""
+    if then != now:
+        then_shard, now_shard = next(((a, b) for a, b in zip(then, now) if a != b), (None, None))
+        detail = (
+            f"{len(then)} train shards then, {len(now)} now"
+            if then_shard is None
+            else f"{then_shard[0]} of {then_shard[1]:,} tokens then, {now_shard[0]} of {now_shard[1]:,} now"
+        )
+        raise UserError(
+            f"the train shards are not the ones the checkpoint was trained on ({detail}): "
+            "point --data_dir at the data of the run"
+        )
 
 
 def data_fingerprint(paths, shards):
@@ -1247,6 +1303,13 @@ def add_data_flags(g):
         "--batch_size", type=int, default=64, help="sequences per micro-step per GPU (B); lower it if memory runs out"
     )
     g.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (T): GPT-2's context")
+    g.add_argument(
+        "--shuffle",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read the train shards, and each shard's sequences, in a new order each epoch drawn from --seed: "
+        "batches that mix the corpus; --no-shuffle reads them front to back, as the lecture does",
+    )
 
 
 def add_model_flags(g):
@@ -1287,7 +1350,7 @@ def add_optimisation_flags(g):
     g.add_argument("--beta2", type=float, default=0.95, help="AdamW second-moment decay (GPT-3)")
     g.add_argument("--eps", type=float, default=1e-8, help="AdamW epsilon (GPT-3)")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (GPT-3)")
-    g.add_argument("--seed", type=int, default=1337, help="seed of the weight init")
+    g.add_argument("--seed", type=int, default=1337, help="seed of the weight init and of the data order")
 
 
 def add_evaluation_flags(g):
@@ -1465,6 +1528,7 @@ def train(args, device, procs):
         return
     if run.eval_pending:
         evaluate_and_sample(run, progress, run.start_step - 1, stop)
+    epoch = run.train_loader.epoch
     for step in range(run.start_step, args.max_steps):
         t0 = time.time()
         lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
@@ -1477,6 +1541,9 @@ def train(args, device, procs):
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that dt measures the step, not just its launch
         report_step(run, progress, step, train_loss, lr, norm, time.time() - t0)
+        if run.train_loader.epoch != epoch:  # the step read the epoch's last sequences
+            epoch = run.train_loader.epoch
+            procs.print(f"epoch {epoch - 1} done at step {step}: {(step + 1) * args.total_batch_size:,} tokens seen")
         eval_pending = False
         if (step + 1) % args.eval_every == 0 or step == last_step:
             eval_pending = not evaluate_and_sample(run, progress, step, stop)
@@ -1526,7 +1593,9 @@ def set_up_run(args, device, procs):
     use_fast_math(device)
     dtype, dtype_reason = pick_autocast_dtype(args.dtype, device)
     B, T = args.batch_size, args.seq_len
-    train_loader = DataLoaderLite(args.data_dir, B, T, procs.rank, procs.world_size, "train", args.total_batch_size)
+    train_loader = DataLoaderLite(
+        args.data_dir, B, T, procs.rank, procs.world_size, "train", args.total_batch_size, args.shuffle, args.seed
+    )
     val_loader, val_steps = validation_data(args, procs)
     model, resume_path, checkpoint = build_model(args, device)
     config = model.config
@@ -1559,7 +1628,8 @@ def set_up_run(args, device, procs):
         f"batch       {args.total_batch_size:,} tokens per step = {B} x {T} x {procs.world_size} process(es) x "
         f"{grad_accum_steps} micro-steps | steps {start_step} to {args.max_steps - 1}\n"
         f"data        {args.data_dir}: {describe_split(train_loader)} train, {describe_split(val_loader)} val "
-        f"({val_steps * val_loader.window:,} tokens per evaluation)"
+        f"({val_steps * val_loader.window:,} tokens per evaluation)\n"
+        f"epoch       {describe_epoch(train_loader)}"
     )
     log = open(os.path.join(args.log_dir, "log.txt"), "a" if args.resume else "w") if procs.master else None
     return Run(
@@ -1689,11 +1759,11 @@ def resume_or_start(args, procs, device, optimizer, scaler, train_loader, path, 
         start_step, eval_pending = checkpoint["step"] + 1, checkpoint.get("eval_pending", False)
         elsewhere = "" if in_folder(path, args.log_dir) else f"; new checkpoints go to {args.log_dir}"
         procs.print(f"resumed from {path} at step {start_step}{elsewhere}")
-        for flag in ("seq_len", "val_tokens"):  # they change what a val loss measures
-            then, now = checkpoint.get("args", {}).get(flag, getattr(args, flag)), getattr(args, flag)
-            if then != now:
-                procs.print(f"note: --{flag} is {now}, the run before was {then}: its val losses compare with "
-                            "this run's only roughly")  # fmt: skip
+        # A resume may evaluate on more or fewer val tokens (--seq_len cannot change: the loader refuses it).
+        then = checkpoint.get("args", {}).get("val_tokens", args.val_tokens)
+        if then != args.val_tokens:
+            procs.print(f"note: --val_tokens is {args.val_tokens}, the run before was {then}: its val losses "
+                        "compare with this run's only roughly")  # fmt: skip
     elif latest_checkpoint(args.log_dir):  # every rank checks, so that no rank goes on alone
         raise UserError(
             f"{args.log_dir} already holds checkpoints: pass --resume to continue that run, or choose another --log_dir"
@@ -1863,6 +1933,17 @@ def print_summary(run, progress):
     print(f"log         {log_path}")
     print(f"next        python sample.py --init {progress.checkpoint}")
     print(f"            python plot_log.py {log_path}")
+
+
+def describe_epoch(loader):
+    """One epoch of the train split: its steps, its order, and what it leaves unread."""
+    tails, left_over = loader.unread_per_epoch()
+    order = f"shuffled by --seed {loader.seed}" if loader.shuffle else "in order (--no-shuffle)"
+    where = "at the epoch's end" if loader.shuffle else "at shard ends"
+    return (
+        f"{loader.steps_per_epoch():,} steps, {order} | unread each epoch: {tails:,} tokens of shard tails "
+        f"shorter than a sequence, {left_over:,} sequences that do not fill a step ({where})"
+    )
 
 
 def describe_split(loader):

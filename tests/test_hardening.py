@@ -610,11 +610,11 @@ def test_two_fineweb_runs_on_one_out_cannot_both_run(tmp_path):
 # --- the loader's stream does not depend on the number of processes ---------------------------------
 
 
-def steps_read(data_dir, world_size, micro_steps, steps, state=None):
+def steps_read(data_dir, world_size, micro_steps, steps, state=None, shuffle=False):
     """The sequences of each optimizer step, in block order (micro-step m of rank r is block m * world_size
     + r), as lists of first tokens, read by world_size loaders; and the state after them."""
     B, T = 2, 8
-    loaders = [DataLoaderLite(data_dir, B, T, rank, world_size, "train", B * T * world_size * micro_steps)
+    loaders = [DataLoaderLite(data_dir, B, T, rank, world_size, "train", B * T * world_size * micro_steps, shuffle)
                for rank in range(world_size)]  # fmt: skip
     for loader in loaders:
         if state:
@@ -631,20 +631,21 @@ def steps_read(data_dir, world_size, micro_steps, steps, state=None):
     return read, loaders[0].state_dict()
 
 
-def test_each_step_reads_the_same_tokens_for_any_number_of_processes(tmp_path):
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_each_step_reads_the_same_tokens_for_any_number_of_processes(tmp_path, shuffle):
     window = 2 * 8 * 4  # 4 sequences of 8 tokens per step
     # shard ends where one process's micro-window would still fit but the step's window does not
     lengths = [3 * window + 20, 4 * window + 1, 2 * window + window // 2]
     for k, length in enumerate(lengths):
         np.save(tmp_path / f"marked_train_{k:06d}.npy", (10000 * k + np.arange(length)).astype(np.uint16))
     steps = 2 * sum((length - 1) // window for length in lengths) + 3  # two epochs and more
-    one, _ = steps_read(str(tmp_path), world_size=1, micro_steps=4, steps=steps)
+    one, _ = steps_read(str(tmp_path), world_size=1, micro_steps=4, steps=steps, shuffle=shuffle)
     for world_size, micro_steps in [(2, 2), (4, 1)]:
-        assert steps_read(str(tmp_path), world_size, micro_steps, steps)[0] == one
+        assert steps_read(str(tmp_path), world_size, micro_steps, steps, shuffle=shuffle)[0] == one
     # a state saved by one process is resumed by four, on the same stream
-    _, state = steps_read(str(tmp_path), world_size=1, micro_steps=4, steps=3)  # at the end of shard 0
-    assert state["shard"] == 1 and state["position"] == 0
-    assert steps_read(str(tmp_path), 4, 1, steps - 3, state)[0] == one[3:]
+    _, state = steps_read(str(tmp_path), world_size=1, micro_steps=4, steps=3, shuffle=shuffle)
+    assert (state["epoch"], state["sequence"]) == (0, 3 * 8)  # in order: the end of shard 0
+    assert steps_read(str(tmp_path), 4, 1, steps - 3, state, shuffle)[0] == one[3:]
 
 
 def test_resume_on_two_ranks_from_a_one_rank_checkpoint_near_a_shard_end(tmp_path):
@@ -655,7 +656,7 @@ def test_resume_on_two_ranks_from_a_one_rank_checkpoint_near_a_shard_end(tmp_pat
     flags = [
         *TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", str(window),
         "--max_steps", "6", "--warmup_steps", "2", "--eval_every", "100", "--val_tokens", "256", "--no-hellaswag",
-        "--no-sample_every_eval", "--ckpt_every", "3",
+        "--no-sample_every_eval", "--ckpt_every", "3", "--no-shuffle",
     ]  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
@@ -679,7 +680,7 @@ def test_resume_on_two_ranks_from_a_one_rank_checkpoint_near_a_shard_end(tmp_pat
         assert ours["loader"] == theirs["loader"]
         for key in theirs["model"]:  # accumulation and DDP add the same gradients in another order
             torch.testing.assert_close(ours["model"][key], theirs["model"][key], atol=1e-5, rtol=0)
-    assert ours["loader"]["shard"] == 1 and ours["loader"]["position"] == 3 * window  # in shard 2, as both read
+    assert ours["loader"]["sequence"] == 24 + 3 * 8  # 3 steps into shard 2 (shard 1 holds 3 steps), as both read
 
 
 # --- signals -----------------------------------------------------------------------------------------

@@ -214,7 +214,7 @@ def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path, keep_
     # one step at learning rate 0: AdamW leaves every weight as it was, so the checkpoint shows what was loaded
     flags = ["--max_steps", "1", "--warmup_steps", "0", "--max_lr", "0", "--eval_every", "1", "--ckpt_every", "1"]
     run_cli(train_gpt2.main, ["--init", path, "--data_dir", text_shards, "--log_dir", str(log_dir), *BATCH, *flags])
-    x, y = DataLoaderLite(text_shards, 4, 32, 0, 1, "train").next_batch()  # step 0's batch
+    x, y = DataLoaderLite(text_shards, 4, 32, 0, 1, "train", 128, shuffle=True, seed=1337).next_batch()  # step 0's
     with torch.no_grad():
         _, expected = load_model(path)(x, y)
     step, kind, loss = read_log(log_dir)[0]

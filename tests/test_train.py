@@ -86,7 +86,7 @@ def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
         for shard, num_windows in enumerate(windows_per_shard):
             for w in range(num_windows):
                 for rank, loader in enumerate(loaders):
-                    assert (loader.epoch, loader.shard) == (epoch, shard)  # every rank on the same shard
+                    assert loader.epoch == epoch  # every rank in the same epoch
                     x, y = loader.next_batch()
                     start = w * window + rank * B * T  # the striding: global window, then rank offset
                     expected = (10000 * shard + np.arange(start, start + B * T + 1)).astype(np.int64)
@@ -96,7 +96,7 @@ def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
                     if epoch == 0:
                         assert (shard, start) not in seen  # no window twice in an epoch
                         seen.add((shard, start))
-    assert all(loader.epoch == 2 and loader.shard == 0 and loader.position == 0 for loader in loaders)
+    assert all(loader.epoch == 2 and loader.sequence == 0 for loader in loaders)
 
 
 def test_loader_state_round_trips_mid_shard(tmp_path):
@@ -105,13 +105,88 @@ def test_loader_state_round_trips_mid_shard(tmp_path):
     for _ in range(9):  # 9 windows of 128: into the second shard
         loader.next_batch()
     state = loader.state_dict()
-    assert state["shard"] == 1 and state["position"] > 0
+    assert state["epoch"] == 0 and state["sequence"] == 9 * 8 > loader.used[0]  # in the second shard
     resumed = DataLoaderLite(str(tmp_path), 4, 16, 1, 2, "train")
     resumed.load_state_dict(state)
     for _ in range(10):  # across the wrap-around too
         for a, b in zip(loader.next_batch(), resumed.next_batch()):
             assert torch.equal(a, b)
     assert resumed.state_dict() == loader.state_dict()
+
+
+def rows_read(loader, steps):
+    """The window each row of `steps` optimizer steps starts at, as (shard, token offset) read off a marked
+    shard's first token, in the order a 1-process loader reads them."""
+    rows = []
+    for _ in range(steps * loader.micro_steps):
+        x, y = loader.next_batch()
+        assert torch.equal(x[:, 1:], y[:, :-1])
+        rows += [divmod(int(token), 10000) for token in x[:, 0]]
+    return rows
+
+
+SHUFFLED_LENGTHS = [530, 1000, 777, 64 * 5 + 1]  # shard tails of 1 to 15 tokens, and one that fits exactly
+
+
+def shuffled_loader(directory, seed=0, B=2, T=16, step_tokens=128):
+    return DataLoaderLite(str(directory), B, T, 0, 1, "train", step_tokens, shuffle=True, seed=seed)
+
+
+def test_shuffled_order_depends_on_the_seed_and_the_epoch_only(tmp_path):
+    make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
+    steps = shuffled_loader(tmp_path).steps_per_epoch()
+    first, again = rows_read(shuffled_loader(tmp_path), 2 * steps), rows_read(shuffled_loader(tmp_path), 2 * steps)
+    assert first == again  # the same seed: the same order, twice
+    epoch0, epoch1 = first[: len(first) // 2], first[len(first) // 2 :]
+    assert epoch0 != epoch1  # each epoch its own order
+    assert rows_read(shuffled_loader(tmp_path, seed=1), steps) != epoch0  # another seed, another order
+    assert epoch0 != sorted(epoch0)  # shuffled indeed
+    # --batch_size does not change it: 8 sequences per step, read as 4 micro-steps of 2 or one of 8
+    assert rows_read(shuffled_loader(tmp_path, B=8), steps) == epoch0
+
+
+def test_shuffled_epoch_reads_every_window_once(tmp_path):
+    make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
+    loader = shuffled_loader(tmp_path)
+    rows = rows_read(loader, loader.steps_per_epoch())
+    windows = {(shard, k * 16) for shard, length in enumerate(SHUFFLED_LENGTHS) for k in range((length - 1) // 16)}
+    tails, left_over = loader.unread_per_epoch()
+    assert tails == sum((length - 1) % 16 for length in SHUFFLED_LENGTHS)
+    assert len(rows) == len(set(rows)) == len(windows) - left_over and 0 <= left_over < 8  # fewer than one step
+    assert set(rows) <= windows and {shard for shard, _ in rows} == set(range(4))
+    assert (loader.epoch, loader.sequence) == (1, 0)  # the epoch ended with its last whole step
+
+
+@pytest.mark.parametrize("steps_before", [5, 19, 20, 21])  # mid-epoch, at its last step, at its end, past it
+def test_shuffled_loader_resumes_exactly(tmp_path, steps_before):
+    make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
+    straight = rows_read(shuffled_loader(tmp_path), 50)
+    assert shuffled_loader(tmp_path).steps_per_epoch() == 20
+    loader = shuffled_loader(tmp_path)
+    rows_read(loader, steps_before)
+    resumed = shuffled_loader(tmp_path, B=4)  # and on another --batch_size
+    resumed.load_state_dict(loader.state_dict())
+    assert rows_read(resumed, 50 - steps_before) == straight[steps_before * 8 :]
+
+
+def test_a_resume_in_another_order_is_refused(tmp_path):
+    make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
+    state = shuffled_loader(tmp_path, seed=3).state_dict()
+    for other in (shuffled_loader(tmp_path, seed=4), DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)):
+        with pytest.raises(train_gpt2.UserError, match="another order: resume with --shuffle --seed 3"):
+            other.load_state_dict(state)
+
+
+def test_loader_resumes_a_checkpoint_from_before_the_shuffle(tmp_path):
+    """Such a checkpoint saved the next step as a shard and a token position in it, and read in order."""
+    make_marked_shards(tmp_path, [1000, 1000])
+    loader = DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)
+    old_state = {"shard": 1, "position": 2 * 128, "epoch": 0, "step_tokens": 128, "data": loader.data}
+    loader.load_state_dict(old_state)
+    x, _ = loader.next_batch()
+    assert x[0, 0].item() == 10000 + 2 * 128
+    with pytest.raises(train_gpt2.UserError, match="resume with --no-shuffle"):
+        shuffled_loader(tmp_path).load_state_dict(old_state)
 
 
 def test_loader_reads_llm_c_bin_shards(tmp_path):
@@ -171,10 +246,15 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_sh
 
 
 def test_resume_is_bit_identical(tmp_path, text_shards):
-    """N steps in one go == N/2 steps, stop, --resume, N/2 more: every parameter and optimizer moment equal."""
+    """N steps in one go == N/2 steps, stop, --resume, N/2 more: every parameter and optimizer moment equal,
+    over a train split of 3 steps an epoch (shuffled), so that the resumed half crosses an epoch's end."""
+    data = tmp_path / "data"
+    os.makedirs(data)
+    shutil.copy(os.path.join(text_shards, "text_val_000000.npy"), data)
+    np.save(data / "text_train_000001.npy", np.load(os.path.join(text_shards, "text_train_000001.npy"))[:900])
     args = [
         "--data_dir",
-        text_shards,
+        str(data),
         *TINY_MODEL,
         *QUIET,
         "--batch_size",
@@ -194,7 +274,9 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
         "--ckpt_every",
         "4",
     ]
-    run_trainer(args + ["--log_dir", str(tmp_path / "straight")])
+    straight_run = run_trainer(args + ["--log_dir", str(tmp_path / "straight")])
+    assert "epoch       3 steps, shuffled by --seed 1337" in straight_run.stdout
+    assert "epoch 0 done at step 2: 768 tokens seen" in straight_run.stdout
     os.makedirs(tmp_path / "resumed")
     shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "resumed")  # stopped after 4 of 8 steps
     result = run_trainer(args + ["--log_dir", str(tmp_path / "resumed"), "--resume"])
@@ -206,7 +288,9 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
         assert torch.equal(straight["model"][key], resumed["model"][key]), key
     for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
         assert all(torch.equal(a[k], b[k]) for k in a)
-    assert straight["loader"] == resumed["loader"]
+    assert straight["loader"] == resumed["loader"] and straight["loader"]["epoch"] == 2
+    straight_losses = [line for line in open(tmp_path / "straight" / "log.txt") if int(line.split()[0]) >= 4]
+    assert open(tmp_path / "resumed" / "log.txt").readlines() == straight_losses
     assert "note:" not in result.stdout
     # Resumed with another --val_tokens: the run goes on, and says its val losses measure something else now.
     os.makedirs(tmp_path / "changed")
