@@ -532,17 +532,19 @@ class DataLoaderLite:
         self.micro_steps = self.window // (B * T * num_processes)
         paths = find_shards(data_dir, split)
         self.shards = [load_shard(p) for p in paths]
-        for path, tokens in zip(paths, self.shards):
-            if len(tokens) < self.window + 1:
-                raise UserError(
-                    f"{path} has {len(tokens)} tokens, fewer than one batch of all ranks' sequences + 1 = "
-                    f"{self.window + 1}: lower --total_batch_size (or --batch_size/--seq_len) or add data"
-                )
         self.data = data_fingerprint(paths, self.shards)
         self.windows = np.array([(len(tokens) - 1) // T for tokens in self.shards])  # sequence windows per shard
-        # The windows each shard puts in the stream: all of them shuffled; in order, whole steps only.
+        # The windows each shard puts in the stream: all of them shuffled; in order, whole steps only (so a
+        # shard shorter than a step, such as the last one fineweb.py writes, is skipped: it is counted unread).
         self.used = self.windows if shuffle else self.windows // self.step_sequences * self.step_sequences
         self.epoch_sequences = int(self.used.sum()) // self.step_sequences * self.step_sequences
+        if self.epoch_sequences == 0:
+            longest = max(range(len(paths)), key=lambda i: len(self.shards[i]))
+            raise UserError(
+                f"{paths[longest]} has {len(self.shards[longest])} tokens, fewer than one batch of all ranks' "
+                f"sequences + 1 = {self.window + 1}, and the {split} split holds no step: lower "
+                "--total_batch_size (or --batch_size/--seq_len) or add data"
+            )
         self.reset()
 
     def reset(self):
@@ -1948,7 +1950,7 @@ def describe_epoch(loader):
 
 def describe_split(loader):
     tokens = sum(len(shard) for shard in loader.shards)
-    return f"{len(loader.shards)} shard{'s' if len(loader.shards) > 1 else ''} of {tokens:,} tokens"
+    return f"{len(loader.shards)} shard{'s' if len(loader.shards) > 1 else ''}, {tokens:,} tokens"
 
 
 def rng_state(device):
