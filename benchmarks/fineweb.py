@@ -1,15 +1,16 @@
 """How fast fineweb.py turns text into shards, on two kinds of text in four shapes, against two references.
 
-    python benchmarks/fineweb.py [--megabytes 2] [--copies 5] [--repeat 5] [--text shakespeare.txt]
+    python benchmarks/fineweb.py [--megabytes 8] [--copies 2 8] [--repeat 5] [--text shakespeare.txt]
 
 The two kinds of text come with every Python: prose (the language reference's topics in pydoc_data, or
 --text FILE cut into documents at blank lines) and code with markup (the standard library's .py files, one
 document each: code, comments and reST docstrings). Each is written in four shapes: one .txt file per
 document, a few large .txt files, one jsonl file and one parquet file. For each corpus this prints:
 - start-up: the whole fineweb.py process on a corpus of the first document alone;
-- steady: the marginal rate between a run on the corpus and a run on --copies copies of it, so that the
-  start-up cancels out: what a long run (FineWeb's 10B tokens) gets;
-- whole: the whole process on the copies, start-up included;
+- steady: the marginal rate between runs on two numbers of copies of the corpus (--copies, 2 and 8), so
+  that the start-up, and the filling and draining of the pipeline, cancel out: what a long run (FineWeb's
+  10B tokens) gets;
+- whole: the whole process on the larger copy, start-up included;
 and the steady rate as a share of two references on the same documents, measured in turns with it:
 - bare pool: multiprocessing.Pool(cores) encoding the documents with encode_ordinary, sent in ~1 MB batches,
   with no reading and no writing;
@@ -174,9 +175,10 @@ def pool_rate(pool, documents):
 def measure(documents, shape, copies, repeat, num_proc, pool, directory):
     """Median figures of one corpus in one shape, and of the ratios of each run to the references measured
     right beside it (pairing keeps a ratio meaningful while the machine's speed drifts)."""
+    small_copies, large_copies = copies
     tiny, _ = write_corpus(documents[:1], os.path.join(directory, "tiny"), shape)
-    small, seen = write_corpus(documents, os.path.join(directory, "small"), shape)
-    large, seen_large = write_corpus(documents * copies, os.path.join(directory, "large"), shape)
+    small, seen = write_corpus(documents * small_copies, os.path.join(directory, "small"), shape)
+    large, seen_large = write_corpus(documents * large_copies, os.path.join(directory, "large"), shape)
     out = os.path.join(directory, "out")
     figures = collections.defaultdict(list)
     for _ in range(repeat):  # in turns, so that every figure sees the machine in the same moods
@@ -205,8 +207,16 @@ def measure(documents, shape, copies, repeat, num_proc, pool, directory):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--megabytes", type=float, default=2, help="characters of each corpus, in millions")
-    parser.add_argument("--copies", type=int, default=5, help="copies in the large run, for the marginal rate")
+    parser.add_argument(
+        "--megabytes",
+        type=float,
+        default=8,
+        help="characters of each corpus, in millions; with fewer, runs on a quiet machine last under a second and "
+        "the marginal rate measures the filling of the pipeline more than its pace",
+    )
+    parser.add_argument(
+        "--copies", type=int, nargs=2, default=[2, 8], help="copies of the corpus in the two runs of the marginal rate"
+    )
     parser.add_argument("--repeat", type=int, default=5, help="runs of each measurement; medians are printed")
     parser.add_argument("--text", help="a text file to use as the prose instead of pydoc_data's topics")
     parser.add_argument("--kinds", nargs="+", default=["prose", "code"], choices=["prose", "code"])
@@ -219,8 +229,8 @@ def main():
         "code": lambda: code_documents(total_chars),
     }
     print(
-        f"{cores} cores; fineweb.py --num_proc {cores}; each corpus x1 and x{args.copies} (M tokens: of "
-        f"x{args.copies}); medians of {args.repeat} runs (min-max of steady/pool); rates in M tokens/s"
+        f"{cores} cores; fineweb.py --num_proc {cores}; each corpus x{args.copies[0]} and x{args.copies[1]} (M tokens: "
+        f"of x{args.copies[1]}); medians of {args.repeat} runs (min-max of steady/pool); rates in M tokens/s"
     )
     print(
         f"{'corpus':<22} {'docs':>6} {'M tokens':>8} {'start-up':>8} {'steady':>6} {'whole':>5} {'bare pool':>9} "

@@ -248,6 +248,41 @@ def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
             assert documents_of(pieces) == everything[skip:]
 
 
+def test_a_parquet_row_group_is_cut_into_pieces_that_the_workers_read(tmp_path):
+    documents = make_documents(300, 200)
+    path = tmp_path / "one_group.parquet"
+    pq.write_table(pa.table({"text": documents}), path)  # 300 rows: one row group
+    pieces = list(fineweb.plan_parquet(str(path), "text", skip=0, piece_bytes=2000))
+    assert len(pieces) > 10
+    # A piece is a range of rows, not text: the main process only read the file's footer.
+    assert {reader for reader, *_ in pieces} == {fineweb.read_parquet_rows}
+    assert [text for _, text in documents_of(pieces)] == documents
+    # A worker keeps the last group it read, but never one of a file replaced since.
+    pq.write_table(pa.table({"text": documents[::-1]}), path)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # one second later, however coarse the clock
+    pieces = fineweb.plan_parquet(str(path), "text", skip=0, piece_bytes=2000)
+    assert [text for _, text in documents_of(pieces)] == documents[::-1]
+
+
+def test_a_changed_input_is_named_even_when_it_kept_its_size_and_time(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(200):
+        (folder / f"{i:03d}.txt").write_text(f"small document {i}")
+    large = folder / "large.txt"
+    large.write_text("the first corpus. " * 5000)  # 90 KB: large enough that its key hashes its ends
+    flags = ["--input", str(folder), "--out", str(tmp_path / "out"), "--shard_size", "5000", "--num_proc", "1"]
+    fineweb.main(flags)
+    stat = os.stat(large)
+    large.write_text("another corpus!. " * 5000 + "!" * 5000)  # the same size
+    os.utime(large, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and time, as cp -p or tar would keep it
+    with pytest.raises(UserError) as error:
+        fineweb.main(flags)
+    message = str(error.value)
+    assert f"(input {large.absolute()} changed since (its size, time or content))" in message
+    assert len(message) < 300  # one file named, not two lists of 201 files
+
+
 def test_txt_files_read_as_text_mode_reads_them(tmp_path):
     path = tmp_path / "lines.txt"
     path.write_bytes("one\r\ntwo\rthree\n\r\n\n\rfour \u00e9\r".encode())
