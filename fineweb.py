@@ -179,7 +179,7 @@ def plan_parquet(path, text_field, skip, piece_bytes):
     for group in range(parquet.num_row_groups):
         metadata = parquet.metadata.row_group(group)
         cuts = max(1, round(metadata.column(column).total_uncompressed_size / piece_bytes))
-        rows_per_piece = -(-metadata.num_rows // cuts)  # rounded up
+        rows_per_piece = max(1, -(-metadata.num_rows // cuts))  # rounded up; a group may hold no rows
         for start in range(max(0, skip - first_row), metadata.num_rows, rows_per_piece):  # skipped rows are not read
             stop = min(start + rows_per_piece, metadata.num_rows)
             yield read_parquet_rows, path, version, text_field, group, start, stop, first_row

@@ -453,9 +453,17 @@ def test_parquet_text_stored_as_a_dictionary_or_as_views_reads_as_plain_text(tmp
 def test_empty_corpus(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n   \n")
-    with pytest.raises(UserError, match="no documents"):
-        fineweb.main(["--input", str(empty), "--out", str(tmp_path / "out")])
-    assert not os.path.exists(tmp_path / "out")
+    empty_table = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty_table)  # one row group of no rows
+    for corpus in [empty, empty_table]:
+        with pytest.raises(UserError, match="no documents"):
+            fineweb.main(["--input", str(corpus), "--out", str(tmp_path / "out")])
+        assert not os.path.exists(tmp_path / "out")
+    with pq.ParquetWriter(tmp_path / "gap.parquet", pa.schema([("text", pa.string())])) as writer:
+        for texts in [["before"], [], ["after"]]:  # an empty row group between two others
+            writer.write_table(pa.table({"text": pa.array(texts, pa.string())}))
+    pieces = fineweb.plan_pieces([str(tmp_path / "gap.parquet")], "text")
+    assert [text for _, text in documents_of(pieces)] == ["before", "after"]
 
 
 def test_missing_input_path(tmp_path):
