@@ -32,11 +32,11 @@ from common import EOT_TOKEN, UserError, atomic_write, gpt2_tokenizer, output_lo
 
 # -----------------------------------------------------------------------------
 # Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt files, a
-# range of lines of a jsonl file, a range of rows of a parquet file, or rows of a Hugging Face dataset that the
-# main process read itself. A piece is (reader, *arguments), and reader(*arguments) yields (where, text) for each
-# of its documents in order; `where` names the file and line or row, so that a bad document can be reported
-# precisely. The workers read files themselves: when the main process read and parsed all the text and sent it
-# through a pipe, that cost a tenth of the tokenizing, on cores that the workers need. Pieces can start after
+# range of lines of a jsonl file, or rows that the main process read itself (of a parquet file, or of a Hugging
+# Face dataset). A piece is (reader, *arguments), and reader(*arguments) yields (where, text) for each of its
+# documents in order; `where` names the file and line or row, so that a bad document can be reported precisely.
+# The workers read .txt and jsonl pieces themselves: when the main process read and parsed all the text and sent
+# it through a pipe, that cost a tenth of the tokenizing, on cores that the workers need. Pieces can start after
 # any number of documents, which is how a resumed run jumps over the documents that finished shards already hold.
 
 PIECE_BYTES = 1 << 20
@@ -143,8 +143,13 @@ def plan_jsonl(path, text_field, skip, piece_bytes):
             line_number += block.count(b"\n")
 
 
-def open_parquet(path, text_field):
-    """The parquet file at path; refuses one that is unreadable or has no text in its `text_field` column."""
+def read_parquet(path, text_field, skip):
+    """The `text_field` column of a parquet file, read a batch of rows at a time so memory stays bounded.
+
+    This runs in the main process, which sends the rows on in pieces: a worker could only read whole row
+    groups, and a group holds megabytes (FineWeb's hold a thousand documents) or far more (pyarrow writes a
+    million rows to a group by default), too few pieces to keep every worker busy on a file of a few groups.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -159,50 +164,25 @@ def open_parquet(path, text_field):
         )
     if not holds_text(schema.field(text_field).type):
         raise UserError(f"{path}: column '{text_field}' holds {schema.field(text_field).type}, not text")
-    return parquet
-
-
-def plan_parquet(path, text_field, skip, piece_bytes):
-    """The pieces of a parquet file after its first `skip` rows: ranges of rows of about piece_bytes of text.
-
-    The main process reads only the file's footer, which says how many rows and bytes each row group holds, and
-    the workers read the rows. A group holds megabytes (FineWeb's hold a thousand documents) or far more (pyarrow
-    writes a million rows to a group by default): too few groups to keep every worker busy on a small file, so a
-    group is cut into pieces of about piece_bytes, as the footer counts them (text that repeats is counted once,
-    so its pieces come out larger).
-    """
-    parquet = open_parquet(path, text_field)
-    leaf_columns = [parquet.schema.column(i).path for i in range(len(parquet.schema))]  # "meta.text" if nested
-    column = leaf_columns.index(text_field)
-    version = os.stat(path).st_mtime_ns  # so that a worker never takes a cached group of a file since replaced
-    first_row = 0  # of the row group, in the file
-    for group in range(parquet.num_row_groups):
-        metadata = parquet.metadata.row_group(group)
-        cuts = max(1, round(metadata.column(column).total_uncompressed_size / piece_bytes))
-        rows_per_piece = max(1, -(-metadata.num_rows // cuts))  # rounded up; a group may hold no rows
-        for start in range(max(0, skip - first_row), metadata.num_rows, rows_per_piece):  # skipped rows are not read
-            stop = min(start + rows_per_piece, metadata.num_rows)
-            yield read_parquet_rows, path, version, text_field, group, start, stop, first_row
-        first_row += metadata.num_rows
-
-
-def read_parquet_rows(path, version, text_field, group, start, stop, first_row):
-    """A piece of a parquet file: rows start to stop of a row group whose first row is row first_row of the file."""
-    texts = read_row_group(path, version, text_field, group)[start:stop].to_pylist()
-    for row, text in enumerate(texts, start=first_row + start):
-        if text is None:
-            raise UserError(f"{path} row {row}: no text in column '{text_field}' (null)")
-        yield (path, "row", row), text
-
-
-@functools.lru_cache(maxsize=1)
-def read_row_group(path, version, text_field, group):
-    """The text column of one row group. Parquet decodes a column of a group only as a whole, so a worker
-    keeps the last group it read for its next piece, which is likely another part of it."""
-    import pyarrow.parquet as pq
-
-    # One thread: the other cores are busy tokenizing.
-    return pq.ParquetFile(path).read_row_group(group, columns=[text_field], use_threads=False).column(0)
+    # Row groups that the finished shards of an earlier run already hold are skipped without being read.
+    group, row = 0, 0
+    while group < parquet.num_row_groups and skip >= parquet.metadata.row_group(group).num_rows:
+        skip -= parquet.metadata.row_group(group).num_rows
+        row += parquet.metadata.row_group(group).num_rows
+        group += 1
+    if group == parquet.num_row_groups:
+        return
+    for batch in parquet.iter_batches(
+        batch_size=1024, row_groups=range(group, parquet.num_row_groups), columns=[text_field]
+    ):
+        for text in batch.column(0).to_pylist():
+            if skip:
+                skip -= 1
+            elif text is None:
+                raise UserError(f"{path} row {row}: no text in column '{text_field}' (null)")
+            else:
+                yield (path, "row", row), text
+            row += 1
 
 
 def holds_text(arrow_type):
@@ -263,7 +243,7 @@ def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
         if path.endswith(".jsonl"):
             yield from plan_jsonl(path, text_field, skip, piece_bytes)
         else:
-            yield from plan_parquet(path, text_field, skip, piece_bytes)
+            yield from pieces_of_documents(read_parquet(path, text_field, skip), piece_bytes)
         skip = 0
     if txt_files:
         yield read_txt_files, txt_files
@@ -404,6 +384,9 @@ def temp_path(out_dir, prefix, name):
     return os.path.join(out_dir, f".{prefix}_{name}.tmp")
 
 
+HASHED_INPUT_BYTES = 1 << 16  # input files from this size on are keyed by a hash of their ends too
+
+
 def load_progress(out_dir, prefix, settings):
     """The progress of an earlier run with these settings in out_dir, or a fresh start; refuses a mismatch."""
     fresh = {
@@ -435,6 +418,9 @@ def load_progress(out_dir, prefix, settings):
             f"{progress_path(out_dir, prefix)} is damaged: delete it and the {prefix} shards beside it to start "
             "over, or pass another --out"
         )
+    for key in progress["settings"].get("input") or []:  # a run of an earlier version hashed small files too
+        if isinstance(key, dict) and key.get("bytes", HASHED_INPUT_BYTES) < HASHED_INPUT_BYTES:
+            key.pop("ends_sha256", None)
     if progress["settings"] != settings:
         old = progress["settings"]
         changed = ", ".join(
@@ -458,7 +444,7 @@ def input_key(path):
     edge = 1 << 20
     stat = os.stat(path)
     key = {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if stat.st_size >= 1 << 16:
+    if stat.st_size >= HASHED_INPUT_BYTES:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             digest.update(f.read(edge))
@@ -472,14 +458,14 @@ def input_key(path):
 def describe_change(name, old, new):
     """One setting that differs between the earlier run and this one, in words; for the input files, the
     first one that differs rather than two lists of thousands."""
-    if name == "input" and isinstance(old, list) and isinstance(new, list):
-        for old_file, new_file in zip(old, new):
-            if old_file != new_file:
-                if old_file.get("path") != new_file["path"]:
-                    return f"input {old_file.get('path')} -> {new_file['path']}"
-                return f"input {new_file['path']} changed since (its size, time or content)"
-        return f"input {len(old)} files -> {len(new)} files"
-    return f"{name} {old!r} -> {new!r}"
+    if name != "input":
+        return f"{name} {old!r} -> {new!r}"
+    for old_file, new_file in zip(old or [], new or []):
+        if old_file != new_file:
+            if old_file.get("path") != new_file["path"]:
+                return f"input {old_file.get('path')} -> {new_file['path']}"
+            return f"input {new_file['path']} changed since (its size, time or content)"
+    return f"input {len(old) if old else 'no'} files -> {len(new) if new else 'no'} files"
 
 
 def save_progress(out_dir, prefix, progress):

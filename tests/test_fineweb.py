@@ -248,23 +248,7 @@ def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
             assert documents_of(pieces) == everything[skip:]
 
 
-def test_a_parquet_row_group_is_cut_into_pieces_that_the_workers_read(tmp_path):
-    documents = make_documents(300, 200)
-    path = tmp_path / "one_group.parquet"
-    pq.write_table(pa.table({"text": documents}), path)  # 300 rows: one row group
-    pieces = list(fineweb.plan_parquet(str(path), "text", skip=0, piece_bytes=2000))
-    assert len(pieces) > 10
-    # A piece is a range of rows, not text: the main process only read the file's footer.
-    assert {reader for reader, *_ in pieces} == {fineweb.read_parquet_rows}
-    assert [text for _, text in documents_of(pieces)] == documents
-    # A worker keeps the last group it read, but never one of a file replaced since.
-    pq.write_table(pa.table({"text": documents[::-1]}), path)
-    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))  # one second later, however coarse the clock
-    pieces = fineweb.plan_parquet(str(path), "text", skip=0, piece_bytes=2000)
-    assert [text for _, text in documents_of(pieces)] == documents[::-1]
-
-
-def test_a_changed_input_is_named_even_when_it_kept_its_size_and_time(tmp_path):
+def test_a_changed_input_is_named_even_when_it_kept_its_size_and_time(tmp_path, monkeypatch):
     folder = tmp_path / "corpus"
     folder.mkdir()
     for i in range(200):
@@ -281,6 +265,23 @@ def test_a_changed_input_is_named_even_when_it_kept_its_size_and_time(tmp_path):
     message = str(error.value)
     assert f"(input {large.absolute()} changed since (its size, time or content))" in message
     assert len(message) < 300  # one file named, not two lists of 201 files
+    for variable in ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"]:  # else the run stops first, to say it is offline
+        monkeypatch.delenv(variable, raising=False)
+    with pytest.raises(UserError, match=r"\(dataset None -> 'HuggingFaceFW/fineweb-edu', input 201 files -> no files"):
+        fineweb.main(["--out", str(tmp_path / "out"), "--shard_size", "5000"])  # the default: download FineWeb-edu
+
+
+def test_a_run_of_the_version_that_hashed_small_files_too_still_resumes(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("a small corpus " * 1000)
+    flags = ["--input", str(corpus), "--out", str(tmp_path / "out"), "--shard_size", "500", "--num_proc", "1"]
+    fineweb.main(flags)
+    progress_file = tmp_path / "out" / "edufineweb_progress.json"
+    progress = json.loads(progress_file.read_text())
+    progress["settings"]["input"][0]["ends_sha256"] = hashlib.sha256(corpus.read_bytes()).hexdigest()
+    progress_file.write_text(json.dumps(progress))  # as the earlier version wrote it
+    fineweb.main(flags)
+    assert "is already complete" in capsys.readouterr().out
 
 
 def test_txt_files_read_as_text_mode_reads_them(tmp_path):
