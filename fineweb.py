@@ -448,7 +448,7 @@ def input_key(path):
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             digest.update(f.read(edge))
-            if stat.st_size > edge:  # a file under 2 MiB is read once
+            if stat.st_size > edge:  # and its last MiB, or what follows the first one, no byte read twice
                 f.seek(max(edge, stat.st_size - edge))
                 digest.update(f.read(edge))
         key["ends_sha256"] = digest.hexdigest()
