@@ -16,9 +16,11 @@ the files an uninterrupted run would have produced.
 
 import argparse
 import collections
+import contextlib
 import functools
 import glob
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -75,14 +77,29 @@ def describe(where):
     return " ".join(str(part) for part in where)
 
 
+def cannot_read(path, error):
+    """The error for an input file that could not be read; files are read throughout a run that may last hours."""
+    moved = "; was it moved or deleted during the run?" if isinstance(error, FileNotFoundError) else ""
+    return UserError(f"{path}: cannot read it ({error.strerror or error}){moved}")
+
+
+def read_bytes(path, start=0, size=-1):
+    """size bytes of an input file from byte start on (all of it by default)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(size)
+    except OSError as e:
+        raise cannot_read(path, e) from None
+
+
 def read_txt(path):
     """A .txt file is one document, its line ends made LF (from CRLF, and from a lone CR), as text mode does.
 
     Reading bytes and decoding them whole takes a third less time than text mode, which matters with many
     small files.
     """
-    with open(path, "rb") as f:
-        data = f.read()
+    data = read_bytes(path)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -101,9 +118,7 @@ def read_txt_files(paths):
 def read_jsonl_lines(path, text_field, start, stop, first_line_number):
     """A piece of a jsonl file: its lines in bytes start to stop, the first of them line first_line_number.
     Each line is a JSON object with the document in its `text_field`; blank lines are ignored."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        lines = f.read(stop - start).split(b"\n")
+    lines = read_bytes(path, start, stop - start).split(b"\n")
     for line_number, line in enumerate(lines, start=first_line_number):
         if not line.strip():
             continue
@@ -172,9 +187,16 @@ def read_parquet(path, text_field, skip):
         group += 1
     if group == parquet.num_row_groups:
         return
-    for batch in parquet.iter_batches(
+    batches = parquet.iter_batches(
         batch_size=1024, row_groups=range(group, parquet.num_row_groups), columns=[text_field]
-    ):
+    )
+    while True:
+        try:  # a damaged page, or a file moved meanwhile: reading goes on for as long as the run
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path} from row {row}: cannot read it ({first_line(e)})") from None
+        if batch is None:
+            return
         for text in batch.column(0).to_pylist():
             if skip:
                 skip -= 1
@@ -225,25 +247,28 @@ def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
     """The pieces of the files in order, leaving out their first `skip` documents."""
     txt_files, txt_bytes = [], 0  # .txt files waiting to fill a piece
     for path in files:
-        if skip:
-            count = count_documents(path)
-            if skip >= count:
-                skip -= count
+        try:  # this runs as long as the run does: a file may have been moved or deleted since it started
+            if skip:
+                count = count_documents(path)
+                if skip >= count:
+                    skip -= count
+                    continue
+            if path.endswith(".txt"):
+                txt_files.append(path)
+                txt_bytes += os.path.getsize(path)
+                if txt_bytes >= piece_bytes:
+                    yield read_txt_files, txt_files
+                    txt_files, txt_bytes = [], 0
                 continue
-        if path.endswith(".txt"):
-            txt_files.append(path)
-            txt_bytes += os.path.getsize(path)
-            if txt_bytes >= piece_bytes:
+            if txt_files:  # the .txt files before this file make a piece of their own
                 yield read_txt_files, txt_files
                 txt_files, txt_bytes = [], 0
-            continue
-        if txt_files:  # the .txt files before this file make a piece of their own
-            yield read_txt_files, txt_files
-            txt_files, txt_bytes = [], 0
-        if path.endswith(".jsonl"):
-            yield from plan_jsonl(path, text_field, skip, piece_bytes)
-        else:
-            yield from pieces_of_documents(read_parquet(path, text_field, skip), piece_bytes)
+            if path.endswith(".jsonl"):
+                yield from plan_jsonl(path, text_field, skip, piece_bytes)
+            else:
+                yield from pieces_of_documents(read_parquet(path, text_field, skip), piece_bytes)
+        except OSError as e:
+            raise cannot_read(path, e) from None
         skip = 0
     if txt_files:
         yield read_txt_files, txt_files
@@ -442,16 +467,19 @@ def input_key(path):
     15,000 .txt files of 4 KB, reading each one twice (to key it, then to tokenize it) took 0.5 s of a 3.4 s
     run, before any worker started, while hashing a large file's ends costs under 1% of tokenizing it."""
     edge = 1 << 20
-    stat = os.stat(path)
-    key = {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if stat.st_size >= HASHED_INPUT_BYTES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            digest.update(f.read(edge))
-            if stat.st_size > edge:  # and its last MiB, or what follows the first one, no byte read twice
-                f.seek(max(edge, stat.st_size - edge))
+    try:
+        stat = os.stat(path)
+        key = {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        if stat.st_size >= HASHED_INPUT_BYTES:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
                 digest.update(f.read(edge))
-        key["ends_sha256"] = digest.hexdigest()
+                if stat.st_size > edge:  # and its last MiB, or what follows the first one, no byte read twice
+                    f.seek(max(edge, stat.st_size - edge))
+                    digest.update(f.read(edge))
+            key["ends_sha256"] = digest.hexdigest()
+    except OSError as e:
+        raise cannot_read(path, e) from None
     return key
 
 
@@ -476,57 +504,84 @@ def save_progress(out_dir, prefix, progress):
         f.write(text.encode())
 
 
-def save_shard(out_dir, prefix, index, tokens):
-    with atomic_write(shard_path(out_dir, prefix, index), temp_path=temp_path(out_dir, prefix, f"{index:06d}")) as f:
-        np.save(f, tokens)
+def npy_header(tokens):
+    """The header np.save writes before `tokens` uint16 values. numpy pads it so that the count can grow to 21
+    digits without changing its length, so a shard's header can be written first and corrected in place."""
+    header = io.BytesIO()
+    dtype = np.lib.format.dtype_to_descr(np.dtype(np.uint16))
+    np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False, "shape": (tokens,)})
+    return header.getvalue()
 
 
 class ShardWriter:
-    """Lays pieces' tokens end to end, cuts them into shards of shard_size tokens, and writes each one.
+    """Lays pieces' tokens end to end and cuts them into shards of shard_size tokens, each one a .npy file.
 
-    After each shard it saves the progress: how many documents the finished shards hold in full, and how many
-    tokens of the next document they hold already. A resumed writer starts from such a record.
+    Each piece's tokens go straight into the shard's temporary file, while the workers tokenize the next pieces:
+    collecting a whole shard in memory first left its write (and its fsync) for the end, when the workers wait.
+    atomic_write renames the file once the shard is full; an error or Ctrl-C before then removes it (use the
+    writer in a `with` block). After each shard the progress is saved: how many documents the finished shards
+    hold in full, and how many tokens of the next document they hold already. A resumed writer starts there.
     """
 
     def __init__(self, out_dir, prefix, shard_size, progress):
         self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
         self.progress = dict(progress)
-        self.shard = np.empty(shard_size, dtype=np.uint16)  # the shard being filled
-        self.filled = 0
+        self.open_shard = contextlib.ExitStack()  # the atomic_write of the shard being filled, if one is
+        self.shard_file = None
+        self.filled = 0  # tokens in the shard being filled
         self.documents = progress["documents"]  # documents added so far, counting the ones of earlier runs
         self.skip_tokens = progress["tokens_of_next_document"]  # tokens of the first document in finished shards
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exception):
+        return self.open_shard.__exit__(*exception)  # after an error, the unfinished shard's file is removed
 
     def add(self, ids, document_ends):
         """Add one piece: ids holds its documents one after another, document i ends at document_ends[i]."""
         start, self.skip_tokens = self.skip_tokens, 0
         while start < len(ids):
+            if self.shard_file is None:
+                self.start_shard()
             taken = min(self.shard_size - self.filled, len(ids) - start)
-            self.shard[self.filled : self.filled + taken] = ids[start : start + taken]
+            self.shard_file.write(ids[start : start + taken])
             self.filled += taken
             start += taken
             if self.filled == self.shard_size:
                 whole = int(np.searchsorted(document_ends, start, side="right"))  # documents of the piece done
                 begun = start - (int(document_ends[whole - 1]) if whole else 0)  # tokens of the next one done
-                self.write_shard(self.shard, self.documents + whole, begun)
-                self.filled = 0
+                self.finish_shard(self.documents + whole, begun)
         self.documents += len(document_ends)
 
     def finish(self):
-        """Write the last, shorter shard and mark the run finished."""
+        """Finish the last, shorter shard and mark the run finished."""
         if self.filled:
-            self.write_shard(self.shard[: self.filled], self.documents, 0)
+            self.shard_file.seek(0)
+            self.shard_file.write(npy_header(self.filled))  # the same length as the one written first
+            self.finish_shard(self.documents, 0)
         self.progress["finished"] = True
         save_progress(self.out_dir, self.prefix, self.progress)
 
-    def write_shard(self, tokens, documents, tokens_of_next_document):
+    def start_shard(self):
+        index = self.progress["shards"]
         if not os.path.exists(progress_path(self.out_dir, self.prefix)):  # the settings go on disk before any shard
             os.makedirs(self.out_dir, exist_ok=True)
             save_progress(self.out_dir, self.prefix, self.progress)
-        save_shard(self.out_dir, self.prefix, self.progress["shards"], tokens)
+        write = atomic_write(
+            shard_path(self.out_dir, self.prefix, index), temp_path=temp_path(self.out_dir, self.prefix, f"{index:06d}")
+        )
+        self.shard_file = self.open_shard.enter_context(write)
+        self.shard_file.write(npy_header(self.shard_size))
+
+    def finish_shard(self, documents, tokens_of_next_document):
+        self.open_shard.close()  # atomic_write: flush, fsync and rename the shard into place
+        self.shard_file = None
         self.progress["shards"] += 1
-        self.progress["tokens"] += len(tokens)
+        self.progress["tokens"] += self.filled
         self.progress.update(documents=documents, tokens_of_next_document=tokens_of_next_document)
         save_progress(self.out_dir, self.prefix, self.progress)
+        self.filled = 0
 
 
 def tokenize_in_order(pieces, pool, max_in_flight):
@@ -557,7 +612,7 @@ def write_shards(pieces, encode, out_dir, prefix, shard_size, num_proc, progress
     # process that runs threads is unsafe).
     context = multiprocessing.get_context(start_method)
     pool = context.Pool(num_proc, initializer=init_worker, initargs=(encode,))
-    with pool, tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing") as bar:
+    with pool, writer, tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing") as bar:
         for ids, document_ends in tokenize_in_order(pieces, pool, max_in_flight=2 * num_proc):
             tokens_written_before = writer.skip_tokens  # by an earlier run, for the first piece of a resumed one
             writer.add(ids, document_ends)

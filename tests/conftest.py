@@ -1,8 +1,11 @@
 """What the test files share: the repository on sys.path and its path, the tiny model's flags, two tiny
-token corpora, and a guard for signal handlers. The constants are imported as `from conftest import REPO`
-(pytest puts tests/ on sys.path); the corpora and the guard are fixtures."""
+token corpora, a guard for signal handlers, and a stand-in for a full disk. The constants and the stand-in
+are imported as `from conftest import REPO` (pytest puts tests/ on sys.path); the corpora and the guard
+are fixtures."""
 
+import contextlib
 import os
+import resource
 import signal
 import sys
 
@@ -50,3 +53,15 @@ def keep_signal_handlers():
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def file_size_limit(max_bytes):
+    """Writes past max_bytes fail, as on a full disk (RLIMIT_FSIZE; SIGXFSZ ignored so the write just errs)."""
+    old_limits, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, old_limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limits)
+        signal.signal(signal.SIGXFSZ, old_handler)

@@ -8,7 +8,6 @@
 fineweb.py's kill-and-rerun drill is in test_fineweb.py.
 """
 
-import contextlib
 import fcntl
 import glob
 import hashlib
@@ -16,7 +15,6 @@ import os
 import queue
 import random
 import re
-import resource
 import shutil
 import signal
 import struct
@@ -34,7 +32,7 @@ import torch
 import sample
 import train_gpt2
 from common import UserError, run_cli
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, file_size_limit
 from train_gpt2 import (
     BIN_HEADER_INTS,
     BIN_MAGIC,
@@ -701,18 +699,6 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path):
         save_checkpoint(path, {"step": 4, "weights": torch.zeros(10), "bad": CannotBeSaved()})
     kept = torch.load(path, weights_only=True)
     assert kept["step"] == 3 and torch.equal(kept["weights"], torch.arange(10))
-
-
-@contextlib.contextmanager
-def file_size_limit(max_bytes):
-    """Writes past max_bytes fail, as on a full disk (RLIMIT_FSIZE; SIGXFSZ ignored so the write just errs)."""
-    old_limits, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, old_limits[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old_limits)
-        signal.signal(signal.SIGXFSZ, old_handler)
 
 
 def test_a_full_disk_is_one_error_and_leaves_no_partial_file(tmp_path):

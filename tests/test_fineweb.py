@@ -20,6 +20,7 @@ import tiktoken.load
 import common
 import fineweb
 from common import EOT_TOKEN, UserError, gpt2_tokenizer
+from conftest import file_size_limit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = [
@@ -495,6 +496,44 @@ def test_token_id_too_large_for_uint16(tmp_path):
             progress,
         )
     assert len(shard_files(out)) > 3  # the shards before the bad document are whole and kept
+    assert_no_partial_shard(out, 400)
+
+
+def test_a_full_disk_while_a_shard_is_written_is_one_error_and_the_rerun_finishes(tmp_path):
+    documents = make_documents(400, 1000, seed=3)
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", documents)
+    flags = ["--input", corpus, "--shard_size", "60000"]
+    reference = str(tmp_path / "reference")
+    fineweb.main([*flags, "--out", reference])
+    assert len(shard_files(reference)) > 2
+    out = str(tmp_path / "out")
+    # Shards are 120 KB: the first one fails half way through, while tokens are streamed into it.
+    with file_size_limit(50_000), pytest.raises(UserError, match=r"could not write .*_val_000000.npy .*disk full"):
+        fineweb.main([*flags, "--out", out])
+    assert os.listdir(out) == ["edufineweb_progress.json"]  # no shard, and no temporary file taking space
+    fineweb.main([*flags, "--out", out])
+    assert read_directory(out) == read_directory(reference)
+
+
+def deleting(path, pieces, after):
+    """The pieces, with `path` deleted once `after` of them have been handed out: a file moved during a run."""
+    for index, piece in enumerate(pieces):
+        if index == after:
+            os.remove(path)
+        yield piece
+
+
+@pytest.mark.parametrize("deleted", ["a.jsonl", "c/019.txt"])
+def test_an_input_file_deleted_during_the_run_is_one_error_naming_it(tmp_path, tokenizer, deleted):
+    files = fineweb.find_input_files(write_corpus(tmp_path, make_documents(300, 60, seed=4)))
+    out = str(tmp_path / "out")
+    progress = fineweb.load_progress(out, "edufineweb", {"test": True})
+    pieces = deleting(str(tmp_path / deleted), fineweb.plan_pieces(files, "text", piece_bytes=500), after=12)
+    encode = functools.partial(fineweb.gpt2_encode, tokenizer)
+    message = f"{deleted}: cannot read it \\(No such file or directory\\); was it moved or deleted during the run"
+    with pytest.raises(UserError, match=message):
+        fineweb.write_shards(pieces, encode, out, "edufineweb", 400, 2, progress)
+    assert len(shard_files(out)) >= 1  # the shards finished before are kept, whole
     assert_no_partial_shard(out, 400)
 
 
