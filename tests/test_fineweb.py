@@ -2,6 +2,7 @@
 the worker count changes nothing, and each kind of bad input ends in one clear error and no partial shard."""
 
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -466,6 +467,23 @@ def test_empty_corpus(tmp_path):
             writer.write_table(pa.table({"text": pa.array(texts, pa.string())}))
     pieces = fineweb.plan_pieces([str(tmp_path / "gap.parquet")], "text")
     assert [text for _, text in documents_of(pieces)] == ["before", "after"]
+
+
+def test_a_folder_gives_its_input_files_in_order_without_hidden_ones(tmp_path):
+    for name in ["b.txt", "a/z.txt", "a/b/c.jsonl", "d.parquet", "dir.txt/inner.txt", "notes.md", ".hidden.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "x.txt").write_text("x")
+    os.symlink(tmp_path / "b.txt", tmp_path / "link.txt")  # a link to a file counts, a broken one does not
+    os.symlink(tmp_path / "nowhere.txt", tmp_path / "broken.txt")
+    expected = ["a/b/c.jsonl", "a/z.txt", "b.txt", "d.parquet", "dir.txt/inner.txt", "link.txt"]
+    assert fineweb.find_input_files([str(tmp_path)]) == [str(tmp_path / name) for name in expected]
+    # What glob's recursive ** lists (it was used before, and the keys of earlier runs name files so).
+    listed = glob.glob(str(tmp_path / "**" / "*"), recursive=True)
+    assert sorted(
+        name for name in listed if name.endswith((".txt", ".jsonl", ".parquet")) and os.path.isfile(name)
+    ) == [str(tmp_path / name) for name in expected]
 
 
 def test_missing_input_path(tmp_path):
