@@ -1,10 +1,12 @@
 """fineweb.py: shards hold exactly EOT + doc1 + EOT + doc2 ..., a killed run resumes to the same bytes,
 the worker count changes nothing, and each kind of bad input ends in one clear error and no partial shard."""
 
+import fcntl
 import functools
 import glob
 import hashlib
 import json
+import multiprocessing
 import os
 import random
 import signal
@@ -330,6 +332,18 @@ def test_one_or_two_workers_started_by_fork_or_spawn_give_the_same_shards(tmp_pa
         outputs.append(read_directory(out))
     assert len(outputs[0]) > 10
     assert outputs[0] == outputs[1] == outputs[2]
+
+
+@pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="only Linux lets a process size its pipes")
+def test_the_pools_pipes_are_widened_to_hold_a_piece():
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        if int(f.read()) < fineweb.PIPE_BYTES:
+            pytest.skip("this system allows smaller pipes; widen_pipes leaves them as they are")
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        fineweb.widen_pipes(pool)
+        # Pool's pipes are not public: if a Python version renames them, this says so (the run still works).
+        sizes = [fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ) for queue in (pool._inqueue, pool._outqueue)]
+    assert sizes == [fineweb.PIPE_BYTES, fineweb.PIPE_BYTES]
 
 
 def test_killed_run_resumes_to_the_same_bytes(tmp_path):
