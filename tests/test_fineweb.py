@@ -225,6 +225,17 @@ def test_gpt2_encode_matches_encode_ordinary(tokenizer):
         assert fineweb.gpt2_encode(tokenizer, text).tolist() == tokenizer.encode_ordinary(text)
 
 
+def test_gpt2_tokenize_gives_each_text_the_tokens_it_gets_alone(tokenizer):
+    # Texts whose ends would merge into other tokens if they were simply joined: spaces and newlines before
+    # and after words, an empty text, a lone surrogate (JSON allows them), and one of half a surrogate pair each.
+    texts = ["", "a ", " b", "\n\n", "word", "  ", "x\n", "\ud83d", "\ude00 tail", "日本語 🙂", "end. "]
+    for piece in [texts, [*texts, "says <|endoftext|> as text"], [texts[0]], ["only one"]]:
+        ids, document_ends = fineweb.gpt2_tokenize(tokenizer, piece)
+        alone = [[EOT_TOKEN, *tokenizer.encode_ordinary(text)] for text in piece]
+        assert ids.tolist() == [token for tokens in alone for token in tokens]
+        assert document_ends.tolist() == np.cumsum([len(tokens) for tokens in alone]).tolist()
+
+
 def documents_of(pieces):
     """What the workers read from the pieces, in order: (where, text) pairs."""
     return [document for reader, *arguments in pieces for document in reader(*arguments)]
@@ -313,7 +324,7 @@ def test_one_or_two_workers_started_by_fork_or_spawn_give_the_same_shards(tmp_pa
     documents = make_documents(300, 60, seed=1)
     files = fineweb.find_input_files(write_corpus(tmp_path, documents))
     settings = {"test": True}
-    encode = functools.partial(fineweb.gpt2_encode, tokenizer)
+    tokenize = functools.partial(fineweb.gpt2_tokenize, tokenizer)
     outputs = []
     for num_proc, start_method in [(1, "fork"), (2, "fork"), (2, "spawn")]:
         out = str(tmp_path / f"out{num_proc}{start_method}")
@@ -321,7 +332,7 @@ def test_one_or_two_workers_started_by_fork_or_spawn_give_the_same_shards(tmp_pa
         # Small pieces, so that many are in flight at once and have to come back in order.
         fineweb.write_shards(
             fineweb.plan_pieces(files, "text", piece_bytes=500),
-            encode,
+            tokenize,
             out,
             "edufineweb",
             700,
@@ -520,7 +531,7 @@ def test_token_id_too_large_for_uint16(tmp_path):
     with pytest.raises(UserError, match=r"corpus.jsonl line 251: the tokenizer made token id 70000"):
         fineweb.write_shards(
             fineweb.plan_pieces([corpus], "text", piece_bytes=300),
-            encode_with_a_huge_id,
+            functools.partial(fineweb.tokenize_documents, encode=encode_with_a_huge_id),
             out,
             "edufineweb",
             400,
@@ -561,10 +572,10 @@ def test_an_input_file_deleted_during_the_run_is_one_error_naming_it(tmp_path, t
     out = str(tmp_path / "out")
     progress = fineweb.load_progress(out, "edufineweb", {"test": True})
     pieces = deleting(str(tmp_path / deleted), fineweb.plan_pieces(files, "text", piece_bytes=500), after=12)
-    encode = functools.partial(fineweb.gpt2_encode, tokenizer)
+    tokenize = functools.partial(fineweb.gpt2_tokenize, tokenizer)
     message = f"{deleted}: cannot read it \\(No such file or directory\\); was it moved or deleted during the run"
     with pytest.raises(UserError, match=message):
-        fineweb.write_shards(pieces, encode, out, "edufineweb", 400, 2, progress)
+        fineweb.write_shards(pieces, tokenize, out, "edufineweb", 400, 2, progress)
     assert len(shard_files(out)) >= 1  # the shards finished before are kept, whole
     assert_no_partial_shard(out, 400)
 
