@@ -17,6 +17,7 @@ the files an uninterrupted run would have produced.
 import argparse
 import collections
 import contextlib
+import ctypes
 import fcntl
 import functools
 import glob
@@ -132,7 +133,7 @@ def read_jsonl_lines(path, text_field, start, stop, first_line_number):
     Each line is a JSON object with the document in its `text_field`; blank lines are ignored."""
     lines = read_bytes(path, start, stop - start).split(b"\n")
     for line_number, line in enumerate(lines, start=first_line_number):
-        if not line.strip():
+        if not line or line.isspace():  # not line.strip(), which copies every line to test it
             continue
         try:
             record = json.loads(line)
@@ -392,6 +393,26 @@ def init_worker(tokenize):
     global worker_tokenize
     worker_tokenize = tokenize
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process, which stops the pool
+    keep_freed_memory()
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
+
+
+def keep_freed_memory():
+    """Let this process's C allocator keep the memory it frees (glibc only; elsewhere nothing changes).
+
+    A piece's large buffers (its text, the tokenizer's output, the ids sent back) are megabytes each, which
+    glibc hands back to the system when freed and asks for again, as fresh pages zeroed one fault at a time,
+    for the next piece: 4% of a worker's CPU time on prose. Buffers under 32 MB now come from, and go back
+    to, the process's own heap, which is given back only past 256 MB free.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:  # a C library without mallopt (macOS)
+        return
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
 def tokenize_piece(piece):

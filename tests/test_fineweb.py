@@ -8,7 +8,9 @@ import hashlib
 import json
 import multiprocessing
 import os
+import platform
 import random
+import resource
 import signal
 import subprocess
 import sys
@@ -355,6 +357,26 @@ def test_the_pools_pipes_are_widened_to_hold_a_piece():
         # Pool's pipes are not public: if a Python version renames them, this says so (the run still works).
         sizes = [fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ) for queue in (pool._inqueue, pool._outqueue)]
     assert sizes == [fineweb.PIPE_BYTES, fineweb.PIPE_BYTES]
+
+
+def page_faults_per_piece(piece, times):
+    """In a worker: the page faults of tokenizing the piece again and again, after a first time."""
+    fineweb.tokenize_piece(piece)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(times):
+        fineweb.tokenize_piece(piece)
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / times
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's allocator only")
+def test_a_worker_reuses_its_memory_from_piece_to_piece(tmp_path, tokenizer):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(1000, 400, seed=5))  # 1.5 MB
+    piece = next(fineweb.plan_pieces([corpus], "text"))
+    tokenize = functools.partial(fineweb.gpt2_tokenize, tokenizer)
+    with multiprocessing.get_context("fork").Pool(1, initializer=fineweb.init_worker, initargs=(tokenize,)) as pool:
+        faults = pool.apply(page_faults_per_piece, (piece, 5))
+    # 6 here; 130 when glibc gives the piece's buffers back after each piece and faults them in again.
+    assert faults < 40
 
 
 def test_killed_run_resumes_to_the_same_bytes(tmp_path):
