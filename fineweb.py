@@ -371,8 +371,9 @@ def gpt2_tokenize(encoding, texts):
 
     The texts are joined by the end-of-text marker and encoded in one call that takes the marker for the EOT
     token. tiktoken encodes the text between two markers on its own, so each text gets the tokens it would get
-    alone, and one call per piece instead of one per text is 3-7% faster (2 KB documents of code and prose).
-    A text that holds the marker itself, as plain text, would be cut there: a piece with one goes a text at a time.
+    alone, with one call per piece instead of one per text: the workers' CPU time fell by 2% on prose of 2 KB
+    documents. A text that holds the marker itself, as plain text, would be cut there: a piece with one goes a
+    text at a time.
     """
     if any(EOT_TEXT in text for text in texts):
         return tokenize_documents(texts, functools.partial(gpt2_encode, encoding))
@@ -605,8 +606,10 @@ class ShardWriter:
         """Finish the last, shorter shard and mark the run finished."""
         self.progress["finished"] = True  # saved with the last shard's counts: the progress is written once, not twice
         if self.filled:
+            header = npy_header(self.filled)
+            assert len(header) == len(npy_header(self.shard_size)), "a shorter header would move the tokens"
             self.shard_file.seek(0)
-            self.shard_file.write(npy_header(self.filled))  # the same length as the one written first
+            self.shard_file.write(header)
             self.finish_shard(self.documents, 0)
         else:
             save_progress(self.out_dir, self.prefix, self.progress)
