@@ -525,6 +525,7 @@ def test_a_folder_gives_its_input_files_in_order_without_hidden_ones(tmp_path):
     (tmp_path / ".git" / "x.txt").write_text("x")
     os.symlink(tmp_path / "b.txt", tmp_path / "link.txt")  # a link to a file counts, a broken one does not
     os.symlink(tmp_path / "nowhere.txt", tmp_path / "broken.txt")
+    os.symlink("itself.txt", tmp_path / "itself.txt")  # a loop of links is left out, as glob leaves it out
     expected = ["a/b/c.jsonl", "a/z.txt", "b.txt", "d.parquet", "dir.txt/inner.txt", "link.txt"]
     assert fineweb.find_input_files([str(tmp_path)]) == [str(tmp_path / name) for name in expected]
     # What glob's recursive ** lists (it was used before, and the keys of earlier runs name files so).
@@ -601,6 +602,26 @@ def test_an_input_file_deleted_during_the_run_is_one_error_naming_it(tmp_path, t
         fineweb.write_shards(pieces, tokenize, out, "edufineweb", 400, 2, progress)
     assert len(shard_files(out)) >= 1  # the shards finished before are kept, whole
     assert_no_partial_shard(out, 400)
+
+
+def dropping_the_connection(pieces, after):
+    """The pieces, then the error a download raises when the network goes (a ConnectionError is an OSError)."""
+    for index, piece in enumerate(pieces):
+        if index == after:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        yield piece
+
+
+def test_an_error_from_elsewhere_while_a_shard_is_open_is_not_called_a_failed_write(tmp_path, tokenizer):
+    files = fineweb.find_input_files(write_corpus(tmp_path, make_documents(300, 60, seed=6)))
+    out = str(tmp_path / "out")
+    progress = fineweb.load_progress(out, "edufineweb", {"test": True})
+    pieces = dropping_the_connection(fineweb.plan_pieces(files, "text", piece_bytes=500), after=12)
+    tokenize = functools.partial(fineweb.gpt2_tokenize, tokenizer)
+    with pytest.raises(ConnectionResetError, match="Connection reset by peer"):
+        fineweb.write_shards(pieces, tokenize, out, "edufineweb", 400, 2, progress)
+    assert len(shard_files(out)) >= 1
+    assert_no_partial_shard(out, 400)  # the shard being filled is gone, and its temporary file too
 
 
 def run_script(tmp_path, *flags, env=None):
