@@ -380,12 +380,17 @@ def test_a_worker_reuses_its_memory_from_piece_to_piece(tmp_path, tokenizer):
     assert faults < 40
 
 
-def test_killed_run_resumes_to_the_same_bytes(tmp_path):
-    documents = make_documents(400, 1000, seed=2)
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", documents)
-    flags = ["--input", corpus, "--shard_size", "2000"]
+def reference_run(tmp_path, shard_size, seed):
+    """A jsonl corpus of 400 documents and the shards of an uninterrupted run on it: (its flags, its --out)."""
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(400, 1000, seed=seed))
+    flags = ["--input", corpus, "--shard_size", str(shard_size)]
     reference = str(tmp_path / "reference")
     fineweb.main([*flags, "--out", reference])
+    return flags, reference
+
+
+def test_killed_run_resumes_to_the_same_bytes(tmp_path):
+    flags, reference = reference_run(tmp_path, shard_size=2000, seed=2)
     total_shards = len(shard_files(reference))
     assert total_shards > 60
 
@@ -567,11 +572,7 @@ def test_token_id_too_large_for_uint16(tmp_path):
 
 
 def test_a_full_disk_while_a_shard_is_written_is_one_error_and_the_rerun_finishes(tmp_path):
-    documents = make_documents(400, 1000, seed=3)
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", documents)
-    flags = ["--input", corpus, "--shard_size", "60000"]
-    reference = str(tmp_path / "reference")
-    fineweb.main([*flags, "--out", reference])
+    flags, reference = reference_run(tmp_path, shard_size=60000, seed=3)
     assert len(shard_files(reference)) > 2
     out = str(tmp_path / "out")
     # Shards are 120 KB: the first one fails half way through, while tokens are streamed into it.
