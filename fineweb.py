@@ -678,8 +678,8 @@ def widen_pipes(pool):
 
     A pipe holds 64 KB on Linux, so a worker handing back a piece's ids (about 500 KB) had to wait for the main
     process to read them 64 KB at a time, instead of tokenizing its next piece; a parquet piece's text going out
-    did the same. With 1 MB pipes the steady rate rose by 0.01-0.05 of the bare pool's, on every corpus the
-    benchmark has. Pool offers no public way to its pipes: on a Python or a system without these attributes,
+    did the same. With 1 MB pipes the steady rate rose by 0.01-0.05 of the bare pool's on each of the five
+    corpora tried. Pool offers no public way to its pipes: on a Python or a system without these attributes,
     this does nothing and only speed is lost.
     """
     if not hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux only
