@@ -741,7 +741,7 @@ def available_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--input",
@@ -785,7 +785,11 @@ def main(argv=None):
     parser.add_argument(
         "--text_field", default="text", help="the JSON field or column that holds the text (default: %(default)s)"
     )
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.shard_size < 1 or args.num_proc < 1:
         raise UserError("--shard_size and --num_proc must be at least 1")
     # The trainer tells the splits apart by the word before the shard's number; a prefix that names a split
