@@ -1,9 +1,9 @@
 """What every script shares and none should pay `import torch` for: the user-error type and the way a
-script reports one, checks of numeric flags, the lock of an output folder, atomic file writes, and the
-GPT-2 tokenizer.
+script reports one, a table of flags made into argparse arguments and the checks of numeric flags, the
+lock of an output folder, atomic file writes, and the GPT-2 tokenizer.
 
-train_gpt2.py builds on this file, and every other script builds on train_gpt2.py or on this file
-alone (fineweb.py and plot_log.py, which need no torch). It imports nothing of this project.
+Every other file of the project builds on this one (fineweb.py and plot_log.py on it alone, since they
+need no torch). It imports nothing of this project.
 """
 
 import argparse
@@ -62,6 +62,29 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+def add_flags(parser, table):
+    """Add a table of flags, {group title: [(flag, default, reason), ...]}, to an argparse parser. The
+    default's type is the flag's; True makes a --flag/--no-flag pair (off: --no-flag), False a switch; a
+    type (int, float, str, bool) means no default (bool: a --flag/--no-flag pair left at None); a tuple
+    lists the choices, the first being the default; "[PATH]" an optional value, "latest" when left out."""
+    for title, rows in table.items():
+        group = parser.add_argument_group(title)
+        for flag, default, reason in rows:
+            if default == "[PATH]":
+                group.add_argument(flag, nargs="?", const="latest", default=None, help=reason)
+            elif default is True or default is bool:
+                default = None if default is bool else True
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=reason)
+            elif default is False:
+                group.add_argument(flag, action="store_true", help=reason)
+            elif isinstance(default, tuple):
+                group.add_argument(flag, default=default[0], choices=default, help=reason)
+            elif isinstance(default, type):
+                group.add_argument(flag, type=default, default=None, help=reason)
+            else:
+                group.add_argument(flag, type=type(default), default=default, help=reason)
 
 
 # -----------------------------------------------------------------------------

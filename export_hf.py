@@ -21,7 +21,8 @@ import tempfile
 from safetensors.torch import save_file
 
 from common import LOCK_NAME, UserError, gpt2_bpe_files, output_lock, run_cli
-from train_gpt2 import load_model, to_hf_checkpoint
+from hf_format import to_hf_checkpoint
+from train_gpt2 import load_model
 
 
 def export_hf(model, out_dir, overwrite=False):

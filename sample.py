@@ -12,7 +12,8 @@ import argparse
 import torch
 
 from common import NOT_NEGATIVE, POSITIVE, HelpFormatter, check_ranges, gpt2_tokenizer, run_cli
-from train_gpt2 import autocast_context, load_model, out_of_memory, pick_autocast_dtype, pick_device, sample_texts
+from devices import autocast_context, out_of_memory, pick_autocast_dtype, pick_device
+from train_gpt2 import load_model, sample_texts
 
 # Each numeric flag's range (common.check_ranges, which also refuses nan and inf). Logits are divided by
 # the temperature: below 1e-3 they overflow to inf and the sampling breaks, so 0 is the greedy choice.

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import torch.nn.functional as F
 
-import train_gpt2
+import hellaswag
 from common import UserError, gpt2_tokenizer, run_cli
 from train_gpt2 import GPT, GPTConfig
 
@@ -63,12 +63,12 @@ def full_rows(context, endings):
 
 def one_example_per_forward(model, examples, enc, device, autocast_dtype):
     """build-nanogpt's way: one (4, L) forward per example, the loss of every position in fp32, then
-    masked. Returns the summed losses and counts (E, 4), like train_gpt2.score_examples."""
+    masked. Returns the summed losses and counts (E, 4), like hellaswag.score_examples."""
     sums, counts = [], []
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32)
     with torch.no_grad(), autocast:
         for example in examples:
-            tokens, mask = full_rows(*train_gpt2.render_example(example, enc))
+            tokens, mask = full_rows(*hellaswag.render_example(example, enc))
             tokens, mask = tokens.to(device), mask.to(device)
             logits, _ = model(tokens)
             losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
@@ -111,9 +111,9 @@ def main(argv=None):
     model = GPT(GPTConfig()).to(device).eval()  # 124M, random weights
     enc = gpt2_tokenizer()
     examples = synthetic_examples(text, enc, args.examples)
-    rendered = [train_gpt2.render_example(example, enc) for example in examples]
+    rendered = [hellaswag.render_example(example, enc) for example in examples]
     full = [len(context) + len(ending) for context, endings in rendered for ending in endings]
-    packed = [len(train_gpt2.pack_example(context, endings).tokens) for context, endings in rendered]
+    packed = [len(hellaswag.pack_example(context, endings).tokens) for context, endings in rendered]
     print(
         f"{len(examples)} examples on {device} ({torch.get_num_threads()} threads): context + ending of "
         f"{min(full)} to {max(full)} tokens (mean {sum(full) / len(full):.0f}); "
@@ -128,7 +128,7 @@ def main(argv=None):
         )
         for b in map(int, args.batch_sizes.split(",")):
             methods[f"{dtype_name:>8} | packed, {b} examples per forward"] = lambda exs, b=b, dtype=dtype: (
-                train_gpt2.score_examples(model, exs, enc, device, b, dtype)
+                hellaswag.score_examples(model, exs, enc, device, b, dtype)
             )
     # Rounds, not one method after another: the machine may be busier at some moments than at others,
     # and the best of several interleaved runs is the least disturbed one of each method.
@@ -141,13 +141,13 @@ def main(argv=None):
             best[name] = min(best.get(name, seconds), seconds)
 
     exact_sums, counts = scores[next(iter(methods))]  # fp32, one example at a time
-    exact_pred, exact_pred_norm = train_gpt2.predictions(exact_sums, counts)
+    exact_pred, exact_pred_norm = hellaswag.predictions(exact_sums, counts)
     baseline = best[next(iter(methods))]
     print(f"{'   dtype | method':<45} | {'speed':<18} | vs fp32 one per forward | error of the scores")
     for name in methods:
         sums, method_counts = scores[name]
         assert torch.equal(method_counts, counts)
-        pred, pred_norm = train_gpt2.predictions(sums, counts)
+        pred, pred_norm = hellaswag.predictions(sums, counts)
         changed = (pred != exact_pred).sum().item() + (pred_norm != exact_pred_norm).sum().item()
         print(
             f"{name:<45} | {len(examples) / best[name]:6.2f} examples/s | {baseline / best[name]:22.2f}x | "

@@ -31,19 +31,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
 from common import EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, gpt2_tokenizer, run_cli
-from train_gpt2 import (
-    GPT,
-    DataLoaderLite,
-    GPTConfig,
-    autocast_context,
-    configure_optimizer,
-    device_peak_flops,
-    flops_per_token,
-    parse_args,
-    pick_device,
-    train_step,
-    use_fast_math,
-)
+from devices import autocast_context, device_peak_flops, flops_per_token, pick_device, use_fast_math
+from train_gpt2 import GPT, DataLoaderLite, GPTConfig, configure_optimizer, parse_args, train_step
 
 TRAINER_DEFAULTS = parse_args([])  # the top rung must be what the trainer does: read its defaults
 

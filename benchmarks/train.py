@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
-from train_gpt2 import GPT, GPTConfig, configure_optimizer, device_peak_flops, flops_per_token, pick_device
+from devices import device_peak_flops, flops_per_token, pick_device
+from train_gpt2 import GPT, GPTConfig, configure_optimizer
 
 
 def matmul_flops(device, dtype, n=4096, repeats=10):

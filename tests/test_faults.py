@@ -33,17 +33,8 @@ import sample
 import train_gpt2
 from common import UserError, run_cli
 from conftest import REPO, TINY_MODEL, file_size_limit
-from train_gpt2 import (
-    BIN_HEADER_INTS,
-    BIN_MAGIC,
-    BIN_VERSION,
-    GPT,
-    GPTConfig,
-    latest_checkpoint,
-    load_checkpoint,
-    load_model,
-    save_checkpoint,
-)
+from guard import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, latest_checkpoint
+from train_gpt2 import GPT, GPTConfig, load_checkpoint, load_model, save_checkpoint
 
 # 12 steps of 128 tokens; evaluation after steps 3, 7 and 11.
 TINY_RUN = TINY_MODEL + [

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import devices
 import export_hf
 import fineweb
 import hellaswag
@@ -74,16 +75,16 @@ ARM_WITH_BF16 = "processor : 0\nFeatures : fp asimd sve bf16 i8mm\n"
 
 
 def test_dtype_auto_is_fp32_on_cpus_without_native_bf16_and_bf16_with_it():
-    assert not train_gpt2.cpu_has_native_bf16(X86_WITHOUT_BF16)
-    assert train_gpt2.cpu_has_native_bf16(X86_WITH_AMX)
-    assert train_gpt2.cpu_has_native_bf16(ARM_WITH_BF16)
-    assert not train_gpt2.cpu_has_native_bf16("")  # nothing known: no bf16
-    assert train_gpt2.auto_dtype("cpu", native_bf16=False)[0] == torch.float32
-    assert train_gpt2.auto_dtype("cpu", native_bf16=True)[0] == torch.bfloat16
-    assert train_gpt2.auto_dtype("cuda", native_bf16=True)[0] == torch.bfloat16
-    assert train_gpt2.auto_dtype("cuda", native_bf16=False)[0] == torch.float16  # with a loss scaler
-    assert train_gpt2.auto_dtype("mps", native_bf16=False)[0] == torch.float32
-    dtype, reason = train_gpt2.auto_dtype("cpu", native_bf16=False)
+    assert not devices.cpu_has_native_bf16(X86_WITHOUT_BF16)
+    assert devices.cpu_has_native_bf16(X86_WITH_AMX)
+    assert devices.cpu_has_native_bf16(ARM_WITH_BF16)
+    assert not devices.cpu_has_native_bf16("")  # nothing known: no bf16
+    assert devices.auto_dtype("cpu", native_bf16=False)[0] == torch.float32
+    assert devices.auto_dtype("cpu", native_bf16=True)[0] == torch.bfloat16
+    assert devices.auto_dtype("cuda", native_bf16=True)[0] == torch.bfloat16
+    assert devices.auto_dtype("cuda", native_bf16=False)[0] == torch.float16  # with a loss scaler
+    assert devices.auto_dtype("mps", native_bf16=False)[0] == torch.float32
+    dtype, reason = devices.auto_dtype("cpu", native_bf16=False)
     assert "no native bf16" in reason  # the start-up block says why
 
 

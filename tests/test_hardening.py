@@ -35,7 +35,8 @@ import sample
 import train_gpt2
 from common import run_cli
 from conftest import REPO, TINY_MODEL
-from train_gpt2 import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, GPT, DataLoaderLite, GPTConfig, configure_optimizer
+from guard import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION
+from train_gpt2 import GPT, DataLoaderLite, GPTConfig, configure_optimizer
 
 # 6 steps of 128 tokens: 4 sequences of 32, one process, one micro-step.
 TINY_RUN = TINY_MODEL + [

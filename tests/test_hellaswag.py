@@ -12,7 +12,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import train_gpt2
+import hellaswag
 from common import UserError, gpt2_tokenizer
 from conftest import REPO
 from train_gpt2 import GPT, GPTConfig
@@ -165,10 +165,10 @@ def memorised():
 
 def test_load_examples_reads_fields_skips_blank_lines_and_limits(tmp_path):
     path = write_jsonl(tmp_path / "val.jsonl", EXAMPLES[:3] + ["", "   "])
-    examples = train_gpt2.load_examples(path)
+    examples = hellaswag.load_examples(path)
     assert [ex["label"] for ex in examples] == [0, 1, 2]
     assert examples[1]["endings"] == EXAMPLES[1]["endings"]
-    assert len(train_gpt2.load_examples(path, limit=2)) == 2
+    assert len(hellaswag.load_examples(path, limit=2)) == 2
 
 
 BAD_LINES = {
@@ -189,33 +189,33 @@ def test_bad_line_is_a_user_error_naming_file_and_line(tmp_path, case):
     bad_line, expected = BAD_LINES[case]
     path = write_jsonl(tmp_path / "val.jsonl", [EXAMPLES[0], "", bad_line, EXAMPLES[1]])
     with pytest.raises(UserError, match=r"val\.jsonl, line 3: ") as error:
-        train_gpt2.load_examples(path)
+        hellaswag.load_examples(path)
     assert expected in str(error.value)
 
 
 def test_empty_or_unreadable_file_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no examples"):
-        train_gpt2.load_examples(write_jsonl(tmp_path / "empty.jsonl", []))
+        hellaswag.load_examples(write_jsonl(tmp_path / "empty.jsonl", []))
     with pytest.raises(UserError, match="cannot read"):
-        train_gpt2.load_examples(str(tmp_path))  # a directory
+        hellaswag.load_examples(str(tmp_path))  # a directory
 
 
 def test_data_path_must_exist(tmp_path):
-    assert train_gpt2.hellaswag_path(write_jsonl(tmp_path / "mine.jsonl", EXAMPLES)) == str(tmp_path / "mine.jsonl")
+    assert hellaswag.hellaswag_path(write_jsonl(tmp_path / "mine.jsonl", EXAMPLES)) == str(tmp_path / "mine.jsonl")
     with pytest.raises(UserError, match="no such file.*pass the path of hellaswag_val.jsonl"):
-        train_gpt2.hellaswag_path(str(tmp_path / "missing.jsonl"))
+        hellaswag.hellaswag_path(str(tmp_path / "missing.jsonl"))
 
 
 def test_default_cache_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert train_gpt2.default_cache_dir() == str(tmp_path / "xdg" / "gpt2-repro" / "hellaswag")
+    assert hellaswag.default_cache_dir() == str(tmp_path / "xdg" / "gpt2-repro" / "hellaswag")
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert train_gpt2.default_cache_dir() == str(tmp_path / "home" / ".cache" / "gpt2-repro" / "hellaswag")
+    assert hellaswag.default_cache_dir() == str(tmp_path / "home" / ".cache" / "gpt2-repro" / "hellaswag")
 
 
 def test_cache_without_download_gives_none(tmp_path):
-    assert train_gpt2.hellaswag_path(cache_dir=str(tmp_path / "cache"), download=False) is None
+    assert hellaswag.hellaswag_path(cache_dir=str(tmp_path / "cache"), download=False) is None
     assert not (tmp_path / "cache").exists()
 
 
@@ -223,19 +223,19 @@ def test_download_fills_the_cache_once(tmp_path):
     # A file:// URL goes through the same urllib code as the real https one, without network.
     source = write_jsonl(tmp_path / "source.jsonl", EXAMPLES)
     cache_dir = str(tmp_path / "cache")
-    path = train_gpt2.hellaswag_path(cache_dir=cache_dir, url="file://" + source)
+    path = hellaswag.hellaswag_path(cache_dir=cache_dir, url="file://" + source)
     assert path == os.path.join(cache_dir, "hellaswag_val.jsonl")
-    assert train_gpt2.load_examples(path) == EXAMPLES
+    assert hellaswag.load_examples(path) == EXAMPLES
     assert os.listdir(cache_dir) == ["hellaswag_val.jsonl"]  # no temporary file left behind
     os.remove(source)  # the second call must use the cache, not the URL
-    assert train_gpt2.hellaswag_path(cache_dir=cache_dir, url="file://" + source) == path
-    assert train_gpt2.hellaswag_path(cache_dir=cache_dir, download=False) == path
+    assert hellaswag.hellaswag_path(cache_dir=cache_dir, url="file://" + source) == path
+    assert hellaswag.hellaswag_path(cache_dir=cache_dir, download=False) == path
 
 
 def test_failed_download_is_a_user_error_and_leaves_no_file(tmp_path):
     cache_dir = tmp_path / "cache"
     with pytest.raises(UserError, match="could not download.*--data PATH"):
-        train_gpt2.hellaswag_path(cache_dir=str(cache_dir), url="file://" + str(tmp_path / "nowhere.jsonl"))
+        hellaswag.hellaswag_path(cache_dir=str(cache_dir), url="file://" + str(tmp_path / "nowhere.jsonl"))
     assert os.listdir(cache_dir) == []
 
 
@@ -243,7 +243,7 @@ def test_unwritable_cache_is_a_user_error(tmp_path):
     source = write_jsonl(tmp_path / "source.jsonl", EXAMPLES)
     cache_dir = str(tmp_path / "source.jsonl" / "cache")  # under a file: cannot be made
     with pytest.raises(UserError, match="cannot write to .*XDG_CACHE_HOME"):
-        train_gpt2.hellaswag_path(cache_dir=cache_dir, url="file://" + source)
+        hellaswag.hellaswag_path(cache_dir=cache_dir, url="file://" + source)
 
 
 # -----------------------------------------------------------------------------
@@ -252,8 +252,8 @@ def test_unwritable_cache_is_a_user_error(tmp_path):
 
 def test_render_example_gives_the_context_and_the_endings_with_a_space(tmp_path, enc):
     path = write_jsonl(tmp_path / "val.jsonl", [EXAMPLES[2]])
-    example = train_gpt2.load_examples(path)[0]
-    context, endings = train_gpt2.render_example(example, enc)
+    example = hellaswag.load_examples(path)[0]
+    context, endings = hellaswag.render_example(example, enc)
     assert context == enc.encode_ordinary(example["ctx"])
     assert enc.decode(context) == example["ctx"]
     assert [enc.decode(ending) for ending in endings] == [" " + ending for ending in example["endings"]]
@@ -264,18 +264,18 @@ def test_render_example_gives_the_context_and_the_endings_with_a_space(tmp_path,
 
 def test_render_example_cuts_the_context_so_the_longest_ending_fits(enc):
     example = EXAMPLES[2]
-    full_context, full_endings = train_gpt2.render_example(example, enc)
+    full_context, full_endings = hellaswag.render_example(example, enc)
     longest = max(len(ending) for ending in full_endings)
-    context, endings = train_gpt2.render_example(example, enc, max_len=longest + 3)
+    context, endings = hellaswag.render_example(example, enc, max_len=longest + 3)
     assert endings == full_endings  # endings are what is scored: they are kept whole
     assert context == full_context[-3:]  # the context loses tokens from its start
-    context, endings = train_gpt2.render_example(example, enc, max_len=4)  # shorter than the longest ending
+    context, endings = hellaswag.render_example(example, enc, max_len=4)  # shorter than the longest ending
     assert endings == [ending[:3] for ending in full_endings] and context == full_context[-1:]
 
 
 def test_packed_row_puts_each_ending_right_after_the_context():
     context, endings = [10, 11, 12], [[20, 21], [30], [40, 41, 42], [50, 51]]
-    packed = train_gpt2.pack_example(context, endings)
+    packed = hellaswag.pack_example(context, endings)
     # The row: the context, then each ending without its last token (that token predicts nothing).
     assert packed.tokens == [10, 11, 12, 20, 40, 41, 50]
     assert packed.positions == [0, 1, 2, 3, 3, 4, 3]  # every ending starts at the position after the context
@@ -292,10 +292,10 @@ def test_packed_row_puts_each_ending_right_after_the_context():
 
 
 def test_attention_mask_lets_an_ending_see_the_context_and_itself_only():
-    packed = train_gpt2.pack_example([10, 11, 12], [[20, 21], [30], [40, 41, 42], [50, 51]])
+    packed = hellaswag.pack_example([10, 11, 12], [[20, 21], [30], [40, 41, 42], [50, 51]])
     segments = torch.tensor([packed.segments + [-1]])  # one padding token at the end
     positions = torch.tensor([packed.positions + [0]])
-    mask = train_gpt2.attention_mask(segments, positions)[0, 0]
+    mask = hellaswag.attention_mask(segments, positions)[0, 0]
     sees = {q: [s for s in range(mask.size(1)) if mask[q, s]] for q in range(mask.size(0))}
     assert sees[0] == [0] and sees[1] == [0, 1] and sees[2] == [0, 1, 2]  # the context: causal
     assert sees[3] == [0, 1, 2, 3]  # ending 0
@@ -329,14 +329,14 @@ def test_batched_scores_equal_each_ending_scored_alone():
     reference_sums, reference_counts = [], []
     with torch.no_grad():
         for example in examples:
-            context, endings = train_gpt2.render_example(example, words, max_len=WORD_MODEL_CONFIG.block_size)
+            context, endings = hellaswag.render_example(example, words, max_len=WORD_MODEL_CONFIG.block_size)
             reference_sums.append(torch.stack([alone(model, context, ending) for ending in endings]))
             reference_counts.append(torch.tensor([len(ending) for ending in endings]))
     reference_sums, reference_counts = torch.stack(reference_sums), torch.stack(reference_counts)
     # Every ending token is scored: the context before it predicts the first one.
     assert reference_counts[:7].tolist() == [[len(e.split()) for e in ex["endings"]] for ex in ALL_EXAMPLES]
     for batch_size in (1, 3, 100):
-        sums, counts = train_gpt2.score_examples(model, examples, words, "cpu", batch_size)
+        sums, counts = hellaswag.score_examples(model, examples, words, "cpu", batch_size)
         assert torch.equal(counts, reference_counts)
         torch.testing.assert_close(sums, reference_sums, rtol=1e-5, atol=1e-5)
 
@@ -345,26 +345,26 @@ def test_predictions_acc_by_sum_acc_norm_by_mean():
     # Ending 0: one token of loss 3 (sum 3, mean 3); ending 1: five tokens of loss 1 (sum 5, mean 1).
     sum_losses = torch.tensor([[3.0, 5.0, 9.0, 12.0], [4.0, 2.0, 6.0, 8.0]])
     n_tokens = torch.tensor([[1, 5, 3, 4], [2, 2, 2, 2]])
-    pred, pred_norm = train_gpt2.predictions(sum_losses, n_tokens)
+    pred, pred_norm = hellaswag.predictions(sum_losses, n_tokens)
     assert pred.tolist() == [0, 1]
     assert pred_norm.tolist() == [1, 1]
 
 
 def test_memorised_model_finds_the_right_endings(memorised):
     model, words = memorised
-    sum_losses, n_tokens = train_gpt2.score_examples(model, ALL_EXAMPLES, words, "cpu", batch_size=4)
-    pred, pred_norm = train_gpt2.predictions(sum_losses, n_tokens)
+    sum_losses, n_tokens = hellaswag.score_examples(model, ALL_EXAMPLES, words, "cpu", batch_size=4)
+    pred, pred_norm = hellaswag.predictions(sum_losses, n_tokens)
     labels = [ex["label"] for ex in ALL_EXAMPLES]
     assert pred_norm.tolist() == labels
     # acc differs on LENGTH_EXAMPLE only: the one-word "ran" wins the sum and loses the mean.
     assert pred.tolist() == labels[:-1] + [0]
-    assert train_gpt2.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", batch_size=2) == EXPECTED_COUNTS
+    assert hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", batch_size=2) == EXPECTED_COUNTS
 
 
 def test_bf16_autocast_scores_close_to_fp32(memorised):
     model, words = memorised
-    exact_sums, counts = train_gpt2.score_examples(model, ALL_EXAMPLES, words, "cpu", batch_size=4)
-    bf16_sums, bf16_counts = train_gpt2.score_examples(
+    exact_sums, counts = hellaswag.score_examples(model, ALL_EXAMPLES, words, "cpu", batch_size=4)
+    bf16_sums, bf16_counts = hellaswag.score_examples(
         model, ALL_EXAMPLES, words, "cpu", batch_size=4, autocast_dtype=torch.bfloat16
     )
     assert torch.equal(bf16_counts, counts)
@@ -377,14 +377,14 @@ def test_evaluate_works_with_a_compiled_model(memorised):
     # the C++ compile time of the default backend.
     model, words = memorised
     compiled = torch.compile(model, backend="eager")
-    assert train_gpt2.evaluate_hellaswag(compiled, ALL_EXAMPLES, words, "cpu", batch_size=3) == EXPECTED_COUNTS
+    assert hellaswag.evaluate_hellaswag(compiled, ALL_EXAMPLES, words, "cpu", batch_size=3) == EXPECTED_COUNTS
 
 
 def ddp_worker(rank, world_size, init_file, model, words, result_dir):
     """One rank of a gloo run on CPU: evaluate its share, write the counts it gets back to a file."""
     torch.distributed.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world_size)
     try:
-        result = train_gpt2.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", 2, rank, world_size)
+        result = hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", 2, rank, world_size)
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -417,7 +417,7 @@ def test_cli_prints_the_summary_line(tmp_path, enc):
     checkpoint = str(tmp_path / "model.pt")
     torch.save({"model": model.state_dict(), "config": asdict(config)}, checkpoint)
     data = write_jsonl(tmp_path / "val.jsonl", ALL_EXAMPLES)
-    counts = train_gpt2.evaluate_hellaswag(model, ALL_EXAMPLES, enc, "cpu", batch_size=16)
+    counts = hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, enc, "cpu", batch_size=16)
     result = run_cli("--init", checkpoint, "--data", data, "--batch_size", "3", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     summary = result.stdout.strip().splitlines()[-1]

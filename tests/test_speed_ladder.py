@@ -6,8 +6,9 @@ import sys
 
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-import speed_ladder  # noqa: E402  (benchmarks/ is no package: it goes on sys.path first)
+# Appended, not put first: benchmarks/hellaswag.py must not hide the repository's hellaswag.py.
+sys.path.append(os.path.join(REPO, "benchmarks"))
+import speed_ladder  # noqa: E402  (benchmarks/ is no package: it goes on sys.path before this import)
 
 
 def test_every_cpu_rung_runs_and_keeps_the_numbers(capsys):

@@ -12,7 +12,8 @@ import torch
 
 import train_gpt2
 from conftest import REPO, TINY_MODEL
-from train_gpt2 import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, DataLoaderLite, get_lr
+from guard import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION
+from train_gpt2 import DataLoaderLite, get_lr
 
 QUIET = ["--no-hellaswag", "--no-sample_every_eval"]
 
