@@ -5,6 +5,7 @@ files cannot change what a run computes."""
 import ast
 import glob
 import os
+import re
 import subprocess
 import sys
 
@@ -258,3 +259,41 @@ def test_fresh_run_losses_are_pinned(order, tmp_path, keep_signal_handlers, one_
             assert abs(float(loss) - float(expected)) <= TRAIN_TOLERANCE, f"step {step} train {loss}, pinned {expected}"
         else:
             assert loss == expected, f"step {step} {kind} {loss}, pinned {expected}"
+
+
+# --- the README's map of train_gpt2.py ---------------------------------------------------------------
+
+
+def definitions(path):
+    """{name: first line} of the module's top-level functions, classes and assignments, and Class.method."""
+    found = {}
+    for node in parse(path).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            found[node.name] = node.decorator_list[0].lineno if node.decorator_list else node.lineno
+            for member in node.body if isinstance(node, ast.ClassDef) else []:
+                if isinstance(member, ast.FunctionDef):
+                    first = member.decorator_list[0].lineno if member.decorator_list else member.lineno
+                    found[f"{node.name}.{member.name}"] = first
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = node.lineno
+    return found
+
+
+def test_readme_map_points_at_the_code():
+    """Each row of the README's map of train_gpt2.py gives line ranges that hold the definitions it names,
+    so that the map cannot go stale when the file changes."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    table = readme.split("## Reading the code beside the lecture", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    defined = definitions(project_files()["train_gpt2"])
+    checked = 0
+    for chapter, where, lines in rows[1:]:  # the first row is the header
+        ranges = [tuple(map(int, r.split("-"))) for r in lines.replace(" ", "").split(",") if r != "-"]
+        for name in re.findall(r"`([A-Za-z_.]+)`", where):
+            if name in defined:
+                assert any(a <= defined[name] <= b for a, b in ranges), (
+                    f"{chapter.strip()}: {name} is at line {defined[name]}"
+                )
+                checked += 1
+    assert checked >= 20, f"only {checked} names of the map are definitions of train_gpt2.py"
