@@ -17,7 +17,6 @@ the files an uninterrupted run would have produced.
 import argparse
 import collections
 import contextlib
-import ctypes
 import fcntl
 import functools
 import glob
@@ -33,7 +32,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from common import EOT_TOKEN, UserError, atomic_write, gpt2_tokenizer, output_lock, run_cli
+from common import EOT_TOKEN, UserError, atomic_write, gpt2_tokenizer, keep_freed_memory, output_lock, run_cli
 
 # -----------------------------------------------------------------------------
 # Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt files, a
@@ -408,25 +407,6 @@ def init_worker(tokenize):
     worker_tokenize = tokenize
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process, which stops the pool
     keep_freed_memory()
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters, from glibc's malloc.h
-
-
-def keep_freed_memory():
-    """Let this process's C allocator keep the memory it frees (glibc only; elsewhere nothing changes).
-
-    A piece's large buffers (its text, the tokenizer's output, the ids sent back) are megabytes each, which
-    glibc hands back to the system when freed and asks for again, as fresh pages zeroed one fault at a time,
-    for the next piece: 4% of a worker's CPU time on prose, and 4-15% of the main process's on parquet.
-    Buffers under 32 MB now come from, and go back to, the process's own heap, given back only past 256 MB free.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except AttributeError:  # a C library without mallopt (macOS)
-        return
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)
-    mallopt(M_TRIM_THRESHOLD, 256 << 20)
 
 
 def tokenize_piece(piece):

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, atomic_write, gpt2_tokenizer, run_cli
+from common import UserError, atomic_write, gpt2_tokenizer, keep_freed_memory, run_cli
 from devices import pick_device
 
 # -----------------------------------------------------------------------------
@@ -356,6 +356,8 @@ def main(argv=None):
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory(every_size=True)  # each batch's buffers are not faulted in and zeroed again
     batch_size = args.batch_size or (4 if device.type == "cpu" else 32)
     autocast_dtype = getattr(torch, args.dtype)
     examples = load_examples(hellaswag_path(args.data), args.limit)

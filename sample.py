@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from common import NOT_NEGATIVE, POSITIVE, HelpFormatter, check_ranges, gpt2_tokenizer, run_cli
+from common import NOT_NEGATIVE, POSITIVE, HelpFormatter, check_ranges, gpt2_tokenizer, keep_freed_memory, run_cli
 from devices import autocast_context, out_of_memory, pick_autocast_dtype, pick_device
 from train_gpt2 import load_model, sample_texts
 
@@ -53,6 +53,8 @@ def parse_args(argv=None):
 def sample(args):
     """The prompt and its continuations, as one string per sample."""
     device = pick_device(args.device)
+    if device.type == "cpu":
+        keep_freed_memory(every_size=True)  # each token's buffers are not faulted in and zeroed again
     model = load_model(args.init, device)
     dtype, _ = pick_autocast_dtype(args.dtype, device)
     try:
