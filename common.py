@@ -195,8 +195,8 @@ def atomic_write(path, mode="wb", temp_path=None):
 # faulted in again as fresh pages that the kernel zeroes one at a time. A program that frees and asks
 # again for the same large buffers over and over pays for that in system time: fineweb.py's pieces
 # (megabytes each: 4% of a worker's CPU time on prose, 4-15% of the main process's on parquet), and a
-# model's step on a CPU (the logits over 50,304 tokens and their gradients, tens of MB per micro-step:
-# a third of the README's tiny CPU run, whose system time fell from 40.9 s to 1.4 s of 97.8 s in all).
+# model's step on a CPU (the logits over 50,304 tokens and their gradients, tens of MB per micro-step: a
+# third of the README's tiny CPU run's CPU time; figures in docs/performance.md).
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt's parameters, from glibc's malloc.h
 
@@ -205,7 +205,7 @@ def keep_freed_memory(every_size=False):
     """Let this process's C allocator keep the memory it frees; True where it could (glibc), False elsewhere,
     where nothing changes. By default buffers under 32 MB come from the process's own heap, and free memory
     goes back to the system only past 256 MB. every_size: buffers of any size, given back past 1 GiB; it
-    costs peak memory (the tiny CPU run: 755 to 1,031 MiB), since freed buffers are not returned at once."""
+    costs peak memory (the tiny CPU run: about 1.35x), since freed buffers are not returned at once."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except AttributeError:  # a C library without mallopt (macOS)
