@@ -3,7 +3,8 @@ directory (config.json with model.safetensors or pytorch_model.bin), and writing
 
 Not in train_gpt2.py because the tutorial needs only what it yields, a config and tensors under our
 module names; the step that matters to the lecture (Conv1D weights transposed) stays there. This file
-holds the rest: file formats, the hub, config names and the checks that a directory is OpenAI's network.
+holds the rest: file formats, the hub, config names and the checks that a directory is OpenAI's network,
+and the padding of GPT-2's 50257-row embedding to the run's --vocab_size.
 """
 
 import json
@@ -12,7 +13,7 @@ from dataclasses import asdict
 
 import torch
 
-from common import EOT_TOKEN, UserError
+from common import EOT_TOKEN, GPT2_VOCAB_SIZE, UserError
 
 # OpenAI's checkpoint uses Conv1D layers, whose weights are stored (in, out), transposed from nn.Linear.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -147,3 +148,15 @@ def to_hf_checkpoint(model):
         eos_token_id=EOT_TOKEN,
     )
     return tensors, hf_config
+
+
+def padded_vocabulary(state, vocab_size):
+    """`state` with its token embedding cut to GPT-2's 50257 tokens and padded with zero rows to vocab_size,
+    as a run from scratch pads it. A padded row is never an input or a target, so it stays zero."""
+    key = "transformer.wte.weight"
+    if key not in state:
+        return state  # load_weights says what is missing
+    real = state[key][:GPT2_VOCAB_SIZE]
+    padded = real.new_zeros(vocab_size, real.size(1))
+    padded[: len(real)] = real
+    return {**state, key: padded}

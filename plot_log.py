@@ -94,11 +94,14 @@ def plot_loss(ax, series, reference=False, clip=True):
     # Only lines with points get a legend entry: an empty "val" entry reads as if val data went missing.
     if train_loss.size:
         # Train loss jumps from batch to batch: draw it faintly, with a moving average on top.
-        ax.plot(train_steps, train_loss, color="tab:blue", alpha=0.25, linewidth=0.8)
         window = max(1, train_loss.size // 50)
-        ax.plot(*moving_average(train_steps, train_loss, window), color="tab:blue", label="train")
-    if val_loss.size:
-        ax.plot(val_steps, val_loss, color="tab:orange", marker=".", label="val")
+        faint = "train, each step" if window > 1 else "train"
+        ax.plot(train_steps, train_loss, color="tab:blue", alpha=0.25, linewidth=0.8, label=faint)
+        if window > 1:
+            smoothed = f"train, mean of {window} steps"
+            ax.plot(*moving_average(train_steps, train_loss, window), color="tab:blue", label=smoothed)
+    if val_loss.size:  # a point per evaluation: the line between two says nothing of the steps in between
+        ax.plot(val_steps, val_loss, color="tab:orange", marker="o", markersize=4, label="val, each evaluation")
     if reference:
         label = f"OpenAI GPT-2 124M, FineWeb-edu val: {GPT2_124M_FINEWEB_EDU_VAL_LOSS}"
         ax.axhline(GPT2_124M_FINEWEB_EDU_VAL_LOSS, color="red", linestyle="--", label=label)

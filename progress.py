@@ -5,6 +5,7 @@ Not in train_gpt2.py because it is all formatting: the tutorial's loop computes 
 file turns them into lines. It imports nothing of the project (and not torch), so it can be read alone.
 """
 
+import shlex
 import time
 
 
@@ -13,17 +14,19 @@ class Progress:
 
     def __init__(self, first_step, last_step):
         self.first_step, self.last_step = first_step, last_step
-        self.started = self.last_step_end = time.time()
+        self.started = self.last_step_end = time.monotonic()
         self.seconds_per_step = None  # smoothed over recent steps, evaluations and checkpoints included
         self.train_loss = self.val_loss = self.best_val_loss = self.best_val_step = None
-        self.hellaswag = self.checkpoint = None
+        self.hellaswag = self.checkpoint = self.start_val_loss = None
 
     def label(self, step):
+        if step < 0:  # the evaluation of the starting weights
+            return "before step 0"
         return f"step {step:{len(str(self.last_step))}d}/{self.last_step}"
 
     def step_done(self, step):
         """(seconds since the start, estimated seconds left, None until there is an estimate)."""
-        now = time.time()
+        now = time.monotonic()
         interval, self.last_step_end = now - self.last_step_end, now
         if step > self.first_step:  # the first step compiles and warms up: it says nothing of the others
             smoothed = self.seconds_per_step
@@ -33,6 +36,8 @@ class Progress:
 
     def val_done(self, step, val_loss):
         self.val_loss = val_loss
+        if step < 0:
+            self.start_val_loss = val_loss
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss, self.best_val_step = val_loss, step
 
@@ -61,9 +66,9 @@ def format_seconds(seconds):
     return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
-def start_block(args, world_size, device, use_compile, dtype, dtype_reason, num_params, config, steps, loaders):
-    """The run's first lines: where it writes, what computes, the model, the batch, the data and one epoch.
-    steps: (first, last, micro-steps per step); loaders: (train, val, tokens per evaluation)."""
+def start_block(args, world_size, device, use_compile, dtype, dtype_reason, num_params, config, memory, steps, loaders):
+    """The run's first lines: where it writes, what computes, the model, its memory, the batch, the data and
+    one epoch. steps: (first, last, micro-steps per step); loaders: (train, val, tokens per evaluation)."""
     (first, last, grad_accum_steps), (train_loader, val_loader, val_tokens) = steps, loaders
     weights = f" | weights of {args.init}" if args.init else ""
     return (
@@ -72,6 +77,7 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, num_
         f"autocast {str(dtype).removeprefix('torch.')}: {dtype_reason}\n"
         f"model       {num_params:,} parameters: {config.n_layer} layers, {config.n_head} heads, "
         f"{config.n_embd} channels, vocabulary {config.vocab_size}{weights}\n"
+        f"memory      {memory}\n"
         f"batch       {args.total_batch_size:,} tokens per step = {args.batch_size} x {args.seq_len} x {world_size} "
         f"process(es) x {grad_accum_steps} micro-steps | steps {first} to {last}\n"
         f"data        {args.data_dir}: {describe_split(train_loader)} train, {describe_split(val_loader)} val "
@@ -80,13 +86,21 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, num_
     )
 
 
-def eval_only_block(weights, num_params, world_size, device, dtype, dtype_reason, data_dir, val_tokens, val_loader):
-    """--eval_only's first lines: the weights, what computes, and the val tokens it reads."""
+def eval_only_block(
+    weights, num_params, world_size, device, dtype, dtype_reason, data_dir, val_tokens, val_loader, rows
+):
+    """--eval_only's first lines: the weights, what computes, the val tokens it reads and how many rows
+    of a batch go through the model at once (fewer than the batch where memory is short)."""
+    batch = val_loader.B
+    at_once = f"{batch} rows per forward pass"
+    if rows < batch:
+        at_once = f"{rows} rows per forward pass (memory holds the logits of fewer than a batch's {batch})"
     return (
         f"weights     {weights}: {num_params:,} parameters\n"
         f"device      {world_size} process(es) on {device} | "
         f"autocast {str(dtype).removeprefix('torch.')}: {dtype_reason}\n"
-        f"data        {data_dir}: {val_tokens:,} tokens of {describe_split(val_loader)} val"
+        f"data        {data_dir}: {val_tokens:,} tokens of {describe_split(val_loader)} val, "
+        f"{at_once}"
     )
 
 
@@ -120,16 +134,19 @@ def describe_split(loader):
     return f"{len(loader.shards)} shard{'s' if len(loader.shards) > 1 else ''}, {tokens:,} tokens"
 
 
-def print_summary(progress, log_path):
-    """The last block: what the run reached, where it is, and what to run next."""
+def print_summary(progress, log_path, prompt):
+    """The last block: what the run reached, where it is, and what to run next (commands quoted for the shell)."""
     val = "-" if progress.val_loss is None else f"{progress.val_loss:.4f}"
     best = ""
     if progress.best_val_step is not None:
-        best = f" (best {progress.best_val_loss:.4f} at step {progress.best_val_step})"
+        at = "before step 0" if progress.best_val_step < 0 else f"at step {progress.best_val_step}"
+        best = f" (best {progress.best_val_loss:.4f} {at})"
+    if progress.start_val_loss is not None:
+        best += f" | val loss before step 0 {progress.start_val_loss:.4f}"
     hellaswag = "" if progress.hellaswag is None else f" | hellaswag acc_norm {progress.hellaswag:.4f}"
-    print(f"\ndone in {format_seconds(time.time() - progress.started)}")
+    print(f"\ndone in {format_seconds(time.monotonic() - progress.started)}")
     print(f"final       train loss {progress.train_loss:.4f} | val loss {val}{best}{hellaswag}")
     print(f"checkpoint  {progress.checkpoint}")
     print(f"log         {log_path}")
-    print(f"next        python sample.py --init {progress.checkpoint}")
-    print(f"            python plot_log.py {log_path}")
+    print(f"next        python sample.py --init {shlex.quote(progress.checkpoint)} --prompt {shlex.quote(prompt)}")
+    print(f"            python plot_log.py {shlex.quote(log_path)}")

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import devices
 import guard
 import hellaswag
@@ -324,7 +325,7 @@ class DataLoaderLite:
 
     def load_state_dict(self, state):
         """Continue where `state` ends; the data, --total_batch_size, --seq_len and the order must be the same."""
-        guard.check_loader_state(state, self.window, self.T, self.data, self.shuffle, self.seed)
+        guard.check_loader_state(state, self.window, self.T, self.data, self.shuffle, self.seed, self.epoch_sequences)
         self.epoch, self.micro_step = state["epoch"], 0
         if "sequence" in state:
             self.sequence = state["sequence"]
@@ -344,8 +345,9 @@ def window_order(seed, epoch, shard, windows):
 
 
 @torch.no_grad()
-def validation_loss(model, val_loader, steps, autocast, procs, stop=None):
-    """Mean loss over `steps` batches from the start of the validation split, averaged over ranks.
+def validation_loss(model, val_loader, steps, autocast, procs, stop=None, rows=None):
+    """Mean loss over `steps` batches from the start of the validation split, averaged over ranks; `rows`
+    sequences per forward pass (default: the whole batch), where memory holds fewer logits than a batch has.
     A stop request (guard.StopRequest) ends the loop between batches (the result is then meaningless),
     and every rank still joins the reduction, so that none waits for another."""
     device = next(model.parameters()).device
@@ -355,10 +357,11 @@ def validation_loss(model, val_loader, steps, autocast, procs, stop=None):
     for _ in range(steps):
         if stop is not None and stop.requested:
             break
-        x, y = val_loader.next_batch()
-        with autocast:
-            _, loss = model(x.to(device), y.to(device))
-        loss_sum += loss.detach()
+        x, y = val_loader.next_batch()  # (B, T) each
+        for xs, ys in zip(x.split(rows or len(x)), y.split(rows or len(x))):  # (rows, T) at a time
+            with autocast:
+                _, loss = model(xs.to(device), ys.to(device))
+            loss_sum += loss.detach() * (len(xs) / len(x))  # the batch's mean, from its parts' means
     model.train()
     return procs.mean(loss_sum).item() / steps
 
@@ -389,7 +392,7 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 
 
 # -----------------------------------------------------------------------------
-# Processes. torchrun starts one process per GPU (or CPU worker, with gloo) and sets RANK and WORLD_SIZE;
+# Processes. torchrun starts one process per GPU (or CPU worker, with gloo) and sets RANK, WORLD_SIZE, ...;
 # each reads its own slice of every batch, and DDP averages their gradients. Without torchrun: one process.
 
 
@@ -425,9 +428,8 @@ class Processes:
 
 
 def torchrun_processes():
-    env = os.environ
-    ddp = "RANK" in env and "WORLD_SIZE" in env
-    return Processes(ddp, int(env.get("RANK", 0)), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1)))
+    group = common.torchrun_group()  # (RANK, LOCAL_RANK, WORLD_SIZE), all set and consistent, or None: one process
+    return Processes(True, *group) if group else Processes()
 
 
 def mean_loss_and_stop_flag(loss, stop_requested, procs):
@@ -501,7 +503,8 @@ def load_checkpoint(path):
 def restore_checkpoint(checkpoint, optimizer, scaler, loader, device):
     """Restore all but the weights (already loaded) as they were after the checkpoint's step; the next step."""
     optimizer.load_state_dict(checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint["scaler"])
+    if checkpoint["scaler"]:  # empty where the run before was not in fp16: a run moving to fp16 starts afresh
+        scaler.load_state_dict(checkpoint["scaler"])
     loader.load_state_dict(checkpoint["loader"])
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if device.type == "cuda" and "cuda" in checkpoint["rng"]:
@@ -542,6 +545,12 @@ def sample_texts(model, enc, prompt, *, num_samples, max_new_tokens, temperature
     return [enc.decode(row.tolist()) for row in out]
 
 
+def sample_prompt(args, val_loader, enc):
+    """--sample_prompt, or the first line of the val split's first 8 tokens (after <|endoftext|>): its own words."""
+    first_line = enc.decode(val_loader.shards[0][1:9].tolist()).strip().split("\n")[0]
+    return first_line if args.sample_prompt is None else args.sample_prompt
+
+
 # -----------------------------------------------------------------------------
 # The run's flags: every hyperparameter, GPT-2 124M's recipe as its default, its reason shown in --help.
 
@@ -577,10 +586,12 @@ FLAGS = {
     ],
     "evaluation, logging and checkpoints": [
         ("--eval_every", 250, "steps between val loss / HellaSwag / samples"),
+        ("--eval_first", True, "evaluate the starting weights before step 0, as the lecture does (not on --resume)"),
         ("--val_tokens", 10485760, "tokens of the val split per evaluation (20 steps of 2**19)"),
         ("--hellaswag", True, "HellaSwag acc_norm at each evaluation"),
         ("--hellaswag_data", str, "local hellaswag_val.jsonl (default: the cached download)"),
         ("--sample_every_eval", True, "print 4 samples at each evaluation"),
+        ("--sample_prompt", str, "what the samples continue (default: the val split's first words, in any corpus)"),
         ("--eval_only", False, "evaluate the --init or --resume weights (val loss, HellaSwag), print, write no "
          "file, and exit"),
         ("--log_dir", "log", "log.txt and checkpoints go here"),
@@ -625,27 +636,15 @@ def model_config(shape, vocab_size, seq_len, weights=None):
     return config
 
 
-def padded_vocabulary(state, vocab_size):
-    """`state` with its token embedding cut to GPT-2's 50257 tokens and padded with zero rows to vocab_size,
-    as a run from scratch pads it. A padded row is never an input or a target, so it stays zero."""
-    key = "transformer.wte.weight"
-    if key not in state:
-        return state  # load_weights says what is missing
-    real = state[key][:GPT2_VOCAB_SIZE]
-    padded = real.new_zeros(vocab_size, real.size(1))
-    padded[: len(real)] = real
-    return {**state, key: padded}
-
-
 def build_model(args, device):
     """The run's GPT on `device`, and the path and contents of the checkpoint --resume continues (or None)."""
     path = guard.checkpoint_to_resume(args.resume, args.log_dir)
     checkpoint = load_checkpoint(path) if path else None
     shape = {name: getattr(args, name) for name in SHAPE_FLAGS}
     if checkpoint is not None:
-        guard.check_resumable(checkpoint, path)
         config = model_config(shape, args.vocab_size, args.seq_len, checkpoint["config"])
         guard.check_same_model(checkpoint["config"], config, path)
+        guard.check_resumable(checkpoint, path)
         model = GPT(config)
         load_weights(model, checkpoint["model"], source=path)
     elif args.init:
@@ -653,7 +652,7 @@ def build_model(args, device):
         config = model_config(shape, args.vocab_size, args.seq_len, asdict(init_config))
         guard.check_same_shape(asdict(init_config), config, SHAPE_FLAGS, args.init)
         model = GPT(config)
-        load_weights(model, padded_vocabulary(state, config.vocab_size), source=args.init)
+        load_weights(model, hf_format.padded_vocabulary(state, config.vocab_size), source=args.init)
     else:
         model = GPT(model_config(shape, args.vocab_size, args.seq_len))
     return model.to(device), path, checkpoint
@@ -680,6 +679,7 @@ class Run:
     train_loader: DataLoaderLite
     val_loader: DataLoaderLite
     val_steps: int  # batches of the val split per evaluation
+    val_rows: int  # sequences per forward pass in an evaluation: --batch_size, or fewer where memory is short
     grad_accum_steps: int
     autocast: torch.autocast
     start_step: int
@@ -687,6 +687,7 @@ class Run:
     hellaswag: object  # (model, stop) -> acc_norm, or None when off
     log: object  # log.txt, open on rank 0 only
     mfu_flops: float  # the model's arithmetic in one step over the devices' peak FLOP/s; None if unknown
+    prompt: str  # what the samples at each evaluation continue
 
 
 def set_up_run(args, device, procs):
@@ -699,16 +700,16 @@ def set_up_run(args, device, procs):
         args.data_dir, B, T, procs.rank, procs.world_size, "train", args.total_batch_size, args.shuffle, args.seed
     )
     val_loader, val_steps = validation_data(args, procs)
-    model, resume_path, checkpoint = build_model(args, device)
+    model, path, checkpoint = build_model(args, device)  # path: of the checkpoint --resume continues, or None
+    num_params = sum(p.numel() for p in model.parameters())
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    memory = devices.check_training_fits(model.config, num_params, args, procs.world_size, device, use_compile)
+    val_rows = devices.evaluation_rows(model.config, num_params, B, T, device)  # fewer than B where memory is short
     betas = (args.beta1, args.beta2)
     optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, betas, args.eps, device.type)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    start_step, eval_pending = resume_or_start(args, procs, device, optimizer, scaler, train_loader, checkpoint)
-    if checkpoint is not None:
-        in_log_dir, then = guard.in_folder(resume_path, args.log_dir), checkpoint.get("args", {})
-        procs.print(progress.resumed(resume_path, start_step, args.log_dir, in_log_dir, then, args.val_tokens))
+    start_step, eval_pending = resume_or_start(args, procs, device, optimizer, scaler, train_loader, checkpoint, path)
 
-    use_compile = args.compile if args.compile is not None else device.type == "cuda"
     forward_model = torch.compile(model) if use_compile else model
     step_model = forward_model
     if procs.ddp:
@@ -716,30 +717,33 @@ def set_up_run(args, device, procs):
             forward_model, device_ids=[device.index] if device.type == "cuda" else None
         )
     enc = gpt2_tokenizer()
-    acc_norm = hellaswag.in_loop_eval(args.hellaswag_data, enc, procs, B, dtype) if args.hellaswag else None
+    acc_norm = hellaswag.in_loop_eval(args.hellaswag_data, enc, procs, val_rows, dtype) if args.hellaswag else None
 
     grad_accum_steps = args.total_batch_size // (B * T * procs.world_size)
-    num_params = sum(p.numel() for p in model.parameters())
     peak_flops = args.peak_flops or devices.device_peak_flops(device)
     flops_per_step = devices.flops_per_token(model.config, T, num_params) * args.total_batch_size
     procs.print(progress.start_block(
-        args, procs.world_size, device, use_compile, dtype, dtype_reason, num_params, model.config,
+        args, procs.world_size, device, use_compile, dtype, dtype_reason, num_params, model.config, memory,
         (start_step, args.max_steps - 1, grad_accum_steps), (train_loader, val_loader, val_steps * val_loader.window),
     ))  # fmt: skip
     log = open(os.path.join(args.log_dir, "log.txt"), "a" if args.resume else "w") if procs.master else None
     return Run(
         args, procs, device, model, forward_model, step_model, optimizer, scaler, train_loader, val_loader,
-        val_steps, grad_accum_steps, devices.autocast_context(device, dtype), start_step, eval_pending,
+        val_steps, val_rows, grad_accum_steps, devices.autocast_context(device, dtype), start_step, eval_pending,
         acc_norm, log, flops_per_step / (peak_flops * procs.world_size) if peak_flops else None,
+        sample_prompt(args, val_loader, enc),
     )  # fmt: skip
 
 
-def resume_or_start(args, procs, device, optimizer, scaler, train_loader, checkpoint):
-    """(first step, whether the evaluation before it is still to do), the checkpoint's state restored."""
+def resume_or_start(args, procs, device, optimizer, scaler, train_loader, checkpoint, path):
+    """(first step, whether its evaluation is still to do): the checkpoint at `path` restored, or a new run checked."""
     start_step, eval_pending = 0, False
     if checkpoint is not None:
         start_step = restore_checkpoint(checkpoint, optimizer, scaler, train_loader, device)
+        guard.check_steps_left(start_step, args.max_steps)
         eval_pending = checkpoint.get("eval_pending", False)
+        in_log_dir, then = guard.in_folder(path, args.log_dir), checkpoint.get("args", {})
+        procs.print(progress.resumed(path, start_step, args.log_dir, in_log_dir, then, args.val_tokens))
     else:
         guard.check_new_run(args.log_dir)
     if procs.master:
@@ -757,16 +761,11 @@ def train(args, device, procs):
     stop = guard.StopRequest()
     last_step = args.max_steps - 1
     report = progress.Progress(run.start_step, last_step)
-    if run.start_step > last_step:
-        procs.print(f"nothing to train: the run is past step {last_step} already; raise --max_steps to go on")
-        if procs.master:
-            run.log.close()
-        return
-    if run.eval_pending:
+    if run.eval_pending or (args.eval_first and not args.resume):  # a resume evaluated its step already
         evaluate_and_sample(run, report, run.start_step - 1, stop)
     epoch = run.train_loader.epoch
     for step in range(run.start_step, args.max_steps):
-        t0 = time.time()
+        t0 = time.perf_counter()
         lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
         loss, norm = train_step(run.step_model, run.optimizer, run.scaler, run.train_loader, run.grad_accum_steps,
                                 lr, args.grad_clip, run.autocast)  # fmt: skip
@@ -774,7 +773,7 @@ def train(args, device, procs):
         guard.check_finite(train_loss, norm, run.scaler.is_enabled(), step, args.log_dir)
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that dt measures the step, not just its launch
-        report_step(run, report, step, train_loss, lr, norm, time.time() - t0)
+        report_step(run, report, step, train_loss, lr, norm, time.perf_counter() - t0)
         if run.train_loader.epoch != epoch:  # the step read the epoch's last sequences
             epoch = run.train_loader.epoch
             procs.print(f"epoch {epoch - 1} done at step {step}: {(step + 1) * args.total_batch_size:,} tokens seen")
@@ -791,7 +790,7 @@ def train(args, device, procs):
                 break
     if procs.master:
         run.log.close()
-        progress.print_summary(report, os.path.join(args.log_dir, "log.txt"))
+        progress.print_summary(report, os.path.join(args.log_dir, "log.txt"), run.prompt)
 
 
 def report_step(run, report, step, train_loss, lr, norm, dt):
@@ -807,7 +806,9 @@ def evaluate_and_sample(run, report, step, stop):
     """Val loss and HellaSwag (all ranks) and a few samples (rank 0), logged. A stop request cuts them short
     (nothing unfinished is reported); returns whether they ran to the end (a resume does them again if not)."""
     procs, started = run.procs, time.time()
-    val_loss = validation_loss(run.forward_model, run.val_loader, run.val_steps, run.autocast, procs, stop)
+    val_loss = validation_loss(
+        run.forward_model, run.val_loader, run.val_steps, run.autocast, procs, stop, run.val_rows
+    )
     if not stop.requested:
         procs.print(f"{report.label(step)} | val loss {val_loss:.4f} | {time.time() - started:.1f} s")
         report.val_done(step, val_loss)
@@ -822,7 +823,7 @@ def evaluate_and_sample(run, report, step, stop):
             if procs.master:
                 run.log.write(f"{step} hella {acc_norm:.4f}\n")
     if procs.master and run.args.sample_every_eval and not stop.requested:
-        started, enc, prompt = time.time(), gpt2_tokenizer(), "Hello, I'm a language model,"
+        started, enc, prompt = time.time(), gpt2_tokenizer(), run.prompt
         texts = sample_texts(run.model, enc, prompt, num_samples=4, max_new_tokens=32, autocast=run.autocast)
         for i, text in enumerate(texts):
             print(f"sample {i}: {text}")
@@ -853,13 +854,13 @@ def evaluate_only(args, device, procs):
     val_loader, val_steps = validation_data(args, procs)
     model, path, _ = build_model(args, device)
     num_params = sum(p.numel() for p in model.parameters())
+    rows = devices.evaluation_rows(model.config, num_params, args.batch_size, args.seq_len, device)
     procs.print(progress.eval_only_block(path or args.init, num_params, procs.world_size, device, dtype, dtype_reason,
-                                         args.data_dir, val_steps * val_loader.window, val_loader))  # fmt: skip
-    enc, B = gpt2_tokenizer(), args.batch_size
-    acc_norm = args.hellaswag and hellaswag.in_loop_eval(args.hellaswag_data, enc, procs, B, dtype, download=False)
-    # Not compiled: one pass over the val tokens would spend longer compiling than it saves.
-    started = time.time()
-    val_loss = validation_loss(model, val_loader, val_steps, devices.autocast_context(device, dtype), procs)
+                                         args.data_dir, val_steps * val_loader.window, val_loader, rows))  # fmt: skip
+    enc = gpt2_tokenizer()
+    acc_norm = args.hellaswag and hellaswag.in_loop_eval(args.hellaswag_data, enc, procs, rows, dtype, download=False)
+    started = time.time()  # not compiled: one pass over the val tokens would spend longer compiling than it saves
+    val_loss = validation_loss(model, val_loader, val_steps, devices.autocast_context(device, dtype), procs, None, rows)
     procs.print(f"val loss {val_loss:.6f} | {time.time() - started:.1f} s")
     if acc_norm:
         started = time.time()
@@ -879,18 +880,16 @@ def main(argv=None):
         device = torch.device("cuda", procs.local_rank)
         torch.cuda.set_device(device)
     if procs.ddp:
+        guard.say_when_waiting(procs)
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    # --eval_only writes nothing, so it needs no lock. In a group, the first rank's error is said once, named.
+    lock = contextlib.nullcontext() if args.eval_only else guard.log_dir_lock(args.log_dir, procs, device)
     try:
-        if args.eval_only:
-            evaluate_only(args, device, procs)  # writes nothing, so it needs no lock
-        else:
-            with guard.log_dir_lock(args.log_dir, procs, device):
-                train(args, device, procs)
+        with guard.one_error_line(procs), lock:
+            (evaluate_only if args.eval_only else train)(args, device, procs)
     except torch.OutOfMemoryError:
-        advice = f"lower --batch_size (now {args.batch_size}) and keep --total_batch_size {args.total_batch_size}"
-        raise devices.out_of_memory(
-            device, advice + ": more micro-steps make up the difference, and the run stays the same"
-        ) from None
+        advice = devices.LOWER_BATCH_SIZE.format(args.batch_size, args.total_batch_size)
+        raise devices.out_of_memory(device, advice) from None
     finally:
         if procs.ddp:
             torch.distributed.destroy_process_group()

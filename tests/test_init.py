@@ -166,10 +166,11 @@ def test_eval_only_under_torchrun_equals_one_process(hf_dir, text_shards, tmp_pa
 def test_fine_tune_lowers_the_val_loss(hf_dir, text_shards, fine_tune, capsys):
     before, _ = eval_only(capsys, "--init", hf_dir, "--data_dir", text_shards)
     log = read_log(fine_tune)
-    assert log[0][:2] == ["0", "train"]  # the step count starts fresh
+    assert log[0][:2] == ["-1", "val"] and log[1][:2] == ["0", "train"]  # the step count starts fresh
+    assert abs(float(log[0][2]) - before) < 1e-3  # the starting weights' loss, as --eval_only gives it
     val = {int(step): float(value) for step, kind, value in log if kind == "val"}
-    assert sorted(val) == [14, 29]
-    assert val[29] < val[14] < before - 0.5
+    assert sorted(val) == [-1, 14, 29]  # -1: the starting weights, before the first step
+    assert val[29] < val[14] < before - 0.5 and abs(val[-1] - before) < 1e-3
     # the fine-tuned weights, evaluated alone, give the val loss the run logged
     after, _ = eval_only(capsys, "--resume", "--log_dir", fine_tune, "--data_dir", text_shards)
     assert abs(after - val[29]) < 1e-4
@@ -217,7 +218,7 @@ def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path, keep_
     x, y = DataLoaderLite(text_shards, 4, 32, 0, 1, "train", 128, shuffle=True, seed=1337).next_batch()  # step 0's
     with torch.no_grad():
         _, expected = load_model(path)(x, y)
-    step, kind, loss = read_log(log_dir)[0]
+    step, kind, loss = read_log(log_dir)[1]  # after the starting weights' val loss
     assert (step, kind) == ("0", "train") and abs(float(loss) - expected.item()) < 1e-6
     loaded = torch.load(log_dir / "model_00000.pt", weights_only=True)["model"]
     for key, tensor in model.state_dict().items():

@@ -196,6 +196,7 @@ PINNED_RUN = [
 # log.txt of PINNED_RUN on make_pattern_shards, as the code before the split into files wrote it.
 PINNED_LOGS = {
     "shuffled": [
+        "-1 val 10.8327",  # the starting weights, evaluated before the first step (not in the code before the split)
         "0 train 10.851755",
         "1 train 10.599316",
         "2 train 10.401167",
@@ -208,6 +209,7 @@ PINNED_LOGS = {
         "7 val 9.3647",
     ],
     "in_order": [
+        "-1 val 10.8327",
         "0 train 10.830958",
         "1 train 10.639566",
         "2 train 10.370674",

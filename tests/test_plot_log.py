@@ -157,23 +157,33 @@ def only(lines, *kinds):
     return [line for line in lines if line.split()[1] in kinds]
 
 
+# 200 train points: each drawn faintly, and their moving average over 200 // 50 = 4 steps, named as such
+TRAIN = ["train, each step", "train, mean of 4 steps"]
+VAL = "val, each evaluation"
+
+
 def test_panels_and_legend_entries_follow_what_the_log_has(tmp_path):
     lines = run_lines(0, 200, True)
     fig = figure_for(tmp_path, only(lines, "train"))
     assert len(fig.axes) == 1
-    assert legend_texts(fig.axes[0]) == ["train"]
+    assert legend_texts(fig.axes[0]) == TRAIN
 
     fig = figure_for(tmp_path, only(lines, "train", "val"))
     assert len(fig.axes) == 1
-    assert legend_texts(fig.axes[0]) == ["train", "val"]
+    assert legend_texts(fig.axes[0]) == [*TRAIN, VAL]
+    val_line = next(line for line in fig.axes[0].get_lines() if line.get_label() == VAL)
+    assert val_line.get_marker() == "o"  # each evaluation is a point: the line between two is no measurement
 
     fig = figure_for(tmp_path, only(lines, "val"))  # a log with val lines only still has a loss panel
     assert len(fig.axes) == 1
-    assert legend_texts(fig.axes[0]) == ["val"]
+    assert legend_texts(fig.axes[0]) == [VAL]
+
+    fig = figure_for(tmp_path, only(lines, "train")[:30])  # too few points to smooth: one line, plain "train"
+    assert legend_texts(fig.axes[0]) == ["train"]
 
     loss_ax, hella_ax = figure_for(tmp_path, lines).axes
     assert (loss_ax.get_title(), hella_ax.get_title()) == ("Loss", "HellaSwag")
-    assert legend_texts(loss_ax) == ["train", "val"]
+    assert legend_texts(loss_ax) == [*TRAIN, VAL]
     assert legend_texts(hella_ax) == ["this run", "OpenAI GPT-2 124M: 0.2955", "GPT-3 124M: 0.337"]
 
 
@@ -194,7 +204,7 @@ def test_reference_lines_follow_the_flags(tmp_path):
 
     loss_ax, hella_ax = build_figure(series, loss_reference=True).axes
     assert reference_lines(loss_ax) == [GPT2_124M_FINEWEB_EDU_VAL_LOSS]
-    assert legend_texts(loss_ax) == ["train", "val", loss_label]
+    assert legend_texts(loss_ax) == [*TRAIN, VAL, loss_label]
     low, high = loss_ax.get_ylim()
     assert low < GPT2_124M_FINEWEB_EDU_VAL_LOSS < high
     assert reference_lines(hella_ax) == [0.2955, 0.337]
