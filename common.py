@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import signal
 import socket
 import sys
 
@@ -29,30 +30,90 @@ class UserError(Exception):
 
 
 def run_cli(main, argv=None, interrupted=None):
-    """Call main(argv) as a script's entry point: a UserError becomes `error: ...` on stderr and exit 1.
-    `interrupted`, if given, is said on Ctrl-C instead of a traceback (exit 130, as a shell reports it)."""
+    """Call main(argv) as a script's entry point: a UserError, or an OSError (a path that cannot be read or
+    written), becomes `error: ...` on stderr and exit 1. `interrupted`, if given, is said on Ctrl-C or
+    SIGTERM instead of a traceback (exit 130 or 143, as a shell reports them). In a group that torchrun
+    started, an error is said once per machine (by its LOCAL_RANK 0), or by the one rank whose UserError
+    `speaks`."""
+    if interrupted is not None:  # SIGTERM (kill, a cluster's preemption) stops the script as Ctrl-C does
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         return main(argv)
     except UserError as e:
-        message = str(e)
+        message, speaks = str(e), getattr(e, "speaks", None)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        message, speaks = os_error_line(e), None
+    except KeyboardInterrupt as e:
+        if interrupted is None:
             raise
-        # A full disk can strike any write (a line of log.txt, an exported file). The writes that matter are
-        # atomic (checkpoints, shards, progress files), so whatever was finished before is intact.
-        where = f" while writing {e.filename}" if e.filename else ""
-        message = (
+        print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {interrupted}", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)  # as a shell reports SIGTERM, SIGINT
+    if speaks is None:
+        try:
+            group = torchrun_group()
+        except UserError:  # not a consistent group: every process speaks
+            group = None
+        speaks = group is None or group[1] == 0 or "TORCHELASTIC_RUN_ID" not in os.environ  # by hand: each speaks
+    if speaks:
+        print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space left, a quota, a file-size limit
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the script is, so that it unwinds as on Ctrl-C (atomic writes discard their part)."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
+def os_error_line(error):
+    """What a failed read or write (an OSError) says: a full disk, or the path and the system's reason."""
+    # The writes that matter are atomic (checkpoints, shards, progress files), so whatever was finished
+    # before a failure is intact.
+    if error.errno in DISK_FULL:
+        where = f" while writing {error.filename}" if error.filename else ""
+        return (
             f"the disk is full{where}: free some space and run the command again; finished checkpoints and "
             "shards are intact (a training run continues with --resume)"
         )
-    except KeyboardInterrupt:
-        if interrupted is None:
-            raise
-        print(f"\ninterrupted: {interrupted}", file=sys.stderr)
-        sys.exit(130)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # under torchrun: once per machine, not once per GPU
-        print(f"error: {message}", file=sys.stderr)
-    sys.exit(1)
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or error}: check that the path exists and that this user may read or write it"
+
+
+# -----------------------------------------------------------------------------
+# The processes of a torchrun group. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR and
+# MASTER_PORT, where the group meets) in each process it starts. A leftover variable (a cluster's
+# prologue, an old export) must not turn one process into a rank of a group that does not exist.
+
+GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def torchrun_group(env=None):
+    """(rank, local_rank, world_size) of this process in a torchrun group, or None for one process. None of
+    RANK, LOCAL_RANK, WORLD_SIZE set: one process; all of them, with MASTER_ADDR and MASTER_PORT, consistent:
+    a group; anything in between: a UserError that names the variable missing or wrong."""
+    env = os.environ if env is None else env
+    present = [name for name in GROUP_VARIABLES if name in env]
+    if not present:
+        return None
+    given = " ".join(f"{name}={env[name]}" for name in present)
+    missing = [name for name in (*GROUP_VARIABLES, "MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise UserError(
+            f"{given} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the "
+            f"processes with torchrun, which sets them all, or unset {' '.join(present)} for one process"
+        )
+    try:
+        rank, local_rank, world_size = (int(env[name]) for name in GROUP_VARIABLES)
+    except ValueError:
+        raise UserError(f"{given}: each must be a whole number, as torchrun sets them") from None
+    if not (0 <= local_rank <= rank < world_size):
+        raise UserError(f"{given}: a group needs 0 <= LOCAL_RANK <= RANK < WORLD_SIZE, as torchrun sets them")
+    return rank, local_rank, world_size
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -184,7 +245,9 @@ def atomic_write(path, mode="wb", temp_path=None):
         os.replace(temp_path, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
         reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
-        raise UserError(f"could not write {path} ({reason}): is the disk full? Any earlier {path} is intact") from None
+        full = not isinstance(e, OSError) or e.errno in DISK_FULL  # torch's error hides why
+        advice = "is the disk full?" if full else "check that the folder exists and that this user may write it."
+        raise UserError(f"could not write {path} ({reason}): {advice} Any earlier {path} is intact") from None
     finally:  # after an error or Ctrl-C; a kill leaves the temporary file for the next run to remove
         with contextlib.suppress(OSError):
             os.remove(temp_path)

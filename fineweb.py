@@ -5,8 +5,9 @@
 
 Every document becomes the end-of-text token 50256 followed by its GPT-2 tokens, and the documents are
 laid end to end and cut into shards of --shard_size tokens: edufineweb_val_000000.npy (the validation
-split), then edufineweb_train_000001.npy, ... Each shard is a numpy uint16 array saved with np.save, the
-layout build-nanogpt uses, so existing data directories keep working.
+split), then edufineweb_train_000001.npy, ... (from --input files: shard_val_000000.npy, ...). Each shard is
+a numpy uint16 array saved with np.save, the layout build-nanogpt uses, so existing data directories keep
+working.
 
 The run is resumable: documents are always read in the same order, every finished shard is written
 atomically, and a small progress file next to the shards records how many documents the finished shards
@@ -26,8 +27,10 @@ import json
 import multiprocessing
 import os
 import signal
+import socket
 import sys
 import time
+import urllib.parse
 
 import numpy as np
 from tqdm import tqdm
@@ -64,7 +67,21 @@ def find_input_files(paths):
             )
         else:
             files.append(path)
-    return files
+    return without_duplicates(files)
+
+
+def without_duplicates(files):
+    """files with each file kept once, where it first comes (named twice, a file's text could be in the val
+    split and in train); a note names each one dropped."""
+    first_name, kept = {}, []
+    for path in files:
+        real = os.path.realpath(path)
+        if real in first_name:
+            print(f"note: --input names {path} twice (first as {first_name[real]}): it is tokenized once")
+        else:
+            first_name[real] = path
+            kept.append(path)
+    return kept
 
 
 def input_files_under(folder):
@@ -119,7 +136,8 @@ def read_bytes(path, start=0, size=-1):
 
 
 def read_txt(path):
-    """A .txt file is one document, its line ends made LF (from CRLF, and from a lone CR), as text mode does.
+    """A .txt file is one document, its line ends made LF (from CRLF, and from a lone CR), as text mode does,
+    without a UTF-8 byte-order mark at its start.
 
     Reading bytes and decoding them whole takes a third less time than text mode, which matters with many
     small files.
@@ -131,7 +149,7 @@ def read_txt(path):
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text
+    return text.removeprefix("\ufeff")  # a byte-order mark is no text (.jsonl lines drop it too)
 
 
 def read_txt_files(paths):
@@ -301,6 +319,12 @@ def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
 
 def load_hf_dataset(dataset, name, split, streaming, text_field):
     """The split of a Hugging Face dataset, downloaded now (or opened for streaming); fails with one clear line."""
+    unreachable = hub_unreachable()
+    if unreachable:  # datasets would retry for half a minute before saying so
+        raise UserError(
+            f"{unreachable}, so {dataset} cannot be downloaded; pass local .parquet, .jsonl or .txt files with "
+            "--input (FineWeb-edu's parquet files, downloaded elsewhere)"
+        )
     import datasets  # imported here: it takes a second to import and --input runs never need it
 
     try:
@@ -315,6 +339,20 @@ def load_hf_dataset(dataset, name, split, streaming, text_field):
             f"{dataset}: no column '{text_field}' (columns: {', '.join(rows.column_names)}); pick one with --text_field"
         )
     return rows
+
+
+def hub_unreachable(timeout=5):
+    """Why the Hugging Face hub (HF_ENDPOINT, or huggingface.co) cannot be reached, or None: one connection
+    tried, for a few seconds. Behind a proxy nothing is tried: only the download itself can tell."""
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        return f"the Hugging Face hub ({endpoint.hostname}:{port}) cannot be reached: {e.strerror or e}"
+    return None
 
 
 def offline_variable():
@@ -406,6 +444,7 @@ def init_worker(tokenize):
     global worker_tokenize
     worker_tokenize = tokenize
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process, which stops the pool
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM: they just end
     keep_freed_memory()
 
 
@@ -733,8 +772,8 @@ def parse_args(argv=None):
     parser.add_argument("--out", default="edu_fineweb10B", help="directory for the shards (default: %(default)s)")
     parser.add_argument(
         "--prefix",
-        default="edufineweb",
-        help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: %(default)s)",
+        help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: edufineweb for the "
+        "download, shard for --input files, or the prefix of the run that --out holds)",
     )
     parser.add_argument(
         "--shard_size", type=int, default=10**8, help="tokens per shard, of 2 bytes each on disk (default: %(default)s)"
@@ -768,8 +807,21 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def default_prefix(out_dir, local_input):
+    """The prefix of the shards that out_dir already holds (a rerun resumes them), else edufineweb for the
+    FineWeb-edu download and a name that claims no corpus, shard, for local files."""
+    held = sorted(glob.glob(os.path.join(glob.escape(out_dir), "*_progress.json")))
+    if len(held) == 1:
+        return os.path.basename(held[0]).removesuffix("_progress.json")
+    val_shards = sorted(glob.glob(os.path.join(glob.escape(out_dir), "*_val_000000.npy")))  # progress file lost
+    if len(val_shards) == 1:
+        return os.path.basename(val_shards[0]).removesuffix("_val_000000.npy")
+    return "shard" if local_input else "edufineweb"
+
+
 def main(argv=None):
     args = parse_args(argv)
+    args.prefix = args.prefix or default_prefix(args.out, args.input)
     if args.shard_size < 1 or args.num_proc < 1:
         raise UserError("--shard_size and --num_proc must be at least 1")
     # The trainer tells the splits apart by the word before the shard's number; a prefix that names a split
@@ -829,13 +881,13 @@ def write_corpus(args, settings, files):
         f"in {args.out}; "
         f"this run: {tokens:,} tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
     )
-    if progress["shards"] == 1:
+    if progress["tokens"] == progress["documents"]:  # each document added its end-of-text token and nothing else
+        print("note: every document was empty: the shards hold end-of-text tokens only, nothing to train on")
+    elif progress["shards"] == 1:
         print(
             f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below "
             f"{progress['tokens']:,} to a new --out"
         )
-    if progress["tokens"] == progress["documents"]:  # each document added its end-of-text token and nothing else
-        print("note: every document was empty: the shards hold end-of-text tokens only, nothing to train on")
 
 
 if __name__ == "__main__":

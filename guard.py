@@ -10,6 +10,7 @@ run or another program, a NaN) into one line that says what is wrong and what to
 import contextlib
 import glob
 import hashlib
+import json
 import math
 import os
 import re
@@ -19,7 +20,16 @@ import sys
 import numpy as np
 import torch
 
-from common import BELOW_ONE, GPT2_VOCAB_SIZE, NOT_NEGATIVE, POSITIVE, UserError, check_ranges, output_lock
+from common import (
+    BELOW_ONE,
+    GPT2_VOCAB_SIZE,
+    NOT_NEGATIVE,
+    POSITIVE,
+    UserError,
+    check_ranges,
+    output_lock,
+    torchrun_group,
+)
 
 # -----------------------------------------------------------------------------
 # Flags: the range of every numeric flag (checked by common.check_ranges, which also refuses nan and
@@ -34,7 +44,8 @@ FLAG_RANGES = {
     # AdamW moves each weight by about the learning rate per step: above 1 no run can train, and far above
     # it the update overflows float32 inside the optimizer.
     **dict.fromkeys(["max_lr", "min_lr"], (lambda value: 0 <= value <= 1, "in [0, 1]")),
-    **dict.fromkeys(["weight_decay", "grad_clip", "eps", "warmup_steps", "seed"], NOT_NEGATIVE),
+    **dict.fromkeys(["weight_decay", "grad_clip", "eps", "warmup_steps"], NOT_NEGATIVE),
+    "seed": (lambda value: 0 <= value < 2**63, "in [0, 2**63): torch's generators take 64-bit seeds"),
     **dict.fromkeys(["beta1", "beta2"], BELOW_ONE),
 }
 
@@ -74,8 +85,46 @@ def log_dir_lock(log_dir, procs, device):
             except UserError as e:
                 refusal = e
         if procs.any(refusal is not None, device):
-            raise refusal or UserError(f"rank 0 could not lock --log_dir {log_dir}")
+            raise refusal or silent(UserError(f"rank 0 could not lock --log_dir {log_dir}"))
         yield
+
+
+@contextlib.contextmanager
+def one_error_line(procs):
+    """In a torchrun group, a user error on any rank reaches the screen once, naming its rank: the first rank
+    to fail says it (counted in the group's store), the others' errors stay silent, and a rank that a
+    failed peer leaves stuck in a collective exits without its traceback (torchrun then ends the group)."""
+    try:
+        yield
+    except (UserError, RuntimeError) as e:
+        if not (procs.ddp and torch.distributed.is_initialized()) or getattr(e, "speaks", None) is False:
+            raise  # one process; or a rank's echo of an error that another rank says
+        user_error = isinstance(e, UserError)
+        try:
+            store = torch.distributed.distributed_c10d._get_default_store()
+            errors_before = store.add("user_errors", int(user_error)) - int(user_error)
+        except Exception:  # the store went with a failed peer
+            errors_before = None
+        if not user_error and errors_before == 0:
+            raise  # no rank reported a user error: this failure's traceback is the report
+        error = UserError(f"rank {procs.rank}: {e}" if user_error else "stopped: another rank of the group failed")
+        error.speaks = user_error and not errors_before
+        raise error from None
+
+
+def silent(error):
+    """`error` marked as the echo of an error that another rank says: run_cli prints nothing for it."""
+    error.speaks = False
+    return error
+
+
+def say_when_waiting(procs):
+    """A rank started by hand (RANK, WORLD_SIZE, ... set, no torchrun) waits for the others at MASTER_ADDR:
+    say so, rather than hang silently when they never come."""
+    if procs.ddp and procs.rank > 0 and "TORCHELASTIC_RUN_ID" not in os.environ:
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        print(f"rank {procs.rank} of {procs.world_size}: waiting for rank 0 at {where} (set by MASTER_ADDR, "
+              "MASTER_PORT); start every rank, or unset RANK, LOCAL_RANK and WORLD_SIZE", file=sys.stderr)  # fmt: skip
 
 
 # -----------------------------------------------------------------------------
@@ -123,7 +172,9 @@ def check_token_ids(path, tokens):
     """Refuse a shard with ids the tokenizer never makes (a shard of another tokenizer, or uint16 data that
     is not tokens): past the embedding table they would crash a step deep into the run, and below it they
     would train rows that no text uses. Reading a shard once costs about as much as a few training steps."""
-    largest = int(tokens.max()) if len(tokens) else 0
+    if len(tokens) == 0:  # it would hold no sequence, and count as minus one in an epoch
+        raise UserError(f"{path} holds no tokens: remove it, or regenerate the shards with fineweb.py")
+    largest = int(tokens.max())
     if largest >= GPT2_VOCAB_SIZE:
         raise UserError(
             f"{path} holds token id {largest}, but GPT-2's tokenizer has {GPT2_VOCAB_SIZE} tokens: it is not "
@@ -145,6 +196,11 @@ def find_shards(data_dir, split):
     for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
         match = SHARD_NAME.fullmatch(name)
         path = os.path.join(data_dir, name)
+        if match and os.path.islink(path) and not os.path.exists(path):
+            raise UserError(
+                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: mount or copy the "
+                "shards it points to, or remove the link"
+            )
         if not (match and match.group(2) == split and os.path.isfile(path)):
             continue
         index = int(match.group(3))
@@ -159,7 +215,22 @@ def find_shards(data_dir, split):
             f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir}: run `python fineweb.py` "
             f"(or fineweb.py --input your.txt --out {data_dir}) first"
         )
+    if split == "train":
+        note_unfinished_data(data_dir)
     return [shards[index] for index in sorted(shards)]
+
+
+def note_unfinished_data(data_dir):
+    """Say (once per group) that a fineweb.py run into data_dir has not finished: its shards so far are used."""
+    for path in glob.glob(os.path.join(glob.escape(data_dir), "*_progress.json")):
+        try:
+            with open(path) as f:
+                finished = json.load(f).get("finished", True)
+        except (OSError, ValueError, AttributeError):  # not fineweb.py's: nothing to say
+            continue
+        group = torchrun_group()
+        if not finished and (group is None or group[0] == 0):
+            print(f"note: {path} says its fineweb.py run has not finished: training uses the shards written so far")
 
 
 def no_step_in_split(paths, shards, window, split):
@@ -191,9 +262,9 @@ def data_fingerprint(paths, shards):
     ]
 
 
-def check_loader_state(state, step_tokens, seq_len, data, shuffle, seed):
+def check_loader_state(state, step_tokens, seq_len, data, shuffle, seed, epoch_sequences):
     """Refuse to resume a loader state saved with another step size, sequence length, data or order
-    (checkpoints from before these were recorded are taken as they are)."""
+    (checkpoints from before these were recorded are taken as they are), or a position past the epoch."""
     then = (state.get("step_tokens", step_tokens), state.get("seq_len", seq_len))
     if then != (step_tokens, seq_len):
         raise UserError(
@@ -202,6 +273,11 @@ def check_loader_state(state, step_tokens, seq_len, data, shuffle, seed):
             "--batch_size may change)"
         )
     check_same_data(state.get("data", data), data)
+    if state.get("sequence", 0) >= epoch_sequences or state.get("sequence", 0) % (step_tokens // seq_len):
+        raise UserError(
+            f"the checkpoint's data position (sequence {state['sequence']}) is not the start of a step of an epoch "
+            f"of {epoch_sequences} sequences: the checkpoint is damaged; resume from an earlier one"
+        )
     shuffled, then_seed = state.get("shuffle", False), state.get("seed")  # older checkpoints read in order
     if shuffled != shuffle or (shuffled and then_seed != seed):
         order = f"--shuffle --seed {then_seed}" if shuffled else "--no-shuffle"
@@ -303,6 +379,11 @@ def check_weights_fit(expected, state, source):
                 f"{source} does not fit this model: {key} is {tuple(state[key].shape)} there and "
                 f"{tuple(tensor.shape)} here; was it saved with another --n_layer/--n_head/--n_embd/--vocab_size?"
             )
+        if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
+            raise UserError(
+                f"{source}: {key} holds NaN or inf, so its outputs would too (a run that diverged before it "
+                "was saved): use an earlier checkpoint"
+            )
 
 
 def config_differences(weights, config, names):
@@ -348,18 +429,17 @@ def checkpoint_to_resume(resume, log_dir):
         return None
     folder = log_dir if resume == "latest" else resume
     if resume == "latest" or os.path.isdir(folder):
-        path = latest_checkpoint(folder)
-        if path is None:
+        resume = latest_checkpoint(folder)
+        if resume is None:
             raise UserError(
                 f"--resume: no checkpoint model_*.pt in {folder}: start without --resume, or pass --log_dir of the run"
             )
-        return path
     if resume.endswith(".tmp"):
         raise UserError(
             f"--resume {resume}: a .tmp file is a checkpoint whose write was cut short, not a checkpoint; "
             "pass the model_XXXXX.pt before it"
         )
-    kept = latest_checkpoint(log_dir)
+    kept = latest_checkpoint(log_dir)  # a file or the newest in a folder: the same rule
     if kept and os.path.isfile(resume) and not in_folder(resume, log_dir):
         raise UserError(
             f"--log_dir {log_dir} holds checkpoints of another run ({os.path.basename(kept)}): resuming "
@@ -369,9 +449,41 @@ def checkpoint_to_resume(resume, log_dir):
 
 
 def check_resumable(checkpoint, path):
-    """A checkpoint of weights only (as sample.py and export_hf.py can read) cannot continue a run."""
+    """A checkpoint that can continue a run: not one of weights only (sample.py and export_hf.py read those),
+    and each entry a resume reads of the right kind, checked once here, so that a damaged or hand-edited
+    file is one line and not a KeyError deep inside the restore."""
     if "optimizer" not in checkpoint:
         raise UserError(f"{path} holds weights only (no optimizer state): it cannot be resumed")
+    optimizer, loader, rng = checkpoint["optimizer"], checkpoint.get("loader"), checkpoint.get("rng")
+    position = ("sequence",) if isinstance(loader, dict) and "sequence" in loader else ("shard", "position")
+    wrong = {
+        "step": not whole(checkpoint.get("step")),
+        "optimizer": not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
+                          and isinstance(optimizer.get("param_groups"), list) and optimizer["param_groups"]),
+        "scaler": not isinstance(checkpoint.get("scaler"), dict),
+        "loader": not (isinstance(loader, dict) and all(whole(loader.get(k)) for k in ("epoch", *position))),
+        "rng": not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+                    and rng["torch"].dtype == torch.uint8),
+    }  # fmt: skip
+    if any(wrong.values()):
+        raise UserError(
+            f"{path}: its {', '.join(k for k, bad in wrong.items() if bad)} entry is missing or damaged, so it "
+            "cannot be resumed; resume from an earlier checkpoint (its weights still load with --init)"
+        )
+
+
+def whole(value):
+    """Whether a checkpoint's counter (a step, an epoch, a position) is a whole number from 0 up."""
+    return type(value) is int and value >= 0
+
+
+def check_steps_left(start_step, max_steps):
+    """A resumed run with steps still to train; a finished one is refused before anything is written."""
+    if start_step >= max_steps:
+        raise UserError(
+            f"the checkpoint is after step {start_step - 1} and --max_steps is {max_steps}: nothing to train; "
+            f"raise --max_steps to train on"
+        )
 
 
 def check_new_run(log_dir):

@@ -149,6 +149,8 @@ def render_example(example, enc, max_len=None):
     context = enc.encode_ordinary(example["ctx"])
     endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
     if max_len is not None:
+        if max_len < 2:  # the context's last token predicts an ending's first: no room for both
+            raise UserError(f"a model with block_size {max_len} cannot score HellaSwag: it needs at least 2 positions")
         endings = [ending[: max_len - 1] for ending in endings]
         context = context[-(max_len - max(len(ending) for ending in endings)) :]
     return context, endings

@@ -116,8 +116,8 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
     fineweb.main(["--input", *inputs, "--out", out, "--shard_size", "1000", "--num_proc", "2"])
 
     names = shard_files(out)
-    assert names[0] == "edufineweb_val_000000.npy"
-    assert names[1:] == [f"edufineweb_train_{i:06d}.npy" for i in range(1, len(names))]
+    assert names[0] == "shard_val_000000.npy"
+    assert names[1:] == [f"shard_train_{i:06d}.npy" for i in range(1, len(names))]
     shards = [np.load(os.path.join(out, name), mmap_mode="r") for name in names]
     assert all(shard.dtype == np.uint16 for shard in shards)
     assert [len(shard) for shard in shards[:-1]] == [1000] * (len(shards) - 1)
@@ -127,8 +127,8 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
     expected = [token for document in documents for token in [EOT_TOKEN, *tokenizer.encode_ordinary(document)]]
     assert tokens.tolist() == expected  # "<|endoftext|>" inside a document is plain text, not the EOT token
     assert tokenizer.decode(tokens.tolist()) == "".join("<|endoftext|>" + document for document in documents)
-    assert sorted(os.listdir(out)) == sorted(["edufineweb_progress.json", *names])  # no temp files left
-    with open(os.path.join(out, "edufineweb_progress.json")) as f:
+    assert sorted(os.listdir(out)) == sorted(["shard_progress.json", *names])  # no temp files left
+    with open(os.path.join(out, "shard_progress.json")) as f:
         progress = json.load(f)
     assert (progress["finished"], progress["documents"], progress["tokens"], progress["shards"]) == (
         True,
@@ -178,7 +178,8 @@ PINNED_SHARDS = {
 def test_shards_are_byte_identical_to_pinned_ones(tmp_path, kind):
     corpus = pinned_corpus(tmp_path, kind)
     out = str(tmp_path / "out")
-    fineweb.main(["--input", corpus, "--out", out, "--shard_size", "50000", "--num_proc", "2"])
+    flags = ["--input", corpus, "--out", out, "--shard_size", "50000", "--num_proc", "2", "--prefix", "edufineweb"]
+    fineweb.main(flags)  # the prefix of the pinned names
     assert digest_of_shards(out) == PINNED_SHARDS[kind]
 
 
@@ -187,6 +188,7 @@ def test_the_script_makes_the_same_shards_under_spawn(tmp_path):
     # again and receives the tokenizer pickled: nothing of the main process is inherited.
     out = str(tmp_path / "out")
     flags = ["--input", pinned_corpus(tmp_path, "jsonl"), "--out", out, "--shard_size", "50000", "--num_proc", "2"]
+    flags += ["--prefix", "edufineweb"]  # the prefix of the pinned names
     run = run_script(tmp_path, *flags, "--start_method", "spawn")
     assert run.returncode == 0, run.stderr
     assert digest_of_shards(out) == PINNED_SHARDS["jsonl"]
@@ -293,7 +295,7 @@ def test_a_run_of_the_version_that_hashed_small_files_too_still_resumes(tmp_path
     corpus.write_text("a small corpus " * 1000)
     flags = ["--input", str(corpus), "--out", str(tmp_path / "out"), "--shard_size", "500", "--num_proc", "1"]
     fineweb.main(flags)
-    progress_file = tmp_path / "out" / "edufineweb_progress.json"
+    progress_file = tmp_path / "out" / "shard_progress.json"
     progress = json.loads(progress_file.read_text())
     progress["settings"]["input"][0]["ends_sha256"] = hashlib.sha256(corpus.read_bytes()).hexdigest()
     progress_file.write_text(json.dumps(progress))  # as the earlier version wrote it
@@ -395,7 +397,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
     assert total_shards > 60
 
     out = str(tmp_path / "out")
-    progress_file = os.path.join(out, "edufineweb_progress.json")
+    progress_file = os.path.join(out, "shard_progress.json")
     for kill_after in [3, 20]:  # shards finished when the run is killed; the second kill hits a resumed run
         run = subprocess.Popen(
             [sys.executable, "fineweb.py", *flags, "--out", out],
@@ -419,7 +421,7 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
         assert kill_after - 1 <= progress["shards"] < total_shards
     # A shard being written when a kill comes leaves a temp file like this one behind (shard 1 is done, so
     # only the clean-up can remove it).
-    with open(os.path.join(out, ".edufineweb_000001.tmp"), "wb") as f:
+    with open(os.path.join(out, ".shard_000001.tmp"), "wb") as f:
         f.write(b"torn")
 
     fineweb.main([*flags, "--out", out])
@@ -439,8 +441,8 @@ def test_rerun_with_other_settings_is_refused(tmp_path, capsys):
     with pytest.raises(UserError, match="other settings"):
         fineweb.main(["--input", other, "--out", out, "--shard_size", "300"])
     assert read_directory(out) == before
-    os.remove(os.path.join(out, "edufineweb_progress.json"))  # shards whose origin is unknown
-    with pytest.raises(UserError, match="no edufineweb_progress.json"):
+    os.remove(os.path.join(out, "shard_progress.json"))  # shards whose origin is unknown
+    with pytest.raises(UserError, match="no shard_progress.json"):
         fineweb.main(["--input", corpus, "--out", out, "--shard_size", "300"])
 
 
@@ -449,7 +451,7 @@ def assert_no_partial_shard(out_dir, shard_size):
     if not os.path.isdir(out_dir):
         return
     for name in os.listdir(out_dir):
-        assert name.endswith(".npy") or name == "edufineweb_progress.json", name
+        assert name.endswith((".npy", "_progress.json")), name
         if name.endswith(".npy"):
             assert len(np.load(os.path.join(out_dir, name))) == shard_size
 
@@ -528,7 +530,9 @@ def test_a_folder_gives_its_input_files_in_order_without_hidden_ones(tmp_path):
         (tmp_path / name).write_text("x")
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "x.txt").write_text("x")
-    os.symlink(tmp_path / "b.txt", tmp_path / "link.txt")  # a link to a file counts, a broken one does not
+    (tmp_path / ".store").mkdir()  # hidden: only the link to its file is listed
+    (tmp_path / ".store" / "target.txt").write_text("x")
+    os.symlink(tmp_path / ".store" / "target.txt", tmp_path / "link.txt")  # a link to a file counts, a broken one not
     os.symlink(tmp_path / "nowhere.txt", tmp_path / "broken.txt")
     os.symlink("itself.txt", tmp_path / "itself.txt")  # a loop of links is left out, as glob leaves it out
     expected = ["a/b/c.jsonl", "a/z.txt", "b.txt", "d.parquet", "dir.txt/inner.txt", "link.txt"]
@@ -578,7 +582,7 @@ def test_a_full_disk_while_a_shard_is_written_is_one_error_and_the_rerun_finishe
     # Shards are 120 KB: the first one fails half way through, while tokens are streamed into it.
     with file_size_limit(50_000), pytest.raises(UserError, match=r"could not write .*_val_000000.npy .*disk full"):
         fineweb.main([*flags, "--out", out])
-    assert os.listdir(out) == ["edufineweb_progress.json"]  # no shard, and no temporary file taking space
+    assert os.listdir(out) == ["shard_progress.json"]  # no shard, and no temporary file taking space
     fineweb.main([*flags, "--out", out])
     assert read_directory(out) == read_directory(reference)
 
@@ -645,6 +649,27 @@ def test_command_line_error_is_one_line(tmp_path):
     errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "bad.jsonl line 2" in errors[0]
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_no_network_without_input_fails_in_seconds_even_without_the_offline_variables(tmp_path):
+    # As a user runs it: no HF_HUB_OFFLINE. The hub's address is a closed port here, so that the test does
+    # not depend on the machine's network (offline, huggingface.co does not resolve, which fails as fast).
+    script = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: print('datasets imported:', 'datasets' in sys.modules))\n"
+        "import common, fineweb\n"
+        "common.run_cli(fineweb.main, sys.argv[1:])\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "HF_HOME": str(tmp_path)}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing listens there
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", script, "--out", str(tmp_path / "out")], cwd=REPO,
+                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
+    assert time.monotonic() - started < 20  # datasets' retries took 23-25 s before its own error
+    assert run.returncode == 1 and run.stdout == "datasets imported: False\n"
+    assert run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("error: the Hugging Face hub (127.0.0.1:9) cannot be reached: ")
+    assert "--input" in run.stderr and not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])

@@ -140,9 +140,13 @@ def test_export_refuses_to_overwrite(tmp_path):
     (tmp_path / "hf" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="--force"):
         export_hf(model, str(tmp_path / "hf"))
+    with pytest.raises(UserError, match=r"holds files that an export does not write \(notes.txt\)"):
+        export_hf(model, str(tmp_path / "hf"), overwrite=True)  # --force replaces an export, nothing else
     assert os.listdir(tmp_path / "hf") == ["notes.txt"]
-    export_hf(model, str(tmp_path / "hf"), overwrite=True)
-    assert "notes.txt" not in os.listdir(tmp_path / "hf") and "model.safetensors" in os.listdir(tmp_path / "hf")
+    os.remove(tmp_path / "hf" / "notes.txt")
+    export_hf(model, str(tmp_path / "hf"))  # into the empty folder
+    export_hf(random_gpt(block_size=32, **SMALL), str(tmp_path / "hf"), overwrite=True)  # over the export
+    assert "model.safetensors" in os.listdir(tmp_path / "hf")
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 

@@ -1,0 +1,89 @@
+"""Several machines, tried on one: two torchrun agents, --nnodes 2 with --node_rank 0 and 1, meeting by a
+c10d rendezvous on 127.0.0.1, one gloo process each. Each node runs in a folder of its own, as two machines
+would, with the data at the same (here: shared) path."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+from conftest import REPO, TINY_MODEL
+
+FLAGS = [*TINY_MODEL, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "256", "--warmup_steps", "2"]
+FLAGS += ["--eval_every", "2", "--val_tokens", "512", "--ckpt_every", "2", "--no-hellaswag", "--no-sample_every_eval"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_nodes(data_dir, node_dirs, *more, check=True):
+    """Both agents of a 2-node torchrun group, started together and awaited; (returncode, stdout, stderr)
+    per node, each 0 when `check`."""
+    port = free_port()
+    agents = []
+    for node_rank, cwd in enumerate(node_dirs):
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
+            "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+            "--rdzv_id", "multinode-test", os.path.join(REPO, "train_gpt2.py"), "--data_dir", data_dir,
+            "--log_dir", "log", *FLAGS, *more,
+        ]  # fmt: skip
+        os.makedirs(cwd, exist_ok=True)
+        agents.append(subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    for agent in agents:
+        stdout, stderr = agent.communicate(timeout=300)
+        results.append((agent.returncode, stdout.decode(), stderr.decode()))
+    for code, stdout, stderr in results:
+        assert code == 0 or not check, stdout[-2000:] + stderr[-3000:]
+    return results
+
+
+def test_two_nodes_train_as_one_process_with_accumulation_and_resume(tmp_path, text_shards):
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    (rank0_out, _), _ = [(out, err) for _, out, err in two_nodes(text_shards, [node0, node1], "--max_steps", "2")]
+    assert "2 process(es)" in rank0_out and "x 2 process(es) x 1 micro-steps" in rank0_out
+    # Only global rank 0 writes: node 1 has no log folder at all.
+    assert sorted(os.listdir(node0 / "log")) == ["log.txt", "model_00001.pt"]
+    assert not (node1 / "log").exists()
+
+    # The same run in one process with 2 micro-steps, and on the nodes resumed to step 4.
+    single = tmp_path / "single"
+    os.makedirs(single)
+    command = [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--data_dir", text_shards, "--log_dir", "log"]
+    result = subprocess.run([*command, *FLAGS, "--max_steps", "4"], cwd=single, env=ENV, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    os.makedirs(node1 / "log")  # as a second machine would have it: a copy of rank 0's folder to resume from
+    for name in os.listdir(node0 / "log"):
+        (node1 / "log" / name).write_bytes((node0 / "log" / name).read_bytes())
+    resumed = two_nodes(text_shards, [node0, node1], "--max_steps", "4", "--resume")
+    assert "resumed from log/model_00001.pt at step 2" in resumed[0][1]
+    for step in ("00001", "00003"):
+        ours = torch.load(node0 / "log" / f"model_{step}.pt", weights_only=True)
+        theirs = torch.load(single / "log" / f"model_{step}.pt", weights_only=True)
+        assert ours["loader"] == theirs["loader"]
+        for key in theirs["model"]:  # DDP and accumulation add the same gradients in another order
+            torch.testing.assert_close(ours["model"][key], theirs["model"][key], atol=1e-5, rtol=0)
+    assert sorted(os.listdir(node1 / "log")) == ["log.txt", "model_00001.pt"]  # node 1 wrote nothing new
+    log = (node0 / "log" / "log.txt").read_text().splitlines()
+    assert log[0].startswith("-1 val ") and log[-1].startswith("3 val ")
+    assert sum(line.startswith("-1 val") for line in log) == 1  # the resume did not evaluate step -1 again
+
+
+def test_a_user_error_on_one_rank_only_reaches_the_screen_once_naming_the_rank(tmp_path, text_shards):
+    node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    os.makedirs(node0)
+    os.symlink(text_shards, node0 / "data")  # --data_dir data: there on node 0, missing on node 1
+    results = two_nodes("data", [node0, node1], "--max_steps", "2", check=False)
+    assert all(code != 0 for code, _, _ in results)
+    screen = "".join(out + err for _, out, err in results)
+    errors = [line for line in screen.splitlines() if line.startswith("error:")]
+    assert errors == ["error: rank 1: no train shards (*_train_NNNNNN.npy or .bin) in data: run `python fineweb.py` "
+                      "(or fineweb.py --input your.txt --out data) first"], screen  # fmt: skip
+    assert not (node0 / "log" / "log.txt").exists() or (node0 / "log" / "log.txt").read_text() == ""
