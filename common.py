@@ -29,12 +29,12 @@ class UserError(Exception):
     """A mistake the user can fix: run_cli prints it as one line and exits 1."""
 
 
-def run_cli(main, argv=None, interrupted=None):
+def run_cli(main, argv=None, interrupted=None, group=False):
     """Call main(argv) as a script's entry point: a UserError, or an OSError (a path that cannot be read or
     written), becomes `error: ...` on stderr and exit 1. `interrupted`, if given, is said on Ctrl-C or
-    SIGTERM instead of a traceback (exit 130 or 143, as a shell reports them). In a group that torchrun
-    started, an error is said once per machine (by its LOCAL_RANK 0), or by the one rank whose UserError
-    `speaks`."""
+    SIGTERM instead of a traceback (exit 130 or 143, as a shell reports them). group: the script runs as a
+    torchrun group (the trainer), where an error is said once per machine (by its LOCAL_RANK 0), or by the
+    one rank whose UserError `speaks`; every other script speaks whatever the environment holds."""
     if interrupted is not None:  # SIGTERM (kill, a cluster's preemption) stops the script as Ctrl-C does
         signal.signal(signal.SIGTERM, raise_terminated)
     try:
@@ -49,14 +49,28 @@ def run_cli(main, argv=None, interrupted=None):
         print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {interrupted}", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)  # as a shell reports SIGTERM, SIGINT
     if speaks is None:
-        try:
-            group = torchrun_group()
-        except UserError:  # not a consistent group: every process speaks
-            group = None
-        speaks = group is None or group[1] == 0 or "TORCHELASTIC_RUN_ID" not in os.environ  # by hand: each speaks
+        speaks = not group or says_for_its_machine()
     if speaks:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
+
+
+def says_for_its_machine():
+    """Whether this process says an error that each rank of a torchrun group may meet alike (a missing
+    folder): its LOCAL_RANK 0 does, and every process that is not in a consistent group started by torchrun."""
+    try:
+        group = torchrun_group()
+    except UserError:  # not a consistent group: every process speaks
+        return True
+    return group is None or group[1] == 0 or "TORCHELASTIC_RUN_ID" not in os.environ  # by hand: each speaks
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose mistakes (an unknown flag, a missing value) are a UserError: one line and
+    exit 1 like every other user error, not argparse's usage block and exit 2."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see {self.prog} --help)")
 
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space left, a quota, a file-size limit
@@ -71,7 +85,8 @@ def raise_terminated(signum, frame):
 
 
 def os_error_line(error):
-    """What a failed read or write (an OSError) says: a full disk, or the path and the system's reason."""
+    """What a failed read or write (an OSError) says: a full disk, a file or folder where the other is
+    needed, or the path and the system's reason."""
     # The writes that matter are atomic (checkpoints, shards, progress files), so whatever was finished
     # before a failure is intact.
     if error.errno in DISK_FULL:
@@ -81,6 +96,10 @@ def os_error_line(error):
             "shards are intact (a training run continues with --resume)"
         )
     where = f"{error.filename}: " if error.filename else ""
+    if error.errno == errno.EISDIR:
+        return f"{where}is a folder where a file is needed: move the folder, or pass another path"
+    if error.errno in (errno.ENOTDIR, errno.EEXIST):  # a file where a folder of the path should be
+        return f"{where}a file is in the way where this path needs a folder: pass another path, or move the file"
     return f"{where}{error.strerror or error}: check that the path exists and that this user may read or write it"
 
 
@@ -94,14 +113,14 @@ GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 def torchrun_group(env=None):
     """(rank, local_rank, world_size) of this process in a torchrun group, or None for one process. None of
-    RANK, LOCAL_RANK, WORLD_SIZE set: one process; all of them, with MASTER_ADDR and MASTER_PORT, consistent:
-    a group; anything in between: a UserError that names the variable missing or wrong."""
+    RANK, LOCAL_RANK, WORLD_SIZE set (or set empty): one process; all of them, with MASTER_ADDR and a
+    MASTER_PORT, consistent: a group; anything in between: a UserError that names the variable missing or wrong."""
     env = os.environ if env is None else env
-    present = [name for name in GROUP_VARIABLES if name in env]
+    present = [name for name in GROUP_VARIABLES if env.get(name, "").strip()]
     if not present:
         return None
     given = " ".join(f"{name}={env[name]}" for name in present)
-    missing = [name for name in (*GROUP_VARIABLES, "MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    missing = [name for name in (*GROUP_VARIABLES, "MASTER_ADDR", "MASTER_PORT") if not env.get(name, "").strip()]
     if missing:
         raise UserError(
             f"{given} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the "
@@ -113,7 +132,22 @@ def torchrun_group(env=None):
         raise UserError(f"{given}: each must be a whole number, as torchrun sets them") from None
     if not (0 <= local_rank <= rank < world_size):
         raise UserError(f"{given}: a group needs 0 <= LOCAL_RANK <= RANK < WORLD_SIZE, as torchrun sets them")
+    port = env["MASTER_PORT"].strip()
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise UserError(f"MASTER_PORT={port}: the group's port must be a number from 1 to 65535, as torchrun sets it")
     return rank, local_rank, world_size
+
+
+def check_master_address(env=None):
+    """Refuse a MASTER_ADDR that names no host, before the group is joined: torch would retry it for half an hour."""
+    env = os.environ if env is None else env
+    try:
+        socket.getaddrinfo(env["MASTER_ADDR"], int(env["MASTER_PORT"]), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(
+            f"MASTER_ADDR={env['MASTER_ADDR']}: no such host ({reason}): set it to rank 0's host name or address"
+        ) from None
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -237,6 +271,8 @@ def atomic_write(path, mode="wb", temp_path=None):
     """`with atomic_write(path) as f:` writes f to path only if the block finishes. A failed write (a
     full disk, a lost mount) removes the temporary file and raises a UserError naming path."""
     temp_path = temp_path or path + ".tmp"
+    if os.path.isdir(path):
+        raise UserError(f"could not write {path}: it is a folder; pass a file's path")
     try:
         with open(temp_path, mode) as f:
             yield f

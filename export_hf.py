@@ -13,7 +13,6 @@ it holds an earlier export and nothing else (never a run's log folder). --out is
 locked while the export runs (common.output_lock), so two exports never write one folder.
 """
 
-import argparse
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ import tempfile
 
 from safetensors.torch import save_file
 
-from common import LOCK_NAME, UserError, gpt2_bpe_files, output_lock, run_cli
+from common import LOCK_NAME, ArgumentParser, UserError, gpt2_bpe_files, output_lock, run_cli
 from hf_format import to_hf_checkpoint
 from train_gpt2 import load_model
 
@@ -43,13 +42,20 @@ def check_out_dir(out_dir, overwrite):
         raise UserError(
             f"{out_dir} already exists and is not empty: choose another --out, or pass --force to replace it"
         )
-    foreign = sorted(others - EXPORT_FILES)
+    # Only regular files of an export's names are its own: a folder or a link so named is someone else's.
+    foreign = sorted(name for name in others if name not in EXPORT_FILES or not regular_file(out_dir, name))
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise UserError(
             f"--out {out_dir} holds files that an export does not write ({shown}): --force replaces only an "
             "earlier export; choose another --out"
         )
+
+
+def regular_file(folder, name):
+    """Whether folder/name is a file of its own: not a folder, nor a symbolic link."""
+    path = os.path.join(folder, name)
+    return os.path.isfile(path) and not os.path.islink(path)
 
 
 def export_hf(model, out_dir, overwrite=False):
@@ -102,7 +108,7 @@ def export_hf(model, out_dir, overwrite=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--init", required=True, help="checkpoint of ours (log/model_XXXXX.pt), OpenAI size name, or HF directory"
     )

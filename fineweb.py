@@ -15,7 +15,6 @@ hold. Running the same command again after a crash or Ctrl-C skips those documen
 the files an uninterrupted run would have produced.
 """
 
-import argparse
 import collections
 import contextlib
 import fcntl
@@ -35,7 +34,16 @@ import urllib.parse
 import numpy as np
 from tqdm import tqdm
 
-from common import EOT_TOKEN, UserError, atomic_write, gpt2_tokenizer, keep_freed_memory, output_lock, run_cli
+from common import (
+    EOT_TOKEN,
+    ArgumentParser,
+    UserError,
+    atomic_write,
+    gpt2_tokenizer,
+    keep_freed_memory,
+    output_lock,
+    run_cli,
+)
 
 # -----------------------------------------------------------------------------
 # Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt files, a
@@ -343,15 +351,33 @@ def load_hf_dataset(dataset, name, split, streaming, text_field):
 
 def hub_unreachable(timeout=5):
     """Why the Hugging Face hub (HF_ENDPOINT, or huggingface.co) cannot be reached, or None: one connection
-    tried, for a few seconds. Behind a proxy nothing is tried: only the download itself can tell."""
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    tried, for a few seconds, to the hub or to the proxy that the environment names for it (a live proxy
+    may still fail to reach the hub: only the download itself can tell)."""
+    url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    endpoint = urllib.parse.urlsplit(url)
     try:
-        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    except ValueError:  # a port that is not a number
+        port = None
+    if endpoint.scheme not in ("http", "https") or not endpoint.hostname or port is None:
+        return f"HF_ENDPOINT={url} is not a URL such as https://huggingface.co (set it to the hub's, or unset it)"
+    from urllib.request import getproxies, proxy_bypass  # here: 35 ms to import, and only a download needs them
+
+    host, what = endpoint.hostname, "the Hugging Face hub"
+    proxies = getproxies()  # HTTPS_PROXY, ALL_PROXY, ... as the download reads them
+    proxy = proxies.get(endpoint.scheme) or proxies.get("all")
+    if proxy and not proxy_bypass(endpoint.hostname):
+        via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        try:
+            host, port, what = via.hostname, via.port or (443 if via.scheme == "https" else 80), f"the proxy {proxy}"
+            if not host:
+                raise ValueError(proxy)
+        except ValueError:
+            return f"the proxy {proxy} is not a URL such as http://host:3128 (fix or unset HTTPS_PROXY/ALL_PROXY)"
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
-        return f"the Hugging Face hub ({endpoint.hostname}:{port}) cannot be reached: {e.strerror or e}"
+        return f"{what} ({host}:{port}) cannot be reached: {e.strerror or e}"
     return None
 
 
@@ -761,7 +787,7 @@ def available_cores():
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--input",
         nargs="+",

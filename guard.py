@@ -26,6 +26,7 @@ from common import (
     NOT_NEGATIVE,
     POSITIVE,
     UserError,
+    check_master_address,
     check_ranges,
     output_lock,
     torchrun_group,
@@ -118,13 +119,24 @@ def silent(error):
     return error
 
 
-def say_when_waiting(procs):
-    """A rank started by hand (RANK, WORLD_SIZE, ... set, no torchrun) waits for the others at MASTER_ADDR:
-    say so, rather than hang silently when they never come."""
-    if procs.ddp and procs.rank > 0 and "TORCHELASTIC_RUN_ID" not in os.environ:
-        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-        print(f"rank {procs.rank} of {procs.world_size}: waiting for rank 0 at {where} (set by MASTER_ADDR, "
-              "MASTER_PORT); start every rank, or unset RANK, LOCAL_RANK and WORLD_SIZE", file=sys.stderr)  # fmt: skip
+def join_group(procs, backend):
+    """Join the torchrun group at MASTER_ADDR:MASTER_PORT. A host that does not resolve is refused at once. Ranks
+    started by hand (RANK, WORLD_SIZE, ... set, no torchrun) say that they wait for the others, rather than
+    hang silently when those never come; and while the group forms, Ctrl-C and SIGTERM end the process
+    (torch waits inside C++, where Python's handlers would only run after half an hour)."""
+    check_master_address()
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if "TORCHELASTIC_RUN_ID" not in os.environ and procs.world_size > 1:
+        others = "rank 0" if procs.rank else f"ranks 1 to {procs.world_size - 1}" if procs.world_size > 2 else "rank 1"
+        print(f"rank {procs.rank} of {procs.world_size}: waiting for {others} at {where} (set by MASTER_ADDR, "
+              "MASTER_PORT); start every rank, or unset RANK, LOCAL_RANK and WORLD_SIZE; Ctrl-C stops the wait",
+              file=sys.stderr, flush=True)  # fmt: skip
+    handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        torch.distributed.init_process_group(backend=backend)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 # -----------------------------------------------------------------------------
@@ -191,8 +203,8 @@ SHARD_NAME = re.compile(r"(.+)_(train|val)_(\d{6})\.(npy|bin)")
 
 def find_shards(data_dir, split):
     """The paths of the split's shards in data_dir, in index order. Only files count: a folder named like
-    a shard is not one. Two shards with one index (two corpora in one folder) are refused."""
-    shards = {}
+    a shard is not one. Shards of two corpora (two prefixes, or two shards with one index) are refused."""
+    shards, prefixes = {}, {}
     for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
         match = SHARD_NAME.fullmatch(name)
         path = os.path.join(data_dir, name)
@@ -204,6 +216,12 @@ def find_shards(data_dir, split):
         if not (match and match.group(2) == split and os.path.isfile(path)):
             continue
         index = int(match.group(3))
+        prefixes.setdefault(match.group(1), name)
+        if len(prefixes) > 1:
+            raise UserError(
+                f"{data_dir} holds {split} shards of two corpora ({', '.join(prefixes.values())}): keep one corpus "
+                "per --data_dir"
+            )
         if index in shards:
             raise UserError(
                 f"{data_dir} holds two {split} shards with index {index} ({os.path.basename(shards[index])}, "
@@ -234,12 +252,13 @@ def note_unfinished_data(data_dir):
 
 
 def no_step_in_split(paths, shards, window, split):
-    """The error for a split too short to hold one optimizer step."""
+    """The error for a split too short to hold one batch (val: --batch_size rows per rank) or one step (train)."""
     longest = max(range(len(paths)), key=lambda i: len(shards[i]))
+    lower = "--batch_size (or --seq_len)" if split == "val" else "--total_batch_size (or --batch_size/--seq_len)"
     return UserError(
         f"{paths[longest]} has {len(shards[longest])} tokens, fewer than one batch of all ranks' "
-        f"sequences + 1 = {window + 1}, and the {split} split holds no step: lower "
-        "--total_batch_size (or --batch_size/--seq_len) or add data"
+        f"sequences + 1 = {window + 1}, and the {split} split holds no {'batch' if split == 'val' else 'step'}: "
+        f"lower {lower} or add data"
     )
 
 
@@ -311,10 +330,16 @@ CHECKPOINT_NAME = re.compile(r"model_(\d{5,})\.pt")
 def latest_checkpoint(log_dir):
     """The checkpoint of the highest step in log_dir, or None."""
     steps = {}
-    for path in glob.glob(os.path.join(log_dir, "model_*.pt")):
-        if match := CHECKPOINT_NAME.fullmatch(os.path.basename(path)):
+    for path in glob.glob(os.path.join(glob.escape(log_dir), "model_*.pt")):
+        if (match := CHECKPOINT_NAME.fullmatch(os.path.basename(path))) and os.path.isfile(path):
             steps[int(match.group(1))] = path
     return steps[max(steps)] if steps else None
+
+
+def checkpoint_step(path):
+    """The step in a checkpoint's name (model_00042.pt: 42), or None for another name."""
+    match = CHECKPOINT_NAME.fullmatch(os.path.basename(path))
+    return int(match.group(1)) if match else None
 
 
 def remove_stale_checkpoints(log_dir):
@@ -421,12 +446,15 @@ def check_same_shape(weights, config, shape_flags, init):
         )
 
 
-def checkpoint_to_resume(resume, log_dir):
-    """The path of the checkpoint that --resume continues (None without --resume): the newest one in
-    --log_dir (bare --resume, 'latest') or in a folder --resume names, or the file it names. A run resumed
-    from another folder writes its own checkpoints to --log_dir, so that folder must not hold another run's."""
-    if not resume:
-        return None
+def checkpoint_to_resume(resume, log_dir, load):
+    """(path, contents) of the checkpoint that --resume continues, read by `load` ((None, None) without --resume):
+    the newest one in --log_dir (bare --resume, 'latest') or in a folder --resume names, or the file it names.
+    A resumed run writes its checkpoints to --log_dir, so that folder must not hold another run's, nor newer
+    ones of this run (they would be overwritten, or taken by the next --resume)."""
+    if resume is None:
+        return None, None
+    if not resume.strip():
+        raise UserError("--resume '' names no checkpoint: pass a file or a folder, or --resume alone for --log_dir's")
     folder = log_dir if resume == "latest" else resume
     if resume == "latest" or os.path.isdir(folder):
         resume = latest_checkpoint(folder)
@@ -439,13 +467,23 @@ def checkpoint_to_resume(resume, log_dir):
             f"--resume {resume}: a .tmp file is a checkpoint whose write was cut short, not a checkpoint; "
             "pass the model_XXXXX.pt before it"
         )
+    checkpoint = load(resume)  # first: a file that is no checkpoint is said as such
     kept = latest_checkpoint(log_dir)  # a file or the newest in a folder: the same rule
-    if kept and os.path.isfile(resume) and not in_folder(resume, log_dir):
+    if kept and not in_folder(resume, log_dir):
         raise UserError(
             f"--log_dir {log_dir} holds checkpoints of another run ({os.path.basename(kept)}): resuming "
             f"{resume} there would overwrite them; pass an empty --log_dir for the resumed run"
         )
-    return resume
+    if kept and (checkpoint_step(resume) or 0) < checkpoint_step(kept):
+        raise UserError(
+            f"--log_dir {log_dir} holds {os.path.basename(kept)}, newer than {resume}: training on from an earlier "
+            "checkpoint there would overwrite the newer ones, and the next --resume would take them; pass a new "
+            "--log_dir for this resume, or move the newer checkpoints away"
+        )
+    return resume, checkpoint
+
+
+SCALER_FIELDS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 
 
 def check_resumable(checkpoint, path):
@@ -453,17 +491,29 @@ def check_resumable(checkpoint, path):
     and each entry a resume reads of the right kind, checked once here, so that a damaged or hand-edited
     file is one line and not a KeyError deep inside the restore."""
     if "optimizer" not in checkpoint:
-        raise UserError(f"{path} holds weights only (no optimizer state): it cannot be resumed")
+        raise UserError(
+            f"{path} holds weights only (no optimizer state): it cannot be resumed; start a new run from its "
+            f"weights with --init {path}"
+        )
     optimizer, loader, rng = checkpoint["optimizer"], checkpoint.get("loader"), checkpoint.get("rng")
+    scaler = checkpoint.get("scaler")
     position = ("sequence",) if isinstance(loader, dict) and "sequence" in loader else ("shard", "position")
     wrong = {
         "step": not whole(checkpoint.get("step")),
         "optimizer": not (isinstance(optimizer, dict) and isinstance(optimizer.get("state"), dict)
                           and isinstance(optimizer.get("param_groups"), list) and optimizer["param_groups"]),
-        "scaler": not isinstance(checkpoint.get("scaler"), dict),
-        "loader": not (isinstance(loader, dict) and all(whole(loader.get(k)) for k in ("epoch", *position))),
+        # empty where the run was not in fp16; else GradScaler's fields, with a scale it can multiply a loss by
+        "scaler": not (scaler == {} or isinstance(scaler, dict) and set(SCALER_FIELDS) <= scaler.keys()
+                       and all(isinstance(scaler[k], (int, float)) for k in SCALER_FIELDS)
+                       and math.isfinite(scaler["scale"]) and scaler["scale"] > 0),
+        "loader": not (isinstance(loader, dict) and all(whole(loader.get(k)) for k in ("epoch", *position))
+                       and isinstance(loader.get("data", []), list)
+                       and all(isinstance(shard, list) and len(shard) == 3 for shard in loader.get("data", []))),
         "rng": not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
-                    and rng["torch"].dtype == torch.uint8),
+                    and rng["torch"].shape == torch.get_rng_state().shape
+                    and all(isinstance(state, torch.Tensor) and state.dtype == torch.uint8 for state in rng.values())),
+        "args": not isinstance(checkpoint.get("args", {}), dict),
+        "eval_pending": not isinstance(checkpoint.get("eval_pending", False), bool),
     }  # fmt: skip
     if any(wrong.values()):
         raise UserError(

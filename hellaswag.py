@@ -19,7 +19,6 @@ command line. train_gpt2.py's loop calls in_loop_eval() at each evaluation. It t
 argument and imports train_gpt2 only inside main(), to load one, so the two files form no import cycle.
 """
 
-import argparse
 import collections
 import contextlib
 import json
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common import UserError, atomic_write, gpt2_tokenizer, keep_freed_memory, run_cli
+from common import ArgumentParser, UserError, atomic_write, gpt2_tokenizer, keep_freed_memory, run_cli
 from devices import pick_device
 
 # -----------------------------------------------------------------------------
@@ -323,7 +322,7 @@ PROTOCOL = "completion style, 0-shot, acc = lowest summed loss, acc_norm = lowes
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (" + PROTOCOL + ")")
+    parser = ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (" + PROTOCOL + ")")
     parser.add_argument(
         "--init",
         required=True,
@@ -362,10 +361,10 @@ def main(argv=None):
         keep_freed_memory(every_size=True)  # each batch's buffers are not faulted in and zeroed again
     batch_size = args.batch_size or (4 if device.type == "cpu" else 32)
     autocast_dtype = getattr(torch, args.dtype)
-    examples = load_examples(hellaswag_path(args.data), args.limit)
     from train_gpt2 import load_model  # here, not at the top: train_gpt2 imports this file
 
-    model = load_model(args.init, device)
+    model = load_model(args.init, device)  # first: a wrong --init is said before any download
+    examples = load_examples(hellaswag_path(args.data), args.limit)
     enc = gpt2_tokenizer()
     start = time.perf_counter()
     result = evaluate_hellaswag(model, examples, enc, device, batch_size, autocast_dtype=autocast_dtype, progress=True)

@@ -12,7 +12,7 @@ import os
 import numpy as np
 from matplotlib.figure import Figure  # not pyplot: we only write files, and need no window or backend
 
-from common import HelpFormatter, UserError, atomic_write, run_cli
+from common import ArgumentParser, HelpFormatter, UserError, atomic_write, run_cli
 
 # Reference numbers, each true of one data set only. OpenAI's GPT-2 124M reaches this loss on FineWeb-edu
 # val (shard 0): it compares with our val loss only when we train and validate on FineWeb-edu too.
@@ -175,7 +175,7 @@ class DocstringHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=DocstringHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=DocstringHelpFormatter)
     parser.add_argument("log", help="the log.txt a training run wrote (e.g. log/log.txt)")
     parser.add_argument("-o", "--out", help="image to write (.png, .pdf, .svg); default: loss.png next to the log")
     # Three settings on one dest. log.txt does not say which data a run used, so the loss reference (true

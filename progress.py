@@ -5,6 +5,7 @@ Not in train_gpt2.py because it is all formatting: the tutorial's loop computes 
 file turns them into lines. It imports nothing of the project (and not torch), so it can be read alone.
 """
 
+import os
 import shlex
 import time
 
@@ -148,5 +149,11 @@ def print_summary(progress, log_path, prompt):
     print(f"final       train loss {progress.train_loss:.4f} | val loss {val}{best}{hellaswag}")
     print(f"checkpoint  {progress.checkpoint}")
     print(f"log         {log_path}")
-    print(f"next        python sample.py --init {shlex.quote(progress.checkpoint)} --prompt {shlex.quote(prompt)}")
-    print(f"            python plot_log.py {shlex.quote(log_path)}")
+    sample, plot = script_path("sample.py"), script_path("plot_log.py")
+    print(f"next        python {sample} --init {shlex.quote(progress.checkpoint)} --prompt {shlex.quote(prompt)}")
+    print(f"            python {plot} {shlex.quote(log_path)}")
+
+
+def script_path(name):
+    """A script of this project as a command run from the current folder names it (sample.py in the clone)."""
+    return shlex.quote(os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)))

@@ -7,11 +7,18 @@ r"""Sample text from GPT-2: OpenAI's weights, a Hugging Face directory, or a che
 An empty --prompt starts from <|endoftext|>, that is, from the beginning of a document.
 """
 
-import argparse
-
 import torch
 
-from common import NOT_NEGATIVE, POSITIVE, HelpFormatter, check_ranges, gpt2_tokenizer, keep_freed_memory, run_cli
+from common import (
+    NOT_NEGATIVE,
+    POSITIVE,
+    ArgumentParser,
+    HelpFormatter,
+    check_ranges,
+    gpt2_tokenizer,
+    keep_freed_memory,
+    run_cli,
+)
 from devices import autocast_context, out_of_memory, pick_autocast_dtype, pick_device
 from train_gpt2 import load_model, sample_texts
 
@@ -26,7 +33,7 @@ FLAG_RANGES = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument(
         "--init",
         default="gpt2",

@@ -609,7 +609,7 @@ FLAGS = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = common.ArgumentParser(
         description="Train GPT-2 (124M by default) on pre-tokenized shards, from scratch or from --init weights; "
         "or only evaluate weights (--eval_only).",
         formatter_class=HelpFormatter,
@@ -638,8 +638,7 @@ def model_config(shape, vocab_size, seq_len, weights=None):
 
 def build_model(args, device):
     """The run's GPT on `device`, and the path and contents of the checkpoint --resume continues (or None)."""
-    path = guard.checkpoint_to_resume(args.resume, args.log_dir)
-    checkpoint = load_checkpoint(path) if path else None
+    path, checkpoint = guard.checkpoint_to_resume(args.resume, args.log_dir, load_checkpoint)
     shape = {name: getattr(args, name) for name in SHAPE_FLAGS}
     if checkpoint is not None:
         config = model_config(shape, args.vocab_size, args.seq_len, checkpoint["config"])
@@ -879,9 +878,8 @@ def main(argv=None):
     if device.type == "cuda" and procs.ddp:
         device = torch.device("cuda", procs.local_rank)
         torch.cuda.set_device(device)
-    if procs.ddp:
-        guard.say_when_waiting(procs)
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if procs.ddp:  # every rank waits here for the others (guard.join_group says so when they are started by hand)
+        guard.join_group(procs, backend="nccl" if device.type == "cuda" else "gloo")
     # --eval_only writes nothing, so it needs no lock. In a group, the first rank's error is said once, named.
     lock = contextlib.nullcontext() if args.eval_only else guard.log_dir_lock(args.log_dir, procs, device)
     try:
@@ -896,4 +894,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main, interrupted="stopped at once, without saving; the last checkpoint is intact: continue with --resume")
+    run_cli(
+        main, interrupted="stopped at once, without saving: continue from the last checkpoint with --resume", group=True
+    )

@@ -276,9 +276,24 @@ def bin_shard_with_token_ids_past_the_vocabulary(w):
     return w.train()
 
 
-@row(train_gpt2.main, "two train shards with index 1")
+@row(train_gpt2.main, "holds train shards of two corpora (other_train_000001.npy, tiny_train_000001.npy)")
 def two_corpora_in_one_folder(w):
     shutil.copy(w.path("data/tiny_train_000001.npy"), w.path("data/other_train_000001.npy"))
+    return w.train()
+
+
+@row(train_gpt2.main, "holds train shards of two corpora (other_train_000007.npy, tiny_train_000001.npy)")
+def two_corpora_with_different_indices_in_one_folder(w):
+    shutil.copy(w.path("data/tiny_train_000001.npy"), w.path("data/other_train_000007.npy"))  # mixed silently
+    return w.train()
+
+
+@row(train_gpt2.main, "two train shards with index 1 (tiny_train_000001.bin, tiny_train_000001.npy)")
+def one_index_as_npy_and_as_bin(w):
+    tokens = np.load(w.path("data/tiny_train_000001.npy"))
+    header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
+    header[:3] = BIN_MAGIC, BIN_VERSION, len(tokens)
+    w.write("data/tiny_train_000001.bin", header.tobytes() + tokens.tobytes())
     return w.train()
 
 
@@ -656,13 +671,13 @@ def hellaswag_on_a_model_too_short_for_an_example(w):
     return ["--init", model, "--data", w.path("hellaswag.jsonl"), "--device", "cpu"]
 
 
-@row(train_gpt2.main, "log/log.txt: Is a directory: check that the path exists", changes=["log/.lock"])
+@row(train_gpt2.main, "log/log.txt: is a folder where a file is needed: move the folder", changes=["log/.lock"])
 def log_txt_a_folder(w):
     os.makedirs(w.path("log/log.txt"))
     return w.train()
 
 
-@row(fineweb.main, "out/.lock: Is a directory: check that the path exists and that this user may read or write it")
+@row(fineweb.main, "out/.lock: is a folder where a file is needed: move the folder, or pass another path")
 def fineweb_lock_file_a_folder(w):
     w.write("notes.txt", "a short document")
     os.makedirs(w.path("out/.lock"))  # the lock's open was a traceback (as a read-only --out is)
@@ -673,6 +688,179 @@ def fineweb_lock_file_a_folder(w):
 def fineweb_out_under_a_file(w):
     w.write("notes.txt", "a short document")
     return ["--input", w.path("notes.txt"), "--out", w.path("notes.txt/shards")]
+
+
+# --- fourth round: what a red-team found after the third ---------------------------------------------
+# The group's meeting place, checked before any wait (torch retried a bad host for half an hour).
+@row(train_gpt2.main, "MASTER_PORT=99999: the group's port must be a number from 1 to 65535")
+def master_port_past_the_last_port(w):
+    group_variables(w, **{**GROUP, "MASTER_PORT": "99999"})
+    return w.train()
+
+
+@row(train_gpt2.main, "MASTER_PORT=abc: the group's port must be a number from 1 to 65535")
+def master_port_not_a_number(w):
+    group_variables(w, **{**GROUP, "MASTER_PORT": "abc"})  # a ValueError traceback from torch
+    return w.train()
+
+
+@row(train_gpt2.main, "MASTER_ADDR=no-such-host.invalid: no such host")
+def master_addr_that_does_not_resolve(w):
+    group_variables(w, **{**GROUP, "MASTER_ADDR": "no-such-host.invalid"})  # retried, deaf to SIGTERM
+    return w.train()
+
+
+@row(train_gpt2.main, "WORLD_SIZE=2 is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not")
+def empty_group_variables_count_as_unset(w):
+    group_variables(w, RANK="", LOCAL_RANK="", WORLD_SIZE="2")  # said "RANK= ... is set but RANK ... is not"
+    return w.train()
+
+
+# A stray torchrun environment silences no script but the trainer's echoes.
+ELASTIC = {**GROUP, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "stray"}
+
+
+@row(sample.main, "no_such.pt' is not a file, a directory, or one of gpt2")
+def sample_in_a_stray_torchrun_environment(w):
+    group_variables(w, **ELASTIC)  # exit 1 without a word
+    return ["--init", w.path("no_such.pt"), "--device", "cpu"]
+
+
+@row(plot_log.main, "no_such.txt")
+def plot_in_a_stray_torchrun_environment(w):
+    group_variables(w, **ELASTIC)
+    return [w.path("no_such.txt")]
+
+
+# Checkpoint entries that still reached a traceback, or trained wrongly.
+@row(train_gpt2.main, "its loader entry is missing or damaged")
+def checkpoint_data_fingerprint_not_a_list(w):
+    return damaged_checkpoint(w, loader=lambda loader: {**loader, "data": 5})  # IndexError
+
+
+@row(train_gpt2.main, "its rng entry is missing or damaged")
+def checkpoint_rng_state_of_the_wrong_size(w):
+    return damaged_checkpoint(w, rng=lambda rng: {"torch": rng["torch"][:100]})  # set_rng_state's RuntimeError
+
+
+@row(train_gpt2.main, "its args entry is missing or damaged")
+def checkpoint_args_none(w):
+    return damaged_checkpoint(w, args=lambda args: None)  # AttributeError in the resume's line
+
+
+FP16_SCALER = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000}
+
+
+@row(train_gpt2.main, "its scaler entry is missing or damaged")
+def checkpoint_scale_not_a_number(w):
+    return damaged_checkpoint(w, scaler={**FP16_SCALER, "_growth_tracker": 0, "scale": "big"})  # TypeError
+
+
+@row(train_gpt2.main, "its scaler entry is missing or damaged")
+def checkpoint_scaler_without_a_scale(w):
+    return damaged_checkpoint(w, scaler={"growth_factor": 2.0, "_growth_tracker": 0})  # KeyError, an empty log.txt
+
+
+@row(train_gpt2.main, "its scaler entry is missing or damaged")
+def checkpoint_scale_nan(w):
+    return damaged_checkpoint(w, scaler={**FP16_SCALER, "_growth_tracker": 0, "scale": float("nan")})  # no step
+
+
+@row(train_gpt2.main, "its scaler entry is missing or damaged")
+def checkpoint_scale_negative(w):
+    return damaged_checkpoint(w, scaler={**FP16_SCALER, "_growth_tracker": 0, "scale": -1.0})  # every step skipped
+
+
+@row(train_gpt2.main, "the checkpoint is after step 5 and --max_steps is 6")
+def a_folder_named_like_a_newer_checkpoint_is_not_one(w):
+    argv = damaged_checkpoint(w, step=5)  # log/model_00003.pt, after step 5: the one to resume
+    os.makedirs(w.path("log/model_00009.pt"))  # was taken as the newest checkpoint
+    return argv
+
+
+@row(train_gpt2.main, "holds model_00005.pt, newer than")
+def resume_an_earlier_checkpoint_among_newer_ones(w):
+    checkpoint(w.path("log/model_00005.pt"), data_dir=w.data)
+    # resumed, then wrote over model_00005.pt of the first course; the next --resume took its model_00009.pt
+    return w.train("--resume", checkpoint(w.path("log/model_00003.pt"), data_dir=w.data))
+
+
+@row(train_gpt2.main, "s.txt is not a checkpoint of this project")
+def resume_a_file_that_is_not_a_checkpoint_into_a_used_log_dir(w):
+    checkpoint(w.path("log/model_00003.pt"), data_dir=w.data)
+    return w.train("--resume", w.write("s.txt", "notes"))  # said "holds checkpoints of another run"
+
+
+@row(train_gpt2.main, "--resume '' names no checkpoint")
+def resume_an_empty_path(w):
+    return w.train("--resume", "")  # started a new run
+
+
+@row(train_gpt2.main, "it cannot be resumed; start a new run from its weights with --init")
+def resume_weights_only(w):
+    return w.train("--resume", checkpoint(w.path("log/model_00003.pt")))
+
+
+@row(export_hf.main, "holds files that an export does not write (vocab.json)")
+def export_force_over_a_folder_named_like_an_export_file(w):
+    w.write("out/vocab.json/important.txt", "mine")  # deleted with the earlier export
+    return ["--init", checkpoint(w.path("model_00005.pt")), "--out", w.path("out"), "--force"]
+
+
+# Mistakes on the command line: one line and exit 1, as every other user error (argparse: usage and exit 2).
+@row(train_gpt2.main, "argument --max_steps: expected one argument (see")
+def a_flag_without_its_value(w):
+    return [*w.train(), "--max_steps"]
+
+
+@row(sample.main, "unrecognized arguments: --bogus (see")
+def an_unknown_flag(w):
+    return ["--bogus"]
+
+
+@row(train_gpt2.main, "the val split holds no batch: lower --batch_size (or --seq_len)")
+def eval_only_with_a_batch_past_the_val_split(w):
+    return w.train("--init", checkpoint(w.path("model_00005.pt")), "--eval_only", "--batch_size", "256")
+
+
+@row(hellaswag.main, "nowhere.pt' is not a file, a directory")
+def hellaswag_init_checked_before_the_download(w):
+    w.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return ["--init", w.path("nowhere.pt"), "--device", "cpu"]  # said the download's error first
+
+
+LOG = "-1 val 10.9\n0 train 10.9\n1 train 10.5\n1 val 10.4\n"
+
+
+@row(plot_log.main, "notes.txt: a file is in the way where this path needs a folder")
+def plot_out_under_a_file(w):
+    w.write("notes.txt", "mine")  # said "File exists"
+    return [w.write("log.txt", LOG), "-o", w.path("notes.txt/loss.png")]
+
+
+@row(plot_log.main, "loss.png: it is a folder; pass a file's path")
+def plot_out_a_folder(w):
+    os.makedirs(w.path("loss.png"))  # said "is the disk full?"-like advice
+    return [w.write("log.txt", LOG), "-o", w.path("loss.png")]
+
+
+def no_offline_variables(w, **variables):
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "NO_PROXY"):
+        w.monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        w.monkeypatch.setenv(name, value)
+
+
+@row(fineweb.main, "the proxy http://127.0.0.1:9 (127.0.0.1:9) cannot be reached")
+def fineweb_behind_a_dead_proxy(w):
+    no_offline_variables(w, HTTPS_PROXY="http://127.0.0.1:9")  # 25 s of datasets' retries
+    return ["--out", w.path("out")]
+
+
+@row(fineweb.main, "HF_ENDPOINT=hub.example is not a URL such as https://huggingface.co")
+def fineweb_hf_endpoint_not_a_url(w):
+    no_offline_variables(w, HF_ENDPOINT="hub.example")  # said "host None"
+    return ["--out", w.path("out")]
 
 
 def snapshot(root):
@@ -717,7 +905,7 @@ def test_fault(script, setup, exit_code, changes, says, tmp_path, monkeypatch, c
 
 
 def test_the_table_covers_enough_faults():
-    assert len(ROWS) >= 75
+    assert len(ROWS) >= 105
 
 
 # --- concurrency: one writer per folder, with real processes -----------------------------------------
@@ -966,21 +1154,53 @@ def test_fineweb_on_sigterm_says_so_in_one_line_and_a_rerun_finishes_the_same_sh
     assert snapshot(tmp_path / "cut") == snapshot(tmp_path / "whole")
 
 
-def test_a_rank_started_without_its_group_says_it_is_waiting(tmp_path):
+@pytest.mark.parametrize("rank, stop", [(1, signal.SIGTERM), (0, signal.SIGINT)])
+def test_a_rank_started_without_its_group_says_it_is_waiting_and_stops_when_told(tmp_path, rank, stop):
     data = random_shards(tmp_path / "data")
-    variables = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29517"}
+    port = str(29517 + rank)
+    variables = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": port}  # fmt: skip
     run = subprocess.Popen(
         [sys.executable, "train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", str(tmp_path / "log"),
          "--total_batch_size", "256"],  # a step of 2 ranks
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**ENV, **variables},
     )  # fmt: skip
     try:
-        lines = read_until(run, r"waiting")  # it used to wait for rank 0 without a word
+        lines = read_until(run, r"waiting")  # it used to wait for its peers without a word
+        time.sleep(1)  # inside torch's wait, where Python's handlers did not run: Ctrl-C and SIGTERM did nothing
+        run.send_signal(stop)
+        assert run.wait(timeout=10) == -stop
     finally:
         run.kill()
         run.wait()
-    assert lines[-1].startswith("rank 1 of 2: waiting for rank 0 at 127.0.0.1:29517"), lines
+    peers = "rank 1" if rank == 0 else "rank 0"
+    assert lines[-1].startswith(f"rank {rank} of 2: waiting for {peers} at 127.0.0.1:{port}"), lines
     assert not os.path.exists(tmp_path / "log")
+
+
+def test_an_export_that_fills_the_disk_is_one_line_and_leaves_nothing(tmp_path):
+    path = checkpoint(str(tmp_path / "model_00005.pt"))  # 13 MB of weights
+    limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))"  # fmt: skip
+    script = f"{limit}\nimport sys, common, export_hf\ncommon.run_cli(export_hf.main, sys.argv[1:])"
+    run = subprocess.run([sys.executable, "-c", script, "--init", path, "--out", str(tmp_path / "hf")], cwd=REPO,
+                         capture_output=True, text=True, env=ENV, timeout=TIMEOUT)  # fmt: skip
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+    assert run.stderr.startswith("error: the disk is full") or "is the disk full?" in run.stderr, run.stderr
+    assert sorted(os.listdir(tmp_path)) == ["model_00005.pt"]  # no export, no half-written folder
+
+
+def test_only_the_trainer_leaves_an_error_to_its_machines_first_rank(monkeypatch, capsys):
+    for name, value in {**GROUP, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}.items():
+        monkeypatch.setenv(name, value)
+
+    def fails(argv):
+        raise train_gpt2.UserError("no train shards in data")
+
+    for group, said in [(True, ""), (False, "error: no train shards in data\n")]:
+        with pytest.raises(SystemExit):
+            run_cli(fails, group=group)
+        assert capsys.readouterr().err == said  # in a torchrun group, LOCAL_RANK 0 of the machine says it
 
 
 def test_a_run_resumed_in_fp16_starts_a_fresh_loss_scaler(tmp_path):
@@ -1025,6 +1245,9 @@ def test_training_on_the_shards_of_an_unfinished_fineweb_run_says_so(tmp_path, c
     )
 
 
+SCRIPTS = ("sample.py", "plot_log.py")
+
+
 def test_the_next_commands_are_quoted_for_the_shell_and_the_clock_can_step_back(tmp_path, capsys, monkeypatch):
     import shlex
 
@@ -1035,10 +1258,15 @@ def test_the_next_commands_are_quoted_for_the_shell_and_the_clock_can_step_back(
     elapsed, _ = report.step_done(1)
     assert elapsed >= 0
     report.train_loss, report.checkpoint = 5.0, "my run/model_00009.pt"
+    monkeypatch.chdir(REPO)
     progress.print_summary(report, "my run/log.txt", "ROMEO's line")
     lines = capsys.readouterr().out.splitlines()
     sample_line = next(line for line in lines if line.startswith("next"))
     assert shlex.split(sample_line.removeprefix("next")) == [
         "python", "sample.py", "--init", "my run/model_00009.pt", "--prompt", "ROMEO's line"
     ]  # fmt: skip
+    monkeypatch.chdir(tmp_path)  # run from another folder, the commands name the scripts where they are
+    progress.print_summary(report, "log.txt", "a")
+    commands = [shlex.split(line[12:]) for line in capsys.readouterr().out.splitlines()[-2:]]
+    assert [words[1] for words in commands] == [os.path.relpath(os.path.join(REPO, name)) for name in SCRIPTS]
     assert "done in 0:00:0" in "\n".join(lines)
