@@ -363,7 +363,9 @@ def main(argv=None):
     autocast_dtype = getattr(torch, args.dtype)
     from train_gpt2 import load_model  # here, not at the top: train_gpt2 imports this file
 
-    model = load_model(args.init, device)  # first: a wrong --init is said before any download
+    if args.data is not None:
+        hellaswag_path(args.data)  # a missing local file is said before the model loads
+    model = load_model(args.init, device)  # before the download: a wrong --init is said first
     examples = load_examples(hellaswag_path(args.data), args.limit)
     enc = gpt2_tokenizer()
     start = time.perf_counter()
