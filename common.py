@@ -84,22 +84,26 @@ def raise_terminated(signum, frame):
     raise Terminated
 
 
-def os_error_line(error):
-    """What a failed read or write (an OSError) says: a full disk, a file or folder where the other is
-    needed, or the path and the system's reason."""
+def os_error_line(error, path=None):
+    """What a failed read or write (an OSError) of `path` (default: the error's own) says: a full disk, a
+    file or folder where the other is needed, a read-only disk, a permission, or the system's reason."""
     # The writes that matter are atomic (checkpoints, shards, progress files), so whatever was finished
     # before a failure is intact.
     if error.errno in DISK_FULL:
-        where = f" while writing {error.filename}" if error.filename else ""
+        where = f" while writing {path or error.filename}" if path or error.filename else ""
         return (
             f"the disk is full{where}: free some space and run the command again; finished checkpoints and "
             "shards are intact (a training run continues with --resume)"
         )
-    where = f"{error.filename}: " if error.filename else ""
+    where = f"{path or error.filename}: " if path or error.filename else ""
     if error.errno == errno.EISDIR:
         return f"{where}is a folder where a file is needed: move the folder, or pass another path"
     if error.errno in (errno.ENOTDIR, errno.EEXIST):  # a file where a folder of the path should be
         return f"{where}a file is in the way where this path needs a folder: pass another path, or move the file"
+    if error.errno == errno.EROFS:
+        return f"{where}is on a read-only file system: pass a path on a disk this machine may write to"
+    if error.errno == errno.EACCES:
+        return f"{where}permission denied: change its permissions, or pass a path this user may read or write"
     return f"{where}{error.strerror or error}: check that the path exists and that this user may read or write it"
 
 
@@ -225,7 +229,7 @@ def output_lock(folder, flag):
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:
-        raise UserError(f"{flag} {folder}: cannot create the folder ({e.strerror})") from None
+        raise UserError(f"{flag} {os_error_line(e, folder)}") from None
     path = os.path.join(folder, LOCK_NAME)
     fd = acquire_lock(path, folder, flag)
     try:
@@ -279,11 +283,12 @@ def atomic_write(path, mode="wb", temp_path=None):
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename, so the rename never points at a torn file
         os.replace(temp_path, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
-        full = not isinstance(e, OSError) or e.errno in DISK_FULL  # torch's error hides why
-        advice = "is the disk full?" if full else "check that the folder exists and that this user may write it."
-        raise UserError(f"could not write {path} ({reason}): {advice} Any earlier {path} is intact") from None
+    except OSError as e:  # named by its target: the temporary file is gone
+        if e.errno in DISK_FULL:
+            raise UserError(os_error_line(e, path)) from None
+        raise UserError(f"could not write {os_error_line(e, path)} (any earlier {path} is intact)") from None
+    except RuntimeError:  # torch.save reports a failed write so, and hides why: most often a full disk
+        raise UserError(f"could not write {path}: is the disk full? (any earlier {path} is intact)") from None
     finally:  # after an error or Ctrl-C; a kill leaves the temporary file for the next run to remove
         with contextlib.suppress(OSError):
             os.remove(temp_path)

@@ -684,7 +684,7 @@ def fineweb_lock_file_a_folder(w):
     return ["--input", w.path("notes.txt"), "--out", w.path("out")]
 
 
-@row(fineweb.main, "notes.txt/shards: cannot create the folder (Not a directory)")
+@row(fineweb.main, "notes.txt/shards: a file is in the way where this path needs a folder")
 def fineweb_out_under_a_file(w):
     w.write("notes.txt", "a short document")
     return ["--input", w.path("notes.txt"), "--out", w.path("notes.txt/shards")]
@@ -1270,3 +1270,47 @@ def test_the_next_commands_are_quoted_for_the_shell_and_the_clock_can_step_back(
     commands = [shlex.split(line[12:]) for line in capsys.readouterr().out.splitlines()[-2:]]
     assert [words[1] for words in commands] == [os.path.relpath(os.path.join(REPO, name)) for name in SCRIPTS]
     assert "done in 0:00:0" in "\n".join(lines)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nobody may write to: a read-only tmpfs mounted there when the test runs as root (root
+    ignores permissions), else a folder without write permission."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield str(folder)
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("runs as root, which ignores permissions, and may not mount a read-only folder here")
+    try:
+        yield str(folder)
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_every_script_says_a_read_only_folder_in_one_line(tmp_path, read_only_folder, capsys, keep_signal_handlers):
+    data, text = random_shards(tmp_path / "data"), tmp_path / "a.txt"
+    text.write_text("A document.")
+    log = tmp_path / "log.txt"
+    log.write_text("0 train 10.9\n1 train 9.5\n1 val 9.7\n")
+    model = checkpoint(str(tmp_path / "model_00005.pt"))
+    runs = [
+        (train_gpt2.main, [*TINY_RUN, "--data_dir", data, "--log_dir", read_only_folder]),  # the lock's open
+        (train_gpt2.main, [*TINY_RUN, "--data_dir", data, "--log_dir", os.path.join(read_only_folder, "run")]),
+        (fineweb.main, ["--input", str(text), "--out", read_only_folder]),
+        (export_hf.main, ["--init", model, "--out", os.path.join(read_only_folder, "hf")]),
+        (plot_log.main, [str(log), "-o", os.path.join(read_only_folder, "loss.png")]),
+    ]
+    before = snapshot(tmp_path)
+    for script, argv in runs:
+        with pytest.raises(SystemExit) as exited:
+            run_cli(script, argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert read_only_folder in err and re.search("read-only file system|permission denied", err), err
+        assert "disk is full" not in err
+    assert snapshot(tmp_path) == before
