@@ -31,10 +31,11 @@ class UserError(Exception):
 
 def run_cli(main, argv=None, interrupted=None, group=False):
     """Call main(argv) as a script's entry point: a UserError, or an OSError (a path that cannot be read or
-    written), becomes `error: ...` on stderr and exit 1. `interrupted`, if given, is said on Ctrl-C or
-    SIGTERM instead of a traceback (exit 130 or 143, as a shell reports them). group: the script runs as a
-    torchrun group (the trainer), where an error is said once per machine (by its LOCAL_RANK 0), or by the
-    one rank whose UserError `speaks`; every other script speaks whatever the environment holds."""
+    written), becomes `error: ...` on stderr and exit 1; Ctrl-C becomes `interrupted` and exit 130. `interrupted`,
+    if given, is said after it, and SIGTERM stops the script the same way (exit 143, as a shell reports it).
+    group: the script runs as a torchrun group (the trainer), where an error is said once per machine (by its
+    LOCAL_RANK 0), or by the one rank whose UserError `speaks`; every other script speaks whatever the
+    environment holds."""
     if interrupted is not None:  # SIGTERM (kill, a cluster's preemption) stops the script as Ctrl-C does
         signal.signal(signal.SIGTERM, raise_terminated)
     try:
@@ -43,10 +44,9 @@ def run_cli(main, argv=None, interrupted=None, group=False):
         message, speaks = str(e), getattr(e, "speaks", None)
     except OSError as e:
         message, speaks = os_error_line(e), None
-    except KeyboardInterrupt as e:
-        if interrupted is None:
-            raise
-        print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}: {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C (or SIGTERM, where `interrupted` is given): one line, not a traceback
+        said = f": {interrupted}" if interrupted else ""
+        print(f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}{said}", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)  # as a shell reports SIGTERM, SIGINT
     if speaks is None:
         speaks = not group or says_for_its_machine()
@@ -194,6 +194,7 @@ def add_flags(parser, table):
 POSITIVE = (lambda value: value > 0, "positive")
 NOT_NEGATIVE = (lambda value: value >= 0, "at least 0")
 BELOW_ONE = (lambda value: 0 <= value < 1, "in [0, 1)")
+SEED = (lambda value: 0 <= value < 2**63, "in [0, 2**63): torch's generators take 64-bit seeds")
 
 
 def check_ranges(args, ranges):
@@ -223,6 +224,11 @@ def output_lock(folder, flag):
     """`with output_lock(folder, "--out"):` creates folder if needed and holds its lock for the block; a
     folder held by another process is a UserError naming the holder. The lock file holds pid@host for
     that message and is removed at the end, and so is the folder if this block created it and left it empty."""
+    if os.path.islink(folder) and not os.path.exists(folder):
+        raise UserError(
+            f"{flag} {folder} is a symbolic link to {os.readlink(folder)}, which does not exist: create that folder, "
+            f"or pass another {flag}"
+        )
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is a file, not a folder: pass a folder's path")
     created = not os.path.isdir(folder)

@@ -25,6 +25,7 @@ from common import (
     GPT2_VOCAB_SIZE,
     NOT_NEGATIVE,
     POSITIVE,
+    SEED,
     UserError,
     check_master_address,
     check_ranges,
@@ -46,7 +47,7 @@ FLAG_RANGES = {
     # it the update overflows float32 inside the optimizer.
     **dict.fromkeys(["max_lr", "min_lr"], (lambda value: 0 <= value <= 1, "in [0, 1]")),
     **dict.fromkeys(["weight_decay", "grad_clip", "eps", "warmup_steps"], NOT_NEGATIVE),
-    "seed": (lambda value: 0 <= value < 2**63, "in [0, 2**63): torch's generators take 64-bit seeds"),
+    "seed": SEED,
     **dict.fromkeys(["beta1", "beta2"], BELOW_ONE),
 }
 
@@ -134,6 +135,13 @@ def join_group(procs, backend):
     handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         torch.distributed.init_process_group(backend=backend)
+    except torch.distributed.DistNetworkError as e:  # rank 0 could not open the group's port
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise UserError(
+            f"MASTER_PORT={os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in use by another program "
+            "(another run?): pass a free port (torchrun --master_port, or MASTER_PORT)"
+        ) from None
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
@@ -204,6 +212,10 @@ SHARD_NAME = re.compile(r"(.+)_(train|val)_(\d{6})\.(npy|bin)")
 def find_shards(data_dir, split):
     """The paths of the split's shards in data_dir, in index order. Only files count: a folder named like
     a shard is not one. Shards of two corpora (two prefixes, or two shards with one index) are refused."""
+    if not data_dir.strip():
+        raise UserError("--data_dir '' names no folder: pass the folder that holds the shards")
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(f"--data_dir {data_dir} is a file, not a folder: pass the folder that holds the shards")
     shards, prefixes = {}, {}
     for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
         match = SHARD_NAME.fullmatch(name)
@@ -446,11 +458,11 @@ def check_same_shape(weights, config, shape_flags, init):
         )
 
 
-def checkpoint_to_resume(resume, log_dir, load):
+def checkpoint_to_resume(resume, log_dir, load, writes=True):
     """(path, contents) of the checkpoint that --resume continues, read by `load` ((None, None) without --resume):
     the newest one in --log_dir (bare --resume, 'latest') or in a folder --resume names, or the file it names.
-    A resumed run writes its checkpoints to --log_dir, so that folder must not hold another run's, nor newer
-    ones of this run (they would be overwritten, or taken by the next --resume)."""
+    A resumed run that `writes` its checkpoints to --log_dir needs a folder that holds no other run's, nor newer
+    ones of this run (they would be overwritten, or taken by the next --resume); --eval_only writes nothing."""
     if resume is None:
         return None, None
     if not resume.strip():
@@ -467,8 +479,19 @@ def checkpoint_to_resume(resume, log_dir, load):
             f"--resume {resume}: a .tmp file is a checkpoint whose write was cut short, not a checkpoint; "
             "pass the model_XXXXX.pt before it"
         )
-    checkpoint = load(resume)  # first: a file that is no checkpoint is said as such
-    kept = latest_checkpoint(log_dir)  # a file or the newest in a folder: the same rule
+    try:
+        checkpoint = load(resume)  # first: a file that is no checkpoint is said as such
+    except UserError as e:  # a torn newest checkpoint, say: the one before it is resumed once it is moved away
+        if not (os.path.isfile(resume) and checkpoint_step(resume) is not None):
+            raise
+        raise UserError(f"{e}; move it out of {os.path.dirname(resume) or '.'} to resume the one before it") from None
+    named, step = checkpoint_step(resume), checkpoint.get("step")
+    if writes and named is not None and whole(step) and step < named:  # the newest name is what --resume takes
+        raise UserError(
+            f"{resume} holds step {step}, not the step {named} of its name (a renamed copy?): resumed, its checkpoints "
+            f"would sort before it, and the next --resume would go back to step {step}; rename it model_{step:05d}.pt"
+        )
+    kept = writes and latest_checkpoint(log_dir)  # a file or the newest in a folder: the same rule
     if kept and not in_folder(resume, log_dir):
         raise UserError(
             f"--log_dir {log_dir} holds checkpoints of another run ({os.path.basename(kept)}): resuming "
@@ -542,6 +565,33 @@ def check_new_run(log_dir):
     if latest_checkpoint(log_dir):
         raise UserError(
             f"{log_dir} already holds checkpoints: pass --resume to continue that run, or choose another --log_dir"
+        )
+
+
+def open_log(log_dir, resume):
+    """log.txt, open for the run's lines. A resume appends, after dropping a last line cut short by a kill
+    (its own line would start mid-line); a new run writes it anew, and says so if an earlier run (one that
+    saved no checkpoint) left one."""
+    path = os.path.join(log_dir, "log.txt")
+    if resume:
+        with contextlib.suppress(FileNotFoundError), open(path, "rb+") as f:
+            text = f.read()
+            if text and not text.endswith(b"\n"):
+                f.truncate(text.rfind(b"\n") + 1)
+        return open(path, "a")
+    if os.path.isfile(path) and os.path.getsize(path):
+        print(f"note: {path} of an earlier run that saved no checkpoint is replaced", flush=True)
+    return open(path, "w")
+
+
+def check_sample_prompt(prompt, enc, new_tokens, block_size):
+    """The samples at each evaluation add new_tokens to the prompt, within the model's context: checked at start-up,
+    since a prompt too long would end the run at its first evaluation."""
+    tokens = len(enc.encode(prompt, allowed_special={"<|endoftext|>"}))
+    if tokens + new_tokens > block_size:
+        raise UserError(
+            f"--sample_prompt is {tokens} tokens: with the {new_tokens} that each sample adds, past the model's "
+            f"context of {block_size}; pass a shorter one, or --no-sample_every_eval"
         )
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict
 import torch
 
 from common import EOT_TOKEN, GPT2_VOCAB_SIZE, UserError
+from guard import latest_checkpoint
 
 # OpenAI's checkpoint uses Conv1D layers, whose weights are stored (in, out), transposed from nn.Linear.
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -79,6 +80,11 @@ def read_hf_checkpoint(directory):
     config_path = os.path.join(directory, "config.json")
     safetensors_path = os.path.join(directory, "model.safetensors")
     bin_path = os.path.join(directory, "pytorch_model.bin")
+    if (newest := latest_checkpoint(directory)) and not os.path.exists(config_path):  # a --log_dir, not its file
+        raise UserError(
+            f"{directory} is the folder of a training run, not a Hugging Face model: pass one of its checkpoints, "
+            f"such as {newest}"
+        )
     try:
         with open(config_path) as f:
             hf_config = json.load(f)

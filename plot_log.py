@@ -39,11 +39,12 @@ def parse_log(path):
     previous_step = -1
     try:
         with open(path) as f:
-            lines = f.read().splitlines()  # a log has one short line per step: it fits in memory
+            text = f.read()  # a log has one short line per step: it fits in memory
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror}); pass the log.txt your training run wrote") from None
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file; pass the log.txt your training run wrote") from None
+    lines = text.splitlines()
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -51,6 +52,9 @@ def parse_log(path):
             step_text, kind, value_text = line.split()
             step, value = int(step_text), float(value_text)
         except ValueError:
+            if line_number == len(lines) and not text.endswith("\n"):  # cut short: being written, or killed
+                print(f"note: the last line of {path} is cut short ({line[:60]!r}): it is left out")
+                break
             raise UserError(
                 f"{path} line {line_number}: expected '<step> <kind> <value>', got {line.strip()[:60]!r}"
             ) from None

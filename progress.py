@@ -72,6 +72,13 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, num_
     one epoch. steps: (first, last, micro-steps per step); loaders: (train, val, tokens per evaluation)."""
     (first, last, grad_accum_steps), (train_loader, val_loader, val_tokens) = steps, loaders
     weights = f" | weights of {args.init}" if args.init else ""
+    warmup_note = ""
+    if args.warmup_steps >= args.max_steps:  # a short run with 124M's 715 warmup steps, say: it barely trains
+        warmup_note = (
+            f"\nnote: --warmup_steps {args.warmup_steps} is not below --max_steps {args.max_steps}: the learning rate "
+            f"only warms up, to {args.max_steps / args.warmup_steps:.0%} of --max_lr, and never decays; lower "
+            "--warmup_steps for a short run"
+        )
     return (
         f"log folder  {args.log_dir} (log.txt and checkpoints)\n"
         f"device      {world_size} process(es) on {device} | compile {'on' if use_compile else 'off'} | "
@@ -83,7 +90,7 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, num_
         f"process(es) x {grad_accum_steps} micro-steps | steps {first} to {last}\n"
         f"data        {args.data_dir}: {describe_split(train_loader)} train, {describe_split(val_loader)} val "
         f"({val_tokens:,} tokens per evaluation)\n"
-        f"epoch       {describe_epoch(train_loader)}"
+        f"epoch       {describe_epoch(train_loader)}{warmup_note}"
     )
 
 

@@ -12,6 +12,7 @@ import torch
 from common import (
     NOT_NEGATIVE,
     POSITIVE,
+    SEED,
     ArgumentParser,
     HelpFormatter,
     check_ranges,
@@ -28,6 +29,7 @@ FLAG_RANGES = {
     "num_samples": POSITIVE,
     "max_new_tokens": NOT_NEGATIVE,
     "top_k": POSITIVE,
+    "seed": SEED,
     "temperature": (lambda value: value == 0 or value >= 1e-3, "0 (the most likely token) or at least 1e-3"),
 }
 

@@ -532,6 +532,7 @@ def load_model(init, device="cpu"):
 
 # -----------------------------------------------------------------------------
 # Sampling: continuations of a prompt, for the samples printed during training and for sample.py.
+SAMPLE_TOKENS = 32  # what each sample printed at an evaluation adds to its prompt
 
 
 def sample_texts(model, enc, prompt, *, num_samples, max_new_tokens, temperature=1.0, top_k=50, seed=42, autocast):
@@ -545,10 +546,12 @@ def sample_texts(model, enc, prompt, *, num_samples, max_new_tokens, temperature
     return [enc.decode(row.tolist()) for row in out]
 
 
-def sample_prompt(args, val_loader, enc):
+def sample_prompt(args, val_loader, enc, block_size):
     """--sample_prompt, or the first line of the val split's first 8 tokens (after <|endoftext|>): its own words."""
     first_line = enc.decode(val_loader.shards[0][1:9].tolist()).strip().split("\n")[0]
-    return first_line if args.sample_prompt is None else args.sample_prompt
+    prompt = first_line if args.sample_prompt is None else args.sample_prompt
+    guard.check_sample_prompt(prompt, enc, SAMPLE_TOKENS if args.sample_every_eval else 0, block_size)
+    return prompt
 
 
 # -----------------------------------------------------------------------------
@@ -592,8 +595,7 @@ FLAGS = {
         ("--hellaswag_data", str, "local hellaswag_val.jsonl (default: the cached download)"),
         ("--sample_every_eval", True, "print 4 samples at each evaluation"),
         ("--sample_prompt", str, "what the samples continue (default: the val split's first words, in any corpus)"),
-        ("--eval_only", False, "evaluate the --init or --resume weights (val loss, HellaSwag), print, write no "
-         "file, and exit"),
+        ("--eval_only", False, "evaluate the --init or --resume weights (val loss, HellaSwag), print, write nothing"),
         ("--log_dir", "log", "log.txt and checkpoints go here"),
         ("--ckpt_every", 5000, "steps between checkpoints (also at the end and on SIGINT/SIGTERM)"),
         ("--resume", "[PATH]", "continue from the latest checkpoint in --log_dir, or from the given path"),
@@ -638,7 +640,7 @@ def model_config(shape, vocab_size, seq_len, weights=None):
 
 def build_model(args, device):
     """The run's GPT on `device`, and the path and contents of the checkpoint --resume continues (or None)."""
-    path, checkpoint = guard.checkpoint_to_resume(args.resume, args.log_dir, load_checkpoint)
+    path, checkpoint = guard.checkpoint_to_resume(args.resume, args.log_dir, load_checkpoint, not args.eval_only)
     shape = {name: getattr(args, name) for name in SHAPE_FLAGS}
     if checkpoint is not None:
         config = model_config(shape, args.vocab_size, args.seq_len, checkpoint["config"])
@@ -725,12 +727,12 @@ def set_up_run(args, device, procs):
         args, procs.world_size, device, use_compile, dtype, dtype_reason, num_params, model.config, memory,
         (start_step, args.max_steps - 1, grad_accum_steps), (train_loader, val_loader, val_steps * val_loader.window),
     ))  # fmt: skip
-    log = open(os.path.join(args.log_dir, "log.txt"), "a" if args.resume else "w") if procs.master else None
+    prompt = sample_prompt(args, val_loader, enc, model.config.block_size)  # checked before log.txt is opened
+    log = guard.open_log(args.log_dir, args.resume) if procs.master else None
     return Run(
         args, procs, device, model, forward_model, step_model, optimizer, scaler, train_loader, val_loader,
         val_steps, val_rows, grad_accum_steps, devices.autocast_context(device, dtype), start_step, eval_pending,
-        acc_norm, log, flops_per_step / (peak_flops * procs.world_size) if peak_flops else None,
-        sample_prompt(args, val_loader, enc),
+        acc_norm, log, flops_per_step / (peak_flops * procs.world_size) if peak_flops else None, prompt,
     )  # fmt: skip
 
 
@@ -823,7 +825,7 @@ def evaluate_and_sample(run, report, step, stop):
                 run.log.write(f"{step} hella {acc_norm:.4f}\n")
     if procs.master and run.args.sample_every_eval and not stop.requested:
         started, enc, prompt = time.time(), gpt2_tokenizer(), run.prompt
-        texts = sample_texts(run.model, enc, prompt, num_samples=4, max_new_tokens=32, autocast=run.autocast)
+        texts = sample_texts(run.model, enc, prompt, num_samples=4, max_new_tokens=SAMPLE_TOKENS, autocast=run.autocast)
         for i, text in enumerate(texts):
             print(f"sample {i}: {text}")
         print(f"{report.label(step)} | 4 samples | {time.time() - started:.1f} s")
@@ -894,6 +896,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(
-        main, interrupted="stopped at once, without saving: continue from the last checkpoint with --resume", group=True
-    )
+    run_cli(main, interrupted="stopped at once, without saving: --resume goes on from the last checkpoint", group=True)

@@ -33,7 +33,7 @@ import sample
 import train_gpt2
 from common import UserError, run_cli
 from conftest import REPO, TINY_MODEL, file_size_limit
-from guard import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, latest_checkpoint
+from guard import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, checkpoint_step, latest_checkpoint
 from train_gpt2 import GPT, GPTConfig, load_checkpoint, load_model, save_checkpoint
 
 # 12 steps of 128 tokens; evaluation after steps 3, 7 and 11.
@@ -415,7 +415,7 @@ def tiny_checkpoint(path, n_layer=2, with_optimizer=True):
     model = GPT(config)
     state = {"model": model.state_dict(), "config": asdict(config)}
     if with_optimizer:
-        state.update(optimizer=torch.optim.AdamW(model.parameters()).state_dict(), step=0)
+        state.update(optimizer=torch.optim.AdamW(model.parameters()).state_dict(), step=checkpoint_step(path) or 0)
     torch.save(state, path)
     return str(path)
 

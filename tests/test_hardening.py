@@ -36,7 +36,7 @@ import sample
 import train_gpt2
 from common import run_cli
 from conftest import REPO, TINY_MODEL
-from guard import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION
+from guard import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, checkpoint_step
 from train_gpt2 import GPT, DataLoaderLite, GPTConfig, configure_optimizer
 
 # 6 steps of 128 tokens: 4 sequences of 32, one process, one micro-step.
@@ -78,7 +78,7 @@ class Workspace:
         rng = np.random.default_rng(0)
         np.save(self.path("data/tiny_val_000000.npy"), rng.integers(0, 50257, 4096, dtype=np.uint16))
         np.save(self.path("data/tiny_train_000001.npy"), rng.integers(0, 50257, 8192, dtype=np.uint16))
-        self.holders = []
+        self.holders, self.servers = [], []
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
@@ -101,10 +101,18 @@ class Workspace:
         self.holders.append(holder)
         assert holder.stdout.readline().strip() == "locked"
 
+    def hold_port(self, port):
+        """A server listening on 127.0.0.1:port until the row ends, as another program's would."""
+        import socket
+
+        self.servers.append(socket.create_server(("127.0.0.1", port)))
+
     def release(self):
         for holder in self.holders:
             holder.kill()
             holder.wait()
+        for server in self.servers:
+            server.close()
 
 
 HOLD_LOCK = """
@@ -123,8 +131,8 @@ def checkpoint(path, config=TINY_CONFIG, data_dir=None, total_batch_size=128, **
     if data_dir:
         loader = DataLoaderLite(data_dir, 4, 32, 0, 1, "train", total_batch_size)
         optimizer = configure_optimizer(model, 0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
-        state.update(optimizer=optimizer.state_dict(), scaler={}, step=3, loader=loader.state_dict())
-        state.update(rng={"torch": torch.get_rng_state()}, args={})
+        state.update(optimizer=optimizer.state_dict(), scaler={}, step=checkpoint_step(path) or 3)
+        state.update(loader=loader.state_dict(), rng={"torch": torch.get_rng_state()}, args={}, **extra)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(state, path)
     return path
@@ -716,6 +724,13 @@ def empty_group_variables_count_as_unset(w):
     return w.train()
 
 
+@row(train_gpt2.main, "MASTER_PORT=29511 on 127.0.0.1 is in use by another program (another run?): pass a free port")
+def master_port_in_use(w):
+    w.hold_port(29511)
+    group_variables(w, **{**GROUP, "MASTER_PORT": "29511"})  # torch's DistNetworkError traceback
+    return w.train()
+
+
 # A stray torchrun environment silences no script but the trainer's echoes.
 ELASTIC = {**GROUP, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "stray"}
 
@@ -863,6 +878,74 @@ def fineweb_hf_endpoint_not_a_url(w):
     return ["--out", w.path("out")]
 
 
+# --- fifth round -------------------------------------------------------------------------------------
+
+
+@row(sample.main, "--seed must be a finite number, in [0, 2**63)")
+def sample_seed_too_large_for_torch(w):
+    return ["--init", checkpoint(w.path("model_00005.pt")), "--seed", str(2**70), "--device", "cpu"]  # a traceback
+
+
+@row(train_gpt2.main, "val loss", exit_code=0)
+def eval_only_of_an_earlier_checkpoint_among_newer_ones(w):
+    earlier = checkpoint(w.path("log/model_00001.pt"), data_dir=w.data)
+    checkpoint(w.path("log/model_00005.pt"), data_dir=w.data)
+    return w.train("--eval_only", "--resume", earlier)  # refused as overwriting, though --eval_only writes nothing
+
+
+@row(train_gpt2.main, "val loss", exit_code=0)
+def eval_only_of_another_run_with_a_used_log_dir(w):
+    checkpoint(w.path("log/model_00005.pt"), data_dir=w.data)
+    return w.train(
+        "--eval_only", "--resume", os.path.dirname(checkpoint(w.path("other/model_00002.pt"), data_dir=w.data))
+    )
+
+
+@row(train_gpt2.main, "model_00009.pt holds step 3, not the step 9 of its name (a renamed copy?)")
+def resume_a_checkpoint_named_past_its_step(w):
+    checkpoint(w.path("log/model_00009.pt"), data_dir=w.data, step=3)  # later checkpoints sorted before it
+    return w.train("--resume", "--no-shuffle")
+
+
+@row(train_gpt2.main, "move it out of")
+def resume_a_torn_newest_checkpoint(w):
+    checkpoint(w.path("log/model_00003.pt"), data_dir=w.data)
+    w.write("log/model_00005.pt", b"")  # the advice was to pass the earlier one, which is refused as older
+    return w.train("--resume")
+
+
+@row(train_gpt2.main, "--sample_prompt is 70 tokens: with the 32 that each sample adds, past the model's context of 64")
+def sample_prompt_too_long_for_the_model(w):
+    return w.train("--sample_every_eval", "--sample_prompt", " word" * 70)  # failed at the first evaluation
+
+
+@row(train_gpt2.main, "is a symbolic link to")
+def log_dir_a_dangling_link(w):
+    os.symlink(w.path("gone"), w.log)  # said "File exists"
+    return w.train()
+
+
+@row(train_gpt2.main, "--data_dir '' names no folder")
+def data_dir_empty(w):
+    return [*TINY_RUN, "--data_dir", "", "--log_dir", w.log]  # "no train shards ... in : run ..."
+
+
+@row(train_gpt2.main, "data/tiny_val_000000.npy is a file, not a folder: pass the folder that holds the shards")
+def data_dir_a_file(w):
+    return [*TINY_RUN, "--data_dir", w.path("data/tiny_val_000000.npy"), "--log_dir", w.log]
+
+
+@row(hellaswag.main, "is a folder: pass the path of the hellaswag_val.jsonl file in it")
+def hellaswag_data_a_folder(w):
+    return ["--init", checkpoint(w.path("model_00005.pt")), "--data", w.data]
+
+
+@row(sample.main, "is the folder of a training run, not a Hugging Face model: pass one of its checkpoints")
+def sample_from_a_log_dir(w):
+    checkpoint(w.path("log/model_00005.pt"))
+    return ["--init", w.log, "--device", "cpu"]  # spoke of config.json only
+
+
 def snapshot(root):
     """{relative path: sha256 of a file, 'folder', or where a symbolic link points} of everything under root."""
     found = {}
@@ -905,7 +988,7 @@ def test_fault(script, setup, exit_code, changes, says, tmp_path, monkeypatch, c
 
 
 def test_the_table_covers_enough_faults():
-    assert len(ROWS) >= 105
+    assert len(ROWS) >= 118
 
 
 # --- concurrency: one writer per folder, with real processes -----------------------------------------
@@ -1314,3 +1397,44 @@ def test_every_script_says_a_read_only_folder_in_one_line(tmp_path, read_only_fo
         assert read_only_folder in err and re.search("read-only file system|permission denied", err), err
         assert "disk is full" not in err
     assert snapshot(tmp_path) == before
+
+
+def test_a_resume_drops_a_torn_last_line_of_the_log_and_the_plot_leaves_one_out(tmp_path, capsys, keep_signal_handlers):
+    data, log = random_shards(tmp_path / "data"), tmp_path / "log"
+    flags = [*TINY_RUN, "--data_dir", data, "--log_dir", str(log), "--no-eval_first", "--no-shuffle"]
+    train_gpt2.main([*flags, "--max_steps", "3"])
+    with open(log / "log.txt", "a") as f:
+        f.write("3 trai")  # a kill in the middle of a line
+    torn = (log / "log.txt").read_text()
+    assert plot_log.parse_log(str(log / "log.txt"))["train"][0] == [0, 1, 2]
+    assert (
+        f"note: the last line of {log / 'log.txt'} is cut short ('3 trai'): it is left out" in capsys.readouterr().out
+    )
+    train_gpt2.main([*flags, "--max_steps", "6", "--resume"])
+    lines = (log / "log.txt").read_text().splitlines()
+    assert lines[: len(torn.splitlines()) - 1] == torn.splitlines()[:-1]  # what was whole is kept as it was
+    assert all(re.fullmatch(r"\d+ (train|val) [0-9.]+", line) for line in lines), lines  # was "3 trai3 train 10.8"
+    assert plot_log.parse_log(str(log / "log.txt"))["train"][0] == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_new_run_says_it_replaces_an_earlier_log_and_that_its_warmup_is_too_long(
+    tmp_path, capsys, keep_signal_handlers
+):
+    data, log = random_shards(tmp_path / "data"), tmp_path / "log"
+    log.mkdir()
+    (log / "log.txt").write_text("0 train 3.0\n1000 val 2.5\n")  # a run that saved no checkpoint
+    train_gpt2.main([*TINY_RUN, "--data_dir", data, "--log_dir", str(log), "--max_steps", "1", "--warmup_steps", "4"])
+    out = capsys.readouterr().out
+    assert f"note: {log / 'log.txt'} of an earlier run that saved no checkpoint is replaced" in out
+    assert "note: --warmup_steps 4 is not below --max_steps 1: the learning rate only warms up, to 25% of" in out
+    assert "1000 val" not in (log / "log.txt").read_text()
+
+
+def test_ctrl_c_in_any_script_is_one_line_and_exit_130(capsys):
+    def interrupted_main(argv):
+        raise KeyboardInterrupt  # as Ctrl-C in sample.py's or hellaswag.py's loop: a traceback before
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(interrupted_main)
+    assert exited.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
