@@ -585,8 +585,7 @@ def open_log(log_dir, resume):
 
 
 def check_sample_prompt(prompt, enc, new_tokens, block_size):
-    """The samples at each evaluation add new_tokens to the prompt, within the model's context: checked at start-up,
-    since a prompt too long would end the run at its first evaluation."""
+    """The samples at each evaluation add new_tokens to the prompt, within the model's context."""
     tokens = len(enc.encode(prompt, allowed_special={"<|endoftext|>"}))
     if tokens + new_tokens > block_size:
         raise UserError(

@@ -550,7 +550,8 @@ def sample_prompt(args, val_loader, enc, block_size):
     """--sample_prompt, or the first line of the val split's first 8 tokens (after <|endoftext|>): its own words."""
     first_line = enc.decode(val_loader.shards[0][1:9].tolist()).strip().split("\n")[0]
     prompt = first_line if args.sample_prompt is None else args.sample_prompt
-    guard.check_sample_prompt(prompt, enc, SAMPLE_TOKENS if args.sample_every_eval else 0, block_size)
+    if args.sample_every_eval:  # said now: a prompt too long would end the run at its first evaluation
+        guard.check_sample_prompt(prompt, enc, SAMPLE_TOKENS, block_size)
     return prompt
 
 

@@ -919,6 +919,11 @@ def sample_prompt_too_long_for_the_model(w):
     return w.train("--sample_every_eval", "--sample_prompt", " word" * 70)  # failed at the first evaluation
 
 
+@row(train_gpt2.main, "", exit_code=0, changes=["log", "log/*"])
+def sample_prompt_too_long_is_no_matter_without_samples(w):
+    return w.train("--no-sample_every_eval", "--sample_prompt", " word" * 70)
+
+
 @row(train_gpt2.main, "is a symbolic link to")
 def log_dir_a_dangling_link(w):
     os.symlink(w.path("gone"), w.log)  # said "File exists"
