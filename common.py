@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -226,7 +227,7 @@ def output_lock(folder, flag):
     that message and is removed at the end, and so is the folder if this block created it and left it empty."""
     if os.path.islink(folder) and not os.path.exists(folder):
         raise UserError(
-            f"{flag} {folder} is a symbolic link to {os.readlink(folder)}, which does not exist: create that folder, "
+            f"{flag} {folder} is a symbolic link to {os.readlink(folder)}, which is no folder: point it at one, "
             f"or pass another {flag}"
         )
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -339,6 +340,10 @@ def keep_freed_memory(every_size=False):
 # for byte OpenAI's r50k_base.tiktoken, whose sha256 tiktoken publishes: a cached file with any other hash
 # (torn, edited, from another version) is never used, and the table is built again. Reading it takes ~40 ms.
 
+# A shard's name as fineweb.py and llm.c write it, matched whole: PREFIX_SPLIT_INDEX.npy or .bin. Matched
+# whole, the split is the word right before the index, so a prefix such as "x_train" cannot make a val
+# shard (x_train_val_000000.npy) look like a train shard.
+SHARD_NAME = re.compile(r"(.+)_(train|val)_(\d{6})\.(npy|bin)")
 EOT_TOKEN = 50256  # <|endoftext|>: separates documents in the data and ends samples
 GPT2_VOCAB_SIZE = 50257  # real tokens of the GPT-2 BPE; training pads the embedding past it for speed
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"

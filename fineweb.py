@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from common import (
     EOT_TOKEN,
+    SHARD_NAME,
     ArgumentParser,
     UserError,
     atomic_write,
@@ -867,7 +868,19 @@ def main(argv=None):
     else:
         settings.update(dataset=args.dataset, name=args.name, split=args.split, streaming=args.streaming)
     with output_lock(args.out, "--out"):  # one writer per folder; removed again if this run makes nothing
+        check_one_corpus(args.out, args.prefix)
         write_corpus(args, settings, files if args.input else None)
+
+
+def check_one_corpus(out_dir, prefix):
+    """The trainer reads one corpus per folder: shards of another prefix in --out are refused, not added to."""
+    for name in sorted(os.listdir(out_dir)):
+        match = SHARD_NAME.fullmatch(name)
+        if match and match.group(1) != prefix:
+            raise UserError(
+                f"--out {out_dir} holds shards of another corpus ({name}), and the trainer reads one corpus per "
+                f"folder: pass an empty --out for this one, or --prefix {match.group(1)} to go on with that one"
+            )
 
 
 def write_corpus(args, settings, files):

@@ -26,6 +26,7 @@ from common import (
     NOT_NEGATIVE,
     POSITIVE,
     SEED,
+    SHARD_NAME,
     UserError,
     check_master_address,
     check_ranges,
@@ -203,17 +204,11 @@ def check_token_ids(path, tokens):
     return tokens
 
 
-# A shard's name as fineweb.py and llm.c write it, matched whole: PREFIX_SPLIT_INDEX.npy or .bin. Matched
-# whole, the split is the word right before the index, so a prefix such as "x_train" cannot make a val
-# shard (x_train_val_000000.npy) look like a train shard.
-SHARD_NAME = re.compile(r"(.+)_(train|val)_(\d{6})\.(npy|bin)")
-
-
 def find_shards(data_dir, split):
     """The paths of the split's shards in data_dir, in index order. Only files count: a folder named like
     a shard is not one. Shards of two corpora (two prefixes, or two shards with one index) are refused."""
     if not data_dir.strip():
-        raise UserError("--data_dir '' names no folder: pass the folder that holds the shards")
+        raise UserError(f"--data_dir {data_dir!r} names no folder: pass the folder that holds the shards")
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise UserError(f"--data_dir {data_dir} is a file, not a folder: pass the folder that holds the shards")
     shards, prefixes = {}, {}
@@ -468,7 +463,8 @@ def checkpoint_to_resume(resume, log_dir, load, writes=True):
     if not resume.strip():
         raise UserError("--resume '' names no checkpoint: pass a file or a folder, or --resume alone for --log_dir's")
     folder = log_dir if resume == "latest" else resume
-    if resume == "latest" or os.path.isdir(folder):
+    by_folder = resume == "latest" or os.path.isdir(folder)
+    if by_folder:
         resume = latest_checkpoint(folder)
         if resume is None:
             raise UserError(
@@ -482,11 +478,13 @@ def checkpoint_to_resume(resume, log_dir, load, writes=True):
     try:
         checkpoint = load(resume)  # first: a file that is no checkpoint is said as such
     except UserError as e:  # a torn newest checkpoint, say: the one before it is resumed once it is moved away
-        if not (os.path.isfile(resume) and checkpoint_step(resume) is not None):
+        others = glob.glob(os.path.join(glob.escape(folder), "model_*.pt")) if by_folder else []
+        if not any(CHECKPOINT_NAME.fullmatch(os.path.basename(path)) and path != resume for path in others):
             raise
         raise UserError(f"{e}; move it out of {os.path.dirname(resume) or '.'} to resume the one before it") from None
     named, step = checkpoint_step(resume), checkpoint.get("step")
-    if writes and named is not None and whole(step) and step < named:  # the newest name is what --resume takes
+    beside = writes and in_folder(resume, log_dir)  # the resumed run's checkpoints go beside it
+    if beside and named is not None and whole(step) and step < named:  # the newest name is what --resume takes
         raise UserError(
             f"{resume} holds step {step}, not the step {named} of its name (a renamed copy?): resumed, its checkpoints "
             f"would sort before it, and the next --resume would go back to step {step}; rename it model_{step:05d}.pt"
@@ -573,6 +571,11 @@ def open_log(log_dir, resume):
     (its own line would start mid-line); a new run writes it anew, and says so if an earlier run (one that
     saved no checkpoint) left one."""
     path = os.path.join(log_dir, "log.txt")
+    if os.path.islink(path):
+        raise UserError(
+            f"{path} is a symbolic link (to {os.readlink(path)}): the run would write through it; remove the link, "
+            "or pass another --log_dir"
+        )
     if resume:
         with contextlib.suppress(FileNotFoundError), open(path, "rb+") as f:
             text = f.read()
@@ -586,11 +589,12 @@ def open_log(log_dir, resume):
 
 def check_sample_prompt(prompt, enc, new_tokens, block_size):
     """The samples at each evaluation add new_tokens to the prompt, within the model's context."""
-    tokens = len(enc.encode(prompt, allowed_special={"<|endoftext|>"}))
+    tokens = len(enc.encode(prompt, allowed_special={"<|endoftext|>"})) or 1  # an empty one is <|endoftext|>
     if tokens + new_tokens > block_size:
         raise UserError(
-            f"--sample_prompt is {tokens} tokens: with the {new_tokens} that each sample adds, past the model's "
-            f"context of {block_size}; pass a shorter one, or --no-sample_every_eval"
+            f"the samples' prompt is {tokens} token{'s' * (tokens > 1)}: with the {new_tokens} that each sample adds, "
+            f"past the model's context of {block_size}; pass a shorter --sample_prompt, a larger --block_size, or "
+            "--no-sample_every_eval"
         )
 
 

@@ -54,6 +54,8 @@ def hellaswag_path(data=None, cache_dir=None, download=True, url=HELLASWAG_URL):
     (default_cache_dir() when None), downloaded from `url` first if it is not there. With
     download=False a missing cached copy gives None, so a caller can skip the eval without network."""
     if data is not None:
+        if not data.strip():
+            raise UserError(f"the path {data!r} names no file: pass the path of {HELLASWAG_FILE}")
         if os.path.isdir(data):
             raise UserError(f"{data} is a folder: pass the path of the {HELLASWAG_FILE} file in it")
         if not os.path.isfile(data):

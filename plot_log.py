@@ -45,6 +45,8 @@ def parse_log(path):
     except UnicodeDecodeError:
         raise UserError(f"{path} is not a text file; pass the log.txt your training run wrote") from None
     lines = text.splitlines()
+    if lines and not text.endswith("\n"):  # a line cut short (being written, or killed), even if it parses
+        print(f"note: the last line of {path} is cut short ({lines.pop()[:60]!r}): it is left out")
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -52,9 +54,6 @@ def parse_log(path):
             step_text, kind, value_text = line.split()
             step, value = int(step_text), float(value_text)
         except ValueError:
-            if line_number == len(lines) and not text.endswith("\n"):  # cut short: being written, or killed
-                print(f"note: the last line of {path} is cut short ({line[:60]!r}): it is left out")
-                break
             raise UserError(
                 f"{path} line {line_number}: expected '<step> <kind> <value>', got {line.strip()[:60]!r}"
             ) from None

@@ -76,7 +76,7 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, num_
     if args.warmup_steps >= args.max_steps:  # a short run with 124M's 715 warmup steps, say: it barely trains
         warmup_note = (
             f"\nnote: --warmup_steps {args.warmup_steps} is not below --max_steps {args.max_steps}: the learning rate "
-            f"only warms up, to {args.max_steps / args.warmup_steps:.0%} of --max_lr, and never decays; lower "
+            f"only warms up, to {100 * args.max_steps / args.warmup_steps:.3g}% of --max_lr, and never decays; lower "
             "--warmup_steps for a short run"
         )
     return (

@@ -897,4 +897,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_cli(main, interrupted="stopped at once, without saving: --resume goes on from the last checkpoint", group=True)
+    run_cli(main, interrupted="stopped at once, without saving; --resume takes the last checkpoint, if any", group=True)

@@ -914,7 +914,10 @@ def resume_a_torn_newest_checkpoint(w):
     return w.train("--resume")
 
 
-@row(train_gpt2.main, "--sample_prompt is 70 tokens: with the 32 that each sample adds, past the model's context of 64")
+@row(
+    train_gpt2.main,
+    "the samples' prompt is 70 tokens: with the 32 that each sample adds, past the model's context of 64",
+)
 def sample_prompt_too_long_for_the_model(w):
     return w.train("--sample_every_eval", "--sample_prompt", " word" * 70)  # failed at the first evaluation
 
@@ -922,6 +925,47 @@ def sample_prompt_too_long_for_the_model(w):
 @row(train_gpt2.main, "", exit_code=0, changes=["log", "log/*"])
 def sample_prompt_too_long_is_no_matter_without_samples(w):
     return w.train("--no-sample_every_eval", "--sample_prompt", " word" * 70)
+
+
+@row(
+    train_gpt2.main, "the samples' prompt is 1 token: with the 32 that each sample adds, past the model's context of 32"
+)
+def sample_prompt_empty_is_one_token(w):
+    w.write("log/log.txt", "0 train 9.0\n")  # it was replaced, then the run failed at its first evaluation
+    return w.train("--block_size", "32", "--sample_every_eval", "--sample_prompt", "")
+
+
+@row(train_gpt2.main, "", exit_code=0, changes=["new", "new/*"])
+def resume_a_renamed_checkpoint_into_a_new_folder(w):
+    checkpoint(w.path("log/model_00002.pt"), data_dir=w.data, step=1)  # its successors sort after it there
+    return [*TINY_RUN, "--data_dir", w.data, "--log_dir", w.path("new"), "--resume", w.path("log/model_00002.pt"),
+            "--no-shuffle"]  # fmt: skip
+
+
+@row(train_gpt2.main, "is not a checkpoint of this project (EOFError): it may be truncated or another kind of file")
+def resume_a_torn_checkpoint_with_none_before_it(w):
+    w.write("log/model_00005.pt", b"")  # said "move it out of log to resume the one before it"
+    return w.train("--resume")
+
+
+@row(train_gpt2.main, "log/log.txt is a symbolic link (to ", changes=["log/.lock"])
+def log_txt_a_symbolic_link(w):
+    os.makedirs(w.log)
+    os.symlink(w.write("keep.txt", "the user's own file\n"), w.path("log/log.txt"))  # was overwritten
+    return w.train()
+
+
+@row(
+    fineweb.main, "holds shards of another corpus (tiny_train_000001.npy), and the trainer reads one corpus per folder"
+)
+def fineweb_into_a_folder_of_another_corpus(w):
+    w.write("notes.txt", "a short document")  # added shard_* beside tiny_*: the folder no longer trained
+    return ["--input", w.path("notes.txt"), "--out", w.data, "--prefix", "shard"]
+
+
+@row(hellaswag.main, "the path '' names no file")
+def hellaswag_data_empty(w):
+    return ["--init", checkpoint(w.path("model_00005.pt")), "--data", ""]
 
 
 @row(train_gpt2.main, "is a symbolic link to")
@@ -1420,6 +1464,8 @@ def test_a_resume_drops_a_torn_last_line_of_the_log_and_the_plot_leaves_one_out(
     assert lines[: len(torn.splitlines()) - 1] == torn.splitlines()[:-1]  # what was whole is kept as it was
     assert all(re.fullmatch(r"\d+ (train|val) [0-9.]+", line) for line in lines), lines  # was "3 trai3 train 10.8"
     assert plot_log.parse_log(str(log / "log.txt"))["train"][0] == [0, 1, 2, 3, 4, 5]
+    (log / "log.txt").write_text("0 train 3.5\n1 train 2")  # cut from "1 train 2.345": it parses, and is left out
+    assert plot_log.parse_log(str(log / "log.txt"))["train"] == ([0], [3.5])
 
 
 def test_a_new_run_says_it_replaces_an_earlier_log_and_that_its_warmup_is_too_long(
