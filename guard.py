@@ -495,8 +495,8 @@ def checkpoint_to_resume(resume, log_dir, load, writes=True):
             f"--log_dir {log_dir} holds checkpoints of another run ({os.path.basename(kept)}): resuming "
             f"{resume} there would overwrite them; pass an empty --log_dir for the resumed run"
         )
-    newer = kept and not os.path.samefile(kept, resume) and whole(checkpoint.get("step"))
-    if newer and checkpoint["step"] < checkpoint_step(kept):
+    newer = kept and not os.path.samefile(kept, resume) and whole(step)
+    if newer and step < checkpoint_step(kept):
         raise UserError(
             f"--log_dir {log_dir} holds {os.path.basename(kept)}, newer than {resume}: training on from an earlier "
             "checkpoint there would overwrite the newer ones, and the next --resume would take them; pass a new "
