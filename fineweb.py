@@ -34,17 +34,11 @@ import urllib.parse
 import numpy as np
 from tqdm import tqdm
 
-from common import (
-    EOT_TOKEN,
-    SHARD_NAME,
-    ArgumentParser,
-    UserError,
-    atomic_write,
-    gpt2_tokenizer,
-    keep_freed_memory,
-    output_lock,
-    run_cli,
-)
+from machinery.cli import ArgumentParser, UserError, run_cli
+from machinery.files import atomic_write, output_lock
+from machinery.memory import keep_freed_memory
+from machinery.shards import SHARD_NAME
+from machinery.tokenizer import EOT_TOKEN, gpt2_tokenizer
 
 # -----------------------------------------------------------------------------
 # Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt files, a
@@ -66,7 +60,9 @@ def find_input_files(paths):
         if os.path.isdir(path):
             found = sorted(input_files_under(path))
             if not found:
-                raise UserError(f"--input {path}: the directory holds no .txt, .jsonl or .parquet files")
+                raise UserError(
+                    f"--input {path}: the directory holds no .txt, .jsonl or .parquet files"
+                )
             files += found
         elif not os.path.exists(path):
             raise UserError(f"--input {path}: no such file or directory")
@@ -86,7 +82,9 @@ def without_duplicates(files):
     for path in files:
         real = os.path.realpath(path)
         if real in first_name:
-            print(f"note: --input names {path} twice (first as {first_name[real]}): it is tokenized once")
+            print(
+                f"note: --input names {path} twice (first as {first_name[real]}): it is tokenized once"
+            )
         else:
             first_name[real] = path
             kept.append(path)
@@ -130,7 +128,9 @@ def describe(where):
 
 def cannot_read(path, error):
     """The error for an input file that could not be read; files are read throughout a run that may last hours."""
-    moved = "; was it moved or deleted during the run?" if isinstance(error, FileNotFoundError) else ""
+    moved = (
+        "; was it moved or deleted during the run?" if isinstance(error, FileNotFoundError) else ""
+    )
     return UserError(f"{path}: cannot read it ({error.strerror or error}){moved}")
 
 
@@ -230,7 +230,9 @@ def read_parquet(path, text_field, skip):
             f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); pick one with --text_field"
         )
     if not holds_text(schema.field(text_field).type):
-        raise UserError(f"{path}: column '{text_field}' holds {schema.field(text_field).type}, not text")
+        raise UserError(
+            f"{path}: column '{text_field}' holds {schema.field(text_field).type}, not text"
+        )
     # Row groups that the finished shards of an earlier run already hold are skipped without being read.
     group, row = 0, 0
     while group < parquet.num_row_groups and skip >= parquet.metadata.row_group(group).num_rows:
@@ -267,7 +269,11 @@ def holds_text(arrow_type):
     if pa.types.is_dictionary(arrow_type):
         arrow_type = arrow_type.value_type
     is_string_view = getattr(pa.types, "is_string_view", lambda _: False)  # pyarrow 16 and later
-    return pa.types.is_string(arrow_type) or pa.types.is_large_string(arrow_type) or is_string_view(arrow_type)
+    return (
+        pa.types.is_string(arrow_type)
+        or pa.types.is_large_string(arrow_type)
+        or is_string_view(arrow_type)
+    )
 
 
 def pieces_of_documents(documents, piece_chars=PIECE_BYTES):
@@ -362,7 +368,10 @@ def hub_unreachable(timeout=5):
         port = None
     if endpoint.scheme not in ("http", "https") or not endpoint.hostname or port is None:
         return f"HF_ENDPOINT={url} is not a URL such as https://huggingface.co (set it to the hub's, or unset it)"
-    from urllib.request import getproxies, proxy_bypass  # here: 35 ms to import, and only a download needs them
+    from urllib.request import (
+        getproxies,
+        proxy_bypass,
+    )  # here: 35 ms to import, and only a download needs them
 
     host, what = endpoint.hostname, "the Hugging Face hub"
     proxies = getproxies()  # HTTPS_PROXY, ALL_PROXY, ... as the download reads them
@@ -370,7 +379,11 @@ def hub_unreachable(timeout=5):
     if proxy and not proxy_bypass(endpoint.hostname):
         via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
         try:
-            host, port, what = via.hostname, via.port or (443 if via.scheme == "https" else 80), f"the proxy {proxy}"
+            host, port, what = (
+                via.hostname,
+                via.port or (443 if via.scheme == "https" else 80),
+                f"the proxy {proxy}",
+            )
             if not host:
                 raise ValueError(proxy)
         except ValueError:
@@ -386,14 +399,21 @@ def offline_variable():
     """The variable (name=value) by which the user says that the Hugging Face hub is out of reach, or None."""
     for name in ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"]:
         value = os.environ.get(name, "")
-        if value.upper() in {"1", "ON", "YES", "TRUE"}:  # the values huggingface_hub and datasets take for true
+        if value.upper() in {
+            "1",
+            "ON",
+            "YES",
+            "TRUE",
+        }:  # the values huggingface_hub and datasets take for true
             return f"{name}={value}"
     return None
 
 
 def hf_documents(rows, dataset, text_field, skip=0):
     """(where, text) for every row of a loaded Hugging Face dataset, leaving out the first `skip` rows."""
-    if hasattr(rows, "__len__") and skip >= len(rows):  # all done already: Dataset.skip refuses to skip it all
+    if hasattr(rows, "__len__") and skip >= len(
+        rows
+    ):  # all done already: Dataset.skip refuses to skip it all
         return
     row = skip
     for batch in rows.skip(skip).iter(batch_size=1024):
@@ -421,7 +441,9 @@ def gpt2_encode(encoding, text):
     """
     try:
         return encoding.encode_to_numpy(text, disallowed_special=())
-    except UnicodeEncodeError:  # lone surrogates (JSON allows them): repair them as encode_ordinary does
+    except (
+        UnicodeEncodeError
+    ):  # lone surrogates (JSON allows them): repair them as encode_ordinary does
         text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         return encoding.encode_to_numpy(text, disallowed_special=())
 
@@ -457,21 +479,31 @@ def gpt2_tokenize(encoding, texts):
     joined = EOT_TEXT + EOT_TEXT.join(texts)
     try:
         ids = encoding.encode_to_numpy(joined, allowed_special={EOT_TEXT}, disallowed_special=())
-    except UnicodeEncodeError:  # lone surrogates, as in gpt2_encode; the ASCII markers keep texts apart
+    except (
+        UnicodeEncodeError
+    ):  # lone surrogates, as in gpt2_encode; the ASCII markers keep texts apart
         joined = joined.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         ids = encoding.encode_to_numpy(joined, allowed_special={EOT_TEXT}, disallowed_special=())
-    document_starts = np.flatnonzero(ids == EOT_TOKEN)  # no text holds the marker, so these are the EOTs put in
+    document_starts = np.flatnonzero(
+        ids == EOT_TOKEN
+    )  # no text holds the marker, so these are the EOTs put in
     return ids, np.append(document_starts[1:], len(ids)).astype(np.int64)
 
 
-worker_tokenize = None  # each worker's tokenizer, set once by init_worker: a Pool task can't be given it cheaply
+worker_tokenize = (
+    None  # each worker's tokenizer, set once by init_worker: a Pool task can't be given it cheaply
+)
 
 
 def init_worker(tokenize):
     global worker_tokenize
     worker_tokenize = tokenize
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is handled by the main process, which stops the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM: they just end
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C is handled by the main process, which stops the pool
+    signal.signal(
+        signal.SIGTERM, signal.SIG_DFL
+    )  # the pool stops its workers with SIGTERM: they just end
     keep_freed_memory()
 
 
@@ -503,7 +535,9 @@ def tokenize_piece(piece):
 
 
 def shard_path(out_dir, prefix, index):
-    split = "val" if index == 0 else "train"  # the first shard is the validation split, as in build-nanogpt
+    split = (
+        "val" if index == 0 else "train"
+    )  # the first shard is the validation split, as in build-nanogpt
     return os.path.join(out_dir, f"{prefix}_{split}_{index:06d}.npy")
 
 
@@ -531,7 +565,9 @@ def load_progress(out_dir, prefix, settings):
     }
     if not os.path.isdir(out_dir):
         return fresh
-    for leftover in glob.glob(os.path.join(out_dir, f".{prefix}_*.tmp")):  # from a run that was killed
+    for leftover in glob.glob(
+        os.path.join(out_dir, f".{prefix}_*.tmp")
+    ):  # from a run that was killed
         os.remove(leftover)
     if not os.path.exists(progress_path(out_dir, prefix)):
         if glob.glob(os.path.join(out_dir, f"{prefix}_*_*.npy")):
@@ -545,12 +581,16 @@ def load_progress(out_dir, prefix, settings):
             progress = json.load(f)
     except (OSError, ValueError):  # unreadable, or not JSON
         progress = None
-    if not (isinstance(progress, dict) and "settings" in progress):  # it is written atomically: edited by hand?
+    if not (
+        isinstance(progress, dict) and "settings" in progress
+    ):  # it is written atomically: edited by hand?
         raise UserError(
             f"{progress_path(out_dir, prefix)} is damaged: delete it and the {prefix} shards beside it to start "
             "over, or pass another --out"
         )
-    for key in progress["settings"].get("input") or []:  # a run of an earlier version hashed small files too
+    for key in (
+        progress["settings"].get("input") or []
+    ):  # a run of an earlier version hashed small files too
         if isinstance(key, dict) and key.get("bytes", HASHED_INPUT_BYTES) < HASHED_INPUT_BYTES:
             key.pop("ends_sha256", None)
     if progress["settings"] != settings:
@@ -581,7 +621,9 @@ def input_key(path):
             digest = hashlib.sha256()
             with open(path, "rb") as f:
                 digest.update(f.read(edge))
-                if stat.st_size > edge:  # and its last MiB, or what follows the first one, no byte read twice
+                if (
+                    stat.st_size > edge
+                ):  # and its last MiB, or what follows the first one, no byte read twice
                     f.seek(max(edge, stat.st_size - edge))
                     digest.update(f.read(edge))
             key["ends_sha256"] = digest.hexdigest()
@@ -607,7 +649,9 @@ def save_progress(out_dir, prefix, progress):
     # On one line: json writes with its fast C encoder only without indent, and the settings name every input
     # file, so with thousands of small .txt files an indented file cost more to write than the files to read.
     text = json.dumps(progress, sort_keys=True) + "\n"
-    with atomic_write(progress_path(out_dir, prefix), temp_path=temp_path(out_dir, prefix, "progress")) as f:
+    with atomic_write(
+        progress_path(out_dir, prefix), temp_path=temp_path(out_dir, prefix, "progress")
+    ) as f:
         f.write(text.encode())
 
 
@@ -616,7 +660,9 @@ def npy_header(tokens):
     digits without changing its length, so a shard's header can be written first and corrected in place."""
     header = io.BytesIO()
     dtype = np.lib.format.dtype_to_descr(np.dtype(np.uint16))
-    np.lib.format.write_array_header_1_0(header, {"descr": dtype, "fortran_order": False, "shape": (tokens,)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": dtype, "fortran_order": False, "shape": (tokens,)}
+    )
     return header.getvalue()
 
 
@@ -638,11 +684,17 @@ class ShardWriter:
     def __init__(self, out_dir, prefix, shard_size, progress):
         self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
         self.progress = dict(progress)
-        self.open_shard = contextlib.ExitStack()  # the atomic_write of the shard being filled, if one is
+        self.open_shard = (
+            contextlib.ExitStack()
+        )  # the atomic_write of the shard being filled, if one is
         self.shard_file = None
         self.filled = 0  # tokens in the shard being filled
-        self.documents = progress["documents"]  # documents added so far, counting the ones of earlier runs
-        self.skip_tokens = progress["tokens_of_next_document"]  # tokens of the first document in finished shards
+        self.documents = progress[
+            "documents"
+        ]  # documents added so far, counting the ones of earlier runs
+        self.skip_tokens = progress[
+            "tokens_of_next_document"
+        ]  # tokens of the first document in finished shards
 
     def __enter__(self):
         return self
@@ -679,17 +731,25 @@ class ShardWriter:
             self.filled += taken
             start += taken
             if self.filled == self.shard_size:
-                whole = int(np.searchsorted(document_ends, start, side="right"))  # documents of the piece done
-                begun = start - (int(document_ends[whole - 1]) if whole else 0)  # tokens of the next one done
+                whole = int(
+                    np.searchsorted(document_ends, start, side="right")
+                )  # documents of the piece done
+                begun = start - (
+                    int(document_ends[whole - 1]) if whole else 0
+                )  # tokens of the next one done
                 self.finish_shard(self.documents + whole, begun)
         self.documents += len(document_ends)
 
     def finish(self):
         """Finish the last, shorter shard and mark the run finished."""
-        self.progress["finished"] = True  # saved with the last shard's counts: the progress is written once, not twice
+        self.progress["finished"] = (
+            True  # saved with the last shard's counts: the progress is written once, not twice
+        )
         if self.filled:
             header = npy_header(self.filled)
-            assert len(header) == len(npy_header(self.shard_size)), "a shorter header would move the tokens"
+            assert len(header) == len(npy_header(self.shard_size)), (
+                "a shorter header would move the tokens"
+            )
             self.write(header, offset=0)
             self.finish_shard(self.documents, 0)
         else:
@@ -697,11 +757,14 @@ class ShardWriter:
 
     def start_shard(self):
         index = self.progress["shards"]
-        if not os.path.exists(progress_path(self.out_dir, self.prefix)):  # the settings go on disk before any shard
+        if not os.path.exists(
+            progress_path(self.out_dir, self.prefix)
+        ):  # the settings go on disk before any shard
             os.makedirs(self.out_dir, exist_ok=True)
             save_progress(self.out_dir, self.prefix, self.progress)
         write = atomic_write(
-            shard_path(self.out_dir, self.prefix, index), temp_path=temp_path(self.out_dir, self.prefix, f"{index:06d}")
+            shard_path(self.out_dir, self.prefix, index),
+            temp_path=temp_path(self.out_dir, self.prefix, f"{index:06d}"),
         )
         self.shard_file = self.open_shard.enter_context(write)
         self.write(npy_header(self.shard_size))
@@ -716,7 +779,9 @@ class ShardWriter:
         self.filled = 0
 
 
-PIPE_BYTES = 1 << 20  # the most an unprivileged process may give a pipe on Linux (/proc/sys/fs/pipe-max-size)
+PIPE_BYTES = (
+    1 << 20
+)  # the most an unprivileged process may give a pipe on Linux (/proc/sys/fs/pipe-max-size)
 
 
 def widen_pipes(pool):
@@ -731,7 +796,9 @@ def widen_pipes(pool):
     if not hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux only
         return
     for queue in (pool._inqueue, pool._outqueue):
-        with contextlib.suppress(AttributeError, OSError):  # OSError: a system whose pipe-max-size is lower
+        with contextlib.suppress(
+            AttributeError, OSError
+        ):  # OSError: a system whose pipe-max-size is lower
             fcntl.fcntl(queue._reader.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
 
 
@@ -751,7 +818,9 @@ def tokenize_in_order(pieces, pool, max_in_flight):
         yield in_flight.popleft().get()
 
 
-def write_shards(pieces, tokenize, out_dir, prefix, shard_size, num_proc, progress, start_method=None):
+def write_shards(
+    pieces, tokenize, out_dir, prefix, shard_size, num_proc, progress, start_method=None
+):
     """Tokenize the pieces with num_proc workers into shards; returns the final progress.
 
     `pieces` must start where `progress` left off (plan_pieces(..., skip=progress["documents"])).
@@ -765,14 +834,22 @@ def write_shards(pieces, tokenize, out_dir, prefix, shard_size, num_proc, progre
     context = multiprocessing.get_context(start_method)
     pool = context.Pool(num_proc, initializer=init_worker, initargs=(tokenize,))
     widen_pipes(pool)
-    with pool, writer, tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing") as bar:
+    with (
+        pool,
+        writer,
+        tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing") as bar,
+    ):
         for ids, document_ends in tokenize_in_order(pieces, pool, max_in_flight=2 * num_proc):
-            tokens_written_before = writer.skip_tokens  # by an earlier run, for the first piece of a resumed one
+            tokens_written_before = (
+                writer.skip_tokens
+            )  # by an earlier run, for the first piece of a resumed one
             writer.add(ids, document_ends)
             bar.update(len(ids) - tokens_written_before)
             bar.set_postfix(shards=writer.progress["shards"], refresh=False)
         if writer.documents == 0:
-            raise UserError("the corpus holds no documents; check --input (or --dataset, --name, --split)")
+            raise UserError(
+                "the corpus holds no documents; check --input (or --dataset, --name, --split)"
+            )
         writer.finish()
         bar.set_postfix(shards=writer.progress["shards"])
     return writer.progress
@@ -796,14 +873,19 @@ def parse_args(argv=None):
         help="local .txt (one document each), .jsonl or .parquet files or directories; without it, --dataset is "
         "downloaded",
     )
-    parser.add_argument("--out", default="edu_fineweb10B", help="directory for the shards (default: %(default)s)")
+    parser.add_argument(
+        "--out", default="edu_fineweb10B", help="directory for the shards (default: %(default)s)"
+    )
     parser.add_argument(
         "--prefix",
         help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: edufineweb for the "
         "download, shard for --input files, or the prefix of the run that --out holds)",
     )
     parser.add_argument(
-        "--shard_size", type=int, default=10**8, help="tokens per shard, of 2 bytes each on disk (default: %(default)s)"
+        "--shard_size",
+        type=int,
+        default=10**8,
+        help="tokens per shard, of 2 bytes each on disk (default: %(default)s)",
     )
     parser.add_argument(
         "--num_proc",
@@ -823,13 +905,21 @@ def parse_args(argv=None):
         default="HuggingFaceFW/fineweb-edu",
         help="Hugging Face dataset to download when there is no --input (default: %(default)s)",
     )
-    parser.add_argument("--name", default="sample-10BT", help="its configuration (default: %(default)s)")
-    parser.add_argument("--split", default="train", help="its split to tokenize (default: %(default)s)")
     parser.add_argument(
-        "--streaming", action="store_true", help="tokenize while downloading, without keeping the dataset on disk"
+        "--name", default="sample-10BT", help="its configuration (default: %(default)s)"
     )
     parser.add_argument(
-        "--text_field", default="text", help="the JSON field or column that holds the text (default: %(default)s)"
+        "--split", default="train", help="its split to tokenize (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--streaming",
+        action="store_true",
+        help="tokenize while downloading, without keeping the dataset on disk",
+    )
+    parser.add_argument(
+        "--text_field",
+        default="text",
+        help="the JSON field or column that holds the text (default: %(default)s)",
     )
     return parser.parse_args(argv)
 
@@ -840,7 +930,9 @@ def default_prefix(out_dir, local_input):
     held = sorted(glob.glob(os.path.join(glob.escape(out_dir), "*_progress.json")))
     if len(held) == 1:
         return os.path.basename(held[0]).removesuffix("_progress.json")
-    val_shards = sorted(glob.glob(os.path.join(glob.escape(out_dir), "*_val_000000.npy")))  # progress file lost
+    val_shards = sorted(
+        glob.glob(os.path.join(glob.escape(out_dir), "*_val_000000.npy"))
+    )  # progress file lost
     if len(val_shards) == 1:
         return os.path.basename(val_shards[0]).removesuffix("_val_000000.npy")
     return "shard" if local_input else "edufineweb"
@@ -854,8 +946,12 @@ def main(argv=None):
     # The trainer tells the splits apart by the word before the shard's number; a prefix that names a split
     # or a folder would make names other loaders (build-nanogpt's glob of *_train_*) read wrongly.
     if not args.prefix or os.sep in args.prefix or "_train" in args.prefix or "_val" in args.prefix:
-        raise UserError(f"--prefix {args.prefix!r}: use a plain name without '/', '_train' or '_val'")
-    if not args.input and offline_variable():  # before datasets spends seconds importing and retrying
+        raise UserError(
+            f"--prefix {args.prefix!r}: use a plain name without '/', '_train' or '_val'"
+        )
+    if (
+        not args.input and offline_variable()
+    ):  # before datasets spends seconds importing and retrying
         raise UserError(
             f"{offline_variable()} says there is no network, so {args.dataset} cannot be downloaded; pass local "
             f".parquet, .jsonl or .txt files with --input (FineWeb-edu's parquet files, downloaded elsewhere)"
@@ -866,8 +962,12 @@ def main(argv=None):
         files = find_input_files(args.input)
         settings["input"] = [input_key(path) for path in files]
     else:
-        settings.update(dataset=args.dataset, name=args.name, split=args.split, streaming=args.streaming)
-    with output_lock(args.out, "--out"):  # one writer per folder; removed again if this run makes nothing
+        settings.update(
+            dataset=args.dataset, name=args.name, split=args.split, streaming=args.streaming
+        )
+    with output_lock(
+        args.out, "--out"
+    ):  # one writer per folder; removed again if this run makes nothing
         check_one_corpus(args.out, args.prefix)
         write_corpus(args, settings, files if args.input else None)
 
@@ -894,12 +994,16 @@ def write_corpus(args, settings, files):
         )
         return
     if progress["shards"]:
-        print(f"resuming after {progress['shards']} finished shards ({progress['documents']:,} documents)")
+        print(
+            f"resuming after {progress['shards']} finished shards ({progress['documents']:,} documents)"
+        )
     if args.input:
         pieces = plan_pieces(files, args.text_field, skip=progress["documents"])
     else:
         rows = load_hf_dataset(args.dataset, args.name, args.split, args.streaming, args.text_field)
-        pieces = pieces_of_documents(hf_documents(rows, args.dataset, args.text_field, skip=progress["documents"]))
+        pieces = pieces_of_documents(
+            hf_documents(rows, args.dataset, args.text_field, skip=progress["documents"])
+        )
     tokenize = functools.partial(gpt2_tokenize, gpt2_tokenizer())
     tokens_before = progress["tokens"]
     progress = write_shards(
@@ -920,8 +1024,12 @@ def write_corpus(args, settings, files):
         f"in {args.out}; "
         f"this run: {tokens:,} tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
     )
-    if progress["tokens"] == progress["documents"]:  # each document added its end-of-text token and nothing else
-        print("note: every document was empty: the shards hold end-of-text tokens only, nothing to train on")
+    if (
+        progress["tokens"] == progress["documents"]
+    ):  # each document added its end-of-text token and nothing else
+        print(
+            "note: every document was empty: the shards hold end-of-text tokens only, nothing to train on"
+        )
     elif progress["shards"] == 1:
         print(
             f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below "

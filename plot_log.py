@@ -10,9 +10,12 @@ import argparse
 import os
 
 import numpy as np
-from matplotlib.figure import Figure  # not pyplot: we only write files, and need no window or backend
+from matplotlib.figure import (
+    Figure,
+)  # not pyplot: we only write files, and need no window or backend
 
-from common import ArgumentParser, HelpFormatter, UserError, atomic_write, run_cli
+from machinery.cli import ArgumentParser, HelpFormatter, UserError, run_cli
+from machinery.files import atomic_write
 
 # Reference numbers, each true of one data set only. OpenAI's GPT-2 124M reaches this loss on FineWeb-edu
 # val (shard 0): it compares with our val loss only when we train and validate on FineWeb-edu too.
@@ -41,11 +44,17 @@ def parse_log(path):
         with open(path) as f:
             text = f.read()  # a log has one short line per step: it fits in memory
     except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror}); pass the log.txt your training run wrote") from None
+        raise UserError(
+            f"cannot read {path} ({e.strerror}); pass the log.txt your training run wrote"
+        ) from None
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not a text file; pass the log.txt your training run wrote") from None
+        raise UserError(
+            f"{path} is not a text file; pass the log.txt your training run wrote"
+        ) from None
     lines = text.splitlines()
-    if lines and not text.endswith("\n"):  # a line cut short (being written, or killed), even if it parses
+    if lines and not text.endswith(
+        "\n"
+    ):  # a line cut short (being written, or killed), even if it parses
         print(f"note: the last line of {path} is cut short ({lines.pop()[:60]!r}): it is left out")
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -102,9 +111,20 @@ def plot_loss(ax, series, reference=False, clip=True):
         ax.plot(train_steps, train_loss, color="tab:blue", alpha=0.25, linewidth=0.8, label=faint)
         if window > 1:
             smoothed = f"train, mean of {window} steps"
-            ax.plot(*moving_average(train_steps, train_loss, window), color="tab:blue", label=smoothed)
-    if val_loss.size:  # a point per evaluation: the line between two says nothing of the steps in between
-        ax.plot(val_steps, val_loss, color="tab:orange", marker="o", markersize=4, label="val, each evaluation")
+            ax.plot(
+                *moving_average(train_steps, train_loss, window), color="tab:blue", label=smoothed
+            )
+    if (
+        val_loss.size
+    ):  # a point per evaluation: the line between two says nothing of the steps in between
+        ax.plot(
+            val_steps,
+            val_loss,
+            color="tab:orange",
+            marker="o",
+            markersize=4,
+            label="val, each evaluation",
+        )
     if reference:
         label = f"OpenAI GPT-2 124M, FineWeb-edu val: {GPT2_124M_FINEWEB_EDU_VAL_LOSS}"
         ax.axhline(GPT2_124M_FINEWEB_EDU_VAL_LOSS, color="red", linestyle="--", label=label)
@@ -118,16 +138,30 @@ def plot_loss(ax, series, reference=False, clip=True):
         top = min(highest, lowest + CLIP_NATS) if clip else highest
         bottom = lowest
         if reference:  # the reference line stays in view, however far our curve is from it
-            top, bottom = max(top, GPT2_124M_FINEWEB_EDU_VAL_LOSS), min(bottom, GPT2_124M_FINEWEB_EDU_VAL_LOSS)
+            top, bottom = (
+                max(top, GPT2_124M_FINEWEB_EDU_VAL_LOSS),
+                min(bottom, GPT2_124M_FINEWEB_EDU_VAL_LOSS),
+            )
         margin = 0.05 * (top - bottom) + 0.05
         ax.set_ylim(bottom - margin, top + margin)
         hidden = int(np.sum(losses > top + margin))
         if hidden:
-            notes.append(f"y clipped at {top + margin:.2f}: {points(hidden)} above (--no-clip shows them)")
+            notes.append(
+                f"y clipped at {top + margin:.2f}: {points(hidden)} above (--no-clip shows them)"
+            )
     if notes:
         # Bottom left: a loss curve starts high and falls to the right, so that corner is empty.
         box = dict(facecolor="white", edgecolor="0.7", alpha=0.9)
-        ax.text(0.01, 0.02, "\n".join(notes), transform=ax.transAxes, ha="left", va="bottom", fontsize=8, bbox=box)
+        ax.text(
+            0.01,
+            0.02,
+            "\n".join(notes),
+            transform=ax.transAxes,
+            ha="left",
+            va="bottom",
+            fontsize=8,
+            bbox=box,
+        )
     ax.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title="Loss")
     if ax.get_legend_handles_labels()[1]:  # none when every loss is nan: the note says so instead
         ax.legend(loc="upper right")
@@ -140,10 +174,27 @@ def plot_hellaswag(ax, series, reference=True):
     if accuracy.size:
         ax.plot(steps, accuracy, color="tab:green", marker=".", label="this run")
     if reference:
-        ax.axhline(GPT2_124M_HELLASWAG, color="red", linestyle="--", label=f"OpenAI GPT-2 124M: {GPT2_124M_HELLASWAG}")
-        ax.axhline(GPT3_124M_HELLASWAG, color="purple", linestyle="--", label=f"GPT-3 124M: {GPT3_124M_HELLASWAG}")
+        ax.axhline(
+            GPT2_124M_HELLASWAG,
+            color="red",
+            linestyle="--",
+            label=f"OpenAI GPT-2 124M: {GPT2_124M_HELLASWAG}",
+        )
+        ax.axhline(
+            GPT3_124M_HELLASWAG,
+            color="purple",
+            linestyle="--",
+            label=f"GPT-3 124M: {GPT3_124M_HELLASWAG}",
+        )
     if skipped:
-        ax.text(0.99, 0.02, f"{points(skipped)} nan/inf: not drawn", transform=ax.transAxes, ha="right", fontsize=8)
+        ax.text(
+            0.99,
+            0.02,
+            f"{points(skipped)} nan/inf: not drawn",
+            transform=ax.transAxes,
+            ha="right",
+            fontsize=8,
+        )
     ax.set(xlabel="step", ylabel="acc_norm (chance: 0.25)", title="HellaSwag")
     if ax.get_legend_handles_labels()[1]:
         ax.legend(loc="lower right")
@@ -167,7 +218,9 @@ def save_figure(fig, out_path):
     extension = os.path.splitext(out_path)[1] or ".png"
     image_format = extension[1:].lower()
     if image_format not in fig.canvas.get_supported_filetypes():
-        raise UserError(f"cannot write {extension} files; use an output name ending in .png, .pdf or .svg")
+        raise UserError(
+            f"cannot write {extension} files; use an output name ending in .png, .pdf or .svg"
+        )
     os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with atomic_write(out_path) as f:
         fig.savefig(f, dpi=120, format=image_format)
@@ -180,7 +233,9 @@ class DocstringHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=DocstringHelpFormatter)
     parser.add_argument("log", help="the log.txt a training run wrote (e.g. log/log.txt)")
-    parser.add_argument("-o", "--out", help="image to write (.png, .pdf, .svg); default: loss.png next to the log")
+    parser.add_argument(
+        "-o", "--out", help="image to write (.png, .pdf, .svg); default: loss.png next to the log"
+    )
     # Three settings on one dest. log.txt does not say which data a run used, so the loss reference (true
     # of FineWeb-edu val only) waits for --ref; HellaSwag's hold for every run, so they are drawn by default.
     parser.add_argument(
@@ -215,7 +270,12 @@ def main(argv=None):
     args = parse_args(argv)
     out_path = args.out or os.path.join(os.path.dirname(args.log), "loss.png")
     series = parse_log(args.log)
-    fig = build_figure(series, loss_reference=args.ref == "all", hellaswag_reference=args.ref != "none", clip=args.clip)
+    fig = build_figure(
+        series,
+        loss_reference=args.ref == "all",
+        hellaswag_reference=args.ref != "none",
+        clip=args.clip,
+    )
     save_figure(fig, out_path)
     print(f"wrote {out_path}")
 

@@ -38,8 +38,8 @@ import pyarrow.parquet as pq
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # to import common and fineweb
-from common import gpt2_tokenizer  # noqa: E402
 from fineweb import available_cores  # noqa: E402
+from machinery.tokenizer import gpt2_tokenizer  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # The corpora.
@@ -99,7 +99,9 @@ def write_corpus(documents, directory, shape):
     os.makedirs(directory)
     if shape == "txt files":
         for index, document in enumerate(documents):
-            with open(os.path.join(directory, f"{index:07d}.txt"), "w", encoding="utf-8", newline="") as f:
+            with open(
+                os.path.join(directory, f"{index:07d}.txt"), "w", encoding="utf-8", newline=""
+            ) as f:
                 f.write(document)
         # fineweb.py reads .txt files with universal newlines
         return directory, [d.replace("\r\n", "\n").replace("\r", "\n") for d in documents]
@@ -113,7 +115,9 @@ def write_corpus(documents, directory, shape):
             f.writelines(json.dumps({"text": d}) + "\n" for d in documents)
         return path, documents
     path = os.path.join(directory, "corpus.parquet")
-    pq.write_table(pa.table({"text": documents}), path, row_group_size=1000)  # FineWeb's files have 1000-row groups
+    pq.write_table(
+        pa.table({"text": documents}), path, row_group_size=1000
+    )  # FineWeb's files have 1000-row groups
     return path, documents
 
 
@@ -123,7 +127,16 @@ def write_corpus(documents, directory, shape):
 
 def run_fineweb(corpus, out, num_proc):
     """Run fineweb.py as its own process; returns (wall seconds, tokens written)."""
-    command = [sys.executable, "fineweb.py", "--input", corpus, "--out", out, "--num_proc", str(num_proc)]
+    command = [
+        sys.executable,
+        "fineweb.py",
+        "--input",
+        corpus,
+        "--out",
+        out,
+        "--num_proc",
+        str(num_proc),
+    ]
     start = time.perf_counter()
     run = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -144,7 +157,9 @@ def set_encoding():
 
 
 def encode_batch(documents):
-    return sum(len(encoding.encode_ordinary(d)) + 1 for d in documents)  # + 1: the EOT before each document
+    return sum(
+        len(encoding.encode_ordinary(d)) + 1 for d in documents
+    )  # + 1: the EOT before each document
 
 
 def batches(documents, batch_chars=1 << 20):
@@ -178,7 +193,9 @@ def measure(documents, shape, copies, repeat, num_proc, pool, directory):
     small_copies, large_copies = copies
     tiny, _ = write_corpus(documents[:1], os.path.join(directory, "tiny"), shape)
     small, seen = write_corpus(documents * small_copies, os.path.join(directory, "small"), shape)
-    large, seen_large = write_corpus(documents * large_copies, os.path.join(directory, "large"), shape)
+    large, seen_large = write_corpus(
+        documents * large_copies, os.path.join(directory, "large"), shape
+    )
     out = os.path.join(directory, "out")
     figures = collections.defaultdict(list)
     for _ in range(repeat):  # in turns, so that every figure sees the machine in the same moods
@@ -215,10 +232,18 @@ def main():
         "the marginal rate measures the filling of the pipeline more than its pace",
     )
     parser.add_argument(
-        "--copies", type=int, nargs=2, default=[2, 8], help="copies of the corpus in the two runs of the marginal rate"
+        "--copies",
+        type=int,
+        nargs=2,
+        default=[2, 8],
+        help="copies of the corpus in the two runs of the marginal rate",
     )
-    parser.add_argument("--repeat", type=int, default=5, help="runs of each measurement; medians are printed")
-    parser.add_argument("--text", help="a text file to use as the prose instead of pydoc_data's topics")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="runs of each measurement; medians are printed"
+    )
+    parser.add_argument(
+        "--text", help="a text file to use as the prose instead of pydoc_data's topics"
+    )
     parser.add_argument("--kinds", nargs="+", default=["prose", "code"], choices=["prose", "code"])
     parser.add_argument("--shapes", nargs="+", default=SHAPES, choices=SHAPES)
     args = parser.parse_args()
@@ -236,13 +261,22 @@ def main():
         f"{'corpus':<22} {'docs':>6} {'M tokens':>8} {'start-up':>8} {'steady':>6} {'whole':>5} {'bare pool':>9} "
         f"{'2 x single':>10} {'steady/pool':>20} {'steady/2x':>9} {'whole/pool':>10}"
     )
-    with multiprocessing.Pool(cores, initializer=set_encoding) as pool, tempfile.TemporaryDirectory() as directory:
+    with (
+        multiprocessing.Pool(cores, initializer=set_encoding) as pool,
+        tempfile.TemporaryDirectory() as directory,
+    ):
         set_encoding()
         for kind in args.kinds:
             documents = texts[kind]()
             for shape in args.shapes:
                 m, runs, count, tokens = measure(
-                    documents, shape, args.copies, args.repeat, cores, pool, os.path.join(directory, "corpus")
+                    documents,
+                    shape,
+                    args.copies,
+                    args.repeat,
+                    cores,
+                    pool,
+                    os.path.join(directory, "corpus"),
                 )
                 spread = f"({min(runs['steady/pool']):.2f}-{max(runs['steady/pool']):.2f})"
                 print(

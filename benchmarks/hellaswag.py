@@ -24,8 +24,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import torch.nn.functional as F
 
-import hellaswag
-from common import UserError, gpt2_tokenizer, run_cli
+from machinery import hellaswag
+from machinery.cli import UserError, run_cli
+from machinery.tokenizer import gpt2_tokenizer
 from train_gpt2 import GPT, GPTConfig
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -65,13 +66,17 @@ def one_example_per_forward(model, examples, enc, device, autocast_dtype):
     """build-nanogpt's way: one (4, L) forward per example, the loss of every position in fp32, then
     masked. Returns the summed losses and counts (E, 4), like hellaswag.score_examples."""
     sums, counts = [], []
-    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32)
+    autocast = torch.autocast(
+        device.type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32
+    )
     with torch.no_grad(), autocast:
         for example in examples:
             tokens, mask = full_rows(*hellaswag.render_example(example, enc))
             tokens, mask = tokens.to(device), mask.to(device)
             logits, _ = model(tokens)
-            losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none")
+            losses = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten(), reduction="none"
+            )
             losses = losses.view(4, -1) * mask[:, 1:]
             sums.append(losses.sum(dim=1).cpu())
             counts.append(mask[:, 1:].sum(dim=1).cpu())
@@ -91,14 +96,23 @@ def timed(device, fn, *args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--text", default=README, help="text file to cut the examples from (default: README.md)")
+    parser.add_argument(
+        "--text", default=README, help="text file to cut the examples from (default: README.md)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--examples", type=int, default=64, help="examples per measurement")
-    parser.add_argument("--batch_sizes", default="4,16", help="examples per forward pass of the batched scoring")
     parser.add_argument(
-        "--rounds", type=int, default=2, help="every method runs once per round; each keeps its best time"
+        "--batch_sizes", default="4,16", help="examples per forward pass of the batched scoring"
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="every method runs once per round; each keeps its best time",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: PyTorch's choice)"
+    )
     args = parser.parse_args(argv)
     if not os.path.isfile(args.text):
         raise UserError(f"--text {args.text}: no such file")
@@ -123,12 +137,14 @@ def main(argv=None):
     methods = {}  # name -> function of a list of examples, returning summed losses and counts (E, 4)
     for dtype in (torch.float32, torch.bfloat16):
         dtype_name = str(dtype).removeprefix("torch.")
-        methods[f"{dtype_name:>8} | one example per forward"] = lambda exs, dtype=dtype: one_example_per_forward(
-            model, exs, enc, device, dtype
+        methods[f"{dtype_name:>8} | one example per forward"] = lambda exs, dtype=dtype: (
+            one_example_per_forward(model, exs, enc, device, dtype)
         )
         for b in map(int, args.batch_sizes.split(",")):
-            methods[f"{dtype_name:>8} | packed, {b} examples per forward"] = lambda exs, b=b, dtype=dtype: (
-                hellaswag.score_examples(model, exs, enc, device, b, dtype)
+            methods[f"{dtype_name:>8} | packed, {b} examples per forward"] = (
+                lambda exs, b=b, dtype=dtype: hellaswag.score_examples(
+                    model, exs, enc, device, b, dtype
+                )
             )
     # Rounds, not one method after another: the machine may be busier at some moments than at others,
     # and the best of several interleaved runs is the least disturbed one of each method.
@@ -143,7 +159,9 @@ def main(argv=None):
     exact_sums, counts = scores[next(iter(methods))]  # fp32, one example at a time
     exact_pred, exact_pred_norm = hellaswag.predictions(exact_sums, counts)
     baseline = best[next(iter(methods))]
-    print(f"{'   dtype | method':<45} | {'speed':<18} | vs fp32 one per forward | error of the scores")
+    print(
+        f"{'   dtype | method':<45} | {'speed':<18} | vs fp32 one per forward | error of the scores"
+    )
     for name in methods:
         sums, method_counts = scores[name]
         assert torch.equal(method_counts, counts)

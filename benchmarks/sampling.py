@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch
 import torch.nn.functional as F
 
-from common import gpt2_tokenizer
+from machinery.tokenizer import gpt2_tokenizer
 from train_gpt2 import GPT, GPTConfig
 
 
@@ -47,7 +47,9 @@ def tokens_per_second(generate, model, idx, max_new_tokens, top_k, autocast, rep
     its own autocast region, as in sample.py, so each pays for casting the weights to bf16 once."""
     generator = torch.Generator().manual_seed(42)
     with autocast():
-        generate(model, idx, 2, top_k, generator)  # warm-up: first-call allocations and kernel selection
+        generate(
+            model, idx, 2, top_k, generator
+        )  # warm-up: first-call allocations and kernel selection
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -64,12 +66,23 @@ def main():
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--top_k", type=int, default=50)
     p.add_argument(
-        "--dtype", choices=["fp32", "bf16"], default="bf16", help="bf16: autocast, as sample.py does on GPUs"
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="bf16",
+        help="bf16: autocast, as sample.py does on GPUs",
     )
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--flush_denormal", action="store_true", help="treat denormal floats as zero (x86)")
-    p.add_argument("--repeats", type=int, default=3, help="runs of the cached path; the best counts")
-    p.add_argument("--skip_recompute", action="store_true", help="time only the cached path (recomputing is slow)")
+    p.add_argument(
+        "--flush_denormal", action="store_true", help="treat denormal floats as zero (x86)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="runs of the cached path; the best counts"
+    )
+    p.add_argument(
+        "--skip_recompute",
+        action="store_true",
+        help="time only the cached path (recomputing is slow)",
+    )
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)

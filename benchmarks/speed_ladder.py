@@ -30,9 +30,18 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
-from common import EOT_TOKEN, GPT2_VOCAB_SIZE, UserError, gpt2_tokenizer, run_cli
-from devices import autocast_context, device_peak_flops, flops_per_token, pick_device, use_fast_math
-from train_gpt2 import GPT, DataLoaderLite, GPTConfig, configure_optimizer, parse_args, train_step
+from machinery.cli import UserError, run_cli
+from machinery.devices import device_peak_flops, flops_per_token, pick_device
+from machinery.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer
+from train_gpt2 import (
+    GPT,
+    DataLoaderLite,
+    GPTConfig,
+    configure_optimizer,
+    mixed_precision,
+    parse_args,
+    train_step,
+)
 
 TRAINER_DEFAULTS = parse_args([])  # the top rung must be what the trainer does: read its defaults
 
@@ -44,7 +53,9 @@ class Settings:
     tf32: bool = False  # TF32 tensor cores for fp32 matmuls (CUDA)
     dtype: torch.dtype = torch.float32  # autocast dtype
     compile: bool = False  # torch.compile the model
-    flash: bool = False  # let scaled_dot_product_attention pick its fastest kernel (flash attention)
+    flash: bool = (
+        False  # let scaled_dot_product_attention pick its fastest kernel (flash attention)
+    )
     vocab_size: int = GPT2_VOCAB_SIZE  # rows of the embedding table
     fused_adamw: bool = False  # AdamW's fused CUDA kernel
 
@@ -56,7 +67,12 @@ RUNGS = [
     ("+ bf16 autocast", {"dtype": torch.bfloat16}, False, 300),
     ("+ torch.compile", {"compile": True}, False, 130),
     ("+ flash attention", {"flash": True}, False, 96),
-    (f"+ vocab {TRAINER_DEFAULTS.vocab_size}", {"vocab_size": TRAINER_DEFAULTS.vocab_size}, False, 93),
+    (
+        f"+ vocab {TRAINER_DEFAULTS.vocab_size}",
+        {"vocab_size": TRAINER_DEFAULTS.vocab_size},
+        False,
+        93,
+    ),
     ("+ fused AdamW", {"fused_adamw": True}, True, 90),
 ]
 
@@ -84,7 +100,9 @@ def padded_copy(model, vocab_size):
     padded = GPT(replace(model.config, vocab_size=vocab_size))
     state = model.state_dict()
     wte = state["transformer.wte.weight"]
-    state["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(vocab_size - len(wte), wte.size(1))])
+    state["transformer.wte.weight"] = torch.cat(
+        [wte, wte.new_zeros(vocab_size - len(wte), wte.size(1))]
+    )
     state["lm_head.weight"] = state["transformer.wte.weight"]
     padded.load_state_dict(state)
     return padded
@@ -99,16 +117,22 @@ def time_rung(settings, base_model, data_dir, args, device):
     else:
         model = padded_copy(base_model, settings.vocab_size)
     model = model.to(device)
-    optimizer = configure_optimizer(model, 0.1, args.lr, (0.9, 0.95), 1e-8, device.type, fused=settings.fused_adamw)
+    optimizer = configure_optimizer(
+        model, 0.1, args.lr, (0.9, 0.95), 1e-8, device.type, fused=settings.fused_adamw
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 need no loss scaling
     loader = DataLoaderLite(data_dir, args.batch_size, args.seq_len, 0, 1, "train")
     step_model = torch.compile(model) if settings.compile else model
-    autocast = autocast_context(device, settings.dtype)
+    autocast = torch.autocast(
+        device.type, dtype=settings.dtype, enabled=settings.dtype != torch.float32
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, loss = [], None
     with attention_backends(settings.flash):
-        for step in range(args.warmup + args.steps):  # the same tokens, in the same order, for every rung
+        for step in range(
+            args.warmup + args.steps
+        ):  # the same tokens, in the same order, for every rung
             t0 = time.perf_counter()
             loss, _ = train_step(step_model, optimizer, scaler, loader, 1, args.lr, 1.0, autocast)
             loss = loss.item()  # waits for the device, like the trainer's report of each step
@@ -130,14 +154,19 @@ def corpus_shards(text_path, tokens_needed, directory):
     if len(tokens) < 2:
         raise UserError(f"--text {text_path} holds no text")
     repeats = -(-tokens_needed // len(tokens))
-    np.save(os.path.join(directory, "ladder_train_000001.npy"), np.array(tokens * repeats, dtype=np.uint16))
+    np.save(
+        os.path.join(directory, "ladder_train_000001.npy"),
+        np.array(tokens * repeats, dtype=np.uint16),
+    )
     return directory
 
 
 def run_ladder(args):
     """Time each rung asked for; returns a list of row dicts (a skipped rung has a 'skipped' reason)."""
     device = pick_device(args.device)
-    use_fast_math(device)  # as the trainer does; each rung then sets the fp32 matmul precision itself
+    mixed_precision(
+        "auto", device
+    )  # as the trainer does; each rung then sets the fp32 matmul precision itself
     config = GPTConfig(args.seq_len, GPT2_VOCAB_SIZE, args.n_layer, args.n_head, args.n_embd)
     torch.manual_seed(args.seed)
     base_model = GPT(config)  # every rung starts from these weights
@@ -145,8 +174,12 @@ def run_ladder(args):
     num_params = sum(p.numel() for p in base_model.parameters())
     rows = []
     with tempfile.TemporaryDirectory() as data_dir:
-        corpus_shards(args.text, (args.warmup + args.steps) * args.batch_size * args.seq_len + 1, data_dir)
-        for number, ((name, _, cuda_only, lecture_ms), settings) in enumerate(zip(RUNGS, cumulative_settings()), 1):
+        corpus_shards(
+            args.text, (args.warmup + args.steps) * args.batch_size * args.seq_len + 1, data_dir
+        )
+        for number, ((name, _, cuda_only, lecture_ms), settings) in enumerate(
+            zip(RUNGS, cumulative_settings()), 1
+        ):
             row = {"rung": number, "name": name, "lecture_ms": lecture_ms}
             rows.append(row)
             if number not in args.rungs:
@@ -164,7 +197,11 @@ def run_ladder(args):
                 tokens = args.batch_size * args.seq_len
                 row.update(ms=ms, tokens_per_s=1000 * tokens / ms, loss=loss, memory=memory)
                 if peak_flops:
-                    row["mfu"] = flops_per_token(config, args.seq_len, num_params) * row["tokens_per_s"] / peak_flops
+                    row["mfu"] = (
+                        flops_per_token(config, args.seq_len, num_params)
+                        * row["tokens_per_s"]
+                        / peak_flops
+                    )
             print_row(row, rows)
     return rows
 
@@ -191,25 +228,49 @@ def print_row(row, rows):
 
 
 def parse_ladder_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    p.add_argument("--batch_size", type=int, default=16, help="sequences per step (B); the lecture's 16")
-    p.add_argument("--seq_len", type=int, default=1024, help="tokens per sequence (T); GPT-2's 1024")
+    p.add_argument(
+        "--batch_size", type=int, default=16, help="sequences per step (B); the lecture's 16"
+    )
+    p.add_argument(
+        "--seq_len", type=int, default=1024, help="tokens per sequence (T); GPT-2's 1024"
+    )
     p.add_argument("--n_layer", type=int, default=12, help="GPT-2 124M: 12")
     p.add_argument("--n_head", type=int, default=12, help="GPT-2 124M: 12")
     p.add_argument("--n_embd", type=int, default=768, help="GPT-2 124M: 768")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per rung (the median is shown)")
-    p.add_argument("--warmup", type=int, default=4, help="steps before the timed ones (compiling, allocating)")
-    p.add_argument("--rungs", default=",".join(str(i) for i in range(1, len(RUNGS) + 1)), help="which rungs to time")
-    p.add_argument("--lr", type=float, default=6e-4, help="AdamW's learning rate, the same for every rung")
+    p.add_argument(
+        "--steps", type=int, default=10, help="timed steps per rung (the median is shown)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=4, help="steps before the timed ones (compiling, allocating)"
+    )
+    p.add_argument(
+        "--rungs",
+        default=",".join(str(i) for i in range(1, len(RUNGS) + 1)),
+        help="which rungs to time",
+    )
+    p.add_argument(
+        "--lr", type=float, default=6e-4, help="AdamW's learning rate, the same for every rung"
+    )
     p.add_argument("--seed", type=int, default=1337, help="seed of the shared initial weights")
-    default_text = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
-    p.add_argument("--text", default=default_text, help="text to train on, repeated as needed (default: README.md)")
+    default_text = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"
+    )
+    p.add_argument(
+        "--text",
+        default=default_text,
+        help="text to train on, repeated as needed (default: README.md)",
+    )
     args = p.parse_args(argv)
     try:
         args.rungs = {int(r) for r in args.rungs.split(",")}
     except ValueError:
-        raise UserError(f"--rungs {args.rungs}: give rung numbers separated by commas, e.g. 1,3,4") from None
+        raise UserError(
+            f"--rungs {args.rungs}: give rung numbers separated by commas, e.g. 1,3,4"
+        ) from None
     for name in ("batch_size", "seq_len", "n_layer", "n_head", "n_embd", "steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1")
@@ -223,7 +284,11 @@ def parse_ladder_args(argv=None):
 def main(argv=None):
     args = parse_ladder_args(argv)
     device = pick_device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
     print(
         f"speed ladder on {name}, torch {torch.__version__}: {args.n_layer} layers, {args.n_head} heads, "
         f"{args.n_embd} channels, B={args.batch_size}, T={args.seq_len}, median of {args.steps} steps after "

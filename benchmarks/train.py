@@ -25,7 +25,9 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # run as `python benchmarks/train.py`, Python puts benchmarks/ on sys.path, not the repository
+sys.path.insert(
+    0, REPO
+)  # run as `python benchmarks/train.py`, Python puts benchmarks/ on sys.path, not the repository
 
 # The README's tiny run, but for --max_steps.
 TINY_RUN = (
@@ -40,10 +42,20 @@ TINY_RUN = (
 
 def tiny_run(repo, data_dir, log_dir, steps):
     """One run of the tiny model in `repo`'s code: its figures, and its log.txt."""
-    command = [sys.executable, "train_gpt2.py", "--data_dir", data_dir, "--log_dir", log_dir, *TINY_RUN.split()]
+    command = [
+        sys.executable,
+        "train_gpt2.py",
+        "--data_dir",
+        data_dir,
+        "--log_dir",
+        log_dir,
+        *TINY_RUN.split(),
+    ]
     command += ["--max_steps", str(steps)]
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
@@ -66,11 +78,14 @@ def compare_runs(trees, data_dir, steps, runs):
     with tempfile.TemporaryDirectory() as scratch:
         for i in range(runs):
             for name, repo in trees.items():
-                run_figures, log = tiny_run(repo, data_dir, os.path.join(scratch, f"{name}{i}"), steps)
+                run_figures, log = tiny_run(
+                    repo, data_dir, os.path.join(scratch, f"{name}{i}"), steps
+                )
                 figures[name].append(run_figures)
                 logs.add(log)
                 shown = " | ".join(
-                    f"{k} {v:,.3f}" if k == "kernel share" else f"{k} {v:,.1f}" for k, v in run_figures.items()
+                    f"{k} {v:,.3f}" if k == "kernel share" else f"{k} {v:,.1f}"
+                    for k, v in run_figures.items()
                 )
                 print(f"run {i + 1} {name:6s} {shown}", flush=True)
     return figures, len(logs) == 1
@@ -79,27 +94,54 @@ def compare_runs(trees, data_dir, steps, runs):
 def cpu_main(args):
     import torch  # the version this runs with, for the first line
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    print(f"CPU {cpu}, {os.cpu_count()} cores | torch {torch.__version__} | {args.steps} steps, {args.runs} runs")
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in open("/proc/cpuinfo")
+            if line.startswith("model name")
+        ),
+        "?",
+    )
+    print(
+        f"CPU {cpu}, {os.cpu_count()} cores | torch {torch.__version__} | {args.steps} steps, {args.runs} runs"
+    )
     with tempfile.TemporaryDirectory() as scratch:
         trees = {"this": REPO}
         if args.against:
             trees[args.against] = os.path.join(scratch, "against")
             os.mkdir(trees[args.against])
-            archive = subprocess.run(["git", "archive", args.against], cwd=REPO, capture_output=True, check=True)
-            subprocess.run(["tar", "-x", "-C", trees[args.against]], input=archive.stdout, check=True)
+            archive = subprocess.run(
+                ["git", "archive", args.against], cwd=REPO, capture_output=True, check=True
+            )
+            subprocess.run(
+                ["tar", "-x", "-C", trees[args.against]], input=archive.stdout, check=True
+            )
         data_dir = os.path.join(scratch, "data")
-        fineweb = [sys.executable, "fineweb.py", "--input", args.text, "--out", data_dir, "--shard_size", "100000"]
+        fineweb = [
+            sys.executable,
+            "fineweb.py",
+            "--input",
+            args.text,
+            "--out",
+            data_dir,
+            "--shard_size",
+            "100000",
+        ]
         subprocess.run(fineweb, cwd=REPO, check=True, capture_output=True)
         figures, same_losses = compare_runs(trees, data_dir, args.steps, args.runs)
-    medians = {name: {k: statistics.median(run[k] for run in runs) for k in runs[0]} for name, runs in figures.items()}
+    medians = {
+        name: {k: statistics.median(run[k] for run in runs) for k in runs[0]}
+        for name, runs in figures.items()
+    }
     for name, median in medians.items():
         print(f"median {name:6s} " + " | ".join(f"{k} {v:,.3f}" for k, v in median.items()))
     if args.against:
         this, other = medians["this"], medians[args.against]
         ratios = {k: this[k] / other[k] for k in ("wall s", "tok/s", "peak MiB")}
         print(f"this / {args.against}: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
-        print("the runs logged the same losses" if same_losses else "the runs logged DIFFERENT losses")
+        print(
+            "the runs logged the same losses" if same_losses else "the runs logged DIFFERENT losses"
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -124,8 +166,8 @@ def matmul_flops(device, dtype, n=4096, repeats=10):
 
 def gpu_main(args):
     import torch
-
     from devices import device_peak_flops, flops_per_token, pick_device
+
     from train_gpt2 import GPT, GPTConfig, configure_optimizer
 
     device = pick_device(args.device)
@@ -148,24 +190,38 @@ def gpu_main(args):
         loss.item()
         times.append(time.perf_counter() - t0)
     dt = statistics.median(times[2:])
-    model_flops = flops_per_token(config, T, sum(p.numel() for p in model.parameters())) * B * T / dt
+    model_flops = (
+        flops_per_token(config, T, sum(p.numel() for p in model.parameters())) * B * T / dt
+    )
     peak, measured = device_peak_flops(device), matmul_flops(device, torch.bfloat16)
     line = f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | {B * T / dt:,.0f} tok/s"
-    line += (
-        f" | model {model_flops / 1e12:.1f} TFLOP/s, {100 * model_flops / measured:.0f}% of the measured matmul peak"
-    )
+    share = f"{100 * model_flops / measured:.0f}% of the measured matmul peak"
+    line += f" | model {model_flops / 1e12:.1f} TFLOP/s, {share}"
     if peak:
         line += f" | MFU {100 * model_flops / peak:.1f}% of the {peak / 1e12:.0f} TFLOP/s spec"
     print(line)
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", help="cpu: the tiny run as a whole process; cuda: one 124M step")
-    p.add_argument("--steps", type=int, default=20, help="training steps per run (the README's run: 250; GPU: timed)")
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--device", default="cpu", help="cpu: the tiny run as a whole process; cuda: one 124M step"
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=20,
+        help="training steps per run (the README's run: 250; GPU: timed)",
+    )
     p.add_argument("--runs", type=int, default=3, help="CPU: runs of each tree, in turns")
-    p.add_argument("--against", default=None, help="CPU: a commit whose code runs in turns with this tree's")
-    p.add_argument("--text", default=os.path.join(REPO, "README.md"), help="CPU: the text to train on")
+    p.add_argument(
+        "--against", default=None, help="CPU: a commit whose code runs in turns with this tree's"
+    )
+    p.add_argument(
+        "--text", default=os.path.join(REPO, "README.md"), help="CPU: the text to train on"
+    )
     args = p.parse_args()
     if args.device == "cpu":
         cpu_main(args)

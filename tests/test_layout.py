@@ -17,8 +17,13 @@ from conftest import REPO, TINY_MODEL
 
 def project_files():
     """{module name: path} of the repository's top-level .py files (not tests/, not benchmarks/)."""
-    files = {os.path.basename(path)[: -len(".py")]: path for path in sorted(glob.glob(os.path.join(REPO, "*.py")))}
-    assert {"common", "train_gpt2", "fineweb", "plot_log"} <= files.keys(), files  # never an empty, vacuous pass
+    files = {
+        os.path.basename(path)[: -len(".py")]: path
+        for path in sorted(glob.glob(os.path.join(REPO, "*.py")))
+    }
+    assert {"common", "train_gpt2", "fineweb", "plot_log"} <= files.keys(), (
+        files
+    )  # never an empty, vacuous pass
     return files
 
 
@@ -118,7 +123,9 @@ def test_fineweb_and_plot_log_do_not_import_torch():
     files, graph = project_files(), project_import_graph()
     for tool in ("fineweb", "plot_log"):
         for name in reached_from(graph, tool):
-            assert "torch" not in module_level_imports(files[name]), f"{tool} imports {name}, which imports torch"
+            assert "torch" not in module_level_imports(files[name]), (
+                f"{tool} imports {name}, which imports torch"
+            )
     result = subprocess.run(
         [sys.executable, "-c", "import fineweb, plot_log, sys; print('torch' in sys.modules)"],
         capture_output=True,
@@ -137,7 +144,11 @@ def test_fineweb_and_plot_log_do_not_import_torch():
 
 def test_every_module_opens_with_a_docstring():
     """Every top-level .py file says what it is for in a module docstring."""
-    missing = [name for name, path in project_files().items() if not (ast.get_docstring(parse(path)) or "").strip()]
+    missing = [
+        name
+        for name, path in project_files().items()
+        if not (ast.get_docstring(parse(path)) or "").strip()
+    ]
     assert not missing, missing
 
 
@@ -189,7 +200,18 @@ def make_pattern_shards(directory):
 PINNED_RUN = [
     *TINY_MODEL,
     *["--device", "cpu", "--no-hellaswag", "--no-sample_every_eval", "--max_lr", "3e-3"],
-    *["--max_steps", "8", "--warmup_steps", "2", "--eval_every", "4", "--val_tokens", "512", "--ckpt_every", "100"],
+    *[
+        "--max_steps",
+        "8",
+        "--warmup_steps",
+        "2",
+        "--eval_every",
+        "4",
+        "--val_tokens",
+        "512",
+        "--ckpt_every",
+        "100",
+    ],
     *["--batch_size", "2", "--seq_len", "32", "--total_batch_size", "128"],
 ]
 
@@ -258,7 +280,9 @@ def test_fresh_run_losses_are_pinned(order, tmp_path, keep_signal_handlers, one_
     assert [line[:2] for line in logged] == [line[:2] for line in pinned], logged
     for (step, kind, loss), (_, _, expected) in zip(logged, pinned):
         if kind == "train":
-            assert abs(float(loss) - float(expected)) <= TRAIN_TOLERANCE, f"step {step} train {loss}, pinned {expected}"
+            assert abs(float(loss) - float(expected)) <= TRAIN_TOLERANCE, (
+                f"step {step} train {loss}, pinned {expected}"
+            )
         else:
             assert loss == expected, f"step {step} {kind} {loss}, pinned {expected}"
 
@@ -274,7 +298,9 @@ def definitions(path):
             found[node.name] = node.decorator_list[0].lineno if node.decorator_list else node.lineno
             for member in node.body if isinstance(node, ast.ClassDef) else []:
                 if isinstance(member, ast.FunctionDef):
-                    first = member.decorator_list[0].lineno if member.decorator_list else member.lineno
+                    first = (
+                        member.decorator_list[0].lineno if member.decorator_list else member.lineno
+                    )
                     found[f"{node.name}.{member.name}"] = first
         elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
             found[node.targets[0].id] = node.lineno
@@ -287,11 +313,17 @@ def test_readme_map_points_at_the_code():
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     table = readme.split("## Reading the code beside the lecture", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    rows = [
+        line.split("|")[1:-1]
+        for line in table.splitlines()
+        if line.startswith("| ") and "---" not in line
+    ]
     defined = definitions(project_files()["train_gpt2"])
     checked = 0
     for chapter, where, lines in rows[1:]:  # the first row is the header
-        ranges = [tuple(map(int, r.split("-"))) for r in lines.replace(" ", "").split(",") if r != "-"]
+        ranges = [
+            tuple(map(int, r.split("-"))) for r in lines.replace(" ", "").split(",") if r != "-"
+        ]
         for name in re.findall(r"`([A-Za-z_.]+)`", where):
             if name in defined:
                 assert any(a <= defined[name] <= b for a, b in ranges), (

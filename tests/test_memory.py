@@ -10,15 +10,26 @@ import sys
 import numpy as np
 import pytest
 
-import devices
 import train_gpt2
-from common import UserError
 from conftest import REPO
+from machinery import devices
+from machinery.cli import UserError
 from train_gpt2 import GPT, GPTConfig
 
 # A 1-layer model with GPT-2's context and padded vocabulary: at the default --batch_size 64 and --seq_len
 # 1024, the logits of one val batch are 64 x 1024 x 50304 fp32 numbers, 13 GB, and their softmax as much.
-WIDE_CONTEXT = ["--n_layer", "1", "--n_head", "2", "--n_embd", "32", "--block_size", "1024", "--dtype", "float32"]
+WIDE_CONTEXT = [
+    "--n_layer",
+    "1",
+    "--n_head",
+    "2",
+    "--n_embd",
+    "32",
+    "--block_size",
+    "1024",
+    "--dtype",
+    "float32",
+]
 ADDRESS_SPACE = 5 * 2**30  # the limit the default-batch evaluation runs under: a few GB, not 26
 
 
@@ -28,11 +39,32 @@ def checkpoint_and_val_split(tmp_path_factory):
     one batch at the default --batch_size 64, sixteen at --batch_size 4, the same 64 sequences."""
     rng = np.random.default_rng(0)
     data_dir = tmp_path_factory.mktemp("wide_data")
-    np.save(data_dir / "wide_val_000000.npy", rng.integers(0, 50257, 64 * 1024 + 1, dtype=np.uint16))
-    np.save(data_dir / "wide_train_000001.npy", rng.integers(0, 50257, 4 * 1024 + 1, dtype=np.uint16))
+    np.save(
+        data_dir / "wide_val_000000.npy", rng.integers(0, 50257, 64 * 1024 + 1, dtype=np.uint16)
+    )
+    np.save(
+        data_dir / "wide_train_000001.npy", rng.integers(0, 50257, 4 * 1024 + 1, dtype=np.uint16)
+    )
     log_dir = tmp_path_factory.mktemp("wide_log")
-    flags = ["--data_dir", str(data_dir), "--log_dir", str(log_dir), *WIDE_CONTEXT, "--batch_size", "1"]
-    flags += ["--total_batch_size", "1024", "--max_steps", "1", "--warmup_steps", "1", "--val_tokens", "1024"]
+    flags = [
+        "--data_dir",
+        str(data_dir),
+        "--log_dir",
+        str(log_dir),
+        *WIDE_CONTEXT,
+        "--batch_size",
+        "1",
+    ]
+    flags += [
+        "--total_batch_size",
+        "1024",
+        "--max_steps",
+        "1",
+        "--warmup_steps",
+        "1",
+        "--val_tokens",
+        "1024",
+    ]
     flags += ["--no-hellaswag", "--no-sample_every_eval", "--no-eval_first", "--device", "cpu"]
     train_gpt2.main(flags)
     return str(log_dir / "model_00000.pt"), str(data_dir)
@@ -42,24 +74,49 @@ def limit_address_space():
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
 
 
-def test_eval_only_with_the_default_batch_fits_a_few_gb_and_gives_the_small_batch_loss(checkpoint_and_val_split):
+def test_eval_only_with_the_default_batch_fits_a_few_gb_and_gives_the_small_batch_loss(
+    checkpoint_and_val_split,
+):
     checkpoint, data_dir = checkpoint_and_val_split
-    command = [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--init", checkpoint, "--data_dir", data_dir]
-    command += ["--eval_only", "--no-hellaswag", "--device", "cpu", "--dtype", "float32"]  # default batch flags
+    command = [
+        sys.executable,
+        os.path.join(REPO, "train_gpt2.py"),
+        "--init",
+        checkpoint,
+        "--data_dir",
+        data_dir,
+    ]
+    command += [
+        "--eval_only",
+        "--no-hellaswag",
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+    ]  # default batch flags
     limited = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=600, preexec_fn=limit_address_space
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        preexec_fn=limit_address_space,
     )
     assert limited.returncode == 0, limited.stdout + limited.stderr
     rows = int(re.search(r"(\d+) rows per forward pass \(memory holds", limited.stdout).group(1))
     assert 1 <= rows < 64  # the batch was split: 64 rows at once would need about 26 GB
-    small = subprocess.run(command + ["--batch_size", "4"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    small = subprocess.run(
+        command + ["--batch_size", "4"], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert small.returncode == 0, small.stdout + small.stderr
     assert "4 rows per forward pass\n" in small.stdout  # unsplit: 16 batches of 4 rows
 
     def val_loss(run):
         return float(re.search(r"^val loss (\d+\.\d+) \|", run.stdout, re.M).group(1))
 
-    assert val_loss(limited) == pytest.approx(val_loss(small), abs=2e-6)  # the same tokens, the same mean
+    assert val_loss(limited) == pytest.approx(
+        val_loss(small), abs=2e-6
+    )  # the same tokens, the same mean
 
 
 def test_validation_loss_in_parts_is_the_loss_of_the_whole_batch(random_shards):
@@ -67,22 +124,46 @@ def test_validation_loss_in_parts_is_the_loss_of_the_whole_batch(random_shards):
 
     model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
     loader = train_gpt2.DataLoaderLite(random_shards, 8, 64, 0, 1, "val")
-    autocast, procs = devices.autocast_context(torch.device("cpu"), torch.float32), train_gpt2.Processes()
+    autocast, procs = (
+        devices.autocast_context(torch.device("cpu"), torch.float32),
+        train_gpt2.Processes(),
+    )
     whole = train_gpt2.validation_loss(model, loader, 3, autocast, procs)
-    assert train_gpt2.validation_loss(model, loader, 3, autocast, procs, rows=8) == whole  # one part: exact
+    assert (
+        train_gpt2.validation_loss(model, loader, 3, autocast, procs, rows=8) == whole
+    )  # one part: exact
     for rows in (1, 3, 5):  # parts of unequal size too
-        assert train_gpt2.validation_loss(model, loader, 3, autocast, procs, rows=rows) == pytest.approx(
-            whole, abs=1e-5
-        )
+        assert train_gpt2.validation_loss(
+            model, loader, 3, autocast, procs, rows=rows
+        ) == pytest.approx(whole, abs=1e-5)
 
 
 def test_a_run_that_cannot_fit_is_refused_before_its_first_step_naming_the_batch_size(tmp_path):
     rng, log_dir = np.random.default_rng(0), tmp_path / "log"
     for split, index in [("val", 0), ("train", 1)]:  # a step of each split: the loaders come first
-        np.save(tmp_path / f"big_{split}_{index:06d}.npy", rng.integers(0, 50257, 16384 * 64 + 1, dtype=np.uint16))
-    flags = ["--data_dir", str(tmp_path), "--log_dir", str(log_dir), "--n_layer", "1", "--n_head", "2"]
+        np.save(
+            tmp_path / f"big_{split}_{index:06d}.npy",
+            rng.integers(0, 50257, 16384 * 64 + 1, dtype=np.uint16),
+        )
+    flags = [
+        "--data_dir",
+        str(tmp_path),
+        "--log_dir",
+        str(log_dir),
+        "--n_layer",
+        "1",
+        "--n_head",
+        "2",
+    ]
     flags += ["--n_embd", "32", "--block_size", "64", "--seq_len", "64", "--batch_size", "16384"]
-    flags += ["--total_batch_size", str(16384 * 64), "--device", "cpu", "--no-hellaswag", "--no-compile"]
+    flags += [
+        "--total_batch_size",
+        str(16384 * 64),
+        "--device",
+        "cpu",
+        "--no-hellaswag",
+        "--no-compile",
+    ]
     # 16,384 sequences of 64 positions over 50,304 tokens: about 1.6 TB of logits and gradients per micro-step
     with pytest.raises(UserError) as error:
         train_gpt2.main(flags)
@@ -99,12 +180,41 @@ def test_a_run_that_cannot_fit_is_refused_before_its_first_step_naming_the_batch
 
 
 def test_the_start_up_block_prints_the_estimate(random_shards, tmp_path, capsys):
-    flags = ["--data_dir", random_shards, "--log_dir", str(tmp_path / "log"), "--n_layer", "1", "--n_head", "2"]
-    flags += ["--n_embd", "32", "--block_size", "64", "--seq_len", "64", "--batch_size", "4", "--max_steps", "1"]
-    flags += ["--total_batch_size", "256", "--device", "cpu", "--no-hellaswag", "--no-sample_every_eval"]
+    flags = [
+        "--data_dir",
+        random_shards,
+        "--log_dir",
+        str(tmp_path / "log"),
+        "--n_layer",
+        "1",
+        "--n_head",
+        "2",
+    ]
+    flags += [
+        "--n_embd",
+        "32",
+        "--block_size",
+        "64",
+        "--seq_len",
+        "64",
+        "--batch_size",
+        "4",
+        "--max_steps",
+        "1",
+    ]
+    flags += [
+        "--total_batch_size",
+        "256",
+        "--device",
+        "cpu",
+        "--no-hellaswag",
+        "--no-sample_every_eval",
+    ]
     flags += ["--no-eval_first", "--warmup_steps", "1", "--val_tokens", "256"]
     train_gpt2.main(flags)
     out = capsys.readouterr().out
     assert re.search(
-        r"^memory      ~[\d.]+ GiB per process estimated for a step, [\d.]+ GiB available on cpu$", out, re.M
+        r"^memory      ~[\d.]+ GiB per process estimated for a step, [\d.]+ GiB available on cpu$",
+        out,
+        re.M,
     )

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from common import UserError, gpt2_tokenizer, run_cli
 from conftest import REPO
 from export_hf import export_hf
+from machinery.cli import UserError, run_cli
+from machinery.tokenizer import gpt2_tokenizer
 from sample import main as sample_main
 from train_gpt2 import GPT, GPTConfig, load_model
 
@@ -40,7 +41,9 @@ def randomize_(model, seed=0):
 def random_hf_model(seed=0, **shape):
     """A randomly initialised GPT2LMHeadModel in eval mode, with the plain (eager) attention as reference."""
     torch.manual_seed(seed)
-    return randomize_(GPT2LMHeadModel(GPT2Config(**shape, attn_implementation="eager")), seed).eval()
+    return randomize_(
+        GPT2LMHeadModel(GPT2Config(**shape, attn_implementation="eager")), seed
+    ).eval()
 
 
 def random_gpt(seed=0, **config):
@@ -55,7 +58,9 @@ def save_checkpoint(model, path):
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def assert_one_line_error(result, *fragments):
@@ -90,7 +95,8 @@ def test_from_pretrained_matches_transformers(tmp_path, shape):
     hf_model.save_pretrained(tmp_path)
     model = GPT.from_pretrained(str(tmp_path)).eval()
     assert model.config == GPTConfig(
-        block_size=shape.get("n_positions", 1024), **{k: v for k, v in shape.items() if k != "n_positions"}
+        block_size=shape.get("n_positions", 1024),
+        **{k: v for k, v in shape.items() if k != "n_positions"},
     )
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     assert_same_as_hf(model, hf_model, idx)
@@ -100,7 +106,11 @@ def test_from_pretrained_reads_openai_pytorch_model_bin(tmp_path):
     """OpenAI's original upload: pytorch_model.bin with keys lacking 'transformer.' and with the
     causal-mask buffers stored as tensors."""
     hf_model = random_hf_model(**SMALL, n_positions=128)
-    state = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    state = {
+        k.removeprefix("transformer."): v
+        for k, v in hf_model.state_dict().items()
+        if k != "lm_head.weight"
+    }
     for i in range(SMALL["n_layer"]):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(128, 128)).view(1, 1, 128, 128)
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -123,7 +133,9 @@ def test_export_round_trip(tmp_path, vocab_size):
     assert tensors["transformer.wte.weight"].shape == (50257, 64)  # padded rows trimmed
     assert json.loads((out_dir / "config.json").read_text())["vocab_size"] == 50257
     hf_model = GPT2LMHeadModel.from_pretrained(out_dir, attn_implementation="eager").eval()
-    assert hf_model.lm_head.weight.data_ptr() == hf_model.transformer.wte.weight.data_ptr()  # still tied
+    assert (
+        hf_model.lm_head.weight.data_ptr() == hf_model.transformer.wte.weight.data_ptr()
+    )  # still tied
     idx = torch.randint(0, 50257, (2, 20))
     assert_same_as_hf(model, hf_model, idx)
     # ... and back into our GPT, which now has exactly the 50257 real rows
@@ -141,11 +153,15 @@ def test_export_refuses_to_overwrite(tmp_path):
     with pytest.raises(UserError, match="--force"):
         export_hf(model, str(tmp_path / "hf"))
     with pytest.raises(UserError, match=r"holds files that an export does not write \(notes.txt\)"):
-        export_hf(model, str(tmp_path / "hf"), overwrite=True)  # --force replaces an export, nothing else
+        export_hf(
+            model, str(tmp_path / "hf"), overwrite=True
+        )  # --force replaces an export, nothing else
     assert os.listdir(tmp_path / "hf") == ["notes.txt"]
     os.remove(tmp_path / "hf" / "notes.txt")
     export_hf(model, str(tmp_path / "hf"))  # into the empty folder
-    export_hf(random_gpt(block_size=32, **SMALL), str(tmp_path / "hf"), overwrite=True)  # over the export
+    export_hf(
+        random_gpt(block_size=32, **SMALL), str(tmp_path / "hf"), overwrite=True
+    )  # over the export
     assert "model.safetensors" in os.listdir(tmp_path / "hf")
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
@@ -156,8 +172,12 @@ def test_export_script(tmp_path):
     result = run_script("export_hf.py", "--init", checkpoint, "--out", str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr
     idx = torch.randint(0, 50257, (1, 10))
-    torch.testing.assert_close(load_model(str(tmp_path / "hf"))(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
-    assert_one_line_error(run_script("export_hf.py", "--init", checkpoint, "--out", str(tmp_path / "hf")), "--force")
+    torch.testing.assert_close(
+        load_model(str(tmp_path / "hf"))(idx)[0], model(idx)[0], atol=1e-5, rtol=0
+    )
+    assert_one_line_error(
+        run_script("export_hf.py", "--init", checkpoint, "--out", str(tmp_path / "hf")), "--force"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -208,7 +228,9 @@ def test_kv_cache_greedy_matches_recomputing():
     cached = model.generate(prompt, 88, temperature=0)  # up to exactly block_size
     assert cached.shape == (3, 100)
     assert torch.equal(cached, greedy_by_recomputing(model, prompt, 88))
-    assert all(len(set(row[12:].tolist())) > 20 for row in cached)  # no fixed point: the test means something
+    assert all(
+        len(set(row[12:].tolist())) > 20 for row in cached
+    )  # no fixed point: the test means something
     with pytest.raises(UserError, match="context window"):
         model.generate(prompt, 89, temperature=0)
 
@@ -243,7 +265,11 @@ def test_top_k_draws_among_the_k_most_likely():
     top3 = set(torch.topk(logits[0, -1], 3).indices.tolist())
     # one new token for 300 copies of the prompt, at a high temperature that flattens the distribution
     drawn = model.generate(
-        prompt.repeat(300, 1), 1, temperature=100.0, top_k=3, generator=torch.Generator().manual_seed(0)
+        prompt.repeat(300, 1),
+        1,
+        temperature=100.0,
+        top_k=3,
+        generator=torch.Generator().manual_seed(0),
     )
     assert set(drawn[:, -1].tolist()) == top3
 
@@ -288,7 +314,7 @@ def test_checkpoint_that_does_not_fit(tmp_path):
     with pytest.raises(UserError, match="does not fit"):
         load_model(str(tmp_path / "wrong_shape.pt"))
     (tmp_path / "truncated.pt").write_bytes((tmp_path / "wrong_shape.pt").read_bytes()[:1000])
-    with pytest.raises(UserError, match="not a checkpoint of this project"):
+    with pytest.raises(UserError, match="is damaged on disk"):
         load_model(str(tmp_path / "truncated.pt"))
 
 
@@ -298,7 +324,9 @@ def test_no_network_says_how_to_get_the_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
     # sample.py --init gpt2 goes through load_model and GPT.from_pretrained('gpt2')
     assert_one_line_error(
-        run_script("sample.py", "--init", "gpt2"), "hf download openai-community/gpt2", "pass its path"
+        run_script("sample.py", "--init", "gpt2"),
+        "hf download openai-community/gpt2",
+        "pass its path",
     )
 
 
@@ -313,7 +341,16 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def test_sample_script(tiny_checkpoint, capsys):
-    args = ["--init", tiny_checkpoint, "--num_samples", "3", "--max_new_tokens", "8", "--device", "cpu"]
+    args = [
+        "--init",
+        tiny_checkpoint,
+        "--num_samples",
+        "3",
+        "--max_new_tokens",
+        "8",
+        "--device",
+        "cpu",
+    ]
     script = run_script("sample.py", *args, "--seed", "1")
     assert script.returncode == 0, script.stderr
     assert script.stdout.count(PROMPT) == 3 and "sample 3/3" in script.stdout
@@ -341,4 +378,6 @@ def test_sample_script_error():
 def test_sample_flag_errors(tiny_checkpoint, capsys, flags, message):
     with pytest.raises(SystemExit) as exited:
         run_cli(sample_main, ["--init", tiny_checkpoint, "--device", "cpu", *flags])
-    assert_one_line_error(subprocess.CompletedProcess([], exited.value.code, "", capsys.readouterr().err), message)
+    assert_one_line_error(
+        subprocess.CompletedProcess([], exited.value.code, "", capsys.readouterr().err), message
+    )

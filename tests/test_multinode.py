@@ -11,8 +11,27 @@ import torch
 
 from conftest import REPO, TINY_MODEL
 
-FLAGS = [*TINY_MODEL, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "256", "--warmup_steps", "2"]
-FLAGS += ["--eval_every", "2", "--val_tokens", "512", "--ckpt_every", "2", "--no-hellaswag", "--no-sample_every_eval"]
+FLAGS = [
+    *TINY_MODEL,
+    "--batch_size",
+    "4",
+    "--seq_len",
+    "32",
+    "--total_batch_size",
+    "256",
+    "--warmup_steps",
+    "2",
+]
+FLAGS += [
+    "--eval_every",
+    "2",
+    "--val_tokens",
+    "512",
+    "--ckpt_every",
+    "2",
+    "--no-hellaswag",
+    "--no-sample_every_eval",
+]
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
@@ -35,7 +54,11 @@ def two_nodes(data_dir, node_dirs, *more, check=True):
             "--log_dir", "log", *FLAGS, *more,
         ]  # fmt: skip
         os.makedirs(cwd, exist_ok=True)
-        agents.append(subprocess.Popen(command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        agents.append(
+            subprocess.Popen(
+                command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        )
     results = []
     for agent in agents:
         stdout, stderr = agent.communicate(timeout=300)
@@ -47,7 +70,9 @@ def two_nodes(data_dir, node_dirs, *more, check=True):
 
 def test_two_nodes_train_as_one_process_with_accumulation_and_resume(tmp_path, text_shards):
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
-    (rank0_out, _), _ = [(out, err) for _, out, err in two_nodes(text_shards, [node0, node1], "--max_steps", "2")]
+    (rank0_out, _), _ = [
+        (out, err) for _, out, err in two_nodes(text_shards, [node0, node1], "--max_steps", "2")
+    ]
     assert "2 process(es)" in rank0_out and "x 2 process(es) x 1 micro-steps" in rank0_out
     # Only global rank 0 writes: node 1 has no log folder at all.
     assert sorted(os.listdir(node0 / "log")) == ["log.txt", "model_00001.pt"]
@@ -56,10 +81,21 @@ def test_two_nodes_train_as_one_process_with_accumulation_and_resume(tmp_path, t
     # The same run in one process with 2 micro-steps, and on the nodes resumed to step 4.
     single = tmp_path / "single"
     os.makedirs(single)
-    command = [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--data_dir", text_shards, "--log_dir", "log"]
-    result = subprocess.run([*command, *FLAGS, "--max_steps", "4"], cwd=single, env=ENV, capture_output=True)
+    command = [
+        sys.executable,
+        os.path.join(REPO, "train_gpt2.py"),
+        "--data_dir",
+        text_shards,
+        "--log_dir",
+        "log",
+    ]
+    result = subprocess.run(
+        [*command, *FLAGS, "--max_steps", "4"], cwd=single, env=ENV, capture_output=True
+    )
     assert result.returncode == 0, result.stderr.decode()[-3000:]
-    os.makedirs(node1 / "log")  # as a second machine would have it: a copy of rank 0's folder to resume from
+    os.makedirs(
+        node1 / "log"
+    )  # as a second machine would have it: a copy of rank 0's folder to resume from
     for name in os.listdir(node0 / "log"):
         (node1 / "log" / name).write_bytes((node0 / "log" / name).read_bytes())
     resumed = two_nodes(text_shards, [node0, node1], "--max_steps", "4", "--resume")
@@ -70,13 +106,20 @@ def test_two_nodes_train_as_one_process_with_accumulation_and_resume(tmp_path, t
         assert ours["loader"] == theirs["loader"]
         for key in theirs["model"]:  # DDP and accumulation add the same gradients in another order
             torch.testing.assert_close(ours["model"][key], theirs["model"][key], atol=1e-5, rtol=0)
-    assert sorted(os.listdir(node1 / "log")) == ["log.txt", "model_00001.pt"]  # node 1 wrote nothing new
+    assert sorted(os.listdir(node1 / "log")) == [
+        "log.txt",
+        "model_00001.pt",
+    ]  # node 1 wrote nothing new
     log = (node0 / "log" / "log.txt").read_text().splitlines()
     assert log[0].startswith("-1 val ") and log[-1].startswith("3 val ")
-    assert sum(line.startswith("-1 val") for line in log) == 1  # the resume did not evaluate step -1 again
+    assert (
+        sum(line.startswith("-1 val") for line in log) == 1
+    )  # the resume did not evaluate step -1 again
 
 
-def test_a_user_error_on_one_rank_only_reaches_the_screen_once_naming_the_rank(tmp_path, text_shards):
+def test_a_user_error_on_one_rank_only_reaches_the_screen_once_naming_the_rank(
+    tmp_path, text_shards
+):
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     os.makedirs(node0)
     os.symlink(text_shards, node0 / "data")  # --data_dir data: there on node 0, missing on node 1

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import plot_log
-from common import UserError, run_cli
 from conftest import REPO
+from machinery.cli import UserError, run_cli
 from plot_log import GPT2_124M_FINEWEB_EDU_VAL_LOSS, build_figure, main, parse_log
 
 PLOT_LOG = os.path.join(REPO, "plot_log.py")
@@ -38,7 +38,9 @@ def write_log(tmp_path, lines, name="log.txt"):
 
 
 def plot(*args):
-    return subprocess.run([sys.executable, PLOT_LOG, *map(str, args)], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, PLOT_LOG, *map(str, args)], capture_output=True, text=True, timeout=60
+    )
 
 
 def assert_real_image(path):
@@ -97,7 +99,9 @@ def test_plots_resumed_partial_log_with_hellaswag(tmp_path):
 
 
 def test_plots_log_without_hellaswag_next_to_the_log(tmp_path):
-    log = write_log(tmp_path, ["0 train nan"] + run_lines(1, 60, False))  # and a first step that diverged
+    log = write_log(
+        tmp_path, ["0 train nan"] + run_lines(1, 60, False)
+    )  # and a first step that diverged
     result = plot(log)
     assert result.returncode == 0, result.stderr
     assert_real_image(tmp_path / "loss.png")
@@ -130,7 +134,9 @@ def test_bad_log_is_one_line_error(tmp_path, capsys, lines, message):
 
 
 def test_missing_log_and_bad_output_name(tmp_path, capsys):
-    assert_one_line_error(capsys, [tmp_path / "nope.txt", "-o", tmp_path / "loss.png"], "no log file at")
+    assert_one_line_error(
+        capsys, [tmp_path / "nope.txt", "-o", tmp_path / "loss.png"], "no log file at"
+    )
     log = write_log(tmp_path, run_lines(0, 30, False))
     assert_one_line_error(capsys, [log, "-o", tmp_path / "loss.txt"], "cannot write .txt files")
     assert os.listdir(tmp_path) == ["log.txt"]
@@ -172,13 +178,19 @@ def test_panels_and_legend_entries_follow_what_the_log_has(tmp_path):
     assert len(fig.axes) == 1
     assert legend_texts(fig.axes[0]) == [*TRAIN, VAL]
     val_line = next(line for line in fig.axes[0].get_lines() if line.get_label() == VAL)
-    assert val_line.get_marker() == "o"  # each evaluation is a point: the line between two is no measurement
+    assert (
+        val_line.get_marker() == "o"
+    )  # each evaluation is a point: the line between two is no measurement
 
-    fig = figure_for(tmp_path, only(lines, "val"))  # a log with val lines only still has a loss panel
+    fig = figure_for(
+        tmp_path, only(lines, "val")
+    )  # a log with val lines only still has a loss panel
     assert len(fig.axes) == 1
     assert legend_texts(fig.axes[0]) == [VAL]
 
-    fig = figure_for(tmp_path, only(lines, "train")[:30])  # too few points to smooth: one line, plain "train"
+    fig = figure_for(
+        tmp_path, only(lines, "train")[:30]
+    )  # too few points to smooth: one line, plain "train"
     assert legend_texts(fig.axes[0]) == ["train"]
 
     loss_ax, hella_ax = figure_for(tmp_path, lines).axes
@@ -223,7 +235,10 @@ def test_ref_flags_on_the_command_line(tmp_path, monkeypatch):
     log = write_log(tmp_path, run_lines(0, 200, True))
     figures = []
     monkeypatch.setattr(plot_log, "save_figure", lambda fig, out_path: figures.append(fig))
-    for flags, loss_lines, hella_lines in [([], [], [0.2955, 0.337]), (["--ref"], [3.2924], [0.2955, 0.337])]:
+    for flags, loss_lines, hella_lines in [
+        ([], [], [0.2955, 0.337]),
+        (["--ref"], [3.2924], [0.2955, 0.337]),
+    ]:
         main([str(log), *flags])
         loss_ax, hella_ax = figures.pop().axes
         assert (reference_lines(loss_ax), reference_lines(hella_ax)) == (loss_lines, hella_lines)

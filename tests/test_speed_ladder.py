@@ -18,7 +18,10 @@ def test_every_cpu_rung_runs_and_keeps_the_numbers(capsys):
     rows = speed_ladder.main([*argv.split(), "--lr", "1e-2"])
     by_rung = {row["rung"]: row for row in rows}
 
-    assert {n for n, row in by_rung.items() if row.get("skipped") == "CUDA only"} == {2, 7}  # TF32, fused AdamW
+    assert {n for n, row in by_rung.items() if row.get("skipped") == "CUDA only"} == {
+        2,
+        7,
+    }  # TF32, fused AdamW
     timed = [row for row in rows if "skipped" not in row]
     assert [row["rung"] for row in timed] == [1, 3, 4, 5, 6]
     first = by_rung[1]
@@ -46,4 +49,10 @@ def test_the_top_rung_is_what_the_trainer_does_by_default():
     top = speed_ladder.cumulative_settings()[-1]
     trainer = speed_ladder.TRAINER_DEFAULTS
     assert top.vocab_size == trainer.vocab_size
-    assert top.tf32 and top.compile and top.flash and top.fused_adamw and top.dtype == speed_ladder.torch.bfloat16
+    assert (
+        top.tf32
+        and top.compile
+        and top.flash
+        and top.fused_adamw
+        and top.dtype == speed_ladder.torch.bfloat16
+    )

@@ -12,7 +12,8 @@ import torch
 
 import train_gpt2
 from conftest import REPO, TINY_MODEL
-from guard import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION
+from machinery import progress
+from machinery.shards import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION
 from train_gpt2 import DataLoaderLite, get_lr
 
 QUIET = ["--no-hellaswag", "--no-sample_every_eval"]
@@ -68,16 +69,25 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 def make_marked_shards(directory, lengths, split="train"):
     """Shards whose token at offset i of shard k is 10000 * k + i, so a window's first token says where it was read."""
     for k, length in enumerate(lengths):
-        np.save(directory / f"marked_{split}_{k:06d}.npy", (10000 * k + np.arange(length)).astype(np.uint16))
+        np.save(
+            directory / f"marked_{split}_{k:06d}.npy",
+            (10000 * k + np.arange(length)).astype(np.uint16),
+        )
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
 def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
     B, T = 2, 8
     window = B * T * world_size
-    lengths = [5 * window + 7, 3 * window, 4 * window + 1]  # shard ends that fit, just miss, and exactly fit
+    lengths = [
+        5 * window + 7,
+        3 * window,
+        4 * window + 1,
+    ]  # shard ends that fit, just miss, and exactly fit
     make_marked_shards(tmp_path, lengths)
-    loaders = [DataLoaderLite(str(tmp_path), B, T, rank, world_size, "train") for rank in range(world_size)]
+    loaders = [
+        DataLoaderLite(str(tmp_path), B, T, rank, world_size, "train") for rank in range(world_size)
+    ]
     # windows whose +1 target token still fits in the shard: (length - 1) // window of them
     windows_per_shard = [(length - 1) // window for length in lengths]
     assert loaders[0].steps_per_epoch() == sum(windows_per_shard)
@@ -89,8 +99,12 @@ def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
                 for rank, loader in enumerate(loaders):
                     assert loader.epoch == epoch  # every rank in the same epoch
                     x, y = loader.next_batch()
-                    start = w * window + rank * B * T  # the striding: global window, then rank offset
-                    expected = (10000 * shard + np.arange(start, start + B * T + 1)).astype(np.int64)
+                    start = (
+                        w * window + rank * B * T
+                    )  # the striding: global window, then rank offset
+                    expected = (10000 * shard + np.arange(start, start + B * T + 1)).astype(
+                        np.int64
+                    )
                     assert start + B * T + 1 <= lengths[shard]  # never past the shard's end
                     assert torch.equal(x.flatten(), torch.from_numpy(expected[:-1]))
                     assert torch.equal(y.flatten(), torch.from_numpy(expected[1:]))
@@ -106,7 +120,9 @@ def test_loader_state_round_trips_mid_shard(tmp_path):
     for _ in range(9):  # 9 windows of 128: into the second shard
         loader.next_batch()
     state = loader.state_dict()
-    assert state["epoch"] == 0 and state["sequence"] == 9 * 8 > loader.used[0]  # in the second shard
+    assert (
+        state["epoch"] == 0 and state["sequence"] == 9 * 8 > loader.used[0]
+    )  # in the second shard
     resumed = DataLoaderLite(str(tmp_path), 4, 16, 1, 2, "train")
     resumed.load_state_dict(state)
     for _ in range(10):  # across the wrap-around too
@@ -126,7 +142,12 @@ def rows_read(loader, steps):
     return rows
 
 
-SHUFFLED_LENGTHS = [530, 1000, 777, 64 * 5 + 1]  # shard tails of 1 to 15 tokens, and one that fits exactly
+SHUFFLED_LENGTHS = [
+    530,
+    1000,
+    777,
+    64 * 5 + 1,
+]  # shard tails of 1 to 15 tokens, and one that fits exactly
 
 
 def shuffled_loader(directory, seed=0, B=2, T=16, step_tokens=128):
@@ -136,11 +157,16 @@ def shuffled_loader(directory, seed=0, B=2, T=16, step_tokens=128):
 def test_shuffled_order_depends_on_the_seed_and_the_epoch_only(tmp_path):
     make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
     steps = shuffled_loader(tmp_path).steps_per_epoch()
-    first, again = rows_read(shuffled_loader(tmp_path), 2 * steps), rows_read(shuffled_loader(tmp_path), 2 * steps)
+    first, again = (
+        rows_read(shuffled_loader(tmp_path), 2 * steps),
+        rows_read(shuffled_loader(tmp_path), 2 * steps),
+    )
     assert first == again  # the same seed: the same order, twice
     epoch0, epoch1 = first[: len(first) // 2], first[len(first) // 2 :]
     assert epoch0 != epoch1  # each epoch its own order
-    assert rows_read(shuffled_loader(tmp_path, seed=1), steps) != epoch0  # another seed, another order
+    assert (
+        rows_read(shuffled_loader(tmp_path, seed=1), steps) != epoch0
+    )  # another seed, another order
     assert epoch0 != sorted(epoch0)  # shuffled indeed
     # --batch_size does not change it: 8 sequences per step, read as 4 micro-steps of 2 or one of 8
     assert rows_read(shuffled_loader(tmp_path, B=8), steps) == epoch0
@@ -150,15 +176,23 @@ def test_shuffled_epoch_reads_every_window_once(tmp_path):
     make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
     loader = shuffled_loader(tmp_path)
     rows = rows_read(loader, loader.steps_per_epoch())
-    windows = {(shard, k * 16) for shard, length in enumerate(SHUFFLED_LENGTHS) for k in range((length - 1) // 16)}
-    tails, left_over = loader.unread_per_epoch()
+    windows = {
+        (shard, k * 16)
+        for shard, length in enumerate(SHUFFLED_LENGTHS)
+        for k in range((length - 1) // 16)
+    }
+    tails, left_over = progress.unread_per_epoch(loader)
     assert tails == sum((length - 1) % 16 for length in SHUFFLED_LENGTHS)
-    assert len(rows) == len(set(rows)) == len(windows) - left_over and 0 <= left_over < 8  # fewer than one step
+    assert (
+        len(rows) == len(set(rows)) == len(windows) - left_over and 0 <= left_over < 8
+    )  # fewer than one step
     assert set(rows) <= windows and {shard for shard, _ in rows} == set(range(4))
     assert (loader.epoch, loader.sequence) == (1, 0)  # the epoch ended with its last whole step
 
 
-@pytest.mark.parametrize("steps_before", [5, 19, 20, 21])  # mid-epoch, at its last step, at its end, past it
+@pytest.mark.parametrize(
+    "steps_before", [5, 19, 20, 21]
+)  # mid-epoch, at its last step, at its end, past it
 def test_shuffled_loader_resumes_exactly(tmp_path, steps_before):
     make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
     straight = rows_read(shuffled_loader(tmp_path), 50)
@@ -173,8 +207,13 @@ def test_shuffled_loader_resumes_exactly(tmp_path, steps_before):
 def test_a_resume_in_another_order_is_refused(tmp_path):
     make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
     state = shuffled_loader(tmp_path, seed=3).state_dict()
-    for other in (shuffled_loader(tmp_path, seed=4), DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)):
-        with pytest.raises(train_gpt2.UserError, match="another order: resume with --shuffle --seed 3"):
+    for other in (
+        shuffled_loader(tmp_path, seed=4),
+        DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128),
+    ):
+        with pytest.raises(
+            train_gpt2.UserError, match="another order: resume with --shuffle --seed 3"
+        ):
             other.load_state_dict(state)
 
 
@@ -182,7 +221,13 @@ def test_loader_resumes_a_checkpoint_from_before_the_shuffle(tmp_path):
     """Such a checkpoint saved the next step as a shard and a token position in it, and read in order."""
     make_marked_shards(tmp_path, [1000, 1000])
     loader = DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)
-    old_state = {"shard": 1, "position": 2 * 128, "epoch": 0, "step_tokens": 128, "data": loader.data}
+    old_state = {
+        "shard": 1,
+        "position": 2 * 128,
+        "epoch": 0,
+        "step_tokens": 128,
+        "data": loader.data,
+    }
     loader.load_state_dict(old_state)
     x, _ = loader.next_batch()
     assert x[0, 0].item() == 10000 + 2 * 128
@@ -197,7 +242,9 @@ def test_loader_reads_llm_c_bin_shards(tmp_path):
     with open(tmp_path / "fineweb_val_000000.bin", "wb") as f:
         f.write(header.tobytes() + tokens.tobytes())
     x, y = DataLoaderLite(str(tmp_path), 2, 10, 0, 1, "val").next_batch()
-    assert torch.equal(x.flatten(), torch.arange(20)) and torch.equal(y.flatten(), torch.arange(1, 21))
+    assert torch.equal(x.flatten(), torch.arange(20)) and torch.equal(
+        y.flatten(), torch.arange(1, 21)
+    )
 
 
 def test_loader_memory_maps_shards(tmp_path):
@@ -235,7 +282,10 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_sh
     single = run_trainer(args + ["--log_dir", str(tmp_path / "single")])
     assert "2 process(es)" in ddp.stdout and "x 2 process(es) x 1 micro-steps" in ddp.stdout
     assert "x 1 process(es) x 2 micro-steps" in single.stdout
-    a, b = load_params(tmp_path / "ddp" / "model_00003.pt"), load_params(tmp_path / "single" / "model_00003.pt")
+    a, b = (
+        load_params(tmp_path / "ddp" / "model_00003.pt"),
+        load_params(tmp_path / "single" / "model_00003.pt"),
+    )
     initial = train_gpt2.GPT(
         train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)
     ).state_dict()
@@ -252,7 +302,10 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     data = tmp_path / "data"
     os.makedirs(data)
     shutil.copy(os.path.join(text_shards, "text_val_000000.npy"), data)
-    np.save(data / "text_train_000001.npy", np.load(os.path.join(text_shards, "text_train_000001.npy"))[:900])
+    np.save(
+        data / "text_train_000001.npy",
+        np.load(os.path.join(text_shards, "text_train_000001.npy"))[:900],
+    )
     args = [
         "--data_dir",
         str(data),
@@ -279,24 +332,34 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     assert "epoch       3 steps, shuffled by --seed 1337" in straight_run.stdout
     assert "epoch 0 done at step 2: 768 tokens seen" in straight_run.stdout
     os.makedirs(tmp_path / "resumed")
-    shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "resumed")  # stopped after 4 of 8 steps
+    shutil.copy(
+        tmp_path / "straight" / "model_00003.pt", tmp_path / "resumed"
+    )  # stopped after 4 of 8 steps
     result = run_trainer(args + ["--log_dir", str(tmp_path / "resumed"), "--resume"])
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
-    assert "step 3/7 |" not in result.stdout and "step 4/7 |" in result.stdout  # the first half is not trained again
+    assert (
+        "step 3/7 |" not in result.stdout and "step 4/7 |" in result.stdout
+    )  # the first half is not trained again
     straight = torch.load(tmp_path / "straight" / "model_00007.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "model_00007.pt", weights_only=True)
     for key in straight["model"]:
         assert torch.equal(straight["model"][key], resumed["model"][key]), key
-    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()):
+    for a, b in zip(
+        straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()
+    ):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight["loader"] == resumed["loader"] and straight["loader"]["epoch"] == 2
-    straight_losses = [line for line in open(tmp_path / "straight" / "log.txt") if int(line.split()[0]) >= 4]
+    straight_losses = [
+        line for line in open(tmp_path / "straight" / "log.txt") if int(line.split()[0]) >= 4
+    ]
     assert open(tmp_path / "resumed" / "log.txt").readlines() == straight_losses
     assert "note:" not in result.stdout
     # Resumed with another --val_tokens: the run goes on, and says its val losses measure something else now.
     os.makedirs(tmp_path / "changed")
     shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "changed")
-    changed = run_trainer(args + ["--log_dir", str(tmp_path / "changed"), "--resume", "--val_tokens", "1024"])
+    changed = run_trainer(
+        args + ["--log_dir", str(tmp_path / "changed"), "--resume", "--val_tokens", "1024"]
+    )
     assert "note: --val_tokens is 1024, the run before was 512" in changed.stdout
 
 
@@ -332,7 +395,9 @@ def test_loss_goes_down_on_real_text(tmp_path, text_shards):
     val = [float(v) for _, kind, v in log if kind == "val"]
     assert train[0] > 10.5  # ln(50257) = 10.8: the start is uniform guessing
     assert sum(train[-5:]) / 5 < train[0] - 3.0
-    assert len(val) == 3 and val[0] > 10.5 and val[2] < val[1] < 9.0  # the first: the starting weights
+    assert (
+        len(val) == 3 and val[0] > 10.5 and val[2] < val[1] < 9.0
+    )  # the first: the starting weights
     assert "tok/s" in result.stdout
 
 
@@ -342,7 +407,11 @@ def test_compile_with_eval_hellaswag_and_sampling_runs_on_cpu(tmp_path, text_sha
         for i in range(6):
             f.write(
                 json.dumps(
-                    {"ctx": f"Example {i}: the model reads", "endings": ["a", "b c", "d e f", "g"], "label": i % 4}
+                    {
+                        "ctx": f"Example {i}: the model reads",
+                        "endings": ["a", "b c", "d e f", "g"],
+                        "label": i % 4,
+                    }
                 )
                 + "\n"
             )
@@ -373,8 +442,14 @@ def test_compile_with_eval_hellaswag_and_sampling_runs_on_cpu(tmp_path, text_sha
         ]
     )
     assert "compile on" in result.stdout
-    assert sum(line.startswith("step") for line in val_loss_lines(result.stdout)) == 2  # one per evaluation
-    assert result.stdout.count('sample 0: """GPT-2 (124M') == 3  # the val split's first words, at steps -1, 0, 1
+    assert (
+        sum(line.startswith("step") for line in val_loss_lines(result.stdout)) == 2
+    )  # one per evaluation
+    assert (
+        result.stdout.count('sample 0: """GPT-2 (124M') == 3
+    )  # the val split's first words, at steps -1, 0, 1
     hella = [line.split() for line in open(tmp_path / "log" / "log.txt") if " hella " in line]
-    assert [step for step, _, _ in hella] == ["-1", "0", "1"] and all(0 <= float(acc) <= 1 for _, _, acc in hella)
+    assert [step for step, _, _ in hella] == ["-1", "0", "1"] and all(
+        0 <= float(acc) <= 1 for _, _, acc in hella
+    )
     assert os.path.exists(tmp_path / "log" / "model_00001.pt")

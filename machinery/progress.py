@@ -1,13 +1,64 @@
-"""What a run tells the person watching it: the start-up block, each step's line with its speed, MFU,
-elapsed time and an estimate of the time left, and the last block with the commands to run next.
+"""What a run tells the person watching it and what it logs: the start-up block, each step's line
+with its speed, MFU, elapsed time and an estimate of the time left, the last block with the commands
+to run next, and log.txt, whose lines are written whole or not at all.
 
-Not in train_gpt2.py because it is all formatting: the tutorial's loop computes the numbers, and this
-file turns them into lines. It imports nothing of the project (and not torch), so it can be read alone.
+The tutorial's loop computes the numbers; this module turns them into lines. torch-free.
 """
 
+import contextlib
 import os
 import shlex
 import time
+
+from machinery.cli import UserError
+from machinery.files import in_folder
+
+
+class RunLog:
+    """log.txt, one `{step} {kind} {value}` line per measurement, written by rank 0 alone. A resume
+    appends, after dropping a last line cut short by a kill; a new run writes it anew, and says so if
+    an earlier run (one that saved no checkpoint) left one. A line that cannot be written whole (a
+    full disk) is taken back: the file never ends in a torn line."""
+
+    def __init__(self, log_dir, resume, master):
+        self.fd = None
+        if not master:
+            return
+        path = os.path.join(log_dir, "log.txt")
+        if os.path.islink(path):
+            raise UserError(
+                f"{path} is a symbolic link (to {os.readlink(path)}): the run would write through "
+                "it; remove the link, or pass another --log_dir"
+            )
+        if resume:
+            with contextlib.suppress(FileNotFoundError), open(path, "rb+") as f:
+                text = f.read()
+                if text and not text.endswith(b"\n"):
+                    f.truncate(text.rfind(b"\n") + 1)
+        elif os.path.isfile(path) and os.path.getsize(path):
+            print(
+                f"note: {path} of an earlier run that saved no checkpoint is replaced", flush=True
+            )
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC)
+        self.path, self.fd = path, os.open(path, flags, 0o644)
+
+    def write(self, line):
+        if self.fd is None:
+            return
+        end = os.lseek(self.fd, 0, os.SEEK_END)
+        data = (line + "\n").encode()
+        try:
+            if os.write(self.fd, data) != len(data):
+                raise OSError(28, "No space left on device", self.path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, end)  # no torn line
+            e.filename = e.filename or self.path
+            raise
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
 
 
 class Progress:
@@ -16,7 +67,9 @@ class Progress:
     def __init__(self, first_step, last_step):
         self.first_step, self.last_step = first_step, last_step
         self.started = self.last_step_end = time.monotonic()
-        self.seconds_per_step = None  # smoothed over recent steps, evaluations and checkpoints included
+        self.seconds_per_step = (
+            None  # smoothed over recent steps, evaluations and checkpoints included
+        )
         self.train_loss = self.val_loss = self.best_val_loss = self.best_val_step = None
         self.hellaswag = self.checkpoint = self.start_val_loss = None
 
@@ -29,24 +82,33 @@ class Progress:
         """(seconds since the start, estimated seconds left, None until there is an estimate)."""
         now = time.monotonic()
         interval, self.last_step_end = now - self.last_step_end, now
-        if step > self.first_step:  # the first step compiles and warms up: it says nothing of the others
+        if (
+            step > self.first_step
+        ):  # the first step compiles and warms up: it says nothing of the others
             smoothed = self.seconds_per_step
-            self.seconds_per_step = interval if smoothed is None else 0.9 * smoothed + 0.1 * interval
-        left = None if self.seconds_per_step is None else self.seconds_per_step * (self.last_step - step)
+            self.seconds_per_step = (
+                interval if smoothed is None else 0.9 * smoothed + 0.1 * interval
+            )
+        left = (
+            None
+            if self.seconds_per_step is None
+            else self.seconds_per_step * (self.last_step - step)
+        )
         return now - self.started, left
 
     def val_done(self, step, val_loss):
-        self.val_loss = val_loss
+        self.val_loss, self.val_step = val_loss, step
         if step < 0:
             self.start_val_loss = val_loss
         if self.best_val_loss is None or val_loss < self.best_val_loss:
             self.best_val_loss, self.best_val_step = val_loss, step
 
 
-def step_line(progress, step, train_loss, lr, norm, dt, tokens, mfu=None, memory_gib=None):
-    """The step's line on stdout: where the run is, its numbers, how fast it goes, and how long it has left.
-    mfu: the model's arithmetic per second as a share of the devices' peak (None when the peak is unknown)."""
-    progress.train_loss = train_loss
+def step_line(progress, step, train_loss, lr, norm, dt, args, mfu_flops=None, memory_gib=None):
+    """The step's line on stdout: where the run is, its numbers, how fast it goes, how long it has
+    left. mfu_flops: the step's FLOPs over the devices' peak FLOP/s (None when it is unknown)."""
+    progress.train_loss, tokens = train_loss, args.total_batch_size
+    mfu = mfu_flops / dt if mfu_flops else None
     elapsed, left = progress.step_done(step)
     speed = f"{1000 * dt:.0f} ms | {tokens / dt:,.0f} tok/s"
     if mfu is not None:
@@ -67,13 +129,22 @@ def format_seconds(seconds):
     return f"{hours}:{minutes:02d}:{seconds:02d}"
 
 
-def start_block(args, world_size, device, use_compile, dtype, dtype_reason, num_params, config, memory, steps, loaders):
-    """The run's first lines: where it writes, what computes, the model, its memory, the batch, the data and
-    one epoch. steps: (first, last, micro-steps per step); loaders: (train, val, tokens per evaluation)."""
-    (first, last, grad_accum_steps), (train_loader, val_loader, val_tokens) = steps, loaders
+def epoch_done(epoch, step, step_tokens):
+    return f"epoch {epoch} done at step {step}: {(step + 1) * step_tokens:,} tokens seen"
+
+
+def start_block(args, world_size, device, use_compile, dtype, dtype_reason, model, memory, steps,
+                loaders):  # fmt: skip
+    """The run's first lines: where it writes, what computes, the model, its memory, the batch, the
+    data and one epoch. steps: (first, last, micro-steps per step); loaders: (train, val, val steps)."""
+    (first, last, grad_accum_steps), (train_loader, val_loader, val_steps) = steps, loaders
+    val_tokens, config = val_steps * val_loader.window, model.config
+    num_params = sum(p.numel() for p in model.parameters())
     weights = f" | weights of {args.init}" if args.init else ""
     warmup_note = ""
-    if args.warmup_steps >= args.max_steps:  # a short run with 124M's 715 warmup steps, say: it barely trains
+    if (
+        args.warmup_steps >= args.max_steps
+    ):  # a short run with 124M's 715 warmup steps, say: it barely trains
         warmup_note = (
             f"\nnote: --warmup_steps {args.warmup_steps} is not below --max_steps {args.max_steps}: the learning rate "
             f"only warms up, to {100 * args.max_steps / args.warmup_steps:.3g}% of --max_lr, and never decays; lower "
@@ -94,12 +165,12 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, num_
     )
 
 
-def eval_only_block(
-    weights, num_params, world_size, device, dtype, dtype_reason, data_dir, val_tokens, val_loader, rows
-):
+def eval_only_block(weights, model, world_size, device, dtype, dtype_reason, data_dir, val_loader,
+                    val_steps, rows):  # fmt: skip
     """--eval_only's first lines: the weights, what computes, the val tokens it reads and how many rows
     of a batch go through the model at once (fewer than the batch where memory is short)."""
-    batch = val_loader.B
+    batch, val_tokens = val_loader.B, val_steps * val_loader.window
+    num_params = sum(p.numel() for p in model.parameters())
     at_once = f"{batch} rows per forward pass"
     if rows < batch:
         at_once = f"{rows} rows per forward pass (memory holds the logits of fewer than a batch's {batch})"
@@ -112,10 +183,10 @@ def eval_only_block(
     )
 
 
-def resumed(path, start_step, log_dir, in_log_dir, args_then, val_tokens):
-    """The line of a resumed run: where it continues, where its checkpoints go (in_log_dir: the checkpoint
-    is in --log_dir), and whether it evaluates on as many val tokens as the run before (args_then: the
-    checkpoint's flags; --seq_len cannot change: the loader refuses it)."""
+def resumed(path, start_step, args, args_then):
+    """The line of a resumed run: where it continues, where its checkpoints go, and whether it
+    evaluates on as many val tokens as the run before (args_then: the checkpoint's flags)."""
+    log_dir, val_tokens, in_log_dir = args.log_dir, args.val_tokens, in_folder(path, args.log_dir)
     line = f"resumed from {path} at step {start_step}{'' if in_log_dir else f'; new checkpoints go to {log_dir}'}"
     then = args_then.get("val_tokens", val_tokens)
     if then != val_tokens:
@@ -128,13 +199,19 @@ def resumed(path, start_step, log_dir, in_log_dir, args_then, val_tokens):
 
 def describe_epoch(loader):
     """One epoch of the train split: its steps, its order, and what it leaves unread."""
-    tails, left_over = loader.unread_per_epoch()
+    tails, left_over = unread_per_epoch(loader)
     order = f"shuffled by --seed {loader.seed}" if loader.shuffle else "in order (--no-shuffle)"
     where = "at the epoch's end" if loader.shuffle else "at shard ends"
     return (
         f"{loader.steps_per_epoch():,} steps, {order} | unread each epoch: {tails:,} tokens of shard tails "
         f"shorter than a sequence, {left_over:,} sequences that do not fill a step ({where})"
     )
+
+
+def unread_per_epoch(loader):
+    """(tokens at shard ends shorter than a window, windows left out of each epoch's steps)."""
+    tails = sum(len(tokens) - 1 - n * loader.T for tokens, n in zip(loader.shards, loader.windows))
+    return int(tails), int(loader.windows.sum()) - loader.epoch_sequences
 
 
 def describe_split(loader):
@@ -144,23 +221,33 @@ def describe_split(loader):
 
 def print_summary(progress, log_path, prompt):
     """The last block: what the run reached, where it is, and what to run next (commands quoted for the shell)."""
-    val = "-" if progress.val_loss is None else f"{progress.val_loss:.4f}"
+    val = (
+        "-"
+        if progress.val_loss is None
+        else f"{progress.val_loss:.4f} {progress.label(progress.val_step)}"
+    )
+    train = "-" if progress.train_loss is None else f"{progress.train_loss:.4f}"
     best = ""
     if progress.best_val_step is not None:
         at = "before step 0" if progress.best_val_step < 0 else f"at step {progress.best_val_step}"
         best = f" (best {progress.best_val_loss:.4f} {at})"
     if progress.start_val_loss is not None:
         best += f" | val loss before step 0 {progress.start_val_loss:.4f}"
-    hellaswag = "" if progress.hellaswag is None else f" | hellaswag acc_norm {progress.hellaswag:.4f}"
+    hellaswag = (
+        "" if progress.hellaswag is None else f" | hellaswag acc_norm {progress.hellaswag:.4f}"
+    )
     print(f"\ndone in {format_seconds(time.monotonic() - progress.started)}")
-    print(f"final       train loss {progress.train_loss:.4f} | val loss {val}{best}{hellaswag}")
+    print(f"final       train loss {train} | val loss {val}{best}{hellaswag}")
     print(f"checkpoint  {progress.checkpoint}")
     print(f"log         {log_path}")
     sample, plot = script_path("sample.py"), script_path("plot_log.py")
-    print(f"next        python {sample} --init {shlex.quote(progress.checkpoint)} --prompt {shlex.quote(prompt)}")
+    print(
+        f"next        python {sample} --init {shlex.quote(progress.checkpoint)} --prompt {shlex.quote(prompt)}"
+    )
     print(f"            python {plot} {shlex.quote(log_path)}")
 
 
 def script_path(name):
     """A script of this project as a command run from the current folder names it (sample.py in the clone)."""
-    return shlex.quote(os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), name)))
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return shlex.quote(os.path.relpath(os.path.join(repository, name)))

@@ -10,7 +10,8 @@ import resource
 
 import torch
 
-from common import UserError, keep_freed_memory
+from machinery.cli import UserError
+from machinery.memory import keep_freed_memory
 
 # -----------------------------------------------------------------------------
 # The device: the one asked for, checked, or the best there is.
@@ -28,7 +29,11 @@ def pick_device(requested):
             device = torch.device(requested)
         except RuntimeError:
             device = None
-        if device is None or device.type not in ("cuda", "mps", "cpu"):  # meta, xla, ...: not set up here
+        if device is None or device.type not in (
+            "cuda",
+            "mps",
+            "cpu",
+        ):  # meta, xla, ...: not set up here
             raise UserError(
                 f"--device {requested!r} is not a device this project runs on: use cuda, cuda:N, mps or cpu"
             )
@@ -74,7 +79,10 @@ def auto_dtype(device_type, native_bf16):
     if device_type == "cpu":
         if native_bf16:
             return torch.bfloat16, "the CPU has native bf16 (AMX or AVX512-BF16)"
-        return torch.float32, "the CPU has no native bf16 (no AMX, no AVX512-BF16): emulated bf16 is slower"
+        return (
+            torch.float32,
+            "the CPU has no native bf16 (no AMX, no AVX512-BF16): emulated bf16 is slower",
+        )
     return torch.float32, f"{device_type}: autocast to a 16-bit type is not set up for it here"
 
 
@@ -87,18 +95,11 @@ def pick_autocast_dtype(requested, device):
     return auto_dtype(device.type, device.type == "cpu" and cpu_has_native_bf16())
 
 
-def autocast_context(device, dtype):
-    """The mixed-precision context, built once and entered as `with autocast:` (no-op for fp32)."""
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
-def use_fast_math(device):
-    """Speed-ups that change no result a run depends on."""
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 matmuls that autocast leaves
+def speed_up_cpu(device):
+    """Speed-ups on a CPU that change no result a run depends on."""
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # tiny floats as zero: x86 handles them slowly (17% per step here)
-        keep_freed_memory(every_size=True)  # the step's large buffers are not zeroed again by the kernel
+        torch.set_flush_denormal(True)  # tiny floats as zero: x86 is slow on them (17% per step)
+        keep_freed_memory(every_size=True)  # the step's large buffers are not zeroed again
 
 
 # -----------------------------------------------------------------------------
@@ -109,8 +110,19 @@ PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16
 
 
 def flops_per_token(config, seq_len, num_params):
-    non_embedding = num_params - config.block_size * config.n_embd  # the position table does no matmul
+    non_embedding = (
+        num_params - config.block_size * config.n_embd
+    )  # the position table does no matmul
     return 6 * non_embedding + 12 * config.n_layer * config.n_embd * seq_len
+
+
+def step_flops_of_peak(model, args, device, world_size):
+    """The model's FLOPs in one step over the devices' peak FLOP/s (MFU = this / the step's
+    seconds), or None where the peak is not known."""
+    peak = args.peak_flops or device_peak_flops(device)
+    num_params = sum(p.numel() for p in model.parameters())
+    flops = flops_per_token(model.config, args.seq_len, num_params) * args.total_batch_size
+    return flops / (peak * world_size) if peak else None
 
 
 def device_peak_flops(device):
@@ -159,8 +171,13 @@ def available_bytes(device):
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY and read_words("/proc/self/statm"):
         limits.append(soft - int(read_words("/proc/self/statm")[0]) * resource.getpagesize())
-    cgroup_max, cgroup_now = read_words("/sys/fs/cgroup/memory.max"), read_words("/sys/fs/cgroup/memory.current")
-    if cgroup_max and cgroup_max[0].isdigit() and cgroup_now:  # cgroup v2: a container's own limit ("max": none)
+    cgroup_max, cgroup_now = (
+        read_words("/sys/fs/cgroup/memory.max"),
+        read_words("/sys/fs/cgroup/memory.current"),
+    )
+    if (
+        cgroup_max and cgroup_max[0].isdigit() and cgroup_now
+    ):  # cgroup v2: a container's own limit ("max": none)
         limits.append(int(cgroup_max[0]) - int(cgroup_now[0]))
     return min(limits) if limits else None
 
@@ -174,10 +191,11 @@ def read_words(path):
         return []
 
 
-def evaluation_rows(config, num_params, batch_size, seq_len, device):
+def evaluation_rows(model, batch_size, seq_len, device):
     """Rows of a val batch per forward pass: all --batch_size of them, or as many as the device has memory for
     (at least one). Splitting a batch changes no number: the loss is the mean over the same tokens."""
-    available = available_bytes(device)
+    available, config = available_bytes(device), model.config
+    num_params = sum(p.numel() for p in model.parameters())
     if available is None:
         return batch_size
     # 70% of it: the rest of the process grows during an evaluation too (loaders, the allocator's reserves,
@@ -186,10 +204,11 @@ def evaluation_rows(config, num_params, batch_size, seq_len, device):
     return max(1, min(batch_size, int(budget // evaluation_bytes(config, 0, 1, seq_len))))
 
 
-def check_training_fits(config, num_params, args, world_size, device, compiled):
+def check_training_fits(model, args, world_size, device, compiled):
     """The estimate of a step's peak memory and what the device has, as the start-up block's line; refuses an
     eager run that cannot fit, naming the largest --batch_size that does (compiled runs need less: not refused)."""
     B, T, total = args.batch_size, args.seq_len, args.total_batch_size
+    config, num_params = model.config, sum(p.numel() for p in model.parameters())
     needed, available = training_bytes(config, num_params, B, T), available_bytes(device)
     line = f"~{needed / 2**30:.1f} GiB per process estimated for a step"
     if available is None:
@@ -210,10 +229,11 @@ def check_training_fits(config, num_params, args, world_size, device, compiled):
     )
 
 
-LOWER_BATCH_SIZE = (
-    "lower --batch_size (now {}) and keep --total_batch_size {}: more micro-steps make up the difference, and the "
-    "run stays the same"
-)
+def lower_batch_size(args):
+    return (
+        f"lower --batch_size (now {args.batch_size}) and keep --total_batch_size "
+        f"{args.total_batch_size}: more micro-steps make up the difference, and the run stays the same"
+    )
 
 
 def out_of_memory(device, advice):

@@ -13,11 +13,17 @@ from dataclasses import asdict
 
 import torch
 
-from common import EOT_TOKEN, GPT2_VOCAB_SIZE, UserError
-from guard import latest_checkpoint
+from machinery.checkpoints import latest_checkpoint
+from machinery.cli import UserError
+from machinery.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE
 
 # OpenAI's checkpoint uses Conv1D layers, whose weights are stored (in, out), transposed from nn.Linear.
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CONV1D_WEIGHTS = (
+    "attn.c_attn.weight",
+    "attn.c_proj.weight",
+    "mlp.c_fc.weight",
+    "mlp.c_proj.weight",
+)
 # GPTConfig's fields under the names Hugging Face's GPT2Config gives them.
 HF_CONFIG_NAMES = {
     "block_size": "n_positions",
@@ -28,7 +34,10 @@ HF_CONFIG_NAMES = {
 }
 # The GPT2Config settings under which Hugging Face's GPT-2 is OpenAI's network (first value: the default).
 OPENAI_GPT2_SETTINGS = {
-    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),  # both are the tanh approximation of GELU
+    "activation_function": (
+        "gelu_new",
+        "gelu_pytorch_tanh",
+    ),  # both are the tanh approximation of GELU
     "layer_norm_epsilon": (1e-5,),
     "tie_word_embeddings": (True,),
     "scale_attn_weights": (True,),
@@ -53,7 +62,9 @@ def read_gpt2(name_or_path, hub_names):
     try:
         config = {field: hf_config[hf_name] for field, hf_name in HF_CONFIG_NAMES.items()}
     except KeyError as e:
-        raise UserError(f"{directory}/config.json lacks {e}: it is not a complete GPT-2 config") from None
+        raise UserError(
+            f"{directory}/config.json lacks {e}: it is not a complete GPT-2 config"
+        ) from None
     return config, tensors, f"{directory}/config.json"
 
 
@@ -65,7 +76,9 @@ def download_gpt2(name):
         return snapshot_download(
             repo_id=f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"]
         )
-    except Exception as e:  # no network, hub down, no huggingface_hub: all end the same way for the user
+    except (
+        Exception
+    ) as e:  # no network, hub down, no huggingface_hub: all end the same way for the user
         raise UserError(
             f"could not download '{name}' from the Hugging Face hub ({type(e).__name__}); on a machine with "
             f"network run `hf download openai-community/{name} config.json model.safetensors "
@@ -80,7 +93,9 @@ def read_hf_checkpoint(directory):
     config_path = os.path.join(directory, "config.json")
     safetensors_path = os.path.join(directory, "model.safetensors")
     bin_path = os.path.join(directory, "pytorch_model.bin")
-    if (newest := latest_checkpoint(directory)) and not os.path.exists(config_path):  # a --log_dir, not its file
+    if (newest := latest_checkpoint(directory)) and not os.path.exists(
+        config_path
+    ):  # a --log_dir, not its file
         raise UserError(
             f"{directory} is the folder of a training run, not a Hugging Face model: pass one of its checkpoints, "
             f"such as {newest}"
@@ -128,7 +143,9 @@ def read_hf_checkpoint(directory):
 def to_hf_checkpoint(model):
     """The tensors and config.json of `model` as a Hugging Face GPT2LMHeadModel (export_hf.py writes them):
     the reverse of read_gpt2, with the vocabulary cut back to the tokenizer's 50257 tokens."""
-    n_tokens = model.n_real_tokens  # the padded rows of the embedding are never real tokens: drop them
+    n_tokens = (
+        model.n_real_tokens
+    )  # the padded rows of the embedding are never real tokens: drop them
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":

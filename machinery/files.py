@@ -1,0 +1,126 @@
+"""Writing files so that nothing is lost: atomic writes (a file appears whole or not at all) and the
+lock of an output folder, so that two runs never write one folder.
+
+torch-free: fineweb.py and plot_log.py use it too.
+"""
+
+import contextlib
+import fcntl
+import os
+import socket
+
+from machinery.cli import DISK_FULL, UserError, os_error_line
+
+# -----------------------------------------------------------------------------
+# One writer per output folder. Two runs writing one folder (two trainers on one --log_dir, two
+# fineweb.py on one --out) would overwrite each other's checkpoints, logs and shards, and each would
+# delete the other's half-written files as stale. So a writer holds an OS lock on <folder>/.lock for as
+# long as it writes, and a second one is refused at once. The OS drops the lock when its process ends,
+# however it ends (even SIGKILL), so a lock left by a dead process never blocks. POSIX record locks
+# (lockf) are used rather than flock: a child process (tokenizer workers, torch.compile's compilers)
+# does not inherit them, so a worker that outlives a killed parent holds nothing. Not covered: two
+# writers in one process, and network file systems that do not implement POSIX locks.
+
+LOCK_NAME = ".lock"
+
+
+@contextlib.contextmanager
+def output_lock(folder, flag):
+    """`with output_lock(folder, "--out"):` creates folder if needed and holds its lock for the block; a
+    folder held by another process is a UserError naming the holder. The lock file holds pid@host for
+    that message and is removed at the end, and so is the folder if this block created it and left it empty."""
+    if os.path.islink(folder) and not os.path.exists(folder):
+        raise UserError(
+            f"{flag} {folder} is a symbolic link to {os.readlink(folder)}, which is no folder: point it at one, "
+            f"or pass another {flag}"
+        )
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise UserError(f"{flag} {folder} is a file, not a folder: pass a folder's path")
+    created = []  # the folders this block makes, deepest last: removed again if left empty
+    parent = os.path.abspath(folder)
+    while not os.path.isdir(parent):
+        created.insert(0, parent)
+        parent = os.path.dirname(parent)
+    try:
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{flag} {os_error_line(e, folder)}") from None
+        path = os.path.join(folder, LOCK_NAME)
+        fd = acquire_lock(path, folder, flag)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(path)  # while still held: nobody else holds a file about to disappear
+            os.close(fd)
+    finally:
+        for made in reversed(created):  # rmdir fails on a folder that is not empty: it stays
+            with contextlib.suppress(OSError):
+                os.rmdir(made)  # a refused run leaves no folder behind
+
+
+def acquire_lock(path, folder, flag):
+    """An open fd of `path`, locked; or a UserError naming the process that holds it."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = (
+                os.read(fd, 200).decode(errors="replace").strip() or "a process that is starting"
+            )
+            os.close(fd)
+            raise UserError(
+                f"{flag} {folder} is in use by another run (pid {holder}): wait for it to end, or pass another {flag}"
+            ) from None
+        # The holder removes the file just before it lets go: if we locked a file that is no longer at
+        # `path`, a newcomer could create and lock a new one beside us. Then try again on the new one.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
+                return fd
+        os.close(fd)
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes: a file is written beside its target, flushed to disk, then renamed over it, so that a
+# crash, a kill or a full disk leaves either the old file or the new one, never a torn one.
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", temp_path=None):
+    """`with atomic_write(path) as f:` writes f to path only if the block finishes. A failed write (a
+    full disk, a lost mount) removes the temporary file and raises a UserError naming path."""
+    temp_path = temp_path or path + ".tmp"
+    if os.path.isdir(path):
+        raise UserError(f"could not write {path}: it is a folder; pass a file's path")
+    try:
+        with open(temp_path, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(
+                f.fileno()
+            )  # on disk before the rename, so the rename never points at a torn file
+        os.replace(temp_path, path)
+    except OSError as e:  # named by its target: the temporary file is gone
+        if e.errno in DISK_FULL:
+            raise UserError(os_error_line(e, path)) from None
+        raise UserError(
+            f"could not write {os_error_line(e, path)} (any earlier {path} is intact)"
+        ) from None
+    except (
+        RuntimeError
+    ):  # torch.save reports a failed write so, and hides why: most often a full disk
+        raise UserError(
+            f"could not write {path}: is the disk full? (any earlier {path} is intact)"
+        ) from None
+    finally:  # after an error or Ctrl-C; a kill leaves the temporary file for the next run to remove
+        with contextlib.suppress(OSError):
+            os.remove(temp_path)
+
+
+def in_folder(path, folder):
+    """Whether the file `path` lies directly in `folder`, however either is spelled."""
+    return os.path.realpath(os.path.dirname(os.path.abspath(path))) == os.path.realpath(folder)

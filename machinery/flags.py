@@ -1,0 +1,118 @@
+"""The trainer's flags: every hyperparameter with its default (GPT-2 124M's recipe), the reason shown
+in --help, and the range a number must lie in; then the rules between flags. cli.check_flags refuses
+a value out of its range (and nan and inf) or a broken rule, in one line, before any work starts.
+"""
+
+from machinery import cli
+from machinery.cli import AT_LEAST_0, BELOW_1, POSITIVE, SEED, UNIT, UserError
+from machinery.tokenizer import GPT2_VOCAB_SIZE
+
+# AdamW's eps is added to the root of the second moment: past 1e-3 it swamps a typical gradient's
+# root (about 1e-3 to 1e-6), and every update shrinks towards nothing.
+EPS = (lambda value: 0 < value <= 1e-3, "in (0, 1e-3]: a larger eps makes AdamW's steps vanish")
+FLAGS = {
+    "data": [
+        ("--data_dir", "edu_fineweb10B", "shards written by fineweb.py (or llm.c .bin shards)"),
+        ("--total_batch_size", 524288, "tokens per optimizer step: 2**19, ~0.5M as in GPT-3 Small",
+         POSITIVE),
+        ("--batch_size", 64, "sequences per micro-step per GPU (B); lower it if memory runs out",
+         POSITIVE),
+        ("--seq_len", 1024, "tokens per sequence (T): GPT-2's context", POSITIVE),
+        ("--shuffle", True, "read the train shards, and each shard's sequences, in a new order each "
+         "epoch drawn from --seed: batches that mix the corpus; --no-shuffle reads them front to "
+         "back, as the lecture does"),
+    ],
+    "model": [
+        ("--init", str, "start from these weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, a "
+         "Hugging Face GPT-2 directory, or log/model_XXXXX.pt) with a fresh optimizer at step 0: "
+         "fine-tuning"),
+        ("--n_layer", int, "transformer blocks (default: GPT-2 124M's 12, or the weights')",
+         POSITIVE),
+        ("--n_head", int, "attention heads (default: GPT-2 124M's 12, or the weights')", POSITIVE),
+        ("--n_embd", int, "channels (default: GPT-2 124M's 768, or the weights')", POSITIVE),
+        ("--block_size", int, "longest context the model takes (default: 1024, or the weights')",
+         POSITIVE),
+        ("--vocab_size", 50304, "50257 tokens padded to a multiple of 128 for faster matmuls",
+         POSITIVE),
+    ],
+    "optimisation": [
+        ("--max_lr", 6e-4, "peak learning rate (GPT-3 Small)", UNIT),
+        ("--min_lr", float, "final learning rate (default: 10%% of --max_lr, as GPT-3)", UNIT),
+        ("--warmup_steps", 715, "linear warmup: 375M tokens, as GPT-3", AT_LEAST_0),
+        ("--max_steps", 19073, "10B tokens / 524288 tokens per step: one epoch of FineWeb-edu 10B",
+         POSITIVE),
+        ("--weight_decay", 0.1, "decoupled AdamW decay on matrices (GPT-3)", AT_LEAST_0),
+        ("--beta1", 0.9, "AdamW first-moment decay (GPT-3)", BELOW_1),
+        ("--beta2", 0.95, "AdamW second-moment decay (GPT-3)", BELOW_1),
+        ("--eps", 1e-8, "AdamW epsilon (GPT-3)", EPS),
+        ("--grad_clip", 1.0, "clip the global gradient norm (GPT-3); 0: no clipping, as in nanoGPT",
+         AT_LEAST_0),
+        ("--seed", 1337, "seed of the weight init and of the data order", SEED),
+    ],
+    "evaluation, logging and checkpoints": [
+        ("--eval_every", 250, "steps between val loss / HellaSwag / samples", POSITIVE),
+        ("--eval_first", True, "evaluate the starting weights before step 0, as the lecture does "
+         "(not on --resume)"),
+        ("--val_tokens", 10485760, "tokens of the val split per evaluation (20 steps of 2**19)",
+         POSITIVE),
+        ("--hellaswag", True, "HellaSwag acc_norm at each evaluation"),
+        ("--hellaswag_data", str, "local hellaswag_val.jsonl (default: the cached download)"),
+        ("--sample_every_eval", True, "print 4 samples at each evaluation"),
+        ("--sample_prompt", str, "what the samples continue (default: the val split's first "
+         "words, in any corpus)"),
+        ("--eval_only", False, "evaluate the --init or --resume weights (val loss, HellaSwag), "
+         "print, write nothing"),
+        ("--log_dir", "log", "log.txt and checkpoints go here"),
+        ("--ckpt_every", 5000, "steps between checkpoints (also at the end and on a stop signal)",
+         POSITIVE),
+        ("--resume", "[PATH]", "continue from the latest checkpoint in --log_dir, or from the "
+         "given path"),
+    ],
+    "hardware": [
+        ("--device", str, "cuda, mps or cpu (default: the best available)"),
+        ("--dtype", ("auto", "bfloat16", "float16", "float32"), "autocast dtype; auto: bf16 where "
+         "the GPU or CPU has it in hardware, fp16 + loss scaling on older GPUs, else fp32 "
+         "(emulated bf16 is slower)"),
+        ("--compile", bool, "torch.compile the model (default: on for CUDA)"),
+        ("--peak_flops", float, "device peak FLOP/s for MFU (known for A100/H100/H200)", POSITIVE),
+    ],
+}  # fmt: skip
+
+# Flags that make no sense together: (what must hold, what to say where it does not).
+RULES = [
+    (lambda a, _: a.min_lr <= a.max_lr, "--min_lr {min_lr} is above --max_lr {max_lr}"),
+    (lambda a, _: a.max_lr * a.weight_decay < 1, "--weight_decay {weight_decay} x --max_lr {max_lr} "
+     "is 1 or more: each step would decay every weight by all of it; lower --weight_decay"),
+    (lambda a, _: not (a.init and a.resume), "--init and --resume together: --init starts a new run "
+     "from given weights, --resume continues a run (a fine-tune too, without --init); pass one"),
+    (lambda a, _: not a.eval_only or a.init or a.resume, "--eval_only evaluates given weights: pass "
+     "--init NAME_OR_PATH or --resume [PATH]"),
+    (lambda a, _: a.vocab_size >= GPT2_VOCAB_SIZE, "--vocab_size {vocab_size} is smaller than "
+     f"GPT-2's {GPT2_VOCAB_SIZE} tokens"),
+    (lambda a, world_size: a.eval_only or a.total_batch_size % (a.batch_size * a.seq_len * world_size) == 0,
+     "--total_batch_size {total_batch_size} is not divisible by batch_size*seq_len*world_size = "
+     "{batch_size}*{seq_len}*{world_size}: change one of them"),
+]  # fmt: skip
+
+
+def parse(argv=None):
+    p = cli.ArgumentParser(
+        description="Train GPT-2 (124M by default) on pre-tokenized shards, from scratch or from "
+        "--init weights; or only evaluate weights (--eval_only).",
+        formatter_class=cli.HelpFormatter,
+    )
+    cli.add_flags(p, FLAGS)
+    args = p.parse_args(argv)
+    if args.min_lr is None:
+        args.min_lr = 0.1 * args.max_lr
+    return args
+
+
+def check(args, world_size):
+    """Refuse a number out of its range, or flags that make no sense together, in one line."""
+    cli.check_ranges(
+        args, {row[0][2:]: row[3] for rows in FLAGS.values() for row in rows if len(row) == 4}
+    )
+    for holds, message in RULES:
+        if not holds(args, world_size):
+            raise UserError(message.format(**vars(args), world_size=world_size))

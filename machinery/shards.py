@@ -1,0 +1,219 @@
+"""Token shards: their names, finding a split's shards, checking a shard's header and token ids, and a
+fingerprint that a checkpoint records so that a resume notices changed data.
+
+torch-free: fineweb.py writes the shards that this module reads.
+"""
+
+import contextlib
+import glob
+import json
+import os
+import re
+import zlib
+
+import numpy as np
+
+from machinery.cli import UserError
+from machinery.tokenizer import GPT2_VOCAB_SIZE
+
+# -----------------------------------------------------------------------------
+# Shards. fineweb.py writes uint16 .npy files; llm.c and modded-nanogpt write .bin files: a header of
+# 256 int32 (magic, version, token count, ...), then the uint16 tokens.
+
+# A shard's name as fineweb.py and llm.c write it, matched whole: PREFIX_SPLIT_INDEX.npy or .bin. Matched
+# whole, the split is the word right before the index, so a prefix such as "x_train" cannot make a val
+# shard (x_train_val_000000.npy) look like a train shard.
+SHARD_NAME = re.compile(r"(.+)_(train|val)_(\d{6})\.(npy|bin)")
+BIN_MAGIC, BIN_VERSION, BIN_HEADER_INTS = 20240520, 1, 256
+BIN_HEADER_BYTES = 4 * BIN_HEADER_INTS
+
+
+def bin_header_tokens(path):
+    """The token count of an llm.c .bin shard, from its header, checked against the file's size."""
+    header = np.fromfile(path, dtype=np.int32, count=BIN_HEADER_INTS)
+    if len(header) < BIN_HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
+        found = f"magic {header[0]}, version {header[1]}" if len(header) >= 2 else "no header"
+        raise UserError(
+            f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, version {BIN_VERSION}): not an llm.c token shard"
+        )
+    num_tokens = int(header[2])
+    expected_bytes = 4 * BIN_HEADER_INTS + 2 * num_tokens
+    if os.path.getsize(path) != expected_bytes:
+        raise UserError(
+            f"{path}: {os.path.getsize(path)} bytes, header promises {expected_bytes}: "
+            "the file is truncated, download it again"
+        )
+    return num_tokens
+
+
+@contextlib.contextmanager
+def reading(path):
+    """Around the memory map of a shard: a file that cannot be read as one is one line."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(
+            f"{path}: not a readable .npy shard ({e}): it is probably truncated, regenerate it with "
+            "fineweb.py"
+        ) from None
+
+
+def check_tokens(path, tokens):
+    """Refuse a shard with ids the tokenizer never makes (a shard of another tokenizer, or uint16 data that
+    is not tokens): past the embedding table they would crash a step deep into the run, and below it they
+    would train rows that no text uses. Reading a shard once costs about as much as a few training steps."""
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise UserError(
+            f"{path}: tokens are {tokens.dtype} with shape {tokens.shape}, expected a 1-D uint16 "
+            "array: regenerate it with fineweb.py"
+        )
+    if len(tokens) == 0:  # it would hold no sequence, and count as minus one in an epoch
+        raise UserError(
+            f"{path} holds no tokens: remove it, or regenerate the shards with fineweb.py"
+        )
+    largest = int(tokens.max())
+    if largest >= GPT2_VOCAB_SIZE:
+        raise UserError(
+            f"{path} holds token id {largest}, but GPT-2's tokenizer has {GPT2_VOCAB_SIZE} tokens: it is not "
+            "a shard of GPT-2 tokens; remove it, or regenerate it with fineweb.py"
+        )
+    return tokens
+
+
+def find(data_dir, split):
+    """The paths of the split's shards in data_dir, in index order. Only files count: a folder named like
+    a shard is not one. Shards of two corpora (two prefixes, or two shards with one index) are refused."""
+    if not data_dir.strip():
+        raise UserError(
+            f"--data_dir {data_dir!r} names no folder: pass the folder that holds the shards"
+        )
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise UserError(
+            f"--data_dir {data_dir} is a file, not a folder: pass the folder that holds the shards"
+        )
+    shards, prefixes = {}, {}
+    for name in sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []:
+        match = SHARD_NAME.fullmatch(name)
+        path = os.path.join(data_dir, name)
+        if match and os.path.islink(path) and not os.path.exists(path):
+            raise UserError(
+                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: mount or copy the "
+                "shards it points to, or remove the link"
+            )
+        if not (match and match.group(2) == split and os.path.isfile(path)):
+            continue
+        index = int(match.group(3))
+        prefixes.setdefault(match.group(1), name)
+        if len(prefixes) > 1:
+            raise UserError(
+                f"{data_dir} holds {split} shards of two corpora ({', '.join(prefixes.values())}): keep one corpus "
+                "per --data_dir"
+            )
+        if index in shards:
+            raise UserError(
+                f"{data_dir} holds two {split} shards with index {index} ({os.path.basename(shards[index])}, "
+                f"{name}): keep one corpus per --data_dir"
+            )
+        shards[index] = path
+    if not shards:
+        raise UserError(
+            f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir}: run `python fineweb.py` "
+            f"(or fineweb.py --input your.txt --out {data_dir}) first"
+        )
+    if split == "train":
+        note_unfinished_data(data_dir)
+    return [shards[index] for index in sorted(shards)]
+
+
+def note_unfinished_data(data_dir):
+    """Say (once per group) that a fineweb.py run into data_dir has not finished: its shards so far are used."""
+    for path in glob.glob(os.path.join(glob.escape(data_dir), "*_progress.json")):
+        try:
+            with open(path) as f:
+                finished = json.load(f).get("finished", True)
+        except (OSError, ValueError, AttributeError):  # not fineweb.py's: nothing to say
+            continue
+        if not finished and os.environ.get("RANK", "0").strip() in (
+            "",
+            "0",
+        ):  # said by rank 0 alone
+            print(
+                f"note: {path} says its fineweb.py run has not finished: training uses the shards written so far"
+            )
+
+
+def no_step_in_split(paths, shards, window, split):
+    """The error for a split too short to hold one batch (val: --batch_size rows per rank) or one step (train)."""
+    longest = max(range(len(paths)), key=lambda i: len(shards[i]))
+    lower = (
+        "--batch_size (or --seq_len)"
+        if split == "val"
+        else "--total_batch_size (or --batch_size/--seq_len)"
+    )
+    return UserError(
+        f"{paths[longest]} has {len(shards[longest])} tokens, fewer than one batch of all ranks' "
+        f"sequences + 1 = {window + 1}, and the {split} split holds no {'batch' if split == 'val' else 'step'}: "
+        f"lower {lower} or add data"
+    )
+
+
+# -----------------------------------------------------------------------------
+# The data a checkpoint was trained on: its loader state records the step size, the order and a
+# fingerprint of the train shards, so that a resume on other data or another batch is refused.
+
+
+def fingerprint(paths, shards):
+    """[name, tokens, CRC-32 of all its bytes] of each shard: a shard replaced, cut, or changed
+    anywhere is noticed (0.15 s per GiB on a 2-core AMD EPYC, beside the read of its token ids)."""
+    return [
+        [os.path.basename(path), len(tokens), f"{zlib.crc32(memoryview(tokens).cast('B')):08x}"]
+        for path, tokens in zip(paths, shards)
+    ]
+
+
+def check_loader_state(state, loader):
+    """Refuse to resume a loader state saved with another step size, sequence length, data or order
+    (checkpoints from before these were recorded are taken as they are), or a position past the epoch."""
+    step_tokens, seq_len, data = loader.window, loader.T, loader.data
+    shuffle, seed, epoch_sequences = loader.shuffle, loader.seed, loader.epoch_sequences
+    then = (state.get("step_tokens", step_tokens), state.get("seq_len", seq_len))
+    if then != (step_tokens, seq_len):
+        raise UserError(
+            f"the checkpoint read steps of {then[0]} tokens in sequences of {then[1]}, this run {step_tokens} in "
+            f"{seq_len}: resume with its --total_batch_size and --seq_len (the number of processes and "
+            "--batch_size may change)"
+        )
+    check_same_data(state.get("data", data), data, "train")
+    if state.get("sequence", 0) >= epoch_sequences or state.get("sequence", 0) % (
+        step_tokens // seq_len
+    ):
+        raise UserError(
+            f"the checkpoint's data position (sequence {state['sequence']}) is not the start of a step of an epoch "
+            f"of {epoch_sequences} sequences: the checkpoint is damaged; resume from an earlier one"
+        )
+    shuffled, then_seed = (
+        state.get("shuffle", False),
+        state.get("seed"),
+    )  # older checkpoints read in order
+    if shuffled != shuffle or (shuffled and then_seed != seed):
+        order = f"--shuffle --seed {then_seed}" if shuffled else "--no-shuffle"
+        raise UserError(
+            f"the checkpoint read the train shards in another order: resume with {order}"
+        )
+
+
+def check_same_data(then, now, split):
+    """Refuse to resume on `split` shards other than the checkpoint's (`then`, `now`: fingerprints)."""
+    if then != now:
+        then_shard, now_shard = next(((a, b) for a, b in zip(then, now) if a != b), (None, None))
+        detail = (
+            f"{len(then)} {split} shards then, {len(now)} now"
+            if then_shard is None
+            else f"{then_shard[0]} of {then_shard[1]:,} tokens then, {now_shard[0]} of {now_shard[1]:,} now"
+        )
+        raise UserError(
+            f"the {split} shards are not the ones the checkpoint was trained on ({detail}): "
+            "point --data_dir at the data of the run"
+        )

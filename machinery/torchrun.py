@@ -1,0 +1,184 @@
+"""The processes of a torchrun group: the rule for torchrun's variables, waiting for the group to form,
+a user error said once for the group, the lock of the log folder across ranks, and stop requests
+(SIGINT/SIGTERM) that let a run save before it ends.
+"""
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+
+import torch
+
+from machinery.cli import UserError
+from machinery.files import output_lock
+
+# -----------------------------------------------------------------------------
+# The processes of a torchrun group. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR and
+# MASTER_PORT, where the group meets) in each process it starts. A leftover variable (a cluster's
+# prologue, an old export) must not turn one process into a rank of a group that does not exist.
+
+GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+def variables(env=None):
+    """(rank, local_rank, world_size) of this process in a torchrun group, or None for one process. None of
+    RANK, LOCAL_RANK, WORLD_SIZE set (or set empty): one process; all of them, with MASTER_ADDR and a
+    MASTER_PORT, consistent: a group; anything in between: a UserError that names the variable missing or wrong."""
+    env = os.environ if env is None else env
+    present = [name for name in GROUP_VARIABLES if env.get(name, "").strip()]
+    if not present:
+        return None
+    given = " ".join(f"{name}={env[name]}" for name in present)
+    missing = [
+        name
+        for name in (*GROUP_VARIABLES, "MASTER_ADDR", "MASTER_PORT")
+        if not env.get(name, "").strip()
+    ]
+    if missing:
+        raise UserError(
+            f"{given} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the "
+            f"processes with torchrun, which sets them all, or unset {' '.join(present)} for one process"
+        )
+    try:
+        rank, local_rank, world_size = (int(env[name]) for name in GROUP_VARIABLES)
+    except ValueError:
+        raise UserError(f"{given}: each must be a whole number, as torchrun sets them") from None
+    if not (0 <= local_rank <= rank < world_size):
+        raise UserError(
+            f"{given}: a group needs 0 <= LOCAL_RANK <= RANK < WORLD_SIZE, as torchrun sets them"
+        )
+    port = env["MASTER_PORT"].strip()
+    if not (port.isdigit() and 0 < int(port) < 65536):
+        raise UserError(
+            f"MASTER_PORT={port}: the group's port must be a number from 1 to 65535, as torchrun sets it"
+        )
+    return rank, local_rank, world_size
+
+
+def check_master_address(env=None):
+    """Refuse a MASTER_ADDR that names no host, before the group is joined: torch would retry it for half an hour."""
+    env = os.environ if env is None else env
+    try:
+        socket.getaddrinfo(env["MASTER_ADDR"], int(env["MASTER_PORT"]), type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(
+            f"MASTER_ADDR={env['MASTER_ADDR']}: no such host ({reason}): set it to rank 0's host name or address"
+        ) from None
+
+
+@contextlib.contextmanager
+def log_dir_lock(log_dir, procs, device):
+    """Rank 0 holds --log_dir's lock for the whole run (files.output_lock), so that a second run on
+    the same folder is refused before it reads or removes anything there. All ranks learn whether it
+    got the lock, so that none goes on alone; only rank 0's message is printed."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if procs.master:
+            try:
+                stack.enter_context(output_lock(log_dir, "--log_dir"))
+            except UserError as e:
+                refusal = e
+        if procs.any(refusal is not None, device):
+            raise refusal or silent(UserError(f"rank 0 could not lock --log_dir {log_dir}"))
+        yield
+
+
+@contextlib.contextmanager
+def one_error_line(procs):
+    """In a torchrun group, a user error on any rank reaches the screen once, naming its rank: the first rank
+    to fail says it (counted in the group's store), the others' errors stay silent, and a rank that a
+    failed peer leaves stuck in a collective exits without its traceback (torchrun then ends the group)."""
+    try:
+        yield
+    except (UserError, RuntimeError) as e:
+        if (
+            not (procs.ddp and torch.distributed.is_initialized())
+            or getattr(e, "speaks", None) is False
+        ):
+            raise  # one process; or a rank's echo of an error that another rank says
+        user_error = isinstance(e, UserError)
+        try:
+            store = torch.distributed.distributed_c10d._get_default_store()
+            errors_before = store.add("user_errors", int(user_error)) - int(user_error)
+        except Exception:  # the store went with a failed peer
+            errors_before = None
+        if not user_error and errors_before == 0:
+            raise  # no rank reported a user error: this failure's traceback is the report
+        error = UserError(
+            f"rank {procs.rank}: {e}" if user_error else "stopped: another rank of the group failed"
+        )
+        error.speaks = user_error and not errors_before
+        raise error from None
+
+
+def silent(error):
+    """`error` marked as the echo of an error that another rank says: run_cli prints nothing for it."""
+    error.speaks = False
+    return error
+
+
+@contextlib.contextmanager
+def waiting_for_peers(procs):
+    """Around init_process_group, which joins the group at MASTER_ADDR:MASTER_PORT. A host that does
+    not resolve is refused at once. Ranks started by hand (no torchrun) say that they wait for the
+    others, rather than hang silently when those never come; and while the group forms, Ctrl-C and
+    SIGTERM end the process (torch waits inside C++, where Python's handlers would run too late)."""
+    check_master_address()
+    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    if "TORCHELASTIC_RUN_ID" not in os.environ and procs.world_size > 1:
+        others = (
+            "rank 0"
+            if procs.rank
+            else f"ranks 1 to {procs.world_size - 1}"
+            if procs.world_size > 2
+            else "rank 1"
+        )
+        print(f"rank {procs.rank} of {procs.world_size}: waiting for {others} at {where} (set by MASTER_ADDR, "
+              "MASTER_PORT); start every rank, or unset RANK, LOCAL_RANK and WORLD_SIZE; Ctrl-C stops the wait",
+              file=sys.stderr, flush=True)  # fmt: skip
+    handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except torch.distributed.DistNetworkError as e:  # rank 0 could not open the group's port
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise UserError(
+            f"MASTER_PORT={os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in use by another program "
+            "(another run?): pass a free port (torchrun --master_port, or MASTER_PORT)"
+        ) from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+# -----------------------------------------------------------------------------
+# Signals.
+
+
+class StopRequest:
+    """SIGINT/SIGTERM/SIGHUP (Ctrl-C, a cluster's preemption, a closed terminal) ask the run to
+    stop: it finishes the step it is in (an evaluation stops between batches), saves a checkpoint
+    and exits 0. A second Ctrl-C stops at once:
+    run_cli says so in one line, and a checkpoint being written is discarded (atomic_write)."""
+
+    def __init__(self, procs):
+        self.requested, self.speaks = False, procs.master  # one notice for the group, from rank 0
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(
+            signal.SIGINT, signal.default_int_handler
+        )  # a second Ctrl-C raises KeyboardInterrupt
+        notice = (
+            f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping\n"
+        )
+        # os.write, not print: the signal can arrive in the middle of a print (say, one blocked on a full
+        # pipe), and print cannot be re-entered: it would raise instead of letting the run save and stop.
+        with contextlib.suppress(OSError):
+            if self.speaks:
+                os.write(sys.stdout.fileno(), notice.encode())
