@@ -1,6 +1,7 @@
-"""GPT-2 (124M) from scratch, in the lecture's order: the network, OpenAI's weights, the data loader,
-the validation loss, AdamW and its schedule, the torchrun group and DDP, mixed precision, the training
-step, checkpoints, sampling, and the run: its flags, the loop and main(). Importing it does no work.
+"""GPT-2 (124M) from scratch, in the lecture's order: the network, OpenAI's weights, the data
+loader, the validation loss, AdamW and its schedule, the torchrun group and DDP, mixed precision,
+the training step, checkpoints, sampling, and the run: the loop and main(). Importing it does no
+work.
 
 A call into `machinery` is what a careful tool needs beyond the lecture (clear errors, file formats,
 progress lines, HellaSwag): one line here, which a reader may skip.
@@ -72,7 +73,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # generation: earlier positions' keys and values from the cache
             k, v = kv_cache.append(k, v)
         # Causal: each position sees itself and the ones before it (flash attention where there is
-        # one); a single new token sees the whole cache. hellaswag's packed rows bring their own mask.
+        # one); a single new token sees the whole cache. hellaswag's packed rows bring a mask.
         causal = attn_mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, n_head, T, head_size) -> (B, T, C)
@@ -332,8 +333,8 @@ class DataLoaderLite:
 
     # Where the next step starts (the same on every rank), with what a resume must find unchanged.
     def state_dict(self):
-        return dict(epoch=self.epoch, sequence=self.sequence, seq_len=self.T,
-                    step_tokens=self.window, shuffle=self.shuffle, seed=self.seed, data=self.data)  # fmt: skip
+        return dict(epoch=self.epoch, sequence=self.sequence, seq_len=self.T, seed=self.seed,
+                    step_tokens=self.window, shuffle=self.shuffle, data=self.data)  # fmt: skip
 
     def load_state_dict(self, state):
         """Continue where `state` ends; data, step, sequence length and order must be the same."""
@@ -347,7 +348,7 @@ class DataLoaderLite:
 
 @functools.lru_cache(maxsize=4)
 def window_order(seed, epoch, shard, windows):
-    """A shard's windows in an epoch, from a generator of its own: a rank draws only what it reads."""
+    """A shard's windows in an epoch, from a generator of its own: a rank draws what it reads."""
     return np.random.default_rng([seed, epoch, shard]).permutation(windows)
 
 
@@ -535,7 +536,7 @@ def checkpoint_state(model, optimizer, scaler, step, loaders, device, args, eval
 
 
 def load_checkpoint(path):
-    """A checkpoint of this project. weights_only=True, so that a downloaded file cannot run code."""
+    """A checkpoint of this project. weights_only=True: a downloaded file cannot run code."""
     with checkpoints.reading(path):  # missing, damaged on disk, or not a checkpoint: one line
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     checkpoints.check_entries(checkpoint, path, GPTConfig)
@@ -543,7 +544,7 @@ def load_checkpoint(path):
 
 
 def restore_checkpoint(checkpoint, optimizer, scaler, loaders, device):
-    """Restore all but the weights (loaded already) as after the checkpoint's step; the next step."""
+    """Restore all but the weights (loaded already) as after the checkpoint's step: the next."""
     optimizer.load_state_dict(checkpoint["optimizer"])
     if checkpoint["scaler"]:  # empty where the run was not in fp16: fp16 then starts afresh
         scaler.load_state_dict(checkpoint["scaler"])
@@ -582,7 +583,7 @@ SAMPLE_TOKENS = 32  # what each sample printed at an evaluation adds to its prom
 
 def sample_texts(model, enc, prompt, *, num_samples, max_new_tokens, temperature=1.0, top_k=50,
                  seed=42, autocast):  # fmt: skip
-    """The prompt and its continuations, one string per sample. An empty prompt starts a document."""
+    """The prompt and its continuations, one string per sample. An empty prompt: a new document."""
     device = next(model.parameters()).device
     prompt_ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
     idx = torch.tensor([prompt_ids] * num_samples, device=device)
@@ -778,8 +779,9 @@ def train(args, device, procs):
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that dt measures the step, not just its launch
         dt = time.perf_counter() - t0
+        memory_gib = devices.peak_memory_gib(device)
         procs.print(progress.step_line(report, step, train_loss, lr, norm.item(), dt, args,
-                                       mfu_flops, devices.peak_memory_gib(device)), flush=True)  # fmt: skip
+                                       mfu_flops, memory_gib), flush=True)  # fmt: skip
         log.write(f"{step} train {train_loss:.6f}")
         if train_loader.epoch != epoch:  # the step read the epoch's last sequences
             epoch = train_loader.epoch
@@ -806,8 +808,9 @@ def evaluate_only(args, device, procs):
     val_loader, val_steps = validation_data(args, procs)
     model, path, _ = build_model(args, device)
     rows = devices.evaluation_rows(model, args.batch_size, args.seq_len, device)
-    procs.print(progress.eval_only_block(path or args.init, model, procs.world_size, device, dtype,
-                                         dtype_reason, args.data_dir, val_loader, val_steps, rows))  # fmt: skip
+    weights, world_size = path or args.init, procs.world_size
+    procs.print(progress.eval_only_block(weights, model, world_size, device, dtype, dtype_reason,
+                                         args.data_dir, val_loader, val_steps, rows))  # fmt: skip
     enc = gpt2_tokenizer()
     acc_norm = args.hellaswag and hellaswag.in_loop_eval(args.hellaswag_data, enc, procs, rows,
                                                          dtype, download=False)  # fmt: skip
@@ -833,11 +836,8 @@ def main(argv=None):
         torch.cuda.set_device(device)
     procs = join_group(group, device)  # every rank waits here for the others
     # --eval_only writes nothing, so it needs no lock. In a group, an error is said once, named.
-    lock = (
-        contextlib.nullcontext()
-        if args.eval_only
-        else torchrun.log_dir_lock(args.log_dir, procs, device)
-    )
+    lock = torchrun.log_dir_lock(args.log_dir, procs, device)
+    lock = contextlib.nullcontext() if args.eval_only else lock
     try:
         with torchrun.one_error_line(procs), lock:
             (evaluate_only if args.eval_only else train)(args, device, procs)

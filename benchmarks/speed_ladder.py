@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from anywhere
 
+from machinery import flags
 from machinery.cli import UserError, run_cli
 from machinery.devices import device_peak_flops, flops_per_token, pick_device
 from machinery.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE, gpt2_tokenizer
@@ -39,11 +40,10 @@ from train_gpt2 import (
     GPTConfig,
     configure_optimizer,
     mixed_precision,
-    parse_args,
     train_step,
 )
 
-TRAINER_DEFAULTS = parse_args([])  # the top rung must be what the trainer does: read its defaults
+TRAINER_DEFAULTS = flags.parse([])  # the top rung must be what the trainer does: read its defaults
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,7 @@ def matmul_flops(device, dtype, n=4096, repeats=10):
 
 def gpu_main(args):
     import torch
-    from devices import device_peak_flops, flops_per_token, pick_device
+    from machinery.devices import device_peak_flops, flops_per_token, pick_device
 
     from train_gpt2 import GPT, GPTConfig, configure_optimizer
 

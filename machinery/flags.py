@@ -91,7 +91,7 @@ RULES = [
      f"GPT-2's {GPT2_VOCAB_SIZE} tokens"),
     (lambda a, world_size: a.eval_only or a.total_batch_size % (a.batch_size * a.seq_len * world_size) == 0,
      "--total_batch_size {total_batch_size} is not divisible by batch_size*seq_len*world_size = "
-     "{batch_size}*{seq_len}*{world_size}: change one of them"),
+     "{batch_size}*{seq_len}*{world_size} = {micro_step_tokens}: change one of them"),
 ]  # fmt: skip
 
 
@@ -115,4 +115,9 @@ def check(args, world_size):
     )
     for holds, message in RULES:
         if not holds(args, world_size):
-            raise UserError(message.format(**vars(args), world_size=world_size))
+            micro_step_tokens = args.batch_size * args.seq_len * world_size
+            raise UserError(
+                message.format(
+                    **vars(args), world_size=world_size, micro_step_tokens=micro_step_tokens
+                )
+            )

@@ -224,13 +224,12 @@ def print_summary(progress, log_path, prompt):
     val = (
         "-"
         if progress.val_loss is None
-        else f"{progress.val_loss:.4f} {progress.label(progress.val_step)}"
+        else f"{progress.val_loss:.4f} {at_step(progress.val_step)}"
     )
     train = "-" if progress.train_loss is None else f"{progress.train_loss:.4f}"
     best = ""
     if progress.best_val_step is not None:
-        at = "before step 0" if progress.best_val_step < 0 else f"at step {progress.best_val_step}"
-        best = f" (best {progress.best_val_loss:.4f} {at})"
+        best = f" (best {progress.best_val_loss:.4f} {at_step(progress.best_val_step)})"
     if progress.start_val_loss is not None:
         best += f" | val loss before step 0 {progress.start_val_loss:.4f}"
     hellaswag = (
@@ -245,6 +244,10 @@ def print_summary(progress, log_path, prompt):
         f"next        python {sample} --init {shlex.quote(progress.checkpoint)} --prompt {shlex.quote(prompt)}"
     )
     print(f"            python {plot} {shlex.quote(log_path)}")
+
+
+def at_step(step):
+    return "before step 0" if step < 0 else f"at step {step}"
 
 
 def script_path(name):

@@ -145,7 +145,7 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
     assert shlex.split(next_sample)[:4] == ["python", "sample.py", "--init", checkpoint]
     assert f"python plot_log.py {log}" in last_block
     assert re.search(
-        r"^final       train loss \d+\.\d+ \| val loss \d+\.\d+ \(best", last_block, re.M
+        r"^final       train loss \d+\.\d+ \| val loss \d+\.\d+ at step \d+ \(best", last_block, re.M
     )
     assert "sample 1/2" in train_output and "ROMEO:" in train_output
     assert (

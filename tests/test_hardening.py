@@ -188,9 +188,19 @@ def beta2_one(w):
     return w.train("--beta2", "1")
 
 
-@row(train_gpt2.main, "--eps must be a finite number, at least 0")
+@row(train_gpt2.main, "--eps must be a finite number, in (0, 1e-3]")
 def eps_negative(w):
     return w.train("--eps=-1e-8")
+
+
+@row(train_gpt2.main, "a larger eps makes AdamW's steps vanish")
+def eps_so_large_that_nothing_is_learned(w):
+    return w.train("--eps", "1e300")
+
+
+@row(train_gpt2.main, "each step would decay every weight by all of it; lower --weight_decay")
+def weight_decay_that_wipes_the_weights(w):
+    return w.train("--weight_decay", "1e10")
 
 
 @row(train_gpt2.main, "--peak_flops must be a finite number, positive")
@@ -1520,12 +1530,12 @@ def test_fineweb_on_sigterm_says_so_in_one_line_and_a_rerun_finishes_the_same_sh
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()
     for k in range(60):  # 60 documents of ~1.5 MB: several seconds of tokenizing on 2 cores
-        (corpus / f"doc{k:02d}.txt").write_text(f"document {k}\n" + text * 80)
+        (corpus / f"doc{k:02d}.txt").write_text(f"document {k}\n" + text * 160)
     flags = ["--input", str(corpus), "--shard_size", "2000000", "--num_proc", "2"]
     run = start("fineweb.py", *flags, "--out", str(tmp_path / "cut"))
     try:
         read_until(run, r"tokenizing")
-        time.sleep(2)
+        time.sleep(0.5)
         run.send_signal(signal.SIGTERM)
         output = run.communicate(timeout=TIMEOUT)[0]
     finally:
@@ -1686,7 +1696,7 @@ def test_the_next_commands_are_quoted_for_the_shell_and_the_clock_can_step_back(
 ):
     import shlex
 
-    import progress
+    from machinery import progress
 
     report = progress.Progress(0, 9)
     monkeypatch.setattr(

@@ -453,3 +453,33 @@ def test_compile_with_eval_hellaswag_and_sampling_runs_on_cpu(tmp_path, text_sha
         0 <= float(acc) <= 1 for _, _, acc in hella
     )
     assert os.path.exists(tmp_path / "log" / "model_00001.pt")
+
+
+def test_grad_clip_0_is_no_clipping(random_shards):
+    """--grad_clip 0 means no clipping, as in nanoGPT: the steps equal AdamW's on the raw gradients
+    bit for bit, and the model learns (a bound of 0 would zero every gradient instead)."""
+    from train_gpt2 import GPT, GPTConfig, configure_optimizer, train_step
+
+    config = GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=32)
+    models, losses = [], []
+    for clip in (0, None):  # None: the same step by hand, without clip_grad_norm_
+        torch.manual_seed(0)
+        model = GPT(config)
+        optimizer = configure_optimizer(model, 0.1, 1e-2, (0.9, 0.95), 1e-8, "cpu")
+        loader = DataLoaderLite(random_shards, 4, 32, 0, 1, "train")
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        for _ in range(3):
+            if clip is None:
+                optimizer.zero_grad(set_to_none=True)
+                x, y = loader.next_batch()
+                loss = model(x, y)[1]
+                loss.backward()
+                optimizer.step()
+            else:
+                loss = train_step(model, optimizer, scaler, loader, 1, 1e-2, clip,
+                                  torch.autocast("cpu", enabled=False))[0]  # fmt: skip
+            losses.append(loss.item())
+        models.append(model)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    assert losses[:3] == losses[3:] and losses[2] < losses[0]
