@@ -1,6 +1,6 @@
-"""Checkpoints: their names, the newest one, which one --resume continues, reading one (a file damaged
-on disk is said as such), what it must hold (one schema, checked by one function), and the checks
-that keep a diverged step from ever being saved.
+"""Checkpoints: their names, the newest one, which one --resume continues, reading one (a file
+damaged on disk is said as such), what it must hold (one schema, checked by one function), and the
+checks that keep a diverged step from ever being saved.
 """
 
 import contextlib
@@ -54,7 +54,8 @@ ZIP_MAGIC = b"PK\x03\x04"
 
 
 def check_intact(path):
-    """Refuse a checkpoint whose bytes changed on disk since it was written, or that was cut short."""
+    """Refuse a checkpoint whose bytes changed on disk since it was written, or that was cut
+    short."""
     with open(path, "rb") as f:
         if f.read(4) != ZIP_MAGIC:
             return  # not torch's zip format: torch.load says what it is
@@ -125,7 +126,8 @@ def check_weights_fit(expected, state, source):
     if missing or unexpected:
         raise UserError(
             f"{source} does not fit this model: missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}; was it saved from another model or another --n_layer/--n_head/--n_embd?"
+            f"{unexpected[:3]}; was it saved from another model or another "
+            f"--n_layer/--n_head/--n_embd?"
         )
     for key, tensor in expected.items():
         if state[key].shape != tensor.shape:
@@ -199,8 +201,8 @@ def check_resumable(checkpoint, path):
     read those), and each entry of RESUMABLE of the right kind."""
     if "optimizer" not in checkpoint:
         raise UserError(
-            f"{path} holds weights only (no optimizer state): it cannot be resumed; start a new run "
-            f"from its weights with --init {path}"
+            f"{path} holds weights only (no optimizer state): it cannot be resumed; "
+            f"start a new run from its weights with --init {path}"
         )
     wrong = [k for k, fits in RESUMABLE.items() if not fits(checkpoint.get(k, OPTIONAL.get(k)))]
     if wrong:

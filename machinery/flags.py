@@ -1,6 +1,7 @@
-"""The trainer's flags: every hyperparameter with its default (GPT-2 124M's recipe), the reason shown
-in --help, and the range a number must lie in; then the rules between flags. cli.check_flags refuses
-a value out of its range (and nan and inf) or a broken rule, in one line, before any work starts.
+"""The trainer's flags: every hyperparameter with its default (GPT-2 124M's recipe), the reason
+shown in --help, and the range a number must lie in; then the rules between flags. cli.check_flags
+refuses a value out of its range (and nan and inf) or a broken rule, in one line, before any work
+starts.
 """
 
 from machinery import cli
@@ -18,9 +19,9 @@ FLAGS = {
         ("--batch_size", 64, "sequences per micro-step per GPU (B); lower it if memory runs out",
          POSITIVE),
         ("--seq_len", 1024, "tokens per sequence (T): GPT-2's context", POSITIVE),
-        ("--shuffle", True, "read the train shards, and each shard's sequences, in a new order each "
-         "epoch drawn from --seed: batches that mix the corpus; --no-shuffle reads them front to "
-         "back, as the lecture does"),
+        ("--shuffle", True, "read the train shards, and each shard's sequences, in a new order "
+         "each epoch drawn from --seed: batches that mix the corpus; --no-shuffle reads them front "
+         "to back, as the lecture does"),
     ],
     "model": [
         ("--init", str, "start from these weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, a "
@@ -81,15 +82,18 @@ FLAGS = {
 # Flags that make no sense together: (what must hold, what to say where it does not).
 RULES = [
     (lambda a, _: a.min_lr <= a.max_lr, "--min_lr {min_lr} is above --max_lr {max_lr}"),
-    (lambda a, _: a.max_lr * a.weight_decay < 1, "--weight_decay {weight_decay} x --max_lr {max_lr} "
+    (lambda a, _: a.max_lr * a.weight_decay < 1, "--weight_decay {weight_decay} x "
+     "--max_lr {max_lr} "
      "is 1 or more: each step would decay every weight by all of it; lower --weight_decay"),
-    (lambda a, _: not (a.init and a.resume), "--init and --resume together: --init starts a new run "
-     "from given weights, --resume continues a run (a fine-tune too, without --init); pass one"),
-    (lambda a, _: not a.eval_only or a.init or a.resume, "--eval_only evaluates given weights: pass "
-     "--init NAME_OR_PATH or --resume [PATH]"),
+    (lambda a, _: not (a.init and a.resume), "--init and --resume together: --init starts "
+     "a new run from given weights, --resume continues a run (a fine-tune too, without --init); "
+     "pass one"),
+    (lambda a, _: not a.eval_only or a.init or a.resume, "--eval_only evaluates given weights: "
+     "pass --init NAME_OR_PATH or --resume [PATH]"),
     (lambda a, _: a.vocab_size >= GPT2_VOCAB_SIZE, "--vocab_size {vocab_size} is smaller than "
      f"GPT-2's {GPT2_VOCAB_SIZE} tokens"),
-    (lambda a, world_size: a.eval_only or a.total_batch_size % (a.batch_size * a.seq_len * world_size) == 0,
+    (lambda a, world_size: a.eval_only
+     or a.total_batch_size % (a.batch_size * a.seq_len * world_size) == 0,
      "--total_batch_size {total_batch_size} is not divisible by batch_size*seq_len*world_size = "
      "{batch_size}*{seq_len}*{world_size} = {micro_step_tokens}: change one of them"),
 ]  # fmt: skip

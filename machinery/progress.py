@@ -16,9 +16,9 @@ from machinery.files import in_folder
 
 class RunLog:
     """log.txt, one `{step} {kind} {value}` line per measurement, written by rank 0 alone. A resume
-    appends, after dropping a last line cut short by a kill; a new run writes it anew, and says so if
-    an earlier run (one that saved no checkpoint) left one. A line that cannot be written whole (a
-    full disk) is taken back: the file never ends in a torn line."""
+    appends, after dropping a last line cut short by a kill; a new run writes it anew, and says so
+    if an earlier run (one that saved no checkpoint) left one. A line that cannot be written whole
+    (a full disk) is taken back: the file never ends in a torn line."""
 
     def __init__(self, log_dir, resume, master):
         self.fd = None
@@ -62,7 +62,8 @@ class RunLog:
 
 
 class Progress:
-    """Where the run is: for each step's elapsed time and estimate of the time left, and the last block."""
+    """Where the run is: for each step's elapsed time and estimate of the time left, and the last
+    block."""
 
     def __init__(self, first_step, last_step):
         self.first_step, self.last_step = first_step, last_step
@@ -116,7 +117,8 @@ def step_line(progress, step, train_loss, lr, norm, dt, args, mfu_flops=None, me
     if memory_gib is not None:
         speed += f" | mem {memory_gib:.1f} GiB"
     return (
-        f"{progress.label(step)} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | {speed} | "
+        f"{progress.label(step)} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+        f"{speed} | "
         f"{format_seconds(elapsed)} elapsed, {format_seconds(left)} left"
     )
 
@@ -136,7 +138,8 @@ def epoch_done(epoch, step, step_tokens):
 def start_block(args, world_size, device, use_compile, dtype, dtype_reason, model, memory, steps,
                 loaders):  # fmt: skip
     """The run's first lines: where it writes, what computes, the model, its memory, the batch, the
-    data and one epoch. steps: (first, last, micro-steps per step); loaders: (train, val, val steps)."""
+    data and one epoch. steps: (first, last, micro-steps per step); loaders: (train, val, val
+    steps)."""
     (first, last, grad_accum_steps), (train_loader, val_loader, val_steps) = steps, loaders
     val_tokens, config = val_steps * val_loader.window, model.config
     num_params = sum(p.numel() for p in model.parameters())
@@ -146,20 +149,25 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, mode
         args.warmup_steps >= args.max_steps
     ):  # a short run with 124M's 715 warmup steps, say: it barely trains
         warmup_note = (
-            f"\nnote: --warmup_steps {args.warmup_steps} is not below --max_steps {args.max_steps}: the learning rate "
-            f"only warms up, to {100 * args.max_steps / args.warmup_steps:.3g}% of --max_lr, and never decays; lower "
+            f"\nnote: --warmup_steps {args.warmup_steps} is not below "
+            f"--max_steps {args.max_steps}: the learning rate "
+            f"only warms up, to {100 * args.max_steps / args.warmup_steps:.3g}% of --max_lr, "
+            f"and never decays; lower "
             "--warmup_steps for a short run"
         )
     return (
         f"log folder  {args.log_dir} (log.txt and checkpoints)\n"
-        f"device      {world_size} process(es) on {device} | compile {'on' if use_compile else 'off'} | "
+        f"device      {world_size} process(es) on {device} | "
+        f"compile {'on' if use_compile else 'off'} | "
         f"autocast {str(dtype).removeprefix('torch.')}: {dtype_reason}\n"
         f"model       {num_params:,} parameters: {config.n_layer} layers, {config.n_head} heads, "
         f"{config.n_embd} channels, vocabulary {config.vocab_size}{weights}\n"
         f"memory      {memory}\n"
-        f"batch       {args.total_batch_size:,} tokens per step = {args.batch_size} x {args.seq_len} x {world_size} "
+        f"batch       {args.total_batch_size:,} tokens per step = "
+        f"{args.batch_size} x {args.seq_len} x {world_size} "
         f"process(es) x {grad_accum_steps} micro-steps | steps {first} to {last}\n"
-        f"data        {args.data_dir}: {describe_split(train_loader)} train, {describe_split(val_loader)} val "
+        f"data        {args.data_dir}: {describe_split(train_loader)} train, "
+        f"{describe_split(val_loader)} val "
         f"({val_tokens:,} tokens per evaluation)\n"
         f"epoch       {describe_epoch(train_loader)}{warmup_note}"
     )
@@ -167,13 +175,16 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, mode
 
 def eval_only_block(weights, model, world_size, device, dtype, dtype_reason, data_dir, val_loader,
                     val_steps, rows):  # fmt: skip
-    """--eval_only's first lines: the weights, what computes, the val tokens it reads and how many rows
-    of a batch go through the model at once (fewer than the batch where memory is short)."""
+    """--eval_only's first lines: the weights, what computes, the val tokens it reads and how many
+    rows of a batch go through the model at once (fewer than the batch where memory is short)."""
     batch, val_tokens = val_loader.B, val_steps * val_loader.window
     num_params = sum(p.numel() for p in model.parameters())
     at_once = f"{batch} rows per forward pass"
     if rows < batch:
-        at_once = f"{rows} rows per forward pass (memory holds the logits of fewer than a batch's {batch})"
+        at_once = (
+            f"{rows} rows per forward pass "
+            f"(memory holds the logits of fewer than a batch's {batch})"
+        )
     return (
         f"weights     {weights}: {num_params:,} parameters\n"
         f"device      {world_size} process(es) on {device} | "
@@ -187,7 +198,10 @@ def resumed(path, start_step, args, args_then):
     """The line of a resumed run: where it continues, where its checkpoints go, and whether it
     evaluates on as many val tokens as the run before (args_then: the checkpoint's flags)."""
     log_dir, val_tokens, in_log_dir = args.log_dir, args.val_tokens, in_folder(path, args.log_dir)
-    line = f"resumed from {path} at step {start_step}{'' if in_log_dir else f'; new checkpoints go to {log_dir}'}"
+    line = (
+        f"resumed from {path} at step {start_step}"
+        f"{'' if in_log_dir else f'; new checkpoints go to {log_dir}'}"
+    )
     then = args_then.get("val_tokens", val_tokens)
     if then != val_tokens:
         line += (
@@ -203,7 +217,8 @@ def describe_epoch(loader):
     order = f"shuffled by --seed {loader.seed}" if loader.shuffle else "in order (--no-shuffle)"
     where = "at the epoch's end" if loader.shuffle else "at shard ends"
     return (
-        f"{loader.steps_per_epoch():,} steps, {order} | unread each epoch: {tails:,} tokens of shard tails "
+        f"{loader.steps_per_epoch():,} steps, {order} | "
+        f"unread each epoch: {tails:,} tokens of shard tails "
         f"shorter than a sequence, {left_over:,} sequences that do not fill a step ({where})"
     )
 
@@ -220,7 +235,8 @@ def describe_split(loader):
 
 
 def print_summary(progress, log_path, prompt):
-    """The last block: what the run reached, where it is, and what to run next (commands quoted for the shell)."""
+    """The last block: what the run reached, where it is, and what to run next (commands quoted for
+    the shell)."""
     val = (
         "-"
         if progress.val_loss is None
@@ -241,7 +257,8 @@ def print_summary(progress, log_path, prompt):
     print(f"log         {log_path}")
     sample, plot = script_path("sample.py"), script_path("plot_log.py")
     print(
-        f"next        python {sample} --init {shlex.quote(progress.checkpoint)} --prompt {shlex.quote(prompt)}"
+        f"next        python {sample} --init {shlex.quote(progress.checkpoint)} "
+        f"--prompt {shlex.quote(prompt)}"
     )
     print(f"            python {plot} {shlex.quote(log_path)}")
 
@@ -251,6 +268,7 @@ def at_step(step):
 
 
 def script_path(name):
-    """A script of this project as a command run from the current folder names it (sample.py in the clone)."""
+    """A script of this project as a command run from the current folder names it (sample.py in the
+    clone)."""
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return shlex.quote(os.path.relpath(os.path.join(repository, name)))

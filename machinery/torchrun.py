@@ -1,6 +1,6 @@
-"""The processes of a torchrun group: the rule for torchrun's variables, waiting for the group to form,
-a user error said once for the group, the lock of the log folder across ranks, and stop requests
-(SIGINT/SIGTERM) that let a run save before it ends.
+"""The processes of a torchrun group: the rule for torchrun's variables, waiting for the group to
+form, a user error said once for the group, the lock of the log folder across ranks, and stop
+requests (SIGINT/SIGTERM) that let a run save before it ends.
 """
 
 import contextlib
@@ -15,17 +15,19 @@ from machinery.cli import UserError
 from machinery.files import output_lock
 
 # -----------------------------------------------------------------------------
-# The processes of a torchrun group. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR and
-# MASTER_PORT, where the group meets) in each process it starts. A leftover variable (a cluster's
-# prologue, an old export) must not turn one process into a rank of a group that does not exist.
+# The processes of a torchrun group. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR
+# and MASTER_PORT, where the group meets) in each process it starts. A leftover variable (a
+# cluster's prologue, an old export) must not turn one process into a rank of a group that does not
+# exist.
 
 GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 def variables(env=None):
-    """(rank, local_rank, world_size) of this process in a torchrun group, or None for one process. None of
-    RANK, LOCAL_RANK, WORLD_SIZE set (or set empty): one process; all of them, with MASTER_ADDR and a
-    MASTER_PORT, consistent: a group; anything in between: a UserError that names the variable missing or wrong."""
+    """(rank, local_rank, world_size) of this process in a torchrun group, or None for one process.
+    None of RANK, LOCAL_RANK, WORLD_SIZE set (or set empty): one process; all of them, with
+    MASTER_ADDR and a MASTER_PORT, consistent: a group; anything in between: a UserError that names
+    the variable missing or wrong."""
     env = os.environ if env is None else env
     present = [name for name in GROUP_VARIABLES if env.get(name, "").strip()]
     if not present:
@@ -38,8 +40,10 @@ def variables(env=None):
     ]
     if missing:
         raise UserError(
-            f"{given} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: start the "
-            f"processes with torchrun, which sets them all, or unset {' '.join(present)} for one process"
+            f"{given} is set but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not: start the "
+            f"processes with torchrun, which sets them all, or unset {' '.join(present)} "
+            f"for one process"
         )
     try:
         rank, local_rank, world_size = (int(env[name]) for name in GROUP_VARIABLES)
@@ -52,20 +56,23 @@ def variables(env=None):
     port = env["MASTER_PORT"].strip()
     if not (port.isdigit() and 0 < int(port) < 65536):
         raise UserError(
-            f"MASTER_PORT={port}: the group's port must be a number from 1 to 65535, as torchrun sets it"
+            f"MASTER_PORT={port}: the group's port must be a number from 1 to 65535, "
+            f"as torchrun sets it"
         )
     return rank, local_rank, world_size
 
 
 def check_master_address(env=None):
-    """Refuse a MASTER_ADDR that names no host, before the group is joined: torch would retry it for half an hour."""
+    """Refuse a MASTER_ADDR that names no host, before the group is joined: torch would retry it
+    for half an hour."""
     env = os.environ if env is None else env
     try:
         socket.getaddrinfo(env["MASTER_ADDR"], int(env["MASTER_PORT"]), type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise UserError(
-            f"MASTER_ADDR={env['MASTER_ADDR']}: no such host ({reason}): set it to rank 0's host name or address"
+            f"MASTER_ADDR={env['MASTER_ADDR']}: no such host ({reason}): "
+            f"set it to rank 0's host name or address"
         ) from None
 
 
@@ -88,9 +95,10 @@ def log_dir_lock(log_dir, procs, device):
 
 @contextlib.contextmanager
 def one_error_line(procs):
-    """In a torchrun group, a user error on any rank reaches the screen once, naming its rank: the first rank
-    to fail says it (counted in the group's store), the others' errors stay silent, and a rank that a
-    failed peer leaves stuck in a collective exits without its traceback (torchrun then ends the group)."""
+    """In a torchrun group, a user error on any rank reaches the screen once, naming its rank: the
+    first rank to fail says it (counted in the group's store), the others' errors stay silent, and a
+    rank that a failed peer leaves stuck in a collective exits without its traceback (torchrun then
+    ends the group)."""
     try:
         yield
     except (UserError, RuntimeError) as e:
@@ -115,7 +123,8 @@ def one_error_line(procs):
 
 
 def silent(error):
-    """`error` marked as the echo of an error that another rank says: run_cli prints nothing for it."""
+    """`error` marked as the echo of an error that another rank says: run_cli prints nothing for
+    it."""
     error.speaks = False
     return error
 
@@ -136,8 +145,9 @@ def waiting_for_peers(procs):
             if procs.world_size > 2
             else "rank 1"
         )
-        print(f"rank {procs.rank} of {procs.world_size}: waiting for {others} at {where} (set by MASTER_ADDR, "
-              "MASTER_PORT); start every rank, or unset RANK, LOCAL_RANK and WORLD_SIZE; Ctrl-C stops the wait",
+        print(f"rank {procs.rank} of {procs.world_size}: waiting for {others} at {where} "
+              "(set by MASTER_ADDR, MASTER_PORT); start every rank, "
+              "or unset RANK, LOCAL_RANK and WORLD_SIZE; Ctrl-C stops the wait",
               file=sys.stderr, flush=True)  # fmt: skip
     handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -146,8 +156,9 @@ def waiting_for_peers(procs):
         if "EADDRINUSE" not in str(e):
             raise
         raise UserError(
-            f"MASTER_PORT={os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} is in use by another program "
-            "(another run?): pass a free port (torchrun --master_port, or MASTER_PORT)"
+            f"MASTER_PORT={os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} "
+            "is in use by another program (another run?): "
+            "pass a free port (torchrun --master_port, or MASTER_PORT)"
         ) from None
     finally:
         for sig, handler in handlers.items():
@@ -177,8 +188,9 @@ class StopRequest:
         notice = (
             f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping\n"
         )
-        # os.write, not print: the signal can arrive in the middle of a print (say, one blocked on a full
-        # pipe), and print cannot be re-entered: it would raise instead of letting the run save and stop.
+        # os.write, not print: the signal can arrive in the middle of a print (say, one blocked on a
+        # full pipe), and print cannot be re-entered: it would raise instead of letting the run save
+        # and stop.
         with contextlib.suppress(OSError):
             if self.speaks:
                 os.write(sys.stdout.fileno(), notice.encode())

@@ -1,7 +1,7 @@
-"""What the test files share: the repository on sys.path and its path, the tiny model's flags, two tiny
-token corpora, a guard for signal handlers, and a stand-in for a full disk. The constants and the stand-in
-are imported as `from conftest import REPO` (pytest puts tests/ on sys.path); the corpora and the guard
-are fixtures."""
+"""What the test files share: the repository on sys.path and its path, the tiny model's flags, two
+tiny token corpora, a guard for signal handlers, and a stand-in for a full disk. The constants and
+the stand-in are imported as `from conftest import REPO` (pytest puts tests/ on sys.path); the
+corpora and the guard are fixtures."""
 
 import contextlib
 import os
@@ -15,8 +15,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `import train_gpt2` works however pytest is started
 
-# train_gpt2.py's flags for a 2-layer, 64-wide GPT that trains in seconds on a CPU. float32, so that every
-# run does the same arithmetic and two runs can be compared bit for bit.
+# train_gpt2.py's flags for a 2-layer, 64-wide GPT that trains in seconds on a CPU. float32, so that
+# every run does the same arithmetic and two runs can be compared bit for bit.
 TINY_MODEL = [
     "--n_layer",
     "2",
@@ -33,8 +33,9 @@ TINY_MODEL = [
 
 @pytest.fixture(scope="session")
 def random_shards(tmp_path_factory):
-    """A directory with a val shard (16,384 tokens) and a train shard (32,768 tokens) of GPT-2 token ids
-    drawn uniformly from a fixed seed, named as fineweb.py names its shards. Shared: treat it as read-only."""
+    """A directory with a val shard (16,384 tokens) and a train shard (32,768 tokens) of GPT-2 token
+    ids drawn uniformly from a fixed seed, named as fineweb.py names its shards. Shared: treat it as
+    read-only."""
     rng = np.random.default_rng(0)
     data_dir = tmp_path_factory.mktemp("random_shards")
     np.save(data_dir / "tiny_val_000000.npy", rng.integers(0, 50257, 16384, dtype=np.uint16))
@@ -44,8 +45,8 @@ def random_shards(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def text_shards(tmp_path_factory):
-    """A small real-text corpus (this repository's own source, tokenized): a val shard of 2,048 tokens and a
-    train shard of the rest. Shared: treat it as read-only."""
+    """A small real-text corpus (this repository's own source, tokenized): a val shard of 2,048
+    tokens and a train shard of the rest. Shared: treat it as read-only."""
     from machinery.tokenizer import (  # here, not at the top: REPO is on sys.path only from above
         EOT_TOKEN,
         gpt2_tokenizer,
@@ -62,7 +63,8 @@ def text_shards(tmp_path_factory):
 
 @pytest.fixture
 def keep_signal_handlers():
-    """A training run in the test's own process installs SIGINT/SIGTERM handlers; give pytest its own back."""
+    """A training run in the test's own process installs SIGINT/SIGTERM handlers; give pytest its
+    own back."""
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     yield
     for sig, handler in handlers.items():
@@ -71,7 +73,8 @@ def keep_signal_handlers():
 
 @contextlib.contextmanager
 def file_size_limit(max_bytes):
-    """Writes past max_bytes fail, as on a full disk (RLIMIT_FSIZE; SIGXFSZ ignored so the write just errs)."""
+    """Writes past max_bytes fail, as on a full disk (RLIMIT_FSIZE; SIGXFSZ ignored so the write
+    just errs)."""
     old_limits, old_handler = (
         resource.getrlimit(resource.RLIMIT_FSIZE),
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN),

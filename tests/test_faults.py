@@ -1,7 +1,9 @@
-"""Fault drills: a training run that is killed, interrupted or fed bad input loses nothing and says why.
+"""Fault drills: a training run that is killed, interrupted or fed bad input loses nothing and says
+why.
 
-- SIGKILL mid-step, during evaluation and during a checkpoint write, each followed by --resume: the run
-  ends bit-identical to one that was never killed, and a torn checkpoint never replaces the good one.
+- SIGKILL mid-step, during evaluation and during a checkpoint write, each followed by --resume: the
+  run ends bit-identical to one that was never killed, and a torn checkpoint never replaces the good
+  one.
 - SIGTERM and SIGINT: a checkpoint of the current step, exit 0 within seconds, an exact resume.
 - A table of bad inputs: one `error:` line, a non-zero exit, no traceback, no file touched.
 - Checkpoints are read with weights_only=True: opening one cannot run code.
@@ -43,17 +45,18 @@ TINY_RUN = TINY_MODEL + [
     "--eval_every", "4", "--val_tokens", "2048", "--no-hellaswag", "--no-sample_every_eval",
 ]  # fmt: skip
 LAST_STEP = 11
-# One thread: no fight for the cores with other tests. Unbuffered: each line reaches the test when printed.
+# One thread: no fight for the cores with other tests. Unbuffered: each line reaches the test when
+# printed.
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 TIMEOUT = 180  # seconds: generous, since a loaded 2-core machine is slow; a healthy run needs a few
 
 
-# --- helpers: a training run the test can watch and signal -----------------------------------------
+# --- helpers: a training run the test can watch and signal ----------------------------------------
 
 
 class Trainer:
-    """train_gpt2.py in a subprocess whose output (stdout and stderr together) is read line by line as
-    it is printed, so that a test can act at a chosen moment of the run."""
+    """train_gpt2.py in a subprocess whose output (stdout and stderr together) is read line by line
+    as it is printed, so that a test can act at a chosen moment of the run."""
 
     def __init__(self, log_dir, data_dir, *flags):
         command = [
@@ -134,7 +137,8 @@ class Trainer:
 
 @pytest.fixture
 def trainers():
-    """Start Trainers through this list; any still running when the test ends (a failed test) is killed."""
+    """Start Trainers through this list; any still running when the test ends (a failed test) is
+    killed."""
     started = []
     yield lambda *args: started.append(Trainer(*args)) or started[-1]
     for trainer in started:
@@ -142,7 +146,8 @@ def trainers():
 
 
 def step_of(path):
-    """The step in a checkpoint's name: 7 for log/model_00007.pt (and for its temporary log/model_00007.pt.tmp)."""
+    """The step in a checkpoint's name: 7 for log/model_00007.pt (and for its temporary
+    log/model_00007.pt.tmp)."""
     return int(re.fullmatch(r"model_(\d+)\.pt(\.tmp)?", os.path.basename(path)).group(1))
 
 
@@ -178,10 +183,10 @@ def read_log(log_dir):
 
 
 def assert_matches_reference(log_dir, reference_dir):
-    """Every checkpoint the interrupted run left equals the uninterrupted run's of the same step (all
-    of it: weights, optimizer moments, scaler, data position, RNG; only the command-line args and
-    whether a signal cut the step's evaluation short differ), the final one included, and every number
-    it logged is the uninterrupted run's number."""
+    """Every checkpoint the interrupted run left equals the uninterrupted run's of the same step
+    (all of it: weights, optimizer moments, scaler, data position, RNG; only the command-line args
+    and whether a signal cut the step's evaluation short differ), the final one included, and every
+    number it logged is the uninterrupted run's number."""
     steps = checkpoint_steps(log_dir)
     assert steps and steps[-1] == LAST_STEP, f"the run did not finish: checkpoints at {steps}"
     for step in steps:
@@ -211,12 +216,12 @@ def reference_run(random_shards, tmp_path_factory):
     return str(log_dir)
 
 
-# --- SIGKILL at three moments, then --resume -------------------------------------------------------
+# --- SIGKILL at three moments, then --resume ------------------------------------------------------
 
 
 def kill_during_checkpoint_write(run, log_dir):
-    """SIGKILL `run` the moment a checkpoint's temporary file appears. Returns that file's path, or None
-    when the write finished (the file was renamed) before the kill landed."""
+    """SIGKILL `run` the moment a checkpoint's temporary file appears. Returns that file's path, or
+    None when the write finished (the file was renamed) before the kill landed."""
     deadline = time.monotonic() + TIMEOUT
     while time.monotonic() < deadline and run.proc.poll() is None:
         partial = glob.glob(os.path.join(log_dir, "*.tmp"))
@@ -233,7 +238,8 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
 ):
     log_dir = str(tmp_path / "log")
 
-    # 1. Mid-step: at a random moment of step 5, once a checkpoint exists (they follow steps 2, 5, 8, 11).
+    # 1. Mid-step: at a random moment of step 5, once a checkpoint exists (they follow steps 2, 5,
+    # 8, 11).
     run = trainers(log_dir, random_shards, "--ckpt_every", "3")
     run.wait_for(r"^saved .*model_00002\.pt$")
     step_ms = int(run.wait_for(r"^step +4/\d+ \| loss .* \| (\d+) ms \|").group(1))
@@ -244,8 +250,9 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
     assert run.finish() == -signal.SIGKILL
     assert checkpoint_steps(log_dir) in ([2], [2, 5])
 
-    # 2. During evaluation: step 7's line is printed just before its val loss is computed. On a badly
-    # overloaded machine the kill may land after the evaluation: then roll back to step 5 and try again.
+    # 2. During evaluation: step 7's line is printed just before its val loss is computed. On a
+    # badly overloaded machine the kill may land after the evaluation: then roll back to step 5 and
+    # try again.
     for _ in range(3):
         run = trainers(log_dir, random_shards, "--ckpt_every", "3", "--resume")
         run.wait_for(r"^resumed from .*model_0000[25]\.pt at step [36]$")
@@ -264,7 +271,8 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
         os.path.join(log_dir, "*.tmp")
     )  # a resume removes what an earlier kill tore
 
-    # 3. During a checkpoint write: a checkpoint every step, killed as soon as a temporary file appears.
+    # 3. During a checkpoint write: a checkpoint every step, killed as soon as a temporary file
+    # appears.
     for _ in range(3):
         run = trainers(log_dir, random_shards, "--ckpt_every", "1", "--resume")
         torn = kill_during_checkpoint_write(run, log_dir)
@@ -288,12 +296,13 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
     assert_matches_reference(log_dir, reference_run)
 
 
-# --- SIGTERM and SIGINT: save the current step and exit 0 ------------------------------------------
+# --- SIGTERM and SIGINT: save the current step and exit 0 -----------------------------------------
 
 
 def stop_step(run, signal_name):
-    """The step after which the run stopped, checked against when the signal arrived: the handler prints
-    a line at once, so the last step line before it says which step the run was in at that moment."""
+    """The step after which the run stopped, checked against when the signal arrived: the handler
+    prints a line at once, so the last step line before it says which step the run was in at that
+    moment."""
     notice = next(
         i
         for i, line in enumerate(run.lines)
@@ -311,9 +320,9 @@ def stop_step(run, signal_name):
     ]
     assert len(stopped) == 1, run.output()
     stopped = stopped[0]
-    # The step in progress when the signal came finishes (or, if it had already passed the point where
-    # ranks agree to stop, the one after it); nothing later. A signal during the evaluation after a step
-    # cuts the evaluation short, and that step is the one saved.
+    # The step in progress when the signal came finishes (or, if it had already passed the point
+    # where ranks agree to stop, the one after it); nothing later. A signal during the evaluation
+    # after a step cuts the evaluation short, and that step is the one saved.
     cut_short = any(
         re.match(rf"step +{before[-1]}/\d+ \| evaluation cut short", line) for line in run.lines
     )
@@ -346,7 +355,8 @@ def test_sigterm_and_sigint_save_the_current_step_exit_0_and_resume_exactly(
         f"took {seconds_to_exit:.1f}s to stop"
     )  # a step and a save: well under 1s on an idle machine
 
-    # SIGINT (Ctrl-C) during the evaluation after step 7: it stops between two batches, and step 7 is saved.
+    # SIGINT (Ctrl-C) during the evaluation after step 7: it stops between two batches, and step 7
+    # is saved.
     run = trainers(log_dir, random_shards, *rare, "--resume")
     run.wait_for(
         f"^resumed from {re.escape(checkpoint_path(log_dir, term_step))} at step {term_step + 1}$"
@@ -380,8 +390,9 @@ def pipe_fill(read_fd):
     not hasattr(fcntl, "F_SETPIPE_SZ"), reason="needs Linux pipes whose size can be set"
 )
 def test_sigterm_while_printing_to_a_full_pipe_still_saves(tmp_path, random_shards):
-    """`python train_gpt2.py | tee log` with tee stalled: the run blocks inside print, and the signal
-    arrives there. The notice of the stop must not re-enter print (RuntimeError: reentrant call)."""
+    """`python train_gpt2.py | tee log` with tee stalled: the run blocks inside print, and the
+    signal arrives there. The notice of the stop must not re-enter print (RuntimeError: reentrant
+    call)."""
     read_fd, write_fd = os.pipe()
     capacity = fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 4096)  # fills after ~50 step lines
     tiny = [
@@ -405,7 +416,8 @@ def test_sigterm_while_printing_to_a_full_pipe_still_saves(tmp_path, random_shar
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         try:
-            # Blocked: the pipe is (nearly) full and stays so while the run would print a line every few ms.
+            # Blocked: the pipe is (nearly) full and stays so while the run would print a line every
+            # few ms.
             deadline, last_fill, still_since = time.monotonic() + TIMEOUT, -1, time.monotonic()
             while (
                 (fill := pipe_fill(read_fd)) < capacity - 256
@@ -434,9 +446,10 @@ def test_sigterm_while_printing_to_a_full_pipe_still_saves(tmp_path, random_shar
     )  # it ran until the pipe was full
 
 
-# --- the bad-input table ---------------------------------------------------------------------------
-# Each case prepares a data directory and a log directory under tmp_path, and returns the flags to add
-# to TINY_RUN and fragments the error line must contain. The good shards come from `random_shards`.
+# --- the bad-input table --------------------------------------------------------------------------
+# Each case prepares a data directory and a log directory under tmp_path, and returns the flags to
+# add to TINY_RUN and fragments the error line must contain. The good shards come from
+# `random_shards`.
 
 
 def copy_shards(corpus, data_dir, *splits):
@@ -453,7 +466,8 @@ def write_bin_shard(path, tokens, magic=BIN_MAGIC, promised=None):
 
 
 def tiny_checkpoint(path, n_layer=2, with_optimizer=True):
-    """A checkpoint in the project's format for the tiny model, built directly (no training needed)."""
+    """A checkpoint in the project's format for the tiny model, built directly (no training
+    needed)."""
     config = GPTConfig(block_size=64, vocab_size=50304, n_layer=n_layer, n_head=4, n_embd=64)
     model = GPT(config)
     state = {"model": model.state_dict(), "config": asdict(config)}
@@ -551,7 +565,8 @@ def resume_with_no_checkpoint(corpus, data, log):
 
 
 def fresh_start_over_checkpoints(corpus, data, log):
-    """Starting without --resume where a run left checkpoints would overwrite its log and checkpoints."""
+    """Starting without --resume where a run left checkpoints would overwrite its log and
+    checkpoints."""
     copy_shards(corpus, data, "val", "train")
     tiny_checkpoint(os.path.join(log, "model_00005.pt"))
     with open(os.path.join(log, "log.txt"), "w") as f:
@@ -638,7 +653,8 @@ def test_bad_input_is_one_error_line_and_touches_no_file(
     assert files_in(*directories) == before
 
 
-# The same, end to end in a fresh interpreter, for a few cases: exit status and stderr as a user sees them.
+# The same, end to end in a fresh interpreter, for a few cases: exit status and stderr as a user
+# sees them.
 @pytest.mark.parametrize(
     "case", [no_shards, int32_npy, resume_with_another_n_layer], ids=lambda case: case.__name__
 )
@@ -659,7 +675,7 @@ def test_bad_input_from_the_command_line(case, tmp_path, random_shards):
     assert files_in(*directories) == before
 
 
-# --- sample.py -------------------------------------------------------------------------------------
+# --- sample.py ------------------------------------------------------------------------------------
 
 
 def test_sample_with_unknown_init_is_one_error_line():
@@ -705,8 +721,8 @@ def test_sample_prompt_longer_than_the_context_window(tmp_path, capsys):
 
 
 class RunsCodeWhenUnpickled:
-    """Unpickling this calls open(marker, "w"), creating the marker file: the harmless stand-in for what
-    a malicious checkpoint would run (os.system, ...)."""
+    """Unpickling this calls open(marker, "w"), creating the marker file: the harmless stand-in for
+    what a malicious checkpoint would run (os.system, ...)."""
 
     def __init__(self, marker):
         self.marker = marker
@@ -756,8 +772,9 @@ def test_a_checkpoint_cannot_run_code(tmp_path, random_shards, capsys, keep_sign
 
 
 class CannotBeSaved:
-    """Pickling this fails with a TypeError, as pickle fails on a lock or an open file: a checkpoint write
-    that dies half way for a reason other than the disk, which atomic_write passes on unchanged."""
+    """Pickling this fails with a TypeError, as pickle fails on a lock or an open file: a checkpoint
+    write that dies half way for a reason other than the disk, which atomic_write passes on
+    unchanged."""
 
     def __reduce__(self):
         raise TypeError("this object cannot be saved")

@@ -1,5 +1,6 @@
-"""fineweb.py: shards hold exactly EOT + doc1 + EOT + doc2 ..., a killed run resumes to the same bytes,
-the worker count changes nothing, and each kind of bad input ends in one clear error and no partial shard."""
+"""fineweb.py: shards hold exactly EOT + doc1 + EOT + doc2 ..., a killed run resumes to the same
+bytes, the worker count changes nothing, and each kind of bad input ends in one clear error and no
+partial shard."""
 
 import fcntl
 import functools
@@ -86,7 +87,8 @@ def write_jsonl(path, documents):
 
 
 def write_corpus(directory, documents):
-    """The documents spread over a jsonl file, a parquet file with small row groups and a folder of .txt files."""
+    """The documents spread over a jsonl file, a parquet file with small row groups and a folder of
+    .txt files."""
     a, b, c = (
         documents[: len(documents) // 3],
         documents[len(documents) // 3 : -20],
@@ -163,7 +165,8 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
 
 
 def pinned_corpus(directory, kind):
-    """3.6 MB of prose and of code and markup, as .txt files, one jsonl or one parquet file: several batches."""
+    """3.6 MB of prose and of code and markup, as .txt files, one jsonl or one parquet file: several
+    batches."""
     prose, code = (
         make_documents(500, 1000, seed=7),
         make_documents(500, 1000, seed=8, words=CODE_AND_MARKUP),
@@ -191,9 +194,10 @@ def digest_of_shards(out_dir):
     return len(names), digest.hexdigest()
 
 
-# What the code of commit 067ecb5 made from pinned_corpus: however the making of shards changes (its speed, the
-# workers' start method, who reads the files), the bytes of the shards must not. The .txt files differ because
-# they are read as text, in which "\r\n" becomes "\n" (in jsonl and parquet it stays as it is).
+# What the code of commit 067ecb5 made from pinned_corpus: however the making of shards changes (its
+# speed, the workers' start method, who reads the files), the bytes of the shards must not. The .txt
+# files differ because they are read as text, in which "\r\n" becomes "\n" (in jsonl and parquet it
+# stays as it is).
 PINNED_SHARDS = {
     "txt": (33, "bcf5df3a2587b872d5fcaff208fb59033ee98f014b6d77cd13c34cf684243d84"),
     "jsonl": (33, "ebc6de53c29a2b51a3896f5d599e078f701e055fbc62ccc5d3c152297e59d28d"),
@@ -222,8 +226,8 @@ def test_shards_are_byte_identical_to_pinned_ones(tmp_path, kind):
 
 
 def test_the_script_makes_the_same_shards_under_spawn(tmp_path):
-    # spawn, the default on macOS and Windows, starts each worker as a new Python that imports the script
-    # again and receives the tokenizer pickled: nothing of the main process is inherited.
+    # spawn, the default on macOS and Windows, starts each worker as a new Python that imports the
+    # script again and receives the tokenizer pickled: nothing of the main process is inherited.
     out = str(tmp_path / "out")
     flags = [
         "--input",
@@ -281,8 +285,9 @@ def test_gpt2_encode_matches_encode_ordinary(tokenizer):
 
 
 def test_gpt2_tokenize_gives_each_text_the_tokens_it_gets_alone(tokenizer):
-    # Texts whose ends would merge into other tokens if they were simply joined: spaces and newlines before
-    # and after words, an empty text, a lone surrogate (JSON allows them), and one of half a surrogate pair each.
+    # Texts whose ends would merge into other tokens if they were simply joined: spaces and newlines
+    # before and after words, an empty text, a lone surrogate (JSON allows them), and one of half a
+    # surrogate pair each.
     texts = [
         "",
         "a ",
@@ -319,7 +324,8 @@ def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
     with open(jsonl, "w", newline="") as f:
         f.writelines(lines)
     line_numbers = [number for number, line in enumerate(lines, start=1) if line.strip()]
-    # Pieces of 50 bytes: a few lines of the jsonl file, one or two .txt files each. Pieces of a megabyte: all.
+    # Pieces of 50 bytes: a few lines of the jsonl file, one or two .txt files each. Pieces of a
+    # megabyte: all.
     for piece_bytes in [50, fineweb.PIECE_BYTES]:
         everything = documents_of(fineweb.plan_pieces(files, "text", piece_bytes=piece_bytes))
         assert [text for _, text in everything] == documents
@@ -472,7 +478,8 @@ def test_the_pools_pipes_are_widened_to_hold_a_piece():
             pytest.skip("this system allows smaller pipes; widen_pipes leaves them as they are")
     with multiprocessing.get_context("fork").Pool(1) as pool:
         fineweb.widen_pipes(pool)
-        # Pool's pipes are not public: if a Python version renames them, this says so (the run still works).
+        # Pool's pipes are not public: if a Python version renames them, this says so (the run still
+        # works).
         sizes = [
             fcntl.fcntl(queue._reader.fileno(), fcntl.F_GETPIPE_SZ)
             for queue in (pool._inqueue, pool._outqueue)
@@ -496,17 +503,20 @@ def test_a_worker_reuses_its_memory_from_piece_to_piece(tmp_path, tokenizer):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(1000, 400, seed=5))  # 1.5 MB
     piece = next(fineweb.plan_pieces([corpus], "text"))
     tokenize = functools.partial(fineweb.gpt2_tokenize, tokenizer)
-    # Spawned: a forked worker would also fault on the pages it shares with this process (pytest, torch).
+    # Spawned: a forked worker would also fault on the pages it shares with this process (pytest,
+    # torch).
     with multiprocessing.get_context("spawn").Pool(
         1, initializer=fineweb.init_worker, initargs=(tokenize,)
     ) as pool:
         faults = pool.apply(page_faults_per_piece, (piece, 5))
-    # 5 here; 128 when glibc gives the piece's buffers back after each piece and faults them in again.
+    # 5 here; 128 when glibc gives the piece's buffers back after each piece and faults them in
+    # again.
     assert faults < 40
 
 
 def reference_run(tmp_path, shard_size, seed):
-    """A jsonl corpus of 400 documents and the shards of an uninterrupted run on it: (its flags, its --out)."""
+    """A jsonl corpus of 400 documents and the shards of an uninterrupted run on it: (its flags, its
+    --out)."""
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(400, 1000, seed=seed))
     flags = ["--input", corpus, "--shard_size", str(shard_size)]
     reference = str(tmp_path / "reference")
@@ -545,8 +555,8 @@ def test_killed_run_resumes_to_the_same_bytes(tmp_path):
             progress = json.load(f)
         assert not progress["finished"], "the run ended before it could be killed"
         assert kill_after - 1 <= progress["shards"] < total_shards
-    # A shard being written when a kill comes leaves a temp file like this one behind (shard 1 is done, so
-    # only the clean-up can remove it).
+    # A shard being written when a kill comes leaves a temp file like this one behind (shard 1 is
+    # done, so only the clean-up can remove it).
     with open(os.path.join(out, ".shard_000001.tmp"), "wb") as f:
         f.write(b"torn")
 
@@ -684,7 +694,8 @@ def test_a_folder_gives_its_input_files_in_order_without_hidden_ones(tmp_path):
     )  # a loop of links is left out, as glob leaves it out
     expected = ["a/b/c.jsonl", "a/z.txt", "b.txt", "d.parquet", "dir.txt/inner.txt", "link.txt"]
     assert fineweb.find_input_files([str(tmp_path)]) == [str(tmp_path / name) for name in expected]
-    # What glob's recursive ** lists (it was used before, and the keys of earlier runs name files so).
+    # What glob's recursive ** lists (it was used before, and the keys of earlier runs name files
+    # so).
     listed = glob.glob(str(tmp_path / "**" / "*"), recursive=True)
     assert sorted(
         name
@@ -746,7 +757,8 @@ def test_a_full_disk_while_a_shard_is_written_is_one_error_and_the_rerun_finishe
 
 
 def deleting(path, pieces, after):
-    """The pieces, with `path` deleted once `after` of them have been handed out: a file moved during a run."""
+    """The pieces, with `path` deleted once `after` of them have been handed out: a file moved
+    during a run."""
     for index, piece in enumerate(pieces):
         if index == after:
             os.remove(path)
@@ -770,7 +782,8 @@ def test_an_input_file_deleted_during_the_run_is_one_error_naming_it(tmp_path, t
 
 
 def dropping_the_connection(pieces, after):
-    """The pieces, then the error a download raises when the network goes (a ConnectionError is an OSError)."""
+    """The pieces, then the error a download raises when the network goes (a ConnectionError is an
+    OSError)."""
     for index, piece in enumerate(pieces):
         if index == after:
             raise ConnectionResetError(104, "Connection reset by peer")
@@ -814,8 +827,9 @@ def test_command_line_error_is_one_line(tmp_path):
 
 
 def test_no_network_without_input_fails_in_seconds_even_without_the_offline_variables(tmp_path):
-    # As a user runs it: no HF_HUB_OFFLINE. The hub's address is a closed port here, so that the test does
-    # not depend on the machine's network (offline, huggingface.co does not resolve, which fails as fast).
+    # As a user runs it: no HF_HUB_OFFLINE. The hub's address is a closed port here, so that the
+    # test does not depend on the machine's network (offline, huggingface.co does not resolve, which
+    # fails as fast).
     script = (
         "import atexit, sys\n"
         "atexit.register(lambda: print('datasets imported:', 'datasets' in sys.modules))\n"
@@ -836,7 +850,8 @@ def test_no_network_without_input_fails_in_seconds_even_without_the_offline_vari
 
 @pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
 def test_offline_without_input_fails_at_once_with_advice(tmp_path, variable):
-    # As `python fineweb.py --out OUT` would run, and then, at exit, whether datasets was ever imported.
+    # As `python fineweb.py --out OUT` would run, and then, at exit, whether datasets was ever
+    # imported.
     script = (
         "import atexit, sys\n"
         "atexit.register(lambda: print('datasets imported:', 'datasets' in sys.modules))\n"

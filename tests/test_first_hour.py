@@ -1,5 +1,5 @@
-"""What a new user meets first: the README's tiny CPU run as written, the dtype that `--dtype auto` picks,
-and `--help` pages that show every default once."""
+"""What a new user meets first: the README's tiny CPU run as written, the dtype that `--dtype auto`
+picks, and `--help` pages that show every default once."""
 
 import hashlib
 import os
@@ -24,7 +24,8 @@ from machinery.cli import run_cli
 
 
 def command_blocks(path):
-    """The ```bash blocks of a markdown file, in order, as lists of shell lines (continuation lines joined)."""
+    """The ```bash blocks of a markdown file, in order, as lists of shell lines (continuation lines
+    joined)."""
     with open(path) as f:
         text = f.read()
     blocks = re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S)
@@ -34,10 +35,10 @@ def command_blocks(path):
     ]
 
 
-# What the test does with the README's commands that a 2-core CPU without network cannot run as written:
-# skip them (why), or run a stand-in. Every other command runs word for word, with flags appended that
-# shrink it (argparse keeps a flag's last value) and the tiny run's checkpoint for the checkpoints of
-# longer runs that the README names.
+# What the test does with the README's commands that a 2-core CPU without network cannot run as
+# written: skip them (why), or run a stand-in. Every other command runs word for word, with flags
+# appended that shrink it (argparse keeps a flag's last value) and the tiny run's checkpoint for the
+# checkpoints of longer runs that the README names.
 SKIPPED = {
     "pip install": "CI has installed the requirements",
     "python fineweb.py && torchrun": "FineWeb-edu's download and 8 GPUs",
@@ -63,7 +64,8 @@ LONGER_RUNS = {
     "model_00249.pt": "model_00005.pt",
     "model_00019.pt": "model_00005.pt",
     "log/log.txt": "log_cpu/log.txt",
-    "--init gpt2 ": "--init ./gpt2 ",  # the fine-tune starts from the tiny run's export (hf download's stand-in)
+    # the fine-tune starts from the tiny run's export (hf download's stand-in)
+    "--init gpt2 ": "--init ./gpt2 ",
 }
 
 
@@ -93,9 +95,10 @@ def file_hashes(folder):
 
 
 def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_path):
-    """Every CPU-sized command block of the README, then the data-order block of docs/data-and-resume.md
-    (it reads the tiny run's text), in order, by bash, in a copy of the repository's files: each command
-    ends with status 0 and changes no file that was there before it."""
+    """Every CPU-sized command block of the README, then the data-order block of
+    docs/data-and-resume.md (it reads the tiny run's text), in order, by bash, in a copy of the
+    repository's files: each command ends with status 0 and changes no file that was there before
+    it."""
     clone = tmp_path / "clone"
     tracked = subprocess.run(
         ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
@@ -134,7 +137,8 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
         ran += 1
     assert ran == 6  # the tiny run, sampling from ./gpt2, the fine-tune, plot, export, data order
 
-    # The tiny run's last block names a checkpoint and a log that exist, and the commands to go on, quoted.
+    # The tiny run's last block names a checkpoint and a log that exist, and the commands to go on,
+    # quoted.
     train_output = next(out for first, out in outputs.items() if "curl" in first)
     last_block = train_output[train_output.rindex("\ndone in ") :]
     checkpoint = re.search(r"^checkpoint  (\S+)$", last_block, re.M).group(1)
@@ -145,7 +149,9 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
     assert shlex.split(next_sample)[:4] == ["python", "sample.py", "--init", checkpoint]
     assert f"python plot_log.py {log}" in last_block
     assert re.search(
-        r"^final       train loss \d+\.\d+ \| val loss \d+\.\d+ at step \d+ \(best", last_block, re.M
+        r"^final       train loss \d+\.\d+ \| val loss \d+\.\d+ at step \d+ \(best",
+        last_block,
+        re.M,
     )
     assert "sample 1/2" in train_output and "ROMEO:" in train_output
     assert (
@@ -153,7 +159,7 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
     )  # the starting weights' loss
 
 
-# --- --dtype auto ---------------------------------------------------------------------------------------
+# --- --dtype auto ---------------------------------------------------------------------------------
 
 X86_WITHOUT_BF16 = "processor : 0\nflags : fpu sse sse2 avx avx2 fma avx512f avx512bw avx512_vnni\n"
 X86_WITH_AMX = "processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
@@ -174,7 +180,7 @@ def test_dtype_auto_is_fp32_on_cpus_without_native_bf16_and_bf16_with_it():
     assert "no native bf16" in reason  # the start-up block says why
 
 
-# --- --help ---------------------------------------------------------------------------------------------
+# --- --help ---------------------------------------------------------------------------------------
 
 SCRIPTS = {
     "train_gpt2.py": train_gpt2.main,
@@ -193,7 +199,8 @@ def test_help_gives_every_flag_a_reason_and_its_default_once(script, capsys):
     assert exited.value.code == 0
     page = capsys.readouterr().out
     options = page[page.index("options:") :]
-    # One entry per flag: it starts at a line that begins with "  -" and runs until the next such line.
+    # One entry per flag: it starts at a line that begins with "  -" and runs until the next such
+    # line.
     entries = re.split(r"\n(?=  -)", options)[1:]
     assert entries, page
     for entry in entries:
@@ -211,12 +218,12 @@ def test_help_gives_every_flag_a_reason_and_its_default_once(script, capsys):
         assert len(reason) >= 2, f"{script} {flag} has no reason: {text}"
 
 
-# --- greedy sampling equals Hugging Face's -----------------------------------------------------------
+# --- greedy sampling equals Hugging Face's --------------------------------------------------------
 
 
 def test_greedy_sample_in_fp32_equals_hugging_face_greedy_decoding(tmp_path, capsys):
-    """A model trained for 50 steps (random weights have near-tied logits, where any rounding flips a
-    choice), exported, then decoded greedily by sample.py and by transformers: the same text."""
+    """A model trained for 50 steps (random weights have near-tied logits, where any rounding flips
+    a choice), exported, then decoded greedily by sample.py and by transformers: the same text."""
     from transformers import GPT2LMHeadModel
 
     from machinery.tokenizer import gpt2_tokenizer

@@ -1,15 +1,17 @@
-"""Hardening: bad inputs and faults across the scripts, as one table, and the drills that need real processes.
+"""Hardening: bad inputs and faults across the scripts, as one table, and the drills that need real
+processes.
 
-Each row of the table names a script, sets up a folder for it, and states what must come of it: the exit
-status, the files it may create, change or remove (none for a refusal), and a substring of its last line.
-The test runs the script's main() in this process through run_cli, as its command line would, and also
-checks that no traceback was printed. Rows cover every class of fault: numbers, paths, data, resumes,
-foreign files, concurrency (a lock held by another process), out of memory and divergence.
+Each row of the table names a script, sets up a folder for it, and states what must come of it: the
+exit status, the files it may create, change or remove (none for a refusal), and a substring of its
+last line. The test runs the script's main() in this process through run_cli, as its command line
+would, and also checks that no traceback was printed. Rows cover every class of fault: numbers,
+paths, data, resumes, foreign files, concurrency (a lock held by another process), out of memory and
+divergence.
 
-Below the table, with real processes: two trainers on one --log_dir and two fineweb.py on one --out cannot
-both run; the data loader reads the same tokens per step for any number of processes, at shard ends too,
-and a run resumed on 2 ranks from a 1-rank checkpoint continues on the 2-rank run's stream; SIGTERM cuts
-an evaluation short; a second Ctrl-C exits at once without a traceback.
+Below the table, with real processes: two trainers on one --log_dir and two fineweb.py on one --out
+cannot both run; the data loader reads the same tokens per step for any number of processes, at
+shard ends too, and a run resumed on 2 ranks from a 1-rank checkpoint continues on the 2-rank run's
+stream; SIGTERM cuts an evaluation short; a second Ctrl-C exits at once without a traceback.
 """
 
 import fnmatch
@@ -50,17 +52,17 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 TIMEOUT = 180
 
 
-# --- the table ---------------------------------------------------------------------------------------
-# A row is a setup function, registered with @row(script, says, exit_code, changes). It gets a Workspace
-# (a temporary folder with good shards in data/) and returns the script's argv.
+# --- the table ------------------------------------------------------------------------------------
+# A row is a setup function, registered with @row(script, says, exit_code, changes). It gets a
+# Workspace (a temporary folder with good shards in data/) and returns the script's argv.
 
 ROWS = []
 
 
 def row(script, says, exit_code=1, changes=()):
-    """Register the decorated setup as a row: `script` (a main function) run on its argv must exit with
-    exit_code, its last line must contain `says`, and only paths matching the globs in `changes`
-    (relative to the workspace) may appear, change or disappear."""
+    """Register the decorated setup as a row: `script` (a main function) run on its argv must exit
+    with exit_code, its last line must contain `says`, and only paths matching the globs in
+    `changes` (relative to the workspace) may appear, change or disappear."""
 
     def register(setup):
         ROWS.append(pytest.param(script, setup, exit_code, changes, says, id=setup.__name__))
@@ -70,7 +72,8 @@ def row(script, says, exit_code=1, changes=()):
 
 
 class Workspace:
-    """A temporary folder for one row: data/ holds a val and a train shard of random GPT-2 token ids."""
+    """A temporary folder for one row: data/ holds a val and a train shard of random GPT-2 token
+    ids."""
 
     def __init__(self, root, monkeypatch):
         self.root, self.monkeypatch = str(root), monkeypatch
@@ -134,7 +137,8 @@ with output_lock(sys.argv[1], "--folder"):
 
 
 def checkpoint(path, config=TINY_CONFIG, data_dir=None, total_batch_size=128, **extra):
-    """A checkpoint in the trainer's layout for `config`; resumable (optimizer, loader, RNG) with data_dir."""
+    """A checkpoint in the trainer's layout for `config`; resumable (optimizer, loader, RNG) with
+    data_dir."""
     model = GPT(config)
     state = {"model": model.state_dict(), "config": asdict(config), **extra}
     if data_dir:
@@ -150,7 +154,8 @@ def checkpoint(path, config=TINY_CONFIG, data_dir=None, total_batch_size=128, **
 
 
 def hf_directory(w, config, weights="model.safetensors"):
-    """A Hugging Face GPT-2 folder with `config` as config.json and a weights file of plain tensors."""
+    """A Hugging Face GPT-2 folder with `config` as config.json and a weights file of plain
+    tensors."""
     folder = w.path("hf")
     w.write("hf/config.json", json.dumps({"model_type": "gpt2", **config}))
     torch.save({"wte.weight": torch.zeros(3)}, os.path.join(folder, weights))
@@ -512,7 +517,8 @@ class Pickled:
     """An object that only an unrestricted (code-running) unpickler can load."""
 
 
-# Concurrency: a folder locked by a live process refuses a second writer; a dead process's lock does not.
+# Concurrency: a folder locked by a live process refuses a second writer; a dead process's lock does
+# not.
 @row(train_gpt2.main, "is in use by another run (pid ")
 def log_dir_held_by_another_process(w):
     w.hold_lock(w.log)
@@ -566,8 +572,8 @@ def max_lr_past_what_adamw_can_step(w):
 
 
 def diverging_train_step(bad_step, weights):
-    """train_step as it is until call `bad_step`, which returns a NaN loss, or (weights=True) leaves inf
-    weights behind a finite loss."""
+    """train_step as it is until call `bad_step`, which returns a NaN loss, or (weights=True) leaves
+    inf weights behind a finite loss."""
     calls = []
 
     def train_step(step_model, *args):
@@ -603,9 +609,9 @@ def weights_inf_behind_a_finite_loss(w):
     return w.train("--ckpt_every", "1")
 
 
-# Third round: corners where a run lost files or trained wrongly with exit 0, and tracebacks where one line
-# was due. The processes of a run: one rule for torchrun's variables (none: one process; all, consistent:
-# a group; anything in between: refused, naming the variable).
+# Third round: corners where a run lost files or trained wrongly with exit 0, and tracebacks where
+# one line was due. The processes of a run: one rule for torchrun's variables (none: one process;
+# all, consistent: a group; anything in between: refused, naming the variable).
 GROUP = {
     "RANK": "0",
     "LOCAL_RANK": "0",
@@ -691,7 +697,8 @@ def export_out_the_current_folder(w):
 
 
 def damaged_checkpoint(w, **entries):
-    """A resumable checkpoint in log/, then its entries replaced (None: removed), as a hand edit would."""
+    """A resumable checkpoint in log/, then its entries replaced (None: removed), as a hand edit
+    would."""
     path = checkpoint(w.path("log/model_00003.pt"), data_dir=w.data)
     state = torch.load(path, weights_only=True)
     for key, value in entries.items():
@@ -824,7 +831,7 @@ def fineweb_out_under_a_file(w):
     return ["--input", w.path("notes.txt"), "--out", w.path("notes.txt/shards")]
 
 
-# --- fourth round: what a red-team found after the third ---------------------------------------------
+# --- fourth round: what a red-team found after the third ------------------------------------------
 # The group's meeting place, checked before any wait (torch retried a bad host for half an hour).
 @row(train_gpt2.main, "MASTER_PORT=99999: the group's port must be a number from 1 to 65535")
 def master_port_past_the_last_port(w):
@@ -950,7 +957,8 @@ def a_folder_named_like_a_newer_checkpoint_is_not_one(w):
 @row(train_gpt2.main, "holds model_00005.pt, newer than")
 def resume_an_earlier_checkpoint_among_newer_ones(w):
     checkpoint(w.path("log/model_00005.pt"), data_dir=w.data)
-    # resumed, then wrote over model_00005.pt of the first course; the next --resume took its model_00009.pt
+    # resumed, then wrote over model_00005.pt of the first course; the next --resume took its
+    # model_00009.pt
     return w.train("--resume", checkpoint(w.path("log/model_00003.pt"), data_dir=w.data))
 
 
@@ -976,7 +984,8 @@ def export_force_over_a_folder_named_like_an_export_file(w):
     return ["--init", checkpoint(w.path("model_00005.pt")), "--out", w.path("out"), "--force"]
 
 
-# Mistakes on the command line: one line and exit 1, as every other user error (argparse: usage and exit 2).
+# Mistakes on the command line: one line and exit 1, as every other user error (argparse: usage and
+# exit 2).
 @row(train_gpt2.main, "argument --max_steps: expected one argument (see")
 def a_flag_without_its_value(w):
     return [*w.train(), "--max_steps"]
@@ -1041,7 +1050,7 @@ def fineweb_hf_endpoint_not_a_url(w):
     return ["--out", w.path("out")]
 
 
-# --- fifth round -------------------------------------------------------------------------------------
+# --- fifth round ----------------------------------------------------------------------------------
 
 
 @row(sample.main, "--seed must be a finite number, in [0, 2**63)")
@@ -1195,7 +1204,8 @@ def sample_from_a_log_dir(w):
 
 
 def snapshot(root):
-    """{relative path: sha256 of a file, 'folder', or where a symbolic link points} of everything under root."""
+    """{relative path: sha256 of a file, 'folder', or where a symbolic link points} of everything
+    under root."""
     found = {}
     for folder, folders, files in os.walk(root):
         for name in folders:
@@ -1243,7 +1253,7 @@ def test_the_table_covers_enough_faults():
     assert len(ROWS) >= 118
 
 
-# --- concurrency: one writer per folder, with real processes -----------------------------------------
+# --- concurrency: one writer per folder, with real processes --------------------------------------
 
 
 def start(script, *args):
@@ -1259,7 +1269,8 @@ def start(script, *args):
 
 
 def read_until(proc, pattern):
-    """Lines of proc's output up to the first that matches `pattern` (the test fails if none does)."""
+    """Lines of proc's output up to the first that matches `pattern` (the test fails if none
+    does)."""
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -1342,12 +1353,13 @@ def test_two_fineweb_runs_on_one_out_cannot_both_run(tmp_path):
         assert json.load(f)["finished"]
 
 
-# --- the loader's stream does not depend on the number of processes ---------------------------------
+# --- the loader's stream does not depend on the number of processes -------------------------------
 
 
 def steps_read(data_dir, world_size, micro_steps, steps, state=None, shuffle=False):
-    """The sequences of each optimizer step, in block order (micro-step m of rank r is block m * world_size
-    + r), as lists of first tokens, read by world_size loaders; and the state after them."""
+    """The sequences of each optimizer step, in block order (micro-step m of rank r is block m *
+    world_size + r), as lists of first tokens, read by world_size loaders; and the state after
+    them."""
     B, T = 2, 8
     loaders = [DataLoaderLite(data_dir, B, T, rank, world_size, "train", B * T * world_size * micro_steps, shuffle)
                for rank in range(world_size)]  # fmt: skip
@@ -1387,8 +1399,8 @@ def test_each_step_reads_the_same_tokens_for_any_number_of_processes(tmp_path, s
 
 
 def test_resume_on_two_ranks_from_a_one_rank_checkpoint_near_a_shard_end(tmp_path):
-    """A 1-process run (2 micro-steps) checkpointed at a shard's end, resumed under torchrun on 2 ranks,
-    ends where a 2-rank run that never stopped ends: same weights, same data position."""
+    """A 1-process run (2 micro-steps) checkpointed at a shard's end, resumed under torchrun on 2
+    ranks, ends where a 2-rank run that never stopped ends: same weights, same data position."""
     window = 256  # --total_batch_size
     data = random_shards(
         tmp_path / "data", val_tokens=2048, train_lengths=(3 * window + 130, 5 * window + 1)
@@ -1425,7 +1437,7 @@ def test_resume_on_two_ranks_from_a_one_rank_checkpoint_near_a_shard_end(tmp_pat
     )  # 3 steps into shard 2 (shard 1 holds 3 steps), as both read
 
 
-# --- signals -----------------------------------------------------------------------------------------
+# --- signals --------------------------------------------------------------------------------------
 
 
 def test_sigterm_cuts_an_evaluation_short_then_saves_and_exits_0(tmp_path):
@@ -1462,7 +1474,8 @@ def test_sigterm_cuts_an_evaluation_short_then_saves_and_exits_0(tmp_path):
         and "stopped after step 1" in output
     )
     assert seconds < 20, f"{seconds:.1f} s from SIGTERM to exit"
-    # The resumed run does the evaluation that was cut short before its first step (a shorter one here).
+    # The resumed run does the evaluation that was cut short before its first step (a shorter one
+    # here).
     resumed = subprocess.run(
         [sys.executable, "train_gpt2.py", *TINY_RUN, *flags, "--resume", "--max_steps", "3", "--val_tokens", "256"],
         cwd=REPO, capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
@@ -1521,7 +1534,7 @@ def test_a_full_disk_at_any_write_is_one_error_line(capsys):
     assert err.startswith("error: the disk is full") and err.count("\n") == 1, err
 
 
-# --- third round: drills with real processes, and the cases that must just work ----------------------
+# --- third round: drills with real processes, and the cases that must just work -------------------
 
 
 def test_fineweb_on_sigterm_says_so_in_one_line_and_a_rerun_finishes_the_same_shards(tmp_path):
@@ -1569,7 +1582,8 @@ def test_a_rank_started_without_its_group_says_it_is_waiting_and_stops_when_told
         lines = read_until(run, r"waiting")  # it used to wait for its peers without a word
         time.sleep(
             1
-        )  # inside torch's wait, where Python's handlers did not run: Ctrl-C and SIGTERM did nothing
+            # inside torch's wait, where Python's handlers did not run: Ctrl-C and SIGTERM did nothing
+        )
         run.send_signal(stop)
         assert run.wait(timeout=10) == -stop
     finally:
@@ -1616,7 +1630,8 @@ def test_only_the_trainer_leaves_an_error_to_its_machines_first_rank(monkeypatch
 
 
 def test_a_run_resumed_in_fp16_starts_a_fresh_loss_scaler(tmp_path):
-    """--dtype auto picks fp16 where a run moves to an older GPU: its checkpoint's scaler state is empty."""
+    """--dtype auto picks fp16 where a run moves to an older GPU: its checkpoint's scaler state is
+    empty."""
     data, log = random_shards(tmp_path / "data"), str(tmp_path / "log")
     flags = [
         *TINY_RUN,
@@ -1725,8 +1740,8 @@ def test_the_next_commands_are_quoted_for_the_shell_and_the_clock_can_step_back(
 
 @pytest.fixture
 def read_only_folder(tmp_path):
-    """A folder nobody may write to: a read-only tmpfs mounted there when the test runs as root (root
-    ignores permissions), else a folder without write permission."""
+    """A folder nobody may write to: a read-only tmpfs mounted there when the test runs as root
+    (root ignores permissions), else a folder without write permission."""
     folder = tmp_path / "read_only"
     folder.mkdir()
     if os.geteuid() != 0:
@@ -1848,7 +1863,8 @@ def test_a_new_run_says_it_replaces_an_earlier_log_and_that_its_warmup_is_too_lo
 
 def test_ctrl_c_in_any_script_is_one_line_and_exit_130(capsys):
     def interrupted_main(argv):
-        raise KeyboardInterrupt  # as Ctrl-C in sample.py's or hellaswag.py's loop: a traceback before
+        # as Ctrl-C in sample.py's or hellaswag.py's loop: a traceback before
+        raise KeyboardInterrupt
 
     with pytest.raises(SystemExit) as exited:
         run_cli(interrupted_main)

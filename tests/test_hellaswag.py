@@ -18,8 +18,8 @@ from machinery.cli import UserError
 from machinery.tokenizer import gpt2_tokenizer
 from train_gpt2 import GPT, GPTConfig
 
-# Six ordinary examples: the right ending differs from the wrong ones from its first word on, and the
-# endings have different lengths. The labels cover 0..3 so that no fixed position can pass.
+# Six ordinary examples: the right ending differs from the wrong ones from its first word on, and
+# the endings have different lengths. The labels cover 0..3 so that no fixed position can pass.
 EXAMPLES = [
     {
         "ctx": "The chef cracks two eggs into a bowl. She",
@@ -82,11 +82,12 @@ EXAMPLES = [
         "label": 1,
     },
 ]
-# One example where acc and acc_norm must disagree. The model is trained on its context followed by the
-# long right ending once, and followed by "ran" (then more words) three times: after the context, "ran"
-# gets probability 3/4 and the right ending's first word 1/4; the rest of the right ending is memorised.
-# So the one-word wrong ending "ran" has the lower summed loss (-ln 3/4 = 0.29 < -ln 1/4 = 1.39), and
-# the 15-word right ending the lower mean loss (about 1.39 / 15 = 0.09 < 0.29).
+# One example where acc and acc_norm must disagree. The model is trained on its context followed by
+# the long right ending once, and followed by "ran" (then more words) three times: after the
+# context, "ran" gets probability 3/4 and the right ending's first word 1/4; the rest of the right
+# ending is memorised. So the one-word wrong ending "ran" has the lower summed loss (-ln 3/4 = 0.29
+# < -ln 1/4 = 1.39), and the 15-word right ending the lower mean loss (about 1.39 / 15 = 0.09 <
+# 0.29).
 LENGTH_EXAMPLE = {
     "ctx": "Lisa looked at the old map and",
     "endings": [
@@ -106,7 +107,8 @@ EXPECTED_COUNTS = dict(n=7, correct=6, correct_norm=7)  # acc misses LENGTH_EXAM
 
 class WordTokenizer:
     """A stand-in for GPT-2's BPE with a vocabulary of a few hundred words, so that a model over it
-    learns the examples in a second: each word with its leading space is one token, numbered as first seen."""
+    learns the examples in a second: each word with its leading space is one token, numbered as
+    first seen."""
 
     def __init__(self):
         self.ids = {}
@@ -120,8 +122,9 @@ WORD_MODEL_CONFIG = GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The models here are tiny: one thread runs them as fast as two, and many times faster when other
-    processes compete for the cores (threads that wait on each other then wait on the scheduler too)."""
+    """The models here are tiny: one thread runs them as fast as two, and many times faster when
+    other processes compete for the cores (threads that wait on each other then wait on the
+    scheduler too)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -143,8 +146,8 @@ def write_jsonl(path, lines):
 
 @pytest.fixture(scope="module")
 def memorised():
-    """A tiny GPT trained until it knows the right ending of every example by heart (see LENGTH_EXAMPLE),
-    and its word tokenizer."""
+    """A tiny GPT trained until it knows the right ending of every example by heart (see
+    LENGTH_EXAMPLE), and its word tokenizer."""
     words = WordTokenizer()
     texts = [ex["ctx"] + " " + ex["endings"][ex["label"]] for ex in EXAMPLES]
     texts += [LENGTH_EXAMPLE["ctx"] + " " + LENGTH_EXAMPLE["endings"][1]] + [
@@ -279,7 +282,8 @@ def test_render_example_gives_the_context_and_the_endings_with_a_space(tmp_path,
     assert [enc.decode(ending) for ending in endings] == [
         " " + ending for ending in example["endings"]
     ]
-    # Context + ending is the tokenization of the whole sentence (the space joins them, BPE keeps it).
+    # Context + ending is the tokenization of the whole sentence (the space joins them, BPE keeps
+    # it).
     for ending, text in zip(endings, example["endings"]):
         assert context + ending == enc.encode_ordinary(example["ctx"] + " " + text)
 
@@ -347,7 +351,8 @@ def test_attention_mask_lets_an_ending_see_the_context_and_itself_only():
 
 
 def alone(model, context, ending):
-    """The summed loss of an ending's tokens, the model reading context + ending as one plain sequence."""
+    """The summed loss of an ending's tokens, the model reading context + ending as one plain
+    sequence."""
     tokens = torch.tensor([context + ending])
     logits, _ = model(tokens)
     losses = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:], reduction="none")
@@ -388,7 +393,8 @@ def test_batched_scores_equal_each_ending_scored_alone():
 
 
 def test_predictions_acc_by_sum_acc_norm_by_mean():
-    # Ending 0: one token of loss 3 (sum 3, mean 3); ending 1: five tokens of loss 1 (sum 5, mean 1).
+    # Ending 0: one token of loss 3 (sum 3, mean 3); ending 1: five tokens of loss 1 (sum 5, mean
+    # 1).
     sum_losses = torch.tensor([[3.0, 5.0, 9.0, 12.0], [4.0, 2.0, 6.0, 8.0]])
     n_tokens = torch.tensor([[1, 5, 3, 4], [2, 2, 2, 2]])
     pred, pred_norm = hellaswag.predictions(sum_losses, n_tokens)
@@ -433,7 +439,8 @@ def test_evaluate_works_with_a_compiled_model(memorised):
 
 
 def ddp_worker(rank, world_size, init_file, model, words, result_dir):
-    """One rank of a gloo run on CPU: evaluate its share, write the counts it gets back to a file."""
+    """One rank of a gloo run on CPU: evaluate its share, write the counts it gets back to a
+    file."""
     torch.distributed.init_process_group(
         "gloo", init_method="file://" + init_file, rank=rank, world_size=world_size
     )
@@ -474,7 +481,8 @@ def run_cli(*args):
 
 
 def test_cli_prints_the_summary_line(tmp_path, enc):
-    # The CLI reads text with GPT-2's tokenizer, so its model has GPT-2's vocabulary (random weights).
+    # The CLI reads text with GPT-2's tokenizer, so its model has GPT-2's vocabulary (random
+    # weights).
     torch.manual_seed(0)
     config = GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)
     model = GPT(config).eval()

@@ -1,6 +1,6 @@
 """Starting a run from given weights (--init: fine-tuning) and evaluating weights without training
-(--eval_only). Offline: a random GPT2LMHeadModel that transformers saves stands in for OpenAI's weights,
-and this repository's own source, tokenized, for the text to fine-tune on."""
+(--eval_only). Offline: a random GPT2LMHeadModel that transformers saves stands in for OpenAI's
+weights, and this repository's own source, tokenized, for the text to fine-tune on."""
 
 import glob
 import hashlib
@@ -42,9 +42,9 @@ TIMEOUT = 300  # seconds: generous, since a loaded 2-core machine is slow
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """A random GPT-2 in Hugging Face's format, as save_pretrained writes it: 2 layers, 4 heads, 64 channels,
-    a context of 64 and GPT-2's 50257 tokens. Random LayerNorms and biases too, so that a tensor mapped
-    wrongly cannot hide."""
+    """A random GPT-2 in Hugging Face's format, as save_pretrained writes it: 2 layers, 4 heads, 64
+    channels, a context of 64 and GPT-2's 50257 tokens. Random LayerNorms and biases too, so that a
+    tensor mapped wrongly cannot hide."""
     directory = tmp_path_factory.mktemp("hf_gpt2")
     random_hf_model(**SMALL, n_positions=64).save_pretrained(directory)
     return str(directory)
@@ -105,14 +105,14 @@ def write_hellaswag(path, n=6):
     return str(path)
 
 
-# --- --eval_only -----------------------------------------------------------------------------------
+# --- --eval_only ----------------------------------------------------------------------------------
 
 
 def test_eval_only_gives_the_val_loss_transformers_gives(hf_dir, text_shards, capsys):
     val_loss, out = eval_only(capsys, "--init", hf_dir, "--data_dir", text_shards)
     assert "1,024 tokens" in out
-    # The same 1,024 tokens through transformers' own model: the first 1,024 inputs of the val shard, each
-    # predicting the token after it, in rows of 32.
+    # The same 1,024 tokens through transformers' own model: the first 1,024 inputs of the val
+    # shard, each predicting the token after it, in rows of 32.
     [shard] = glob.glob(os.path.join(text_shards, "*_val_*.npy"))
     tokens = torch.from_numpy(np.load(shard)[:1025].astype(np.int64))
     hf_model = GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
@@ -141,8 +141,8 @@ def test_eval_only_writes_no_file(hf_dir, text_shards, fine_tune, tmp_path, caps
     # Nothing but the tokenizer's own cache of its merge table (made once per machine by any script)
     written = [os.path.relpath(path, tmp_path) for path in files_in(tmp_path)]
     assert written in ([], [os.path.join("cache", "gpt2-repro", "gpt2.tiktoken")])
-    # --resume, in a run's log folder: nothing in it changes, not even the leftover of an interrupted write
-    # that a training run would delete
+    # --resume, in a run's log folder: nothing in it changes, not even the leftover of an
+    # interrupted write that a training run would delete
     log_dir = tmp_path / "run"
     log_dir.mkdir()
     for name in ("log.txt", "model_00029.pt"):
@@ -159,8 +159,8 @@ def test_eval_only_writes_no_file(hf_dir, text_shards, fine_tune, tmp_path, caps
 
 
 def test_eval_only_under_torchrun_equals_one_process(hf_dir, text_shards, tmp_path, capsys):
-    """Two ranks each score half of the val batches and half of the HellaSwag examples; the results are one
-    process's."""
+    """Two ranks each score half of the val batches and half of the HellaSwag examples; the results
+    are one process's."""
     flags = ["--init", hf_dir, "--data_dir", text_shards, "--hellaswag", "--hellaswag_data"]
     flags.append(write_hellaswag(tmp_path / "hellaswag.jsonl"))
     val_loss, out = eval_only(capsys, *flags)
@@ -178,7 +178,7 @@ def test_eval_only_under_torchrun_equals_one_process(hf_dir, text_shards, tmp_pa
     assert acc_norm(result.stdout) == acc_norm(out) and len(acc_norm(out)) == 1
 
 
-# --- fine-tuning -------------------------------------------------------------------------------------
+# --- fine-tuning ----------------------------------------------------------------------------------
 
 
 def test_fine_tune_lowers_the_val_loss(hf_dir, text_shards, fine_tune, capsys):
@@ -227,7 +227,8 @@ def test_fine_tune_killed_then_resumed_is_bit_exact(hf_dir, text_shards, fine_tu
         "log.txt",
         "model_00009.pt",
     ]  # the lock: see files.output_lock
-    # resumed as any run is: the same flags and --resume; the checkpoint holds the config, so no --init
+    # resumed as any run is: the same flags and --resume; the checkpoint holds the config, so no
+    # --init
     result = run_trainer("--resume", "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE)
     assert "at step 10" in result.stdout and "step  9/29 |" not in result.stdout
     straight = torch.load(os.path.join(fine_tune, "model_00029.pt"), weights_only=True)
@@ -247,7 +248,8 @@ def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path, keep_
     )  # random values in the padded rows too
     path = save_checkpoint(model, tmp_path / "ours.pt")
     log_dir = tmp_path / "log"
-    # one step at learning rate 0: AdamW leaves every weight as it was, so the checkpoint shows what was loaded
+    # one step at learning rate 0: AdamW leaves every weight as it was, so the checkpoint shows what
+    # was loaded
     flags = [
         "--max_steps",
         "1",
@@ -280,7 +282,7 @@ def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path, keep_
             assert torch.equal(loaded[key], tensor), key
 
 
-# --- refusals --------------------------------------------------------------------------------------
+# --- refusals -------------------------------------------------------------------------------------
 
 
 def test_refusals_are_one_line_and_touch_no_file(hf_dir, text_shards, tmp_path, capsys):

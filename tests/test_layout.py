@@ -1,6 +1,6 @@
-"""The repository's layout: which file imports which, that the light tools stay free of torch, docstrings,
-function and file lengths, and a fresh training run whose losses are pinned, so that moving code between
-files cannot change what a run computes."""
+"""The repository's layout: which file imports which, that the light tools stay free of torch,
+docstrings, function and file lengths, and a fresh training run whose losses are pinned, so that
+moving code between files cannot change what a run computes."""
 
 import ast
 import glob
@@ -16,7 +16,8 @@ from conftest import REPO, TINY_MODEL
 
 
 def project_files():
-    """{module name: path} of the scripts and of the machinery package's modules (as machinery.x)."""
+    """{module name: path} of the scripts and of the machinery package's modules (as
+    machinery.x)."""
     files = {os.path.basename(p)[:-3]: p for p in sorted(glob.glob(os.path.join(REPO, "*.py")))}
     for path in sorted(glob.glob(os.path.join(REPO, "machinery", "*.py"))):
         if not path.endswith("__init__.py"):
@@ -31,8 +32,8 @@ def parse(path):
 
 
 def module_level_imports(path, everywhere=False):
-    """The modules (machinery.x by its whole name, others by their top-level package) that the module
-    imports when it is imported; with `everywhere`, inside its functions too."""
+    """The modules (machinery.x by its whole name, others by their top-level package) that the
+    module imports when it is imported; with `everywhere`, inside its functions too."""
     names = set()
 
     def visit(node):
@@ -88,7 +89,8 @@ def find_cycle(graph):
 
 
 def reached_from(graph, start):
-    """The project modules that importing `start` imports, directly or through others, `start` included."""
+    """The project modules that importing `start` imports, directly or through others, `start`
+    included."""
     seen, todo = set(), [start]
     while todo:
         node = todo.pop()
@@ -98,7 +100,7 @@ def reached_from(graph, start):
     return seen
 
 
-# --- imports ---------------------------------------------------------------------------------------
+# --- imports --------------------------------------------------------------------------------------
 
 
 def test_find_cycle_finds_one():
@@ -114,8 +116,8 @@ def test_no_import_cycle():
 
 
 def test_cli_imports_no_project_file_and_no_torch():
-    """machinery/cli.py is the bottom of the import graph: every script imports it, and it imports no
-    project module and not torch, so it costs nothing to import."""
+    """machinery/cli.py is the bottom of the import graph: every script imports it, and it imports
+    no project module and not torch, so it costs nothing to import."""
     files = project_files()
     imports = module_level_imports(files["machinery.cli"], everywhere=True)
     assert not imports & files.keys(), sorted(imports & files.keys())
@@ -123,8 +125,9 @@ def test_cli_imports_no_project_file_and_no_torch():
 
 
 def test_fineweb_and_plot_log_do_not_import_torch():
-    """Tokenizing a corpus and plotting a log need no torch: neither fineweb.py nor plot_log.py, nor any
-    project file they import, imports it at module level; and importing them leaves it unloaded."""
+    """Tokenizing a corpus and plotting a log need no torch: neither fineweb.py nor plot_log.py, nor
+    any project file they import, imports it at module level; and importing them leaves it
+    unloaded."""
     files, graph = project_files(), project_import_graph()
     for tool in ("fineweb", "plot_log"):
         for name in reached_from(graph, tool):
@@ -144,7 +147,7 @@ def test_fineweb_and_plot_log_do_not_import_torch():
     )
 
 
-# --- size and documentation ------------------------------------------------------------------------
+# --- size and documentation -----------------------------------------------------------------------
 
 
 def test_every_module_opens_with_a_docstring():
@@ -157,13 +160,14 @@ def test_every_module_opens_with_a_docstring():
     assert not missing, missing
 
 
-# --- a fresh run's losses, pinned ------------------------------------------------------------------
+# --- a fresh run's losses, pinned -----------------------------------------------------------------
 
 
 def make_pattern_shards(directory):
-    """A val shard (1,024 tokens) and two train shards (2,048 each) of one 101-token pattern, tiled, over 64
-    token ids spread across GPT-2's vocabulary, with 10% of the tokens replaced by random ones of the 64: a
-    stream with structure, so that the loss falls, and one that depends on nothing in the repository."""
+    """A val shard (1,024 tokens) and two train shards (2,048 each) of one 101-token pattern, tiled,
+    over 64 token ids spread across GPT-2's vocabulary, with 10% of the tokens replaced by random
+    ones of the 64: a stream with structure, so that the loss falls, and one that depends on nothing
+    in the repository."""
     rng = np.random.default_rng(1)
     vocab = rng.choice(50257, 64, replace=False)
     pattern = rng.integers(0, 64, 101)
@@ -200,7 +204,8 @@ PINNED_RUN = [
 # log.txt of PINNED_RUN on make_pattern_shards, as the code before the split into files wrote it.
 PINNED_LOGS = {
     "shuffled": [
-        "-1 val 10.8327",  # the starting weights, evaluated before the first step (not in the code before the split)
+        # the starting weights, evaluated before the first step (not in the code before the split)
+        "-1 val 10.8327",
         "0 train 10.851755",
         "1 train 10.599316",
         "2 train 10.401167",
@@ -227,11 +232,12 @@ PINNED_LOGS = {
     ],
 }
 
-# Train losses are compared to 2e-5, not as printed: the float kernels' summation order depends on the CPU
-# (its vector width, the library's code path for it), and with it the last digits of a loss. Such a change is
-# about 1e-6 over these 8 steps (two threads instead of one move step 7's loss by 1e-6); a change of the data
-# order, the init or the schedule moves the losses by 1e-3 or more. Val losses are printed to 4 decimals and
-# compared as printed (the pinned ones are 1.6e-5 or more from a rounding boundary).
+# Train losses are compared to 2e-5, not as printed: the float kernels' summation order depends on
+# the CPU (its vector width, the library's code path for it), and with it the last digits of a loss.
+# Such a change is about 1e-6 over these 8 steps (two threads instead of one move step 7's loss by
+# 1e-6); a change of the data order, the init or the schedule moves the losses by 1e-3 or more. Val
+# losses are printed to 4 decimals and compared as printed (the pinned ones are 1.6e-5 or more from
+# a rounding boundary).
 TRAIN_TOLERANCE = 2e-5
 
 
@@ -248,9 +254,10 @@ def one_thread():
 
 @pytest.mark.parametrize("order", PINNED_LOGS)
 def test_fresh_run_losses_are_pinned(order, tmp_path, keep_signal_handlers, one_thread):
-    """A fresh tiny run, shuffled and in order, logs the train and val losses that the code logged before
-    it was split into files: the same init, data order, schedule and arithmetic."""
-    import train_gpt2  # here, so that the layout tests above report even when train_gpt2.py does not import
+    """A fresh tiny run, shuffled and in order, logs the train and val losses that the code logged
+    before it was split into files: the same init, data order, schedule and arithmetic."""
+    # here, so that the layout tests above report even when train_gpt2.py does not import
+    import train_gpt2
 
     data_dir, log_dir = tmp_path / "data", tmp_path / "log"
     data_dir.mkdir()
@@ -269,11 +276,12 @@ def test_fresh_run_losses_are_pinned(order, tmp_path, keep_signal_handlers, one_
             assert loss == expected, f"step {step} {kind} {loss}, pinned {expected}"
 
 
-# --- the README's map of train_gpt2.py ---------------------------------------------------------------
+# --- the README's map of train_gpt2.py ------------------------------------------------------------
 
 
 def definitions(path):
-    """{name: first line} of the module's top-level functions, classes and assignments, and Class.method."""
+    """{name: first line} of the module's top-level functions, classes and assignments, and
+    Class.method."""
     found = {}
     for node in parse(path).body:
         if isinstance(node, (ast.FunctionDef, ast.ClassDef)):

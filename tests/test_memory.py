@@ -1,5 +1,6 @@
-"""Memory: an evaluation splits its batches to fit the machine, with the same val loss; a training run
-that cannot fit is refused before its first step, in one line that names the --batch_size that fits."""
+"""Memory: an evaluation splits its batches to fit the machine, with the same val loss; a training
+run that cannot fit is refused before its first step, in one line that names the --batch_size that
+fits."""
 
 import os
 import re
@@ -16,8 +17,9 @@ from machinery import devices
 from machinery.cli import UserError
 from train_gpt2 import GPT, GPTConfig
 
-# A 1-layer model with GPT-2's context and padded vocabulary: at the default --batch_size 64 and --seq_len
-# 1024, the logits of one val batch are 64 x 1024 x 50304 fp32 numbers, 13 GB, and their softmax as much.
+# A 1-layer model with GPT-2's context and padded vocabulary: at the default --batch_size 64 and
+# --seq_len 1024, the logits of one val batch are 64 x 1024 x 50304 fp32 numbers, 13 GB, and their
+# softmax as much.
 WIDE_CONTEXT = [
     "--n_layer",
     "1",
@@ -35,8 +37,9 @@ ADDRESS_SPACE = 5 * 2**30  # the limit the default-batch evaluation runs under: 
 
 @pytest.fixture(scope="module")
 def checkpoint_and_val_split(tmp_path_factory):
-    """A checkpoint of the 1-layer model (one training step) and a val split of exactly 64 x 1024 + 1 tokens:
-    one batch at the default --batch_size 64, sixteen at --batch_size 4, the same 64 sequences."""
+    """A checkpoint of the 1-layer model (one training step) and a val split of exactly 64 x 1024 +
+    1 tokens: one batch at the default --batch_size 64, sixteen at --batch_size 4, the same 64
+    sequences."""
     rng = np.random.default_rng(0)
     data_dir = tmp_path_factory.mktemp("wide_data")
     np.save(
@@ -164,7 +167,8 @@ def test_a_run_that_cannot_fit_is_refused_before_its_first_step_naming_the_batch
         "--no-hellaswag",
         "--no-compile",
     ]
-    # 16,384 sequences of 64 positions over 50,304 tokens: about 1.6 TB of logits and gradients per micro-step
+    # 16,384 sequences of 64 positions over 50,304 tokens: about 1.6 TB of logits and gradients per
+    # micro-step
     with pytest.raises(UserError) as error:
         train_gpt2.main(flags)
     message = str(error.value)

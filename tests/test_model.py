@@ -25,8 +25,8 @@ PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
 
 
 def randomize_(model, seed=0):
-    """Random values in every parameter, LayerNorms and biases included: the default init leaves biases
-    at 0 and LayerNorm gains at 1, which would hide a mis-mapped or mis-transposed tensor."""
+    """Random values in every parameter, LayerNorms and biases included: the default init leaves
+    biases at 0 and LayerNorm gains at 1, which would hide a mis-mapped or mis-transposed tensor."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -39,7 +39,8 @@ def randomize_(model, seed=0):
 
 
 def random_hf_model(seed=0, **shape):
-    """A randomly initialised GPT2LMHeadModel in eval mode, with the plain (eager) attention as reference."""
+    """A randomly initialised GPT2LMHeadModel in eval mode, with the plain (eager) attention as
+    reference."""
     torch.manual_seed(seed)
     return randomize_(
         GPT2LMHeadModel(GPT2Config(**shape, attn_implementation="eager")), seed
@@ -197,7 +198,8 @@ def test_tokenizer():
     assert enc.encode_ordinary(PROMPT) == PROMPT_IDS
     for text in [PROMPT, "naïve café, 東京, emoji 🤖\n\ttabs  and   spaces", ""]:
         assert enc.decode(enc.encode_ordinary(text)) == text
-    # Documents are joined with <|endoftext|> = 50256; as plain text the same characters are ordinary tokens.
+    # Documents are joined with <|endoftext|> = 50256; as plain text the same characters are
+    # ordinary tokens.
     ids = enc.encode("one<|endoftext|>two", allowed_special={"<|endoftext|>"})
     assert ids.count(50256) == 1 and enc.decode(ids) == "one<|endoftext|>two"
     assert 50256 not in enc.encode_ordinary("one<|endoftext|>two")
@@ -210,7 +212,8 @@ def test_tokenizer():
 
 @torch.no_grad()
 def greedy_by_recomputing(model, idx, max_new_tokens):
-    """The plain way: forward the whole sequence at every step and take the most likely last token."""
+    """The plain way: forward the whole sequence at every step and take the most likely last
+    token."""
     for _ in range(max_new_tokens):
         logits, _ = model(idx)
         idx = torch.cat([idx, logits[:, -1].argmax(dim=-1, keepdim=True)], dim=1)
@@ -237,8 +240,9 @@ def test_kv_cache_greedy_matches_recomputing():
 
 def test_sampling_reproducible_top_k_and_never_padded():
     model = random_gpt(vocab_size=50304, block_size=64, **SMALL)
-    # Make the padded rows win by far: the final LayerNorm outputs all ones, and the padded rows of the
-    # (tied) embedding are large and positive. Only slicing the logits keeps them from being sampled.
+    # Make the padded rows win by far: the final LayerNorm outputs all ones, and the padded rows of
+    # the (tied) embedding are large and positive. Only slicing the logits keeps them from being
+    # sampled.
     with torch.no_grad():
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.fill_(1.0)
@@ -263,7 +267,8 @@ def test_top_k_draws_among_the_k_most_likely():
     prompt = torch.randint(0, 50257, (1, 4))
     logits, _ = model(prompt)
     top3 = set(torch.topk(logits[0, -1], 3).indices.tolist())
-    # one new token for 300 copies of the prompt, at a high temperature that flattens the distribution
+    # one new token for 300 copies of the prompt, at a high temperature that flattens the
+    # distribution
     drawn = model.generate(
         prompt.repeat(300, 1),
         1,

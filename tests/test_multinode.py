@@ -1,6 +1,6 @@
-"""Several machines, tried on one: two torchrun agents, --nnodes 2 with --node_rank 0 and 1, meeting by a
-c10d rendezvous on 127.0.0.1, one gloo process each. Each node runs in a folder of its own, as two machines
-would, with the data at the same (here: shared) path."""
+"""Several machines, tried on one: two torchrun agents, --nnodes 2 with --node_rank 0 and 1, meeting
+by a c10d rendezvous on 127.0.0.1, one gloo process each. Each node runs in a folder of its own, as
+two machines would, with the data at the same (here: shared) path."""
 
 import os
 import socket
@@ -42,8 +42,8 @@ def free_port():
 
 
 def two_nodes(data_dir, node_dirs, *more, check=True):
-    """Both agents of a 2-node torchrun group, started together and awaited; (returncode, stdout, stderr)
-    per node, each 0 when `check`."""
+    """Both agents of a 2-node torchrun group, started together and awaited; (returncode, stdout,
+    stderr) per node, each 0 when `check`."""
     port = free_port()
     agents = []
     for node_rank, cwd in enumerate(node_dirs):

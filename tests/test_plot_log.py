@@ -18,8 +18,8 @@ PLOT_LOG = os.path.join(REPO, "plot_log.py")
 
 
 def run_lines(first_step, last_step, with_hella, evals_first=True, eval_every=25):
-    """Log lines of one run. build-nanogpt logs a step's val and hella before its train loss (evals_first);
-    train_gpt2.py logs them after."""
+    """Log lines of one run. build-nanogpt logs a step's val and hella before its train loss
+    (evals_first); train_gpt2.py logs them after."""
     lines = []
     for step in range(first_step, last_step + 1):
         loss = 3.3 + 7.7 * math.exp(-step / 40) + 0.1 * math.sin(step)
@@ -55,8 +55,8 @@ def assert_real_image(path):
 
 @pytest.mark.parametrize("evals_first", [True, False])
 def test_resumed_log_keeps_the_latest_run(tmp_path, evals_first):
-    # Ran to step 120, crashed, resumed from the checkpoint at 75, crashed again in the middle of step
-    # 100 (its last line not logged), resumed from 100 exactly, then ran to 110.
+    # Ran to step 120, crashed, resumed from the checkpoint at 75, crashed again in the middle of
+    # step 100 (its last line not logged), resumed from 100 exactly, then ran to 110.
     crashed_mid_step = run_lines(75, 100, True, evals_first)[:-1]
     resumed = run_lines(100, 110, True, evals_first)
     lines = run_lines(0, 120, True, evals_first) + crashed_mid_step + ["", "  "] + resumed
@@ -70,8 +70,8 @@ def test_resumed_log_keeps_the_latest_run(tmp_path, evals_first):
 
 
 def test_resume_drops_evals_the_new_run_has_not_reached(tmp_path):
-    # The abandoned run evaluated at 100; the resumed one (from 80, between evals) stopped at 90: the old
-    # run's evals at 100 must go too, though only train lines repeat steps.
+    # The abandoned run evaluated at 100; the resumed one (from 80, between evals) stopped at 90:
+    # the old run's evals at 100 must go too, though only train lines repeat steps.
     lines = run_lines(0, 105, True) + run_lines(80, 90, True)
     series = parse_log(write_log(tmp_path, lines))
     assert series["val"][0] == [0, 25, 50, 75]
@@ -80,8 +80,9 @@ def test_resume_drops_evals_the_new_run_has_not_reached(tmp_path):
 
 
 def test_resumed_run_that_evaluates_first(tmp_path):
-    # Crashed after step 3, resumed from step 2, where the new run evaluates before training: its val
-    # point at 2 is new, and must survive the train line at 2 that discards the old run's steps 2 and 3.
+    # Crashed after step 3, resumed from step 2, where the new run evaluates before training: its
+    # val point at 2 is new, and must survive the train line at 2 that discards the old run's steps
+    # 2 and 3.
     old_run = ["0 val 11.0", "0 train 11.0", "1 train 9.0", "2 train 8.0", "3 train 7.0"]
     new_run = ["2 val 7.5", "2 train 7.9", "3 train 7.1"]
     series = parse_log(write_log(tmp_path, old_run + new_run))
@@ -143,7 +144,8 @@ def test_missing_log_and_bad_output_name(tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
-# What the figure shows: read back from the matplotlib Figure, since a PNG existing says nothing of its panels.
+# What the figure shows: read back from the matplotlib Figure, since a PNG existing says nothing of
+# its panels.
 
 
 def figure_for(tmp_path, lines, **options):
@@ -163,7 +165,8 @@ def only(lines, *kinds):
     return [line for line in lines if line.split()[1] in kinds]
 
 
-# 200 train points: each drawn faintly, and their moving average over 200 // 50 = 4 steps, named as such
+# 200 train points: each drawn faintly, and their moving average over 200 // 50 = 4 steps, named as
+# such
 TRAIN = ["train, each step", "train, mean of 4 steps"]
 VAL = "val, each evaluation"
 
@@ -209,7 +212,8 @@ def test_reference_lines_follow_the_flags(tmp_path):
     series = parse_log(log)
     loss_label = f"OpenAI GPT-2 124M, FineWeb-edu val: {GPT2_124M_FINEWEB_EDU_VAL_LOSS}"
 
-    # Default: HellaSwag's references only; the loss one holds for FineWeb-edu val alone, which log.txt can't show.
+    # Default: HellaSwag's references only; the loss one holds for FineWeb-edu val alone, which
+    # log.txt can't show.
     loss_ax, hella_ax = build_figure(series).axes
     assert reference_lines(loss_ax) == [] and loss_label not in legend_texts(loss_ax)
     assert reference_lines(hella_ax) == [0.2955, 0.337]
@@ -225,7 +229,8 @@ def test_reference_lines_follow_the_flags(tmp_path):
     assert reference_lines(loss_ax) == reference_lines(hella_ax) == []
     assert legend_texts(hella_ax) == ["this run"]
 
-    # A short run whose loss is still far above the reference: the axis reaches down to the line anyway.
+    # A short run whose loss is still far above the reference: the axis reaches down to the line
+    # anyway.
     short_run = [f"{step} train {9.0 - 0.01 * step}" for step in range(100)]
     low, high = figure_for(tmp_path, short_run, loss_reference=True).axes[0].get_ylim()
     assert low < GPT2_124M_FINEWEB_EDU_VAL_LOSS < 8.0 < high
@@ -247,7 +252,8 @@ def test_ref_flags_on_the_command_line(tmp_path, monkeypatch):
 
 
 def test_clipped_axis_says_how_many_points_it_hides(tmp_path):
-    # Loss falls from 11 to 3.3: the axis stops 3 nats above the lowest loss, hiding the first steps.
+    # Loss falls from 11 to 3.3: the axis stops 3 nats above the lowest loss, hiding the first
+    # steps.
     lines = ["0 train nan"] + run_lines(1, 200, False)
     series = parse_log(write_log(tmp_path, lines))
     ax = build_figure(series).axes[0]
@@ -273,6 +279,7 @@ def test_help_lists_every_flag_with_its_default_once(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for flag in ("--out", "--ref", "--no-ref", "--no-clip"):
         assert flag in help_text
-    # --ref and --no-ref share one setting: its default is told once, and in words, not as "(default: hellaswag)".
+    # --ref and --no-ref share one setting: its default is told once, and in words, not as
+    # "(default: hellaswag)".
     assert help_text.count("default") == 3  # --out's, --ref's, --no-clip's
     assert "(default:" not in help_text

@@ -1,4 +1,5 @@
-"""benchmarks/speed_ladder.py: every rung runs the trainer's real step, and no rung changes the numbers."""
+"""benchmarks/speed_ladder.py: every rung runs the trainer's real step, and no rung changes the
+numbers."""
 
 import math
 import os
@@ -12,8 +13,9 @@ import speed_ladder  # noqa: E402  (benchmarks/ is no package: it goes on sys.pa
 
 
 def test_every_cpu_rung_runs_and_keeps_the_numbers(capsys):
-    # The smallest shape that compiles, trained hard enough (lr 1e-2, 6 steps on real text) that the loss
-    # has left its random-init value, ln(50257): equal losses then mean equal training, not equal noise.
+    # The smallest shape that compiles, trained hard enough (lr 1e-2, 6 steps on real text) that the
+    # loss has left its random-init value, ln(50257): equal losses then mean equal training, not
+    # equal noise.
     argv = "--device cpu --n_layer 1 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 32 --steps 3 --warmup 3"
     rows = speed_ladder.main([*argv.split(), "--lr", "1e-2"])
     by_rung = {row["rung"]: row for row in rows}

@@ -1,4 +1,5 @@
-"""The training run: schedule, data loader striding, DDP equivalence, exact resume, learning, compile."""
+"""The training run: schedule, data loader striding, DDP equivalence, exact resume, learning,
+compile."""
 
 import json
 import os
@@ -20,7 +21,8 @@ QUIET = ["--no-hellaswag", "--no-sample_every_eval"]
 
 
 def run_trainer(args, nproc=1, **kwargs):
-    """train_gpt2.py in a subprocess (under torchrun for nproc > 1); returns the CompletedProcess."""
+    """train_gpt2.py in a subprocess (under torchrun for nproc > 1); returns the
+    CompletedProcess."""
     launcher = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         if nproc > 1
@@ -48,7 +50,7 @@ def val_loss_lines(stdout):
     return [line.rsplit(" | ", 1)[0] for line in stdout.splitlines() if "val loss" in line]
 
 
-# --- the learning-rate schedule --------------------------------------------------------------------
+# --- the learning-rate schedule -------------------------------------------------------------------
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
@@ -63,11 +65,12 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert get_lr(1000, **kw) == pytest.approx(6e-5)
 
 
-# --- the data loader -------------------------------------------------------------------------------
+# --- the data loader ------------------------------------------------------------------------------
 
 
 def make_marked_shards(directory, lengths, split="train"):
-    """Shards whose token at offset i of shard k is 10000 * k + i, so a window's first token says where it was read."""
+    """Shards whose token at offset i of shard k is 10000 * k + i, so a window's first token says
+    where it was read."""
     for k, length in enumerate(lengths):
         np.save(
             directory / f"marked_{split}_{k:06d}.npy",
@@ -132,8 +135,8 @@ def test_loader_state_round_trips_mid_shard(tmp_path):
 
 
 def rows_read(loader, steps):
-    """The window each row of `steps` optimizer steps starts at, as (shard, token offset) read off a marked
-    shard's first token, in the order a 1-process loader reads them."""
+    """The window each row of `steps` optimizer steps starts at, as (shard, token offset) read off a
+    marked shard's first token, in the order a 1-process loader reads them."""
     rows = []
     for _ in range(steps * loader.micro_steps):
         x, y = loader.next_batch()
@@ -218,7 +221,8 @@ def test_a_resume_in_another_order_is_refused(tmp_path):
 
 
 def test_loader_resumes_a_checkpoint_from_before_the_shuffle(tmp_path):
-    """Such a checkpoint saved the next step as a shard and a token position in it, and read in order."""
+    """Such a checkpoint saved the next step as a shard and a token position in it, and read in
+    order."""
     make_marked_shards(tmp_path, [1000, 1000])
     loader = DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)
     old_state = {
@@ -253,7 +257,7 @@ def test_loader_memory_maps_shards(tmp_path):
     assert isinstance(loader.shards[0], np.memmap)
 
 
-# --- the training run ------------------------------------------------------------------------------
+# --- the training run -----------------------------------------------------------------------------
 
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_shards):
@@ -297,8 +301,9 @@ def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_sh
 
 
 def test_resume_is_bit_identical(tmp_path, text_shards):
-    """N steps in one go == N/2 steps, stop, --resume, N/2 more: every parameter and optimizer moment equal,
-    over a train split of 3 steps an epoch (shuffled), so that the resumed half crosses an epoch's end."""
+    """N steps in one go == N/2 steps, stop, --resume, N/2 more: every parameter and optimizer
+    moment equal, over a train split of 3 steps an epoch (shuffled), so that the resumed half
+    crosses an epoch's end."""
     data = tmp_path / "data"
     os.makedirs(data)
     shutil.copy(os.path.join(text_shards, "text_val_000000.npy"), data)
@@ -354,7 +359,8 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     ]
     assert open(tmp_path / "resumed" / "log.txt").readlines() == straight_losses
     assert "note:" not in result.stdout
-    # Resumed with another --val_tokens: the run goes on, and says its val losses measure something else now.
+    # Resumed with another --val_tokens: the run goes on, and says its val losses measure something
+    # else now.
     os.makedirs(tmp_path / "changed")
     shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "changed")
     changed = run_trainer(
@@ -402,7 +408,8 @@ def test_loss_goes_down_on_real_text(tmp_path, text_shards):
 
 
 def test_compile_with_eval_hellaswag_and_sampling_runs_on_cpu(tmp_path, text_shards):
-    """build-nanogpt ships with compile off because it broke its in-loop evals: here they all run compiled."""
+    """build-nanogpt ships with compile off because it broke its in-loop evals: here they all run
+    compiled."""
     with open(tmp_path / "hellaswag.jsonl", "w") as f:
         for i in range(6):
             f.write(
