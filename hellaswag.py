@@ -89,7 +89,8 @@ def main(argv=None):
     n, correct, correct_norm = result["n"], result["correct"], result["correct_norm"]
     print(
         f"hellaswag {args.init}: {n} examples, acc {correct}/{n} = {correct / n:.4f}, "
-        f"acc_norm {correct_norm}/{n} = {correct_norm / n:.4f}, {n / seconds:.1f} examples/s on {device} "
+        f"acc_norm {correct_norm}/{n} = {correct_norm / n:.4f}, {n / seconds:.1f} examples/s on "
+        f"{device} "
         f"in {str(autocast_dtype).removeprefix('torch.')} ({PROTOCOL})"
     )
 

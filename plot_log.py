@@ -64,7 +64,8 @@ def parse_log(path):
             step, value = int(step_text), float(value_text)
         except ValueError:
             raise UserError(
-                f"{path} line {line_number}: expected '<step> <kind> <value>', got {line.strip()[:60]!r}"
+                f"{path} line {line_number}: expected '<step> <kind> <value>', got "
+                f"{line.strip()[:60]!r}"
             ) from None
         steps, values = series.setdefault(kind, ([], []))
         if step < previous_step or (steps and step <= steps[-1]):
@@ -244,8 +245,10 @@ def parse_args(argv=None):
         action="store_const",
         const="all",
         default="hellaswag",
-        help=f"also draw OpenAI GPT-2 124M's loss on FineWeb-edu val ({GPT2_124M_FINEWEB_EDU_VAL_LOSS}), which "
-        "compares with your val loss only if your val data is FineWeb-edu (log.txt cannot tell); default: only "
+        help=f"also draw OpenAI GPT-2 124M's loss on FineWeb-edu val "
+        f"({GPT2_124M_FINEWEB_EDU_VAL_LOSS}), which "
+        "compares with your val loss only if your val data is FineWeb-edu (log.txt cannot tell); "
+        "default: only "
         "the HellaSwag references, which hold for every run",
     )
     parser.add_argument(
@@ -260,7 +263,8 @@ def parse_args(argv=None):
         "--no-clip",
         dest="clip",
         action="store_false",
-        help=f"show every loss point; by default the y-axis stops {CLIP_NATS:g} nats above the lowest loss so "
+        help=f"show every loss point; by default the y-axis stops {CLIP_NATS:g} nats above the "
+        f"lowest loss so "
         "the first steps (~11) do not squash the curve, and a note says how many points that hides",
     )
     return parser.parse_args(argv)

@@ -42,7 +42,10 @@ def parse_args(argv=None):
     p.add_argument(
         "--init",
         default="gpt2",
-        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face directory, or log/model_XXXXX.pt",
+        help=(
+            "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face directory, or "
+            "log/model_XXXXX.pt"
+        ),
     )
     p.add_argument(
         "--prompt",

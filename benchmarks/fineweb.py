@@ -228,7 +228,8 @@ def main():
         "--megabytes",
         type=float,
         default=8,
-        help="characters of each corpus, in millions; with fewer, runs on a quiet machine last under a second and "
+        help="characters of each corpus, in millions; with fewer, runs on a quiet machine last "
+        "under a second and "
         "the marginal rate measures the filling of the pipeline more than its pace",
     )
     parser.add_argument(
@@ -254,11 +255,14 @@ def main():
         "code": lambda: code_documents(total_chars),
     }
     print(
-        f"{cores} cores; fineweb.py --num_proc {cores}; each corpus x{args.copies[0]} and x{args.copies[1]} (M tokens: "
-        f"of x{args.copies[1]}); medians of {args.repeat} runs (min-max of steady/pool); rates in M tokens/s"
+        f"{cores} cores; fineweb.py --num_proc {cores}; each corpus x{args.copies[0]} and "
+        f"x{args.copies[1]} (M tokens: "
+        f"of x{args.copies[1]}); medians of {args.repeat} runs (min-max of steady/pool); rates in "
+        f"M tokens/s"
     )
     print(
-        f"{'corpus':<22} {'docs':>6} {'M tokens':>8} {'start-up':>8} {'steady':>6} {'whole':>5} {'bare pool':>9} "
+        f"{'corpus':<22} {'docs':>6} {'M tokens':>8} {'start-up':>8} {'steady':>6} {'whole':>5} "
+        f"{'bare pool':>9} "
         f"{'2 x single':>10} {'steady/pool':>20} {'steady/2x':>9} {'whole/pool':>10}"
     )
     with (
@@ -280,9 +284,12 @@ def main():
                 )
                 spread = f"({min(runs['steady/pool']):.2f}-{max(runs['steady/pool']):.2f})"
                 print(
-                    f"{kind + ', ' + shape:<22} {count:>6,} {tokens / 1e6:>8.1f} {m['start-up']:>7.2f}s "
-                    f"{m['steady'] / 1e6:>6.2f} {m['whole'] / 1e6:>5.2f} {m['bare pool'] / 1e6:>9.2f} "
-                    f"{m['2 x single'] / 1e6:>10.2f} {m['steady/pool']:>8.2f} {spread:>11} {m['steady/2x']:>9.2f} "
+                    f"{kind + ', ' + shape:<22} {count:>6,} {tokens / 1e6:>8.1f} "
+                    f"{m['start-up']:>7.2f}s "
+                    f"{m['steady'] / 1e6:>6.2f} {m['whole'] / 1e6:>5.2f} "
+                    f"{m['bare pool'] / 1e6:>9.2f} "
+                    f"{m['2 x single'] / 1e6:>10.2f} {m['steady/pool']:>8.2f} {spread:>11} "
+                    f"{m['steady/2x']:>9.2f} "
                     f"{m['whole/pool']:>10.2f}",
                     flush=True,
                 )

@@ -129,7 +129,8 @@ def main(argv=None):
     full = [len(context) + len(ending) for context, endings in rendered for ending in endings]
     packed = [len(hellaswag.pack_example(context, endings).tokens) for context, endings in rendered]
     print(
-        f"{len(examples)} examples on {device} ({torch.get_num_threads()} threads): context + ending of "
+        f"{len(examples)} examples on {device} ({torch.get_num_threads()} threads): context + "
+        f"ending of "
         f"{min(full)} to {max(full)} tokens (mean {sum(full) / len(full):.0f}); "
         f"packed rows of {sum(packed) / len(packed):.0f} tokens on average"
     )
@@ -168,8 +169,10 @@ def main(argv=None):
         pred, pred_norm = hellaswag.predictions(sums, counts)
         changed = (pred != exact_pred).sum().item() + (pred_norm != exact_pred_norm).sum().item()
         print(
-            f"{name:<45} | {len(examples) / best[name]:6.2f} examples/s | {baseline / best[name]:22.2f}x | "
-            f"max |mean loss - exact fp32| {((sums - exact_sums) / counts).abs().max().item():.1e} | "
+            f"{name:<45} | {len(examples) / best[name]:6.2f} examples/s | "
+            f"{baseline / best[name]:22.2f}x | "
+            f"max |mean loss - exact fp32| "
+            f"{((sums - exact_sums) / counts).abs().max().item():.1e} | "
             f"{changed} of {2 * len(examples)} answers (acc, acc_norm) differ"
         )
 

@@ -97,9 +97,12 @@ def main():
         return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     print(
-        f"GPT-2 124M, random weights, {args.num_samples} sequences x {args.max_new_tokens} new tokens after a "
-        f"{len(prompt)}-token prompt, top_k {args.top_k}\n{platform.processor() or platform.machine()}, torch "
-        f"{torch.__version__}, {args.threads} threads, {args.dtype}{' autocast' if bf16 else ''}, flush_denormal "
+        f"GPT-2 124M, random weights, {args.num_samples} sequences x {args.max_new_tokens} new "
+        f"tokens after a "
+        f"{len(prompt)}-token prompt, top_k "
+        f"{args.top_k}\n{platform.processor() or platform.machine()}, torch "
+        f"{torch.__version__}, {args.threads} threads, {args.dtype}{' autocast' if bf16 else ''}, "
+        f"flush_denormal "
         f"{args.flush_denormal}"
     )
     cached_speed = tokens_per_second(

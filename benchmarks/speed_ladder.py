@@ -209,7 +209,7 @@ def run_ladder(args):
 def print_row(row, rows):
     """One line of the table, printed as soon as the rung is timed (compiled rungs take a while)."""
     if len(rows) == 1:
-        print(f"{'rung':<22} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'memory':>9} {'vs 1':>6} {'vs prev':>7} "
+        print(f"{'rung':<22} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'memory':>9} {'vs 1':>6} " f"{'vs prev':>7} "
               f"{'lecture':>8} {'loss':>9}")  # fmt: skip
     if "skipped" in row:
         print(f"{row['rung']}. {row['name']:<19} skipped: {row['skipped']}", flush=True)
@@ -220,8 +220,10 @@ def print_row(row, rows):
     memory = f"{row['memory'] / 2**30:.1f} GiB" if row["memory"] is not None else "-"
     lecture = f"{row['lecture_ms']} ms" if row["lecture_ms"] else "-"
     print(
-        f"{row['rung']}. {row['name']:<19} {row['ms']:8.1f} {row['tokens_per_s']:10,.0f} {mfu:>6} {memory:>9} "
-        f"{row['tokens_per_s'] / first['tokens_per_s']:5.2f}x {row['tokens_per_s'] / previous['tokens_per_s']:6.2f}x "
+        f"{row['rung']}. {row['name']:<19} {row['ms']:8.1f} {row['tokens_per_s']:10,.0f} {mfu:>6} "
+        f"{memory:>9} "
+        f"{row['tokens_per_s'] / first['tokens_per_s']:5.2f}x "
+        f"{row['tokens_per_s'] / previous['tokens_per_s']:6.2f}x "
         f"{lecture:>8} {row['loss']:9.5f}",
         flush=True,
     )
@@ -290,8 +292,10 @@ def main(argv=None):
         else f"CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"speed ladder on {name}, torch {torch.__version__}: {args.n_layer} layers, {args.n_head} heads, "
-        f"{args.n_embd} channels, B={args.batch_size}, T={args.seq_len}, median of {args.steps} steps after "
+        f"speed ladder on {name}, torch {torch.__version__}: {args.n_layer} layers, {args.n_head} "
+        f"heads, "
+        f"{args.n_embd} channels, B={args.batch_size}, T={args.seq_len}, median of {args.steps} "
+        f"steps after "
         f"{args.warmup}"
     )
     return run_ladder(args)

@@ -31,7 +31,8 @@ sys.path.insert(
 
 # The README's tiny run, but for --max_steps.
 TINY_RUN = (
-    "--n_layer 4 --n_head 4 --n_embd 128 --batch_size 4 --seq_len 64 --total_batch_size 1024 --warmup_steps 25 "
+    "--n_layer 4 --n_head 4 --n_embd 128 --batch_size 4 --seq_len 64 --total_batch_size 1024 "
+    "--warmup_steps 25 "
     "--max_lr 3e-3 --eval_every 125 --val_tokens 32768 --ckpt_every 125 --no-hellaswag"
 )
 
@@ -103,7 +104,8 @@ def cpu_main(args):
         "?",
     )
     print(
-        f"CPU {cpu}, {os.cpu_count()} cores | torch {torch.__version__} | {args.steps} steps, {args.runs} runs"
+        f"CPU {cpu}, {os.cpu_count()} cores | torch {torch.__version__} | {args.steps} steps, "
+        f"{args.runs} runs"
     )
     with tempfile.TemporaryDirectory() as scratch:
         trees = {"this": REPO}
@@ -166,8 +168,8 @@ def matmul_flops(device, dtype, n=4096, repeats=10):
 
 def gpu_main(args):
     import torch
-    from machinery.devices import device_peak_flops, flops_per_token, pick_device
 
+    from machinery.devices import device_peak_flops, flops_per_token, pick_device
     from train_gpt2 import GPT, GPTConfig, configure_optimizer
 
     device = pick_device(args.device)
@@ -194,7 +196,10 @@ def gpu_main(args):
         flops_per_token(config, T, sum(p.numel() for p in model.parameters())) * B * T / dt
     )
     peak, measured = device_peak_flops(device), matmul_flops(device, torch.bfloat16)
-    line = f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | {B * T / dt:,.0f} tok/s"
+    line = (
+        f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | {B * T / dt:,.0f} "
+        f"tok/s"
+    )
     share = f"{100 * model_flops / measured:.0f}% of the measured matmul peak"
     line += f" | model {model_flops / 1e12:.1f} TFLOP/s, {share}"
     if peak:

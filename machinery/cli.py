@@ -90,21 +90,31 @@ def os_error_line(error, path=None):
     if error.errno in DISK_FULL:
         where = f" while writing {path or error.filename}" if path or error.filename else ""
         return (
-            f"the disk is full{where}: free some space and run the command again; finished checkpoints and "
+            f"the disk is full{where}: free some space and run the command again; finished "
+            f"checkpoints and "
             "shards are intact (a training run continues with --resume)"
         )
     where = f"{path or error.filename}: " if path or error.filename else ""
     if error.errno == errno.EISDIR:
         return f"{where}is a folder where a file is needed: move the folder, or pass another path"
     if error.errno in (errno.ENOTDIR, errno.EEXIST):  # a file where a folder of the path should be
-        return f"{where}a file is in the way where this path needs a folder: pass another path, or move the file"
+        return (
+            f"{where}a file is in the way where this path needs a folder: pass another path, or "
+            f"move the file"
+        )
     if error.errno == errno.EROFS:
         return (
             f"{where}is on a read-only file system: pass a path on a disk this machine may write to"
         )
     if error.errno == errno.EACCES:
-        return f"{where}permission denied: change its permissions, or pass a path this user may read or write"
-    return f"{where}{error.strerror or error}: check that the path exists and that this user may read or write it"
+        return (
+            f"{where}permission denied: change its permissions, or pass a path this user may read "
+            f"or write"
+        )
+    return (
+        f"{where}{error.strerror or error}: check that the path exists and that this user may "
+        f"read or write it"
+    )
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

@@ -21,7 +21,8 @@ def pick_device(requested):
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(
-                f"--device {requested}, but PyTorch sees no CUDA GPU: install a CUDA build of torch or use --device cpu"
+                f"--device {requested}, but PyTorch sees no CUDA GPU: install a CUDA build of "
+                f"torch or use --device cpu"
             )
         if requested == "mps" and not torch.backends.mps.is_available():
             raise UserError("--device mps, but MPS is not available: use --device cpu")
@@ -35,7 +36,8 @@ def pick_device(requested):
             "cpu",
         ):  # meta, xla, ...: not set up here
             raise UserError(
-                f"--device {requested!r} is not a device this project runs on: use cuda, cuda:N, mps or cpu"
+                f"--device {requested!r} is not a device this project runs on: use cuda, cuda:N, "
+                f"mps or cpu"
             )
         return device
     if torch.cuda.is_available():
@@ -219,12 +221,17 @@ def check_training_fits(model, args, world_size, device, compiled):
     fits = [b for b in range(B - 1, 0, -1) if total % (b * T * world_size) == 0]
     fits = [b for b in fits if training_bytes(config, num_params, b, T) <= available]
     advice = (
-        f"use --batch_size {fits[0]} (--total_batch_size {total} stays: more micro-steps make up the difference)"
+        f"use --batch_size {fits[0]} (--total_batch_size {total} stays: more micro-steps make up "
+        f"the difference)"
         if fits
-        else "even --batch_size 1 does not fit: use a smaller model (--n_layer, --n_embd) or shorter --seq_len"
+        else (
+            "even --batch_size 1 does not fit: use a smaller model (--n_layer, --n_embd) or "
+            "shorter --seq_len"
+        )
     )
     raise UserError(
-        f"the run needs about {needed / 2**30:.1f} GiB per step at --batch_size {B} and {device} has "
+        f"the run needs about {needed / 2**30:.1f} GiB per step at --batch_size {B} and {device} "
+        f"has "
         f"{available / 2**30:.1f} GiB available: {advice}"
     )
 
@@ -232,7 +239,8 @@ def check_training_fits(model, args, world_size, device, compiled):
 def lower_batch_size(args):
     return (
         f"lower --batch_size (now {args.batch_size}) and keep --total_batch_size "
-        f"{args.total_batch_size}: more micro-steps make up the difference, and the run stays the same"
+        f"{args.total_batch_size}: more micro-steps make up the difference, and the run stays the "
+        f"same"
     )
 
 
@@ -242,5 +250,8 @@ def out_of_memory(device, advice):
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         peak = torch.cuda.max_memory_allocated(device)
-        figures = f" ({peak / 2**30:.1f} GiB at the peak of {total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free now)"
+        figures = (
+            f" ({peak / 2**30:.1f} GiB at the peak of {total / 2**30:.1f} GiB, {free / 2**30:.1f} "
+            f"GiB free now)"
+        )
     return UserError(f"out of memory on {device}{figures}: {advice}")

@@ -31,7 +31,8 @@ def output_lock(folder, flag):
     that message and is removed at the end, and so is the folder if this block created it and left it empty."""
     if os.path.islink(folder) and not os.path.exists(folder):
         raise UserError(
-            f"{flag} {folder} is a symbolic link to {os.readlink(folder)}, which is no folder: point it at one, "
+            f"{flag} {folder} is a symbolic link to {os.readlink(folder)}, which is no folder: "
+            f"point it at one, "
             f"or pass another {flag}"
         )
     if os.path.exists(folder) and not os.path.isdir(folder):
@@ -72,7 +73,8 @@ def acquire_lock(path, folder, flag):
             )
             os.close(fd)
             raise UserError(
-                f"{flag} {folder} is in use by another run (pid {holder}): wait for it to end, or pass another {flag}"
+                f"{flag} {folder} is in use by another run (pid {holder}): wait for it to end, or "
+                f"pass another {flag}"
             ) from None
         # The holder removes the file just before it lets go: if we locked a file that is no longer at
         # `path`, a newcomer could create and lock a new one beside us. Then try again on the new one.

@@ -76,7 +76,8 @@ def download_file(url, path):
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise UserError(
-            f"cannot write to {directory} ({e}): set XDG_CACHE_HOME to a writable directory, or pass --data PATH"
+            f"cannot write to {directory} ({e}): set XDG_CACHE_HOME to a writable directory, or "
+            f"pass --data PATH"
         ) from None
     with atomic_write(path) as f:
         try:
@@ -96,7 +97,8 @@ def download_file(url, path):
             HTTPException,
         ) as e:  # no network, timeout, HTTP error, connection cut short
             raise UserError(
-                f"could not download {url} ({e}); on a machine with network, download that file and pass "
+                f"could not download {url} ({e}); on a machine with network, download that file "
+                f"and pass "
                 f"--data PATH (or put it at {path})"
             ) from None
 
@@ -158,7 +160,8 @@ def render_example(example, enc, max_len=None):
     if max_len is not None:
         if max_len < 2:  # the context's last token predicts an ending's first: no room for both
             raise UserError(
-                f"a model with block_size {max_len} cannot score HellaSwag: it needs at least 2 positions"
+                f"a model with block_size {max_len} cannot score HellaSwag: it needs at least 2 "
+                f"positions"
             )
         endings = [ending[: max_len - 1] for ending in endings]
         context = context[-(max_len - max(len(ending) for ending in endings)) :]
@@ -342,7 +345,8 @@ def in_loop_eval(data, enc, procs, batch_size, autocast_dtype, download=True):
         path = hellaswag_path(download=False)
         if path is None:
             procs.print(
-                f"HellaSwag skipped: its data is not cached{' and could not be downloaded' if download else ''}; "
+                f"HellaSwag skipped: its data is not "
+                f"cached{' and could not be downloaded' if download else ''}; "
                 "pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag"
             )
             return None

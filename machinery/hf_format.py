@@ -80,7 +80,8 @@ def download_gpt2(name):
         Exception
     ) as e:  # no network, hub down, no huggingface_hub: all end the same way for the user
         raise UserError(
-            f"could not download '{name}' from the Hugging Face hub ({type(e).__name__}); on a machine with "
+            f"could not download '{name}' from the Hugging Face hub ({type(e).__name__}); on a "
+            f"machine with "
             f"network run `hf download openai-community/{name} config.json model.safetensors "
             f"--local-dir {name}`, copy that directory here and pass its path instead of '{name}'"
         ) from None
@@ -97,7 +98,8 @@ def read_hf_checkpoint(directory):
         config_path
     ):  # a --log_dir, not its file
         raise UserError(
-            f"{directory} is the folder of a training run, not a Hugging Face model: pass one of its checkpoints, "
+            f"{directory} is the folder of a training run, not a Hugging Face model: pass one of "
+            f"its checkpoints, "
             f"such as {newest}"
         )
     try:
@@ -114,9 +116,12 @@ def read_hf_checkpoint(directory):
     except Exception as e:  # the message's first line only: torch's for a pickle goes on for lines
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(
-            f"{directory} is not a Hugging Face GPT-2 checkpoint ({type(e).__name__}: {reason}): it needs a "
-            "config.json with model_type gpt2 and a model.safetensors, or a pytorch_model.bin of plain tensors "
-            "(one that holds other Python objects is refused, since loading it could run code: convert it to "
+            f"{directory} is not a Hugging Face GPT-2 checkpoint ({type(e).__name__}: {reason}): "
+            f"it needs a "
+            "config.json with model_type gpt2 and a model.safetensors, or a pytorch_model.bin of "
+            "plain tensors "
+            "(one that holds other Python objects is refused, since loading it could run code: "
+            "convert it to "
             "safetensors)"
         ) from None
     # GPT2Config can also describe variants of the network (another activation, an untied output head,

@@ -34,7 +34,8 @@ def bin_header_tokens(path):
     if len(header) < BIN_HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
         found = f"magic {header[0]}, version {header[1]}" if len(header) >= 2 else "no header"
         raise UserError(
-            f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, version {BIN_VERSION}): not an llm.c token shard"
+            f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, version {BIN_VERSION}): "
+            f"not an llm.c token shard"
         )
     num_tokens = int(header[2])
     expected_bytes = 4 * BIN_HEADER_INTS + 2 * num_tokens
@@ -55,7 +56,8 @@ def reading(path):
         raise
     except Exception as e:
         raise UserError(
-            f"{path}: not a readable .npy shard ({e}): it is probably truncated, regenerate it with "
+            f"{path}: not a readable .npy shard ({e}): it is probably truncated, regenerate it "
+            f"with "
             "fineweb.py"
         ) from None
 
@@ -76,7 +78,8 @@ def check_tokens(path, tokens):
     largest = int(tokens.max())
     if largest >= GPT2_VOCAB_SIZE:
         raise UserError(
-            f"{path} holds token id {largest}, but GPT-2's tokenizer has {GPT2_VOCAB_SIZE} tokens: it is not "
+            f"{path} holds token id {largest}, but GPT-2's tokenizer has {GPT2_VOCAB_SIZE} "
+            f"tokens: it is not "
             "a shard of GPT-2 tokens; remove it, or regenerate it with fineweb.py"
         )
     return tokens
@@ -99,7 +102,8 @@ def find(data_dir, split):
         path = os.path.join(data_dir, name)
         if match and os.path.islink(path) and not os.path.exists(path):
             raise UserError(
-                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: mount or copy the "
+                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: mount "
+                f"or copy the "
                 "shards it points to, or remove the link"
             )
         if not (match and match.group(2) == split and os.path.isfile(path)):
@@ -108,18 +112,21 @@ def find(data_dir, split):
         prefixes.setdefault(match.group(1), name)
         if len(prefixes) > 1:
             raise UserError(
-                f"{data_dir} holds {split} shards of two corpora ({', '.join(prefixes.values())}): keep one corpus "
+                f"{data_dir} holds {split} shards of two corpora "
+                f"({', '.join(prefixes.values())}): keep one corpus "
                 "per --data_dir"
             )
         if index in shards:
             raise UserError(
-                f"{data_dir} holds two {split} shards with index {index} ({os.path.basename(shards[index])}, "
+                f"{data_dir} holds two {split} shards with index {index} "
+                f"({os.path.basename(shards[index])}, "
                 f"{name}): keep one corpus per --data_dir"
             )
         shards[index] = path
     if not shards:
         raise UserError(
-            f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir}: run `python fineweb.py` "
+            f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir}: run `python "
+            f"fineweb.py` "
             f"(or fineweb.py --input your.txt --out {data_dir}) first"
         )
     if split == "train":
@@ -140,7 +147,8 @@ def note_unfinished_data(data_dir):
             "0",
         ):  # said by rank 0 alone
             print(
-                f"note: {path} says its fineweb.py run has not finished: training uses the shards written so far"
+                f"note: {path} says its fineweb.py run has not finished: training uses the shards "
+                f"written so far"
             )
 
 
@@ -154,7 +162,8 @@ def no_step_in_split(paths, shards, window, split):
     )
     return UserError(
         f"{paths[longest]} has {len(shards[longest])} tokens, fewer than one batch of all ranks' "
-        f"sequences + 1 = {window + 1}, and the {split} split holds no {'batch' if split == 'val' else 'step'}: "
+        f"sequences + 1 = {window + 1}, and the {split} split holds no "
+        f"{'batch' if split == 'val' else 'step'}: "
         f"lower {lower} or add data"
     )
 
@@ -181,8 +190,10 @@ def check_loader_state(state, loader):
     then = (state.get("step_tokens", step_tokens), state.get("seq_len", seq_len))
     if then != (step_tokens, seq_len):
         raise UserError(
-            f"the checkpoint read steps of {then[0]} tokens in sequences of {then[1]}, this run {step_tokens} in "
-            f"{seq_len}: resume with its --total_batch_size and --seq_len (the number of processes and "
+            f"the checkpoint read steps of {then[0]} tokens in sequences of {then[1]}, this run "
+            f"{step_tokens} in "
+            f"{seq_len}: resume with its --total_batch_size and --seq_len (the number of "
+            f"processes and "
             "--batch_size may change)"
         )
     check_same_data(state.get("data", data), data, "train")
@@ -190,7 +201,8 @@ def check_loader_state(state, loader):
         step_tokens // seq_len
     ):
         raise UserError(
-            f"the checkpoint's data position (sequence {state['sequence']}) is not the start of a step of an epoch "
+            f"the checkpoint's data position (sequence {state['sequence']}) is not the start of a "
+            f"step of an epoch "
             f"of {epoch_sequences} sequences: the checkpoint is damaged; resume from an earlier one"
         )
     shuffled, then_seed = (
@@ -211,7 +223,10 @@ def check_same_data(then, now, split):
         detail = (
             f"{len(then)} {split} shards then, {len(now)} now"
             if then_shard is None
-            else f"{then_shard[0]} of {then_shard[1]:,} tokens then, {now_shard[0]} of {now_shard[1]:,} now"
+            else (
+                f"{then_shard[0]} of {then_shard[1]:,} tokens then, {now_shard[0]} of "
+                f"{now_shard[1]:,} now"
+            )
         )
         raise UserError(
             f"the {split} shards are not the ones the checkpoint was trained on ({detail}): "

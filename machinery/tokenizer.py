@@ -111,7 +111,9 @@ def check_prompt_fits(prompt, enc, new_tokens, block_size):
     )  # an empty one is <|endoftext|>
     if tokens + new_tokens > block_size:
         raise UserError(
-            f"the samples' prompt is {tokens} token{'s' * (tokens > 1)}: with the {new_tokens} that each sample adds, "
-            f"past the model's context of {block_size}; pass a shorter --sample_prompt, a larger --block_size, or "
+            f"the samples' prompt is {tokens} token{'s' * (tokens > 1)}: with the {new_tokens} "
+            f"that each sample adds, "
+            f"past the model's context of {block_size}; pass a shorter --sample_prompt, a larger "
+            f"--block_size, or "
             "--no-sample_every_eval"
         )

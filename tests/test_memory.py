@@ -13,7 +13,6 @@ import pytest
 
 import train_gpt2
 from conftest import REPO
-from machinery import devices
 from machinery.cli import UserError
 from train_gpt2 import GPT, GPTConfig
 
