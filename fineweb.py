@@ -1,18 +1,20 @@
-"""Tokenize a text corpus into uint16 shards for train_gpt2.py: FineWeb-edu by default, or your own files.
+"""Tokenize a text corpus into uint16 shards for train_gpt2.py: FineWeb-edu by default, or your own
+files.
 
-    python fineweb.py                                   # HuggingFaceFW/fineweb-edu sample-10BT -> edu_fineweb10B/
+    python fineweb.py                                   # HuggingFaceFW/fineweb-edu sample-10BT
+                                                        # -> edu_fineweb10B/
     python fineweb.py --input my_corpus/ --out my_data  # local .txt, .jsonl and .parquet files
 
-Every document becomes the end-of-text token 50256 followed by its GPT-2 tokens, and the documents are
-laid end to end and cut into shards of --shard_size tokens: edufineweb_val_000000.npy (the validation
-split), then edufineweb_train_000001.npy, ... (from --input files: shard_val_000000.npy, ...). Each shard is
-a numpy uint16 array saved with np.save, the layout build-nanogpt uses, so existing data directories keep
-working.
+Every document becomes the end-of-text token 50256 followed by its GPT-2 tokens, and the documents
+are laid end to end and cut into shards of --shard_size tokens: edufineweb_val_000000.npy (the
+validation split), then edufineweb_train_000001.npy, ... (from --input files: shard_val_000000.npy,
+...). Each shard is a numpy uint16 array saved with np.save, the layout build-nanogpt uses, so
+existing data directories keep working.
 
 The run is resumable: documents are always read in the same order, every finished shard is written
-atomically, and a small progress file next to the shards records how many documents the finished shards
-hold. Running the same command again after a crash or Ctrl-C skips those documents and produces exactly
-the files an uninterrupted run would have produced.
+atomically, and a small progress file next to the shards records how many documents the finished
+shards hold. Running the same command again after a crash or Ctrl-C skips those documents and
+produces exactly the files an uninterrupted run would have produced.
 """
 
 import collections
@@ -41,20 +43,23 @@ from machinery.shards import SHARD_NAME
 from machinery.tokenizer import EOT_TOKEN, gpt2_tokenizer
 
 # -----------------------------------------------------------------------------
-# Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt files, a
-# range of lines of a jsonl file, or rows that the main process read itself (of a parquet file, or of a Hugging
-# Face dataset). A piece is (reader, *arguments), and reader(*arguments) yields (where, text) for each of its
-# documents in order; `where` names the file and line or row, so that a bad document can be reported precisely.
-# The workers read .txt and jsonl pieces themselves: when the main process read and parsed all the text and sent
-# it through a pipe, that cost a tenth of the tokenizing, on cores that the workers need. Pieces can start after
-# any number of documents, which is how a resumed run jumps over the documents that finished shards already hold.
+# Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt
+# files, a range of lines of a jsonl file, or rows that the main process read itself (of a parquet
+# file, or of a Hugging Face dataset). A piece is (reader, *arguments), and reader(*arguments)
+# yields (where, text) for each of its documents in order; `where` names the file and line or row,
+# so that a bad document can be reported precisely. The workers read .txt and jsonl pieces
+# themselves: when the main process read and parsed all the text and sent it through a pipe, that
+# cost a tenth of the tokenizing, on cores that the workers need. Pieces can start after any number
+# of documents, which is how a resumed run jumps over the documents that finished shards already
+# hold.
 
 PIECE_BYTES = 1 << 20
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 def find_input_files(paths):
-    """The files named by --input, with each directory replaced by the supported files inside it, sorted."""
+    """The files named by --input, with each directory replaced by the supported files inside it,
+    sorted."""
     files = []
     for path in paths:
         if os.path.isdir(path):
@@ -68,8 +73,8 @@ def find_input_files(paths):
             raise UserError(f"--input {path}: no such file or directory")
         elif not path.endswith(INPUT_SUFFIXES):
             raise UserError(
-                f"--input {path}: unsupported file type; use .txt (one document per file), .jsonl "
-                f"or .parquet"
+                f"--input {path}: unsupported file type; use "
+                f".txt (one document per file), .jsonl or .parquet"
             )
         else:
             files.append(path)
@@ -77,15 +82,15 @@ def find_input_files(paths):
 
 
 def without_duplicates(files):
-    """files with each file kept once, where it first comes (named twice, a file's text could be in the val
-    split and in train); a note names each one dropped."""
+    """files with each file kept once, where it first comes (named twice, a file's text could be in
+    the val split and in train); a note names each one dropped."""
     first_name, kept = {}, []
     for path in files:
         real = os.path.realpath(path)
         if real in first_name:
             print(
-                f"note: --input names {path} twice (first as {first_name[real]}): it is tokenized "
-                f"once"
+                f"note: --input names {path} twice (first as "
+                f"{first_name[real]}): it is tokenized once"
             )
         else:
             first_name[real] = path
@@ -94,10 +99,10 @@ def without_duplicates(files):
 
 
 def input_files_under(folder):
-    """The .txt, .jsonl and .parquet files in folder and its subfolders, hidden ones left out as glob does.
-    os.scandir tells files from folders without a stat call per file: 5 times faster than glob on 15,000 files.
-    Like glob, it follows links to folders, and leaves out what it cannot read (a loop of links, a folder
-    without permission)."""
+    """The .txt, .jsonl and .parquet files in folder and its subfolders, hidden ones left out as
+    glob does. os.scandir tells files from folders without a stat call per file: 5 times faster than
+    glob on 15,000 files. Like glob, it follows links to folders, and leaves out what it cannot read
+    (a loop of links, a folder without permission)."""
     try:
         with os.scandir(folder) as listing:
             entries = list(listing)
@@ -129,7 +134,8 @@ def describe(where):
 
 
 def cannot_read(path, error):
-    """The error for an input file that could not be read; files are read throughout a run that may last hours."""
+    """The error for an input file that could not be read; files are read throughout a run that may
+    last hours."""
     moved = (
         "; was it moved or deleted during the run?" if isinstance(error, FileNotFoundError) else ""
     )
@@ -147,11 +153,11 @@ def read_bytes(path, start=0, size=-1):
 
 
 def read_txt(path):
-    """A .txt file is one document, its line ends made LF (from CRLF, and from a lone CR), as text mode does,
-    without a UTF-8 byte-order mark at its start.
+    """A .txt file is one document, its line ends made LF (from CRLF, and from a lone CR), as text
+    mode does, without a UTF-8 byte-order mark at its start.
 
-    Reading bytes and decoding them whole takes a third less time than text mode, which matters with many
-    small files.
+    Reading bytes and decoding them whole takes a third less time than text mode, which matters with
+    many small files.
     """
     data = read_bytes(path)
     try:
@@ -170,8 +176,9 @@ def read_txt_files(paths):
 
 
 def read_jsonl_lines(path, text_field, start, stop, first_line_number):
-    """A piece of a jsonl file: its lines in bytes start to stop, the first of them line first_line_number.
-    Each line is a JSON object with the document in its `text_field`; blank lines are ignored."""
+    """A piece of a jsonl file: its lines in bytes start to stop, the first of them line
+    first_line_number. Each line is a JSON object with the document in its `text_field`; blank lines
+    are ignored."""
     lines = read_bytes(path, start, stop - start).split(b"\n")
     for line_number, line in enumerate(lines, start=first_line_number):
         if not line or line.isspace():  # not line.strip(), which copies every line to test it
@@ -183,8 +190,8 @@ def read_jsonl_lines(path, text_field, start, stop, first_line_number):
         text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise UserError(
-                f"{path} line {line_number}: no text in field '{text_field}' (pick the field with "
-                f"--text_field)"
+                f"{path} line {line_number}: no text in field "
+                f"'{text_field}' (pick the field with --text_field)"
             )
         yield (path, "line", line_number), text
 
@@ -195,9 +202,11 @@ def given_documents(documents):
 
 
 def plan_jsonl(path, text_field, skip, piece_bytes):
-    """The pieces of a jsonl file after its first `skip` documents: whole lines, about piece_bytes at a time.
+    """The pieces of a jsonl file after its first `skip` documents: whole lines, about piece_bytes
+    at a time.
 
-    The main process reads the file only to find where lines end and to number them; the workers parse them.
+    The main process reads the file only to find where lines end and to number them; the workers
+    parse them.
     """
     with open(path, "rb") as f:
         line_number = 1
@@ -214,11 +223,13 @@ def plan_jsonl(path, text_field, skip, piece_bytes):
 
 
 def read_parquet(path, text_field, skip):
-    """The `text_field` column of a parquet file, read a batch of rows at a time so memory stays bounded.
+    """The `text_field` column of a parquet file, read a batch of rows at a time so memory stays
+    bounded.
 
-    This runs in the main process, which sends the rows on in pieces: a worker could only read whole row
-    groups, and a group holds megabytes (FineWeb's hold a thousand documents) or far more (pyarrow writes a
-    million rows to a group by default), too few pieces to keep every worker busy on a file of a few groups.
+    This runs in the main process, which sends the rows on in pieces: a worker could only read whole
+    row groups, and a group holds megabytes (FineWeb's hold a thousand documents) or far more
+    (pyarrow writes a million rows to a group by default), too few pieces to keep every worker busy
+    on a file of a few groups.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -230,14 +241,15 @@ def read_parquet(path, text_field, skip):
     schema = parquet.schema_arrow
     if text_field not in schema.names:
         raise UserError(
-            f"{path}: no column '{text_field}' (columns: {', '.join(schema.names)}); pick one "
-            f"with --text_field"
+            f"{path}: no column '{text_field}' (columns: "
+            f"{', '.join(schema.names)}); pick one with --text_field"
         )
     if not holds_text(schema.field(text_field).type):
         raise UserError(
             f"{path}: column '{text_field}' holds {schema.field(text_field).type}, not text"
         )
-    # Row groups that the finished shards of an earlier run already hold are skipped without being read.
+    # Row groups that the finished shards of an earlier run already hold are skipped without being
+    # read.
     group, row = 0, 0
     while group < parquet.num_row_groups and skip >= parquet.metadata.row_group(group).num_rows:
         skip -= parquet.metadata.row_group(group).num_rows
@@ -267,7 +279,8 @@ def read_parquet(path, text_field, skip):
 
 def holds_text(arrow_type):
     """Whether a parquet column holds plain strings, however Arrow stores them: as offsets (string,
-    large_string), as views (string_view), or as a dictionary of repeated values; all read as str."""
+    large_string), as views (string_view), or as a dictionary of repeated values; all read as
+    str."""
     import pyarrow as pa
 
     if pa.types.is_dictionary(arrow_type):
@@ -281,7 +294,8 @@ def holds_text(arrow_type):
 
 
 def pieces_of_documents(documents, piece_chars=PIECE_BYTES):
-    """(where, text) pairs that the main process reads, grouped into pieces of at least piece_chars characters."""
+    """(where, text) pairs that the main process reads, grouped into pieces of at least piece_chars
+    characters."""
     piece, chars = [], 0
     for where, text in documents:
         piece.append((where, text))
@@ -294,7 +308,8 @@ def pieces_of_documents(documents, piece_chars=PIECE_BYTES):
 
 
 def count_documents(path):
-    """How many documents a file holds, without parsing them (only needed to skip whole files on resume)."""
+    """How many documents a file holds, without parsing them (only needed to skip whole files on
+    resume)."""
     if path.endswith(".txt"):
         return 1
     if path.endswith(".jsonl"):
@@ -309,7 +324,8 @@ def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
     """The pieces of the files in order, leaving out their first `skip` documents."""
     txt_files, txt_bytes = [], 0  # .txt files waiting to fill a piece
     for path in files:
-        try:  # this runs as long as the run does: a file may have been moved or deleted since it started
+        # this runs as long as the run does: a file may have been moved or deleted since it started
+        try:
             if skip:
                 count = count_documents(path)
                 if skip >= count:
@@ -337,13 +353,13 @@ def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
 
 
 def load_hf_dataset(dataset, name, split, streaming, text_field):
-    """The split of a Hugging Face dataset, downloaded now (or opened for streaming); fails with one clear line."""
+    """The split of a Hugging Face dataset, downloaded now (or opened for streaming); fails with one
+    clear line."""
     unreachable = hub_unreachable()
     if unreachable:  # datasets would retry for half a minute before saying so
         raise UserError(
-            f"{unreachable}, so {dataset} cannot be downloaded; pass local .parquet, .jsonl or "
-            f".txt files with "
-            "--input (FineWeb-edu's parquet files, downloaded elsewhere)"
+            f"{unreachable}, so {dataset} cannot be downloaded; pass local .parquet, .jsonl "
+            f"or .txt files with --input (FineWeb-edu's parquet files, downloaded elsewhere)"
         )
     import datasets  # imported here: it takes a second to import and --input runs never need it
 
@@ -351,22 +367,22 @@ def load_hf_dataset(dataset, name, split, streaming, text_field):
         rows = datasets.load_dataset(dataset, name=name, split=split, streaming=streaming)
     except Exception as e:  # no network, unknown name, ...: the library raises many different types
         raise UserError(
-            f"could not load {dataset} ({name}, {split}) with the datasets library: "
-            f"{first_line(e)}. Without network, "
-            f"download its parquet files elsewhere and pass them with --input"
+            f"could not load {dataset} ({name}, {split}) with the "
+            f"datasets library: {first_line(e)}. Without network, download "
+            f"its parquet files elsewhere and pass them with --input"
         ) from None
     if rows.column_names is not None and text_field not in rows.column_names:
         raise UserError(
-            f"{dataset}: no column '{text_field}' (columns: {', '.join(rows.column_names)}); pick "
-            f"one with --text_field"
+            f"{dataset}: no column '{text_field}' (columns: "
+            f"{', '.join(rows.column_names)}); pick one with --text_field"
         )
     return rows
 
 
 def hub_unreachable(timeout=5):
-    """Why the Hugging Face hub (HF_ENDPOINT, or huggingface.co) cannot be reached, or None: one connection
-    tried, for a few seconds, to the hub or to the proxy that the environment names for it (a live proxy
-    may still fail to reach the hub: only the download itself can tell)."""
+    """Why the Hugging Face hub (HF_ENDPOINT, or huggingface.co) cannot be reached, or None: one
+    connection tried, for a few seconds, to the hub or to the proxy that the environment names for
+    it (a live proxy may still fail to reach the hub: only the download itself can tell)."""
     url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     endpoint = urllib.parse.urlsplit(url)
     try:
@@ -375,8 +391,8 @@ def hub_unreachable(timeout=5):
         port = None
     if endpoint.scheme not in ("http", "https") or not endpoint.hostname or port is None:
         return (
-            f"HF_ENDPOINT={url} is not a URL such as https://huggingface.co (set it to the hub's, "
-            f"or unset it)"
+            f"HF_ENDPOINT={url} is not a URL such as "
+            f"https://huggingface.co (set it to the hub's, or unset it)"
         )
     from urllib.request import (
         getproxies,
@@ -398,8 +414,8 @@ def hub_unreachable(timeout=5):
                 raise ValueError(proxy)
         except ValueError:
             return (
-                f"the proxy {proxy} is not a URL such as http://host:3128 (fix or unset "
-                f"HTTPS_PROXY/ALL_PROXY)"
+                f"the proxy {proxy} is not a URL such as "
+                f"http://host:3128 (fix or unset HTTPS_PROXY/ALL_PROXY)"
             )
     try:
         socket.create_connection((host, port), timeout=timeout).close()
@@ -409,7 +425,8 @@ def hub_unreachable(timeout=5):
 
 
 def offline_variable():
-    """The variable (name=value) by which the user says that the Hugging Face hub is out of reach, or None."""
+    """The variable (name=value) by which the user says that the Hugging Face hub is out of reach,
+    or None."""
     for name in ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"]:
         value = os.environ.get(name, "")
         if value.upper() in {
@@ -423,7 +440,8 @@ def offline_variable():
 
 
 def hf_documents(rows, dataset, text_field, skip=0):
-    """(where, text) for every row of a loaded Hugging Face dataset, leaving out the first `skip` rows."""
+    """(where, text) for every row of a loaded Hugging Face dataset, leaving out the first `skip`
+    rows."""
     if hasattr(rows, "__len__") and skip >= len(
         rows
     ):  # all done already: Dataset.skip refuses to skip it all
@@ -438,19 +456,20 @@ def hf_documents(rows, dataset, text_field, skip=0):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizing, in worker processes. A task is a piece of about a megabyte of text, which the worker reads (or
-# receives) and answers with one uint16 array: big tasks keep the cost of handing out work small next to the
-# tokenizing itself. The tokenizer is a function from a piece's texts to (ids, document_ends): an EOT and the
-# tokens of each text, laid end to end, and where each text's tokens end. Any tokenizer of single texts can be
-# plugged in through tokenize_documents; ids must fit in uint16, which is checked because a larger id would
-# silently wrap around.
+# Tokenizing, in worker processes. A task is a piece of about a megabyte of text, which the worker
+# reads (or receives) and answers with one uint16 array: big tasks keep the cost of handing out work
+# small next to the tokenizing itself. The tokenizer is a function from a piece's texts to (ids,
+# document_ends): an EOT and the tokens of each text, laid end to end, and where each text's tokens
+# end. Any tokenizer of single texts can be plugged in through tokenize_documents; ids must fit in
+# uint16, which is checked because a larger id would silently wrap around.
 
 
 def gpt2_encode(encoding, text):
-    """GPT-2 ids of `text` as a uint32 array, special tokens treated as plain text (as encode_ordinary does).
+    """GPT-2 ids of `text` as a uint32 array, special tokens treated as plain text (as
+    encode_ordinary does).
 
-    encode_to_numpy hands the ids over as an array without making a Python int of each, which makes it
-    ~15% faster than encode_ordinary followed by turning its list into an array.
+    encode_to_numpy hands the ids over as an array without making a Python int of each, which makes
+    it ~15% faster than encode_ordinary followed by turning its list into an array.
     """
     try:
         return encoding.encode_to_numpy(text, disallowed_special=())
@@ -465,12 +484,14 @@ EOT_ARRAY = np.array([EOT_TOKEN])
 
 
 def tokenize_documents(texts, encode):
-    """(ids, document_ends) of the texts with a tokenizer of one text at a time, encode(text) -> ids."""
+    """(ids, document_ends) of the texts with a tokenizer of one text at a time,
+    encode(text) -> ids."""
     encoded = [np.asarray(encode(text)) for text in texts]
     parts = []
     for document in encoded:
         parts += [EOT_ARRAY, document]
-    # casting="unsafe" only so that an empty document's float64 np.asarray([]) joins in; ids are checked later.
+    # casting="unsafe" only so that an empty document's float64 np.asarray([]) joins in; ids are
+    # checked later.
     ids = np.concatenate(parts, dtype=np.int64, casting="unsafe")
     return ids, np.cumsum([1 + len(document) for document in encoded], dtype=np.int64)
 
@@ -479,13 +500,14 @@ EOT_TEXT = "<|endoftext|>"  # how tiktoken writes EOT_TOKEN in text
 
 
 def gpt2_tokenize(encoding, texts):
-    """(ids, document_ends) of the texts with GPT-2's tokenizer, each text's tokens those of encode_ordinary.
+    """(ids, document_ends) of the texts with GPT-2's tokenizer, each text's tokens those of
+    encode_ordinary.
 
-    The texts are joined by the end-of-text marker and encoded in one call that takes the marker for the EOT
-    token. tiktoken encodes the text between two markers on its own, so each text gets the tokens it would get
-    alone, with one call per piece instead of one per text: the workers' CPU time fell by 2% on prose of 2 KB
-    documents. A text that holds the marker itself, as plain text, would be cut there: a piece with one goes a
-    text at a time.
+    The texts are joined by the end-of-text marker and encoded in one call that takes the marker for
+    the EOT token. tiktoken encodes the text between two markers on its own, so each text gets the
+    tokens it would get alone, with one call per piece instead of one per text: the workers' CPU
+    time fell by 2% on prose of 2 KB documents. A text that holds the marker itself, as plain text,
+    would be cut there: a piece with one goes a text at a time.
     """
     if any(EOT_TEXT in text for text in texts):
         return tokenize_documents(texts, functools.partial(gpt2_encode, encoding))
@@ -534,18 +556,17 @@ def tokenize_piece(piece):
         first_bad = np.flatnonzero((ids >= 2**16) | (ids < 0))[0]
         where = wheres[np.searchsorted(document_ends, first_bad, side="right")]
         raise UserError(
-            f"{describe(where)}: the tokenizer made token id {ids[first_bad]}, which does not fit "
-            f"the uint16 "
-            f"shards; use a tokenizer with fewer than 65536 tokens"
+            f"{describe(where)}: the tokenizer made token id {ids[first_bad]}, which "
+            f"does not fit the uint16 shards; use a tokenizer with fewer than 65536 tokens"
         )
     return ids.astype(np.uint16), document_ends
 
 
 # -----------------------------------------------------------------------------
-# Writing shards, resumably. The progress file records the settings of the run and, after each finished
-# shard, how many documents the finished shards hold in full and how many tokens of the next document
-# they already hold. A rerun with the same settings starts right there; one with other settings is refused,
-# so that shards of two different runs never mix.
+# Writing shards, resumably. The progress file records the settings of the run and, after each
+# finished shard, how many documents the finished shards hold in full and how many tokens of the
+# next document they already hold. A rerun with the same settings starts right there; one with other
+# settings is refused, so that shards of two different runs never mix.
 
 
 def shard_path(out_dir, prefix, index):
@@ -560,7 +581,8 @@ def progress_path(out_dir, prefix):
 
 
 def temp_path(out_dir, prefix, name):
-    # Hidden, and without "train" or "val" in the name, so no data loader ever mistakes it for a shard.
+    # Hidden, and without "train" or "val" in the name, so no data loader ever mistakes it for a
+    # shard.
     return os.path.join(out_dir, f".{prefix}_{name}.tmp")
 
 
@@ -568,7 +590,8 @@ HASHED_INPUT_BYTES = 1 << 16  # input files from this size on are keyed by a has
 
 
 def load_progress(out_dir, prefix, settings):
-    """The progress of an earlier run with these settings in out_dir, or a fresh start; refuses a mismatch."""
+    """The progress of an earlier run with these settings in out_dir, or a fresh start; refuses a
+    mismatch."""
     fresh = {
         "settings": settings,
         "shards": 0,
@@ -587,8 +610,8 @@ def load_progress(out_dir, prefix, settings):
         if glob.glob(os.path.join(out_dir, f"{prefix}_*_*.npy")):
             raise UserError(
                 f"{out_dir} already holds {prefix} shards but no "
-                f"{os.path.basename(progress_path(out_dir, prefix))} "
-                f"saying how they were made; delete them or pass another --out"
+                f"{os.path.basename(progress_path(out_dir, prefix))} saying "
+                f"how they were made; delete them or pass another --out"
             )
         return fresh
     try:
@@ -600,9 +623,8 @@ def load_progress(out_dir, prefix, settings):
         isinstance(progress, dict) and "settings" in progress
     ):  # it is written atomically: edited by hand?
         raise UserError(
-            f"{progress_path(out_dir, prefix)} is damaged: delete it and the {prefix} shards "
-            f"beside it to start "
-            "over, or pass another --out"
+            f"{progress_path(out_dir, prefix)} is damaged: delete it and the "
+            f"{prefix} shards beside it to start over, or pass another --out"
         )
     for key in (
         progress["settings"].get("input") or []
@@ -617,19 +639,19 @@ def load_progress(out_dir, prefix, settings):
             if old.get(key) != settings.get(key)
         )
         raise UserError(
-            f"{out_dir} holds shards made with other settings ({changed}); rerun with the same "
-            f"flags to resume, "
-            f"or pass another --out"
+            f"{out_dir} holds shards made with other settings ({changed}); "
+            f"rerun with the same flags to resume, or pass another --out"
         )
     return progress
 
 
 def input_key(path):
     """What identifies an input file's content for a resume: its size, its modification time to the
-    nanosecond (the quick check of rsync), and for a file of 64 KiB or more a hash of its first and last MiB,
-    which catches even a copy that kept the original's time. A smaller file is not read for its key: on
-    15,000 .txt files of 4 KB, reading each one twice (to key it, then to tokenize it) took 0.5 s of a 3.4 s
-    run, before any worker started, while hashing a large file's ends costs under 1% of tokenizing it."""
+    nanosecond (the quick check of rsync), and for a file of 64 KiB or more a hash of its first and
+    last MiB, which catches even a copy that kept the original's time. A smaller file is not read
+    for its key: on 15,000 .txt files of 4 KB, reading each one twice (to key it, then to tokenize
+    it) took 0.5 s of a 3.4 s run, before any worker started, while hashing a large file's ends
+    costs under 1% of tokenizing it."""
     edge = 1 << 20
     try:
         stat = os.stat(path)
@@ -650,8 +672,8 @@ def input_key(path):
 
 
 def describe_change(name, old, new):
-    """One setting that differs between the earlier run and this one, in words; for the input files, the
-    first one that differs rather than two lists of thousands."""
+    """One setting that differs between the earlier run and this one, in words; for the input files,
+    the first one that differs rather than two lists of thousands."""
     if name != "input":
         return f"{name} {old!r} -> {new!r}"
     for old_file, new_file in zip(old or [], new or []):
@@ -663,8 +685,9 @@ def describe_change(name, old, new):
 
 
 def save_progress(out_dir, prefix, progress):
-    # On one line: json writes with its fast C encoder only without indent, and the settings name every input
-    # file, so with thousands of small .txt files an indented file cost more to write than the files to read.
+    # On one line: json writes with its fast C encoder only without indent, and the settings name
+    # every input file, so with thousands of small .txt files an indented file cost more to write
+    # than the files to read.
     text = json.dumps(progress, sort_keys=True) + "\n"
     with atomic_write(
         progress_path(out_dir, prefix), temp_path=temp_path(out_dir, prefix, "progress")
@@ -673,8 +696,9 @@ def save_progress(out_dir, prefix, progress):
 
 
 def npy_header(tokens):
-    """The header np.save writes before `tokens` uint16 values. numpy pads it so that the count can grow to 21
-    digits without changing its length, so a shard's header can be written first and corrected in place."""
+    """The header np.save writes before `tokens` uint16 values. numpy pads it so that the count can
+    grow to 21 digits without changing its length, so a shard's header can be written first and
+    corrected in place."""
     header = io.BytesIO()
     dtype = np.lib.format.dtype_to_descr(np.dtype(np.uint16))
     np.lib.format.write_array_header_1_0(
@@ -684,18 +708,21 @@ def npy_header(tokens):
 
 
 class ShardAbandoned(Exception):
-    """Passed to the open shard's atomic_write when the run stops for another reason than the shard's write."""
+    """Passed to the open shard's atomic_write when the run stops for another reason than the
+    shard's write."""
 
 
 class ShardWriter:
-    """Lays pieces' tokens end to end and cuts them into shards of shard_size tokens, each one a .npy file.
+    """Lays pieces' tokens end to end and cuts them into shards of shard_size tokens, each one a
+    .npy file.
 
-    Each piece's tokens go straight into the shard's temporary file, while the workers tokenize the next pieces:
-    collecting a whole shard in memory first left its write (and its fsync) for the end, when the workers wait.
-    atomic_write renames the file once the shard is full; an error or Ctrl-C before then removes it (use the
-    writer in a `with` block), and only a failed write of the shard is reported as one. After each shard the
-    progress is saved: how many documents the finished shards hold in full, and how many tokens of the next
-    document they hold already. A resumed writer starts there.
+    Each piece's tokens go straight into the shard's temporary file, while the workers tokenize the
+    next pieces: collecting a whole shard in memory first left its write (and its fsync) for the
+    end, when the workers wait. atomic_write renames the file once the shard is full; an error or
+    Ctrl-C before then removes it (use the writer in a `with` block), and only a failed write of the
+    shard is reported as one. After each shard the progress is saved: how many documents the
+    finished shards hold in full, and how many tokens of the next document they hold already. A
+    resumed writer starts there.
     """
 
     def __init__(self, out_dir, prefix, shard_size, progress):
@@ -719,16 +746,18 @@ class ShardWriter:
     def __exit__(self, error_type, error, traceback):
         if error_type is None:
             return self.open_shard.__exit__(None, None, None)
-        # The run stopped for a reason of its own (an input, a dropped connection, Ctrl-C), which goes on to the
-        # user as it is. The shard being filled is abandoned: atomic_write removes its file when told so with an
-        # error that it does not take for a failed write, as it would an OSError.
+        # The run stopped for a reason of its own (an input, a dropped connection, Ctrl-C), which
+        # goes on to the user as it is. The shard being filled is abandoned: atomic_write removes
+        # its file when told so with an error that it does not take for a failed write, as it would
+        # an OSError.
         with contextlib.suppress(ShardAbandoned):
             self.open_shard.__exit__(ShardAbandoned, ShardAbandoned(), None)
         return False
 
     def write(self, data, offset=None):
-        """Write data into the shard being filled, at offset or after what it holds. A failed write (a full disk)
-        ends the shard as atomic_write ends any: its file removed, and one line that names it."""
+        """Write data into the shard being filled, at offset or after what it holds. A failed write
+        (a full disk) ends the shard as atomic_write ends any: its file removed, and one line that
+        names it."""
         try:
             if offset is not None:
                 self.shard_file.seek(offset)
@@ -738,7 +767,8 @@ class ShardWriter:
             raise
 
     def add(self, ids, document_ends):
-        """Add one piece: ids holds its documents one after another, document i ends at document_ends[i]."""
+        """Add one piece: ids holds its documents one after another, document i ends at
+        document_ends[i]."""
         start, self.skip_tokens = self.skip_tokens, 0
         while start < len(ids):
             if self.shard_file is None:
@@ -802,13 +832,14 @@ PIPE_BYTES = (
 
 
 def widen_pipes(pool):
-    """Give the pool's two pipes (tasks in, results out) room for a whole piece, where the system allows it.
+    """Give the pool's two pipes (tasks in, results out) room for a whole piece, where the system
+    allows it.
 
-    A pipe holds 64 KB on Linux, so a worker handing back a piece's ids (about 500 KB) had to wait for the main
-    process to read them 64 KB at a time, instead of tokenizing its next piece; a parquet piece's text going out
-    did the same. With 1 MB pipes the steady rate rose by 0.01-0.05 of the bare pool's on each of the five
-    corpora tried. Pool offers no public way to its pipes: on a Python or a system without these attributes,
-    this does nothing and only speed is lost.
+    A pipe holds 64 KB on Linux, so a worker handing back a piece's ids (about 500 KB) had to wait
+    for the main process to read them 64 KB at a time, instead of tokenizing its next piece; a
+    parquet piece's text going out did the same. With 1 MB pipes the steady rate rose by 0.01-0.05
+    of the bare pool's on each of the five corpora tried. Pool offers no public way to its pipes: on
+    a Python or a system without these attributes, this does nothing and only speed is lost.
     """
     if not hasattr(fcntl, "F_SETPIPE_SZ"):  # Linux only
         return
@@ -822,9 +853,10 @@ def widen_pipes(pool):
 def tokenize_in_order(pieces, pool, max_in_flight):
     """(ids, document_ends) for each piece, in order, tokenized by the pool's workers.
 
-    Pool.imap would also keep the order, but it plans its whole input ahead into memory whenever planning
-    is faster than tokenizing; here at most max_in_flight pieces are handed out and not yet answered. An
-    error that a worker raised (a bad line) is raised here, after the pieces before it are written.
+    Pool.imap would also keep the order, but it plans its whole input ahead into memory whenever
+    planning is faster than tokenizing; here at most max_in_flight pieces are handed out and not yet
+    answered. An error that a worker raised (a bad line) is raised here, after the pieces before it
+    are written.
     """
     in_flight = collections.deque()
     for piece in pieces:
@@ -841,13 +873,15 @@ def write_shards(
     """Tokenize the pieces with num_proc workers into shards; returns the final progress.
 
     `pieces` must start where `progress` left off (plan_pieces(..., skip=progress["documents"])).
-    `tokenize` goes to each worker once: under the spawn start method (macOS, Windows) it is pickled, so it
-    must be a module-level function or a functools.partial of one, as gpt2_tokenize is.
+    `tokenize` goes to each worker once: under the spawn start method (macOS, Windows) it is
+    pickled, so it must be a module-level function or a functools.partial of one, as gpt2_tokenize
+    is.
     """
     writer = ShardWriter(out_dir, prefix, shard_size, progress)
-    keep_freed_memory()  # here for the ids coming back (and parquet's rows); init_worker does it in each worker
-    # The pool comes first: under fork its workers start before the bar starts its monitor thread (forking a
-    # process that runs threads is unsafe).
+    # here for the ids coming back (and parquet's rows); init_worker does it in each worker
+    keep_freed_memory()
+    # The pool comes first: under fork its workers start before the bar starts its monitor thread
+    # (forking a process that runs threads is unsafe).
     context = multiprocessing.get_context(start_method)
     pool = context.Pool(num_proc, initializer=init_worker, initargs=(tokenize,))
     widen_pipes(pool)
@@ -877,28 +911,28 @@ def write_shards(
 
 
 def available_cores():
-    """The cores this process may run on (fewer than os.cpu_count() in a container or under taskset)."""
+    """The cores this process may run on (fewer than os.cpu_count() in a container or under
+    taskset)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def parse_args(argv=None):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--input",
         nargs="+",
         metavar="PATH",
-        help="local .txt (one document each), .jsonl or .parquet files or directories; without it, "
-        "--dataset is "
-        "downloaded",
+        help="local .txt (one document each), .jsonl or .parquet "
+        "files or directories; without it, --dataset is downloaded",
     )
     parser.add_argument(
         "--out", default="edu_fineweb10B", help="directory for the shards (default: %(default)s)"
     )
     parser.add_argument(
         "--prefix",
-        help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, ... (default: "
-        "edufineweb for the "
-        "download, shard for --input files, or the prefix of the run that --out holds)",
+        help="shard names: PREFIX_val_000000.npy, PREFIX_train_000001.npy, "
+        "... (default: edufineweb for the download, shard for "
+        "--input files, or the prefix of the run that --out holds)",
     )
     parser.add_argument(
         "--shard_size",
@@ -916,9 +950,8 @@ def parse_args(argv=None):
         "--start_method",
         choices=multiprocessing.get_all_start_methods(),
         default=multiprocessing.get_start_method(),
-        help="how the tokenizing processes start; the shards are the same with any of them "
-        "(default: %(default)s, "
-        "this platform's)",
+        help="how the tokenizing processes start; the shards are the "
+        "same with any of them (default: %(default)s, this platform's)",
     )
     parser.add_argument(
         "--dataset",
@@ -945,8 +978,8 @@ def parse_args(argv=None):
 
 
 def default_prefix(out_dir, local_input):
-    """The prefix of the shards that out_dir already holds (a rerun resumes them), else edufineweb for the
-    FineWeb-edu download and a name that claims no corpus, shard, for local files."""
+    """The prefix of the shards that out_dir already holds (a rerun resumes them), else edufineweb
+    for the FineWeb-edu download and a name that claims no corpus, shard, for local files."""
     held = sorted(glob.glob(os.path.join(glob.escape(out_dir), "*_progress.json")))
     if len(held) == 1:
         return os.path.basename(held[0]).removesuffix("_progress.json")
@@ -963,8 +996,9 @@ def main(argv=None):
     args.prefix = args.prefix or default_prefix(args.out, args.input)
     if args.shard_size < 1 or args.num_proc < 1:
         raise UserError("--shard_size and --num_proc must be at least 1")
-    # The trainer tells the splits apart by the word before the shard's number; a prefix that names a split
-    # or a folder would make names other loaders (build-nanogpt's glob of *_train_*) read wrongly.
+    # The trainer tells the splits apart by the word before the shard's number; a prefix that names
+    # a split or a folder would make names other loaders (build-nanogpt's glob of *_train_*) read
+    # wrongly.
     if not args.prefix or os.sep in args.prefix or "_train" in args.prefix or "_val" in args.prefix:
         raise UserError(
             f"--prefix {args.prefix!r}: use a plain name without '/', '_train' or '_val'"
@@ -973,10 +1007,9 @@ def main(argv=None):
         not args.input and offline_variable()
     ):  # before datasets spends seconds importing and retrying
         raise UserError(
-            f"{offline_variable()} says there is no network, so {args.dataset} cannot be "
-            f"downloaded; pass local "
-            f".parquet, .jsonl or .txt files with --input (FineWeb-edu's parquet files, "
-            f"downloaded elsewhere)"
+            f"{offline_variable()} says there is no network, so {args.dataset} "
+            f"cannot be downloaded; pass local .parquet, .jsonl or .txt files "
+            f"with --input (FineWeb-edu's parquet files, downloaded elsewhere)"
         )
 
     settings = {"tokenizer": "gpt2", "shard_size": args.shard_size, "text_field": args.text_field}
@@ -995,33 +1028,33 @@ def main(argv=None):
 
 
 def check_one_corpus(out_dir, prefix):
-    """The trainer reads one corpus per folder: shards of another prefix in --out are refused, not added to."""
+    """The trainer reads one corpus per folder: shards of another prefix in --out are refused, not
+    added to."""
     for name in sorted(os.listdir(out_dir)):
         match = SHARD_NAME.fullmatch(name)
         if match and match.group(1) != prefix:
             raise UserError(
-                f"--out {out_dir} holds shards of another corpus ({name}), and the trainer reads "
-                f"one corpus per "
-                f"folder: pass an empty --out for this one, or --prefix {match.group(1)} to go on "
-                f"with that one"
+                f"--out {out_dir} holds shards of another corpus ({name}), and "
+                f"the trainer reads one corpus per folder: pass an empty --out "
+                f"for this one, or --prefix {match.group(1)} to go on with that one"
             )
 
 
 def write_corpus(args, settings, files):
-    """Tokenize the corpus into args.out, resuming an earlier run with the same settings; prints what it did."""
+    """Tokenize the corpus into args.out, resuming an earlier run with the same settings; prints
+    what it did."""
     start_time = time.perf_counter()
     progress = load_progress(args.out, args.prefix, settings)
     if progress["finished"]:
         print(
-            f"{args.out} is already complete: {progress['documents']:,} documents, "
-            f"{progress['tokens']:,} tokens, "
-            f"{progress['shards']} shards"
+            f"{args.out} is already complete: {progress['documents']:,} "
+            f"documents, {progress['tokens']:,} tokens, {progress['shards']} shards"
         )
         return
     if progress["shards"]:
         print(
-            f"resuming after {progress['shards']} finished shards ({progress['documents']:,} "
-            f"documents)"
+            f"resuming after {progress['shards']} finished "
+            f"shards ({progress['documents']:,} documents)"
         )
     if args.input:
         pieces = plan_pieces(files, args.text_field, skip=progress["documents"])
@@ -1047,22 +1080,20 @@ def write_corpus(args, settings, files):
     tokens = progress["tokens"] - tokens_before
     print(
         f"{progress['documents']:,} documents, {progress['tokens']:,} tokens, "
-        f"{progress['shards']} shards "
-        f"in {args.out}; "
-        f"this run: {tokens:,} tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
+        f"{progress['shards']} shards in {args.out}; this run: {tokens:,} "
+        f"tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
     )
     if (
         progress["tokens"] == progress["documents"]
     ):  # each document added its end-of-text token and nothing else
         print(
-            "note: every document was empty: the shards hold end-of-text tokens only, nothing to "
-            "train on"
+            "note: every document was empty: the shards hold "
+            "end-of-text tokens only, nothing to train on"
         )
     elif progress["shards"] == 1:
         print(
-            f"note: the corpus filled only the val shard; for train shards too, pass a "
-            f"--shard_size below "
-            f"{progress['tokens']:,} to a new --out"
+            f"note: the corpus filled only the val shard; for train shards too, "
+            f"pass a --shard_size below {progress['tokens']:,} to a new --out"
         )
 
 

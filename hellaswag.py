@@ -1,11 +1,12 @@
-"""HellaSwag accuracy of a GPT-2 model: OpenAI's weights, a Hugging Face directory, or a checkpoint of
-train_gpt2.py. The benchmark itself (its data, the packing of an example, the scoring) lives in
+"""HellaSwag accuracy of a GPT-2 model: OpenAI's weights, a Hugging Face directory, or a checkpoint
+of train_gpt2.py. The benchmark itself (its data, the packing of an example, the scoring) lives in
 machinery/hellaswag.py, which train_gpt2.py's evaluations call too.
 
     python hellaswag.py --init gpt2                      # OpenAI's weights (any size name)
     python hellaswag.py --init log/model_19072.pt        # a checkpoint of train_gpt2.py
     python hellaswag.py --init gpt2 --data hellaswag_val.jsonl --limit 1000
-    python hellaswag.py --init gpt2-xl --dtype bfloat16  # faster; a few near-tied answers may change
+    python hellaswag.py --init gpt2-xl --dtype bfloat16  # faster; a few near-tied answers
+                                                         # may change
 """
 
 import time
@@ -33,7 +34,8 @@ def parse_args(argv):
     parser.add_argument(
         "--init",
         required=True,
-        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face directory, or a checkpoint .pt",
+        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+        "a Hugging Face directory, or a checkpoint .pt",
     )
     parser.add_argument(
         "--data",
@@ -89,9 +91,8 @@ def main(argv=None):
     n, correct, correct_norm = result["n"], result["correct"], result["correct_norm"]
     print(
         f"hellaswag {args.init}: {n} examples, acc {correct}/{n} = {correct / n:.4f}, "
-        f"acc_norm {correct_norm}/{n} = {correct_norm / n:.4f}, {n / seconds:.1f} examples/s on "
-        f"{device} "
-        f"in {str(autocast_dtype).removeprefix('torch.')} ({PROTOCOL})"
+        f"acc_norm {correct_norm}/{n} = {correct_norm / n:.4f}, {n / seconds:.1f} "
+        f"examples/s on {device} in {str(autocast_dtype).removeprefix('torch.')} ({PROTOCOL})"
     )
 
 

@@ -3,7 +3,8 @@
     python plot_log.py log/log.txt -o loss.png
 
 The log has one line per measurement, `{step} {kind} {value}`, where kind is train, val or hella.
-Only what the log has is drawn: a run without HellaSwag gets one panel, a run without val no val line.
+Only what the log has is drawn: a run without HellaSwag gets one panel, a run without val no val
+line.
 """
 
 import argparse
@@ -17,20 +18,23 @@ from matplotlib.figure import (
 from machinery.cli import ArgumentParser, HelpFormatter, UserError, run_cli
 from machinery.files import atomic_write
 
-# Reference numbers, each true of one data set only. OpenAI's GPT-2 124M reaches this loss on FineWeb-edu
-# val (shard 0): it compares with our val loss only when we train and validate on FineWeb-edu too.
+# Reference numbers, each true of one data set only. OpenAI's GPT-2 124M reaches this loss on
+# FineWeb-edu val (shard 0): it compares with our val loss only when we train and validate on
+# FineWeb-edu too.
 GPT2_124M_FINEWEB_EDU_VAL_LOSS = 3.2924
-# HellaSwag acc_norm is the same benchmark for every run, so these compare with any run's hella line.
+# HellaSwag acc_norm is the same benchmark for every run, so these compare with any run's hella
+# line.
 GPT2_124M_HELLASWAG = 0.2955
 GPT3_124M_HELLASWAG = 0.337
 
-# The first steps (loss ~11) would squash the rest of the curve: by default the y-axis shows at most this
-# many nats above the lowest loss, and says how many points that hides.
+# The first steps (loss ~11) would squash the rest of the curve: by default the y-axis shows at most
+# this many nats above the lowest loss, and says how many points that hides.
 CLIP_NATS = 3.0
 
 
 def parse_log(path):
-    """Read the log into {kind: (steps, values)}, keeping only the latest run's points for each step.
+    """Read the log into {kind: (steps, values)}, keeping only the latest run's points for each
+    step.
 
     A resumed run appends to the same log and starts again from its checkpoint's step, so a step can
     repeat. When a line goes back to a step already logged (or behind the previous line's step), the
@@ -64,8 +68,8 @@ def parse_log(path):
             step, value = int(step_text), float(value_text)
         except ValueError:
             raise UserError(
-                f"{path} line {line_number}: expected '<step> <kind> <value>', got "
-                f"{line.strip()[:60]!r}"
+                f"{path} line {line_number}: expected '<step> "
+                f"<kind> <value>', got {line.strip()[:60]!r}"
             ) from None
         steps, values = series.setdefault(kind, ([], []))
         if step < previous_step or (steps and step <= steps[-1]):
@@ -81,8 +85,8 @@ def parse_log(path):
 
 
 def finite_points(series, kind):
-    """The (steps, values) of one kind that a line can draw, and how many it cannot: a diverged run logs
-    nan or inf, which matplotlib would skip without a word."""
+    """The (steps, values) of one kind that a line can draw, and how many it cannot: a diverged run
+    logs nan or inf, which matplotlib would skip without a word."""
     steps, values = (np.asarray(a, dtype=float) for a in series.get(kind, ([], [])))
     keep = np.isfinite(values)
     return steps[keep], values[keep], int(np.sum(~keep))
@@ -100,11 +104,13 @@ def points(n):
 
 
 def plot_loss(ax, series, reference=False, clip=True):
-    """Train and val loss, whichever the log has, and with `reference` OpenAI's loss on FineWeb-edu val.
-    With `clip`, the y-axis stops CLIP_NATS above the lowest loss, and a note says what that hides."""
+    """Train and val loss, whichever the log has, and with `reference` OpenAI's loss on FineWeb-edu
+    val. With `clip`, the y-axis stops CLIP_NATS above the lowest loss, and a note says what that
+    hides."""
     train_steps, train_loss, train_skipped = finite_points(series, "train")
     val_steps, val_loss, val_skipped = finite_points(series, "val")
-    # Only lines with points get a legend entry: an empty "val" entry reads as if val data went missing.
+    # Only lines with points get a legend entry: an empty "val" entry reads as if val data went
+    # missing.
     if train_loss.size:
         # Train loss jumps from batch to batch: draw it faintly, with a moving average on top.
         window = max(1, train_loss.size // 50)
@@ -170,7 +176,8 @@ def plot_loss(ax, series, reference=False, clip=True):
 
 
 def plot_hellaswag(ax, series, reference=True):
-    """Our HellaSwag acc_norm, and with `reference` the GPT-2 and GPT-3 124M scores on the same benchmark."""
+    """Our HellaSwag acc_norm, and with `reference` the GPT-2 and GPT-3 124M scores on the same
+    benchmark."""
     steps, accuracy, skipped = finite_points(series, "hella")
     if accuracy.size:
         ax.plot(steps, accuracy, color="tab:green", marker=".", label="this run")
@@ -203,7 +210,8 @@ def plot_hellaswag(ax, series, reference=True):
 
 
 def build_figure(series, loss_reference=False, hellaswag_reference=True, clip=True):
-    """The figure for a parsed log: a loss panel, and a HellaSwag panel only when the log has hella lines."""
+    """The figure for a parsed log: a loss panel, and a HellaSwag panel only when the log has hella
+    lines."""
     has_hella = bool(series.get("hella", ([], []))[0])
     fig = Figure(figsize=(13, 4.5) if has_hella else (7, 4.5))
     axes = fig.subplots(1, 2 if has_hella else 1, squeeze=False)[0]
@@ -237,8 +245,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "-o", "--out", help="image to write (.png, .pdf, .svg); default: loss.png next to the log"
     )
-    # Three settings on one dest. log.txt does not say which data a run used, so the loss reference (true
-    # of FineWeb-edu val only) waits for --ref; HellaSwag's hold for every run, so they are drawn by default.
+    # Three settings on one dest. log.txt does not say which data a run used, so the loss reference
+    # (true of FineWeb-edu val only) waits for --ref; HellaSwag's hold for every run, so they are
+    # drawn by default.
     parser.add_argument(
         "--ref",
         dest="ref",
@@ -246,10 +255,9 @@ def parse_args(argv=None):
         const="all",
         default="hellaswag",
         help=f"also draw OpenAI GPT-2 124M's loss on FineWeb-edu val "
-        f"({GPT2_124M_FINEWEB_EDU_VAL_LOSS}), which "
-        "compares with your val loss only if your val data is FineWeb-edu (log.txt cannot tell); "
-        "default: only "
-        "the HellaSwag references, which hold for every run",
+        f"({GPT2_124M_FINEWEB_EDU_VAL_LOSS}), which compares with your val "
+        f"loss only if your val data is FineWeb-edu (log.txt cannot tell); "
+        f"default: only the HellaSwag references, which hold for every run",
     )
     parser.add_argument(
         "--no-ref",
@@ -263,9 +271,9 @@ def parse_args(argv=None):
         "--no-clip",
         dest="clip",
         action="store_false",
-        help=f"show every loss point; by default the y-axis stops {CLIP_NATS:g} nats above the "
-        f"lowest loss so "
-        "the first steps (~11) do not squash the curve, and a note says how many points that hides",
+        help=f"show every loss point; by default the y-axis stops "
+        f"{CLIP_NATS:g} nats above the lowest loss so the first steps (~11) "
+        f"do not squash the curve, and a note says how many points that hides",
     )
     return parser.parse_args(argv)
 

@@ -1,7 +1,8 @@
-r"""Sample text from GPT-2: OpenAI's weights, a Hugging Face directory, or a checkpoint of this project.
+r"""Sample text from GPT-2: OpenAI's weights, a Hugging Face directory, or a checkpoint of this
+project.
 
-    python sample.py --init gpt2 --prompt "Hello, I'm a language model," --num_samples 4 --max_new_tokens 64 \
-        --top_k 50 --seed 42
+    python sample.py --init gpt2 --prompt "Hello, I'm a language model," --num_samples 4 \
+        --max_new_tokens 64 --top_k 50 --seed 42
     python sample.py --init log/model_19072.pt --temperature 0.8
 
 An empty --prompt starts from <|endoftext|>, that is, from the beginning of a document.
@@ -23,8 +24,9 @@ from machinery.memory import keep_freed_memory
 from machinery.tokenizer import gpt2_tokenizer
 from train_gpt2 import load_model, sample_texts
 
-# Each numeric flag's range (cli.check_ranges, which also refuses nan and inf). Logits are divided by
-# the temperature: below 1e-3 they overflow to inf and the sampling breaks, so 0 is the greedy choice.
+# Each numeric flag's range (cli.check_ranges, which also refuses nan and inf). Logits are divided
+# by the temperature: below 1e-3 they overflow to inf and the sampling breaks, so 0 is the greedy
+# choice.
 FLAG_RANGES = {
     "num_samples": POSITIVE,
     "max_new_tokens": AT_LEAST_0,
@@ -42,10 +44,8 @@ def parse_args(argv=None):
     p.add_argument(
         "--init",
         default="gpt2",
-        help=(
-            "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face directory, or "
-            "log/model_XXXXX.pt"
-        ),
+        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
+        "a Hugging Face directory, or log/model_XXXXX.pt",
     )
     p.add_argument(
         "--prompt",

@@ -1,21 +1,24 @@
-"""How fast fineweb.py turns text into shards, on two kinds of text in four shapes, against two references.
+"""How fast fineweb.py turns text into shards, on two kinds of text in four shapes, against two
+references.
 
-    python benchmarks/fineweb.py [--megabytes 8] [--copies 2 8] [--repeat 5] [--text shakespeare.txt]
+    python benchmarks/fineweb.py [--megabytes 8] [--copies 2 8] [--repeat 5] \\
+        [--text shakespeare.txt]
 
-The two kinds of text come with every Python: prose (the language reference's topics in pydoc_data, or
---text FILE cut into documents at blank lines) and code with markup (the standard library's .py files, one
-document each: code, comments and reST docstrings). Each is written in four shapes: one .txt file per
-document, a few large .txt files, one jsonl file and one parquet file. For each corpus this prints:
+The two kinds of text come with every Python: prose (the language reference's topics in pydoc_data,
+or --text FILE cut into documents at blank lines) and code with markup (the standard library's .py
+files, one document each: code, comments and reST docstrings). Each is written in four shapes: one
+.txt file per document, a few large .txt files, one jsonl file and one parquet file. For each corpus
+this prints:
 - start-up: the whole fineweb.py process on a corpus of the first document alone;
-- steady: the marginal rate between runs on two numbers of copies of the corpus (--copies, 2 and 8), so
-  that the start-up, and the filling and draining of the pipeline, cancel out: what a long run (FineWeb's
-  10B tokens) gets;
+- steady: the marginal rate between runs on two numbers of copies of the corpus (--copies, 2 and 8),
+  so that the start-up, and the filling and draining of the pipeline, cancel out: what a long run
+  (FineWeb's 10B tokens) gets;
 - whole: the whole process on the larger copy, start-up included;
 and the steady rate as a share of two references on the same documents, measured in turns with it:
-- bare pool: multiprocessing.Pool(cores) encoding the documents with encode_ordinary, sent in ~1 MB batches,
-  with no reading and no writing;
-- 2 x single: the number of cores times single-thread encode_ordinary, which assumes the cores run side by
-  side at full speed (a shared or virtual machine may not give that).
+- bare pool: multiprocessing.Pool(cores) encoding the documents with encode_ordinary, sent in ~1 MB
+  batches, with no reading and no writing;
+- 2 x single: the number of cores times single-thread encode_ordinary, which assumes the cores run
+  side by side at full speed (a shared or virtual machine may not give that).
 Every figure is the median of --repeat runs: wall time on a shared machine is noisy.
 """
 
@@ -46,7 +49,8 @@ from machinery.tokenizer import gpt2_tokenizer  # noqa: E402
 
 
 def prose_documents(text_file, doc_chars, total_chars):
-    """Paragraphs (split at blank lines) grouped into documents of about doc_chars, up to total_chars."""
+    """Paragraphs (split at blank lines) grouped into documents of about doc_chars, up to
+    total_chars."""
     if text_file:
         with open(text_file, encoding="utf-8") as f:
             text = f.read()
@@ -66,7 +70,8 @@ def prose_documents(text_file, doc_chars, total_chars):
 
 
 def code_documents(total_chars):
-    """The standard library's .py files, one document each (0.1-200 KB, mostly a few KB), up to total_chars."""
+    """The standard library's .py files, one document each (0.1-200 KB, mostly a few KB), up to
+    total_chars."""
     stdlib = sysconfig.get_paths()["stdlib"]
     documents = []
     for path in sorted(glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True)):
@@ -95,7 +100,8 @@ SHAPES = ["txt files", "4 txt files", "jsonl", "parquet"]
 
 
 def write_corpus(documents, directory, shape):
-    """Write the documents in a shape; returns (path for --input, the documents as fineweb.py will see them)."""
+    """Write the documents in a shape; returns (path for --input, the documents as fineweb.py will
+    see them)."""
     os.makedirs(directory)
     if shape == "txt files":
         for index, document in enumerate(documents):
@@ -188,8 +194,8 @@ def pool_rate(pool, documents):
 
 
 def measure(documents, shape, copies, repeat, num_proc, pool, directory):
-    """Median figures of one corpus in one shape, and of the ratios of each run to the references measured
-    right beside it (pairing keeps a ratio meaningful while the machine's speed drifts)."""
+    """Median figures of one corpus in one shape, and of the ratios of each run to the references
+    measured right beside it (pairing keeps a ratio meaningful while the machine's speed drifts)."""
     small_copies, large_copies = copies
     tiny, _ = write_corpus(documents[:1], os.path.join(directory, "tiny"), shape)
     small, seen = write_corpus(documents * small_copies, os.path.join(directory, "small"), shape)
@@ -223,14 +229,14 @@ def measure(documents, shape, copies, repeat, num_proc, pool, directory):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--megabytes",
         type=float,
         default=8,
-        help="characters of each corpus, in millions; with fewer, runs on a quiet machine last "
-        "under a second and "
-        "the marginal rate measures the filling of the pipeline more than its pace",
+        help="characters of each corpus, in millions; with fewer, "
+        "runs on a quiet machine last under a second and the marginal "
+        "rate measures the filling of the pipeline more than its pace",
     )
     parser.add_argument(
         "--copies",
@@ -255,15 +261,14 @@ def main():
         "code": lambda: code_documents(total_chars),
     }
     print(
-        f"{cores} cores; fineweb.py --num_proc {cores}; each corpus x{args.copies[0]} and "
-        f"x{args.copies[1]} (M tokens: "
-        f"of x{args.copies[1]}); medians of {args.repeat} runs (min-max of steady/pool); rates in "
-        f"M tokens/s"
+        f"{cores} cores; fineweb.py --num_proc {cores}; each corpus x{args.copies[0]} "
+        f"and x{args.copies[1]} (M tokens: of x{args.copies[1]}); medians "
+        f"of {args.repeat} runs (min-max of steady/pool); rates in M tokens/s"
     )
     print(
-        f"{'corpus':<22} {'docs':>6} {'M tokens':>8} {'start-up':>8} {'steady':>6} {'whole':>5} "
-        f"{'bare pool':>9} "
-        f"{'2 x single':>10} {'steady/pool':>20} {'steady/2x':>9} {'whole/pool':>10}"
+        f"{'corpus':<22} {'docs':>6} {'M tokens':>8} {'start-up':>8} "
+        f"{'steady':>6} {'whole':>5} {'bare pool':>9} {'2 x single':>10} "
+        f"{'steady/pool':>20} {'steady/2x':>9} {'whole/pool':>10}"
     )
     with (
         multiprocessing.Pool(cores, initializer=set_encoding) as pool,
@@ -285,12 +290,10 @@ def main():
                 spread = f"({min(runs['steady/pool']):.2f}-{max(runs['steady/pool']):.2f})"
                 print(
                     f"{kind + ', ' + shape:<22} {count:>6,} {tokens / 1e6:>8.1f} "
-                    f"{m['start-up']:>7.2f}s "
-                    f"{m['steady'] / 1e6:>6.2f} {m['whole'] / 1e6:>5.2f} "
-                    f"{m['bare pool'] / 1e6:>9.2f} "
-                    f"{m['2 x single'] / 1e6:>10.2f} {m['steady/pool']:>8.2f} {spread:>11} "
-                    f"{m['steady/2x']:>9.2f} "
-                    f"{m['whole/pool']:>10.2f}",
+                    f"{m['start-up']:>7.2f}s {m['steady'] / 1e6:>6.2f} "
+                    f"{m['whole'] / 1e6:>5.2f} {m['bare pool'] / 1e6:>9.2f} "
+                    f"{m['2 x single'] / 1e6:>10.2f} {m['steady/pool']:>8.2f} "
+                    f"{spread:>11} {m['steady/2x']:>9.2f} {m['whole/pool']:>10.2f}",
                     flush=True,
                 )
 

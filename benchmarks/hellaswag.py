@@ -1,15 +1,18 @@
-"""HellaSwag eval speed for the GPT-2 124M shape: examples/s of hellaswag.py's batched scoring against
-one example (4 rows) per forward pass, the way build-nanogpt scores, in fp32 and in bf16 autocast.
+"""HellaSwag eval speed for the GPT-2 124M shape: examples/s of hellaswag.py's batched scoring
+against one example (4 rows) per forward pass, the way build-nanogpt scores, in fp32 and in bf16
+autocast.
 
-    python benchmarks/hellaswag.py                      # CPU, 64 examples (about 10 minutes on 2 cores)
+    python benchmarks/hellaswag.py                      # CPU, 64 examples
+                                                        # (about 10 minutes on 2 cores)
     python benchmarks/hellaswag.py --device cuda --examples 512 --text shakespeare.txt
 
-Random weights and synthetic examples: speed does not depend on what the weights are. The examples are
-cut from --text (any English text; by default this repository's README.md, so that a fresh clone runs
-as is) at HellaSwag's lengths: contexts of 20 to 60 tokens, endings of 10 to 40. Each line also says
-how far the scores are from the exact fp32 ones.
+Random weights and synthetic examples: speed does not depend on what the weights are. The examples
+are cut from --text (any English text; by default this repository's README.md, so that a fresh clone
+runs as is) at HellaSwag's lengths: contexts of 20 to 60 tokens, endings of 10 to 40. Each line also
+says how far the scores are from the exact fp32 ones.
 With a few dozen examples a big batch mixes rows of more different lengths (more padding) than it
-would among the 10,042 of the real set, so big batches come out a little slower here than in a real run.
+would among the 10,042 of the real set, so big batches come out a little slower here than in a real
+run.
 """
 
 import argparse
@@ -33,7 +36,8 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 
 def synthetic_examples(text, enc, n, seed=0):
-    """n HellaSwag-shaped examples: windows of random token spans of `text`, decoded back to text."""
+    """n HellaSwag-shaped examples: windows of random token spans of `text`, decoded back to
+    text."""
     rng = random.Random(seed)
     tokens = enc.encode_ordinary(text)
 
@@ -52,7 +56,8 @@ def synthetic_examples(text, enc, n, seed=0):
 
 
 def full_rows(context, endings):
-    """build-nanogpt's rendering: 4 rows of context + ending, right-padded, and a mask over each ending."""
+    """build-nanogpt's rendering: 4 rows of context + ending, right-padded, and a mask over each
+    ending."""
     length = len(context) + max(len(ending) for ending in endings)
     tokens = torch.zeros((4, length), dtype=torch.long)
     mask = torch.zeros((4, length), dtype=torch.long)
@@ -129,13 +134,13 @@ def main(argv=None):
     full = [len(context) + len(ending) for context, endings in rendered for ending in endings]
     packed = [len(hellaswag.pack_example(context, endings).tokens) for context, endings in rendered]
     print(
-        f"{len(examples)} examples on {device} ({torch.get_num_threads()} threads): context + "
-        f"ending of "
-        f"{min(full)} to {max(full)} tokens (mean {sum(full) / len(full):.0f}); "
+        f"{len(examples)} examples on {device} ({torch.get_num_threads()} threads): context "
+        f"+ ending of {min(full)} to {max(full)} tokens (mean {sum(full) / len(full):.0f}); "
         f"packed rows of {sum(packed) / len(packed):.0f} tokens on average"
     )
 
-    methods = {}  # name -> function of a list of examples, returning summed losses and counts (E, 4)
+    # name -> function of a list of examples, returning summed losses and counts (E, 4)
+    methods = {}
     for dtype in (torch.float32, torch.bfloat16):
         dtype_name = str(dtype).removeprefix("torch.")
         methods[f"{dtype_name:>8} | one example per forward"] = lambda exs, dtype=dtype: (
@@ -147,8 +152,8 @@ def main(argv=None):
                     model, exs, enc, device, b, dtype
                 )
             )
-    # Rounds, not one method after another: the machine may be busier at some moments than at others,
-    # and the best of several interleaved runs is the least disturbed one of each method.
+    # Rounds, not one method after another: the machine may be busier at some moments than at
+    # others, and the best of several interleaved runs is the least disturbed one of each method.
     best, scores = {}, {}
     for run in methods.values():
         run(examples[:2])  # warm-up: first-call allocations
@@ -170,8 +175,7 @@ def main(argv=None):
         changed = (pred != exact_pred).sum().item() + (pred_norm != exact_pred_norm).sum().item()
         print(
             f"{name:<45} | {len(examples) / best[name]:6.2f} examples/s | "
-            f"{baseline / best[name]:22.2f}x | "
-            f"max |mean loss - exact fp32| "
+            f"{baseline / best[name]:22.2f}x | max |mean loss - exact fp32| "
             f"{((sums - exact_sums) / counts).abs().max().item():.1e} | "
             f"{changed} of {2 * len(examples)} answers (acc, acc_norm) differ"
         )

@@ -1,6 +1,6 @@
-"""Sampling throughput of GPT-2 124M on the CPU: GPT.generate with its KV cache against recomputing the
-whole sequence at every step (the loop of build-nanogpt). Random weights: the speed does not depend on
-them. Both paths run under the same settings, which the output states.
+"""Sampling throughput of GPT-2 124M on the CPU: GPT.generate with its KV cache against recomputing
+the whole sequence at every step (the loop of build-nanogpt). Random weights: the speed does not
+depend on them. Both paths run under the same settings, which the output states.
 
     python benchmarks/sampling.py                     # 4 sequences x 256 new tokens, both paths
     python benchmarks/sampling.py --dtype fp32 --threads 1 --skip_recompute
@@ -42,9 +42,10 @@ def generate_by_recomputing(model, idx, max_new_tokens, top_k, generator):
 
 
 def tokens_per_second(generate, model, idx, max_new_tokens, top_k, autocast, repeats):
-    """New tokens per second of generate(model, idx, max_new_tokens, top_k, generator), best of `repeats`
-    runs: on a shared machine the fastest run is the one least disturbed by other work. Each run has
-    its own autocast region, as in sample.py, so each pays for casting the weights to bf16 once."""
+    """New tokens per second of generate(model, idx, max_new_tokens, top_k, generator), best of
+    `repeats` runs: on a shared machine the fastest run is the one least disturbed by other work.
+    Each run has its own autocast region, as in sample.py, so each pays for casting the weights to
+    bf16 once."""
     generator = torch.Generator().manual_seed(42)
     with autocast():
         generate(
@@ -97,13 +98,10 @@ def main():
         return torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     print(
-        f"GPT-2 124M, random weights, {args.num_samples} sequences x {args.max_new_tokens} new "
-        f"tokens after a "
-        f"{len(prompt)}-token prompt, top_k "
-        f"{args.top_k}\n{platform.processor() or platform.machine()}, torch "
-        f"{torch.__version__}, {args.threads} threads, {args.dtype}{' autocast' if bf16 else ''}, "
-        f"flush_denormal "
-        f"{args.flush_denormal}"
+        f"GPT-2 124M, random weights, {args.num_samples} sequences x {args.max_new_tokens} "
+        f"new tokens after a {len(prompt)}-token prompt, top_k {args.top_k}\n"
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} "
+        f"threads, {args.dtype}{' autocast' if bf16 else ''}, flush_denormal {args.flush_denormal}"
     )
     cached_speed = tokens_per_second(
         generate_with_cache, model, idx, args.max_new_tokens, args.top_k, autocast, args.repeats

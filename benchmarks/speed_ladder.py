@@ -1,18 +1,19 @@
-"""The speed ladder of the "Let's reproduce GPT-2 (124M)" lecture: the same training step, made faster one
-rung at a time, each rung keeping every one before it. It times train_gpt2.py's own train_step (the
-model, AdamW, the loss and the data loader the trainer uses) and prints one row per rung: ms per step,
-tokens/s, MFU where the device's peak is known, peak GPU memory, the speed-ups, and the lecture's figure
-(one A100, B=16, T=1024).
+"""The speed ladder of the "Let's reproduce GPT-2 (124M)" lecture: the same training step, made
+faster one rung at a time, each rung keeping every one before it. It times train_gpt2.py's own
+train_step (the model, AdamW, the loss and the data loader the trainer uses) and prints one row per
+rung: ms per step, tokens/s, MFU where the device's peak is known, peak GPU memory, the speed-ups,
+and the lecture's figure (one A100, B=16, T=1024).
 
     python benchmarks/speed_ladder.py --device cuda                    # 124M, B=16, T=1024
     python benchmarks/speed_ladder.py --device cuda --batch_size 64
-    python benchmarks/speed_ladder.py --device cpu --n_layer 2 --n_head 4 --n_embd 128 --batch_size 4 \\
-        --seq_len 128 --steps 5
+    python benchmarks/speed_ladder.py --device cpu --n_layer 2 --n_head 4 --n_embd 128 \\
+        --batch_size 4 --seq_len 128 --steps 5
 
-Every rung starts from the same weights (the padded vocabulary rows, where there are any, start at zero
-and are never a target) and trains on the same tokens, so their losses can be compared: the last
-column is each rung's loss after --steps steps, which should match the first rung's (to about 1e-4 in
-fp32 and TF32, to about 0.01 in bf16). The top rung is what train_gpt2.py does by default on a GPU.
+Every rung starts from the same weights (the padded vocabulary rows, where there are any, start at
+zero and are never a target) and trains on the same tokens, so their losses can be compared: the
+last column is each rung's loss after --steps steps, which should match the first rung's (to about
+1e-4 in fp32 and TF32, to about 0.01 in bf16). The top rung is what train_gpt2.py does by default on
+a GPU.
 """
 
 import argparse
@@ -87,16 +88,17 @@ def cumulative_settings():
 
 
 def attention_backends(flash):
-    """The math backend alone (attention as plain matmuls and a softmax, as the lecture's first rungs
-    wrote it), or every backend, for scaled_dot_product_attention to pick the fastest."""
+    """The math backend alone (attention as plain matmuls and a softmax, as the lecture's first
+    rungs wrote it), or every backend, for scaled_dot_product_attention to pick the fastest."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return contextlib.nullcontext() if flash else sdpa_kernel([SDPBackend.MATH])
 
 
 def padded_copy(model, vocab_size):
-    """A GPT like `model` with vocab_size embedding rows: its weights, the extra rows zero. The logits stop
-    at the tokenizer's 50257, so the extra rows are never a target and their gradient stays zero."""
+    """A GPT like `model` with vocab_size embedding rows: its weights, the extra rows zero. The
+    logits stop at the tokenizer's 50257, so the extra rows are never a target and their gradient
+    stays zero."""
     padded = GPT(replace(model.config, vocab_size=vocab_size))
     state = model.state_dict()
     wte = state["transformer.wte.weight"]
@@ -109,7 +111,8 @@ def padded_copy(model, vocab_size):
 
 
 def time_rung(settings, base_model, data_dir, args, device):
-    """(ms per step for each timed step, the loss of the last step, peak memory in bytes or None)."""
+    """(ms per step for each timed step, the loss of the last step, peak memory in bytes or
+    None)."""
     torch.set_float32_matmul_precision("high" if settings.tf32 else "highest")
     # A fresh copy of the shared initial weights: every rung starts where the first one did.
     if settings.vocab_size == base_model.config.vocab_size:
@@ -143,8 +146,8 @@ def time_rung(settings, base_model, data_dir, args, device):
 
 
 def corpus_shards(text_path, tokens_needed, directory):
-    """A train shard of at least tokens_needed tokens of real text (the file repeated as often as it takes),
-    named as fineweb.py names shards, in `directory`."""
+    """A train shard of at least tokens_needed tokens of real text (the file repeated as often as it
+    takes), named as fineweb.py names shards, in `directory`."""
     try:
         with open(text_path, encoding="utf-8") as f:
             text = f.read()
@@ -162,7 +165,8 @@ def corpus_shards(text_path, tokens_needed, directory):
 
 
 def run_ladder(args):
-    """Time each rung asked for; returns a list of row dicts (a skipped rung has a 'skipped' reason)."""
+    """Time each rung asked for; returns a list of row dicts (a skipped rung has a 'skipped'
+    reason)."""
     device = pick_device(args.device)
     mixed_precision(
         "auto", device
@@ -209,8 +213,8 @@ def run_ladder(args):
 def print_row(row, rows):
     """One line of the table, printed as soon as the rung is timed (compiled rungs take a while)."""
     if len(rows) == 1:
-        print(f"{'rung':<22} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'memory':>9} {'vs 1':>6} " f"{'vs prev':>7} "
-              f"{'lecture':>8} {'loss':>9}")  # fmt: skip
+        print(f"{'rung':<22} {'ms/step':>8} {'tok/s':>10} {'MFU':>6} {'memory':>9} {'vs 1':>6} "
+              f"{'vs prev':>7} {'lecture':>8} {'loss':>9}")  # fmt: skip
     if "skipped" in row:
         print(f"{row['rung']}. {row['name']:<19} skipped: {row['skipped']}", flush=True)
         return
@@ -220,11 +224,9 @@ def print_row(row, rows):
     memory = f"{row['memory'] / 2**30:.1f} GiB" if row["memory"] is not None else "-"
     lecture = f"{row['lecture_ms']} ms" if row["lecture_ms"] else "-"
     print(
-        f"{row['rung']}. {row['name']:<19} {row['ms']:8.1f} {row['tokens_per_s']:10,.0f} {mfu:>6} "
-        f"{memory:>9} "
-        f"{row['tokens_per_s'] / first['tokens_per_s']:5.2f}x "
-        f"{row['tokens_per_s'] / previous['tokens_per_s']:6.2f}x "
-        f"{lecture:>8} {row['loss']:9.5f}",
+        f"{row['rung']}. {row['name']:<19} {row['ms']:8.1f} {row['tokens_per_s']:10,.0f} "
+        f"{mfu:>6} {memory:>9} {row['tokens_per_s'] / first['tokens_per_s']:5.2f}x "
+        f"{row['tokens_per_s'] / previous['tokens_per_s']:6.2f}x {lecture:>8} {row['loss']:9.5f}",
         flush=True,
     )
 
@@ -292,11 +294,9 @@ def main(argv=None):
         else f"CPU, {torch.get_num_threads()} threads"
     )
     print(
-        f"speed ladder on {name}, torch {torch.__version__}: {args.n_layer} layers, {args.n_head} "
-        f"heads, "
-        f"{args.n_embd} channels, B={args.batch_size}, T={args.seq_len}, median of {args.steps} "
-        f"steps after "
-        f"{args.warmup}"
+        f"speed ladder on {name}, torch {torch.__version__}: {args.n_layer} "
+        f"layers, {args.n_head} heads, {args.n_embd} channels, B={args.batch_size}, "
+        f"T={args.seq_len}, median of {args.steps} steps after {args.warmup}"
     )
     return run_ladder(args)
 

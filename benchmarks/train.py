@@ -1,18 +1,21 @@
 """Training speed, measured two ways.
 
     python benchmarks/train.py                          # CPU: the README's tiny run, whole process
-    python benchmarks/train.py --against 3afb8e3        # ... and the same run on that commit's code, in turns
-    python benchmarks/train.py --device cuda            # GPU: one GPT-2 124M step at B=64, T=1024, bf16, compiled
+    python benchmarks/train.py --against 3afb8e3        # ... and the same run on that commit's
+                                                        # code, in turns
+    python benchmarks/train.py --device cuda            # GPU: one GPT-2 124M step at B=64, T=1024,
+                                                        # bf16, compiled
 
-On a CPU, the README's tiny run (4 layers, 128 channels, 1,024 tokens per step) trains --steps steps (250
-in the README) as a whole process, --runs times, on shards that fineweb.py makes from --text. Each run
-prints its wall time, the steady tokens/s of its step lines (the median step), the share of its CPU time
-spent in the kernel (system time: page faults, zeroing memory) and its peak memory (max RSS); then the
-medians, and with --against, the same for that commit's code (taken with `git archive`, run alternately
-with this tree's) and the ratios. Both must log the same losses: the script says whether they do.
+On a CPU, the README's tiny run (4 layers, 128 channels, 1,024 tokens per step) trains --steps steps
+(250 in the README) as a whole process, --runs times, on shards that fineweb.py makes from --text.
+Each run prints its wall time, the steady tokens/s of its step lines (the median step), the share of
+its CPU time spent in the kernel (system time: page faults, zeroing memory) and its peak memory (max
+RSS); then the medians, and with --against, the same for that commit's code (taken with
+`git archive`, run alternately with this tree's) and the ratios. Both must log the same losses: the
+script says whether they do.
 
-On a GPU, random tokens stand in for data (throughput does not depend on what they are), and the step
-is timed in this process, with the model's FLOP/s against the device's measured matmul peak.
+On a GPU, random tokens stand in for data (throughput does not depend on what they are), and the
+step is timed in this process, with the model's FLOP/s against the device's measured matmul peak.
 """
 
 import argparse
@@ -32,8 +35,8 @@ sys.path.insert(
 # The README's tiny run, but for --max_steps.
 TINY_RUN = (
     "--n_layer 4 --n_head 4 --n_embd 128 --batch_size 4 --seq_len 64 --total_batch_size 1024 "
-    "--warmup_steps 25 "
-    "--max_lr 3e-3 --eval_every 125 --val_tokens 32768 --ckpt_every 125 --no-hellaswag"
+    "--warmup_steps 25 --max_lr 3e-3 --eval_every 125 --val_tokens 32768 --ckpt_every 125 "
+    "--no-hellaswag"
 )
 
 
@@ -74,7 +77,8 @@ def tiny_run(repo, data_dir, log_dir, steps):
 
 
 def compare_runs(trees, data_dir, steps, runs):
-    """{tree name: [figures of each run]}, the trees run in turns, and whether they all logged the same."""
+    """{tree name: [figures of each run]}, the trees run in turns, and whether they all logged the
+    same."""
     figures, logs = {name: [] for name in trees}, set()
     with tempfile.TemporaryDirectory() as scratch:
         for i in range(runs):
@@ -104,8 +108,8 @@ def cpu_main(args):
         "?",
     )
     print(
-        f"CPU {cpu}, {os.cpu_count()} cores | torch {torch.__version__} | {args.steps} steps, "
-        f"{args.runs} runs"
+        f"CPU {cpu}, {os.cpu_count()} cores | torch "
+        f"{torch.__version__} | {args.steps} steps, {args.runs} runs"
     )
     with tempfile.TemporaryDirectory() as scratch:
         trees = {"this": REPO}
@@ -151,7 +155,8 @@ def cpu_main(args):
 
 
 def matmul_flops(device, dtype, n=4096, repeats=10):
-    """Measured FLOP/s of a large square matmul: the ceiling that the model's matmuls can approach."""
+    """Measured FLOP/s of a large square matmul: the ceiling that the model's matmuls can
+    approach."""
     import torch
 
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -197,8 +202,8 @@ def gpu_main(args):
     )
     peak, measured = device_peak_flops(device), matmul_flops(device, torch.bfloat16)
     line = (
-        f"{torch.cuda.get_device_name(device)} | torch {torch.__version__} | {B * T / dt:,.0f} "
-        f"tok/s"
+        f"{torch.cuda.get_device_name(device)} | torch "
+        f"{torch.__version__} | {B * T / dt:,.0f} tok/s"
     )
     share = f"{100 * model_flops / measured:.0f}% of the measured matmul peak"
     line += f" | model {model_flops / 1e12:.1f} TFLOP/s, {share}"

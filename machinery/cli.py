@@ -1,6 +1,6 @@
 """The command line of every script: the user-error type and run_cli, which turns one into a single
-line and exit 1 (an OSError too, and Ctrl-C/SIGTERM into one line); argparse's parser and help format;
-a table of flags made into arguments, with the range each numeric flag must lie in.
+line and exit 1 (an OSError too, and Ctrl-C/SIGTERM into one line); argparse's parser and help
+format; a table of flags made into arguments, with the range each numeric flag must lie in.
 
 torch-free, and it imports nothing of this project: every script and module may build on it.
 """
@@ -13,8 +13,8 @@ import signal
 import sys
 
 # -----------------------------------------------------------------------------
-# Errors a user can fix (a bad flag, a missing file) are raised as UserError wherever they are found,
-# and run_cli turns them into one line on stderr and exit status 1, never a traceback.
+# Errors a user can fix (a bad flag, a missing file) are raised as UserError wherever they are
+# found, and run_cli turns them into one line on stderr and exit status 1, never a traceback.
 
 
 class UserError(Exception):
@@ -22,12 +22,12 @@ class UserError(Exception):
 
 
 def run_cli(main, argv=None, interrupted=None, group=False):
-    """Call main(argv) as a script's entry point: a UserError, or an OSError (a path that cannot be read or
-    written), becomes `error: ...` on stderr and exit 1; Ctrl-C becomes `interrupted` and exit 130. `interrupted`,
-    if given, is said after it, and SIGTERM stops the script the same way (exit 143, as a shell reports it).
-    group: the script runs as a torchrun group (the trainer), where an error is said once per machine (by its
-    LOCAL_RANK 0), or by the one rank whose UserError `speaks`; every other script speaks whatever the
-    environment holds."""
+    """Call main(argv) as a script's entry point: a UserError, or an OSError (a path that cannot be
+    read or written), becomes `error: ...` on stderr and exit 1; Ctrl-C becomes `interrupted` and
+    exit 130. `interrupted`, if given, is said after it, and SIGTERM stops the script the same way
+    (exit 143, as a shell reports it). group: the script runs as a torchrun group (the trainer),
+    where an error is said once per machine (by its LOCAL_RANK 0), or by the one rank whose
+    UserError `speaks`; every other script speaks whatever the environment holds."""
     if (
         interrupted is not None
     ):  # SIGTERM (kill, a cluster's preemption) stops the script as Ctrl-C does
@@ -55,8 +55,9 @@ def run_cli(main, argv=None, interrupted=None, group=False):
 
 
 def says_for_its_machine():
-    """Whether this process says an error that each rank of a torchrun group may meet alike (a missing
-    folder): under torchrun its LOCAL_RANK 0 does; a process started otherwise always speaks."""
+    """Whether this process says an error that each rank of a torchrun group may meet alike (a
+    missing folder): under torchrun its LOCAL_RANK 0 does; a process started otherwise always
+    speaks."""
     return "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("LOCAL_RANK", "0").strip() in (
         "",
         "0",
@@ -64,8 +65,8 @@ def says_for_its_machine():
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose mistakes (an unknown flag, a missing value) are a UserError: one line and
-    exit 1 like every other user error, not argparse's usage block and exit 2."""
+    """argparse's parser, whose mistakes (an unknown flag, a missing value) are a UserError: one
+    line and exit 1 like every other user error, not argparse's usage block and exit 2."""
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
@@ -75,7 +76,8 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space left, a quota,
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the script is, so that it unwinds as on Ctrl-C (atomic writes discard their part)."""
+    """SIGTERM, raised where the script is, so that it unwinds as on Ctrl-C (atomic writes discard
+    their part)."""
 
 
 def raise_terminated(signum, frame):
@@ -83,24 +85,24 @@ def raise_terminated(signum, frame):
 
 
 def os_error_line(error, path=None):
-    """What a failed read or write (an OSError) of `path` (default: the error's own) says: a full disk, a
-    file or folder where the other is needed, a read-only disk, a permission, or the system's reason."""
-    # The writes that matter are atomic (checkpoints, shards, progress files), so whatever was finished
-    # before a failure is intact.
+    """What a failed read or write (an OSError) of `path` (default: the error's own) says: a full
+    disk, a file or folder where the other is needed, a read-only disk, a permission, or the
+    system's reason."""
+    # The writes that matter are atomic (checkpoints, shards, progress files), so whatever was
+    # finished before a failure is intact.
     if error.errno in DISK_FULL:
         where = f" while writing {path or error.filename}" if path or error.filename else ""
         return (
             f"the disk is full{where}: free some space and run the command again; finished "
-            f"checkpoints and "
-            "shards are intact (a training run continues with --resume)"
+            f"checkpoints and shards are intact (a training run continues with --resume)"
         )
     where = f"{path or error.filename}: " if path or error.filename else ""
     if error.errno == errno.EISDIR:
         return f"{where}is a folder where a file is needed: move the folder, or pass another path"
     if error.errno in (errno.ENOTDIR, errno.EEXIST):  # a file where a folder of the path should be
         return (
-            f"{where}a file is in the way where this path needs a folder: pass another path, or "
-            f"move the file"
+            f"{where}a file is in the way where this path needs "
+            f"a folder: pass another path, or move the file"
         )
     if error.errno == errno.EROFS:
         return (
@@ -108,18 +110,18 @@ def os_error_line(error, path=None):
         )
     if error.errno == errno.EACCES:
         return (
-            f"{where}permission denied: change its permissions, or pass a path this user may read "
-            f"or write"
+            f"{where}permission denied: change its permissions, "
+            f"or pass a path this user may read or write"
         )
     return (
-        f"{where}{error.strerror or error}: check that the path exists and that this user may "
-        f"read or write it"
+        f"{where}{error.strerror or error}: check that the "
+        f"path exists and that this user may read or write it"
     )
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help lists each flag's default once: after its reason, unless the reason already names it or
-    there is none to show."""
+    """--help lists each flag's default once: after its reason, unless the reason already names it
+    or there is none to show."""
 
     def _get_help_string(self, action):
         if action.default is None or "default" in (action.help or ""):
@@ -128,10 +130,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def add_flags(parser, table):
-    """Add a table of flags, {group title: [(flag, default, reason[, range]), ...]}, to a parser. The
-    default's type is the flag's; True makes a --flag/--no-flag pair (off: --no-flag), False a switch; a
-    type (int, float, str, bool) means no default (bool: a --flag/--no-flag pair left at None); a tuple
-    lists the choices, the first being the default; "[PATH]" an optional value, "latest" when left out."""
+    """Add a table of flags, {group title: [(flag, default, reason[, range]), ...]}, to a parser.
+    The default's type is the flag's; True makes a --flag/--no-flag pair (off: --no-flag), False a
+    switch; a type (int, float, str, bool) means no default (bool: a --flag/--no-flag pair left at
+    None); a tuple lists the choices, the first being the default; "[PATH]" an optional value,
+    "latest" when left out."""
     for title, rows in table.items():
         group = parser.add_argument_group(title)
         for flag, default, reason, *_ in rows:  # the range is checked by check_ranges
@@ -153,8 +156,9 @@ def add_flags(parser, table):
 
 
 # -----------------------------------------------------------------------------
-# Numeric flags are checked by one table per script, {flag: RANGE}, instead of one `if` per flag. float()
-# accepts "nan" and "inf" (and "1e400", which overflows to inf), so every value must also be finite.
+# Numeric flags are checked by one table per script, {flag: RANGE}, instead of one `if` per flag.
+# float() accepts "nan" and "inf" (and "1e400", which overflows to inf), so every value must also be
+# finite.
 
 POSITIVE = (lambda value: value > 0, "positive")
 AT_LEAST_0 = (lambda value: value >= 0, "at least 0")
@@ -166,8 +170,8 @@ SEED = (lambda value: 0 <= value < 2**63, "in [0, 2**63): torch's generators tak
 
 
 def check_ranges(args, ranges):
-    """Refuse the first flag of `ranges` ({name: (test, what it must be)}) whose value fails its test
-    or is not finite. A flag left at None (an optional one not given) is not checked."""
+    """Refuse the first flag of `ranges` ({name: (test, what it must be)}) whose value fails its
+    test or is not finite. A flag left at None (an optional one not given) is not checked."""
     for name, (test, must_be) in ranges.items():
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and test(value)):

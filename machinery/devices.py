@@ -1,6 +1,6 @@
-"""Devices and number formats: which device a run uses, which 16-bit format autocast computes in and why,
-the speed settings that change no result, the peak FLOP/s behind MFU, and memory: what a run is estimated
-to need, what the device has, and the out-of-memory message.
+"""Devices and number formats: which device a run uses, which 16-bit format autocast computes in and
+why, the speed settings that change no result, the peak FLOP/s behind MFU, and memory: what a run is
+estimated to need, what the device has, and the out-of-memory message.
 
 Not in train_gpt2.py because a reader of the tutorial needs only the outcome (a device, a dtype, one
 autocast context built once), not the probing of /proc/cpuinfo or the table of GPUs behind it.
@@ -21,8 +21,8 @@ def pick_device(requested):
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(
-                f"--device {requested}, but PyTorch sees no CUDA GPU: install a CUDA build of "
-                f"torch or use --device cpu"
+                f"--device {requested}, but PyTorch sees no CUDA GPU: "
+                f"install a CUDA build of torch or use --device cpu"
             )
         if requested == "mps" and not torch.backends.mps.is_available():
             raise UserError("--device mps, but MPS is not available: use --device cpu")
@@ -36,8 +36,8 @@ def pick_device(requested):
             "cpu",
         ):  # meta, xla, ...: not set up here
             raise UserError(
-                f"--device {requested!r} is not a device this project runs on: use cuda, cuda:N, "
-                f"mps or cpu"
+                f"--device {requested!r} is not a device this "
+                f"project runs on: use cuda, cuda:N, mps or cpu"
             )
         return device
     if torch.cuda.is_available():
@@ -48,15 +48,16 @@ def pick_device(requested):
 
 
 # -----------------------------------------------------------------------------
-# Number formats. Autocast runs the matmuls in a 16-bit format where the hardware has fast units for it
-# and keeps fp32 where precision matters (softmax, norms, the loss); the weights, their gradients and the
-# optimizer stay fp32.
+# Number formats. Autocast runs the matmuls in a 16-bit format where the hardware has fast units for
+# it and keeps fp32 where precision matters (softmax, norms, the loss); the weights, their gradients
+# and the optimizer stay fp32.
 
 
 def cpu_has_native_bf16(cpuinfo=None):
-    """Whether the CPU computes in bf16 in hardware: x86 AMX or AVX512-BF16, Arm's BF16 extension. Without
-    it PyTorch emulates bf16, and a training step runs many times slower than in fp32 (a 4-layer model
-    here: 4.4 s in fp32, 245 s in bf16). `cpuinfo`: the text of /proc/cpuinfo (read when None)."""
+    """Whether the CPU computes in bf16 in hardware: x86 AMX or AVX512-BF16, Arm's BF16 extension.
+    Without it PyTorch emulates bf16, and a training step runs many times slower than in fp32 (a
+    4-layer model here: 4.4 s in fp32, 245 s in bf16). `cpuinfo`: the text of /proc/cpuinfo (read
+    when None)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
@@ -71,9 +72,10 @@ def cpu_has_native_bf16(cpuinfo=None):
 
 
 def auto_dtype(device_type, native_bf16):
-    """The autocast dtype `--dtype auto` picks, and why, as a pure function of the device's type and whether
-    it does bf16 in hardware. bf16 keeps fp32's range, so it trains without loss scaling; fp16 needs a
-    loss scaler and serves GPUs without bf16; emulated bf16 is slower than fp32, so such CPUs stay in fp32."""
+    """The autocast dtype `--dtype auto` picks, and why, as a pure function of the device's type and
+    whether it does bf16 in hardware. bf16 keeps fp32's range, so it trains without loss scaling;
+    fp16 needs a loss scaler and serves GPUs without bf16; emulated bf16 is slower than fp32, so
+    such CPUs stay in fp32."""
     if device_type == "cuda":
         if native_bf16:
             return torch.bfloat16, "the GPU has bf16 tensor cores"
@@ -105,8 +107,9 @@ def speed_up_cpu(device):
 
 
 # -----------------------------------------------------------------------------
-# Throughput: model FLOPs utilisation (MFU) is the fraction of the device's peak that the model's own
-# arithmetic uses: 6 FLOPs per parameter per token (forward + backward), plus attention's score matmuls.
+# Throughput: model FLOPs utilisation (MFU) is the fraction of the device's peak that the model's
+# own arithmetic uses: 6 FLOPs per parameter per token (forward + backward), plus attention's score
+# matmuls.
 
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16, SXM
 
@@ -142,12 +145,13 @@ def peak_memory_gib(device):
 
 
 # -----------------------------------------------------------------------------
-# Memory. An eager step holds the weights, their gradients and AdamW's two moments (4 fp32 numbers per
-# parameter), and for each token of a micro-batch its activations (about 16 numbers per channel per
-# layer, kept for the backward pass) and its logits over the vocabulary with their softmax and gradients
-# (about 8 copies of 4 bytes): at small widths the logits are most of it. An evaluation keeps the weights
-# and about 4 copies of the logits, nothing for a backward pass. The figures were fitted to the peak
-# memory (max RSS) of eager fp32 and bf16 runs on a CPU, within 15%; a compiled run needs less.
+# Memory. An eager step holds the weights, their gradients and AdamW's two moments (4 fp32 numbers
+# per parameter), and for each token of a micro-batch its activations (about 16 numbers per channel
+# per layer, kept for the backward pass) and its logits over the vocabulary with their softmax and
+# gradients (about 8 copies of 4 bytes): at small widths the logits are most of it. An evaluation
+# keeps the weights and about 4 copies of the logits, nothing for a backward pass. The figures were
+# fitted to the peak memory (max RSS) of eager fp32 and bf16 runs on a CPU, within 15%; a compiled
+# run needs less.
 
 
 def training_bytes(config, num_params, batch_size, seq_len):
@@ -160,8 +164,9 @@ def evaluation_bytes(config, num_params, rows, seq_len):
 
 
 def available_bytes(device):
-    """Memory the run may still take: free GPU memory plus what this process holds there; on a CPU, the
-    system's available memory, within this process's address-space limit and its cgroup's limit (Linux)."""
+    """Memory the run may still take: free GPU memory plus what this process holds there; on a CPU,
+    the system's available memory, within this process's address-space limit and its cgroup's limit
+    (Linux)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
     if device.type != "cpu":
@@ -194,21 +199,24 @@ def read_words(path):
 
 
 def evaluation_rows(model, batch_size, seq_len, device):
-    """Rows of a val batch per forward pass: all --batch_size of them, or as many as the device has memory for
-    (at least one). Splitting a batch changes no number: the loss is the mean over the same tokens."""
+    """Rows of a val batch per forward pass: all --batch_size of them, or as many as the device has
+    memory for (at least one). Splitting a batch changes no number: the loss is the mean over the
+    same tokens."""
     available, config = available_bytes(device), model.config
     num_params = sum(p.numel() for p in model.parameters())
     if available is None:
         return batch_size
-    # 70% of it: the rest of the process grows during an evaluation too (loaders, the allocator's reserves,
-    # thread stacks), and an address-space limit counts what is reserved as well as what is used.
+    # 70% of it: the rest of the process grows during an evaluation too (loaders, the allocator's
+    # reserves, thread stacks), and an address-space limit counts what is reserved as well as what
+    # is used.
     budget = 0.7 * available - evaluation_bytes(config, num_params, 0, seq_len)
     return max(1, min(batch_size, int(budget // evaluation_bytes(config, 0, 1, seq_len))))
 
 
 def check_training_fits(model, args, world_size, device, compiled):
-    """The estimate of a step's peak memory and what the device has, as the start-up block's line; refuses an
-    eager run that cannot fit, naming the largest --batch_size that does (compiled runs need less: not refused)."""
+    """The estimate of a step's peak memory and what the device has, as the start-up block's line;
+    refuses an eager run that cannot fit, naming the largest --batch_size that does (compiled runs
+    need less: not refused)."""
     B, T, total = args.batch_size, args.seq_len, args.total_batch_size
     config, num_params = model.config, sum(p.numel() for p in model.parameters())
     needed, available = training_bytes(config, num_params, B, T), available_bytes(device)
@@ -221,26 +229,25 @@ def check_training_fits(model, args, world_size, device, compiled):
     fits = [b for b in range(B - 1, 0, -1) if total % (b * T * world_size) == 0]
     fits = [b for b in fits if training_bytes(config, num_params, b, T) <= available]
     advice = (
-        f"use --batch_size {fits[0]} (--total_batch_size {total} stays: more micro-steps make up "
-        f"the difference)"
+        f"use --batch_size {fits[0]} (--total_batch_size "
+        f"{total} stays: more micro-steps make up the difference)"
         if fits
         else (
-            "even --batch_size 1 does not fit: use a smaller model (--n_layer, --n_embd) or "
-            "shorter --seq_len"
+            "even --batch_size 1 does not fit: use a smaller "
+            "model (--n_layer, --n_embd) or shorter --seq_len"
         )
     )
     raise UserError(
-        f"the run needs about {needed / 2**30:.1f} GiB per step at --batch_size {B} and {device} "
-        f"has "
-        f"{available / 2**30:.1f} GiB available: {advice}"
+        f"the run needs about {needed / 2**30:.1f} GiB per step at --batch_size "
+        f"{B} and {device} has {available / 2**30:.1f} GiB available: {advice}"
     )
 
 
 def lower_batch_size(args):
     return (
-        f"lower --batch_size (now {args.batch_size}) and keep --total_batch_size "
-        f"{args.total_batch_size}: more micro-steps make up the difference, and the run stays the "
-        f"same"
+        f"lower --batch_size (now {args.batch_size}) and keep "
+        f"--total_batch_size {args.total_batch_size}: more micro-steps "
+        f"make up the difference, and the run stays the same"
     )
 
 
@@ -251,7 +258,7 @@ def out_of_memory(device, advice):
         free, total = torch.cuda.mem_get_info(device)
         peak = torch.cuda.max_memory_allocated(device)
         figures = (
-            f" ({peak / 2**30:.1f} GiB at the peak of {total / 2**30:.1f} GiB, {free / 2**30:.1f} "
-            f"GiB free now)"
+            f" ({peak / 2**30:.1f} GiB at the peak of "
+            f"{total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free now)"
         )
     return UserError(f"out of memory on {device}{figures}: {advice}")

@@ -14,26 +14,26 @@ from machinery.cli import DISK_FULL, UserError, os_error_line
 # -----------------------------------------------------------------------------
 # One writer per output folder. Two runs writing one folder (two trainers on one --log_dir, two
 # fineweb.py on one --out) would overwrite each other's checkpoints, logs and shards, and each would
-# delete the other's half-written files as stale. So a writer holds an OS lock on <folder>/.lock for as
-# long as it writes, and a second one is refused at once. The OS drops the lock when its process ends,
-# however it ends (even SIGKILL), so a lock left by a dead process never blocks. POSIX record locks
-# (lockf) are used rather than flock: a child process (tokenizer workers, torch.compile's compilers)
-# does not inherit them, so a worker that outlives a killed parent holds nothing. Not covered: two
-# writers in one process, and network file systems that do not implement POSIX locks.
+# delete the other's half-written files as stale. So a writer holds an OS lock on <folder>/.lock for
+# as long as it writes, and a second one is refused at once. The OS drops the lock when its process
+# ends, however it ends (even SIGKILL), so a lock left by a dead process never blocks. POSIX record
+# locks (lockf) are used rather than flock: a child process (tokenizer workers, torch.compile's
+# compilers) does not inherit them, so a worker that outlives a killed parent holds nothing. Not
+# covered: two writers in one process, and network file systems that do not implement POSIX locks.
 
 LOCK_NAME = ".lock"
 
 
 @contextlib.contextmanager
 def output_lock(folder, flag):
-    """`with output_lock(folder, "--out"):` creates folder if needed and holds its lock for the block; a
-    folder held by another process is a UserError naming the holder. The lock file holds pid@host for
-    that message and is removed at the end, and so is the folder if this block created it and left it empty."""
+    """`with output_lock(folder, "--out"):` creates folder if needed and holds its lock for the
+    block; a folder held by another process is a UserError naming the holder. The lock file holds
+    pid@host for that message and is removed at the end, and so is the folder if this block created
+    it and left it empty."""
     if os.path.islink(folder) and not os.path.exists(folder):
         raise UserError(
-            f"{flag} {folder} is a symbolic link to {os.readlink(folder)}, which is no folder: "
-            f"point it at one, "
-            f"or pass another {flag}"
+            f"{flag} {folder} is a symbolic link to {os.readlink(folder)}, "
+            f"which is no folder: point it at one, or pass another {flag}"
         )
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is a file, not a folder: pass a folder's path")
@@ -73,11 +73,12 @@ def acquire_lock(path, folder, flag):
             )
             os.close(fd)
             raise UserError(
-                f"{flag} {folder} is in use by another run (pid {holder}): wait for it to end, or "
-                f"pass another {flag}"
+                f"{flag} {folder} is in use by another run (pid "
+                f"{holder}): wait for it to end, or pass another {flag}"
             ) from None
-        # The holder removes the file just before it lets go: if we locked a file that is no longer at
-        # `path`, a newcomer could create and lock a new one beside us. Then try again on the new one.
+        # The holder removes the file just before it lets go: if we locked a file that is no longer
+        # at `path`, a newcomer could create and lock a new one beside us. Then try again on the new
+        # one.
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 os.ftruncate(fd, 0)
@@ -87,14 +88,14 @@ def acquire_lock(path, folder, flag):
 
 
 # -----------------------------------------------------------------------------
-# Atomic writes: a file is written beside its target, flushed to disk, then renamed over it, so that a
-# crash, a kill or a full disk leaves either the old file or the new one, never a torn one.
+# Atomic writes: a file is written beside its target, flushed to disk, then renamed over it, so that
+# a crash, a kill or a full disk leaves either the old file or the new one, never a torn one.
 
 
 @contextlib.contextmanager
 def atomic_write(path, mode="wb", temp_path=None):
-    """`with atomic_write(path) as f:` writes f to path only if the block finishes. A failed write (a
-    full disk, a lost mount) removes the temporary file and raises a UserError naming path."""
+    """`with atomic_write(path) as f:` writes f to path only if the block finishes. A failed write
+    (a full disk, a lost mount) removes the temporary file and raises a UserError naming path."""
     temp_path = temp_path or path + ".tmp"
     if os.path.isdir(path):
         raise UserError(f"could not write {path}: it is a folder; pass a file's path")
@@ -118,7 +119,8 @@ def atomic_write(path, mode="wb", temp_path=None):
         raise UserError(
             f"could not write {path}: is the disk full? (any earlier {path} is intact)"
         ) from None
-    finally:  # after an error or Ctrl-C; a kill leaves the temporary file for the next run to remove
+    finally:
+        # after an error or Ctrl-C; a kill leaves the temporary file for the next run to remove
         with contextlib.suppress(OSError):
             os.remove(temp_path)
 

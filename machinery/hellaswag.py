@@ -39,7 +39,8 @@ HELLASWAG_FILE = "hellaswag_val.jsonl"
 
 
 def default_cache_dir():
-    """$XDG_CACHE_HOME/gpt2-repro/hellaswag, or ~/.cache/gpt2-repro/hellaswag (the usual Linux place)."""
+    """$XDG_CACHE_HOME/gpt2-repro/hellaswag, or ~/.cache/gpt2-repro/hellaswag (the usual Linux
+    place)."""
     cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache_home, "gpt2-repro", "hellaswag")
 
@@ -47,7 +48,8 @@ def default_cache_dir():
 def hellaswag_path(data=None, cache_dir=None, download=True, url=HELLASWAG_URL):
     """Where hellaswag_val.jsonl is: `data` if given (it must exist), else the copy in cache_dir
     (default_cache_dir() when None), downloaded from `url` first if it is not there. With
-    download=False a missing cached copy gives None, so a caller can skip the eval without network."""
+    download=False a missing cached copy gives None, so a caller can skip the eval without
+    network."""
     if data is not None:
         if not data.strip():
             raise UserError(f"the path {data!r} names no file: pass the path of {HELLASWAG_FILE}")
@@ -69,15 +71,15 @@ def hellaswag_path(data=None, cache_dir=None, download=True, url=HELLASWAG_URL):
 
 
 def download_file(url, path):
-    """Fetch url into path atomically, so that an interrupted download never leaves a torn file where
-    the next run would trust it."""
+    """Fetch url into path atomically, so that an interrupted download never leaves a torn file
+    where the next run would trust it."""
     directory = os.path.dirname(path)
     try:
         os.makedirs(directory, exist_ok=True)
     except OSError as e:
         raise UserError(
-            f"cannot write to {directory} ({e}): set XDG_CACHE_HOME to a writable directory, or "
-            f"pass --data PATH"
+            f"cannot write to {directory} ({e}): set XDG_CACHE_HOME "
+            f"to a writable directory, or pass --data PATH"
         ) from None
     with atomic_write(path) as f:
         try:
@@ -97,9 +99,8 @@ def download_file(url, path):
             HTTPException,
         ) as e:  # no network, timeout, HTTP error, connection cut short
             raise UserError(
-                f"could not download {url} ({e}); on a machine with network, download that file "
-                f"and pass "
-                f"--data PATH (or put it at {path})"
+                f"could not download {url} ({e}); on a machine with network, "
+                f"download that file and pass --data PATH (or put it at {path})"
             ) from None
 
 
@@ -122,7 +123,8 @@ def load_examples(path, limit=None):
 
 
 def parse_example(line, where):
-    """One line of the jsonl file as an example dict; `where` (file and line) goes into any error."""
+    """One line of the jsonl file as an example dict; `where` (file and line) goes into any
+    error."""
     try:
         example = json.loads(line)
     except json.JSONDecodeError as e:
@@ -144,42 +146,44 @@ def parse_example(line, where):
 
 
 # -----------------------------------------------------------------------------
-# Rendering. An example is scored as 4 sequences, the context followed by each ending (with the leading
-# space that joins it to the context); only the ending's tokens are scored. The 4 sequences share their
-# beginning, so we pack them into one row: the context once, then the 4 endings, each placed (by its
-# position numbers) right after the context and seeing only the context and itself. A context of ~40
-# tokens and endings of ~25 make a row of ~140 tokens instead of 4 rows of ~75, padded.
+# Rendering. An example is scored as 4 sequences, the context followed by each ending (with the
+# leading space that joins it to the context); only the ending's tokens are scored. The 4 sequences
+# share their beginning, so we pack them into one row: the context once, then the 4 endings, each
+# placed (by its position numbers) right after the context and seeing only the context and itself. A
+# context of ~40 tokens and endings of ~25 make a row of ~140 tokens instead of 4 rows of ~75,
+# padded.
 
 
 def render_example(example, enc, max_len=None):
     """The tokens of an example's context and of its 4 endings: (context, [4 endings]). Context plus
-    ending must fit in max_len (the model's block_size): an ending keeps at most max_len - 1 tokens, and
-    a context too long for the longest ending loses tokens from its start (the same ones for all 4)."""
+    ending must fit in max_len (the model's block_size): an ending keeps at most max_len - 1 tokens,
+    and a context too long for the longest ending loses tokens from its start (the same ones for
+    all 4)."""
     context = enc.encode_ordinary(example["ctx"])
     endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
     if max_len is not None:
         if max_len < 2:  # the context's last token predicts an ending's first: no room for both
             raise UserError(
-                f"a model with block_size {max_len} cannot score HellaSwag: it needs at least 2 "
-                f"positions"
+                f"a model with block_size {max_len} cannot "
+                f"score HellaSwag: it needs at least 2 positions"
             )
         endings = [ending[: max_len - 1] for ending in endings]
         context = context[-(max_len - max(len(ending) for ending in endings)) :]
     return context, endings
 
 
-# One example as a row: its tokens, each token's position in its own sequence, and its segment (0 for
-# the context, k + 1 for ending k); then, for every ending token in order, the row index whose output
-# predicts it, the token itself, and which ending (0..3) it belongs to.
+# One example as a row: its tokens, each token's position in its own sequence, and its segment (0
+# for the context, k + 1 for ending k); then, for every ending token in order, the row index whose
+# output predicts it, the token itself, and which ending (0..3) it belongs to.
 PackedExample = collections.namedtuple(
     "PackedExample", "tokens positions segments predict_at targets ending_of"
 )
 
 
 def pack_example(context, endings):
-    """The row of an example (see PackedExample). Ending token j is predicted by the output just before
-    it: the context's last token for j = 0, the ending's token j - 1 after that. So an ending's last
-    token predicts nothing and is left out of the row: it is only a target."""
+    """The row of an example (see PackedExample). Ending token j is predicted by the output just
+    before it: the context's last token for j = 0, the ending's token j - 1 after that. So an
+    ending's last token predicts nothing and is left out of the row: it is only a target."""
     tokens, positions, segments = list(context), list(range(len(context))), [0] * len(context)
     predict_at, targets, ending_of = [], [], []
     for k, ending in enumerate(endings):
@@ -196,9 +200,9 @@ def pack_example(context, endings):
 
 
 def attention_mask(segments, positions):
-    """Who may see whom in packed rows: segments, positions (B, L) -> (B, 1, L, L), True where token q (dim 2)
-    may see token s (dim 3): s is in the context or in q's own ending, and not at a later position. Padding
-    (segment -1) is seen by no real token."""
+    """Who may see whom in packed rows: segments, positions (B, L) -> (B, 1, L, L), True where token
+    q (dim 2) may see token s (dim 3): s is in the context or in q's own ending, and not at a later
+    position. Padding (segment -1) is seen by no real token."""
     seg_q, seg_s = segments[:, :, None], segments[:, None, :]
     visible = ((seg_s == 0) | (seg_s == seg_q)) & (positions[:, None, :] <= positions[:, :, None])
     return visible.unsqueeze(1)  # one mask for all heads
@@ -211,8 +215,9 @@ def attention_mask(segments, positions):
 
 
 def ending_losses(model, packed, device):
-    """One forward pass over packed examples (one right-padded row each) on `device`: the summed loss of
-    each ending's tokens (E, 4) and how many there are (E, 4). The caller sets no_grad and any autocast."""
+    """One forward pass over packed examples (one right-padded row each) on `device`: the summed
+    loss of each ending's tokens (E, 4) and how many there are (E, 4). The caller sets no_grad and
+    any autocast."""
     length = max(len(example.tokens) for example in packed)
     tokens = torch.zeros((len(packed), length), dtype=torch.long)
     positions = torch.zeros((len(packed), length), dtype=torch.long)
@@ -256,12 +261,13 @@ def score_examples(
     progress=False,
     stop=None,
 ):
-    """Summed losses (E, 4) and scored token counts (E, 4) of every ending of every example, batch_size
-    examples (one row each) per forward pass. The rows are sorted by length first so that a batch holds
-    rows of about the same length and little compute goes into padding; the results are put back in
-    the examples' order. autocast_dtype float32 (no autocast) is exact; bfloat16 is faster where
-    matmuls have bf16 units, but its rounding moves the mean losses by about 0.001 to 0.01, enough to
-    flip a few near-tied answers. A stop request (as in validation_loss) ends the scoring between batches."""
+    """Summed losses (E, 4) and scored token counts (E, 4) of every ending of every example,
+    batch_size examples (one row each) per forward pass. The rows are sorted by length first so that
+    a batch holds rows of about the same length and little compute goes into padding; the results
+    are put back in the examples' order. autocast_dtype float32 (no autocast) is exact; bfloat16 is
+    faster where matmuls have bf16 units, but its rounding moves the mean losses by about 0.001 to
+    0.01, enough to flip a few near-tied answers. A stop request (as in validation_loss) ends the
+    scoring between batches."""
     device_type = torch.device(device).type
     packed = [
         pack_example(*render_example(example, enc, max_len=model.config.block_size))
@@ -291,20 +297,22 @@ def score_examples(
 
 
 def predictions(sum_losses, n_tokens):
-    """The chosen ending of each example by summed loss (acc) and by mean loss per token (acc_norm)."""
+    """The chosen ending of each example by summed loss (acc) and by mean loss per token
+    (acc_norm)."""
     return sum_losses.argmin(dim=-1), (sum_losses / n_tokens).argmin(dim=-1)
 
 
 def evaluate_hellaswag(
-    model, examples, enc, device, batch_size, rank=0, world_size=1, autocast_dtype=torch.float32, progress=False,
-    stop=None,
+    model, examples, enc, device, batch_size, rank=0, world_size=1, autocast_dtype=torch.float32,
+    progress=False, stop=None,
 ):  # fmt: skip
-    """HellaSwag counts over all `examples`: dict(n, correct, correct_norm) (correct for acc, correct_norm
-    for acc_norm). With DDP every rank calls this with the same examples and scores its share (rank r
-    takes examples r, r + world_size, ...); the counts are then summed with all_reduce, so every rank
-    gets the totals (torch.distributed must be initialised when world_size > 1). `model` is a GPT (a
-    torch.compile'd one runs its uncompiled methods here), not the DDP wrapper: evaluation needs no
-    gradient sync. autocast_dtype, stop: as in score_examples()."""
+    """HellaSwag counts over all `examples`: dict(n, correct, correct_norm) (correct for acc,
+    correct_norm for acc_norm). With DDP every rank calls this with the same examples and scores its
+    share (rank r takes examples r, r + world_size, ...); the counts are then summed with
+    all_reduce, so every rank gets the totals (torch.distributed must be initialised when
+    world_size > 1). `model` is a GPT (a torch.compile'd one runs its uncompiled methods here), not
+    the DDP wrapper: evaluation needs no gradient sync. autocast_dtype, stop: as in
+    score_examples()."""
     my_examples = examples[rank::world_size]
     if my_examples:
         sum_losses, n_tokens = score_examples(
@@ -329,9 +337,10 @@ def evaluate_hellaswag(
 
 def in_loop_eval(data, enc, procs, batch_size, autocast_dtype, download=True):
     """For train_gpt2.py's evaluations: a function (model, stop=None) -> HellaSwag acc_norm, each
-    rank scoring its share of the examples, or None when its data cannot be had (a one-line notice says
-    why). data: --hellaswag_data, or None for the cached download; download=False uses the cached copy
-    only, for --eval_only, which writes no file. batch_size: examples per forward pass."""
+    rank scoring its share of the examples, or None when its data cannot be had (a one-line notice
+    says why). data: --hellaswag_data, or None for the cached download; download=False uses the
+    cached copy only, for --eval_only, which writes no file. batch_size: examples per forward
+    pass."""
     if data:
         path = hellaswag_path(data)  # a path the user gave must exist
     else:
@@ -346,15 +355,16 @@ def in_loop_eval(data, enc, procs, batch_size, autocast_dtype, download=True):
         if path is None:
             procs.print(
                 f"HellaSwag skipped: its data is not "
-                f"cached{' and could not be downloaded' if download else ''}; "
-                "pass --hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag"
+                f"cached{' and could not be downloaded' if download else ''}; pass "
+                f"--hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag"
             )
             return None
     examples = load_examples(path)
 
     def hellaswag_acc_norm(model, stop=None):
         device = next(model.parameters()).device
-        # One row per example, shorter than a training row: --batch_size of them fit where training does.
+        # One row per example, shorter than a training row: --batch_size of them fit where training
+        # does.
         counts = evaluate_hellaswag(
             model,
             examples,

@@ -1,10 +1,11 @@
 """Hugging Face's GPT-2 format, both ways: fetching OpenAI's weights from the hub, reading a GPT-2
-directory (config.json with model.safetensors or pytorch_model.bin), and writing one for export_hf.py.
+directory (config.json with model.safetensors or pytorch_model.bin), and writing one for
+export_hf.py.
 
 Not in train_gpt2.py because the tutorial needs only what it yields, a config and tensors under our
-module names; the step that matters to the lecture (Conv1D weights transposed) stays there. This file
-holds the rest: file formats, the hub, config names and the checks that a directory is OpenAI's network,
-and the padding of GPT-2's 50257-row embedding to the run's --vocab_size.
+module names; the step that matters to the lecture (Conv1D weights transposed) stays there. This
+file holds the rest: file formats, the hub, config names and the checks that a directory is OpenAI's
+network, and the padding of GPT-2's 50257-row embedding to the run's --vocab_size.
 """
 
 import json
@@ -17,7 +18,8 @@ from machinery.checkpoints import latest_checkpoint
 from machinery.cli import UserError
 from machinery.tokenizer import EOT_TOKEN, GPT2_VOCAB_SIZE
 
-# OpenAI's checkpoint uses Conv1D layers, whose weights are stored (in, out), transposed from nn.Linear.
+# OpenAI's checkpoint uses Conv1D layers, whose weights are stored (in, out), transposed from
+# nn.Linear.
 CONV1D_WEIGHTS = (
     "attn.c_attn.weight",
     "attn.c_proj.weight",
@@ -32,7 +34,8 @@ HF_CONFIG_NAMES = {
     "n_head": "n_head",
     "n_embd": "n_embd",
 }
-# The GPT2Config settings under which Hugging Face's GPT-2 is OpenAI's network (first value: the default).
+# The GPT2Config settings under which Hugging Face's GPT-2 is OpenAI's network (first value: the
+# default).
 OPENAI_GPT2_SETTINGS = {
     "activation_function": (
         "gelu_new",
@@ -46,9 +49,10 @@ OPENAI_GPT2_SETTINGS = {
 
 
 def read_gpt2(name_or_path, hub_names):
-    """(config, tensors, source) of OpenAI's GPT-2: a hub name of `hub_names`, downloaded once and cached, or
-    a local Hugging Face directory. config: GPTConfig's fields as a dict; tensors: keyed by our module
-    names, in Hugging Face's layout (Conv1D weights still transposed); source: the config's path, for errors."""
+    """(config, tensors, source) of OpenAI's GPT-2: a hub name of `hub_names`, downloaded once and
+    cached, or a local Hugging Face directory. config: GPTConfig's fields as a dict; tensors: keyed
+    by our module names, in Hugging Face's layout (Conv1D weights still transposed); source: the
+    config's path, for errors."""
     if os.path.isdir(name_or_path):
         directory = name_or_path
     elif name_or_path in hub_names:
@@ -69,7 +73,8 @@ def read_gpt2(name_or_path, hub_names):
 
 
 def download_gpt2(name):
-    """Fetch OpenAI's weights from the Hugging Face hub (cached after the first time); return the directory."""
+    """Fetch OpenAI's weights from the Hugging Face hub (cached after the first time); return the
+    directory."""
     try:
         from huggingface_hub import snapshot_download
 
@@ -80,17 +85,17 @@ def download_gpt2(name):
         Exception
     ) as e:  # no network, hub down, no huggingface_hub: all end the same way for the user
         raise UserError(
-            f"could not download '{name}' from the Hugging Face hub ({type(e).__name__}); on a "
-            f"machine with "
-            f"network run `hf download openai-community/{name} config.json model.safetensors "
-            f"--local-dir {name}`, copy that directory here and pass its path instead of '{name}'"
+            f"could not download '{name}' from the Hugging Face hub "
+            f"({type(e).__name__}); on a machine with network run `hf download "
+            f"openai-community/{name} config.json model.safetensors --local-dir "
+            f"{name}`, copy that directory here and pass its path instead of '{name}'"
         ) from None
 
 
 def read_hf_checkpoint(directory):
-    """The config dict and the tensors of a Hugging Face GPT-2 directory, keyed as our GPT names them:
-    with the 'transformer.' prefix (which some files omit), without the attention-mask buffers and the
-    lm_head (tied to wte)."""
+    """The config dict and the tensors of a Hugging Face GPT-2 directory, keyed as our GPT names
+    them: with the 'transformer.' prefix (which some files omit), without the attention-mask buffers
+    and the lm_head (tied to wte)."""
     config_path = os.path.join(directory, "config.json")
     safetensors_path = os.path.join(directory, "model.safetensors")
     bin_path = os.path.join(directory, "pytorch_model.bin")
@@ -98,9 +103,8 @@ def read_hf_checkpoint(directory):
         config_path
     ):  # a --log_dir, not its file
         raise UserError(
-            f"{directory} is the folder of a training run, not a Hugging Face model: pass one of "
-            f"its checkpoints, "
-            f"such as {newest}"
+            f"{directory} is the folder of a training run, not a Hugging "
+            f"Face model: pass one of its checkpoints, such as {newest}"
         )
     try:
         with open(config_path) as f:
@@ -116,16 +120,14 @@ def read_hf_checkpoint(directory):
     except Exception as e:  # the message's first line only: torch's for a pickle goes on for lines
         reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(
-            f"{directory} is not a Hugging Face GPT-2 checkpoint ({type(e).__name__}: {reason}): "
-            f"it needs a "
-            "config.json with model_type gpt2 and a model.safetensors, or a pytorch_model.bin of "
-            "plain tensors "
-            "(one that holds other Python objects is refused, since loading it could run code: "
-            "convert it to "
-            "safetensors)"
+            f"{directory} is not a Hugging Face GPT-2 checkpoint ({type(e).__name__}: "
+            f"{reason}): it needs a config.json with model_type gpt2 and a model.safetensors, "
+            f"or a pytorch_model.bin of plain tensors (one that holds other Python objects "
+            f"is refused, since loading it could run code: convert it to safetensors)"
         ) from None
-    # GPT2Config can also describe variants of the network (another activation, an untied output head,
-    # other attention scaling); loading one into our GPT would silently give a different model.
+    # GPT2Config can also describe variants of the network (another activation, an untied output
+    # head, other attention scaling); loading one into our GPT would silently give a different
+    # model.
     variant = {
         key: hf_config[key]
         for key, allowed in OPENAI_GPT2_SETTINGS.items()
@@ -146,15 +148,17 @@ def read_hf_checkpoint(directory):
 
 
 def to_hf_checkpoint(model):
-    """The tensors and config.json of `model` as a Hugging Face GPT2LMHeadModel (export_hf.py writes them):
-    the reverse of read_gpt2, with the vocabulary cut back to the tokenizer's 50257 tokens."""
+    """The tensors and config.json of `model` as a Hugging Face GPT2LMHeadModel (export_hf.py writes
+    them): the reverse of read_gpt2, with the vocabulary cut back to the tokenizer's 50257
+    tokens."""
     n_tokens = (
         model.n_real_tokens
     )  # the padded rows of the embedding are never real tokens: drop them
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
-            continue  # the same tensor as wte; transformers ties them again on load (tie_word_embeddings)
+            # the same tensor as wte; transformers ties them again on load (tie_word_embeddings)
+            continue
         tensor = tensor.detach().cpu()
         if name == "transformer.wte.weight":
             tensor = tensor[:n_tokens]
@@ -179,8 +183,9 @@ def to_hf_checkpoint(model):
 
 
 def padded_vocabulary(state, vocab_size):
-    """`state` with its token embedding cut to GPT-2's 50257 tokens and padded with zero rows to vocab_size,
-    as a run from scratch pads it. A padded row is never an input or a target, so it stays zero."""
+    """`state` with its token embedding cut to GPT-2's 50257 tokens and padded with zero rows to
+    vocab_size, as a run from scratch pads it. A padded row is never an input or a target, so it
+    stays zero."""
     key = "transformer.wte.weight"
     if key not in state:
         return state  # load_weights says what is missing

@@ -7,12 +7,13 @@ torch-free: fineweb.py's workers keep their freed memory too.
 import ctypes
 
 # -----------------------------------------------------------------------------
-# Memory the C allocator keeps. glibc hands a large freed buffer back to the system, and the next one is
-# faulted in again as fresh pages that the kernel zeroes one at a time. A program that frees and asks
-# again for the same large buffers over and over pays for that in system time: fineweb.py's pieces
-# (megabytes each: 4% of a worker's CPU time on prose, 4-15% of the main process's on parquet), and a
-# model's step on a CPU (the logits over 50,304 tokens and their gradients, tens of MB per micro-step: a
-# third of the README's tiny CPU run's CPU time; figures in docs/performance.md).
+# Memory the C allocator keeps. glibc hands a large freed buffer back to the system, and the next
+# one is faulted in again as fresh pages that the kernel zeroes one at a time. A program that frees
+# and asks again for the same large buffers over and over pays for that in system time: fineweb.py's
+# pieces (megabytes each: 4% of a worker's CPU time on prose, 4-15% of the main process's on
+# parquet), and a model's step on a CPU (the logits over 50,304 tokens and their gradients, tens of
+# MB per micro-step: a third of the README's tiny CPU run's CPU time; figures in
+# docs/performance.md).
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = (
     -1,
@@ -22,10 +23,11 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = (
 
 
 def keep_freed_memory(every_size=False):
-    """Let this process's C allocator keep the memory it frees; True where it could (glibc), False elsewhere,
-    where nothing changes. By default buffers under 32 MB come from the process's own heap, and free memory
-    goes back to the system only past 256 MB. every_size: buffers of any size, given back past 1 GiB; it
-    costs peak memory (the tiny CPU run: about 1.35x), since freed buffers are not returned at once."""
+    """Let this process's C allocator keep the memory it frees; True where it could (glibc), False
+    elsewhere, where nothing changes. By default buffers under 32 MB come from the process's own
+    heap, and free memory goes back to the system only past 256 MB. every_size: buffers of any size,
+    given back past 1 GiB; it costs peak memory (the tiny CPU run: about 1.35x), since freed buffers
+    are not returned at once."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except AttributeError:  # a C library without mallopt (macOS)

@@ -1,5 +1,5 @@
-"""Token shards: their names, finding a split's shards, checking a shard's header and token ids, and a
-fingerprint that a checkpoint records so that a resume notices changed data.
+"""Token shards: their names, finding a split's shards, checking a shard's header and token ids, and
+a fingerprint that a checkpoint records so that a resume notices changed data.
 
 torch-free: fineweb.py writes the shards that this module reads.
 """
@@ -17,12 +17,12 @@ from machinery.cli import UserError
 from machinery.tokenizer import GPT2_VOCAB_SIZE
 
 # -----------------------------------------------------------------------------
-# Shards. fineweb.py writes uint16 .npy files; llm.c and modded-nanogpt write .bin files: a header of
-# 256 int32 (magic, version, token count, ...), then the uint16 tokens.
+# Shards. fineweb.py writes uint16 .npy files; llm.c and modded-nanogpt write .bin files: a header
+# of 256 int32 (magic, version, token count, ...), then the uint16 tokens.
 
-# A shard's name as fineweb.py and llm.c write it, matched whole: PREFIX_SPLIT_INDEX.npy or .bin. Matched
-# whole, the split is the word right before the index, so a prefix such as "x_train" cannot make a val
-# shard (x_train_val_000000.npy) look like a train shard.
+# A shard's name as fineweb.py and llm.c write it, matched whole: PREFIX_SPLIT_INDEX.npy or .bin.
+# Matched whole, the split is the word right before the index, so a prefix such as "x_train" cannot
+# make a val shard (x_train_val_000000.npy) look like a train shard.
 SHARD_NAME = re.compile(r"(.+)_(train|val)_(\d{6})\.(npy|bin)")
 BIN_MAGIC, BIN_VERSION, BIN_HEADER_INTS = 20240520, 1, 256
 BIN_HEADER_BYTES = 4 * BIN_HEADER_INTS
@@ -34,8 +34,8 @@ def bin_header_tokens(path):
     if len(header) < BIN_HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
         found = f"magic {header[0]}, version {header[1]}" if len(header) >= 2 else "no header"
         raise UserError(
-            f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, version {BIN_VERSION}): "
-            f"not an llm.c token shard"
+            f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, "
+            f"version {BIN_VERSION}): not an llm.c token shard"
         )
     num_tokens = int(header[2])
     expected_bytes = 4 * BIN_HEADER_INTS + 2 * num_tokens
@@ -56,16 +56,16 @@ def reading(path):
         raise
     except Exception as e:
         raise UserError(
-            f"{path}: not a readable .npy shard ({e}): it is probably truncated, regenerate it "
-            f"with "
-            "fineweb.py"
+            f"{path}: not a readable .npy shard ({e}): it is "
+            f"probably truncated, regenerate it with fineweb.py"
         ) from None
 
 
 def check_tokens(path, tokens):
-    """Refuse a shard with ids the tokenizer never makes (a shard of another tokenizer, or uint16 data that
-    is not tokens): past the embedding table they would crash a step deep into the run, and below it they
-    would train rows that no text uses. Reading a shard once costs about as much as a few training steps."""
+    """Refuse a shard with ids the tokenizer never makes (a shard of another tokenizer, or uint16
+    data that is not tokens): past the embedding table they would crash a step deep into the run,
+    and below it they would train rows that no text uses. Reading a shard once costs about as much
+    as a few training steps."""
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(
             f"{path}: tokens are {tokens.dtype} with shape {tokens.shape}, expected a 1-D uint16 "
@@ -78,16 +78,17 @@ def check_tokens(path, tokens):
     largest = int(tokens.max())
     if largest >= GPT2_VOCAB_SIZE:
         raise UserError(
-            f"{path} holds token id {largest}, but GPT-2's tokenizer has {GPT2_VOCAB_SIZE} "
-            f"tokens: it is not "
-            "a shard of GPT-2 tokens; remove it, or regenerate it with fineweb.py"
+            f"{path} holds token id {largest}, but GPT-2's tokenizer "
+            f"has {GPT2_VOCAB_SIZE} tokens: it is not a shard of "
+            f"GPT-2 tokens; remove it, or regenerate it with fineweb.py"
         )
     return tokens
 
 
 def find(data_dir, split):
-    """The paths of the split's shards in data_dir, in index order. Only files count: a folder named like
-    a shard is not one. Shards of two corpora (two prefixes, or two shards with one index) are refused."""
+    """The paths of the split's shards in data_dir, in index order. Only files count: a folder named
+    like a shard is not one. Shards of two corpora (two prefixes, or two shards with one index) are
+    refused."""
     if not data_dir.strip():
         raise UserError(
             f"--data_dir {data_dir!r} names no folder: pass the folder that holds the shards"
@@ -102,9 +103,8 @@ def find(data_dir, split):
         path = os.path.join(data_dir, name)
         if match and os.path.islink(path) and not os.path.exists(path):
             raise UserError(
-                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: mount "
-                f"or copy the "
-                "shards it points to, or remove the link"
+                f"{path} is a symbolic link to {os.readlink(path)}, which does not "
+                f"exist: mount or copy the shards it points to, or remove the link"
             )
         if not (match and match.group(2) == split and os.path.isfile(path)):
             continue
@@ -113,21 +113,18 @@ def find(data_dir, split):
         if len(prefixes) > 1:
             raise UserError(
                 f"{data_dir} holds {split} shards of two corpora "
-                f"({', '.join(prefixes.values())}): keep one corpus "
-                "per --data_dir"
+                f"({', '.join(prefixes.values())}): keep one corpus per --data_dir"
             )
         if index in shards:
             raise UserError(
                 f"{data_dir} holds two {split} shards with index {index} "
-                f"({os.path.basename(shards[index])}, "
-                f"{name}): keep one corpus per --data_dir"
+                f"({os.path.basename(shards[index])}, {name}): keep one corpus per --data_dir"
             )
         shards[index] = path
     if not shards:
         raise UserError(
-            f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir}: run `python "
-            f"fineweb.py` "
-            f"(or fineweb.py --input your.txt --out {data_dir}) first"
+            f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir}: run "
+            f"`python fineweb.py` (or fineweb.py --input your.txt --out {data_dir}) first"
         )
     if split == "train":
         note_unfinished_data(data_dir)
@@ -135,7 +132,8 @@ def find(data_dir, split):
 
 
 def note_unfinished_data(data_dir):
-    """Say (once per group) that a fineweb.py run into data_dir has not finished: its shards so far are used."""
+    """Say (once per group) that a fineweb.py run into data_dir has not finished: its shards so far
+    are used."""
     for path in glob.glob(os.path.join(glob.escape(data_dir), "*_progress.json")):
         try:
             with open(path) as f:
@@ -147,13 +145,14 @@ def note_unfinished_data(data_dir):
             "0",
         ):  # said by rank 0 alone
             print(
-                f"note: {path} says its fineweb.py run has not finished: training uses the shards "
-                f"written so far"
+                f"note: {path} says its fineweb.py run has not "
+                f"finished: training uses the shards written so far"
             )
 
 
 def no_step_in_split(paths, shards, window, split):
-    """The error for a split too short to hold one batch (val: --batch_size rows per rank) or one step (train)."""
+    """The error for a split too short to hold one batch (val: --batch_size rows per rank) or one
+    step (train)."""
     longest = max(range(len(paths)), key=lambda i: len(shards[i]))
     lower = (
         "--batch_size (or --seq_len)"
@@ -161,10 +160,9 @@ def no_step_in_split(paths, shards, window, split):
         else "--total_batch_size (or --batch_size/--seq_len)"
     )
     return UserError(
-        f"{paths[longest]} has {len(shards[longest])} tokens, fewer than one batch of all ranks' "
-        f"sequences + 1 = {window + 1}, and the {split} split holds no "
-        f"{'batch' if split == 'val' else 'step'}: "
-        f"lower {lower} or add data"
+        f"{paths[longest]} has {len(shards[longest])} tokens, fewer than one batch "
+        f"of all ranks' sequences + 1 = {window + 1}, and the {split} split holds "
+        f"no {'batch' if split == 'val' else 'step'}: lower {lower} or add data"
     )
 
 
@@ -184,26 +182,25 @@ def fingerprint(paths, shards):
 
 def check_loader_state(state, loader):
     """Refuse to resume a loader state saved with another step size, sequence length, data or order
-    (checkpoints from before these were recorded are taken as they are), or a position past the epoch."""
+    (checkpoints from before these were recorded are taken as they are), or a position past the
+    epoch."""
     step_tokens, seq_len, data = loader.window, loader.T, loader.data
     shuffle, seed, epoch_sequences = loader.shuffle, loader.seed, loader.epoch_sequences
     then = (state.get("step_tokens", step_tokens), state.get("seq_len", seq_len))
     if then != (step_tokens, seq_len):
         raise UserError(
-            f"the checkpoint read steps of {then[0]} tokens in sequences of {then[1]}, this run "
-            f"{step_tokens} in "
-            f"{seq_len}: resume with its --total_batch_size and --seq_len (the number of "
-            f"processes and "
-            "--batch_size may change)"
+            f"the checkpoint read steps of {then[0]} tokens in sequences of {then[1]}, "
+            f"this run {step_tokens} in {seq_len}: resume with its --total_batch_size "
+            f"and --seq_len (the number of processes and --batch_size may change)"
         )
     check_same_data(state.get("data", data), data, "train")
     if state.get("sequence", 0) >= epoch_sequences or state.get("sequence", 0) % (
         step_tokens // seq_len
     ):
         raise UserError(
-            f"the checkpoint's data position (sequence {state['sequence']}) is not the start of a "
-            f"step of an epoch "
-            f"of {epoch_sequences} sequences: the checkpoint is damaged; resume from an earlier one"
+            f"the checkpoint's data position (sequence {state['sequence']}) "
+            f"is not the start of a step of an epoch of {epoch_sequences} "
+            f"sequences: the checkpoint is damaged; resume from an earlier one"
         )
     shuffled, then_seed = (
         state.get("shuffle", False),
@@ -217,15 +214,16 @@ def check_loader_state(state, loader):
 
 
 def check_same_data(then, now, split):
-    """Refuse to resume on `split` shards other than the checkpoint's (`then`, `now`: fingerprints)."""
+    """Refuse to resume on `split` shards other than the checkpoint's (`then`, `now`:
+    fingerprints)."""
     if then != now:
         then_shard, now_shard = next(((a, b) for a, b in zip(then, now) if a != b), (None, None))
         detail = (
             f"{len(then)} {split} shards then, {len(now)} now"
             if then_shard is None
             else (
-                f"{then_shard[0]} of {then_shard[1]:,} tokens then, {now_shard[0]} of "
-                f"{now_shard[1]:,} now"
+                f"{then_shard[0]} of {then_shard[1]:,} tokens "
+                f"then, {now_shard[0]} of {now_shard[1]:,} now"
             )
         )
         raise UserError(

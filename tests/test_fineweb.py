@@ -774,7 +774,10 @@ def test_an_input_file_deleted_during_the_run_is_one_error_naming_it(tmp_path, t
         str(tmp_path / deleted), fineweb.plan_pieces(files, "text", piece_bytes=500), after=12
     )
     tokenize = functools.partial(fineweb.gpt2_tokenize, tokenizer)
-    message = f"{deleted}: cannot read it \\(No such file or directory\\); was it moved or deleted during the run"
+    message = (
+        f"{deleted}: cannot read it \\(No such file or directory\\); "
+        "was it moved or deleted during the run"
+    )
     with pytest.raises(UserError, match=message):
         fineweb.write_shards(pieces, tokenize, out, "edufineweb", 400, 2, progress)
     assert len(shard_files(out)) >= 1  # the shards finished before are kept, whole

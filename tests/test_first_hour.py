@@ -43,7 +43,9 @@ SKIPPED = {
     "pip install": "CI has installed the requirements",
     "python fineweb.py && torchrun": "FineWeb-edu's download and 8 GPUs",
     "python -m pytest": "the suite itself",
-    "python sample.py --init gpt2 --prompt": "OpenAI's weights from the hub (sample.py --init ./gpt2 runs below)",
+    "python sample.py --init gpt2 --prompt": (
+        "OpenAI's weights from the hub (sample.py --init ./gpt2 runs below)"
+    ),
     "python hellaswag.py": "HellaSwag's download",
     "python fineweb.py --input notes/": "the reader's own files",
     "python train_gpt2.py --data_dir my_data": "the reader's own files",
@@ -51,12 +53,16 @@ SKIPPED = {
 }
 STAND_INS = {
     "curl -o shakespeare.txt": "cp readme_x3.txt shakespeare.txt",  # real English, ~20K tokens
-    "hf download openai-community/gpt2": "python export_hf.py --init log_cpu/model_00005.pt --out gpt2",
+    "hf download openai-community/gpt2": (
+        "python export_hf.py --init log_cpu/model_00005.pt --out gpt2"
+    ),
 }
 SHRINK = {
     "python fineweb.py": " --shard_size 8000",
-    "python train_gpt2.py": " --n_layer 1 --n_embd 32 --max_steps 6 --warmup_steps 2 --eval_every 3 --ckpt_every 3 "
-    "--val_tokens 512 --batch_size 4 --seq_len 64 --total_batch_size 256",
+    "python train_gpt2.py": (
+        " --n_layer 1 --n_embd 32 --max_steps 6 --warmup_steps 2 --eval_every 3 --ckpt_every 3 "
+        "--val_tokens 512 --batch_size 4 --seq_len 64 --total_batch_size 256"
+    ),
     "python sample.py": " --max_new_tokens 8",
 }
 LONGER_RUNS = {
@@ -127,7 +133,8 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
         if not any(script):
             continue
         before = file_hashes(clone)
-        result = subprocess.run(["bash", "-ec", "\n".join(line for line in script if line)], cwd=clone, env=env,
+        result = subprocess.run(["bash", "-ec", "\n".join(line for line in script if line)],
+                                cwd=clone, env=env,
                                 capture_output=True, text=True, timeout=900)  # fmt: skip
         assert result.returncode == 0, f"{script}\n{result.stdout}\n{result.stderr}"
         after = file_hashes(clone)
@@ -246,8 +253,14 @@ def test_greedy_sample_in_fp32_equals_hugging_face_greedy_decoding(tmp_path, cap
         "--data_dir",
         str(tmp_path / "data"),
     ]
-    flags = "--n_layer 2 --n_head 2 --n_embd 64 --block_size 64 --batch_size 4 --seq_len 64 --total_batch_size 256 "
-    flags += "--max_steps 50 --warmup_steps 5 --max_lr 3e-3 --eval_every 50 --val_tokens 256 --no-hellaswag "
+    flags = (
+        "--n_layer 2 --n_head 2 --n_embd 64 --block_size 64 --batch_size 4 --seq_len 64 "
+        "--total_batch_size 256 "
+    )
+    flags += (
+        "--max_steps 50 --warmup_steps 5 --max_lr 3e-3 --eval_every 50 --val_tokens 256 "
+        "--no-hellaswag "
+    )
     flags += "--no-sample_every_eval --dtype float32 --device cpu"
     result = subprocess.run(
         [*train, "--log_dir", str(tmp_path / "log"), *flags.split()], capture_output=True
@@ -258,8 +271,9 @@ def test_greedy_sample_in_fp32_equals_hugging_face_greedy_decoding(tmp_path, cap
 
     prompt, new_tokens = "The model", 24
     capsys.readouterr()
-    sample.main(["--init", checkpoint, "--prompt", prompt, "--num_samples", "1", "--max_new_tokens", str(new_tokens),
-                 "--temperature", "0", "--dtype", "float32", "--device", "cpu"])  # fmt: skip
+    sample.main(["--init", checkpoint, "--prompt", prompt, "--num_samples", "1",
+                 "--max_new_tokens", str(new_tokens), "--temperature", "0", "--dtype", "float32",
+                 "--device", "cpu"])  # fmt: skip
     ours = capsys.readouterr().out.splitlines()[1:]  # after the "---- sample 1/1 ----" line
 
     enc = gpt2_tokenizer()

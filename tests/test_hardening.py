@@ -44,7 +44,8 @@ from train_gpt2 import GPT, DataLoaderLite, GPTConfig, configure_optimizer
 
 # 6 steps of 128 tokens: 4 sequences of 32, one process, one micro-step.
 TINY_RUN = TINY_MODEL + [
-    "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "--max_steps", "6", "--warmup_steps", "2",
+    "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "--max_steps", "6",
+    "--warmup_steps", "2",
     "--eval_every", "3", "--val_tokens", "256", "--no-hellaswag", "--no-sample_every_eval",
 ]  # fmt: skip
 TINY_CONFIG = GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)
@@ -1103,7 +1104,8 @@ def resume_a_torn_newest_checkpoint(w):
 
 @row(
     train_gpt2.main,
-    "the samples' prompt is 70 tokens: with the 32 that each sample adds, past the model's context of 64",
+    "the samples' prompt is 70 tokens: with the 32 that each sample adds, "
+    "past the model's context of 64",
 )
 def sample_prompt_too_long_for_the_model(w):
     return w.train(
@@ -1118,7 +1120,8 @@ def sample_prompt_too_long_is_no_matter_without_samples(w):
 
 @row(
     train_gpt2.main,
-    "the samples' prompt is 1 token: with the 32 that each sample adds, past the model's context of 32",
+    "the samples' prompt is 1 token: with the 32 that each sample adds, "
+    "past the model's context of 32",
 )
 def sample_prompt_empty_is_one_token(w):
     w.write(
@@ -1132,8 +1135,8 @@ def resume_a_renamed_checkpoint_into_a_new_folder(w):
     checkpoint(
         w.path("log/model_00002.pt"), data_dir=w.data, step=1
     )  # its successors sort after it there
-    return [*TINY_RUN, "--data_dir", w.data, "--log_dir", w.path("new"), "--resume", w.path("log/model_00002.pt"),
-            "--no-shuffle"]  # fmt: skip
+    return [*TINY_RUN, "--data_dir", w.data, "--log_dir", w.path("new"),
+            "--resume", w.path("log/model_00002.pt"), "--no-shuffle"]  # fmt: skip
 
 
 @row(
@@ -1156,7 +1159,8 @@ def log_txt_a_symbolic_link(w):
 
 @row(
     fineweb.main,
-    "holds shards of another corpus (tiny_train_000001.npy), and the trainer reads one corpus per folder",
+    "holds shards of another corpus (tiny_train_000001.npy), "
+    "and the trainer reads one corpus per folder",
 )
 def fineweb_into_a_folder_of_another_corpus(w):
     w.write(
@@ -1361,7 +1365,8 @@ def steps_read(data_dir, world_size, micro_steps, steps, state=None, shuffle=Fal
     world_size + r), as lists of first tokens, read by world_size loaders; and the state after
     them."""
     B, T = 2, 8
-    loaders = [DataLoaderLite(data_dir, B, T, rank, world_size, "train", B * T * world_size * micro_steps, shuffle)
+    loaders = [DataLoaderLite(data_dir, B, T, rank, world_size, "train",
+                              B * T * world_size * micro_steps, shuffle)
                for rank in range(world_size)]  # fmt: skip
     for loader in loaders:
         if state:
@@ -1406,8 +1411,9 @@ def test_resume_on_two_ranks_from_a_one_rank_checkpoint_near_a_shard_end(tmp_pat
         tmp_path / "data", val_tokens=2048, train_lengths=(3 * window + 130, 5 * window + 1)
     )
     flags = [
-        *TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32", "--total_batch_size", str(window),
-        "--max_steps", "6", "--warmup_steps", "2", "--eval_every", "100", "--val_tokens", "256", "--no-hellaswag",
+        *TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32",
+        "--total_batch_size", str(window), "--max_steps", "6", "--warmup_steps", "2",
+        "--eval_every", "100", "--val_tokens", "256", "--no-hellaswag",
         "--no-sample_every_eval", "--ckpt_every", "3", "--no-shuffle",
     ]  # fmt: skip
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -1477,7 +1483,8 @@ def test_sigterm_cuts_an_evaluation_short_then_saves_and_exits_0(tmp_path):
     # The resumed run does the evaluation that was cut short before its first step (a shorter one
     # here).
     resumed = subprocess.run(
-        [sys.executable, "train_gpt2.py", *TINY_RUN, *flags, "--resume", "--max_steps", "3", "--val_tokens", "256"],
+        [sys.executable, "train_gpt2.py", *TINY_RUN, *flags, "--resume", "--max_steps", "3",
+         "--val_tokens", "256"],
         cwd=REPO, capture_output=True, text=True, env=ENV, timeout=TIMEOUT,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -1559,8 +1566,9 @@ def test_fineweb_on_sigterm_says_so_in_one_line_and_a_rerun_finishes_the_same_sh
         "terminated: finished shards are kept; run the same command again to resume"
     )
     for out in ("cut", "whole"):  # the cut run, finished by a rerun, and one that never stopped
-        rerun = subprocess.run([sys.executable, "fineweb.py", *flags, "--out", str(tmp_path / out)], cwd=REPO,
-                               capture_output=True, text=True, env=ENV, timeout=TIMEOUT)  # fmt: skip
+        rerun = subprocess.run([sys.executable, "fineweb.py", *flags, "--out", str(tmp_path / out)],
+                               cwd=REPO, capture_output=True, text=True, env=ENV,
+                               timeout=TIMEOUT)  # fmt: skip
         assert rerun.returncode == 0, rerun.stderr
     assert snapshot(tmp_path / "cut") == snapshot(tmp_path / "whole")
 
@@ -1571,19 +1579,19 @@ def test_a_rank_started_without_its_group_says_it_is_waiting_and_stops_when_told
 ):
     data = random_shards(tmp_path / "data")
     port = str(29517 + rank)
-    variables = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                 "MASTER_PORT": port}  # fmt: skip
+    variables = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
     run = subprocess.Popen(
-        [sys.executable, "train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", str(tmp_path / "log"),
-         "--total_batch_size", "256"],  # a step of 2 ranks
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**ENV, **variables},
+        [sys.executable, "train_gpt2.py", *TINY_RUN, "--data_dir", data,
+         "--log_dir", str(tmp_path / "log"), "--total_batch_size", "256"],  # a step of 2 ranks
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**ENV, **variables},
     )  # fmt: skip
     try:
         lines = read_until(run, r"waiting")  # it used to wait for its peers without a word
-        time.sleep(
-            1
-            # inside torch's wait, where Python's handlers did not run: Ctrl-C and SIGTERM did nothing
-        )
+        # inside torch's wait, where Python's handlers did not run: Ctrl-C and SIGTERM did
+        # nothing
+        time.sleep(1)
         run.send_signal(stop)
         assert run.wait(timeout=10) == -stop
     finally:
@@ -1597,10 +1605,15 @@ def test_a_rank_started_without_its_group_says_it_is_waiting_and_stops_when_told
 def test_an_export_that_fills_the_disk_is_one_line_and_leaves_nothing(tmp_path):
     path = checkpoint(str(tmp_path / "model_00005.pt"))  # 13 MB of weights
     limit = "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); " \
-            "resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))"  # fmt: skip
-    script = f"{limit}\nimport sys, export_hf\nfrom machinery import cli\ncli.run_cli(export_hf.main, sys.argv[1:])"
-    run = subprocess.run([sys.executable, "-c", script, "--init", path, "--out", str(tmp_path / "hf")], cwd=REPO,
-                         capture_output=True, text=True, env=ENV, timeout=TIMEOUT)  # fmt: skip
+            "resource.setrlimit(resource.RLIMIT_FSIZE, " \
+            "(4 << 20, resource.RLIM_INFINITY))"  # fmt: skip
+    script = (
+        f"{limit}\nimport sys, export_hf\nfrom machinery import cli\n"
+        "cli.run_cli(export_hf.main, sys.argv[1:])"
+    )
+    run = subprocess.run([sys.executable, "-c", script, "--init", path,
+                          "--out", str(tmp_path / "hf")], cwd=REPO, capture_output=True,
+                         text=True, env=ENV, timeout=TIMEOUT)  # fmt: skip
     assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
     assert run.stderr.startswith("error: the disk is full") or "is the disk full?" in run.stderr, (
         run.stderr
@@ -1646,8 +1659,9 @@ def test_a_run_resumed_in_fp16_starts_a_fresh_loss_scaler(tmp_path):
     first = subprocess.run([sys.executable, "train_gpt2.py", *flags, "--max_steps", "3"], cwd=REPO,
                            capture_output=True, text=True, env=ENV, timeout=TIMEOUT)  # fmt: skip
     assert first.returncode == 0, first.stderr
-    resumed = subprocess.run([sys.executable, "train_gpt2.py", *flags, "--resume", "--dtype", "float16"], cwd=REPO,
-                             capture_output=True, text=True, env=ENV, timeout=TIMEOUT)  # fmt: skip
+    resumed = subprocess.run([sys.executable, "train_gpt2.py", *flags, "--resume",
+                              "--dtype", "float16"], cwd=REPO, capture_output=True,
+                             text=True, env=ENV, timeout=TIMEOUT)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and "autocast float16" in resumed.stdout
     scaler = torch.load(os.path.join(log, "model_00005.pt"), weights_only=True)["scaler"]
@@ -1855,8 +1869,8 @@ def test_a_new_run_says_it_replaces_an_earlier_log_and_that_its_warmup_is_too_lo
     out = capsys.readouterr().out
     assert f"note: {log / 'log.txt'} of an earlier run that saved no checkpoint is replaced" in out
     assert (
-        "note: --warmup_steps 4 is not below --max_steps 1: the learning rate only warms up, to 25% of"
-        in out
+        "note: --warmup_steps 4 is not below --max_steps 1: "
+        "the learning rate only warms up, to 25% of" in out
     )
     assert "1000 val" not in (log / "log.txt").read_text()
 

@@ -27,12 +27,13 @@ from train_gpt2 import DataLoaderLite, load_model
 
 # Micro-batches of 4 x 32 tokens, 1,024 val tokens per evaluation, exact fp32 arithmetic.
 BATCH = [
-    "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "--val_tokens", "1024", "--dtype", "float32",
-    "--no-hellaswag", "--no-sample_every_eval",
+    "--batch_size", "4", "--seq_len", "32", "--total_batch_size", "128", "--val_tokens", "1024",
+    "--dtype", "float32", "--no-hellaswag", "--no-sample_every_eval",
 ]  # fmt: skip
 # 30 steps of fine-tuning: val loss after steps 14 and 29, checkpoints after steps 9, 19 and 29.
 FINE_TUNE = BATCH + [
-    "--max_steps", "30", "--warmup_steps", "3", "--max_lr", "1e-3", "--eval_every", "15", "--ckpt_every", "10",
+    "--max_steps", "30", "--warmup_steps", "3", "--max_lr", "1e-3", "--eval_every", "15",
+    "--ckpt_every", "10",
 ]  # fmt: skip
 ENV = dict(
     os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
@@ -151,8 +152,8 @@ def test_eval_only_writes_no_file(hf_dir, text_shards, fine_tune, tmp_path, caps
     hellaswag = write_hellaswag(tmp_path / "hellaswag.jsonl")
     before = files_in(tmp_path)
     _, out = eval_only(
-        capsys, "--resume", "--log_dir", str(log_dir), "--data_dir", text_shards, "--hellaswag", "--hellaswag_data",
-        hellaswag,
+        capsys, "--resume", "--log_dir", str(log_dir), "--data_dir", text_shards, "--hellaswag",
+        "--hellaswag_data", hellaswag,
     )  # fmt: skip
     assert f"weights     {log_dir / 'model_00029.pt'}" in out and "hellaswag acc_norm" in out
     assert files_in(tmp_path) == before

@@ -173,8 +173,10 @@ def test_a_run_that_cannot_fit_is_refused_before_its_first_step_naming_the_batch
     message = str(error.value)
     assert "\n" not in message
     assert re.fullmatch(
-        r"the run needs about [\d.]+ GiB per step at --batch_size 16384 and cpu has [\d.]+ GiB available: "
-        r"use --batch_size \d+ \(--total_batch_size 1048576 stays: more micro-steps make up the difference\)",
+        r"the run needs about [\d.]+ GiB per step at --batch_size 16384 "
+        r"and cpu has [\d.]+ GiB available: "
+        r"use --batch_size \d+ \(--total_batch_size 1048576 stays: "
+        r"more micro-steps make up the difference\)",
         message,
     ), message
     smaller = int(re.search(r"use --batch_size (\d+)", message).group(1))

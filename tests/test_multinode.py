@@ -48,9 +48,10 @@ def two_nodes(data_dir, node_dirs, *more, check=True):
     agents = []
     for node_rank, cwd in enumerate(node_dirs):
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node_rank),
-            "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-            "--rdzv_id", "multinode-test", os.path.join(REPO, "train_gpt2.py"), "--data_dir", data_dir,
+            sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+            "--node_rank", str(node_rank), "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "multinode-test",
+            os.path.join(REPO, "train_gpt2.py"), "--data_dir", data_dir,
             "--log_dir", "log", *FLAGS, *more,
         ]  # fmt: skip
         os.makedirs(cwd, exist_ok=True)
@@ -127,6 +128,7 @@ def test_a_user_error_on_one_rank_only_reaches_the_screen_once_naming_the_rank(
     assert all(code != 0 for code, _, _ in results)
     screen = "".join(out + err for _, out, err in results)
     errors = [line for line in screen.splitlines() if line.startswith("error:")]
-    assert errors == ["error: rank 1: no train shards (*_train_NNNNNN.npy or .bin) in data: run `python fineweb.py` "
+    assert errors == ["error: rank 1: no train shards (*_train_NNNNNN.npy or .bin) in data: "
+                      "run `python fineweb.py` "
                       "(or fineweb.py --input your.txt --out data) first"], screen  # fmt: skip
     assert not (node0 / "log" / "log.txt").exists() or (node0 / "log" / "log.txt").read_text() == ""

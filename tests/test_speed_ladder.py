@@ -9,14 +9,18 @@ from conftest import REPO
 
 # Appended, not put first: benchmarks/hellaswag.py must not hide the repository's hellaswag.py.
 sys.path.append(os.path.join(REPO, "benchmarks"))
-import speed_ladder  # noqa: E402  (benchmarks/ is no package: it goes on sys.path before this import)
+# (benchmarks/ is no package: it goes on sys.path before this import)
+import speed_ladder  # noqa: E402
 
 
 def test_every_cpu_rung_runs_and_keeps_the_numbers(capsys):
     # The smallest shape that compiles, trained hard enough (lr 1e-2, 6 steps on real text) that the
     # loss has left its random-init value, ln(50257): equal losses then mean equal training, not
     # equal noise.
-    argv = "--device cpu --n_layer 1 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 32 --steps 3 --warmup 3"
+    argv = (
+        "--device cpu --n_layer 1 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 32 "
+        "--steps 3 --warmup 3"
+    )
     rows = speed_ladder.main([*argv.split(), "--lr", "1e-2"])
     by_rung = {row["rung"]: row for row in rows}
 
