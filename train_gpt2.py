@@ -1,11 +1,8 @@
 """GPT-2 (124M) from scratch, in the lecture's order: the network, OpenAI's weights, the data
 loader, the validation loss, AdamW and its schedule, the torchrun group and DDP, mixed precision,
-the training step, checkpoints, sampling, and the run: the loop and main(). Importing it does no
-work.
-
-A call into `machinery` is what a careful tool needs beyond the lecture (clear errors, file formats,
-progress lines, HellaSwag): one line here, which a reader may skip.
-"""
+the training step, checkpoints, sampling, the loop and main(). Importing it does no work. A call
+into `machinery` (clear errors, file formats, progress lines, HellaSwag) is one line a reader may
+skip."""
 
 import contextlib
 import functools
@@ -35,6 +32,7 @@ from machinery import (
 from machinery.cli import UserError
 from machinery.files import atomic_write
 from machinery.tokenizer import GPT2_VOCAB_SIZE, gpt2_tokenizer
+from machinery.torchrun import Processes
 
 # -----------------------------------------------------------------------------
 # The model. GPT-2 is a stack of identical pre-LayerNorm transformer blocks between a token+position
@@ -107,8 +105,8 @@ class Block(nn.Module):
 
 
 class KVCache:
-    """One layer's keys and values of the positions seen so far, so that generating a token needs a
-    forward pass over that token alone. Preallocated for max_len positions, filled left to right."""
+    """One layer's keys and values of the positions so far, preallocated for max_len: generating
+    a token then needs a forward pass over that token alone."""
 
     def __init__(self, max_len):
         self.max_len, self.length = max_len, 0
@@ -117,8 +115,7 @@ class KVCache:
     def append(self, k, v):
         """Store k, v of shape (B, n_head, T, head_size); return those of all positions so far."""
         T = k.size(2)
-        # The prompt goes in at once (causal attention), then one token at a time.
-        assert self.length == 0 or T == 1, "after the prompt, feed one token at a time"
+        assert self.length == 0 or T == 1, "the prompt at once, then one token at a time"
         if self.keys is None:
             B, n_head, _, head_size = k.shape
             self.keys = k.new_empty(B, n_head, self.max_len, head_size)
@@ -168,10 +165,9 @@ class GPT(nn.Module):
         return logits, loss
 
     def hidden_states(self, idx, kv_caches=None, positions=None, attn_mask=None):
-        """(B, T) token ids -> (B, T, n_embd), the input of logits() (apart, so that generate() pays
-        the vocabulary matmul for the last position only). Each row is one sequence at positions
-        0..T-1; with kv_caches (a KVCache per layer) it continues the cached positions. hellaswag
-        packs sequences into a row and passes each token's positions (B, T) and attn_mask."""
+        """(B, T) token ids -> (B, T, n_embd), the input of logits() (apart: generate() needs the
+        last position's logits only). Rows start at position 0, or where kv_caches (one KVCache per
+        layer) end; hellaswag packs sequences in a row and passes positions (B, T) and attn_mask."""
         T = idx.size(1)
         if positions is None:
             start = kv_caches[0].length if kv_caches else 0
@@ -360,10 +356,9 @@ def window_order(seed, epoch, shard, windows):
 
 @torch.no_grad()
 def validation_loss(model, val_loader, steps, autocast, procs, stop=None, rows=None):
-    """Mean loss over `steps` batches from the start of the val split, averaged over ranks; `rows`
-    sequences per forward pass (default: the whole batch) where memory holds fewer logits. A stop
-    request ends the loop between batches (the result is then meaningless), and every rank still
-    joins the reduction, so that none waits for another."""
+    """Mean loss over `steps` batches from the start of the val split, averaged over ranks, `rows`
+    sequences per forward pass (default: the batch). A stop request ends the loop between batches
+    (the result is then meaningless); every rank still joins the reduction, so none waits."""
     device = next(model.parameters()).device
     model.eval()
     val_loader.reset()
@@ -412,40 +407,8 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 # their gradients. Without torchrun: one process.
 
 
-@dataclass(frozen=True)
-class Processes:
-    ddp: bool = False
-    rank: int = 0
-    local_rank: int = 0  # the GPU of this process on its machine
-    world_size: int = 1
-
-    @property
-    def master(self):
-        return self.rank == 0  # only rank 0 prints, logs and saves
-
-    def print(self, *args, **kwargs):
-        if self.master:
-            print(*args, **kwargs)
-
-    def any(self, flag, device):
-        """Whether `flag` is true on any rank; every rank gets the same answer."""
-        if not self.ddp:
-            return flag
-        count = torch.tensor(float(flag), device=device)
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-        return count.item() > 0
-
-    def mean(self, tensor):
-        """The mean of `tensor` over the ranks (summed, then divided: gloo has no average)."""
-        if self.ddp:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-            tensor /= self.world_size
-        return tensor
-
-
 def join_group(group, device):
-    """This process's place in the torchrun group `group` (rank, local rank, world size; None for
-    one process), once every rank has joined it."""
+    """This process's place in the torchrun group (rank, local rank, world size), all joined."""
     if group is None:
         return Processes()
     procs = Processes(True, *group)
@@ -528,10 +491,9 @@ def checkpoint_state(model, optimizer, scaler, step, loaders, device, args, eval
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    train_loader, val_loader = loaders
     return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                 scaler=scaler.state_dict(), eval_pending=eval_pending, rng=rng,
-                loader=train_loader.state_dict(), val_data=val_loader.data,
+                loader=loaders[0].state_dict(), val_data=loaders[1].data,
                 config=asdict(model.config), args=vars(args))  # fmt: skip
 
 
@@ -605,8 +567,7 @@ def sample_prompt(args, val_loader, enc, block_size):
 
 # -----------------------------------------------------------------------------
 # Setting up a run. Its weights come from its own checkpoint (--resume), from others' (--init:
-# fine-tuning), or from a random draw; weights set the model's shape, so the shape flags are for a
-# random draw.
+# fine-tuning), or from a random draw, the only case where the shape flags choose the shape.
 
 SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
 
@@ -636,9 +597,7 @@ def build_model(args, device):
 def model_config(args, weights=None):
     """The run's GPTConfig: a shape flag left out takes the weights' value (a dict), or 124M's."""
     shape_of = weights or asdict(GPTConfig())
-    shape = {
-        k: shape_of.get(k) if getattr(args, k) is None else getattr(args, k) for k in SHAPE_FLAGS
-    }
+    shape = {k: getattr(args, k) or shape_of.get(k) for k in SHAPE_FLAGS}  # flags: None or > 0
     config = GPTConfig(vocab_size=args.vocab_size, **shape)
     checkpoints.check_shape(config, args.seq_len)
     return config
@@ -653,8 +612,7 @@ def validation_data(args, procs):
 
 @dataclass
 class Evaluation:
-    """What each evaluation reads and does: the val loss on a fixed stretch of the val split,
-    HellaSwag (when on), and a few samples of the prompt (on rank 0, when on)."""
+    """What each evaluation reads and does: the val loss, HellaSwag, a few samples (rank 0)."""
 
     val_loader: DataLoaderLite
     val_steps: int  # batches of the val split per evaluation
@@ -665,22 +623,20 @@ class Evaluation:
     samples: bool  # whether to draw them
 
     def run(self, model, forward_model, procs, stop, report, log, step):
-        """Val loss and HellaSwag (all ranks), samples (rank 0), each logged. A stop request cuts
-        them short (nothing unfinished is said); whether they ran to the end."""
-        started = time.time()
+        """Each logged; whether they ran to the end (a stop request cuts them short, unsaid)."""
+        label, started = report.label(step), time.time()
         val_loss = validation_loss(forward_model, self.val_loader, self.val_steps, self.autocast,
                                    procs, stop, self.rows)  # fmt: skip
         if not stop.requested:
-            took = f"{time.time() - started:.1f} s"
-            procs.print(f"{report.label(step)} | val loss {val_loss:.4f} | {took}")
+            procs.print(f"{label} | val loss {val_loss:.4f} | {progress.since(started)}")
             report.val_done(step, val_loss)
             log.write(f"{step} val {val_loss:.4f}")
         if self.hellaswag:
             started = time.time()
             acc_norm = self.hellaswag(model, stop)  # uncompiled: its row lengths vary
             if not stop.requested:
-                took = f"{time.time() - started:.1f} s"
-                procs.print(f"{report.label(step)} | hellaswag acc_norm {acc_norm:.4f} | {took}")
+                took = progress.since(started)
+                procs.print(f"{label} | hellaswag acc_norm {acc_norm:.4f} | {took}")
                 report.hellaswag = acc_norm
                 log.write(f"{step} hella {acc_norm:.4f}")
         if procs.master and self.samples and not stop.requested:
@@ -689,10 +645,9 @@ class Evaluation:
                                  max_new_tokens=SAMPLE_TOKENS, autocast=self.autocast)  # fmt: skip
             for i, text in enumerate(texts):
                 print(f"sample {i}: {text}")
-            print(f"{report.label(step)} | 4 samples | {time.time() - started:.1f} s")
+            print(f"{label} | 4 samples | {progress.since(started)}")
         if stop.requested:
-            procs.print(f"{report.label(step)} | evaluation cut short by the stop request; a "
-                        "resume does it again")  # fmt: skip
+            procs.print(f"{label} | evaluation cut short by the stop request; --resume redoes it")
         return not stop.requested
 
 
@@ -704,12 +659,8 @@ class Evaluation:
 def train(args, device, procs):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     dtype, dtype_reason, autocast = mixed_precision(args.dtype, device)
-    B, T, world_size, last_step = (
-        args.batch_size,
-        args.seq_len,
-        procs.world_size,
-        args.max_steps - 1,
-    )
+    B, T, world_size = args.batch_size, args.seq_len, procs.world_size
+    last_step = args.max_steps - 1
     train_loader = DataLoaderLite(args.data_dir, B, T, procs.rank, world_size, "train",
                                   args.total_batch_size, args.shuffle, args.seed)  # fmt: skip
     val_loader, val_steps = validation_data(args, procs)
@@ -717,9 +668,8 @@ def train(args, device, procs):
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     memory = devices.check_training_fits(model, args, world_size, device, use_compile)
     rows = devices.evaluation_rows(model, B, T, device)  # fewer than B where memory is short
-    betas = (args.beta1, args.beta2)
-    optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, betas, args.eps,
-                                    device.type)  # fmt: skip
+    optimizer = configure_optimizer(model, args.weight_decay, args.max_lr,
+                                    (args.beta1, args.beta2), args.eps, device.type)  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
     start_step, eval_pending, loaders = 0, False, (train_loader, val_loader)
     if checkpoint is not None:
@@ -731,21 +681,19 @@ def train(args, device, procs):
         checkpoints.check_new_run(args.log_dir)
     if procs.master:
         checkpoints.remove_stale(args.log_dir)  # a write cut short: the one before is intact
-
     forward_model = torch.compile(model) if use_compile else model
     step_model = forward_model
     if procs.ddp:
         device_ids = [device.index] if device.type == "cuda" else None
         step_model = nn.parallel.DistributedDataParallel(forward_model, device_ids=device_ids)
     enc, grad_accum_steps = gpt2_tokenizer(), args.total_batch_size // (B * T * world_size)
-    acc_norm = args.hellaswag and hellaswag.in_loop_eval(
-        args.hellaswag_data, enc, procs, rows, dtype
-    )
+    hella = args.hellaswag and hellaswag.in_loop_eval(args.hellaswag_data, enc, procs, rows,
+                                                      dtype)  # fmt: skip
     procs.print(progress.start_block(args, world_size, device, use_compile, dtype, dtype_reason,
                                      model, memory, (start_step, last_step, grad_accum_steps),
                                      (train_loader, val_loader, val_steps)))  # fmt: skip
     prompt = sample_prompt(args, val_loader, enc, model.config.block_size)
-    evaluation = Evaluation(val_loader, val_steps, rows, autocast, acc_norm or None, prompt,
+    evaluation = Evaluation(val_loader, val_steps, rows, autocast, hella or None, prompt,
                             args.sample_every_eval)  # fmt: skip
     mfu_flops = devices.step_flops_of_peak(model, args, device, world_size)  # None: peak unknown
     log = progress.RunLog(args.log_dir, args.resume, procs.master)
@@ -779,9 +727,9 @@ def train(args, device, procs):
         if device.type == "cuda":
             torch.cuda.synchronize()  # so that dt measures the step, not just its launch
         dt = time.perf_counter() - t0
-        memory_gib = devices.peak_memory_gib(device)
+        gib = devices.peak_memory_gib(device)
         procs.print(progress.step_line(report, step, train_loss, lr, norm.item(), dt, args,
-                                       mfu_flops, memory_gib), flush=True)  # fmt: skip
+                                       mfu_flops, gib), flush=True)  # fmt: skip
         log.write(f"{step} train {train_loss:.6f}")
         if train_loader.epoch != epoch:  # the step read the epoch's last sequences
             epoch = train_loader.epoch
@@ -801,9 +749,8 @@ def train(args, device, procs):
 
 
 def evaluate_only(args, device, procs):
-    """--eval_only: the val loss of the --init or --resume weights, and their HellaSwag acc_norm
-    where its data is at hand, each with its time. Each rank scores its share. No file is written,
-    not even the log folder."""
+    """--eval_only: the val loss (and HellaSwag where its data is at hand) of the --init or
+    --resume weights, each rank scoring its share. No file is written, not even the log folder."""
     dtype, dtype_reason, autocast = mixed_precision(args.dtype, device)
     val_loader, val_steps = validation_data(args, procs)
     model, path, _ = build_model(args, device)
@@ -811,15 +758,15 @@ def evaluate_only(args, device, procs):
     weights, world_size = path or args.init, procs.world_size
     procs.print(progress.eval_only_block(weights, model, world_size, device, dtype, dtype_reason,
                                          args.data_dir, val_loader, val_steps, rows))  # fmt: skip
-    enc = gpt2_tokenizer()
-    acc_norm = args.hellaswag and hellaswag.in_loop_eval(args.hellaswag_data, enc, procs, rows,
-                                                         dtype, download=False)  # fmt: skip
+    acc_norm = args.hellaswag and hellaswag.in_loop_eval(
+        args.hellaswag_data, gpt2_tokenizer(), procs, rows, dtype, download=False
+    )
     started = time.time()  # not compiled: one pass over the val tokens costs less than compiling
     val_loss = validation_loss(model, val_loader, val_steps, autocast, procs, rows=rows)
-    procs.print(f"val loss {val_loss:.6f} | {time.time() - started:.1f} s")
+    procs.print(f"val loss {val_loss:.6f} | {progress.since(started)}")
     if acc_norm:
         started = time.time()
-        procs.print(f"hellaswag acc_norm {acc_norm(model):.4f} | {time.time() - started:.1f} s")
+        procs.print(f"hellaswag acc_norm {acc_norm(model):.4f} | {progress.since(started)}")
 
 
 # -----------------------------------------------------------------------------

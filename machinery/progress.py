@@ -123,6 +123,11 @@ def step_line(progress, step, train_loss, lr, norm, dt, args, mfu_flops=None, me
     )
 
 
+def since(started):
+    """The seconds since time.time() was `started`, as a progress line ends: "12.3 s"."""
+    return f"{time.time() - started:.1f} s"
+
+
 def format_seconds(seconds):
     if seconds is None:
         return "?"

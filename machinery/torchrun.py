@@ -8,8 +8,10 @@ import os
 import signal
 import socket
 import sys
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from machinery.cli import UserError
 from machinery.files import output_lock
@@ -19,6 +21,41 @@ from machinery.files import output_lock
 # and MASTER_PORT, where the group meets) in each process it starts. A leftover variable (a
 # cluster's prologue, an old export) must not turn one process into a rank of a group that does not
 # exist.
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in the group (one process: the defaults), and the two collectives
+    the run needs from it."""
+
+    ddp: bool = False
+    rank: int = 0
+    local_rank: int = 0  # the GPU of this process on its machine
+    world_size: int = 1
+
+    @property
+    def master(self):
+        return self.rank == 0  # only rank 0 prints, logs and saves
+
+    def print(self, *args, **kwargs):
+        if self.master:
+            print(*args, **kwargs)
+
+    def any(self, flag, device):
+        """Whether `flag` is true on any rank; every rank gets the same answer."""
+        if not self.ddp:
+            return flag
+        count = torch.tensor(float(flag), device=device)
+        dist.all_reduce(count, op=dist.ReduceOp.SUM)
+        return count.item() > 0
+
+    def mean(self, tensor):
+        """The mean of `tensor` over the ranks (summed, then divided: gloo has no average)."""
+        if self.ddp:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= self.world_size
+        return tensor
+
 
 GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
