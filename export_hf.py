@@ -17,6 +17,7 @@ folder.
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -103,19 +104,21 @@ def export_hf(model, out_dir, overwrite=False):
         "unk_token": "<|endoftext|>",
     }
 
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    parent, name = os.path.split(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    build_dir = tempfile.mkdtemp(
-        dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp"
-    )
+    # An export killed mid-way (SIGKILL, a crash) leaves its build folder beside --out; --out's lock
+    # is ours, so no live export owns one: they go.
+    for stale in os.listdir(parent):
+        if re.fullmatch(rf"\.{re.escape(name)}\.tmp\w{{8}}(\.old)?", stale):
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    build_dir = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp")
     try:
         try:
             save_file(
                 tensors, os.path.join(build_dir, "model.safetensors"), metadata={"format": "pt"}
             )
-        except (
-            Exception
-        ) as e:  # safetensors reports a failed write (a full disk) as its own error type
+        # safetensors reports a failed write (a full disk) as its own error type
+        except Exception as e:
             if isinstance(e, OSError):
                 raise
             raise UserError(
@@ -135,9 +138,8 @@ def export_hf(model, out_dir, overwrite=False):
         # readable
         os.chmod(build_dir, 0o755)
         os.chmod(os.path.join(build_dir, "model.safetensors"), 0o644)
-        if os.path.isdir(
-            out_dir
-        ):  # empty, or --force: move the old one aside until the new one is in place
+        # empty, or --force: move the old one aside until the new one is in place
+        if os.path.isdir(out_dir):
             old_dir = build_dir + ".old"
             os.rename(out_dir, old_dir)
             os.rename(build_dir, out_dir)

@@ -56,9 +56,8 @@ def parse_log(path):
             f"{path} is not a text file; pass the log.txt your training run wrote"
         ) from None
     lines = text.splitlines()
-    if lines and not text.endswith(
-        "\n"
-    ):  # a line cut short (being written, or killed), even if it parses
+    # a line cut short (being written, or killed), even if it parses
+    if lines and not text.endswith("\n"):
         print(f"note: the last line of {path} is cut short ({lines.pop()[:60]!r}): it is left out")
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -121,9 +120,8 @@ def plot_loss(ax, series, reference=False, clip=True):
             ax.plot(
                 *moving_average(train_steps, train_loss, window), color="tab:blue", label=smoothed
             )
-    if (
-        val_loss.size
-    ):  # a point per evaluation: the line between two says nothing of the steps in between
+    # a point per evaluation: the line between two says nothing of the steps in between
+    if val_loss.size:
         ax.plot(
             val_steps,
             val_loss,

@@ -23,24 +23,20 @@ class UserError(Exception):
 
 def run_cli(main, argv=None, interrupted=None, group=False):
     """Call main(argv) as a script's entry point: a UserError, or an OSError (a path that cannot be
-    read or written), becomes `error: ...` on stderr and exit 1; Ctrl-C becomes `interrupted` and
-    exit 130. `interrupted`, if given, is said after it, and SIGTERM stops the script the same way
-    (exit 143, as a shell reports it). group: the script runs as a torchrun group (the trainer),
-    where an error is said once per machine (by its LOCAL_RANK 0), or by the one rank whose
-    UserError `speaks`; every other script speaks whatever the environment holds."""
-    if (
-        interrupted is not None
-    ):  # SIGTERM (kill, a cluster's preemption) stops the script as Ctrl-C does
-        signal.signal(signal.SIGTERM, raise_terminated)
+    read or written), becomes `error: ...` on stderr and exit 1; Ctrl-C becomes one line and exit
+    130, and SIGTERM the same with exit 143 (as a shell reports them), so that a script unwinds and
+    removes its partial files either way; `interrupted`, if given, is said after that line, to say
+    what was kept. group: the script runs as a torchrun group (the trainer), where an error is said
+    once per machine (by its LOCAL_RANK 0), or by the one rank whose UserError `speaks`; every
+    other script speaks whatever the environment holds."""
+    signal.signal(signal.SIGTERM, raise_terminated)  # kill, a cluster's preemption: as Ctrl-C
     try:
         return main(argv)
     except UserError as e:
         message, speaks = str(e), getattr(e, "speaks", None)
     except OSError as e:
         message, speaks = os_error_line(e), None
-    except (
-        KeyboardInterrupt
-    ) as e:  # Ctrl-C (or SIGTERM, where `interrupted` is given): one line, not a traceback
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, not a traceback
         said = f": {interrupted}" if interrupted else ""
         print(
             f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}{said}",
@@ -58,10 +54,8 @@ def says_for_its_machine():
     """Whether this process says an error that each rank of a torchrun group may meet alike (a
     missing folder): under torchrun its LOCAL_RANK 0 does; a process started otherwise always
     speaks."""
-    return "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("LOCAL_RANK", "0").strip() in (
-        "",
-        "0",
-    )
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    return not under_torchrun or os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")
 
 
 class ArgumentParser(argparse.ArgumentParser):

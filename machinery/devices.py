@@ -30,11 +30,8 @@ def pick_device(requested):
             device = torch.device(requested)
         except RuntimeError:
             device = None
-        if device is None or device.type not in (
-            "cuda",
-            "mps",
-            "cpu",
-        ):  # meta, xla, ...: not set up here
+        # meta, xla, ...: not set up here
+        if device is None or device.type not in ("cuda", "mps", "cpu"):
             raise UserError(
                 f"--device {requested!r} is not a device this "
                 f"project runs on: use cuda, cuda:N, mps or cpu"
@@ -182,9 +179,8 @@ def available_bytes(device):
         read_words("/sys/fs/cgroup/memory.max"),
         read_words("/sys/fs/cgroup/memory.current"),
     )
-    if (
-        cgroup_max and cgroup_max[0].isdigit() and cgroup_now
-    ):  # cgroup v2: a container's own limit ("max": none)
+    # cgroup v2: a container's own limit ("max": none)
+    if cgroup_max and cgroup_max[0].isdigit() and cgroup_now:
         limits.append(int(cgroup_max[0]) - int(cgroup_now[0]))
     return min(limits) if limits else None
 

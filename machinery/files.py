@@ -113,9 +113,8 @@ def atomic_write(path, mode="wb", temp_path=None):
         raise UserError(
             f"could not write {os_error_line(e, path)} (any earlier {path} is intact)"
         ) from None
-    except (
-        RuntimeError
-    ):  # torch.save reports a failed write so, and hides why: most often a full disk
+    # torch.save reports a failed write so, and hides why: most often a full disk
+    except RuntimeError:
         raise UserError(
             f"could not write {path}: is the disk full? (any earlier {path} is intact)"
         ) from None

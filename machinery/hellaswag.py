@@ -94,10 +94,8 @@ def download_file(url, path):
                     while chunk := response.read(1 << 20):
                         f.write(chunk)
                         bar.update(len(chunk))
-        except (
-            OSError,
-            HTTPException,
-        ) as e:  # no network, timeout, HTTP error, connection cut short
+        # no network, timeout, HTTP error, connection cut short
+        except (OSError, HTTPException) as e:
             raise UserError(
                 f"could not download {url} ({e}); on a machine with network, "
                 f"download that file and pass --data PATH (or put it at {path})"
@@ -344,9 +342,8 @@ def in_loop_eval(data, enc, procs, batch_size, autocast_dtype, download=True):
     if data:
         path = hellaswag_path(data)  # a path the user gave must exist
     else:
-        if (
-            procs.master and download
-        ):  # one download into the cache, which the other ranks then read
+        # one download into the cache, which the other ranks then read
+        if procs.master and download:
             with contextlib.suppress(UserError):
                 hellaswag_path()
         if procs.ddp:

@@ -81,9 +81,8 @@ def download_gpt2(name):
         return snapshot_download(
             repo_id=f"openai-community/{name}", allow_patterns=["config.json", "model.safetensors"]
         )
-    except (
-        Exception
-    ) as e:  # no network, hub down, no huggingface_hub: all end the same way for the user
+    # no network, hub down, no huggingface_hub: all end the same way for the user
+    except Exception as e:
         raise UserError(
             f"could not download '{name}' from the Hugging Face hub "
             f"({type(e).__name__}); on a machine with network run `hf download "
@@ -99,9 +98,8 @@ def read_hf_checkpoint(directory):
     config_path = os.path.join(directory, "config.json")
     safetensors_path = os.path.join(directory, "model.safetensors")
     bin_path = os.path.join(directory, "pytorch_model.bin")
-    if (newest := latest_checkpoint(directory)) and not os.path.exists(
-        config_path
-    ):  # a --log_dir, not its file
+    # a --log_dir, not its file
+    if (newest := latest_checkpoint(directory)) and not os.path.exists(config_path):
         raise UserError(
             f"{directory} is the folder of a training run, not a Hugging "
             f"Face model: pass one of its checkpoints, such as {newest}"

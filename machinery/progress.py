@@ -83,9 +83,8 @@ class Progress:
         """(seconds since the start, estimated seconds left, None until there is an estimate)."""
         now = time.monotonic()
         interval, self.last_step_end = now - self.last_step_end, now
-        if (
-            step > self.first_step
-        ):  # the first step compiles and warms up: it says nothing of the others
+        # the first step compiles and warms up: it says nothing of the others
+        if step > self.first_step:
             smoothed = self.seconds_per_step
             self.seconds_per_step = (
                 interval if smoothed is None else 0.9 * smoothed + 0.1 * interval
@@ -150,9 +149,8 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, mode
     num_params = sum(p.numel() for p in model.parameters())
     weights = f" | weights of {args.init}" if args.init else ""
     warmup_note = ""
-    if (
-        args.warmup_steps >= args.max_steps
-    ):  # a short run with 124M's 715 warmup steps, say: it barely trains
+    # a short run with 124M's 715 warmup steps, say: it barely trains
+    if args.warmup_steps >= args.max_steps:
         warmup_note = (
             f"\nnote: --warmup_steps {args.warmup_steps} is not below "
             f"--max_steps {args.max_steps}: the learning rate "

@@ -140,10 +140,7 @@ def note_unfinished_data(data_dir):
                 finished = json.load(f).get("finished", True)
         except (OSError, ValueError, AttributeError):  # not fineweb.py's: nothing to say
             continue
-        if not finished and os.environ.get("RANK", "0").strip() in (
-            "",
-            "0",
-        ):  # said by rank 0 alone
+        if not finished and os.environ.get("RANK", "0").strip() in ("", "0"):  # rank 0 alone
             print(
                 f"note: {path} says its fineweb.py run has not "
                 f"finished: training uses the shards written so far"
