@@ -219,12 +219,9 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.requested = True
-        signal.signal(
-            signal.SIGINT, signal.default_int_handler
-        )  # a second Ctrl-C raises KeyboardInterrupt
-        notice = (
-            f"\n{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping\n"
-        )
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: at once
+        name = signal.Signals(signum).name
+        notice = f"\n{name}: saving a checkpoint after this step, then stopping\n"
         # os.write, not print: the signal can arrive in the middle of a print (say, one blocked on a
         # full pipe), and print cannot be re-entered: it would raise instead of letting the run save
         # and stop.

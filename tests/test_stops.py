@@ -2,11 +2,19 @@
 (its partial files removed, one line, exit 143), and what a killed export left is cleared."""
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
+
+import numpy as np
+import pytest
+import torch
 
 import export_hf
 import train_gpt2
+from conftest import TINY_MODEL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +47,66 @@ def test_an_export_clears_the_build_folders_a_killed_export_left(tmp_path):
     assert not any(folder.exists() for folder in left)
     assert all(folder.exists() for folder in others)  # another export's, or the user's
     assert sorted(os.listdir(out)) == sorted(export_hf.EXPORT_FILES)
+
+
+# A stop request during the evaluation after the last step: the checkpoint says its evaluation is
+# pending, and --resume does it (its log lines, no training step), then saves it as done.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+@pytest.mark.parametrize("launcher", [[sys.executable], TORCHRUN], ids=["1 process", "2 ranks"])
+def test_a_stop_during_the_last_evaluation_is_resumed_into_that_evaluation(tmp_path, launcher):
+    data, log = tmp_path / "data", tmp_path / "log"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "tiny_val_000000.npy", rng.integers(0, 50257, 1_000_000, dtype=np.uint16))
+    np.save(data / "tiny_train_000001.npy", rng.integers(0, 50257, 8192, dtype=np.uint16))
+    flags = [*TINY_MODEL, "--data_dir", str(data), "--log_dir", str(log), "--batch_size", "4",
+             "--seq_len", "32", "--total_batch_size", "256", "--max_steps", "2",
+             "--warmup_steps", "1", "--eval_every", "100", "--no-eval_first", "--no-hellaswag",
+             "--no-sample_every_eval"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # An evaluation of 999,000 tokens after the last step: far longer than the test waits.
+    run = subprocess.Popen([*launcher, "train_gpt2.py", *flags, "--val_tokens", "999000"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=env)  # fmt: skip
+    try:
+        for line in run.stdout:
+            if re.match(r"step +1/\d+ \| loss", line):
+                break
+        time.sleep(1)
+        # A preemption signals every process of the job: torchrun's ranks (not torchrun, whose
+        # own handler is a traceback), or the one process.
+        ranks = [run.pid] if launcher != TORCHRUN else children(run.pid)
+        for pid in ranks:
+            os.kill(pid, signal.SIGTERM)
+        stopped = line + run.communicate(timeout=300)[0]
+    finally:
+        run.kill()
+    assert run.returncode == 0, stopped
+    assert "evaluation cut short by the stop request" in stopped, stopped
+    checkpoint = torch.load(log / "model_00001.pt", weights_only=True)
+    assert checkpoint["eval_pending"] is True
+    assert not os.path.exists(log / "model_00002.pt")
+
+    resumed = subprocess.run([*launcher, "train_gpt2.py", *flags, "--val_tokens", "2048",
+                              "--resume"], cwd=REPO, capture_output=True, text=True, env=env,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert re.search(r"^step +1/1 \| val loss \d", resumed.stdout, re.M), resumed.stdout
+    assert not re.search(r"^step +\d+/\d+ \| loss", resumed.stdout, re.M)  # no step trained
+    assert "at step 1" in resumed.stdout  # the summary's val loss is this evaluation's
+    logged = (log / "log.txt").read_text().splitlines()
+    assert logged[-1].startswith("1 val "), logged
+    assert torch.load(log / "model_00001.pt", weights_only=True)["eval_pending"] is False
+
+
+def children(pid):
+    """The pids of the processes `pid` started (torchrun's ranks), once both are up."""
+    for _ in range(100):
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            pids = [int(child) for child in f.read().split()]
+        if len(pids) == 2:
+            return pids
+        time.sleep(0.1)
+    raise AssertionError(f"torchrun started {pids}")
