@@ -213,17 +213,21 @@ def check_loader_state(state, loader):
 def check_same_data(then, now, split):
     """Refuse to resume on `split` shards other than the checkpoint's (`then`, `now`:
     fingerprints)."""
-    if then != now:
-        then_shard, now_shard = next(((a, b) for a, b in zip(then, now) if a != b), (None, None))
-        detail = (
-            f"{len(then)} {split} shards then, {len(now)} now"
-            if then_shard is None
-            else (
-                f"{then_shard[0]} of {then_shard[1]:,} tokens "
-                f"then, {now_shard[0]} of {now_shard[1]:,} now"
-            )
-        )
-        raise UserError(
-            f"the {split} shards are not the ones the checkpoint was trained on ({detail}): "
-            "point --data_dir at the data of the run"
-        )
+    if any(len(entry) < 3 or len(entry[2]) != 8 for entry in then):
+        # An older checkpoint's checksum (of each shard's head and tail) is not a CRC-32 of the
+        # whole: names and sizes are what can be compared.
+        then, now = [entry[:2] for entry in then], [entry[:2] for entry in now]
+    if then == now:
+        return
+    changed = next(((a, b) for a, b in zip(then, now) if a != b), None)
+    if changed is None:
+        detail = f"{len(then)} {split} shards then, {len(now)} now"
+    elif changed[0][:2] == changed[1][:2]:  # same name and length, another checksum
+        detail = f"{changed[0][0]} holds other tokens now"
+    else:
+        (name_then, tokens_then), (name_now, tokens_now) = changed[0][:2], changed[1][:2]
+        detail = f"{name_then} of {tokens_then:,} tokens then, {name_now} of {tokens_now:,} now"
+    raise UserError(
+        f"the {split} shards are not the ones the checkpoint was trained on ({detail}): "
+        "point --data_dir at the data of the run"
+    )

@@ -1,5 +1,6 @@
-"""How scripts end when they are stopped or killed: SIGTERM unwinds every script as Ctrl-C does
-(its partial files removed, one line, exit 143), and what a killed export left is cleared."""
+"""How scripts end when they are stopped or killed, and what a resume then finds: SIGTERM unwinds
+every script as Ctrl-C does (one line, exit 143), a killed export's build folder is cleared, an
+evaluation cut short is done by the resume, and a resume refuses data other than the run's."""
 
 import os
 import re
@@ -110,3 +111,37 @@ def children(pid):
             return pids
         time.sleep(0.1)
     raise AssertionError(f"torchrun started {pids}")
+
+
+# The data of a resumed run must be the data it was trained and evaluated on: a shard replaced or
+# changed in place (same name, same length) is refused, before any file is written.
+def test_a_resume_refuses_a_changed_val_split_but_takes_an_older_checkpoints_fingerprint(
+    tmp_path, keep_signal_handlers
+):
+    data, log = tmp_path / "data", tmp_path / "log"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "tiny_val_000000.npy", rng.integers(0, 50257, 4096, dtype=np.uint16))
+    np.save(data / "tiny_train_000001.npy", rng.integers(0, 50257, 8192, dtype=np.uint16))
+    flags = [*TINY_MODEL, "--data_dir", str(data), "--log_dir", str(log), "--batch_size", "4",
+             "--seq_len", "32", "--total_batch_size", "128", "--warmup_steps", "1",
+             "--eval_every", "2", "--val_tokens", "256", "--no-hellaswag",
+             "--no-sample_every_eval"]  # fmt: skip
+    train_gpt2.main([*flags, "--max_steps", "2"])
+    val = np.load(data / "tiny_val_000000.npy")
+    val[2000] ^= 1  # one token, in the middle of the shard
+    np.save(data / "tiny_val_000000.npy", val)
+    before = {name: (log / name).read_bytes() for name in os.listdir(log)}
+    with pytest.raises(train_gpt2.UserError, match="tiny_val_000000.npy holds other tokens now"):
+        train_gpt2.main([*flags, "--max_steps", "4", "--resume"])
+    assert {name: (log / name).read_bytes() for name in os.listdir(log)} == before
+
+    # A checkpoint written before the val split was fingerprinted, whose train fingerprint is a
+    # checksum of each shard's head and tail: names and sizes are compared, and it resumes.
+    checkpoint = torch.load(log / "model_00001.pt", weights_only=True)
+    del checkpoint["val_data"]
+    checkpoint["loader"]["data"] = [[name, tokens, "ab" * 32] for name, tokens, _ in
+                                    checkpoint["loader"]["data"]]  # fmt: skip
+    torch.save(checkpoint, log / "model_00001.pt")
+    train_gpt2.main([*flags, "--max_steps", "4", "--resume"])
+    assert os.path.exists(log / "model_00003.pt")
