@@ -45,6 +45,24 @@ def remove_stale(log_dir):
             os.remove(stale)
 
 
+def disk_full(filename, log_dir):
+    """What a run whose disk filled up says: the file it was writing, and how to go on from the
+    newest intact checkpoint in log_dir, or that there is none yet (--resume would be refused)."""
+    newest = latest_checkpoint(log_dir)
+    writing = f" (writing {filename})" if filename else ""
+    with contextlib.suppress(UserError, OSError):
+        if newest is not None:
+            check_intact(newest)
+            return UserError(
+                f"the disk is full{writing}: free some space, then run the same command with "
+                f"--resume; it continues from {newest}, which is intact"
+            )
+    return UserError(
+        f"the disk is full{writing} and no intact checkpoint was saved yet: free some space, then "
+        "run the same command again (without --resume)"
+    )
+
+
 # -----------------------------------------------------------------------------
 # Reading. torch.save writes a zip archive whose every entry carries a CRC-32 of its bytes, which
 # torch.load does not check: a checkpoint with bytes overwritten on disk would load and train on.

@@ -21,6 +21,14 @@ class UserError(Exception):
     """A mistake the user can fix: run_cli prints it as one line and exits 1."""
 
 
+class DiskFull(UserError):
+    """A write that found the disk full; `filename`: the file it was writing."""
+
+    def __init__(self, message, filename):
+        super().__init__(message)
+        self.filename = filename
+
+
 def run_cli(main, argv=None, interrupted=None, group=False):
     """Call main(argv) as a script's entry point: a UserError, or an OSError (a path that cannot be
     read or written), becomes `error: ...` on stderr and exit 1; Ctrl-C becomes one line and exit
@@ -87,8 +95,8 @@ def os_error_line(error, path=None):
     if error.errno in DISK_FULL:
         where = f" while writing {path or error.filename}" if path or error.filename else ""
         return (
-            f"the disk is full{where}: free some space and run the command again; finished "
-            f"checkpoints and shards are intact (a training run continues with --resume)"
+            f"the disk is full{where}: free some space and run the command again; the files "
+            "finished before are intact on disk"
         )
     where = f"{path or error.filename}: " if path or error.filename else ""
     if error.errno == errno.EISDIR:

@@ -9,7 +9,7 @@ import fcntl
 import os
 import socket
 
-from machinery.cli import DISK_FULL, UserError, os_error_line
+from machinery.cli import DISK_FULL, DiskFull, UserError, os_error_line
 
 # -----------------------------------------------------------------------------
 # One writer per output folder. Two runs writing one folder (two trainers on one --log_dir, two
@@ -103,20 +103,17 @@ def atomic_write(path, mode="wb", temp_path=None):
         with open(temp_path, mode) as f:
             yield f
             f.flush()
-            os.fsync(
-                f.fileno()
-            )  # on disk before the rename, so the rename never points at a torn file
+            os.fsync(f.fileno())  # on disk before the rename: it never points at a torn file
         os.replace(temp_path, path)
-    except OSError as e:  # named by its target: the temporary file is gone
-        if e.errno in DISK_FULL:
-            raise UserError(os_error_line(e, path)) from None
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write as a RuntimeError, with the OSError as its context
+        error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(error, OSError):
+            raise UserError(f"could not write {path}: is the disk full?") from None
+        if error.errno in DISK_FULL:  # named by its target: the temporary file is gone
+            raise DiskFull(os_error_line(error, path), path) from None
         raise UserError(
-            f"could not write {os_error_line(e, path)} (any earlier {path} is intact)"
-        ) from None
-    # torch.save reports a failed write so, and hides why: most often a full disk
-    except RuntimeError:
-        raise UserError(
-            f"could not write {path}: is the disk full? (any earlier {path} is intact)"
+            f"could not write {os_error_line(error, path)} (any earlier {path} is intact)"
         ) from None
     finally:
         # after an error or Ctrl-C; a kill leaves the temporary file for the next run to remove

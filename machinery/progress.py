@@ -68,9 +68,7 @@ class Progress:
     def __init__(self, first_step, last_step):
         self.first_step, self.last_step = first_step, last_step
         self.started = self.last_step_end = time.monotonic()
-        self.seconds_per_step = (
-            None  # smoothed over recent steps, evaluations and checkpoints included
-        )
+        self.seconds_per_step = None  # smoothed over recent steps, evaluations and checkpoints
         self.train_loss = self.val_loss = self.best_val_loss = self.best_val_step = None
         self.hellaswag = self.checkpoint = self.start_val_loss = None
 
@@ -89,12 +87,8 @@ class Progress:
             self.seconds_per_step = (
                 interval if smoothed is None else 0.9 * smoothed + 0.1 * interval
             )
-        left = (
-            None
-            if self.seconds_per_step is None
-            else self.seconds_per_step * (self.last_step - step)
-        )
-        return now - self.started, left
+        per_step = self.seconds_per_step
+        return now - self.started, None if per_step is None else per_step * (self.last_step - step)
 
     def val_done(self, step, val_loss):
         self.val_loss, self.val_step = val_loss, step
@@ -240,22 +234,21 @@ def describe_split(loader):
 def print_summary(progress, log_path, prompt):
     """The last block: what the run reached, where it is, and what to run next (commands quoted for
     the shell)."""
-    val = (
-        "-"
-        if progress.val_loss is None
-        else f"{progress.val_loss:.4f} {at_step(progress.val_step)}"
-    )
     train = "-" if progress.train_loss is None else f"{progress.train_loss:.4f}"
-    best = ""
-    if progress.best_val_step is not None:
-        best = f" (best {progress.best_val_loss:.4f} {at_step(progress.best_val_step)})"
-    if progress.start_val_loss is not None:
-        best += f" | val loss before step 0 {progress.start_val_loss:.4f}"
+    val = "-"
+    if progress.val_loss is not None:
+        val = f"{progress.val_loss:.4f} {at_step(progress.val_step)}"
+    also = []  # the best and the first val loss, where they are not the last one
+    if progress.best_val_step not in (None, progress.val_step):
+        also.append(f"best {progress.best_val_loss:.4f} {at_step(progress.best_val_step)}")
+    if progress.start_val_loss is not None and progress.val_step != -1:
+        also.append(f"{progress.start_val_loss:.4f} before step 0")
+    val += f" ({', '.join(also)})" if also else ""
     hellaswag = (
         "" if progress.hellaswag is None else f" | hellaswag acc_norm {progress.hellaswag:.4f}"
     )
     print(f"\ndone in {format_seconds(time.monotonic() - progress.started)}")
-    print(f"final       train loss {train} | val loss {val}{best}{hellaswag}")
+    print(f"final       train loss {train} | val loss {val}{hellaswag}")
     print(f"checkpoint  {progress.checkpoint}")
     print(f"log         {log_path}")
     sample, plot = script_path("sample.py"), script_path("plot_log.py")

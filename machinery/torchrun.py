@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from machinery.cli import UserError
+from machinery import checkpoints
+from machinery.cli import DISK_FULL, DiskFull, UserError
 from machinery.files import output_lock
 
 # -----------------------------------------------------------------------------
@@ -127,7 +128,12 @@ def log_dir_lock(log_dir, procs, device):
                 refusal = e
         if procs.any(refusal is not None, device):
             raise refusal or silent(UserError(f"rank 0 could not lock --log_dir {log_dir}"))
-        yield
+        try:
+            yield
+        except (OSError, DiskFull) as e:  # rank 0's log or checkpoint: how to go on, if at all
+            if isinstance(e, OSError) and e.errno not in DISK_FULL:
+                raise
+            raise checkpoints.disk_full(e.filename, log_dir) from None
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import torch
 
 import export_hf
 import train_gpt2
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, file_size_limit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,3 +145,33 @@ def test_a_resume_refuses_a_changed_val_split_but_takes_an_older_checkpoints_fin
     torch.save(checkpoint, log / "model_00001.pt")
     train_gpt2.main([*flags, "--max_steps", "4", "--resume"])
     assert os.path.exists(log / "model_00003.pt")
+
+
+# A full disk ends a run with the way on: --resume and the intact checkpoint it continues from, or,
+# where no checkpoint was saved yet, the same command again (a --resume would be refused).
+def test_a_full_disk_says_whether_to_resume_and_from_which_checkpoint(
+    tmp_path, keep_signal_handlers
+):
+    data, log = tmp_path / "data", tmp_path / "log"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "tiny_val_000000.npy", rng.integers(0, 50257, 4096, dtype=np.uint16))
+    np.save(data / "tiny_train_000001.npy", rng.integers(0, 50257, 8192, dtype=np.uint16))
+    flags = [*TINY_MODEL, "--data_dir", str(data), "--log_dir", str(log), "--batch_size", "4",
+             "--seq_len", "32", "--total_batch_size", "128", "--warmup_steps", "1",
+             "--eval_every", "2", "--val_tokens", "256", "--no-hellaswag",
+             "--no-sample_every_eval", "--ckpt_every", "2"]  # fmt: skip
+    with file_size_limit(1 << 20):  # a checkpoint of the tiny model is about 40 MB
+        with pytest.raises(train_gpt2.UserError) as first:
+            train_gpt2.main([*flags, "--max_steps", "4"])
+    assert "no intact checkpoint was saved yet" in str(first.value), first.value
+    assert "model_00001.pt" in str(first.value) and "(without --resume)" in str(first.value)
+    assert sorted(os.listdir(log)) == ["log.txt"]  # no torn checkpoint left taking space
+
+    train_gpt2.main([*flags, "--max_steps", "2"])
+    with file_size_limit(1 << 20):
+        with pytest.raises(train_gpt2.UserError) as later:
+            train_gpt2.main([*flags, "--max_steps", "4", "--resume"])
+    assert f"--resume; it continues from {log / 'model_00001.pt'}, which is intact" in str(
+        later.value
+    ), later.value
