@@ -175,3 +175,30 @@ def test_a_full_disk_says_whether_to_resume_and_from_which_checkpoint(
     assert f"--resume; it continues from {log / 'model_00001.pt'}, which is intact" in str(
         later.value
     ), later.value
+
+
+def test_sighup_a_closed_terminal_saves_the_step_and_exits_0(tmp_path):
+    data, log = tmp_path / "data", tmp_path / "log"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    np.save(data / "tiny_val_000000.npy", rng.integers(0, 50257, 4096, dtype=np.uint16))
+    np.save(data / "tiny_train_000001.npy", rng.integers(0, 50257, 8192, dtype=np.uint16))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    run = subprocess.Popen([sys.executable, "train_gpt2.py", *TINY_MODEL, "--data_dir", str(data),
+                            "--log_dir", str(log), "--batch_size", "4", "--seq_len", "32",
+                            "--total_batch_size", "128", "--max_steps", "100000",
+                            "--no-hellaswag", "--no-sample_every_eval", "--val_tokens", "256"],
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=env)  # fmt: skip
+    try:
+        for line in run.stdout:
+            if re.match(r"step +3/", line):
+                break
+        run.send_signal(signal.SIGHUP)
+        output = run.communicate(timeout=120)[0]
+    finally:
+        run.kill()
+    assert run.returncode == 0 and "Traceback" not in output, output
+    assert "SIGHUP: saving a checkpoint after this step" in output
+    step = int(re.search(r"stopped after step (\d+)", output).group(1))
+    assert sorted(os.listdir(log)) == ["log.txt", f"model_{step:05d}.pt"]
