@@ -11,19 +11,15 @@ import argparse
 import os
 
 import numpy as np
-from matplotlib.figure import (
-    Figure,
-)  # not pyplot: we only write files, and need no window or backend
+from matplotlib.figure import Figure  # not pyplot: we write files, and need no window or backend
 
 from machinery.cli import ArgumentParser, HelpFormatter, UserError, run_cli
 from machinery.files import atomic_write
 
-# Reference numbers, each true of one data set only. OpenAI's GPT-2 124M reaches this loss on
-# FineWeb-edu val (shard 0): it compares with our val loss only when we train and validate on
-# FineWeb-edu too.
+# Reference numbers. OpenAI's GPT-2 124M reaches this loss on FineWeb-edu val (shard 0): it compares
+# with our val loss only when we validate on FineWeb-edu too.
 GPT2_124M_FINEWEB_EDU_VAL_LOSS = 3.2924
-# HellaSwag acc_norm is the same benchmark for every run, so these compare with any run's hella
-# line.
+# HellaSwag acc_norm is the same benchmark for every run: these compare with any run's hella line.
 GPT2_124M_HELLASWAG = 0.2955
 GPT3_124M_HELLASWAG = 0.337
 
@@ -34,12 +30,9 @@ CLIP_NATS = 3.0
 
 def parse_log(path):
     """Read the log into {kind: (steps, values)}, keeping only the latest run's points for each
-    step.
-
-    A resumed run appends to the same log and starts again from its checkpoint's step, so a step can
-    repeat. When a line goes back to a step already logged (or behind the previous line's step), the
-    points from that step on belong to the abandoned run: we drop them from every series.
-    """
+    step. A resumed run appends to the same log from its checkpoint's step on, so a step can repeat:
+    when a line goes back to a step already logged, the points from that step on belong to the
+    abandoned run, and are dropped from every series."""
     if not os.path.isfile(path):
         raise UserError(f"no log file at {path}; pass the log.txt your training run wrote")
     series = {}
@@ -47,14 +40,11 @@ def parse_log(path):
     try:
         with open(path) as f:
             text = f.read()  # a log has one short line per step: it fits in memory
-    except OSError as e:
-        raise UserError(
-            f"cannot read {path} ({e.strerror}); pass the log.txt your training run wrote"
-        ) from None
-    except UnicodeDecodeError:
-        raise UserError(
-            f"{path} is not a text file; pass the log.txt your training run wrote"
-        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        why = f"{path} is not a text file"
+        if isinstance(e, OSError):
+            why = f"cannot read {path} ({e.strerror})"
+        raise UserError(f"{why}; pass the log.txt your training run wrote") from None
     lines = text.splitlines()
     # a line cut short (being written, or killed), even if it parses
     if lines and not text.endswith("\n"):
@@ -116,20 +106,12 @@ def plot_loss(ax, series, reference=False, clip=True):
         faint = "train, each step" if window > 1 else "train"
         ax.plot(train_steps, train_loss, color="tab:blue", alpha=0.25, linewidth=0.8, label=faint)
         if window > 1:
-            smoothed = f"train, mean of {window} steps"
-            ax.plot(
-                *moving_average(train_steps, train_loss, window), color="tab:blue", label=smoothed
-            )
+            smoothed = moving_average(train_steps, train_loss, window)
+            ax.plot(*smoothed, color="tab:blue", label=f"train, mean of {window} steps")
     # a point per evaluation: the line between two says nothing of the steps in between
     if val_loss.size:
-        ax.plot(
-            val_steps,
-            val_loss,
-            color="tab:orange",
-            marker="o",
-            markersize=4,
-            label="val, each evaluation",
-        )
+        ax.plot(val_steps, val_loss, color="tab:orange", marker="o", markersize=4,
+                label="val, each evaluation")  # fmt: skip
     if reference:
         label = f"OpenAI GPT-2 124M, FineWeb-edu val: {GPT2_124M_FINEWEB_EDU_VAL_LOSS}"
         ax.axhline(GPT2_124M_FINEWEB_EDU_VAL_LOSS, color="red", linestyle="--", label=label)
@@ -143,30 +125,19 @@ def plot_loss(ax, series, reference=False, clip=True):
         top = min(highest, lowest + CLIP_NATS) if clip else highest
         bottom = lowest
         if reference:  # the reference line stays in view, however far our curve is from it
-            top, bottom = (
-                max(top, GPT2_124M_FINEWEB_EDU_VAL_LOSS),
-                min(bottom, GPT2_124M_FINEWEB_EDU_VAL_LOSS),
-            )
+            top = max(top, GPT2_124M_FINEWEB_EDU_VAL_LOSS)
+            bottom = min(bottom, GPT2_124M_FINEWEB_EDU_VAL_LOSS)
         margin = 0.05 * (top - bottom) + 0.05
         ax.set_ylim(bottom - margin, top + margin)
-        hidden = int(np.sum(losses > top + margin))
-        if hidden:
+        if hidden := int(np.sum(losses > top + margin)):
             notes.append(
                 f"y clipped at {top + margin:.2f}: {points(hidden)} above (--no-clip shows them)"
             )
     if notes:
         # Bottom left: a loss curve starts high and falls to the right, so that corner is empty.
         box = dict(facecolor="white", edgecolor="0.7", alpha=0.9)
-        ax.text(
-            0.01,
-            0.02,
-            "\n".join(notes),
-            transform=ax.transAxes,
-            ha="left",
-            va="bottom",
-            fontsize=8,
-            bbox=box,
-        )
+        ax.text(0.01, 0.02, "\n".join(notes), transform=ax.transAxes, ha="left", va="bottom",
+                fontsize=8, bbox=box)  # fmt: skip
     ax.set(xlabel="step", ylabel="cross-entropy loss (nats/token)", title="Loss")
     if ax.get_legend_handles_labels()[1]:  # none when every loss is nan: the note says so instead
         ax.legend(loc="upper right")
@@ -180,27 +151,12 @@ def plot_hellaswag(ax, series, reference=True):
     if accuracy.size:
         ax.plot(steps, accuracy, color="tab:green", marker=".", label="this run")
     if reference:
-        ax.axhline(
-            GPT2_124M_HELLASWAG,
-            color="red",
-            linestyle="--",
-            label=f"OpenAI GPT-2 124M: {GPT2_124M_HELLASWAG}",
-        )
-        ax.axhline(
-            GPT3_124M_HELLASWAG,
-            color="purple",
-            linestyle="--",
-            label=f"GPT-3 124M: {GPT3_124M_HELLASWAG}",
-        )
+        for name, score, color in (("OpenAI GPT-2 124M", GPT2_124M_HELLASWAG, "red"),
+                                   ("GPT-3 124M", GPT3_124M_HELLASWAG, "purple")):  # fmt: skip
+            ax.axhline(score, color=color, linestyle="--", label=f"{name}: {score}")
     if skipped:
-        ax.text(
-            0.99,
-            0.02,
-            f"{points(skipped)} nan/inf: not drawn",
-            transform=ax.transAxes,
-            ha="right",
-            fontsize=8,
-        )
+        ax.text(0.99, 0.02, f"{points(skipped)} nan/inf: not drawn", transform=ax.transAxes,
+                ha="right", fontsize=8)  # fmt: skip
     ax.set(xlabel="step", ylabel="acc_norm (chance: 0.25)", title="HellaSwag")
     if ax.get_legend_handles_labels()[1]:
         ax.legend(loc="lower right")
@@ -247,32 +203,23 @@ def parse_args(argv=None):
     # (true of FineWeb-edu val only) waits for --ref; HellaSwag's hold for every run, so they are
     # drawn by default.
     parser.add_argument(
-        "--ref",
-        dest="ref",
-        action="store_const",
-        const="all",
-        default="hellaswag",
+        "--ref", dest="ref", action="store_const", const="all", default="hellaswag",
         help=f"also draw OpenAI GPT-2 124M's loss on FineWeb-edu val "
         f"({GPT2_124M_FINEWEB_EDU_VAL_LOSS}), which compares with your val "
         f"loss only if your val data is FineWeb-edu (log.txt cannot tell); "
         f"default: only the HellaSwag references, which hold for every run",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--no-ref",
-        dest="ref",
-        action="store_const",
-        const="none",
+        "--no-ref", dest="ref", action="store_const", const="none",
         default=argparse.SUPPRESS,  # --ref's default is the one; --help shows it there, once
         help="draw no reference lines at all, for a plot of your run alone",
-    )
+    )  # fmt: skip
     parser.add_argument(
-        "--no-clip",
-        dest="clip",
-        action="store_false",
+        "--no-clip", dest="clip", action="store_false",
         help=f"show every loss point; by default the y-axis stops "
         f"{CLIP_NATS:g} nats above the lowest loss so the first steps (~11) "
         f"do not squash the curve, and a note says how many points that hides",
-    )
+    )  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -280,13 +227,8 @@ def main(argv=None):
     args = parse_args(argv)
     out_path = args.out or os.path.join(os.path.dirname(args.log), "loss.png")
     series = parse_log(args.log)
-    fig = build_figure(
-        series,
-        loss_reference=args.ref == "all",
-        hellaswag_reference=args.ref != "none",
-        clip=args.clip,
-    )
-    save_figure(fig, out_path)
+    references = dict(loss_reference=args.ref == "all", hellaswag_reference=args.ref != "none")
+    save_figure(build_figure(series, clip=args.clip, **references), out_path)
     print(f"wrote {out_path}")
 
 
