@@ -85,12 +85,8 @@ def download_file(url, path):
         try:
             with urllib.request.urlopen(url, timeout=30) as response:
                 size = response.headers.get("Content-Length")  # bytes to come, when the server says
-                with tqdm(
-                    total=int(size) if size else None,
-                    unit="B",
-                    unit_scale=True,
-                    desc=f"downloading {os.path.basename(path)}",
-                ) as bar:
+                with tqdm(total=int(size) if size else None, unit="B", unit_scale=True,
+                          desc=f"downloading {os.path.basename(path)}") as bar:  # fmt: skip
                     while chunk := response.read(1 << 20):
                         f.write(chunk)
                         bar.update(len(chunk))
@@ -185,9 +181,7 @@ def pack_example(context, endings):
     tokens, positions, segments = list(context), list(range(len(context))), [0] * len(context)
     predict_at, targets, ending_of = [], [], []
     for k, ending in enumerate(endings):
-        start = len(
-            tokens
-        )  # where this ending's tokens go in the row (it has at least one: its space)
+        start = len(tokens)  # where this ending's tokens go (it has at least one: its space)
         predict_at += [len(context) - 1] + list(range(start, start + len(ending) - 1))
         targets += ending
         ending_of += [k] * len(ending)
@@ -226,21 +220,17 @@ def ending_losses(model, packed, device):
         positions[i, :n] = torch.tensor(example.positions)
         segments[i, :n] = torch.tensor(example.segments)
     tokens, positions, segments = tokens.to(device), positions.to(device), segments.to(device)
-    hidden = model.hidden_states(
-        tokens, positions=positions, attn_mask=attention_mask(segments, positions)
-    )  # (E, L, n_embd)
+    mask = attention_mask(segments, positions)
+    hidden = model.hidden_states(tokens, positions=positions, attn_mask=mask)  # (E, L, n_embd)
 
     def flat(field):  # one field of every example, laid end to end, as a tensor on the device
         return torch.tensor(
             [x for example in packed for x in getattr(example, field)], device=device
         )
 
-    rows = torch.tensor(
-        [i for i, example in enumerate(packed) for _ in example.targets], device=device
-    )
-    losses = F.cross_entropy(
-        model.logits(hidden[rows, flat("predict_at")]).float(), flat("targets"), reduction="none"
-    )
+    rows = torch.tensor([i for i, ex in enumerate(packed) for _ in ex.targets], device=device)
+    logits = model.logits(hidden[rows, flat("predict_at")]).float()
+    losses = F.cross_entropy(logits, flat("targets"), reduction="none")
     ending = 4 * rows + flat(
         "ending_of"
     )  # the (example, ending) each loss belongs to, as one index
@@ -249,16 +239,8 @@ def ending_losses(model, packed, device):
     return sums.view(-1, 4), counts.view(-1, 4)
 
 
-def score_examples(
-    model,
-    examples,
-    enc,
-    device,
-    batch_size,
-    autocast_dtype=torch.float32,
-    progress=False,
-    stop=None,
-):
+def score_examples(model, examples, enc, device, batch_size, autocast_dtype=torch.float32,
+                   progress=False, stop=None):  # fmt: skip
     """Summed losses (E, 4) and scored token counts (E, 4) of every ending of every example,
     batch_size examples (one row each) per forward pass. The rows are sorted by length first so that
     a batch holds rows of about the same length and little compute goes into padding; the results
@@ -271,14 +253,12 @@ def score_examples(
         pack_example(*render_example(example, enc, max_len=model.config.block_size))
         for example in examples
     ]
-    order = sorted(
-        range(len(packed)), key=lambda i: len(packed[i].tokens), reverse=True
-    )  # longest first: OOM shows at once
+    # longest first: if memory runs out, it does at once
+    order = sorted(range(len(packed)), key=lambda i: len(packed[i].tokens), reverse=True)
     sum_losses = torch.zeros(len(packed), 4)
     n_tokens = torch.zeros(len(packed), 4, dtype=torch.long)
-    autocast = torch.autocast(
-        device_type, dtype=autocast_dtype, enabled=autocast_dtype != torch.float32
-    )
+    enabled = autocast_dtype != torch.float32
+    autocast = torch.autocast(device_type, dtype=autocast_dtype, enabled=enabled)
     with torch.no_grad(), autocast:
         with tqdm(total=len(packed), unit="example", desc="hellaswag", disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
@@ -318,11 +298,8 @@ def evaluate_hellaswag(
         )
         pred, pred_norm = predictions(sum_losses, n_tokens)
         labels = torch.tensor([example["label"] for example in my_examples])
-        counts = [
-            len(my_examples),
-            (pred == labels).sum().item(),
-            (pred_norm == labels).sum().item(),
-        ]
+        correct, correct_norm = (pred == labels).sum().item(), (pred_norm == labels).sum().item()
+        counts = [len(my_examples), correct, correct_norm]
     else:
         counts = [0, 0, 0]  # more ranks than examples: this rank still joins the all_reduce
     if world_size > 1:
@@ -350,29 +327,19 @@ def in_loop_eval(data, enc, procs, batch_size, autocast_dtype, download=True):
             torch.distributed.barrier()
         path = hellaswag_path(download=False)
         if path is None:
-            procs.print(
-                f"HellaSwag skipped: its data is not "
-                f"cached{' and could not be downloaded' if download else ''}; pass "
-                f"--hellaswag_data PATH to a local hellaswag_val.jsonl, or --no-hellaswag"
-            )
+            could_not = " and could not be downloaded" if download else ""
+            procs.print(f"HellaSwag skipped: its data is not cached{could_not}; pass "
+                        "--hellaswag_data PATH to a local hellaswag_val.jsonl, or "
+                        "--no-hellaswag")  # fmt: skip
             return None
     examples = load_examples(path)
 
     def hellaswag_acc_norm(model, stop=None):
         device = next(model.parameters()).device
-        # One row per example, shorter than a training row: --batch_size of them fit where training
-        # does.
-        counts = evaluate_hellaswag(
-            model,
-            examples,
-            enc,
-            device,
-            batch_size,
-            procs.rank,
-            procs.world_size,
-            autocast_dtype,
-            stop=stop,
-        )
+        # One row per example, shorter than a training row: --batch_size of them fit where
+        # training does.
+        counts = evaluate_hellaswag(model, examples, enc, device, batch_size, procs.rank,
+                                    procs.world_size, autocast_dtype, stop=stop)  # fmt: skip
         return counts["correct_norm"] / counts["n"]
 
     return hellaswag_acc_norm
