@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from machinery.cli import ArgumentParser, UserError, run_cli
+from machinery import cli
+from machinery.cli import POSITIVE, ArgumentParser, run_cli
 from machinery.devices import pick_device
 from machinery.hellaswag import (
     HELLASWAG_FILE,
@@ -30,52 +31,34 @@ PROTOCOL = "completion style, 0-shot, acc = lowest summed loss, acc_norm = lowes
 
 
 def parse_args(argv):
-    parser = ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (" + PROTOCOL + ")")
-    parser.add_argument(
-        "--init",
-        required=True,
-        help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, "
-        "a Hugging Face directory, or a checkpoint .pt",
-    )
-    parser.add_argument(
-        "--data",
-        default=None,
-        help=f"path of {HELLASWAG_FILE} (default: download once into {default_cache_dir()})",
-    )
-    parser.add_argument(
-        "--limit", type=int, default=None, help="evaluate only the first N examples"
-    )
-    parser.add_argument(
-        "--batch_size",
-        type=int,
-        default=None,
-        help="examples per forward pass (one row of ~140 tokens each); "
-        "default 32 on a GPU, 4 on CPU (measured fastest there)",
-    )
-    parser.add_argument(
-        "--device", default=None, help="cuda, mps or cpu (default: the best available)"
-    )
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="float32: exact, the way the reference numbers were measured; "
-        "bfloat16 autocast: faster on GPUs and CPUs with bf16 units, a few answers may change",
-    )
-    return parser.parse_args(argv)
+    flags = {
+        "evaluation": [
+            ("--data", str, f"path of {HELLASWAG_FILE} (default: download once into "
+             f"{default_cache_dir()})"),
+            ("--limit", int, "evaluate only the first N examples", POSITIVE),
+            ("--batch_size", int, "examples per forward pass (one row of ~140 tokens each); "
+             "default 32 on a GPU, 4 on CPU (measured fastest there)", POSITIVE),
+            ("--device", str, "cuda, mps or cpu (default: the best available)"),
+            ("--dtype", ("float32", "bfloat16"), "float32: exact, the way the reference numbers "
+             "were measured; bfloat16 autocast: faster on GPUs and CPUs with bf16 units, a few "
+             "answers may change"),
+        ],
+    }  # fmt: skip
+    description = f"HellaSwag accuracy of a GPT-2 model ({PROTOCOL})"
+    parser = ArgumentParser(description=description, formatter_class=cli.HelpFormatter)
+    parser.add_argument("--init", required=True, help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a "
+                        "Hugging Face directory, or a checkpoint .pt")  # fmt: skip
+    cli.add_flags(parser, flags)
+    args = parser.parse_args(argv)
+    cli.check_ranges(args, flags)
+    return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.limit is not None and args.limit < 1:
-        raise UserError(f"--limit must be at least 1, got {args.limit}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch_size must be at least 1, got {args.batch_size}")
     device = pick_device(args.device)
     if device.type == "cpu":
-        keep_freed_memory(
-            every_size=True
-        )  # each batch's buffers are not faulted in and zeroed again
+        keep_freed_memory(every_size=True)  # each batch's buffers are not zeroed again
     batch_size = args.batch_size or (4 if device.type == "cpu" else 32)
     autocast_dtype = getattr(torch, args.dtype)
     if args.data is not None:

@@ -158,7 +158,7 @@ def add_flags(parser, table):
 
 
 # -----------------------------------------------------------------------------
-# Numeric flags are checked by one table per script, {flag: RANGE}, instead of one `if` per flag.
+# Numeric flags are checked against the range in their row of the flag table, not one `if` each.
 # float() accepts "nan" and "inf" (and "1e400", which overflows to inf), so every value must also be
 # finite.
 
@@ -171,9 +171,10 @@ UNIT = (lambda value: 0 <= value <= 1, "in [0, 1]")
 SEED = (lambda value: 0 <= value < 2**63, "in [0, 2**63): torch's generators take 64-bit seeds")
 
 
-def check_ranges(args, ranges):
-    """Refuse the first flag of `ranges` ({name: (test, what it must be)}) whose value fails its
-    test or is not finite. A flag left at None (an optional one not given) is not checked."""
+def check_ranges(args, table):
+    """Refuse the first flag of a flag table (see add_flags) whose value fails its range's test or
+    is not finite. A flag left at None (an optional one not given) is not checked."""
+    ranges = {row[0][2:]: row[3] for rows in table.values() for row in rows if len(row) == 4}
     for name, (test, must_be) in ranges.items():
         value = getattr(args, name)
         if value is not None and not (math.isfinite(value) and test(value)):

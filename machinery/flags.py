@@ -114,9 +114,7 @@ def parse(argv=None):
 
 def check(args, world_size):
     """Refuse a number out of its range, or flags that make no sense together, in one line."""
-    cli.check_ranges(
-        args, {row[0][2:]: row[3] for rows in FLAGS.values() for row in rows if len(row) == 4}
-    )
+    cli.check_ranges(args, FLAGS)
     for holds, message in RULES:
         if not holds(args, world_size):
             micro_step_tokens = args.batch_size * args.seq_len * world_size
