@@ -27,20 +27,12 @@ CONV1D_WEIGHTS = (
     "mlp.c_proj.weight",
 )
 # GPTConfig's fields under the names Hugging Face's GPT2Config gives them.
-HF_CONFIG_NAMES = {
-    "block_size": "n_positions",
-    "vocab_size": "vocab_size",
-    "n_layer": "n_layer",
-    "n_head": "n_head",
-    "n_embd": "n_embd",
-}
+HF_CONFIG_NAMES = {"block_size": "n_positions", "vocab_size": "vocab_size", "n_layer": "n_layer",
+                   "n_head": "n_head", "n_embd": "n_embd"}  # fmt: skip
 # The GPT2Config settings under which Hugging Face's GPT-2 is OpenAI's network (first value: the
-# default).
+# default). gelu_new and gelu_pytorch_tanh are both the tanh approximation of GELU.
 OPENAI_GPT2_SETTINGS = {
-    "activation_function": (
-        "gelu_new",
-        "gelu_pytorch_tanh",
-    ),  # both are the tanh approximation of GELU
+    "activation_function": ("gelu_new", "gelu_pytorch_tanh"),
     "layer_norm_epsilon": (1e-5,),
     "tie_word_embeddings": (True,),
     "scale_attn_weights": (True,),
@@ -126,11 +118,8 @@ def read_hf_checkpoint(directory):
     # GPT2Config can also describe variants of the network (another activation, an untied output
     # head, other attention scaling); loading one into our GPT would silently give a different
     # model.
-    variant = {
-        key: hf_config[key]
-        for key, allowed in OPENAI_GPT2_SETTINGS.items()
-        if hf_config.get(key, allowed[0]) not in allowed
-    }
+    variant = {key: hf_config[key] for key, allowed in OPENAI_GPT2_SETTINGS.items()
+               if hf_config.get(key, allowed[0]) not in allowed}  # fmt: skip
     if variant:
         raise UserError(
             f"{directory} is a GPT-2 variant that this model does not implement ({variant}); "
@@ -149,9 +138,7 @@ def to_hf_checkpoint(model):
     """The tensors and config.json of `model` as a Hugging Face GPT2LMHeadModel (export_hf.py writes
     them): the reverse of read_gpt2, with the vocabulary cut back to the tokenizer's 50257
     tokens."""
-    n_tokens = (
-        model.n_real_tokens
-    )  # the padded rows of the embedding are never real tokens: drop them
+    n_tokens = model.n_real_tokens  # the padded rows of the embedding are never real tokens
     tensors = {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
@@ -166,17 +153,11 @@ def to_hf_checkpoint(model):
     config = dict(asdict(model.config), vocab_size=n_tokens)
     hf_config = {hf_name: config[field] for field, hf_name in HF_CONFIG_NAMES.items()}
     hf_config.update({name: allowed[0] for name, allowed in OPENAI_GPT2_SETTINGS.items()})
-    hf_config.update(
-        architectures=["GPT2LMHeadModel"],
-        model_type="gpt2",
-        n_ctx=config["block_size"],  # the older name of n_positions, still read by some converters
-        # This project trains without dropout; transformers would otherwise default to OpenAI's 0.1.
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        resid_pdrop=0.0,
-        bos_token_id=EOT_TOKEN,
-        eos_token_id=EOT_TOKEN,
-    )
+    # n_ctx: the older name of n_positions, still read by some converters. This project trains
+    # without dropout; transformers would otherwise default to OpenAI's 0.1.
+    hf_config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2",
+                     n_ctx=config["block_size"], embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0,
+                     bos_token_id=EOT_TOKEN, eos_token_id=EOT_TOKEN)  # fmt: skip
     return tensors, hf_config
 
 
