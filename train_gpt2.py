@@ -46,12 +46,7 @@ class GPTConfig:
     vocab_size: int = 50257  # rows of the embedding: 50257 tokens, or padded (50304 in training)
     n_layer: int = 12
     n_head: int = 12
-    n_embd: int = 768
-
-
-# OpenAI's sizes: 124M (12 layers, 12 heads, 768 wide), 350M (24, 16, 1024), 774M (36, 20, 1280),
-# 1558M (48, 25, 1600)
-GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+    n_embd: int = 768  # OpenAI's four sizes (124M to 1558M): flags.GPT2_SIZES, shapes in MODELS
 
 
 class CausalSelfAttention(nn.Module):
@@ -130,6 +125,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.activation_checkpointing = False  # True: each block is recomputed in the backward
         self.transformer = nn.ModuleDict(
             dict(
                 wte=nn.Embedding(config.vocab_size, config.n_embd),  # token embedding
@@ -175,7 +171,10 @@ class GPT(nn.Module):
             positions = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
         x = self.transformer.wte(idx) + self.transformer.wpe(positions)  # (B, T, C) + (T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches else None, attn_mask)
+            if self.activation_checkpointing and torch.is_grad_enabled():  # keep only x, not all
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)  # recomputed
+            else:
+                x = block(x, kv_caches[i] if kv_caches else None, attn_mask)
         return self.transformer.ln_f(x)
 
     def logits(self, hidden):
@@ -229,7 +228,7 @@ class GPT(nn.Module):
 
 def openai_weights(name_or_path):
     """The GPTConfig and the state dict (in this model's layout) of OpenAI's GPT-2."""
-    config, hf_state, source = hf_format.read_gpt2(name_or_path, GPT2_SIZES)
+    config, hf_state, source = hf_format.read_gpt2(name_or_path, flags.GPT2_SIZES)
     checkpoints.check_config(config, source, GPTConfig)
     state = {k: v.t() if k.endswith(hf_format.CONV1D_WEIGHTS) else v for k, v in hf_state.items()}
     return GPTConfig(**config), state
@@ -380,14 +379,16 @@ def validation_loss(model, val_loader, steps, autocast, procs, stop=None, rows=N
 # LayerNorm gains just fights the normalisation), a linear warmup, then cosine decay to min_lr.
 
 
-def configure_optimizer(model, weight_decay, lr, betas, eps, device_type, fused=None):
-    """AdamW; fused (default on CUDA): one kernel launch updates every parameter."""
+def configure_optimizer(model, weight_decay, lr, betas, eps, device_type, shard=False, fused=None):
+    """AdamW, or ZeRO-1 with shard; fused (default on CUDA): one kernel updates every parameter."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]  # matmul weights and embeddings
     no_decay = [p for p in params if p.dim() < 2]  # biases and LayerNorm parameters
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
     fused = device_type == "cuda" if fused is None else fused
+    if shard:  # PyTorch's ZeroRedundancyOptimizer over AdamW: the same steps, 1/ranks the moments
+        return torchrun.ShardedAdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
@@ -521,12 +522,12 @@ def restore_checkpoint(checkpoint, optimizer, scaler, loaders, device):
 
 def read_weights(init):
     """GPTConfig and state dict of an OpenAI size, a Hugging Face folder, or log/model_XXXXX.pt."""
-    if init in GPT2_SIZES or os.path.isdir(init):
+    if init in flags.GPT2_SIZES or os.path.isdir(init):
         return openai_weights(init)
     if os.path.isfile(init):
         checkpoint = load_checkpoint(init)
         return GPTConfig(**checkpoint["config"]), checkpoint["model"]
-    sizes = ", ".join(GPT2_SIZES)
+    sizes = ", ".join(flags.GPT2_SIZES)
     raise UserError(f"--init {init!r} is not a file, a directory, or one of {sizes}")
 
 
@@ -549,8 +550,7 @@ def sample_texts(model, enc, prompt, *, num_samples, max_new_tokens, temperature
     device = next(model.parameters()).device
     prompt_ids = enc.encode(prompt, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
     idx = torch.tensor([prompt_ids] * num_samples, device=device)
-    # on the model's device, and seeded anew: the same samples at every call
-    generator = torch.Generator(device=device).manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)  # the same samples at each call
     with autocast:
         out = model.generate(idx, max_new_tokens, temperature, top_k, generator=generator)
     return [enc.decode(row.tolist()) for row in out]
@@ -567,9 +567,7 @@ def sample_prompt(args, val_loader, enc, block_size):
 
 # -----------------------------------------------------------------------------
 # Setting up a run. Its weights come from its own checkpoint (--resume), from others' (--init:
-# fine-tuning), or from a random draw, the only case where the shape flags choose the shape.
-
-SHAPE_FLAGS = ("n_layer", "n_head", "n_embd", "block_size")
+# fine-tuning), or from a random draw of the --model's shape, which the shape flags may change.
 
 
 def build_model(args, device):
@@ -585,7 +583,7 @@ def build_model(args, device):
     elif args.init:
         init_config, state = read_weights(args.init)
         config = model_config(args, asdict(init_config))
-        checkpoints.check_same_shape(asdict(init_config), config, SHAPE_FLAGS, args.init)
+        checkpoints.check_same_shape(asdict(init_config), config, flags.SHAPE_FLAGS, args.init)
         model = GPT(config)
         state = hf_format.padded_vocabulary(state, config.vocab_size)
         load_weights(model, state, source=args.init)
@@ -595,9 +593,9 @@ def build_model(args, device):
 
 
 def model_config(args, weights=None):
-    """The run's GPTConfig: a shape flag left out takes the weights' value (a dict), or 124M's."""
-    shape_of = weights or asdict(GPTConfig())
-    shape = {k: getattr(args, k) or shape_of.get(k) for k in SHAPE_FLAGS}  # flags: None or > 0
+    """The run's GPTConfig: a shape flag left out takes the weights' (a dict), or the --model's."""
+    shape_of = weights or flags.shape(args.model)
+    shape = {k: getattr(args, k) or shape_of.get(k) for k in flags.SHAPE_FLAGS}  # None or > 0
     config = GPTConfig(vocab_size=args.vocab_size, **shape)
     checkpoints.check_shape(config, args.seq_len)
     return config
@@ -643,8 +641,7 @@ class Evaluation:
             started = time.time()
             texts = sample_texts(model, gpt2_tokenizer(), self.prompt, num_samples=4,
                                  max_new_tokens=SAMPLE_TOKENS, autocast=self.autocast)  # fmt: skip
-            for i, text in enumerate(texts):
-                print(f"sample {i}: {text}")
+            print("\n".join(f"sample {i}: {text}" for i, text in enumerate(texts)))
             print(f"{label} | 4 samples | {progress.since(started)}")
         if stop.requested:
             procs.print(f"{label} | evaluation cut short by the stop request; --resume redoes it")
@@ -668,14 +665,16 @@ def train(args, device, procs):
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     memory = devices.check_training_fits(model, args, world_size, device, use_compile)
     rows = devices.evaluation_rows(model, B, T, device)  # fewer than B where memory is short
-    optimizer = configure_optimizer(model, args.weight_decay, args.max_lr,
-                                    (args.beta1, args.beta2), args.eps, device.type)  # fmt: skip
+    model.activation_checkpointing = args.activation_checkpointing
+    optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, (args.beta1, args.beta2),
+                                    args.eps, device.type, args.shard == "optimizer")  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
     start_step, eval_pending, loaders = 0, False, (train_loader, val_loader)
     if checkpoint is not None:
         start_step = restore_checkpoint(checkpoint, optimizer, scaler, loaders, device)
         eval_pending = checkpoint.get("eval_pending", False)
         checkpoints.check_steps_left(start_step, args.max_steps, eval_pending)
+        checkpoints.check_same_recipe(checkpoint.get("args", {}), args.model, path)
         procs.print(progress.resumed(path, start_step, args, checkpoint.get("args", {})))
     else:
         checkpoints.check_new_run(args.log_dir)
@@ -705,6 +704,7 @@ def train(args, device, procs):
 
     def save(step, eval_pending):
         checkpoints.check_finite_weights(model, step, args.log_dir)  # every rank: none saves NaN
+        torchrun.gather_optimizer_state(optimizer)  # --shard optimizer: all shares to rank 0
         if procs.master:
             path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
             save_checkpoint(path, checkpoint_state(model, optimizer, scaler, step, loaders, device,

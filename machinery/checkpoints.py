@@ -337,6 +337,18 @@ def to_resume(resume, log_dir, load, writes=True):
     return resume, checkpoint
 
 
+def check_same_recipe(args_then, model, path):
+    """A resumed run keeps its --model: under another, the defaults of the learning rate, batch,
+    warmup and steps would change without a word."""
+    then = args_then.get("model", "gpt2")  # a checkpoint from before --model: 124M's recipe
+    if then != model:
+        raise UserError(
+            f"{path} was trained with --model {then}, this run has --model {model}: resume with "
+            f"--model {then} (it sets the defaults of --max_lr, --total_batch_size, --warmup_steps "
+            "and --max_steps)"
+        )
+
+
 def check_steps_left(start_step, max_steps, eval_pending):
     """A resumed run with steps (or its last evaluation) still to do; a finished one is refused."""
     if start_step >= max_steps and not eval_pending:

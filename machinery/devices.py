@@ -6,6 +6,7 @@ Not in train_gpt2.py because a reader of the tutorial needs only the outcome (a 
 autocast context built once), not the probing of /proc/cpuinfo or the table of GPUs behind it.
 """
 
+import argparse
 import resource
 
 import torch
@@ -148,12 +149,18 @@ def peak_memory_gib(device):
 # gradients (about 8 copies of 4 bytes): at small widths the logits are most of it. An evaluation
 # keeps the weights and about 4 copies of the logits, nothing for a backward pass. The figures were
 # fitted to the peak memory (max RSS) of eager fp32 and bf16 runs on a CPU, within 15%; a compiled
-# run needs less.
+# run needs less. --shard optimizer keeps 1/ranks of the moments on each rank; with
+# --activation_checkpointing a block keeps only its input (1 number per channel) until the backward
+# pass recomputes it, so one block's activations are held at a time.
 
 
-def training_bytes(config, num_params, batch_size, seq_len):
-    per_token = 8 * config.vocab_size * 4 + 16 * config.n_embd * config.n_layer * 4
-    return 16 * num_params + batch_size * seq_len * per_token
+def training_bytes(config, num_params, batch_size, seq_len, ranks_sharing=1, recompute=False):
+    """A step's peak bytes per process; ranks_sharing: the ranks AdamW's moments are sharded over
+    (--shard optimizer), recompute: --activation_checkpointing."""
+    kept = (config.n_layer + 16 if recompute else 16 * config.n_layer) * config.n_embd
+    per_token = 8 * config.vocab_size * 4 + kept * 4
+    state = 8 * num_params + 8 * num_params // ranks_sharing  # weights, grads; moments
+    return state + batch_size * seq_len * per_token
 
 
 def evaluation_bytes(config, num_params, rows, seq_len):
@@ -211,31 +218,71 @@ def evaluation_rows(model, batch_size, seq_len, device):
 
 def check_training_fits(model, args, world_size, device, compiled):
     """The estimate of a step's peak memory and what the device has, as the start-up block's line;
-    refuses an eager run that cannot fit, naming the largest --batch_size that does (compiled runs
-    need less: not refused)."""
-    B, T, total = args.batch_size, args.seq_len, args.total_batch_size
+    refuses an eager run that cannot fit, naming the largest --batch_size that does, or else what
+    --activation_checkpointing and --shard optimizer would need (compiled runs need less: not
+    refused)."""
+    B, T = args.batch_size, args.seq_len
     config, num_params = model.config, sum(p.numel() for p in model.parameters())
-    needed, available = training_bytes(config, num_params, B, T), available_bytes(device)
+    setting = dict(ranks_sharing=world_size if args.shard == "optimizer" else 1,
+                   recompute=args.activation_checkpointing)  # fmt: skip
+    needed = training_bytes(config, num_params, B, T, **setting)
+    available = available_bytes(device)
     line = f"~{needed / 2**30:.1f} GiB per process estimated for a step"
+    said = [f"AdamW's moments over {world_size} ranks"] * (setting["ranks_sharing"] > 1)
+    said += ["activations recomputed"] * setting["recompute"]
+    line += f" ({', '.join(said)})" if said else ""
     if available is None:
         return line
     line += f", {available / 2**30:.1f} GiB available on {device}"
     if needed <= available or compiled:
         return line
-    fits = [b for b in range(B - 1, 0, -1) if total % (b * T * world_size) == 0]
-    fits = [b for b in fits if training_bytes(config, num_params, b, T) <= available]
-    advice = (
-        f"use --batch_size {fits[0]} (--total_batch_size "
-        f"{total} stays: more micro-steps make up the difference)"
-        if fits
-        else (
-            "even --batch_size 1 does not fit: use a smaller "
-            "model (--n_layer, --n_embd) or shorter --seq_len"
+    fits = fitting_batch_sizes(config, num_params, args, world_size, available, **setting)
+    if fits:
+        advice = (
+            f"use --batch_size {fits[0]} (--total_batch_size "
+            f"{args.total_batch_size} stays: more micro-steps make up the difference)"
         )
-    )
+    else:
+        advice = "even --batch_size 1 does not fit"
+        advice += ways_out(config, num_params, args, world_size, available)
     raise UserError(
         f"the run needs about {needed / 2**30:.1f} GiB per step at --batch_size "
         f"{B} and {device} has {available / 2**30:.1f} GiB available: {advice}"
+    )
+
+
+def fitting_batch_sizes(config, num_params, args, world_size, available, **setting):
+    """The --batch_size values below the run's that divide its step and fit, largest first."""
+    B, T, total = args.batch_size, args.seq_len, args.total_batch_size
+    fits = [b for b in range(B - 1, 0, -1) if total % (b * T * world_size) == 0]
+    return [b for b in fits if training_bytes(config, num_params, b, T, **setting) <= available]
+
+
+def ways_out(config, num_params, args, world_size, available):
+    """What --activation_checkpointing, --shard optimizer (over this group, or 8 GPUs under
+    torchrun) and both would need, each at the largest --batch_size that then fits (or at 1), as
+    the end of the refusal; then a smaller model or context."""
+    ranks, sharded = world_size if world_size > 1 else 8, args.shard == "optimizer"
+    now = dict(ranks_sharing=world_size if sharded else 1, recompute=args.activation_checkpointing)
+    options = []  # (what to pass, on how many ranks, the estimate's setting)
+    if not args.activation_checkpointing:
+        options.append(("--activation_checkpointing", world_size, dict(now, recompute=True)))
+    if not sharded:
+        options.append(
+            (f"--shard optimizer on {ranks} GPUs", ranks, dict(now, ranks_sharing=ranks))
+        )
+    if len(options) == 2:
+        options.append(("both", ranks, dict(ranks_sharing=ranks, recompute=True)))
+    said = []
+    for name, on, setting in options:
+        run = argparse.Namespace(**dict(vars(args), batch_size=args.batch_size + 1))  # B counts
+        fits = fitting_batch_sizes(config, num_params, run, on, available, **setting)
+        b = fits[0] if fits else 1
+        need = training_bytes(config, num_params, b, args.seq_len, **setting) / 2**30
+        verdict = "fits" if fits else "would need"
+        said.append(f"{name} {verdict} ~{need:.1f} GiB per process at --batch_size {b}")
+    return "".join(f"; {words}" for words in said) + (
+        "; else a smaller model (--model, --n_layer, --n_embd) or a shorter --seq_len"
     )
 
 

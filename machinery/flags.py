@@ -8,14 +8,48 @@ from machinery import cli
 from machinery.cli import AT_LEAST_0, BELOW_1, POSITIVE, SEED, UNIT, UserError
 from machinery.tokenizer import GPT2_VOCAB_SIZE
 
+# GPT-2's four sizes (GPT-2 paper, Table 2) with GPT-3's recipe for its size (GPT-3 paper, Table
+# 2.1: learning rate and batch in tokens; GPT-3 has no 1558M row, so gpt2-xl takes the 1.3B one,
+# the nearest; the 2.7B row would take 1.6e-4). GPT-3 warmed up over 375M tokens at every size;
+# a run is one epoch of FineWeb-edu's 10B tokens. --model fills each flag not given from these.
+MODELS = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, max_lr=6e-4, total_batch_size=2**19,
+                 row="GPT-3 Small (125M)"),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, max_lr=3e-4, total_batch_size=2**19,
+                        row="GPT-3 Medium (350M)"),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, max_lr=2.5e-4, total_batch_size=2**19,
+                       row="GPT-3 Large (760M)"),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, max_lr=2e-4, total_batch_size=2**20,
+                    row="GPT-3 XL (1.3B), the nearest row to 1558M"),
+}  # fmt: skip
+GPT2_SIZES = tuple(MODELS)
+WARMUP_TOKENS, RUN_TOKENS = 375_000_000, 10_000_000_000
+RECIPE_FLAGS = ("max_lr", "total_batch_size", "warmup_steps", "max_steps")
+MODEL_SHAPE = ("n_layer", "n_head", "n_embd")  # GPT-2's context is 1024 at every size
+SHAPE_FLAGS = (*MODEL_SHAPE, "block_size")  # what weights fix: a flag given must agree with them
+
+
+def recipe(model):
+    """The --model's values of RECIPE_FLAGS: 715 and 19073 steps at 2**19 tokens, as the lecture."""
+    size = MODELS[model]
+    batch = size["total_batch_size"]
+    return dict(max_lr=size["max_lr"], total_batch_size=batch,
+                warmup_steps=WARMUP_TOKENS // batch, max_steps=RUN_TOKENS // batch)  # fmt: skip
+
+
+def shape(model):
+    """The --model's GPTConfig fields but the vocabulary."""
+    return dict(block_size=1024, **{name: MODELS[model][name] for name in MODEL_SHAPE})
+
+
 # AdamW's eps is added to the root of the second moment: past 1e-3 it swamps a typical gradient's
 # root (about 1e-3 to 1e-6), and every update shrinks towards nothing.
 EPS = (lambda value: 0 < value <= 1e-3, "in (0, 1e-3]: a larger eps makes AdamW's steps vanish")
 FLAGS = {
     "data": [
         ("--data_dir", "edu_fineweb10B", "shards written by fineweb.py (or llm.c .bin shards)"),
-        ("--total_batch_size", 524288, "tokens per optimizer step: 2**19, ~0.5M as in GPT-3 Small",
-         POSITIVE),
+        ("--total_batch_size", int, "tokens per optimizer step (default: GPT-3's for the --model's "
+         "size: 2**19, ~0.5M, up to gpt2-large; 2**20 for gpt2-xl)", POSITIVE),
         ("--batch_size", 64, "sequences per micro-step per GPU (B); lower it if memory runs out",
          POSITIVE),
         ("--seq_len", 1024, "tokens per sequence (T): GPT-2's context", POSITIVE),
@@ -24,24 +58,30 @@ FLAGS = {
          "to back, as the lecture does"),
     ],
     "model": [
+        ("--model", GPT2_SIZES, "the GPT-2 to train: its shape, and GPT-3's recipe for its size "
+         "(learning rate, batch, warmup); a flag given sets its own value"),
         ("--init", str, "start from these weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, a "
          "Hugging Face GPT-2 directory, or log/model_XXXXX.pt) with a fresh optimizer at step 0: "
          "fine-tuning"),
-        ("--n_layer", int, "transformer blocks (default: GPT-2 124M's 12, or the weights')",
+        ("--n_layer", int, "transformer blocks (default: the --model's, 12 for gpt2, or the "
+         "weights')", POSITIVE),
+        ("--n_head", int, "attention heads (default: the --model's, 12 for gpt2, or the weights')",
          POSITIVE),
-        ("--n_head", int, "attention heads (default: GPT-2 124M's 12, or the weights')", POSITIVE),
-        ("--n_embd", int, "channels (default: GPT-2 124M's 768, or the weights')", POSITIVE),
+        ("--n_embd", int, "channels (default: the --model's, 768 for gpt2, or the weights')",
+         POSITIVE),
         ("--block_size", int, "longest context the model takes (default: 1024, or the weights')",
          POSITIVE),
         ("--vocab_size", 50304, "50257 tokens padded to a multiple of 128 for faster matmuls",
          POSITIVE),
     ],
     "optimisation": [
-        ("--max_lr", 6e-4, "peak learning rate (GPT-3 Small)", UNIT),
+        ("--max_lr", float, "peak learning rate (default: GPT-3's for the --model's size, 6e-4 "
+         "for gpt2)", UNIT),
         ("--min_lr", float, "final learning rate (default: 10%% of --max_lr, as GPT-3)", UNIT),
-        ("--warmup_steps", 715, "linear warmup: 375M tokens, as GPT-3", AT_LEAST_0),
-        ("--max_steps", 19073, "10B tokens / 524288 tokens per step: one epoch of FineWeb-edu 10B",
-         POSITIVE),
+        ("--warmup_steps", int, "linear warmup (default: 375M tokens, as GPT-3: 715 steps of "
+         "2**19)", AT_LEAST_0),
+        ("--max_steps", int, "steps (default: 10B tokens, one epoch of FineWeb-edu 10B: 19073 "
+         "steps of 2**19)", POSITIVE),
         ("--weight_decay", 0.1, "decoupled AdamW decay on matrices (GPT-3)", AT_LEAST_0),
         ("--beta1", 0.9, "AdamW first-moment decay (GPT-3)", BELOW_1),
         ("--beta2", 0.95, "AdamW second-moment decay (GPT-3)", BELOW_1),
@@ -75,6 +115,11 @@ FLAGS = {
          "the GPU or CPU has it in hardware, fp16 + loss scaling on older GPUs, else fp32 "
          "(emulated bf16 is slower)"),
         ("--compile", bool, "torch.compile the model (default: on for CUDA)"),
+        ("--shard", ("none", "optimizer", "full"), "under torchrun: none keeps a full copy of "
+         "weights, gradients and AdamW's moments on every rank (DDP); optimizer shards AdamW's "
+         "moments over the ranks (ZeRO-1): 8 + 8/ranks bytes a parameter, not 16"),
+        ("--activation_checkpointing", False, "recompute each block's activations in the backward "
+         "pass: the same numbers, about a third more compute, far less activation memory"),
         ("--peak_flops", float, "device peak FLOP/s for MFU (known for A100/H100/H200)", POSITIVE),
     ],
 }  # fmt: skip
@@ -96,17 +141,27 @@ RULES = [
      or a.total_batch_size % (a.batch_size * a.seq_len * world_size) == 0,
      "--total_batch_size {total_batch_size} is not divisible by batch_size*seq_len*world_size = "
      "{batch_size}*{seq_len}*{world_size} = {micro_step_tokens}: change one of them"),
+    (lambda a, _: a.shard != "full", "--shard full (FSDP2, weights and gradients sharded too) is "
+     "not offered yet: --shard optimizer shards AdamW's moments, and --activation_checkpointing "
+     "saves activation memory"),
+    (lambda a, world_size: a.shard == "none" or a.eval_only or world_size > 1, "--shard {shard} "
+     "shares the state over the ranks of a torchrun group, and this is one process: start it with "
+     "torchrun --nproc_per_node=N (N of 2 or more), or leave out --shard"),
 ]  # fmt: skip
 
 
 def parse(argv=None):
     p = cli.ArgumentParser(
-        description="Train GPT-2 (124M by default) on pre-tokenized shards, from scratch or from "
-        "--init weights; or only evaluate weights (--eval_only).",
+        description="Train GPT-2 (124M by default, or --model's size) on pre-tokenized shards, "
+        "from scratch or from --init weights; or only evaluate weights (--eval_only).",
         formatter_class=cli.HelpFormatter,
     )
     cli.add_flags(p, FLAGS)
     args = p.parse_args(argv)
+    # The recipe flags left out take the --model's values; the start-up block says which did.
+    args.from_model = [name for name in RECIPE_FLAGS if getattr(args, name) is None]
+    for name in args.from_model:
+        setattr(args, name, recipe(args.model)[name])
     if args.min_lr is None:
         args.min_lr = 0.1 * args.max_lr
     return args

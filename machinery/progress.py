@@ -10,6 +10,7 @@ import os
 import shlex
 import time
 
+from machinery import flags
 from machinery.cli import UserError
 from machinery.files import in_folder
 
@@ -159,6 +160,7 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, mode
         f"autocast {str(dtype).removeprefix('torch.')}: {dtype_reason}\n"
         f"model       {num_params:,} parameters: {config.n_layer} layers, {config.n_head} heads, "
         f"{config.n_embd} channels, vocabulary {config.vocab_size}{weights}\n"
+        f"{recipe_line(args)}"
         f"memory      {memory}\n"
         f"batch       {args.total_batch_size:,} tokens per step = "
         f"{args.batch_size} x {args.seq_len} x {world_size} "
@@ -168,6 +170,28 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, mode
         f"({val_tokens:,} tokens per evaluation)\n"
         f"epoch       {describe_epoch(train_loader)}{warmup_note}"
     )
+
+
+def recipe_line(args):
+    """Where the shape and the recipe come from, where --model gave any of them (a line), or ""
+    when the flags gave them all."""
+    size = flags.MODELS[args.model]
+    random_init = not (args.init or args.resume)  # else the shape is the weights'
+    shape = [name for name in flags.MODEL_SHAPE if random_init and getattr(args, name) is None]
+    taken = set(args.from_model)
+    if not (shape or taken):
+        return ""
+    parts = [" ".join(f"--{name} {size[name]}" for name in shape) + " (GPT-2's shape)"] * bool(
+        shape
+    )
+    table = [f"--{name} {getattr(args, name):,}" for name in ("max_lr", "total_batch_size")
+             if name in taken]  # fmt: skip
+    parts += [", ".join(table) + f" (GPT-3 paper, Table 2.1: {size['row']})"] * bool(table)
+    parts += ["--warmup_steps {warmup_steps} (375M tokens, as GPT-3)"] * ("warmup_steps" in taken)
+    parts += ["--max_steps {max_steps:,} (10B tokens: one epoch)"] * ("max_steps" in taken)
+    given = [f"--{name}" for name in flags.RECIPE_FLAGS if name not in taken]
+    parts += [f"as given: {' '.join(given)}"] * bool(given)
+    return f"recipe      --model {args.model}: {' | '.join(parts).format(**vars(args))}\n"
 
 
 def eval_only_block(weights, model, world_size, device, dtype, dtype_reason, data_dir, val_loader,

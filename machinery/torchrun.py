@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from machinery import checkpoints
 from machinery.cli import DISK_FULL, DiskFull, UserError
@@ -56,6 +57,36 @@ class Processes:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
             tensor /= self.world_size
         return tensor
+
+
+# -----------------------------------------------------------------------------
+# --shard optimizer: PyTorch's ZeRO-1. DDP still gives every rank all the gradients; each rank keeps
+# AdamW's two moments of its share of the parameters only, updates that share, and broadcasts it.
+# A checkpoint stays one file of a plain AdamW's state, gathered on rank 0: it resumes on any
+# --shard and any number of ranks, and every script reads it as before.
+
+
+class ShardedAdamW(ZeroRedundancyOptimizer):
+    """AdamW over the parameter groups, sharded over the group's ranks (ZeRO-1)."""
+
+    def __init__(self, groups, **adamw):
+        super().__init__(groups, optimizer_class=torch.optim.AdamW, **adamw)
+
+    def state_dict(self):
+        """The whole state in a plain AdamW's layout, on rank 0 after gather_optimizer_state():
+        ZeRO's groups hold only the arguments given, AdamW's every one (amsgrad, foreach, ...)."""
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            for name, value in self.optim.defaults.items():
+                group.setdefault(name, value)
+        return state
+
+
+def gather_optimizer_state(optimizer):
+    """Before rank 0 saves: every rank sends it its share of a sharded optimizer's state (a
+    collective: each rank calls it). A plain AdamW holds it all already."""
+    if isinstance(optimizer, ZeroRedundancyOptimizer):
+        optimizer.consolidate_state_dict(to=0)
 
 
 GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")

@@ -1,0 +1,282 @@
+"""Every GPT-2 size: --model's shapes and GPT-3's recipes in the start-up block, one CPU step of
+gpt2-medium; --activation_checkpointing gives the same numbers; --shard optimizer (ZeRO-1) on 2
+gloo ranks logs plain DDP's losses, and its one-file checkpoint resumes on 1 process or on 2
+sharded ranks, samples and exports; the memory estimate knows both and names them as the way
+out."""
+
+import argparse
+import copy
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import export_hf
+import train_gpt2
+from conftest import REPO, TINY_MODEL
+from machinery import devices, flags, progress
+from machinery.cli import UserError
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+# OpenAI's parameter counts (Hugging Face's GPT2LMHeadModel, 50257 tokens); the trainer pads the
+# vocabulary to 50304 rows, 47 more rows of n_embd each.
+OPENAI_PARAMETERS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
+                     "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}  # fmt: skip
+RECIPES = {  # GPT-3 paper, Table 2.1: (learning rate, tokens per step, warmup steps, steps)
+    "gpt2": (6e-4, 2**19, 715, 19073),
+    "gpt2-medium": (3e-4, 2**19, 715, 19073),
+    "gpt2-large": (2.5e-4, 2**19, 715, 19073),
+    "gpt2-xl": (2e-4, 2**20, 357, 9536),
+}
+
+
+def shards(folder, train_tokens=8192, val_tokens=4096):
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "tiny_val_000000.npy"),
+            rng.integers(0, 50257, val_tokens, dtype=np.uint16))  # fmt: skip
+    np.save(os.path.join(folder, "tiny_train_000001.npy"),
+            rng.integers(0, 50257, train_tokens, dtype=np.uint16))  # fmt: skip
+    return str(folder)
+
+
+def trainer(*flags_, launcher=(sys.executable,)):
+    result = subprocess.run([*launcher, os.path.join(REPO, "train_gpt2.py"), *map(str, flags_)],
+                            cwd=REPO, capture_output=True, text=True, env=ENV,
+                            timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def train_losses(log_dir):
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        lines = [line.split() for line in f]
+    return {int(step): float(value) for step, kind, value in lines if kind == "train"}
+
+
+# -----------------------------------------------------------------------------
+# --model
+
+
+@pytest.mark.parametrize("model", flags.GPT2_SIZES)
+def test_each_model_gives_its_shape_parameter_count_and_recipe_in_the_start_up_block(
+    model, tmp_path
+):
+    args = flags.parse(["--model", model, "--batch_size", "1", "--seq_len", "64",
+                        "--data_dir", shards(tmp_path / "data")])  # fmt: skip
+    lr, batch, warmup, steps = RECIPES[model]
+    assert (args.max_lr, args.total_batch_size, args.warmup_steps, args.max_steps) == RECIPES[model]
+    assert args.min_lr == pytest.approx(0.1 * lr)
+    with torch.device("meta"):  # the shape without the memory: gpt2-xl is 6 GB in fp32
+        gpt = train_gpt2.GPT(train_gpt2.model_config(args))
+    config = gpt.config
+    expected = OPENAI_PARAMETERS[model] + (50304 - 50257) * config.n_embd
+    loaders = [train_gpt2.DataLoaderLite(args.data_dir, 1, 64, 0, 1, split, 64)
+               for split in ("train", "val")]  # fmt: skip
+    block = progress.start_block(args, 1, torch.device("cpu"), False, torch.float32, "test", gpt,
+                                 "~", (0, steps - 1, 1), (*loaders, 1))  # fmt: skip
+    shape = flags.MODELS[model]
+    assert (
+        f"model       {expected:,} parameters: {shape['n_layer']} layers, {shape['n_head']} heads, "
+        f"{shape['n_embd']} channels" in block
+    )
+    recipe = re.search(r"^recipe      .*$", block, re.M).group(0)
+    assert recipe.startswith(f"recipe      --model {model}: --n_layer {shape['n_layer']} ")
+    assert f"--max_lr {lr:g}, --total_batch_size {batch:,} (GPT-3 paper, Table 2.1" in recipe
+    assert f"--warmup_steps {warmup} (375M tokens" in recipe
+    assert f"--max_steps {steps:,} (10B tokens" in recipe
+    assert ("the nearest row to 1558M" in recipe) == (model == "gpt2-xl")
+
+
+def test_a_flag_given_overrides_the_model_and_the_start_up_block_says_so():
+    args = flags.parse(["--model", "gpt2-large", "--max_lr", "1e-4", "--n_layer", "2"])
+    assert (args.max_lr, args.min_lr, args.total_batch_size) == (1e-4, pytest.approx(1e-5), 2**19)
+    assert train_gpt2.model_config(args).n_layer == 2
+    assert train_gpt2.model_config(args).n_embd == 1280
+    line = progress.recipe_line(args)
+    assert "--n_head 20 --n_embd 1280 (GPT-2's shape)" in line and "--n_layer" not in line
+    assert line.rstrip().endswith("as given: --max_lr")
+    # every flag of the recipe and of the shape given: nothing to say, as before --model existed
+    given = flags.parse("--n_layer 2 --n_head 2 --n_embd 8 --max_lr 1e-3 --total_batch_size 64 "
+                        "--warmup_steps 1 --max_steps 2".split())  # fmt: skip
+    assert progress.recipe_line(given) == ""
+
+
+def test_one_cpu_step_of_gpt2_medium(tmp_path):
+    data = shards(tmp_path / "data", train_tokens=1024, val_tokens=1024)
+    run = trainer("--model", "gpt2-medium", "--data_dir", data, "--log_dir", tmp_path / "log",
+                  "--batch_size", 1, "--seq_len", 64, "--total_batch_size", 64, "--max_steps", 1,
+                  "--val_tokens", 64, "--no-eval_first", "--no-hellaswag",
+                  "--no-sample_every_eval", "--no-compile", "--dtype", "float32",
+                  "--device", "cpu")  # fmt: skip
+    out = run.stdout
+    assert "354,871,296 parameters: 24 layers, 16 heads, 1024 channels" in out
+    assert re.search(r"^recipe      --model gpt2-medium: --n_layer 24 --n_head 16 --n_embd 1024 "
+                     r"\(GPT-2's shape\) \| --max_lr 0.0003 \(GPT-3 paper, Table 2.1: GPT-3 Medium "
+                     r"\(350M\)\) \| --warmup_steps 715 .* as given: --total_batch_size "
+                     r"--max_steps$", out, re.M), out  # fmt: skip
+    assert re.search(r"^step 0/0 \| loss \d+\.\d+ \| lr 4\.1958e-07", out, re.M), out  # 3e-4 / 715
+
+
+# -----------------------------------------------------------------------------
+# --activation_checkpointing
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    config = train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)
+    plain = train_gpt2.GPT(config)
+    recomputed = copy.deepcopy(plain)
+    recomputed.activation_checkpointing = True
+    x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
+    losses = [model(x, y)[1] for model in (plain, recomputed)]
+    for loss in losses:
+        loss.backward()
+    assert losses[0].item() == losses[1].item()
+    for a, b in zip(plain.parameters(), recomputed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=0)
+    with torch.no_grad():  # evaluation and sampling keep no activations: nothing to recompute
+        assert torch.equal(plain(x)[0], recomputed(x)[0])
+
+
+def test_activation_checkpointing_trains_the_same_losses(tmp_path):
+    data = shards(tmp_path / "data")
+    run = [*TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32",
+           "--total_batch_size", "256", "--max_steps", "4", "--warmup_steps", "2",
+           "--eval_every", "100", "--val_tokens", "256", "--no-hellaswag", "--no-sample_every_eval",
+           "--device", "cpu", "--no-compile"]  # fmt: skip
+    train_gpt2.main([*run, "--log_dir", str(tmp_path / "plain")])
+    train_gpt2.main([*run, "--log_dir", str(tmp_path / "recomputed"), "--activation_checkpointing"])
+    plain, recomputed = train_losses(tmp_path / "plain"), train_losses(tmp_path / "recomputed")
+    assert sorted(plain) == [0, 1, 2, 3]
+    for step in plain:
+        assert recomputed[step] == pytest.approx(plain[step], abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# --shard
+
+
+def test_shard_refusals_are_one_line_and_write_nothing(tmp_path):
+    base = ["--data_dir", shards(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
+    for shard, said in [("optimizer", "this is one process: start it with torchrun"),
+                        ("full", "--shard full (FSDP2, weights and gradients sharded too) is not "
+                         "offered yet")]:  # fmt: skip
+        with pytest.raises(UserError) as error:
+            train_gpt2.main([*base, "--shard", shard])
+        assert said in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "log").exists()
+
+
+def test_sharded_optimizer_logs_ddp_losses_and_its_checkpoint_resumes_anywhere(tmp_path):
+    data = shards(tmp_path / "data")
+    run = [*TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32",
+           "--total_batch_size", "256", "--max_steps", "6", "--warmup_steps", "2",
+           "--no-hellaswag", "--no-sample_every_eval", "--eval_every", "100",
+           "--val_tokens", "256", "--ckpt_every", "3"]  # fmt: skip
+    trainer(*run, "--log_dir", tmp_path / "ddp", launcher=TORCHRUN)
+    sharded = trainer(*run, "--log_dir", tmp_path / "zero", "--shard", "optimizer",
+                      launcher=TORCHRUN)  # fmt: skip
+    assert "(AdamW's moments over 2 ranks)" in sharded.stdout
+    ddp = train_losses(tmp_path / "ddp")
+    assert sorted(ddp) == list(range(6))
+    assert train_losses(tmp_path / "zero") == pytest.approx(ddp, abs=1e-5)
+
+    # One file in today's layout, written by rank 0: a plain AdamW's state, every entry of it.
+    ours = torch.load(tmp_path / "zero" / "model_00005.pt", weights_only=True)
+    theirs = torch.load(tmp_path / "ddp" / "model_00005.pt", weights_only=True)
+    assert ours["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
+    assert ours["optimizer"]["state"].keys() == theirs["optimizer"]["state"].keys()
+    for index, state in theirs["optimizer"]["state"].items():
+        for name, value in state.items():
+            torch.testing.assert_close(ours["optimizer"]["state"][index][name], value, atol=1e-5,
+                                       rtol=0)  # fmt: skip
+
+    # Stopped after step 2: resumed on 1 process (a plain AdamW, 2 micro-steps), and on 2 sharded
+    # ranks, each continues as the unbroken run did.
+    for name, launcher, shard in [("one", (sys.executable,), "none"),
+                                  ("two", TORCHRUN, "optimizer")]:  # fmt: skip
+        os.makedirs(tmp_path / name)
+        shutil.copy(tmp_path / "zero" / "model_00002.pt", tmp_path / name)
+        resumed = trainer(*run, "--log_dir", tmp_path / name, "--resume", "--shard", shard,
+                          launcher=launcher)  # fmt: skip
+        assert "resumed from" in resumed.stdout
+        losses = train_losses(tmp_path / name)
+        assert sorted(losses) == [3, 4, 5]
+        assert losses == pytest.approx({step: ddp[step] for step in (3, 4, 5)}, abs=1e-5)
+        end = torch.load(tmp_path / name / "model_00005.pt", weights_only=True)
+        for key, value in ours["model"].items():
+            torch.testing.assert_close(end["model"][key], value, atol=1e-5, rtol=0)
+
+    # sample.py and export_hf.py read it as any other checkpoint
+    model = train_gpt2.load_model(str(tmp_path / "zero" / "model_00005.pt"))
+    fp32 = torch.autocast("cpu", enabled=False)
+    texts = train_gpt2.sample_texts(model, train_gpt2.gpt2_tokenizer(), "Hello", num_samples=1,
+                                    max_new_tokens=4, autocast=fp32)  # fmt: skip
+    assert texts[0].startswith("Hello")
+    export_hf.export_hf(model, str(tmp_path / "hf"))
+    assert sorted(os.listdir(tmp_path / "hf")) == sorted(export_hf.EXPORT_FILES)
+
+
+# -----------------------------------------------------------------------------
+# The memory estimate
+
+
+def estimate_args(**flags_given):
+    args = flags.parse(["--model", "gpt2-xl"])
+    return argparse.Namespace(**{**vars(args), **flags_given})
+
+
+def test_the_estimate_counts_sharding_and_recomputation():
+    with torch.device("meta"):
+        model = train_gpt2.GPT(train_gpt2.model_config(estimate_args()))
+    config, params = model.config, sum(p.numel() for p in model.parameters())
+    ddp = devices.training_bytes(config, params, 4, 1024)
+    sharded = devices.training_bytes(config, params, 4, 1024, ranks_sharing=8)
+    recomputed = devices.training_bytes(config, params, 4, 1024, recompute=True)
+    assert ddp - sharded == 8 * params - 8 * params // 8  # 7/8 of AdamW's moments are elsewhere
+    per_token = (16 * 48 - (48 + 16)) * config.n_embd * 4  # kept: block inputs + one block
+    assert ddp - recomputed == 4 * 1024 * per_token
+
+
+def test_a_run_that_cannot_fit_even_at_batch_size_1_names_checkpointing_and_sharding(monkeypatch):
+    args = estimate_args(batch_size=8, seq_len=1024, total_batch_size=2**20)
+    with torch.device("meta"):
+        model = train_gpt2.GPT(train_gpt2.model_config(args))
+    monkeypatch.setattr(devices, "available_bytes", lambda device: 24 * 2**30)  # a 24 GB GPU
+    with pytest.raises(UserError) as error:
+        devices.check_training_fits(model, args, 1, torch.device("cuda"), compiled=False)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "even --batch_size 1 does not fit; --activation_checkpointing would need" in message
+    assert re.search(r"; --shard optimizer on 8 GPUs fits ~[\d.]+ GiB per process at "
+                     r"--batch_size [1-8]; both fits ~[\d.]+ GiB per process at "
+                     r"--batch_size [1-8]; else a smaller model", message), message  # fmt: skip
+    # sharded over the group's 8 ranks already: the start-up block's line says so
+    line = devices.check_training_fits(model, estimate_args(batch_size=1, shard="optimizer"), 8,
+                                       torch.device("cuda"), compiled=False)  # fmt: skip
+    assert "(AdamW's moments over 8 ranks), 24.0 GiB available on cuda" in line
+
+
+def test_a_resume_keeps_the_model_whose_recipe_it_was_trained_with(tmp_path, keep_signal_handlers):
+    # A tiny shape under gpt2-medium's recipe: resumed under the default --model gpt2, its
+    # learning rate would double without a word.
+    data, log = shards(tmp_path / "data"), tmp_path / "log"
+    run = [*TINY_MODEL, "--data_dir", data, "--log_dir", str(log), "--batch_size", "4",
+           "--seq_len", "32", "--total_batch_size", "128", "--warmup_steps", "1",
+           "--val_tokens", "256", "--no-hellaswag", "--no-sample_every_eval"]  # fmt: skip
+    train_gpt2.main([*run, "--model", "gpt2-medium", "--max_steps", "2"])
+    before = sorted(os.listdir(log))
+    with pytest.raises(UserError, match="was trained with --model gpt2-medium, this run has "
+                       "--model gpt2: resume with --model gpt2-medium"):  # fmt: skip
+        train_gpt2.main([*run, "--max_steps", "4", "--resume"])
+    assert sorted(os.listdir(log)) == before
+    train_gpt2.main([*run, "--model", "gpt2-medium", "--max_steps", "4", "--resume"])
+    assert "model_00003.pt" in os.listdir(log)
