@@ -1,13 +1,19 @@
-"""What the test files share: the repository on sys.path and its path, the tiny model's flags, two
-tiny token corpora, a guard for signal handlers, and a stand-in for a full disk. The constants and
-the stand-in are imported as `from conftest import REPO` (pytest puts tests/ on sys.path); the
-corpora and the guard are fixtures."""
+"""What the test files share: the repository on sys.path, the tiny model and the tiny run, the
+environment of a test's subprocesses, shard, checkpoint and snapshot builders, two tiny corpora, a
+guard for signal handlers, and a stand-in for a full disk. The constants and helpers are imported as
+`from conftest import REPO` (pytest puts tests/ on sys.path); the corpora and the guard are
+fixtures. train_gpt2 is imported inside the helpers, not here: a file that does not import must fail
+its own tests, not the collection of every test."""
 
 import contextlib
+import hashlib
+import json
 import os
 import resource
 import signal
+import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -15,42 +21,136 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # `import train_gpt2` works however pytest is started
 
-# train_gpt2.py's flags for a 2-layer, 64-wide GPT that trains in seconds on a CPU. float32, so that
-# every run does the same arithmetic and two runs can be compared bit for bit.
-TINY_MODEL = [
-    "--n_layer",
-    "2",
-    "--n_head",
-    "4",
-    "--n_embd",
-    "64",
-    "--block_size",
-    "64",
-    "--dtype",
-    "float32",
-]
+# A 2-layer, 64-wide GPT that trains in seconds on a CPU, as GPTConfig's fields and as
+# train_gpt2.py's flags. float32, so that every run does the same arithmetic and two runs can be
+# compared bit for bit.
+TINY_SHAPE = dict(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)
+TINY_MODEL = "--n_layer 2 --n_head 4 --n_embd 64 --block_size 64 --dtype float32".split()
+# The tiny model trained for 6 steps of 128 tokens (4 sequences of 32, one micro-step), evaluated
+# on 256 tokens after steps 2 and 5. A test changes a flag by adding it again: the last one wins.
+TINY_RUN = (
+    TINY_MODEL
+    + (
+        "--batch_size 4 --seq_len 32 --total_batch_size 128 --max_steps 6 --warmup_steps 2 "
+        "--eval_every 3 --val_tokens 256 --no-hellaswag --no-sample_every_eval"
+    ).split()
+)
+# A test's subprocesses: one thread, so as not to fight other tests for the cores and to do the same
+# arithmetic in every run; unbuffered, so that each line reaches the test when it is printed.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+TIMEOUT = 300  # seconds: generous, since a loaded 2-core machine is slow; a healthy run needs a few
+
+
+def run_script(*args, env=ENV):
+    """python with these arguments (a script of the repository and its flags, or -c and code) in a
+    fresh interpreter."""
+    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, env=env, timeout=TIMEOUT)  # fmt: skip
+
+
+def run_trainer(*flags, nproc=1, cwd=REPO):
+    """train_gpt2.py with these flags in a subprocess (under torchrun for nproc > 1); it must exit
+    with status 0. Returns the CompletedProcess."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command = [*launcher, os.path.join(REPO, "train_gpt2.py"), *map(str, flags)]
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, env=ENV, timeout=TIMEOUT
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def write_random_shards(folder, val_tokens=4096, train_lengths=(8192,)):
+    """A val shard and train shards of GPT-2 token ids drawn uniformly from a fixed seed, named as
+    fineweb.py names its shards (tiny_val_000000.npy, tiny_train_000001.npy, ...)."""
+    rng = np.random.default_rng(0)
+    os.makedirs(folder, exist_ok=True)
+    np.save(
+        os.path.join(folder, "tiny_val_000000.npy"), rng.integers(0, 50257, val_tokens, np.uint16)
+    )
+    for index, length in enumerate(train_lengths, start=1):
+        np.save(os.path.join(folder, f"tiny_train_{index:06d}.npy"),
+                rng.integers(0, 50257, length, np.uint16))  # fmt: skip
+    return str(folder)
+
+
+def write_bin_shard(path, tokens, magic=None, promised=None):
+    """A shard in llm.c's .bin format: a header (magic, version, token count: `promised` when given)
+    and the tokens as uint16."""
+    from machinery.shards import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION
+
+    header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
+    header[:3] = magic or BIN_MAGIC, BIN_VERSION, len(tokens) if promised is None else promised
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + np.asarray(tokens).astype(np.uint16).tobytes())
+    return str(path)
+
+
+def write_hellaswag(path, n=6):
+    """n HellaSwag examples of 4 endings, right one cycling through 0..3."""
+    with open(path, "w") as f:
+        for i in range(n):
+            endings = ["a", "b c", "d e f", "g"]
+            f.write(json.dumps({"ctx": f"Example {i}: the model reads", "endings": endings,
+                                "label": i % 4}) + "\n")  # fmt: skip
+    return str(path)
+
+
+def tiny_checkpoint(path, model=None, data_dir=None, **entries):
+    """A checkpoint in train_gpt2.py's layout, built without training: the weights and config of
+    `model` (a fresh TINY_SHAPE GPT by default); with data_dir, all that a resume needs too
+    (optimizer, scaler, args, RNG, the step of its name, the position in data_dir's train split at
+    --batch_size 4 --seq_len 32 --total_batch_size 128). `entries` are added or replace these."""
+    import torch
+
+    from machinery.checkpoints import checkpoint_step
+    from train_gpt2 import GPT, DataLoaderLite, GPTConfig, configure_optimizer
+
+    model = model or GPT(GPTConfig(**TINY_SHAPE))
+    state = {"model": model.state_dict(), "config": asdict(model.config)}
+    if data_dir:
+        optimizer = configure_optimizer(model, 0.1, 6e-4, (0.9, 0.95), 1e-8, "cpu")
+        loader = DataLoaderLite(data_dir, 4, 32, 0, 1, "train", 128)
+        state.update(optimizer=optimizer.state_dict(), scaler={}, loader=loader.state_dict())
+        state.update(step=checkpoint_step(path) or 3, rng={"torch": torch.get_rng_state()}, args={})
+    state.update(entries)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save(state, path)
+    return str(path)
+
+
+def snapshot(root):
+    """{path relative to root: sha256 of a file's bytes, "folder", or "link to <target>"} of
+    everything under root: two snapshots, before and after, show what was created, changed or
+    removed."""
+    found = {}
+    for folder, folders, files in os.walk(root):
+        for name in folders + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                found[os.path.relpath(path, root)] = "link to " + os.readlink(path)
+            elif name in folders:
+                found[os.path.relpath(path, root)] = "folder"
+            else:
+                with open(path, "rb") as f:
+                    found[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return found
 
 
 @pytest.fixture(scope="session")
 def random_shards(tmp_path_factory):
-    """A directory with a val shard (16,384 tokens) and a train shard (32,768 tokens) of GPT-2 token
-    ids drawn uniformly from a fixed seed, named as fineweb.py names its shards. Shared: treat it as
-    read-only."""
-    rng = np.random.default_rng(0)
-    data_dir = tmp_path_factory.mktemp("random_shards")
-    np.save(data_dir / "tiny_val_000000.npy", rng.integers(0, 50257, 16384, dtype=np.uint16))
-    np.save(data_dir / "tiny_train_000001.npy", rng.integers(0, 50257, 32768, dtype=np.uint16))
-    return str(data_dir)
+    """A folder with a val shard of 16,384 random tokens and a train shard of 32,768. Shared: treat
+    it as read-only."""
+    return write_random_shards(tmp_path_factory.mktemp("random_shards"), 16384, (32768,))
 
 
 @pytest.fixture(scope="session")
 def text_shards(tmp_path_factory):
     """A small real-text corpus (this repository's own source, tokenized): a val shard of 2,048
     tokens and a train shard of the rest. Shared: treat it as read-only."""
-    from machinery.tokenizer import (  # here, not at the top: REPO is on sys.path only from above
-        EOT_TOKEN,
-        gpt2_tokenizer,
-    )
+    from machinery.tokenizer import EOT_TOKEN, gpt2_tokenizer
 
     enc = gpt2_tokenizer()
     text = open(os.path.join(REPO, "train_gpt2.py")).read()

@@ -5,99 +5,57 @@ Offline: the data files and the tiny models are made here."""
 import json
 import os
 import re
-import subprocess
-import sys
-from dataclasses import asdict
 
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import run_script, tiny_checkpoint
 from machinery import hellaswag
 from machinery.cli import UserError
 from machinery.tokenizer import gpt2_tokenizer
 from train_gpt2 import GPT, GPTConfig
 
+
 # Six ordinary examples: the right ending differs from the wrong ones from its first word on, and
 # the endings have different lengths. The labels cover 0..3 so that no fixed position can pass.
+def example(ctx, label, *endings):
+    return {"ctx": ctx, "endings": list(endings), "label": label}
+
+
+# fmt: off
 EXAMPLES = [
-    {
-        "ctx": "The chef cracks two eggs into a bowl. She",
-        "endings": [
-            "whisks them with a fork until they are smooth.",
-            "paints the fence.",
-            "jumps over a very tall building while singing loudly.",
-            "sleeps.",
-        ],
-        "label": 0,
-    },
-    {
-        "ctx": "A boy kicks a ball across the park. His dog",
-        "endings": [
-            "reads a newspaper.",
-            "runs after it and brings it back to him.",
-            "files taxes online.",
-            "orbits the moon at night.",
-        ],
-        "label": 1,
-    },
-    {
-        "ctx": "The pianist sits down at the piano. He",
-        "endings": [
-            "eats the keys.",
-            "drives a truck.",
-            "places his hands on the keys and begins to play a slow song.",
-            "melts.",
-        ],
-        "label": 2,
-    },
-    {
-        "ctx": "Rain begins to fall on the city. People",
-        "endings": [
-            "swim in the clouds.",
-            "sell the sun.",
-            "become trees.",
-            "open their umbrellas and hurry inside.",
-        ],
-        "label": 3,
-    },
-    {
-        "ctx": "A woman holds a paintbrush near a canvas. She",
-        "endings": [
-            "dips it in blue paint and draws the sky.",
-            "barks.",
-            "flies to Mars in a shoe.",
-            "counts the ocean.",
-        ],
-        "label": 0,
-    },
-    {
-        "ctx": "Two men lift a heavy sofa. They",
-        "endings": [
-            "eat it for lunch.",
-            "carry it carefully up the stairs into the new apartment.",
-            "turn into birds.",
-            "whisper.",
-        ],
-        "label": 1,
-    },
+    example("The chef cracks two eggs into a bowl. She", 0,
+            "whisks them with a fork until they are smooth.", "paints the fence.",
+            "jumps over a very tall building while singing loudly.", "sleeps."),
+    example("A boy kicks a ball across the park. His dog", 1, "reads a newspaper.",
+            "runs after it and brings it back to him.", "files taxes online.",
+            "orbits the moon at night."),
+    example("The pianist sits down at the piano. He", 2, "eats the keys.", "drives a truck.",
+            "places his hands on the keys and begins to play a slow song.", "melts."),
+    example("Rain begins to fall on the city. People", 3, "swim in the clouds.", "sell the sun.",
+            "become trees.", "open their umbrellas and hurry inside."),
+    example("A woman holds a paintbrush near a canvas. She", 0,
+            "dips it in blue paint and draws the sky.", "barks.", "flies to Mars in a shoe.",
+            "counts the ocean."),
+    example("Two men lift a heavy sofa. They", 1, "eat it for lunch.",
+            "carry it carefully up the stairs into the new apartment.", "turn into birds.",
+            "whisper."),
 ]
+# fmt: on
 # One example where acc and acc_norm must disagree. The model is trained on its context followed by
 # the long right ending once, and followed by "ran" (then more words) three times: after the
 # context, "ran" gets probability 3/4 and the right ending's first word 1/4; the rest of the right
 # ending is memorised. So the one-word wrong ending "ran" has the lower summed loss (-ln 3/4 = 0.29
 # < -ln 1/4 = 1.39), and the 15-word right ending the lower mean loss (about 1.39 / 15 = 0.09 <
 # 0.29).
-LENGTH_EXAMPLE = {
-    "ctx": "Lisa looked at the old map and",
-    "endings": [
-        "ran",
-        "followed the faded red line across the hills to the hidden valley by the river.",
-        "ate glue.",
-        "purple seven.",
-    ],
-    "label": 1,
-}
+LENGTH_EXAMPLE = example(
+    "Lisa looked at the old map and",
+    1,
+    "ran",
+    "followed the faded red line across the hills to the hidden valley by the river.",
+    "ate glue.",
+    "purple seven.",
+)  # fmt: skip
 LENGTH_EXAMPLE_DECOY = (
     "Lisa looked at the old map and ran to the station to catch the morning train."
 )
@@ -156,9 +114,7 @@ def memorised():
     sequences = [words.encode_ordinary(text) for text in texts]
     length = max(len(s) for s in sequences)
     inputs = torch.zeros((len(sequences), length - 1), dtype=torch.long)
-    targets = torch.full(
-        (len(sequences), length - 1), -100
-    )  # -100: padding, ignored by cross_entropy
+    targets = torch.full((len(sequences), length - 1), -100)  # -100: padding, ignored
     for i, s in enumerate(sequences):
         inputs[i, : len(s) - 1] = torch.tensor(s[:-1])
         targets[i, : len(s) - 1] = torch.tensor(s[1:])
@@ -170,9 +126,7 @@ def memorised():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert (
-        loss.item() < 0.1
-    )  # memorised: what is left is the 3:1 choice after LENGTH_EXAMPLE's context
+    assert loss.item() < 0.1  # memorised: what is left is the 3:1 choice after LENGTH_EXAMPLE's ctx
     return model.eval(), words
 
 
@@ -306,15 +260,8 @@ def test_packed_row_puts_each_ending_right_after_the_context():
     packed = hellaswag.pack_example(context, endings)
     # The row: the context, then each ending without its last token (that token predicts nothing).
     assert packed.tokens == [10, 11, 12, 20, 40, 41, 50]
-    assert packed.positions == [
-        0,
-        1,
-        2,
-        3,
-        3,
-        4,
-        3,
-    ]  # every ending starts at the position after the context
+    # every ending starts at the position after the context
+    assert packed.positions == [0, 1, 2, 3, 3, 4, 3]
     assert packed.segments == [0, 0, 0, 1, 3, 3, 4]
     # Every ending token is a target exactly once, predicted by the output of the token before it in
     # its own sequence: the context's last token (row index 2) for the first token of each ending.
@@ -335,13 +282,8 @@ def test_attention_mask_lets_an_ending_see_the_context_and_itself_only():
     sees = {q: [s for s in range(mask.size(1)) if mask[q, s]] for q in range(mask.size(0))}
     assert sees[0] == [0] and sees[1] == [0, 1] and sees[2] == [0, 1, 2]  # the context: causal
     assert sees[3] == [0, 1, 2, 3]  # ending 0
-    assert sees[4] == [0, 1, 2, 4] and sees[5] == [
-        0,
-        1,
-        2,
-        4,
-        5,
-    ]  # ending 2 sees nothing of ending 0
+    # ending 2 sees nothing of ending 0
+    assert sees[4] == [0, 1, 2, 4] and sees[5] == [0, 1, 2, 4, 5]
     assert sees[6] == [0, 1, 2, 6]  # ending 3
     assert all(not mask[q, 7] for q in range(7))  # padding is seen by no real token
 
@@ -368,9 +310,7 @@ def test_batched_scores_equal_each_ending_scored_alone():
         "endings": ["short.", "a bit longer than that.", "x", "the end."],
         "label": 0,
     }
-    examples = ALL_EXAMPLES + [
-        long_context
-    ]  # endings of 1 to 15 tokens; a context over block_size 64
+    examples = ALL_EXAMPLES + [long_context]  # endings of 1 to 15 tokens; a context over 64
     reference_sums, reference_counts = [], []
     with torch.no_grad():
         for example in examples:
@@ -461,23 +401,12 @@ def test_evaluate_splits_examples_across_ranks_and_reduces(tmp_path, memorised):
     )
     for rank in range(2):
         with open(tmp_path / f"rank{rank}.json") as f:
-            assert (
-                json.load(f) == EXPECTED_COUNTS
-            )  # every rank holds the totals, each example counted once
+            # every rank holds the totals, each example counted once
+            assert json.load(f) == EXPECTED_COUNTS
 
 
 # -----------------------------------------------------------------------------
 # The command line
-
-
-def run_cli(*args):
-    return subprocess.run(
-        [sys.executable, "hellaswag.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_cli_prints_the_summary_line(tmp_path, enc):
@@ -486,11 +415,11 @@ def test_cli_prints_the_summary_line(tmp_path, enc):
     torch.manual_seed(0)
     config = GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)
     model = GPT(config).eval()
-    checkpoint = str(tmp_path / "model.pt")
-    torch.save({"model": model.state_dict(), "config": asdict(config)}, checkpoint)
+    checkpoint = tiny_checkpoint(str(tmp_path / "model.pt"), model=model)
     data = write_jsonl(tmp_path / "val.jsonl", ALL_EXAMPLES)
     counts = hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, enc, "cpu", batch_size=16)
-    result = run_cli("--init", checkpoint, "--data", data, "--batch_size", "3", "--device", "cpu")
+    result = run_script("hellaswag.py", "--init", checkpoint, "--data", data, "--batch_size", "3",
+                        "--device", "cpu")  # fmt: skip
     assert result.returncode == 0, result.stderr
     summary = result.stdout.strip().splitlines()[-1]
     correct, correct_norm = counts["correct"], counts["correct_norm"]
@@ -506,7 +435,7 @@ def test_cli_prints_the_summary_line(tmp_path, enc):
 
 
 def test_cli_errors_are_one_line(tmp_path):
-    result = run_cli("--init", "gpt2", "--data", str(tmp_path / "missing.jsonl"))
+    result = run_script("hellaswag.py", "--init", "gpt2", "--data", tmp_path / "missing.jsonl")
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert "missing.jsonl: no such file" in result.stderr

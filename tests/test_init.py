@@ -3,8 +3,6 @@
 weights, and this repository's own source, tokenized, for the text to fine-tune on."""
 
 import glob
-import hashlib
-import json
 import os
 import shutil
 import signal
@@ -19,10 +17,18 @@ import torch.nn.functional as F
 from transformers import GPT2LMHeadModel
 
 import train_gpt2
-from conftest import REPO
+from conftest import (
+    ENV,
+    REPO,
+    TIMEOUT,
+    run_trainer,
+    snapshot,
+    tiny_checkpoint,
+    write_hellaswag,
+)
 from machinery.cli import run_cli
 from machinery.tokenizer import GPT2_VOCAB_SIZE
-from test_model import SMALL, random_gpt, random_hf_model, save_checkpoint
+from test_model import SMALL, random_gpt, random_hf_model
 from train_gpt2 import DataLoaderLite, load_model
 
 # Micro-batches of 4 x 32 tokens, 1,024 val tokens per evaluation, exact fp32 arithmetic.
@@ -35,10 +41,6 @@ FINE_TUNE = BATCH + [
     "--max_steps", "30", "--warmup_steps", "3", "--max_lr", "1e-3", "--eval_every", "15",
     "--ckpt_every", "10",
 ]  # fmt: skip
-ENV = dict(
-    os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"
-)  # the same arithmetic in every run
-TIMEOUT = 300  # seconds: generous, since a loaded 2-core machine is slow
 
 
 @pytest.fixture(scope="module")
@@ -49,19 +51,6 @@ def hf_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("hf_gpt2")
     random_hf_model(**SMALL, n_positions=64).save_pretrained(directory)
     return str(directory)
-
-
-def trainer(*args):
-    """The command line of train_gpt2.py with these flags."""
-    return [sys.executable, os.path.join(REPO, "train_gpt2.py"), *args]
-
-
-def run_trainer(*args):
-    result = subprocess.run(
-        trainer(*args), capture_output=True, text=True, env=ENV, timeout=TIMEOUT
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -84,28 +73,6 @@ def read_log(log_dir):
     return [line.split() for line in open(os.path.join(log_dir, "log.txt"))]
 
 
-def files_in(directory):
-    """{path: sha256 of its bytes} of every file under directory: a before/after snapshot."""
-    snapshot = {}
-    for root, _, names in os.walk(directory):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                snapshot[os.path.join(root, name)] = hashlib.sha256(f.read()).hexdigest()
-    return snapshot
-
-
-def write_hellaswag(path, n=6):
-    with open(path, "w") as f:
-        for i in range(n):
-            example = {
-                "ctx": f"Example {i}: the model reads",
-                "endings": ["a", "b c", "d e f", "g"],
-                "label": i % 4,
-            }
-            f.write(json.dumps(example) + "\n")
-    return str(path)
-
-
 # --- --eval_only ----------------------------------------------------------------------------------
 
 
@@ -124,24 +91,14 @@ def test_eval_only_gives_the_val_loss_transformers_gives(hf_dir, text_shards, ca
 
 
 def test_eval_only_writes_no_file(hf_dir, text_shards, fine_tune, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv(
-        "XDG_CACHE_HOME", str(tmp_path / "cache")
-    )  # where a HellaSwag download would go
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # where a download would go
     # --init, with a log folder that does not exist: it is not created, HellaSwag is not downloaded
-    _, out = eval_only(
-        capsys,
-        "--init",
-        hf_dir,
-        "--data_dir",
-        text_shards,
-        "--log_dir",
-        str(tmp_path / "log"),
-        "--hellaswag",
-    )
+    _, out = eval_only(capsys, "--init", hf_dir, "--data_dir", text_shards,
+                       "--log_dir", str(tmp_path / "log"), "--hellaswag")  # fmt: skip
     assert "HellaSwag skipped: its data is not cached;" in out
     # Nothing but the tokenizer's own cache of its merge table (made once per machine by any script)
-    written = [os.path.relpath(path, tmp_path) for path in files_in(tmp_path)]
-    assert written in ([], [os.path.join("cache", "gpt2-repro", "gpt2.tiktoken")])
+    written = set(snapshot(tmp_path))
+    assert written <= {"cache", "cache/gpt2-repro", "cache/gpt2-repro/gpt2.tiktoken"}, written
     # --resume, in a run's log folder: nothing in it changes, not even the leftover of an
     # interrupted write that a training run would delete
     log_dir = tmp_path / "run"
@@ -150,13 +107,13 @@ def test_eval_only_writes_no_file(hf_dir, text_shards, fine_tune, tmp_path, caps
         shutil.copy(os.path.join(fine_tune, name), log_dir)
     (log_dir / "model_00039.pt.tmp").write_bytes(b"torn")
     hellaswag = write_hellaswag(tmp_path / "hellaswag.jsonl")
-    before = files_in(tmp_path)
+    before = snapshot(tmp_path)
     _, out = eval_only(
         capsys, "--resume", "--log_dir", str(log_dir), "--data_dir", text_shards, "--hellaswag",
         "--hellaswag_data", hellaswag,
     )  # fmt: skip
     assert f"weights     {log_dir / 'model_00029.pt'}" in out and "hellaswag acc_norm" in out
-    assert files_in(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_eval_only_under_torchrun_equals_one_process(hf_dir, text_shards, tmp_path, capsys):
@@ -166,7 +123,7 @@ def test_eval_only_under_torchrun_equals_one_process(hf_dir, text_shards, tmp_pa
     flags.append(write_hellaswag(tmp_path / "hellaswag.jsonl"))
     val_loss, out = eval_only(capsys, *flags)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command = launcher + trainer("--eval_only", *BATCH, *flags)[1:]
+    command = [*launcher, os.path.join(REPO, "train_gpt2.py"), "--eval_only", *BATCH, *flags]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
@@ -185,13 +142,8 @@ def test_eval_only_under_torchrun_equals_one_process(hf_dir, text_shards, tmp_pa
 def test_fine_tune_lowers_the_val_loss(hf_dir, text_shards, fine_tune, capsys):
     before, _ = eval_only(capsys, "--init", hf_dir, "--data_dir", text_shards)
     log = read_log(fine_tune)
-    assert log[0][:2] == ["-1", "val"] and log[1][:2] == [
-        "0",
-        "train",
-    ]  # the step count starts fresh
-    assert (
-        abs(float(log[0][2]) - before) < 1e-3
-    )  # the starting weights' loss, as --eval_only gives it
+    assert log[0][:2] == ["-1", "val"] and log[1][:2] == ["0", "train"]  # the steps start fresh
+    assert abs(float(log[0][2]) - before) < 1e-3  # the starting weights' loss, as --eval_only
     val = {int(step): float(value) for step, kind, value in log if kind == "val"}
     assert sorted(val) == [-1, 14, 29]  # -1: the starting weights, before the first step
     assert val[29] < val[14] < before - 0.5 and abs(val[-1] - before) < 1e-3
@@ -202,32 +154,23 @@ def test_fine_tune_lowers_the_val_loss(hf_dir, text_shards, fine_tune, capsys):
 
 def test_fine_tune_killed_then_resumed_is_bit_exact(hf_dir, text_shards, fine_tune, tmp_path):
     log_dir = str(tmp_path / "killed")
+    flags = ["--init", hf_dir, "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE]
+    command = [sys.executable, os.path.join(REPO, "train_gpt2.py"), *flags]
     run = subprocess.Popen(
-        trainer("--init", hf_dir, "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV,
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
     )
-    watchdog = threading.Timer(
-        TIMEOUT, run.kill
-    )  # a run that hangs fails the test instead of blocking it
+    watchdog = threading.Timer(TIMEOUT, run.kill)  # a run that hangs fails instead of blocking
     watchdog.start()
     for line in run.stdout:
-        if line.startswith(
-            "step 12/29"
-        ):  # after the checkpoint of step 9, well before the next one
+        if line.startswith("step 12/29"):  # after the checkpoint of step 9, well before the next
             run.send_signal(signal.SIGKILL)
             break
     run.wait()
     watchdog.cancel()
     run.stdout.close()
     assert run.returncode == -signal.SIGKILL
-    assert sorted(os.listdir(log_dir)) == [
-        ".lock",
-        "log.txt",
-        "model_00009.pt",
-    ]  # the lock: see files.output_lock
+    # the lock: see files.output_lock
+    assert sorted(os.listdir(log_dir)) == [".lock", "log.txt", "model_00009.pt"]
     # resumed as any run is: the same flags and --resume; the checkpoint holds the config, so no
     # --init
     result = run_trainer("--resume", "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE)
@@ -244,32 +187,18 @@ def test_fine_tune_killed_then_resumed_is_bit_exact(hf_dir, text_shards, fine_tu
 
 
 def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path, keep_signal_handlers):
-    model = random_gpt(
-        vocab_size=50304, block_size=64, **SMALL
-    )  # random values in the padded rows too
-    path = save_checkpoint(model, tmp_path / "ours.pt")
+    model = random_gpt(vocab_size=50304, block_size=64, **SMALL)  # random padded rows too
+    path = tiny_checkpoint(str(tmp_path / "ours.pt"), model=model)
     log_dir = tmp_path / "log"
     # one step at learning rate 0: AdamW leaves every weight as it was, so the checkpoint shows what
     # was loaded
-    flags = [
-        "--max_steps",
-        "1",
-        "--warmup_steps",
-        "0",
-        "--max_lr",
-        "0",
-        "--eval_every",
-        "1",
-        "--ckpt_every",
-        "1",
-    ]
+    flags = "--max_steps 1 --warmup_steps 0 --max_lr 0 --eval_every 1 --ckpt_every 1".split()
     run_cli(
         train_gpt2.main,
         ["--init", path, "--data_dir", text_shards, "--log_dir", str(log_dir), *BATCH, *flags],
     )
-    x, y = DataLoaderLite(
-        text_shards, 4, 32, 0, 1, "train", 128, shuffle=True, seed=1337
-    ).next_batch()  # step 0's
+    step_0 = DataLoaderLite(text_shards, 4, 32, 0, 1, "train", 128, shuffle=True, seed=1337)
+    x, y = step_0.next_batch()
     with torch.no_grad():
         _, expected = load_model(path)(x, y)
     step, kind, loss = read_log(log_dir)[1]  # after the starting weights' val loss
@@ -289,23 +218,17 @@ def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path, keep_
 def test_refusals_are_one_line_and_touch_no_file(hf_dir, text_shards, tmp_path, capsys):
     log_dir = tmp_path / "log"
     cases = [
-        (
-            ["--init", hf_dir, "--n_layer", "3"],
-            [f"--init {hf_dir} has another shape", "--n_layer 2 there, 3 here"],
-        ),
-        (
-            ["--init", hf_dir, "--n_embd", "64", "--block_size", "128"],
-            ["(--block_size 64 there, 128 here)"],
-        ),
-        (
-            ["--init", hf_dir, "--seq_len", "128", "--total_batch_size", "512"],
-            ["--seq_len 128", "--block_size 64"],
-        ),
+        (["--init", hf_dir, "--n_layer", "3"],
+         [f"--init {hf_dir} has another shape", "--n_layer 2 there, 3 here"]),
+        (["--init", hf_dir, "--n_embd", "64", "--block_size", "128"],
+         ["(--block_size 64 there, 128 here)"]),
+        (["--init", hf_dir, "--seq_len", "128", "--total_batch_size", "512"],
+         ["--seq_len 128", "--block_size 64"]),
         (["--init", hf_dir, "--resume"], ["--init and --resume together"]),
         (["--eval_only"], ["--eval_only", "--init", "--resume"]),
         (["--init", str(tmp_path / "nowhere")], ["nowhere", "is not a file"]),
-    ]
-    before = files_in(tmp_path)
+    ]  # fmt: skip
+    before = snapshot(tmp_path)
     for flags, fragments in cases:
         with pytest.raises(SystemExit) as exit_info:
             run_cli(
@@ -317,4 +240,4 @@ def test_refusals_are_one_line_and_touch_no_file(hf_dir, text_shards, tmp_path, 
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
         for fragment in fragments:
             assert fragment in lines[0], (fragment, lines[0])
-    assert files_in(tmp_path) == before and not log_dir.exists()
+    assert snapshot(tmp_path) == before and not log_dir.exists()

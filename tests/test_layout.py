@@ -1,5 +1,5 @@
 """The repository's layout: which file imports which, that the light tools stay free of torch,
-docstrings, function and file lengths, and a fresh training run whose losses are pinned, so that
+docstrings, the README's map of the code, and a fresh training run whose losses are pinned, so that
 moving code between files cannot change what a run computes."""
 
 import ast
@@ -183,23 +183,14 @@ def make_pattern_shards(directory):
     np.save(directory / "pattern_train_000002.npy", stream(2048))
 
 
-PINNED_RUN = [
-    *TINY_MODEL,
-    *["--device", "cpu", "--no-hellaswag", "--no-sample_every_eval", "--max_lr", "3e-3"],
-    *[
-        "--max_steps",
-        "8",
-        "--warmup_steps",
-        "2",
-        "--eval_every",
-        "4",
-        "--val_tokens",
-        "512",
-        "--ckpt_every",
-        "100",
-    ],
-    *["--batch_size", "2", "--seq_len", "32", "--total_batch_size", "128"],
-]
+PINNED_RUN = (
+    TINY_MODEL
+    + (
+        "--device cpu --no-hellaswag --no-sample_every_eval --max_lr 3e-3 --max_steps 8 "
+        "--warmup_steps 2 --eval_every 4 --val_tokens 512 --ckpt_every 100 --batch_size 2 "
+        "--seq_len 32 --total_batch_size 128"
+    ).split()
+)
 
 # log.txt of PINNED_RUN on make_pattern_shards, as the code before the split into files wrote it.
 PINNED_LOGS = {
@@ -306,7 +297,7 @@ def test_readme_map_names_the_code_in_order():
     rows = [line.split("|") for line in table.splitlines() if line.startswith("| ")][2:]
     named = [name for row in rows for name in re.findall(r"`([A-Za-z_][A-Za-z_.]*)`", row[2])]
     defined = definitions(project_files()["train_gpt2"])
-    lines = [defined[name] for name in named if name in defined]
-    assert len(lines) >= 20, f"only {len(lines)} names of the map are definitions of train_gpt2.py"
+    assert named, "the map names no code"
     assert not [n for n in named if n not in defined], named
+    lines = [defined[name] for name in named]
     assert lines == sorted(lines), "the map names the code out of order"

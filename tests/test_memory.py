@@ -19,18 +19,7 @@ from train_gpt2 import GPT, GPTConfig
 # A 1-layer model with GPT-2's context and padded vocabulary: at the default --batch_size 64 and
 # --seq_len 1024, the logits of one val batch are 64 x 1024 x 50304 fp32 numbers, 13 GB, and their
 # softmax as much.
-WIDE_CONTEXT = [
-    "--n_layer",
-    "1",
-    "--n_head",
-    "2",
-    "--n_embd",
-    "32",
-    "--block_size",
-    "1024",
-    "--dtype",
-    "float32",
-]
+WIDE_CONTEXT = "--n_layer 1 --n_head 2 --n_embd 32 --block_size 1024 --dtype float32".split()
 ADDRESS_SPACE = 5 * 2**30  # the limit the default-batch evaluation runs under: a few GB, not 26
 
 
@@ -41,34 +30,12 @@ def checkpoint_and_val_split(tmp_path_factory):
     sequences."""
     rng = np.random.default_rng(0)
     data_dir = tmp_path_factory.mktemp("wide_data")
-    np.save(
-        data_dir / "wide_val_000000.npy", rng.integers(0, 50257, 64 * 1024 + 1, dtype=np.uint16)
-    )
-    np.save(
-        data_dir / "wide_train_000001.npy", rng.integers(0, 50257, 4 * 1024 + 1, dtype=np.uint16)
-    )
+    for split, tokens in [("val_000000", 64 * 1024 + 1), ("train_000001", 4 * 1024 + 1)]:
+        np.save(data_dir / f"wide_{split}.npy", rng.integers(0, 50257, tokens, dtype=np.uint16))
     log_dir = tmp_path_factory.mktemp("wide_log")
-    flags = [
-        "--data_dir",
-        str(data_dir),
-        "--log_dir",
-        str(log_dir),
-        *WIDE_CONTEXT,
-        "--batch_size",
-        "1",
-    ]
-    flags += [
-        "--total_batch_size",
-        "1024",
-        "--max_steps",
-        "1",
-        "--warmup_steps",
-        "1",
-        "--val_tokens",
-        "1024",
-    ]
-    flags += ["--no-hellaswag", "--no-sample_every_eval", "--no-eval_first", "--device", "cpu"]
-    train_gpt2.main(flags)
+    train_gpt2.main([*WIDE_CONTEXT, "--data_dir", str(data_dir), "--log_dir", str(log_dir), *(
+        "--batch_size 1 --total_batch_size 1024 --max_steps 1 --warmup_steps 1 --val_tokens 1024 "
+        "--no-hellaswag --no-sample_every_eval --no-eval_first --device cpu").split()])  # fmt: skip
     return str(log_dir / "model_00000.pt"), str(data_dir)
 
 
@@ -80,30 +47,12 @@ def test_eval_only_with_the_default_batch_fits_a_few_gb_and_gives_the_small_batc
     checkpoint_and_val_split,
 ):
     checkpoint, data_dir = checkpoint_and_val_split
-    command = [
-        sys.executable,
-        os.path.join(REPO, "train_gpt2.py"),
-        "--init",
-        checkpoint,
-        "--data_dir",
-        data_dir,
-    ]
-    command += [
-        "--eval_only",
-        "--no-hellaswag",
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-    ]  # default batch flags
-    limited = subprocess.run(
-        command,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        preexec_fn=limit_address_space,
-    )
+    command = [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--init", checkpoint,
+               "--data_dir", data_dir, "--eval_only", "--no-hellaswag", "--device", "cpu",
+               "--dtype", "float32"]  # fmt: skip
+    # the default batch flags
+    limited = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                             preexec_fn=limit_address_space)  # fmt: skip
     assert limited.returncode == 0, limited.stdout + limited.stderr
     rows = int(re.search(r"(\d+) rows per forward pass \(memory holds", limited.stdout).group(1))
     assert 1 <= rows < 64  # the batch was split: 64 rows at once would need about 26 GB
@@ -116,9 +65,8 @@ def test_eval_only_with_the_default_batch_fits_a_few_gb_and_gives_the_small_batc
     def val_loss(run):
         return float(re.search(r"^val loss (\d+\.\d+) \|", run.stdout, re.M).group(1))
 
-    assert val_loss(limited) == pytest.approx(
-        val_loss(small), abs=2e-6
-    )  # the same tokens, the same mean
+    # the same tokens, the same mean
+    assert val_loss(limited) == pytest.approx(val_loss(small), abs=2e-6)
 
 
 def test_validation_loss_in_parts_is_the_loss_of_the_whole_batch(random_shards):
@@ -126,46 +74,26 @@ def test_validation_loss_in_parts_is_the_loss_of_the_whole_batch(random_shards):
 
     model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
     loader = train_gpt2.DataLoaderLite(random_shards, 8, 64, 0, 1, "val")
-    autocast, procs = (
-        torch.autocast("cpu", enabled=False),
-        train_gpt2.Processes(),
-    )
-    whole = train_gpt2.validation_loss(model, loader, 3, autocast, procs)
-    assert (
-        train_gpt2.validation_loss(model, loader, 3, autocast, procs, rows=8) == whole
-    )  # one part: exact
+    autocast, procs = torch.autocast("cpu", enabled=False), train_gpt2.Processes()
+
+    def validation_loss(**rows):
+        return train_gpt2.validation_loss(model, loader, 3, autocast, procs, **rows)
+
+    whole = validation_loss()
+    assert validation_loss(rows=8) == whole  # one part: exact
     for rows in (1, 3, 5):  # parts of unequal size too
-        assert train_gpt2.validation_loss(
-            model, loader, 3, autocast, procs, rows=rows
-        ) == pytest.approx(whole, abs=1e-5)
+        assert validation_loss(rows=rows) == pytest.approx(whole, abs=1e-5)
 
 
 def test_a_run_that_cannot_fit_is_refused_before_its_first_step_naming_the_batch_size(tmp_path):
     rng, log_dir = np.random.default_rng(0), tmp_path / "log"
     for split, index in [("val", 0), ("train", 1)]:  # a step of each split: the loaders come first
-        np.save(
-            tmp_path / f"big_{split}_{index:06d}.npy",
-            rng.integers(0, 50257, 16384 * 64 + 1, dtype=np.uint16),
-        )
-    flags = [
-        "--data_dir",
-        str(tmp_path),
-        "--log_dir",
-        str(log_dir),
-        "--n_layer",
-        "1",
-        "--n_head",
-        "2",
-    ]
-    flags += ["--n_embd", "32", "--block_size", "64", "--seq_len", "64", "--batch_size", "16384"]
-    flags += [
-        "--total_batch_size",
-        str(16384 * 64),
-        "--device",
-        "cpu",
-        "--no-hellaswag",
-        "--no-compile",
-    ]
+        tokens = rng.integers(0, 50257, 16384 * 64 + 1, dtype=np.uint16)
+        np.save(tmp_path / f"big_{split}_{index:06d}.npy", tokens)
+    flags = ["--data_dir", str(tmp_path), "--log_dir", str(log_dir), *(
+        "--n_layer 1 --n_head 2 --n_embd 32 --block_size 64 --seq_len 64 --batch_size 16384 "
+        f"--total_batch_size {16384 * 64} --device cpu --no-hellaswag --no-compile").split(),
+    ]  # fmt: skip
     # 16,384 sequences of 64 positions over 50,304 tokens: about 1.6 TB of logits and gradients per
     # micro-step
     with pytest.raises(UserError) as error:
@@ -185,41 +113,12 @@ def test_a_run_that_cannot_fit_is_refused_before_its_first_step_naming_the_batch
 
 
 def test_the_start_up_block_prints_the_estimate(random_shards, tmp_path, capsys):
-    flags = [
-        "--data_dir",
-        random_shards,
-        "--log_dir",
-        str(tmp_path / "log"),
-        "--n_layer",
-        "1",
-        "--n_head",
-        "2",
-    ]
-    flags += [
-        "--n_embd",
-        "32",
-        "--block_size",
-        "64",
-        "--seq_len",
-        "64",
-        "--batch_size",
-        "4",
-        "--max_steps",
-        "1",
-    ]
-    flags += [
-        "--total_batch_size",
-        "256",
-        "--device",
-        "cpu",
-        "--no-hellaswag",
-        "--no-sample_every_eval",
-    ]
-    flags += ["--no-eval_first", "--warmup_steps", "1", "--val_tokens", "256"]
-    train_gpt2.main(flags)
+    train_gpt2.main(["--data_dir", random_shards, "--log_dir", str(tmp_path / "log"), *(
+        "--n_layer 1 --n_head 2 --n_embd 32 --block_size 64 --seq_len 64 --batch_size 4 "
+        "--max_steps 1 --total_batch_size 256 --device cpu --no-hellaswag --no-sample_every_eval "
+        "--no-eval_first --warmup_steps 1 --val_tokens 256").split()])  # fmt: skip
     out = capsys.readouterr().out
-    assert re.search(
-        r"^memory      ~[\d.]+ GiB per process estimated for a step, [\d.]+ GiB available on cpu$",
-        out,
-        re.M,
+    estimate = (
+        r"^memory      ~[\d.]+ GiB per process estimated for a step, [\d.]+ GiB available on cpu$"
     )
+    assert re.search(estimate, out, re.M)

@@ -4,7 +4,6 @@ checkpoints, tokenizes like tiktoken's gpt2, and samples with a KV cache that ch
 import json
 import os
 import subprocess
-import sys
 from dataclasses import asdict
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from conftest import REPO
+from conftest import ENV, run_script, tiny_checkpoint
 from export_hf import export_hf
 from machinery.cli import UserError, run_cli
 from machinery.tokenizer import gpt2_tokenizer
@@ -52,18 +51,6 @@ def random_gpt(seed=0, **config):
     return randomize_(GPT(GPTConfig(**config)), seed).eval()
 
 
-def save_checkpoint(model, path):
-    """A checkpoint as train_gpt2.py writes it: the weights and the config as a plain dict."""
-    torch.save({"model": model.state_dict(), "config": asdict(model.config)}, path)
-    return str(path)
-
-
-def run_script(*args):
-    return subprocess.run(
-        [sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
-
-
 def assert_one_line_error(result, *fragments):
     """A script's answer to a user mistake: exit status 1 and one line on stderr, no traceback."""
     assert result.returncode == 1
@@ -95,10 +82,8 @@ def test_from_pretrained_matches_transformers(tmp_path, shape):
     hf_model = random_hf_model(**shape)
     hf_model.save_pretrained(tmp_path)
     model = GPT.from_pretrained(str(tmp_path)).eval()
-    assert model.config == GPTConfig(
-        block_size=shape.get("n_positions", 1024),
-        **{k: v for k, v in shape.items() if k != "n_positions"},
-    )
+    sizes = {k: v for k, v in shape.items() if k != "n_positions"}
+    assert model.config == GPTConfig(block_size=shape.get("n_positions", 1024), **sizes)
     idx = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
     assert_same_as_hf(model, hf_model, idx)
 
@@ -107,11 +92,8 @@ def test_from_pretrained_reads_openai_pytorch_model_bin(tmp_path):
     """OpenAI's original upload: pytorch_model.bin with keys lacking 'transformer.' and with the
     causal-mask buffers stored as tensors."""
     hf_model = random_hf_model(**SMALL, n_positions=128)
-    state = {
-        k.removeprefix("transformer."): v
-        for k, v in hf_model.state_dict().items()
-        if k != "lm_head.weight"
-    }
+    state = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items()
+             if k != "lm_head.weight"}  # fmt: skip
     for i in range(SMALL["n_layer"]):
         state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(128, 128)).view(1, 1, 128, 128)
     torch.save(state, tmp_path / "pytorch_model.bin")
@@ -134,9 +116,7 @@ def test_export_round_trip(tmp_path, vocab_size):
     assert tensors["transformer.wte.weight"].shape == (50257, 64)  # padded rows trimmed
     assert json.loads((out_dir / "config.json").read_text())["vocab_size"] == 50257
     hf_model = GPT2LMHeadModel.from_pretrained(out_dir, attn_implementation="eager").eval()
-    assert (
-        hf_model.lm_head.weight.data_ptr() == hf_model.transformer.wte.weight.data_ptr()
-    )  # still tied
+    assert hf_model.lm_head.weight.data_ptr() == hf_model.transformer.wte.weight.data_ptr()  # tied
     idx = torch.randint(0, 50257, (2, 20))
     assert_same_as_hf(model, hf_model, idx)
     # ... and back into our GPT, which now has exactly the 50257 real rows
@@ -153,23 +133,20 @@ def test_export_refuses_to_overwrite(tmp_path):
     (tmp_path / "hf" / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match="--force"):
         export_hf(model, str(tmp_path / "hf"))
+    # --force replaces an export, nothing else
     with pytest.raises(UserError, match=r"holds files that an export does not write \(notes.txt\)"):
-        export_hf(
-            model, str(tmp_path / "hf"), overwrite=True
-        )  # --force replaces an export, nothing else
+        export_hf(model, str(tmp_path / "hf"), overwrite=True)
     assert os.listdir(tmp_path / "hf") == ["notes.txt"]
     os.remove(tmp_path / "hf" / "notes.txt")
     export_hf(model, str(tmp_path / "hf"))  # into the empty folder
-    export_hf(
-        random_gpt(block_size=32, **SMALL), str(tmp_path / "hf"), overwrite=True
-    )  # over the export
+    export_hf(random_gpt(block_size=32, **SMALL), str(tmp_path / "hf"), overwrite=True)  # over it
     assert "model.safetensors" in os.listdir(tmp_path / "hf")
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
 def test_export_script(tmp_path):
     model = random_gpt(vocab_size=50304, block_size=32, **SMALL)
-    checkpoint = save_checkpoint(model, tmp_path / "model_00010.pt")
+    checkpoint = tiny_checkpoint(str(tmp_path / "model_00010.pt"), model=model)
     result = run_script("export_hf.py", "--init", checkpoint, "--out", str(tmp_path / "hf"))
     assert result.returncode == 0, result.stderr
     idx = torch.randint(0, 50257, (1, 10))
@@ -231,9 +208,8 @@ def test_kv_cache_greedy_matches_recomputing():
     cached = model.generate(prompt, 88, temperature=0)  # up to exactly block_size
     assert cached.shape == (3, 100)
     assert torch.equal(cached, greedy_by_recomputing(model, prompt, 88))
-    assert all(
-        len(set(row[12:].tolist())) > 20 for row in cached
-    )  # no fixed point: the test means something
+    # no fixed point: the test means something
+    assert all(len(set(row[12:].tolist())) > 20 for row in cached)
     with pytest.raises(UserError, match="context window"):
         model.generate(prompt, 89, temperature=0)
 
@@ -269,12 +245,9 @@ def test_top_k_draws_among_the_k_most_likely():
     top3 = set(torch.topk(logits[0, -1], 3).indices.tolist())
     # one new token for 300 copies of the prompt, at a high temperature that flattens the
     # distribution
+    generator = torch.Generator().manual_seed(0)
     drawn = model.generate(
-        prompt.repeat(300, 1),
-        1,
-        temperature=100.0,
-        top_k=3,
-        generator=torch.Generator().manual_seed(0),
+        prompt.repeat(300, 1), 1, temperature=100.0, top_k=3, generator=generator
     )
     assert set(drawn[:, -1].tolist()) == top3
 
@@ -323,13 +296,13 @@ def test_checkpoint_that_does_not_fit(tmp_path):
         load_model(str(tmp_path / "truncated.pt"))
 
 
-def test_no_network_says_how_to_get_the_weights(tmp_path, monkeypatch):
-    # huggingface_hub reads these when it is imported, so the check runs in a fresh process.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+def test_no_network_says_how_to_get_the_weights(tmp_path):
+    # huggingface_hub reads these when it is imported, so the check runs in a fresh process; HF_HOME
+    # is an empty cache.
+    env = dict(ENV, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path))
     # sample.py --init gpt2 goes through load_model and GPT.from_pretrained('gpt2')
     assert_one_line_error(
-        run_script("sample.py", "--init", "gpt2"),
+        run_script("sample.py", "--init", "gpt2", env=env),
         "hf download openai-community/gpt2",
         "pass its path",
     )
@@ -340,22 +313,13 @@ def test_no_network_says_how_to_get_the_weights(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
+def sample_checkpoint(tmp_path_factory):
     model = random_gpt(vocab_size=50304, block_size=32, n_layer=2, n_head=2, n_embd=32)
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "model_00010.pt")
+    return tiny_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "model_00010.pt"), model=model)
 
 
-def test_sample_script(tiny_checkpoint, capsys):
-    args = [
-        "--init",
-        tiny_checkpoint,
-        "--num_samples",
-        "3",
-        "--max_new_tokens",
-        "8",
-        "--device",
-        "cpu",
-    ]
+def test_sample_script(sample_checkpoint, capsys):
+    args = ["--init", sample_checkpoint, *"--num_samples 3 --max_new_tokens 8 --device cpu".split()]
     script = run_script("sample.py", *args, "--seed", "1")
     assert script.returncode == 0, script.stderr
     assert script.stdout.count(PROMPT) == 3 and "sample 3/3" in script.stdout
@@ -380,9 +344,9 @@ def test_sample_script_error():
         (["--max_new_tokens", "-1"], "--max_new_tokens"),
     ],
 )
-def test_sample_flag_errors(tiny_checkpoint, capsys, flags, message):
+def test_sample_flag_errors(sample_checkpoint, capsys, flags, message):
     with pytest.raises(SystemExit) as exited:
-        run_cli(sample_main, ["--init", tiny_checkpoint, "--device", "cpu", *flags])
+        run_cli(sample_main, ["--init", sample_checkpoint, "--device", "cpu", *flags])
     assert_one_line_error(
         subprocess.CompletedProcess([], exited.value.code, "", capsys.readouterr().err), message
     )

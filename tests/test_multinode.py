@@ -9,30 +9,11 @@ import sys
 
 import torch
 
-from conftest import REPO, TINY_MODEL
+from conftest import ENV, REPO, TINY_RUN, run_trainer
 
-FLAGS = [
-    *TINY_MODEL,
-    "--batch_size",
-    "4",
-    "--seq_len",
-    "32",
-    "--total_batch_size",
-    "256",
-    "--warmup_steps",
-    "2",
-]
-FLAGS += [
-    "--eval_every",
-    "2",
-    "--val_tokens",
-    "512",
-    "--ckpt_every",
-    "2",
-    "--no-hellaswag",
-    "--no-sample_every_eval",
-]
-ENV = dict(os.environ, OMP_NUM_THREADS="1")
+# A step of 256 tokens: one micro-step on each of 2 nodes, or 2 in one process.
+FLAGS = [*TINY_RUN, "--total_batch_size", "256", "--eval_every", "2", "--val_tokens", "512",
+         "--ckpt_every", "2"]  # fmt: skip
 
 
 def free_port():
@@ -82,21 +63,8 @@ def test_two_nodes_train_as_one_process_with_accumulation_and_resume(tmp_path, t
     # The same run in one process with 2 micro-steps, and on the nodes resumed to step 4.
     single = tmp_path / "single"
     os.makedirs(single)
-    command = [
-        sys.executable,
-        os.path.join(REPO, "train_gpt2.py"),
-        "--data_dir",
-        text_shards,
-        "--log_dir",
-        "log",
-    ]
-    result = subprocess.run(
-        [*command, *FLAGS, "--max_steps", "4"], cwd=single, env=ENV, capture_output=True
-    )
-    assert result.returncode == 0, result.stderr.decode()[-3000:]
-    os.makedirs(
-        node1 / "log"
-    )  # as a second machine would have it: a copy of rank 0's folder to resume from
+    run_trainer("--data_dir", text_shards, "--log_dir", "log", *FLAGS, "--max_steps", 4, cwd=single)
+    os.makedirs(node1 / "log")  # as a second machine would have it: a copy of rank 0's folder
     for name in os.listdir(node0 / "log"):
         (node1 / "log" / name).write_bytes((node0 / "log" / name).read_bytes())
     resumed = two_nodes(text_shards, [node0, node1], "--max_steps", "4", "--resume")
@@ -107,15 +75,11 @@ def test_two_nodes_train_as_one_process_with_accumulation_and_resume(tmp_path, t
         assert ours["loader"] == theirs["loader"]
         for key in theirs["model"]:  # DDP and accumulation add the same gradients in another order
             torch.testing.assert_close(ours["model"][key], theirs["model"][key], atol=1e-5, rtol=0)
-    assert sorted(os.listdir(node1 / "log")) == [
-        "log.txt",
-        "model_00001.pt",
-    ]  # node 1 wrote nothing new
+    assert sorted(os.listdir(node1 / "log")) == ["log.txt", "model_00001.pt"]  # nothing new
     log = (node0 / "log" / "log.txt").read_text().splitlines()
     assert log[0].startswith("-1 val ") and log[-1].startswith("3 val ")
-    assert (
-        sum(line.startswith("-1 val") for line in log) == 1
-    )  # the resume did not evaluate step -1 again
+    # the resume did not evaluate step -1 again
+    assert sum(line.startswith("-1 val") for line in log) == 1
 
 
 def test_a_user_error_on_one_rank_only_reaches_the_screen_once_naming_the_rank(

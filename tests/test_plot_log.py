@@ -2,19 +2,15 @@
 
 import math
 import os
-import subprocess
-import sys
 
 import matplotlib.image
 import numpy as np
 import pytest
 
 import plot_log
-from conftest import REPO
+from conftest import run_script
 from machinery.cli import UserError, run_cli
 from plot_log import GPT2_124M_FINEWEB_EDU_VAL_LOSS, build_figure, main, parse_log
-
-PLOT_LOG = os.path.join(REPO, "plot_log.py")
 
 
 def run_lines(first_step, last_step, with_hella, evals_first=True, eval_every=25):
@@ -35,12 +31,6 @@ def write_log(tmp_path, lines, name="log.txt"):
     path = tmp_path / name
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def plot(*args):
-    return subprocess.run(
-        [sys.executable, PLOT_LOG, *map(str, args)], capture_output=True, text=True, timeout=60
-    )
 
 
 def assert_real_image(path):
@@ -93,17 +83,15 @@ def test_resumed_run_that_evaluates_first(tmp_path):
 def test_plots_resumed_partial_log_with_hellaswag(tmp_path):
     log = write_log(tmp_path, run_lines(0, 120, True) + run_lines(75, 200, True))
     out = tmp_path / "plots" / "loss.png"
-    result = plot(log, "-o", out)
+    result = run_script("plot_log.py", log, "-o", out)
     assert result.returncode == 0, result.stderr
     assert_real_image(out)
     assert [p.name for p in out.parent.iterdir()] == ["loss.png"]  # no temporary file left behind
 
 
 def test_plots_log_without_hellaswag_next_to_the_log(tmp_path):
-    log = write_log(
-        tmp_path, ["0 train nan"] + run_lines(1, 60, False)
-    )  # and a first step that diverged
-    result = plot(log)
+    log = write_log(tmp_path, ["0 train nan"] + run_lines(1, 60, False))  # a first step diverged
+    result = run_script("plot_log.py", log)
     assert result.returncode == 0, result.stderr
     assert_real_image(tmp_path / "loss.png")
 

@@ -15,9 +15,7 @@ import torch
 
 import export_hf
 import train_gpt2
-from conftest import TINY_MODEL, file_size_limit
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ENV, REPO, TINY_MODEL, file_size_limit
 
 
 def test_sigterm_ends_any_script_with_one_line_and_exit_143():
@@ -66,7 +64,7 @@ def test_a_stop_during_the_last_evaluation_is_resumed_into_that_evaluation(tmp_p
              "--seq_len", "32", "--total_batch_size", "256", "--max_steps", "2",
              "--warmup_steps", "1", "--eval_every", "100", "--no-eval_first", "--no-hellaswag",
              "--no-sample_every_eval"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = ENV
     # An evaluation of 999,000 tokens after the last step: far longer than the test waits.
     run = subprocess.Popen([*launcher, "train_gpt2.py", *flags, "--val_tokens", "999000"],
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -183,7 +181,7 @@ def test_sighup_a_closed_terminal_saves_the_step_and_exits_0(tmp_path):
     rng = np.random.default_rng(0)
     np.save(data / "tiny_val_000000.npy", rng.integers(0, 50257, 4096, dtype=np.uint16))
     np.save(data / "tiny_train_000001.npy", rng.integers(0, 50257, 8192, dtype=np.uint16))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = ENV
     run = subprocess.Popen([sys.executable, "train_gpt2.py", *TINY_MODEL, "--data_dir", str(data),
                             "--log_dir", str(log), "--batch_size", "4", "--seq_len", "32",
                             "--total_batch_size", "128", "--max_steps", "100000",

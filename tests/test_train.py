@@ -1,44 +1,27 @@
 """The training run: schedule, data loader striding, DDP equivalence, exact resume, learning,
 compile."""
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import train_gpt2
-from conftest import REPO, TINY_MODEL
+from conftest import (
+    TINY_MODEL,
+    TINY_RUN,
+    TINY_SHAPE,
+    run_trainer,
+    write_bin_shard,
+    write_hellaswag,
+    write_random_shards,
+)
 from machinery import progress
-from machinery.shards import BIN_HEADER_INTS, BIN_MAGIC, BIN_VERSION
 from train_gpt2 import DataLoaderLite, get_lr
 
 QUIET = ["--no-hellaswag", "--no-sample_every_eval"]
-
-
-def run_trainer(args, nproc=1, **kwargs):
-    """train_gpt2.py in a subprocess (under torchrun for nproc > 1); returns the
-    CompletedProcess."""
-    launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-        if nproc > 1
-        else [sys.executable]
-    )
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(
-        launcher + [os.path.join(REPO, "train_gpt2.py")] + args,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        **kwargs,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
 
 
 def load_params(path):
@@ -82,11 +65,7 @@ def make_marked_shards(directory, lengths, split="train"):
 def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
     B, T = 2, 8
     window = B * T * world_size
-    lengths = [
-        5 * window + 7,
-        3 * window,
-        4 * window + 1,
-    ]  # shard ends that fit, just miss, and exactly fit
+    lengths = [5 * window + 7, 3 * window, 4 * window + 1]  # ends that fit, just miss, exactly fit
     make_marked_shards(tmp_path, lengths)
     loaders = [
         DataLoaderLite(str(tmp_path), B, T, rank, world_size, "train") for rank in range(world_size)
@@ -105,9 +84,7 @@ def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
                     start = (
                         w * window + rank * B * T
                     )  # the striding: global window, then rank offset
-                    expected = (10000 * shard + np.arange(start, start + B * T + 1)).astype(
-                        np.int64
-                    )
+                    expected = 10000 * shard + np.arange(start, start + B * T + 1)
                     assert start + B * T + 1 <= lengths[shard]  # never past the shard's end
                     assert torch.equal(x.flatten(), torch.from_numpy(expected[:-1]))
                     assert torch.equal(y.flatten(), torch.from_numpy(expected[1:]))
@@ -123,9 +100,7 @@ def test_loader_state_round_trips_mid_shard(tmp_path):
     for _ in range(9):  # 9 windows of 128: into the second shard
         loader.next_batch()
     state = loader.state_dict()
-    assert (
-        state["epoch"] == 0 and state["sequence"] == 9 * 8 > loader.used[0]
-    )  # in the second shard
+    assert state["epoch"] == 0 and state["sequence"] == 9 * 8 > loader.used[0]  # in the 2nd shard
     resumed = DataLoaderLite(str(tmp_path), 4, 16, 1, 2, "train")
     resumed.load_state_dict(state)
     for _ in range(10):  # across the wrap-around too
@@ -145,12 +120,7 @@ def rows_read(loader, steps):
     return rows
 
 
-SHUFFLED_LENGTHS = [
-    530,
-    1000,
-    777,
-    64 * 5 + 1,
-]  # shard tails of 1 to 15 tokens, and one that fits exactly
+SHUFFLED_LENGTHS = [530, 1000, 777, 64 * 5 + 1]  # tails of 1 to 15 tokens, and one that fits
 
 
 def shuffled_loader(directory, seed=0, B=2, T=16, step_tokens=128):
@@ -160,16 +130,12 @@ def shuffled_loader(directory, seed=0, B=2, T=16, step_tokens=128):
 def test_shuffled_order_depends_on_the_seed_and_the_epoch_only(tmp_path):
     make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
     steps = shuffled_loader(tmp_path).steps_per_epoch()
-    first, again = (
-        rows_read(shuffled_loader(tmp_path), 2 * steps),
-        rows_read(shuffled_loader(tmp_path), 2 * steps),
-    )
+    first = rows_read(shuffled_loader(tmp_path), 2 * steps)
+    again = rows_read(shuffled_loader(tmp_path), 2 * steps)
     assert first == again  # the same seed: the same order, twice
     epoch0, epoch1 = first[: len(first) // 2], first[len(first) // 2 :]
     assert epoch0 != epoch1  # each epoch its own order
-    assert (
-        rows_read(shuffled_loader(tmp_path, seed=1), steps) != epoch0
-    )  # another seed, another order
+    assert rows_read(shuffled_loader(tmp_path, seed=1), steps) != epoch0  # another seed, order
     assert epoch0 != sorted(epoch0)  # shuffled indeed
     # --batch_size does not change it: 8 sequences per step, read as 4 micro-steps of 2 or one of 8
     assert rows_read(shuffled_loader(tmp_path, B=8), steps) == epoch0
@@ -179,23 +145,18 @@ def test_shuffled_epoch_reads_every_window_once(tmp_path):
     make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
     loader = shuffled_loader(tmp_path)
     rows = rows_read(loader, loader.steps_per_epoch())
-    windows = {
-        (shard, k * 16)
-        for shard, length in enumerate(SHUFFLED_LENGTHS)
-        for k in range((length - 1) // 16)
-    }
+    windows = {(shard, k * 16) for shard, length in enumerate(SHUFFLED_LENGTHS)
+               for k in range((length - 1) // 16)}  # fmt: skip
     tails, left_over = progress.unread_per_epoch(loader)
     assert tails == sum((length - 1) % 16 for length in SHUFFLED_LENGTHS)
-    assert (
-        len(rows) == len(set(rows)) == len(windows) - left_over and 0 <= left_over < 8
-    )  # fewer than one step
+    assert len(rows) == len(set(rows)) == len(windows) - left_over
+    assert 0 <= left_over < 8  # fewer than one step
     assert set(rows) <= windows and {shard for shard, _ in rows} == set(range(4))
     assert (loader.epoch, loader.sequence) == (1, 0)  # the epoch ended with its last whole step
 
 
-@pytest.mark.parametrize(
-    "steps_before", [5, 19, 20, 21]
-)  # mid-epoch, at its last step, at its end, past it
+# mid-epoch, at its last step, at its end, past it
+@pytest.mark.parametrize("steps_before", [5, 19, 20, 21])
 def test_shuffled_loader_resumes_exactly(tmp_path, steps_before):
     make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
     straight = rows_read(shuffled_loader(tmp_path), 50)
@@ -210,13 +171,9 @@ def test_shuffled_loader_resumes_exactly(tmp_path, steps_before):
 def test_a_resume_in_another_order_is_refused(tmp_path):
     make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
     state = shuffled_loader(tmp_path, seed=3).state_dict()
-    for other in (
-        shuffled_loader(tmp_path, seed=4),
-        DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128),
-    ):
-        with pytest.raises(
-            train_gpt2.UserError, match="another order: resume with --shuffle --seed 3"
-        ):
+    for other in (shuffled_loader(tmp_path, seed=4),
+                  DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)):  # fmt: skip
+        with pytest.raises(train_gpt2.UserError, match="another order: resume with --shuffle --se"):
             other.load_state_dict(state)
 
 
@@ -225,13 +182,7 @@ def test_loader_resumes_a_checkpoint_from_before_the_shuffle(tmp_path):
     order."""
     make_marked_shards(tmp_path, [1000, 1000])
     loader = DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)
-    old_state = {
-        "shard": 1,
-        "position": 2 * 128,
-        "epoch": 0,
-        "step_tokens": 128,
-        "data": loader.data,
-    }
+    old_state = dict(shard=1, position=2 * 128, epoch=0, step_tokens=128, data=loader.data)
     loader.load_state_dict(old_state)
     x, _ = loader.next_batch()
     assert x[0, 0].item() == 10000 + 2 * 128
@@ -240,15 +191,10 @@ def test_loader_resumes_a_checkpoint_from_before_the_shuffle(tmp_path):
 
 
 def test_loader_reads_llm_c_bin_shards(tmp_path):
-    tokens = np.arange(300, dtype=np.uint16)
-    header = np.zeros(BIN_HEADER_INTS, dtype=np.int32)
-    header[:3] = BIN_MAGIC, BIN_VERSION, len(tokens)
-    with open(tmp_path / "fineweb_val_000000.bin", "wb") as f:
-        f.write(header.tobytes() + tokens.tobytes())
+    write_bin_shard(tmp_path / "fineweb_val_000000.bin", np.arange(300))
     x, y = DataLoaderLite(str(tmp_path), 2, 10, 0, 1, "val").next_batch()
-    assert torch.equal(x.flatten(), torch.arange(20)) and torch.equal(
-        y.flatten(), torch.arange(1, 21)
-    )
+    assert torch.equal(x.flatten(), torch.arange(20))
+    assert torch.equal(y.flatten(), torch.arange(1, 21))
 
 
 def test_loader_memory_maps_shards(tmp_path):
@@ -262,37 +208,16 @@ def test_loader_memory_maps_shards(tmp_path):
 
 def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_shards):
     """torchrun with 2 gloo ranks and no accumulation == 1 process accumulating 2 micro-steps."""
-    args = [
-        "--data_dir",
-        text_shards,
-        *TINY_MODEL,
-        *QUIET,
-        "--batch_size",
-        "4",
-        "--seq_len",
-        "32",
-        "--total_batch_size",
-        "256",
-        "--max_steps",
-        "4",
-        "--warmup_steps",
-        "2",
-        "--eval_every",
-        "2",
-        "--val_tokens",
-        "512",
-    ]
-    ddp = run_trainer(args + ["--log_dir", str(tmp_path / "ddp")], nproc=2)
-    single = run_trainer(args + ["--log_dir", str(tmp_path / "single")])
+    args = [*TINY_MODEL, *QUIET, "--data_dir", text_shards, *(
+        "--batch_size 4 --seq_len 32 --total_batch_size 256 --max_steps 4 --warmup_steps 2 "
+        "--eval_every 2 --val_tokens 512").split()]  # fmt: skip
+    ddp = run_trainer(*args, "--log_dir", tmp_path / "ddp", nproc=2)
+    single = run_trainer(*args, "--log_dir", tmp_path / "single")
     assert "2 process(es)" in ddp.stdout and "x 2 process(es) x 1 micro-steps" in ddp.stdout
     assert "x 1 process(es) x 2 micro-steps" in single.stdout
-    a, b = (
-        load_params(tmp_path / "ddp" / "model_00003.pt"),
-        load_params(tmp_path / "single" / "model_00003.pt"),
-    )
-    initial = train_gpt2.GPT(
-        train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)
-    ).state_dict()
+    a = load_params(tmp_path / "ddp" / "model_00003.pt")
+    b = load_params(tmp_path / "single" / "model_00003.pt")
+    initial = train_gpt2.GPT(train_gpt2.GPTConfig(**TINY_SHAPE)).state_dict()
     assert any(not torch.allclose(a[k], initial[k]) for k in a)  # the runs did train
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
@@ -307,44 +232,21 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     data = tmp_path / "data"
     os.makedirs(data)
     shutil.copy(os.path.join(text_shards, "text_val_000000.npy"), data)
-    np.save(
-        data / "text_train_000001.npy",
-        np.load(os.path.join(text_shards, "text_train_000001.npy"))[:900],
-    )
-    args = [
-        "--data_dir",
-        str(data),
-        *TINY_MODEL,
-        *QUIET,
-        "--batch_size",
-        "4",
-        "--seq_len",
-        "32",
-        "--total_batch_size",
-        "256",
-        "--max_steps",
-        "8",
-        "--warmup_steps",
-        "2",
-        "--eval_every",
-        "3",
-        "--val_tokens",
-        "512",
-        "--ckpt_every",
-        "4",
-    ]
-    straight_run = run_trainer(args + ["--log_dir", str(tmp_path / "straight")])
+    train = np.load(os.path.join(text_shards, "text_train_000001.npy"))[:900]
+    np.save(data / "text_train_000001.npy", train)
+    args = [*TINY_MODEL, *QUIET, "--data_dir", data, *(
+        "--batch_size 4 --seq_len 32 --total_batch_size 256 --max_steps 8 --warmup_steps 2 "
+        "--eval_every 3 --val_tokens 512 --ckpt_every 4").split()]  # fmt: skip
+    straight_run = run_trainer(*args, "--log_dir", tmp_path / "straight")
     assert "epoch       3 steps, shuffled by --seed 1337" in straight_run.stdout
     assert "epoch 0 done at step 2: 768 tokens seen" in straight_run.stdout
     os.makedirs(tmp_path / "resumed")
-    shutil.copy(
-        tmp_path / "straight" / "model_00003.pt", tmp_path / "resumed"
-    )  # stopped after 4 of 8 steps
-    result = run_trainer(args + ["--log_dir", str(tmp_path / "resumed"), "--resume"])
+    # stopped after 4 of 8 steps
+    shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "resumed")
+    result = run_trainer(*args, "--log_dir", tmp_path / "resumed", "--resume")
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
-    assert (
-        "step 3/7 |" not in result.stdout and "step 4/7 |" in result.stdout
-    )  # the first half is not trained again
+    # the first half is not trained again
+    assert "step 3/7 |" not in result.stdout and "step 4/7 |" in result.stdout
     straight = torch.load(tmp_path / "straight" / "model_00007.pt", weights_only=True)
     resumed = torch.load(tmp_path / "resumed" / "model_00007.pt", weights_only=True)
     for key in straight["model"]:
@@ -364,101 +266,41 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     os.makedirs(tmp_path / "changed")
     shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "changed")
     changed = run_trainer(
-        args + ["--log_dir", str(tmp_path / "changed"), "--resume", "--val_tokens", "1024"]
+        *args, "--log_dir", tmp_path / "changed", "--resume", "--val_tokens", 1024
     )
     assert "note: --val_tokens is 1024, the run before was 512" in changed.stdout
 
 
 def test_loss_goes_down_on_real_text(tmp_path, text_shards):
-    result = run_trainer(
-        [
-            "--data_dir",
-            text_shards,
-            *TINY_MODEL,
-            *QUIET,
-            "--batch_size",
-            "8",
-            "--seq_len",
-            "64",
-            "--total_batch_size",
-            "512",
-            "--max_steps",
-            "40",
-            "--warmup_steps",
-            "5",
-            "--max_lr",
-            "3e-3",
-            "--eval_every",
-            "20",
-            "--val_tokens",
-            "1024",
-            "--log_dir",
-            str(tmp_path / "log"),
-        ]
-    )
+    result = run_trainer(*TINY_MODEL, *QUIET, "--data_dir", text_shards, "--log_dir",
+                         tmp_path / "log", *("--batch_size 8 --seq_len 64 --total_batch_size 512 "
+                         "--max_steps 40 --warmup_steps 5 --max_lr 3e-3 --eval_every 20 "
+                         "--val_tokens 1024").split())  # fmt: skip
     log = [line.split() for line in open(tmp_path / "log" / "log.txt")]
     train = [float(v) for _, kind, v in log if kind == "train"]
     val = [float(v) for _, kind, v in log if kind == "val"]
     assert train[0] > 10.5  # ln(50257) = 10.8: the start is uniform guessing
     assert sum(train[-5:]) / 5 < train[0] - 3.0
-    assert (
-        len(val) == 3 and val[0] > 10.5 and val[2] < val[1] < 9.0
-    )  # the first: the starting weights
+    # the first: the starting weights
+    assert len(val) == 3 and val[0] > 10.5 and val[2] < val[1] < 9.0
     assert "tok/s" in result.stdout
 
 
 def test_compile_with_eval_hellaswag_and_sampling_runs_on_cpu(tmp_path, text_shards):
     """build-nanogpt ships with compile off because it broke its in-loop evals: here they all run
     compiled."""
-    with open(tmp_path / "hellaswag.jsonl", "w") as f:
-        for i in range(6):
-            f.write(
-                json.dumps(
-                    {
-                        "ctx": f"Example {i}: the model reads",
-                        "endings": ["a", "b c", "d e f", "g"],
-                        "label": i % 4,
-                    }
-                )
-                + "\n"
-            )
-    result = run_trainer(
-        [
-            "--data_dir",
-            text_shards,
-            *TINY_MODEL,
-            "--hellaswag_data",
-            str(tmp_path / "hellaswag.jsonl"),
-            "--compile",
-            "--batch_size",
-            "4",
-            "--seq_len",
-            "32",
-            "--total_batch_size",
-            "128",
-            "--max_steps",
-            "2",
-            "--warmup_steps",
-            "1",
-            "--eval_every",
-            "1",
-            "--val_tokens",
-            "256",
-            "--log_dir",
-            str(tmp_path / "log"),
-        ]
-    )
+    result = run_trainer(*TINY_MODEL, "--data_dir", text_shards, "--log_dir", tmp_path / "log",
+                         "--hellaswag_data", write_hellaswag(tmp_path / "h.jsonl"), *("--compile "
+                         "--batch_size 4 --seq_len 32 --total_batch_size 128 --max_steps 2 "
+                         "--warmup_steps 1 --eval_every 1 --val_tokens 256").split())  # fmt: skip
     assert "compile on" in result.stdout
-    assert (
-        sum(line.startswith("step") for line in val_loss_lines(result.stdout)) == 2
-    )  # one per evaluation
-    assert (
-        result.stdout.count('sample 0: """GPT-2 (124M') == 3
-    )  # the val split's first words, at steps -1, 0, 1
+    # one per evaluation
+    assert sum(line.startswith("step") for line in val_loss_lines(result.stdout)) == 2
+    # the val split's first words, at steps -1, 0, 1
+    assert result.stdout.count('sample 0: """GPT-2 (124M') == 3
     hella = [line.split() for line in open(tmp_path / "log" / "log.txt") if " hella " in line]
-    assert [step for step, _, _ in hella] == ["-1", "0", "1"] and all(
-        0 <= float(acc) <= 1 for _, _, acc in hella
-    )
+    assert [step for step, _, _ in hella] == ["-1", "0", "1"]
+    assert all(0 <= float(acc) <= 1 for _, _, acc in hella)
     assert os.path.exists(tmp_path / "log" / "model_00001.pt")
 
 
@@ -490,3 +332,70 @@ def test_grad_clip_0_is_no_clipping(random_shards):
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         assert torch.equal(a, b)
     assert losses[:3] == losses[3:] and losses[2] < losses[0]
+
+
+# --- the loader's stream does not depend on the number of processes -------------------------------
+
+
+def steps_read(data_dir, world_size, micro_steps, steps, state=None, shuffle=False):
+    """The sequences of each optimizer step, in block order (micro-step m of rank r is block m *
+    world_size + r), as lists of first tokens, read by world_size loaders; and the state after
+    them."""
+    B, T = 2, 8
+    loaders = [DataLoaderLite(data_dir, B, T, rank, world_size, "train",
+                              B * T * world_size * micro_steps, shuffle)
+               for rank in range(world_size)]  # fmt: skip
+    for loader in loaders:
+        if state:
+            loader.load_state_dict(state)
+    read = []
+    for _ in range(steps):
+        blocks = {}
+        for micro_step in range(micro_steps):
+            for rank, loader in enumerate(loaders):
+                x, y = loader.next_batch()
+                assert torch.equal(x[:, 1:], y[:, :-1])
+                blocks[micro_step * world_size + rank] = x[:, 0].tolist()
+        read.append([blocks[i] for i in sorted(blocks)])
+    return read, loaders[0].state_dict()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_each_step_reads_the_same_tokens_for_any_number_of_processes(tmp_path, shuffle):
+    window = 2 * 8 * 4  # 4 sequences of 8 tokens per step
+    # shard ends where one process's micro-window would still fit but the step's window does not
+    lengths = [3 * window + 20, 4 * window + 1, 2 * window + window // 2]
+    make_marked_shards(tmp_path, lengths)
+    steps = 2 * sum((length - 1) // window for length in lengths) + 3  # two epochs and more
+    one, _ = steps_read(str(tmp_path), world_size=1, micro_steps=4, steps=steps, shuffle=shuffle)
+    for world_size, micro_steps in [(2, 2), (4, 1)]:
+        assert steps_read(str(tmp_path), world_size, micro_steps, steps, shuffle=shuffle)[0] == one
+    # a state saved by one process is resumed by four, on the same stream
+    _, state = steps_read(str(tmp_path), world_size=1, micro_steps=4, steps=3, shuffle=shuffle)
+    assert (state["epoch"], state["sequence"]) == (0, 3 * 8)  # in order: the end of shard 0
+    assert steps_read(str(tmp_path), 4, 1, steps - 3, state, shuffle)[0] == one[3:]
+
+
+def test_resume_on_two_ranks_from_a_one_rank_checkpoint_near_a_shard_end(tmp_path):
+    """A 1-process run (2 micro-steps) checkpointed at a shard's end, resumed under torchrun on 2
+    ranks, ends where a 2-rank run that never stopped ends: same weights, same data position."""
+    window = 256  # --total_batch_size
+    data = write_random_shards(
+        tmp_path / "data", val_tokens=2048, train_lengths=(3 * window + 130, 5 * window + 1)
+    )
+    flags = [*TINY_RUN, "--data_dir", data, "--total_batch_size", window, "--eval_every", 100,
+             "--ckpt_every", 3, "--no-shuffle"]  # fmt: skip
+    run_trainer(*flags, "--log_dir", tmp_path / "one")  # step 2 ends shard 1: step 3 reads shard 2
+    run_trainer(*flags, "--log_dir", tmp_path / "two", nproc=2)
+    os.makedirs(tmp_path / "resumed")
+    shutil.copy(tmp_path / "one" / "model_00002.pt", tmp_path / "resumed")
+    resumed = run_trainer(*flags, "--log_dir", tmp_path / "resumed", "--resume", nproc=2)
+    assert "resumed from" in resumed.stdout and "2 process(es) x 1 micro-steps" in resumed.stdout
+    ours = torch.load(tmp_path / "resumed" / "model_00005.pt", weights_only=True)
+    for reference in ("two", "one"):
+        theirs = torch.load(tmp_path / reference / "model_00005.pt", weights_only=True)
+        assert ours["loader"] == theirs["loader"]
+        for key in theirs["model"]:  # accumulation and DDP add the same gradients in another order
+            torch.testing.assert_close(ours["model"][key], theirs["model"][key], atol=1e-5, rtol=0)
+    # 3 steps into shard 2 (shard 1 holds 3 steps), as both read
+    assert ours["loader"]["sequence"] == 24 + 3 * 8
