@@ -388,7 +388,7 @@ def configure_optimizer(model, weight_decay, lr, betas, eps, device_type, shard=
               {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
     fused = device_type == "cuda" if fused is None else fused
     if shard:  # PyTorch's ZeroRedundancyOptimizer over AdamW: the same steps, 1/ranks the moments
-        return torchrun.ShardedAdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+        return torchrun.sharded_adamw(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 

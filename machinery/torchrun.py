@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from machinery import checkpoints
 from machinery.cli import DISK_FULL, DiskFull, UserError
@@ -66,26 +65,28 @@ class Processes:
 # --shard and any number of ranks, and every script reads it as before.
 
 
-class ShardedAdamW(ZeroRedundancyOptimizer):
-    """AdamW over the parameter groups, sharded over the group's ranks (ZeRO-1)."""
+def sharded_adamw(groups, **adamw):
+    """AdamW over the parameter groups, sharded over the group's ranks (ZeRO-1). Imported here:
+    torch.distributed.optim takes 0.6 s to import, which every script would pay."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    def __init__(self, groups, **adamw):
-        super().__init__(groups, optimizer_class=torch.optim.AdamW, **adamw)
+    class ShardedAdamW(ZeroRedundancyOptimizer):
+        def state_dict(self):
+            """The whole state in a plain AdamW's layout, on rank 0 after gather_optimizer_state():
+            ZeRO's groups hold only the arguments given, AdamW's every one (amsgrad, ...)."""
+            state = super().state_dict()
+            for group in state["param_groups"]:
+                for name, value in self.optim.defaults.items():
+                    group.setdefault(name, value)
+            return state
 
-    def state_dict(self):
-        """The whole state in a plain AdamW's layout, on rank 0 after gather_optimizer_state():
-        ZeRO's groups hold only the arguments given, AdamW's every one (amsgrad, foreach, ...)."""
-        state = super().state_dict()
-        for group in state["param_groups"]:
-            for name, value in self.optim.defaults.items():
-                group.setdefault(name, value)
-        return state
+    return ShardedAdamW(groups, optimizer_class=torch.optim.AdamW, **adamw)
 
 
 def gather_optimizer_state(optimizer):
     """Before rank 0 saves: every rank sends it its share of a sharded optimizer's state (a
     collective: each rank calls it). A plain AdamW holds it all already."""
-    if isinstance(optimizer, ZeroRedundancyOptimizer):
+    if hasattr(optimizer, "consolidate_state_dict"):
         optimizer.consolidate_state_dict(to=0)
 
 
