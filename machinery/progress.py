@@ -70,7 +70,8 @@ class Progress:
         self.first_step, self.last_step = first_step, last_step
         self.started = self.last_step_end = time.monotonic()
         self.seconds_per_step = None  # smoothed over recent steps, evaluations and checkpoints
-        self.train_loss = self.val_loss = self.best_val_loss = self.best_val_step = None
+        self.train_loss = self.val_loss = self.val_step = None
+        self.best_val_loss = self.best_val_step = None
         self.hellaswag = self.checkpoint = self.start_val_loss = None
 
     def label(self, step):

@@ -39,6 +39,7 @@ def command_blocks(path):
 # appended that shrink it (argparse keeps a flag's last value) and the tiny run's checkpoint for the
 # checkpoints of longer runs that the README names.
 SKIPPED = {
+    "python3 -m venv": "the suite runs in the interpreter it was started with (a venv or not)",
     "pip install": "CI has installed the requirements",
     "python fineweb.py && torchrun": "FineWeb-edu's download and 8 GPUs",
     "python -m pytest": "the suite itself",
@@ -49,6 +50,7 @@ SKIPPED = {
     "python fineweb.py --input notes/": "the reader's own files",
     "python train_gpt2.py --data_dir my_data": "the reader's own files",
     "python train_gpt2.py --resume": "a 124M run's checkpoint in log/",
+    "torchrun --standalone --nproc_per_node=8": "8 GPUs",
 }
 STAND_INS = {
     "curl -o shakespeare.txt": "cp readme_x3.txt shakespeare.txt",  # real English, ~20K tokens
