@@ -16,6 +16,7 @@ import torch
 import export_hf
 import train_gpt2
 from conftest import ENV, REPO, TINY_MODEL, file_size_limit
+from machinery import progress
 
 
 def test_sigterm_ends_any_script_with_one_line_and_exit_143():
@@ -200,3 +201,20 @@ def test_sighup_a_closed_terminal_saves_the_step_and_exits_0(tmp_path):
     assert "SIGHUP: saving a checkpoint after this step" in output
     step = int(re.search(r"stopped after step (\d+)", output).group(1))
     assert sorted(os.listdir(log)) == ["log.txt", f"model_{step:05d}.pt"]
+
+
+def test_a_log_line_that_finds_the_disk_full_is_taken_back_whole(tmp_path):
+    log = progress.RunLog(str(tmp_path), resume=False, master=True)
+    log.write("0 train 10.9")
+    with file_size_limit(len("0 train 10.9\n") + 5), pytest.raises(OSError):
+        log.write("1 train 10.8")  # 13 bytes past the 5 left: never half a line
+    log.close()
+    assert (tmp_path / "log.txt").read_text() == "0 train 10.9\n"
+
+
+def test_a_refused_log_dir_leaves_no_folder_behind(tmp_path, keep_signal_handlers):
+    too_long = tmp_path / "new" / "parent" / ("x" * 300)  # past the file system's 255 bytes
+    with pytest.raises(train_gpt2.UserError, match="--log_dir"):
+        train_gpt2.main([*TINY_MODEL, "--data_dir", str(tmp_path / "data"),
+                         "--log_dir", str(too_long)])  # fmt: skip
+    assert os.listdir(tmp_path) == []
