@@ -161,11 +161,15 @@ def text_shards(tmp_path_factory):
     return str(data_dir)
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def keep_signal_handlers():
-    """A training run in the test's own process installs SIGINT/SIGTERM handlers; give pytest its
-    own back."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """A run in the test's own process installs SIGINT/SIGTERM/SIGHUP handlers (the trainer's stop
+    request, run_cli's): give pytest its own back after every test. Left behind, a stop request's
+    handler would be inherited by a later test's forked workers, which then ignore the SIGTERM that
+    stops them."""
+    handlers = {
+        sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    }
     yield
     for sig, handler in handlers.items():
         signal.signal(sig, handler)

@@ -269,7 +269,7 @@ def test_a_run_that_cannot_fit_even_at_batch_size_1_names_checkpointing_and_shar
     assert "(AdamW's moments over 8 ranks), 24.0 GiB available on cuda" in line
 
 
-def test_a_resume_keeps_the_model_whose_recipe_it_was_trained_with(tmp_path, keep_signal_handlers):
+def test_a_resume_keeps_the_model_whose_recipe_it_was_trained_with(tmp_path):
     # A tiny shape under gpt2-medium's recipe: resumed under the default --model gpt2, its
     # learning rate would double without a word.
     data, log = shards(tmp_path / "data"), tmp_path / "log"

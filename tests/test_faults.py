@@ -764,8 +764,7 @@ FAULTS = [
 
 
 @pytest.mark.parametrize("script, setup, says, code, changes", FAULTS)
-def test_fault(script, setup, says, code, changes, tmp_path, monkeypatch, capsys,
-               keep_signal_handlers):  # fmt: skip
+def test_fault(script, setup, says, code, changes, tmp_path, monkeypatch, capsys):  # fmt: skip
     w = Workspace(tmp_path, monkeypatch)
     try:
         argv = setup(w)
@@ -1198,7 +1197,7 @@ class RunsCodeWhenUnpickled:
         return (open, (self.marker, "w"))
 
 
-def test_a_checkpoint_cannot_run_code(tmp_path, random_shards, capsys, keep_signal_handlers):
+def test_a_checkpoint_cannot_run_code(tmp_path, random_shards, capsys):
     marker = tmp_path / "code_ran"
     # a real checkpoint with one poisoned entry
     path = tiny_checkpoint(

@@ -279,9 +279,7 @@ def test_fineweb_drops_a_file_named_twice_and_a_byte_order_mark(tmp_path, capsys
     assert tokens.tolist() == expected  # no tokens for the mark
 
 
-def test_training_on_the_shards_of_an_unfinished_fineweb_run_says_so(
-    tmp_path, capsys, keep_signal_handlers
-):
+def test_training_on_the_shards_of_an_unfinished_fineweb_run_says_so(tmp_path, capsys):
     data = write_random_shards(tmp_path / "data")
     with open(os.path.join(data, "tiny_progress.json"), "w") as f:
         json.dump({"finished": False, "shards": 2, "documents": 10, "tokens": 12288}, f)
@@ -343,9 +341,7 @@ def read_only_folder(tmp_path):
         subprocess.run(["umount", str(folder)], check=True)
 
 
-def test_every_script_says_a_read_only_folder_in_one_line(
-    tmp_path, read_only_folder, capsys, keep_signal_handlers
-):
+def test_every_script_says_a_read_only_folder_in_one_line(tmp_path, read_only_folder, capsys):
     data, text = write_random_shards(tmp_path / "data"), tmp_path / "a.txt"
     text.write_text("A document.")
     log = tmp_path / "log.txt"
@@ -371,9 +367,7 @@ def test_every_script_says_a_read_only_folder_in_one_line(
     assert snapshot(tmp_path) == before
 
 
-def test_a_resume_drops_a_torn_last_line_of_the_log_and_the_plot_leaves_one_out(
-    tmp_path, capsys, keep_signal_handlers
-):
+def test_a_resume_drops_a_torn_last_line_of_the_log_and_the_plot_leaves_one_out(tmp_path, capsys):
     data, log = write_random_shards(tmp_path / "data"), tmp_path / "log"
     flags = [*TINY_RUN, "--data_dir", data, "--log_dir", str(log), "--no-eval_first"]
     flags.append("--no-shuffle")
@@ -396,7 +390,7 @@ def test_a_resume_drops_a_torn_last_line_of_the_log_and_the_plot_leaves_one_out(
 
 
 def test_a_new_run_says_it_replaces_an_earlier_log_and_that_its_warmup_is_too_long(
-    tmp_path, capsys, keep_signal_handlers
+    tmp_path, capsys
 ):
     data, log = write_random_shards(tmp_path / "data"), tmp_path / "log"
     log.mkdir()

@@ -186,7 +186,7 @@ def test_fine_tune_killed_then_resumed_is_bit_exact(hf_dir, text_shards, fine_tu
     assert straight["loader"] == resumed["loader"]
 
 
-def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path, keep_signal_handlers):
+def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path):
     model = random_gpt(vocab_size=50304, block_size=64, **SMALL)  # random padded rows too
     path = tiny_checkpoint(str(tmp_path / "ours.pt"), model=model)
     log_dir = tmp_path / "log"

@@ -244,7 +244,7 @@ def one_thread():
 
 
 @pytest.mark.parametrize("order", PINNED_LOGS)
-def test_fresh_run_losses_are_pinned(order, tmp_path, keep_signal_handlers, one_thread):
+def test_fresh_run_losses_are_pinned(order, tmp_path, one_thread):
     """A fresh tiny run, shuffled and in order, logs the train and val losses that the code logged
     before it was split into files: the same init, data order, schedule and arithmetic."""
     # here, so that the layout tests above report even when train_gpt2.py does not import

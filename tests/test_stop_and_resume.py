@@ -114,9 +114,7 @@ def children(pid):
 
 # The data of a resumed run must be the data it was trained and evaluated on: a shard replaced or
 # changed in place (same name, same length) is refused, before any file is written.
-def test_a_resume_refuses_a_changed_val_split_but_takes_an_older_checkpoints_fingerprint(
-    tmp_path, keep_signal_handlers
-):
+def test_a_resume_refuses_a_changed_val_split_but_takes_an_older_checkpoints_fingerprint(tmp_path):
     data, log = tmp_path / "data", tmp_path / "log"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -148,9 +146,7 @@ def test_a_resume_refuses_a_changed_val_split_but_takes_an_older_checkpoints_fin
 
 # A full disk ends a run with the way on: --resume and the intact checkpoint it continues from, or,
 # where no checkpoint was saved yet, the same command again (a --resume would be refused).
-def test_a_full_disk_says_whether_to_resume_and_from_which_checkpoint(
-    tmp_path, keep_signal_handlers
-):
+def test_a_full_disk_says_whether_to_resume_and_from_which_checkpoint(tmp_path):
     data, log = tmp_path / "data", tmp_path / "log"
     data.mkdir()
     rng = np.random.default_rng(0)
@@ -212,7 +208,7 @@ def test_a_log_line_that_finds_the_disk_full_is_taken_back_whole(tmp_path):
     assert (tmp_path / "log.txt").read_text() == "0 train 10.9\n"
 
 
-def test_a_refused_log_dir_leaves_no_folder_behind(tmp_path, keep_signal_handlers):
+def test_a_refused_log_dir_leaves_no_folder_behind(tmp_path):
     too_long = tmp_path / "new" / "parent" / ("x" * 300)  # past the file system's 255 bytes
     with pytest.raises(train_gpt2.UserError, match="--log_dir"):
         train_gpt2.main([*TINY_MODEL, "--data_dir", str(tmp_path / "data"),
