@@ -205,23 +205,14 @@ PINNED_SHARDS = {
 }
 
 
+# How the pinned shards were made (edufineweb: the prefix of their names).
+PINNED_FLAGS = ["--shard_size", "50000", "--num_proc", "2", "--prefix", "edufineweb"]
+
+
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
 def test_shards_are_byte_identical_to_pinned_ones(tmp_path, kind):
-    corpus = pinned_corpus(tmp_path, kind)
     out = str(tmp_path / "out")
-    flags = [
-        "--input",
-        corpus,
-        "--out",
-        out,
-        "--shard_size",
-        "50000",
-        "--num_proc",
-        "2",
-        "--prefix",
-        "edufineweb",
-    ]
-    fineweb.main(flags)  # the prefix of the pinned names
+    fineweb.main(["--input", pinned_corpus(tmp_path, kind), "--out", out, *PINNED_FLAGS])
     assert digest_of_shards(out) == PINNED_SHARDS[kind]
 
 
@@ -229,17 +220,7 @@ def test_the_script_makes_the_same_shards_under_spawn(tmp_path):
     # spawn, the default on macOS and Windows, starts each worker as a new Python that imports the
     # script again and receives the tokenizer pickled: nothing of the main process is inherited.
     out = str(tmp_path / "out")
-    flags = [
-        "--input",
-        pinned_corpus(tmp_path, "jsonl"),
-        "--out",
-        out,
-        "--shard_size",
-        "50000",
-        "--num_proc",
-        "2",
-    ]
-    flags += ["--prefix", "edufineweb"]  # the prefix of the pinned names
+    flags = ["--input", pinned_corpus(tmp_path, "jsonl"), "--out", out, *PINNED_FLAGS]
     run = run_script(tmp_path, *flags, "--start_method", "spawn")
     assert run.returncode == 0, run.stderr
     assert digest_of_shards(out) == PINNED_SHARDS["jsonl"]

@@ -15,8 +15,17 @@ import torch
 
 import export_hf
 import train_gpt2
-from conftest import ENV, REPO, TINY_MODEL, file_size_limit
+from conftest import ENV, REPO, TINY_MODEL, file_size_limit, write_random_shards
 from machinery import progress
+
+
+def tiny_run(tmp_path, val_tokens=4096):
+    """The flags of a tiny run on random shards in tmp_path/data, logging to tmp_path/log: steps
+    of 128 tokens on one process; the caller adds --max_steps and what its case needs."""
+    data = write_random_shards(tmp_path / "data", val_tokens=val_tokens)
+    return [*TINY_MODEL, "--data_dir", data, "--log_dir", str(tmp_path / "log"), "--batch_size",
+            "4", "--seq_len", "32", "--total_batch_size", "128", "--warmup_steps", "1",
+            "--no-hellaswag", "--no-sample_every_eval"]  # fmt: skip
 
 
 def test_sigterm_ends_any_script_with_one_line_and_exit_143():
@@ -56,20 +65,13 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 
 @pytest.mark.parametrize("launcher", [[sys.executable], TORCHRUN], ids=["1 process", "2 ranks"])
 def test_a_stop_during_the_last_evaluation_is_resumed_into_that_evaluation(tmp_path, launcher):
-    data, log = tmp_path / "data", tmp_path / "log"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    np.save(data / "tiny_val_000000.npy", rng.integers(0, 50257, 1_000_000, dtype=np.uint16))
-    np.save(data / "tiny_train_000001.npy", rng.integers(0, 50257, 8192, dtype=np.uint16))
-    flags = [*TINY_MODEL, "--data_dir", str(data), "--log_dir", str(log), "--batch_size", "4",
-             "--seq_len", "32", "--total_batch_size", "256", "--max_steps", "2",
-             "--warmup_steps", "1", "--eval_every", "100", "--no-eval_first", "--no-hellaswag",
-             "--no-sample_every_eval"]  # fmt: skip
-    env = ENV
+    log = tmp_path / "log"
+    flags = [*tiny_run(tmp_path, val_tokens=1_000_000), "--total_batch_size", "256",
+             "--max_steps", "2", "--eval_every", "100", "--no-eval_first"]  # fmt: skip
     # An evaluation of 999,000 tokens after the last step: far longer than the test waits.
     run = subprocess.Popen([*launcher, "train_gpt2.py", *flags, "--val_tokens", "999000"],
                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=env)  # fmt: skip
+                           env=ENV)  # fmt: skip
     try:
         for line in run.stdout:
             if re.match(r"step +1/\d+ \| loss", line):
@@ -90,7 +92,7 @@ def test_a_stop_during_the_last_evaluation_is_resumed_into_that_evaluation(tmp_p
     assert not os.path.exists(log / "model_00002.pt")
 
     resumed = subprocess.run([*launcher, "train_gpt2.py", *flags, "--val_tokens", "2048",
-                              "--resume"], cwd=REPO, capture_output=True, text=True, env=env,
+                              "--resume"], cwd=REPO, capture_output=True, text=True, env=ENV,
                              timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert re.search(r"^step +1/1 \| val loss \d", resumed.stdout, re.M), resumed.stdout
@@ -116,14 +118,7 @@ def children(pid):
 # changed in place (same name, same length) is refused, before any file is written.
 def test_a_resume_refuses_a_changed_val_split_but_takes_an_older_checkpoints_fingerprint(tmp_path):
     data, log = tmp_path / "data", tmp_path / "log"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    np.save(data / "tiny_val_000000.npy", rng.integers(0, 50257, 4096, dtype=np.uint16))
-    np.save(data / "tiny_train_000001.npy", rng.integers(0, 50257, 8192, dtype=np.uint16))
-    flags = [*TINY_MODEL, "--data_dir", str(data), "--log_dir", str(log), "--batch_size", "4",
-             "--seq_len", "32", "--total_batch_size", "128", "--warmup_steps", "1",
-             "--eval_every", "2", "--val_tokens", "256", "--no-hellaswag",
-             "--no-sample_every_eval"]  # fmt: skip
+    flags = [*tiny_run(tmp_path), "--eval_every", "2", "--val_tokens", "256"]
     train_gpt2.main([*flags, "--max_steps", "2"])
     val = np.load(data / "tiny_val_000000.npy")
     val[2000] ^= 1  # one token, in the middle of the shard
@@ -147,15 +142,8 @@ def test_a_resume_refuses_a_changed_val_split_but_takes_an_older_checkpoints_fin
 # A full disk ends a run with the way on: --resume and the intact checkpoint it continues from, or,
 # where no checkpoint was saved yet, the same command again (a --resume would be refused).
 def test_a_full_disk_says_whether_to_resume_and_from_which_checkpoint(tmp_path):
-    data, log = tmp_path / "data", tmp_path / "log"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    np.save(data / "tiny_val_000000.npy", rng.integers(0, 50257, 4096, dtype=np.uint16))
-    np.save(data / "tiny_train_000001.npy", rng.integers(0, 50257, 8192, dtype=np.uint16))
-    flags = [*TINY_MODEL, "--data_dir", str(data), "--log_dir", str(log), "--batch_size", "4",
-             "--seq_len", "32", "--total_batch_size", "128", "--warmup_steps", "1",
-             "--eval_every", "2", "--val_tokens", "256", "--no-hellaswag",
-             "--no-sample_every_eval", "--ckpt_every", "2"]  # fmt: skip
+    log = tmp_path / "log"
+    flags = [*tiny_run(tmp_path), "--eval_every", "2", "--val_tokens", "256", "--ckpt_every", "2"]
     with file_size_limit(1 << 20):  # a checkpoint of the tiny model is about 40 MB
         with pytest.raises(train_gpt2.UserError) as first:
             train_gpt2.main([*flags, "--max_steps", "4"])
@@ -173,18 +161,11 @@ def test_a_full_disk_says_whether_to_resume_and_from_which_checkpoint(tmp_path):
 
 
 def test_sighup_a_closed_terminal_saves_the_step_and_exits_0(tmp_path):
-    data, log = tmp_path / "data", tmp_path / "log"
-    data.mkdir()
-    rng = np.random.default_rng(0)
-    np.save(data / "tiny_val_000000.npy", rng.integers(0, 50257, 4096, dtype=np.uint16))
-    np.save(data / "tiny_train_000001.npy", rng.integers(0, 50257, 8192, dtype=np.uint16))
-    env = ENV
-    run = subprocess.Popen([sys.executable, "train_gpt2.py", *TINY_MODEL, "--data_dir", str(data),
-                            "--log_dir", str(log), "--batch_size", "4", "--seq_len", "32",
-                            "--total_batch_size", "128", "--max_steps", "100000",
-                            "--no-hellaswag", "--no-sample_every_eval", "--val_tokens", "256"],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=env)  # fmt: skip
+    log = tmp_path / "log"
+    flags = [*tiny_run(tmp_path), "--max_steps", "100000", "--val_tokens", "256"]
+    run = subprocess.Popen([sys.executable, "train_gpt2.py", *flags], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=ENV)  # fmt: skip
     try:
         for line in run.stdout:
             if re.match(r"step +3/", line):
