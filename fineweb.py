@@ -1,20 +1,15 @@
 """Tokenize a text corpus into uint16 shards for train_gpt2.py: FineWeb-edu by default, or your own
 files.
 
-    python fineweb.py                                   # HuggingFaceFW/fineweb-edu sample-10BT
-                                                        # -> edu_fineweb10B/
+    python fineweb.py                                   # FineWeb-edu sample-10BT -> edu_fineweb10B/
     python fineweb.py --input my_corpus/ --out my_data  # local .txt, .jsonl and .parquet files
 
-Every document becomes the end-of-text token 50256 followed by its GPT-2 tokens, and the documents
-are laid end to end and cut into shards of --shard_size tokens: edufineweb_val_000000.npy (the
-validation split), then edufineweb_train_000001.npy, ... (from --input files: shard_val_000000.npy,
-...). Each shard is a numpy uint16 array saved with np.save, the layout build-nanogpt uses, so
-existing data directories keep working.
-
-The run is resumable: documents are always read in the same order, every finished shard is written
-atomically, and a small progress file next to the shards records how many documents the finished
-shards hold. Running the same command again after a crash or Ctrl-C skips those documents and
-produces exactly the files an uninterrupted run would have produced.
+Each document becomes the end-of-text token 50256 and its GPT-2 tokens, laid end to end and cut into
+shards of --shard_size tokens, uint16 arrays saved with np.save as build-nanogpt saves them:
+edufineweb_val_000000.npy (the val split), edufineweb_train_000001.npy, ... (shard_... for --input).
+A rerun after a crash or Ctrl-C resumes: documents are read in a fixed order, finished shards are
+written atomically, and a progress file beside them counts the documents they hold, so the rerun
+skips those and makes exactly the files an uninterrupted run would have made.
 """
 
 import collections
@@ -41,17 +36,13 @@ from machinery.shards import SHARD_NAME
 from machinery.tokenizer import EOT_TOKEN, gpt2_tokenizer
 
 # -----------------------------------------------------------------------------
-# Finding the input files. A folder given to --input stands for the .txt, .jsonl and .parquet files
-# in it and its subfolders, sorted by path. A link in it that points nowhere is refused: the file it
-# stood for would be missing from the shards without a word. A link that cannot be followed (a loop
-# of links, or a link back to a folder it lies in) is left out with one note: following it would
-# find nothing, or the same files again and again.
+# Finding the input files: a folder stands for the .txt, .jsonl and .parquet files under it, sorted.
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 def find_input_files(paths):
-    """The files named by --input, each folder replaced by the input files under it, each file kept
+    """The files named by --input, folders replaced by the input files under them, each file kept
     once, where it first comes (named twice, its text could be in the val split and in train)."""
     files = []
     for path in paths:
@@ -83,10 +74,9 @@ def find_input_files(paths):
 
 
 def input_files_under(folder, above):
-    """The input files in folder and its subfolders, hidden ones left out as glob does; `above`: the
-    real paths of the folders that folder lies in. os.scandir tells files from folders without a
-    stat call per file: 5 times faster than glob on 15,000 files. Like glob, it follows links to
-    folders and leaves out a folder it may not read."""
+    """The input files under folder (`above`: the real paths of the folders it lies in) as glob
+    lists them, 5 times faster on 15,000 files. A link to nowhere is refused (its file would be
+    missing from the shards without a word); one that cannot be followed (a loop) is left out."""
     real = os.path.realpath(folder)
     if real in above:
         print(f"note: {folder} is a link back to {real}, a folder it lies in: left out")
@@ -118,13 +108,10 @@ def input_files_under(folder, above):
 
 # -----------------------------------------------------------------------------
 # Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt
-# files, a range of lines of a jsonl file, or rows that the main process read itself (of a parquet
-# file, or of a Hugging Face dataset). A piece is (reader, *arguments), and reader(*arguments)
-# yields (where, text) for each of its documents in order; `where` names the file and line or row,
-# so that a bad document can be reported precisely. The workers read .txt and jsonl pieces
-# themselves: when the main process read and parsed all the text and sent it through a pipe, that
-# cost a tenth of the tokenizing, on cores that the workers need. Pieces can start after any number
-# of documents: that is how a resumed run jumps over the documents that finished shards hold.
+# files, lines of a jsonl file, or rows the main process read (of a parquet file or a Hugging Face
+# dataset). A piece is (reader, *arguments); reader(*arguments) yields (where, text) per document,
+# `where` naming the file and line or row. Workers read .txt and jsonl pieces themselves: parsing in
+# the main process cost a tenth of the tokenizing, on cores the workers need.
 
 PIECE_BYTES = 1 << 20
 
@@ -136,7 +123,7 @@ def first_line(error):
 
 
 def cannot_read(path, error):
-    """The error for an input file that cannot be read: they are read all through a long run."""
+    """Input files are read all through a long run: one may be moved or deleted meanwhile."""
     moved = (
         "; was it moved or deleted during the run?" if isinstance(error, FileNotFoundError) else ""
     )
@@ -144,7 +131,6 @@ def cannot_read(path, error):
 
 
 def read_bytes(path, start=0, size=-1):
-    """size bytes of an input file from byte start on (all of it by default)."""
     try:
         with open(path, "rb") as f:
             f.seek(start)
@@ -154,27 +140,22 @@ def read_bytes(path, start=0, size=-1):
 
 
 def read_txt_files(paths):
-    """A piece of .txt files, each one a document: its line ends made LF (from CRLF, and from a lone
-    CR) as text mode does, a UTF-8 byte-order mark at its start dropped (.jsonl lines drop it too).
-    Decoding the bytes whole takes a third less time than text mode: it matters with small files."""
+    """A piece of .txt files, each one a document."""
     for path in paths:
         yield (path,), read_txt(path)
 
 
 def read_txt(path):
+    """A .txt file's text as text mode reads it (a third faster), without a byte-order mark."""
     try:
         text = read_bytes(path).decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    return text.removeprefix("\ufeff")
+    return text.replace("\r\n", "\n").replace("\r", "\n").removeprefix("\ufeff")
 
 
 def read_jsonl_lines(path, text_field, start, stop, first_line_number):
-    """A piece of a jsonl file: its lines in bytes start to stop, the first of them line
-    first_line_number. Each line is a JSON object with the document in its `text_field`; blank lines
-    are ignored."""
+    """The documents of a jsonl file's lines in bytes start to stop (blank lines ignored)."""
     lines = read_bytes(path, start, stop - start).split(b"\n")
     for line_number, line in enumerate(lines, start=first_line_number):
         if not line or line.isspace():  # not line.strip(), which copies every line to test it
@@ -194,7 +175,7 @@ def read_jsonl_lines(path, text_field, start, stop, first_line_number):
 
 def plan_jsonl(path, text_field, skip, piece_bytes):
     """The pieces of a jsonl file after its first `skip` documents: whole lines, about piece_bytes
-    at a time. The main process only finds where lines end and numbers them; the workers parse."""
+    at a time, found and numbered here; the workers parse them."""
     with open(path, "rb") as f:
         line_number = 1
         while skip:  # resuming: find the line after the last document that finished shards hold
@@ -209,12 +190,18 @@ def plan_jsonl(path, text_field, skip, piece_bytes):
             line_number += block.count(b"\n")
 
 
+def check_column(name, columns, text_field):
+    if text_field not in columns:
+        raise UserError(
+            f"{name}: no column '{text_field}' (columns: "
+            f"{', '.join(columns)}); pick one with --text_field"
+        )
+
+
 def read_parquet(path, text_field, skip):
-    """The documents of a parquet file's `text_field` column after its first `skip` rows. This runs
-    in the main process, which sends the rows on in pieces: a worker could only read whole row
-    groups, and a group holds megabytes (FineWeb's hold a thousand documents) or far more (pyarrow
-    writes a million rows to a group by default), too few pieces to keep every worker busy on a file
-    of a few groups. Rows are read a batch at a time, so memory stays bounded."""
+    """(where, text) of a parquet file's column after its first `skip` rows, read here a batch at a
+    time: a worker could only read whole row groups, of a thousand rows (FineWeb's) or a million
+    (pyarrow's default), too few pieces to keep every worker busy."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -222,55 +209,33 @@ def read_parquet(path, text_field, skip):
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable parquet file ({first_line(e)})") from None
-    schema = parquet.schema_arrow
-    if text_field not in schema.names:
-        raise UserError(
-            f"{path}: no column '{text_field}' (columns: "
-            f"{', '.join(schema.names)}); pick one with --text_field"
-        )
-    # Plain strings, however Arrow stores them: as offsets, as views, or as a dictionary of repeated
-    # values; all read as str.
-    column_type = schema.field(text_field).type
-    stored = column_type.value_type if pa.types.is_dictionary(column_type) else column_type
-    if str(stored) not in ("string", "large_string", "string_view"):
-        raise UserError(f"{path}: column '{text_field}' holds {column_type}, not text")
-    # Row groups that the finished shards of an earlier run hold already are skipped unread.
-    group, row = 0, 0
+    check_column(path, parquet.schema_arrow.names, text_field)
+    group, row = 0, 0  # the row groups that finished shards hold are skipped unread
     while group < parquet.num_row_groups and skip >= (
         rows := parquet.metadata.row_group(group).num_rows
     ):
         skip, row, group = skip - rows, row + rows, group + 1
     groups = range(group, parquet.num_row_groups)
-
-    def batches(row, skip):
-        try:  # a damaged page, or a file moved meanwhile: reading goes on for as long as the run
-            for batch in parquet.iter_batches(
-                batch_size=1024, row_groups=groups, columns=[text_field]
-            ):
-                yield batch.column(0).to_pylist()[skip:]
-                row, skip = row + batch.num_rows, max(0, skip - batch.num_rows)
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{path} from row {row}: cannot read it ({first_line(e)})") from None
-
-    return text_rows(batches(row, skip), path, text_field, row + skip)
+    try:  # a damaged page, or a file moved meanwhile: reading goes on for as long as the run
+        for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=[text_field]):
+            yield from text_rows(batch.column(0).to_pylist()[skip:], path, text_field, row + skip)
+            row, skip = row + batch.num_rows, max(0, skip - batch.num_rows)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path} from row {row}: cannot read it ({first_line(e)})") from None
 
 
-def text_rows(batches, name, text_field, row):
-    """(where, text) of each row of `batches` (lists of a column's values), the first one numbered
-    `row`: the rows of a parquet file or of a Hugging Face dataset."""
-    for texts in batches:
-        for text in texts:
-            if not isinstance(text, str):
-                null = " (null)" if text is None else ""
-                raise UserError(f"{name} row {row}: no text in column '{text_field}'{null}")
-            yield (name, "row", row), text
-            row += 1
+def text_rows(texts, name, text_field, first_row):
+    """(where, text) of each of a column's values, numbered from first_row."""
+    for row, text in enumerate(texts, start=first_row):
+        if not isinstance(text, str):
+            null = " (null)" if text is None else ""
+            raise UserError(f"{name} row {row}: no text in column '{text_field}'{null}")
+        yield (name, "row", row), text
 
 
 def load_hf_dataset(dataset, name, split, streaming, text_field):
     """The split of a Hugging Face dataset, downloaded now (or opened for streaming). Whatever stops
-    it (no network, HF_HUB_OFFLINE=1 without the dataset in the cache, an unknown name) is one line:
-    the library raises many different types."""
+    it (no network, offline without a cache, an unknown name) is one line: it raises many types."""
     import datasets  # imported here: it takes a second to import and --input runs never need it
 
     try:
@@ -281,11 +246,8 @@ def load_hf_dataset(dataset, name, split, streaming, text_field):
             f"datasets library: {first_line(e).rstrip('.')}. Without network, download "
             f"its parquet files elsewhere and pass them with --input"
         ) from None
-    if rows.column_names is not None and text_field not in rows.column_names:
-        raise UserError(
-            f"{dataset}: no column '{text_field}' (columns: "
-            f"{', '.join(rows.column_names)}); pick one with --text_field"
-        )
+    if rows.column_names is not None:
+        check_column(dataset, rows.column_names, text_field)
     return rows
 
 
@@ -293,30 +255,26 @@ def hf_documents(rows, dataset, text_field, skip=0):
     """(where, text) for every row of a loaded Hugging Face dataset after its first `skip` rows."""
     if hasattr(rows, "__len__") and skip >= len(rows):  # Dataset.skip refuses to skip it all
         return iter(())
-    batches = (batch[text_field] for batch in rows.skip(skip).iter(batch_size=1024))
-    return text_rows(batches, dataset, text_field, skip)
-
-
-def given_documents(documents):
-    """A piece that the main process read itself: its (where, text) pairs."""
-    return documents
+    texts = (text for batch in rows.skip(skip).iter(batch_size=1024) for text in batch[text_field])
+    return text_rows(texts, dataset, text_field, skip)
 
 
 def pieces_of_documents(documents, piece_chars=PIECE_BYTES):
-    """The (where, text) pairs that the main process read, in pieces of piece_chars or more."""
+    """The (where, text) pairs read here, in pieces of piece_chars or more; their reader, iter,
+    hands the pairs on as they are."""
     piece, chars = [], 0
     for where, text in documents:
         piece.append((where, text))
         chars += len(text)
         if chars >= piece_chars:
-            yield given_documents, piece
+            yield iter, piece
             piece, chars = [], 0
     if piece:
-        yield given_documents, piece
+        yield iter, piece
 
 
 def count_documents(path):
-    """How many documents a file holds, without parsing them (to skip whole files on resume)."""
+    """How many documents a file holds, without parsing them: to skip whole files on resume."""
     if path.endswith(".txt"):
         return 1
     if path.endswith(".jsonl"):
@@ -338,16 +296,12 @@ def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
             if path.endswith(".txt"):
                 txt_files.append(path)
                 txt_bytes += os.path.getsize(path)
-                if txt_bytes >= piece_bytes:
-                    yield read_txt_files, txt_files
-                    txt_files, txt_bytes = [], 0
-                continue
-            if txt_files:  # the .txt files before this file make a piece of their own
-                yield read_txt_files, txt_files
+            if txt_files and (txt_bytes >= piece_bytes or not path.endswith(".txt")):
+                yield read_txt_files, txt_files  # full, or a piece of its own before another file
                 txt_files, txt_bytes = [], 0
             if path.endswith(".jsonl"):
                 yield from plan_jsonl(path, text_field, skip, piece_bytes)
-            else:
+            elif not path.endswith(".txt"):  # .parquet
                 yield from pieces_of_documents(read_parquet(path, text_field, skip), piece_bytes)
         except OSError as e:
             raise cannot_read(path, e) from None
@@ -357,15 +311,11 @@ def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizing, in worker processes. A task is a piece of about a megabyte of text, which the worker
-# reads (or receives) and answers with one uint16 array: big tasks keep the cost of handing out work
-# small next to the tokenizing itself. The tokenizer is a function from a piece's texts to (ids,
-# document_ends): an EOT and the tokens of each text, laid end to end, and where each text's tokens
-# end. Any tokenizer of single texts can be plugged in through tokenize_documents; ids must fit in
-# uint16, which is checked because a larger id would silently wrap around.
+# Tokenizing, in worker processes, a piece per task: big tasks keep the cost of handing out work
+# small. A tokenizer maps a piece's texts to (ids, document_ends): an EOT and each text's tokens,
+# end to end, and where each text's tokens end. Ids are checked to fit uint16: larger ones wrap.
 
 EOT_TEXT = "<|endoftext|>"  # how tiktoken writes EOT_TOKEN in text
-EOT_ARRAY = np.array([EOT_TOKEN])
 
 
 def available_cores():
@@ -375,8 +325,8 @@ def available_cores():
 
 def gpt2_encode(encoding, text, special=frozenset()):
     """GPT-2 ids of `text` as a uint32 array, special tokens other than those in `special` taken as
-    plain text (as encode_ordinary does). encode_to_numpy hands the ids over as an array without
-    making a Python int of each: ~15% faster than encode_ordinary and turning its list into one."""
+    plain text (as encode_ordinary does). encode_to_numpy makes no Python int of each id: ~15%
+    faster than encode_ordinary and turning its list into an array."""
     try:
         return encoding.encode_to_numpy(text, allowed_special=special, disallowed_special=())
     except UnicodeEncodeError:
@@ -388,20 +338,16 @@ def gpt2_encode(encoding, text, special=frozenset()):
 def tokenize_documents(texts, encode):
     """(ids, document_ends) of the texts with a tokenizer of one text at a time, encode(text)."""
     encoded = [np.asarray(encode(text)) for text in texts]
-    parts = [part for document in encoded for part in (EOT_ARRAY, document)]
-    # casting="unsafe" only so that an empty document's float64 np.asarray([]) joins in; ids are
-    # checked later.
+    parts = [part for document in encoded for part in ([EOT_TOKEN], document)]
+    # casting="unsafe" only so that an empty document's float64 np.asarray([]) joins in
     ids = np.concatenate(parts, dtype=np.int64, casting="unsafe")
     return ids, np.cumsum([1 + len(document) for document in encoded], dtype=np.int64)
 
 
 def gpt2_tokenize(encoding, texts):
-    """(ids, document_ends) of the texts, each text's tokens those of encode_ordinary. The texts are
-    joined by the end-of-text marker and encoded in one call that takes the marker for the EOT
-    token. tiktoken encodes the text between two markers on its own, so each text gets the tokens it
-    would get alone, with one call per piece instead of one per text: the workers' CPU time fell by
-    2% on prose of 2 KB documents. A text that holds the marker itself, as plain text, would be cut
-    there: a piece with one goes a text at a time."""
+    """(ids, document_ends) of the texts, as encode_ordinary encodes each. One call on the texts
+    joined by EOT markers (2% less CPU than a call each) gives each text the tokens it gets alone:
+    tiktoken encodes between markers on its own. A text holding the marker would be cut there."""
     if any(EOT_TEXT in text for text in texts):
         return tokenize_documents(texts, functools.partial(gpt2_encode, encoding))
     ids = gpt2_encode(encoding, EOT_TEXT + EOT_TEXT.join(texts), special={EOT_TEXT})
@@ -423,13 +369,11 @@ def init_worker(tokenize):
 def tokenize_piece(piece):
     """In a worker: read a piece's documents and tokenize them; (ids as uint16, document_ends)."""
     reader, *arguments = piece
-    wheres, texts = [], []
-    for where, text in reader(*arguments):
-        wheres.append(where)
-        texts.append(text)
-    if not texts:  # a piece of nothing but blank lines
+    documents = list(reader(*arguments))
+    if not documents:  # a piece of nothing but blank lines
         return np.empty(0, dtype=np.uint16), np.empty(0, dtype=np.int64)
-    ids, document_ends = worker_tokenize(texts)
+    wheres, texts = zip(*documents)
+    ids, document_ends = worker_tokenize(list(texts))
     if ids.max() >= 2**16 or ids.min() < 0:
         first_bad = np.flatnonzero((ids >= 2**16) | (ids < 0))[0]
         where = wheres[np.searchsorted(document_ends, first_bad, side="right")]
@@ -441,10 +385,8 @@ def tokenize_piece(piece):
 
 
 def tokenize_in_order(pieces, pool, max_in_flight):
-    """(ids, document_ends) for each piece, in order, tokenized by the pool's workers. Pool.imap
-    would keep the order too, but it plans its whole input ahead into memory whenever planning is
-    faster than tokenizing; here at most max_in_flight pieces are out. An error that a worker raised
-    (a bad line) is raised here, after the pieces before it are written."""
+    """(ids, document_ends) of each piece in order, at most max_in_flight pieces out (Pool.imap
+    would plan its whole input into memory when planning outruns tokenizing)."""
     in_flight = collections.deque()
     for piece in pieces:
         in_flight.append(pool.apply_async(tokenize_piece, (piece,)))
@@ -455,18 +397,11 @@ def tokenize_in_order(pieces, pool, max_in_flight):
 
 
 # -----------------------------------------------------------------------------
-# Writing shards, resumably. The progress file records the settings of the run and, after each
-# finished shard, how many documents the finished shards hold in full and how many tokens of the
-# next document they already hold. A rerun with the same settings starts right there; one with other
-# settings is refused, so that shards of two different runs never mix.
+# Writing shards, resumably. The progress file records the run's settings and, after each shard, how
+# many documents the finished shards hold in full and how many tokens of the next one. A rerun with
+# other settings is refused, so that shards of two different runs never mix.
 
 HASHED_INPUT_BYTES = 1 << 16  # input files from this size on are keyed by a hash of their ends too
-
-
-def shard_path(out_dir, prefix, index):
-    # The first shard is the validation split, as in build-nanogpt.
-    split = "val" if index == 0 else "train"
-    return os.path.join(out_dir, f"{prefix}_{split}_{index:06d}.npy")
 
 
 def progress_path(out_dir, prefix):
@@ -479,12 +414,9 @@ def temp_path(out_dir, prefix, name):
 
 
 def input_key(path):
-    """What identifies an input file's content for a resume: its size, its modification time to the
-    nanosecond (the quick check of rsync), and for a file of 64 KiB or more a hash of its first and
-    last MiB, which catches even a copy that kept the original's time. A smaller file is not read
-    for its key: on 15,000 .txt files of 4 KB, reading each one twice (to key it, then to tokenize
-    it) took 0.5 s of a 3.4 s run, while hashing a large file's ends costs under 1% of its
-    tokenizing."""
+    """An input file's size and modification time to the nanosecond (rsync's quick check), and from
+    64 KiB on a hash of its first and last MiB (catching a copy that kept the time). Hashing small
+    files took 0.5 s of a 3.4 s run on 15,000 of 4 KB; a large file's costs under 1%."""
     edge = 1 << 20
     try:
         stat = os.stat(path)
@@ -517,14 +449,12 @@ def load_progress(out_dir, prefix, settings):
     try:
         with open(path) as f:
             progress = json.load(f)
-    except (OSError, ValueError):  # unreadable, or not JSON
-        progress = None
-    if not (isinstance(progress, dict) and "settings" in progress):  # written atomically: by hand?
+        old = progress["settings"]
+    except (OSError, ValueError, TypeError, KeyError):  # unreadable, not JSON, or no settings
         raise UserError(
             f"{path} is damaged: delete it and the {prefix} shards "
             f"beside it to start over, or pass another --out"
-        )
-    old = progress["settings"]
+        ) from None
     for key in old.get("input") or []:  # a run of an earlier version hashed small files too
         if isinstance(key, dict) and key.get("bytes", HASHED_INPUT_BYTES) < HASHED_INPUT_BYTES:
             key.pop("ends_sha256", None)
@@ -542,8 +472,7 @@ def load_progress(out_dir, prefix, settings):
 
 
 def describe_change(name, old, new):
-    """One setting that differs between the earlier run and this one, in words; for the input files,
-    the first one that differs rather than two lists of thousands."""
+    """A setting that changed, in words; for the input files, the first one that differs."""
     if name != "input":
         return f"{name} {old!r} -> {new!r}"
     for old_file, new_file in zip(old or [], new or []):
@@ -555,18 +484,16 @@ def describe_change(name, old, new):
 
 
 def save_progress(out_dir, prefix, progress):
-    # On one line: json writes with its fast C encoder only without indent, and the settings name
-    # every input file, so with thousands of small .txt files an indented file cost more to write
-    # than the files to read.
+    # On one line: json's fast C encoder works only without indent, and the settings name every
+    # input file: indented, the file cost more to write than thousands of small inputs to read.
     temp = temp_path(out_dir, prefix, "progress")
     with atomic_write(progress_path(out_dir, prefix), temp_path=temp) as f:
         f.write((json.dumps(progress, sort_keys=True) + "\n").encode())
 
 
 def npy_header(tokens):
-    """The header np.save writes before `tokens` uint16 values. numpy pads it so that the count can
-    grow to 21 digits without changing its length: a shard's header is written first and corrected
-    in place."""
+    """The header np.save writes before `tokens` uint16 values, padded so that the count can grow
+    to 21 digits in place: a shard's header is written first and corrected at the end."""
     header = io.BytesIO()
     descr = np.lib.format.dtype_to_descr(np.dtype(np.uint16))
     np.lib.format.write_array_header_1_0(
@@ -575,41 +502,31 @@ def npy_header(tokens):
     return header.getvalue()
 
 
-class ShardAbandoned(Exception):
-    """Told to the open shard's atomic_write when the run stops for a reason not its write."""
-
-
 class ShardWriter:
-    """Lays pieces' tokens end to end and cuts them into .npy shards of shard_size tokens. Each
-    piece's tokens go straight into the shard's temporary file, while the workers tokenize the
-    next pieces: collecting a whole shard in memory first left its write (and its fsync) for the
-    end, when the workers wait. atomic_write renames the file once the shard is full; an error or
-    Ctrl-C before then removes it (use the writer in a `with` block), and only a failed write of the
-    shard is reported as one. After each shard the progress is saved."""
+    """Lays pieces' tokens end to end into .npy shards of shard_size tokens. They go straight into
+    the open shard's temporary file (a shard collected in memory left its write and fsync for the
+    end, when the workers wait); atomic_write renames it when full, and an error or Ctrl-C before
+    then removes it (use the writer in a `with` block). After each shard the progress is saved."""
 
     def __init__(self, out_dir, prefix, shard_size, progress):
         self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
         self.progress = dict(progress)
         self.open_shard = contextlib.ExitStack()  # the atomic_write of the shard being filled
-        self.shard_file = None
-        self.filled = 0  # tokens in the shard being filled
+        self.shard_file, self.filled = None, 0  # the shard being filled, and its tokens
         self.documents = progress["documents"]  # documents added, counting earlier runs' ones
         self.skip_tokens = progress["tokens_of_next_document"]  # already in finished shards
 
     def __enter__(self):
         return self
 
-    def __exit__(self, error_type, error, traceback):
-        # The run stopped for a reason of its own (an input, a dropped connection, Ctrl-C), which
-        # goes on to the user as it is. The shard being filled is abandoned: atomic_write removes
-        # its file when told so with an error that it does not take for a failed write, as it would
-        # an OSError.
-        with contextlib.suppress(ShardAbandoned):
-            self.open_shard.__exit__(ShardAbandoned, ShardAbandoned(), None)
+    def __exit__(self, *error):
+        # The run stopped for a reason of its own (an input, a dropped connection, Ctrl-C): the
+        # open shard is removed with an error that atomic_write does not take for a failed write.
+        self.open_shard.__exit__(Exception, Exception("shard abandoned"), None)
 
     def write(self, data, offset=None):
-        """Write data into the shard being filled (at offset, or at its end). A failed write (a full
-        disk) ends it as atomic_write ends any: its file removed, and one line naming it."""
+        """Write data into the open shard (at offset, or at its end). A failed write (a full disk)
+        ends it as atomic_write ends any: its file removed, one line naming it."""
         try:
             if offset is not None:
                 self.shard_file.seek(offset)
@@ -639,9 +556,6 @@ class ShardWriter:
         """Finish the last, shorter shard, and the run (saved with the last shard's counts)."""
         self.progress["finished"] = True
         if self.filled:
-            header = npy_header(self.filled)
-            assert len(header) == len(npy_header(self.shard_size)), "it would move the tokens"
-            self.write(header, offset=0)
             self.finish_shard(self.documents, 0)
         else:
             save_progress(self.out_dir, self.prefix, self.progress)
@@ -651,37 +565,38 @@ class ShardWriter:
         if not os.path.exists(progress_path(self.out_dir, self.prefix)):  # settings first on disk
             os.makedirs(self.out_dir, exist_ok=True)
             save_progress(self.out_dir, self.prefix, self.progress)
+        split = "val" if index == 0 else "train"  # the first shard is the val split (build-nanogpt)
+        path = os.path.join(self.out_dir, f"{self.prefix}_{split}_{index:06d}.npy")
         temp = temp_path(self.out_dir, self.prefix, f"{index:06d}")
-        write = atomic_write(shard_path(self.out_dir, self.prefix, index), temp_path=temp)
-        self.shard_file = self.open_shard.enter_context(write)
+        self.shard_file = self.open_shard.enter_context(atomic_write(path, temp_path=temp))
         self.write(npy_header(self.shard_size))
 
     def finish_shard(self, documents, tokens_of_next_document):
+        if self.filled < self.shard_size:  # the last shard: its header says how many tokens it has
+            header = npy_header(self.filled)
+            assert len(header) == len(npy_header(self.shard_size)), "it would move the tokens"
+            self.write(header, offset=0)
         self.open_shard.close()  # atomic_write: flush, fsync and rename the shard into place
-        self.shard_file = None
         self.progress["shards"] += 1
         self.progress["tokens"] += self.filled
         self.progress.update(documents=documents, tokens_of_next_document=tokens_of_next_document)
         save_progress(self.out_dir, self.prefix, self.progress)
-        self.filled = 0
+        self.shard_file, self.filled = None, 0
 
 
 def write_shards(
     pieces, tokenize, out_dir, prefix, shard_size, num_proc, progress, start_method=None
 ):
-    """Tokenize the pieces with up to num_proc workers into shards; returns the final progress.
-    `pieces` must start where `progress` left off (plan_pieces(..., skip=progress["documents"])).
-    `tokenize` goes to each worker once: under the spawn start method (macOS, Windows) it is
-    pickled, so it must be a module-level function or a functools.partial of one, as gpt2_tokenize
-    is. No more workers start than the cores can run, nor than there are pieces: the first pieces
-    are planned now to count them. The shards are the same with any number of workers."""
+    """Tokenize the pieces (from where `progress` left off) with up to num_proc workers, no more
+    than there are cores or pieces, into shards; returns the final progress. `tokenize` is pickled
+    under spawn (macOS, Windows): a module-level function or a functools.partial of one."""
     pieces = iter(pieces)
     first_pieces = list(itertools.islice(pieces, min(num_proc, available_cores())))
     num_proc = max(1, len(first_pieces))
     writer = ShardWriter(out_dir, prefix, shard_size, progress)
     keep_freed_memory()  # here for the ids coming back (and parquet's rows), in each worker too
-    # The pool comes first: under fork its workers start before the bar starts its monitor thread
-    # (forking a process that runs threads is unsafe).
+    # The pool first: under fork, its workers start before the bar's monitor thread (forking a
+    # process that runs threads is unsafe).
     context = multiprocessing.get_context(start_method)
     pool = context.Pool(num_proc, initializer=init_worker, initargs=(tokenize,))
     bar = tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing")
@@ -703,6 +618,8 @@ def write_shards(
 
 # -----------------------------------------------------------------------------
 # The command line.
+
+SUMMARY = "{documents:,} documents, {tokens:,} tokens, {shards} shards"  # .format_map(progress)
 
 
 def parse_args(argv=None):
@@ -736,9 +653,8 @@ def parse_args(argv=None):
 
 
 def default_prefix(out_dir, local_input):
-    """The prefix of the shards that out_dir already holds (a rerun resumes them; from the val shard
-    if the progress file is lost), else edufineweb for the FineWeb-edu download and a name that
-    claims no corpus, shard, for local files."""
+    """The prefix of the shards in out_dir (a rerun resumes them; from the val shard if the progress
+    file is lost), else edufineweb for the download and shard, which claims no corpus, for files."""
     for suffix in ["_progress.json", "_val_000000.npy"]:
         held = glob.glob(os.path.join(glob.escape(out_dir), "*" + suffix))
         if len(held) == 1:
@@ -751,15 +667,13 @@ def main(argv=None):
     args.prefix = args.prefix or default_prefix(args.out, args.input)
     if args.shard_size < 1 or args.num_proc < 1:
         raise UserError("--shard_size and --num_proc must be at least 1")
-    # The trainer tells the splits apart by the word before the shard's number; a prefix that names
-    # a split or a folder would make names other loaders (build-nanogpt's glob of *_train_*) read
-    # wrongly.
+    # The trainer tells the splits apart by the word before the shard's number; a prefix naming a
+    # split or a folder would make other loaders (build-nanogpt's glob of *_train_*) misread names.
     if not args.prefix or os.sep in args.prefix or "_train" in args.prefix or "_val" in args.prefix:
         raise UserError(
             f"--prefix {args.prefix!r}: use a plain name without '/', '_train' or '_val'"
         )
     settings = {"tokenizer": "gpt2", "shard_size": args.shard_size, "text_field": args.text_field}
-    files = None
     if args.input:
         files = find_input_files(args.input)
         settings["input"] = [input_key(path) for path in files]
@@ -768,56 +682,44 @@ def main(argv=None):
             dataset=args.dataset, name=args.name, split=args.split, streaming=args.streaming
         )
     with output_lock(args.out, "--out"):  # one writer per folder; removed if this run makes nothing
-        check_one_corpus(args.out, args.prefix)
-        write_corpus(args, settings, files)
-
-
-def check_one_corpus(out_dir, prefix):
-    """The trainer reads one corpus per folder: shards of another prefix in --out are refused."""
-    for name in sorted(os.listdir(out_dir)):
-        match = SHARD_NAME.fullmatch(name)
-        if match and match.group(1) != prefix:
-            raise UserError(
-                f"--out {out_dir} holds shards of another corpus ({name}), and "
-                f"the trainer reads one corpus per folder: pass an empty --out "
-                f"for this one, or --prefix {match.group(1)} to go on with that one"
+        # The trainer reads one corpus per folder: shards of another prefix in --out are refused.
+        for name in sorted(os.listdir(args.out)):
+            match = SHARD_NAME.fullmatch(name)
+            if match and match.group(1) != args.prefix:
+                raise UserError(
+                    f"--out {args.out} holds shards of another corpus ({name}), and "
+                    f"the trainer reads one corpus per folder: pass an empty --out "
+                    f"for this one, or --prefix {match.group(1)} to go on with that one"
+                )
+        start_time = time.perf_counter()
+        progress = load_progress(args.out, args.prefix, settings)
+        if progress["finished"]:
+            print(f"{args.out} is already complete: {SUMMARY.format_map(progress)}")
+            return
+        if progress["shards"]:
+            print(
+                f"resuming after {progress['shards']} finished "
+                f"shards ({progress['documents']:,} documents)"
             )
-
-
-def write_corpus(args, settings, files):
-    """Tokenize the corpus into args.out, resuming an earlier run with the same settings."""
-    start_time = time.perf_counter()
-    progress = load_progress(args.out, args.prefix, settings)
-    if progress["finished"]:
-        print(
-            f"{args.out} is already complete: {progress['documents']:,} "
-            f"documents, {progress['tokens']:,} tokens, {progress['shards']} shards"
-        )
-        return
-    if progress["shards"]:
-        print(
-            f"resuming after {progress['shards']} finished "
-            f"shards ({progress['documents']:,} documents)"
-        )
-    if files is not None:
-        pieces = plan_pieces(files, args.text_field, skip=progress["documents"])
-    else:
-        rows = load_hf_dataset(args.dataset, args.name, args.split, args.streaming, args.text_field)
-        pieces = pieces_of_documents(
-            hf_documents(rows, args.dataset, args.text_field, skip=progress["documents"])
-        )
-    tokenize = functools.partial(gpt2_tokenize, gpt2_tokenizer())
-    tokens_before = progress["tokens"]
-    progress = write_shards(
-        pieces, tokenize, args.out, args.prefix, args.shard_size, args.num_proc, progress,
-        start_method=args.start_method,
-    )  # fmt: skip
-
+        if args.input:
+            pieces = plan_pieces(files, args.text_field, skip=progress["documents"])
+        else:
+            rows = load_hf_dataset(
+                args.dataset, args.name, args.split, args.streaming, args.text_field
+            )
+            pieces = pieces_of_documents(
+                hf_documents(rows, args.dataset, args.text_field, skip=progress["documents"])
+            )
+        tokenize = functools.partial(gpt2_tokenize, gpt2_tokenizer())
+        tokens_before = progress["tokens"]
+        progress = write_shards(
+            pieces, tokenize, args.out, args.prefix, args.shard_size, args.num_proc, progress,
+            start_method=args.start_method,
+        )  # fmt: skip
     seconds = time.perf_counter() - start_time
     tokens = progress["tokens"] - tokens_before
     print(
-        f"{progress['documents']:,} documents, {progress['tokens']:,} tokens, "
-        f"{progress['shards']} shards in {args.out}; this run: {tokens:,} "
+        f"{SUMMARY.format_map(progress)} in {args.out}; this run: {tokens:,} "
         f"tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
     )
     if progress["tokens"] == progress["documents"]:  # each document added its EOT and nothing else

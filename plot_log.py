@@ -35,8 +35,6 @@ def parse_log(path):
     abandoned run, and are dropped from every series."""
     if not os.path.isfile(path):
         raise UserError(f"no log file at {path}; pass the log.txt your training run wrote")
-    series = {}
-    previous_step = -1
     try:
         with open(path) as f:
             text = f.read()  # a log has one short line per step: it fits in memory
@@ -49,6 +47,7 @@ def parse_log(path):
     # a line cut short (being written, or killed), even if it parses
     if lines and not text.endswith("\n"):
         print(f"note: the last line of {path} is cut short ({lines.pop()[:60]!r}): it is left out")
+    series, previous_step = {}, -1
     for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -57,8 +56,8 @@ def parse_log(path):
             step, value = int(step_text), float(value_text)
         except ValueError:
             raise UserError(
-                f"{path} line {line_number}: expected '<step> "
-                f"<kind> <value>', got {line.strip()[:60]!r}"
+                f"{path} line {line_number}: expected '<step> <kind> <value>', got "
+                f"{line.strip()[:60]!r}"
             ) from None
         steps, values = series.setdefault(kind, ([], []))
         if step < previous_step or (steps and step <= steps[-1]):
@@ -81,13 +80,6 @@ def finite_points(series, kind):
     return steps[keep], values[keep], int(np.sum(~keep))
 
 
-def moving_average(steps, values, window):
-    """Centred moving average; the ends, where the window does not fit, are left out."""
-    averaged = np.convolve(values, np.ones(window) / window, mode="valid")
-    start = (window - 1) // 2
-    return steps[start : start + len(averaged)], averaged
-
-
 def points(n):
     return "1 point" if n == 1 else f"{n} points"
 
@@ -95,19 +87,20 @@ def points(n):
 def plot_loss(ax, series, reference=False, clip=True):
     """Train and val loss, whichever the log has, and with `reference` OpenAI's loss on FineWeb-edu
     val. With `clip`, the y-axis stops CLIP_NATS above the lowest loss, and a note says what that
-    hides."""
+    hides. Only lines with points get a legend entry: an empty "val" reads as val data gone
+    missing."""
     train_steps, train_loss, train_skipped = finite_points(series, "train")
     val_steps, val_loss, val_skipped = finite_points(series, "val")
-    # Only lines with points get a legend entry: an empty "val" entry reads as if val data went
-    # missing.
     if train_loss.size:
-        # Train loss jumps from batch to batch: draw it faintly, with a moving average on top.
+        # Train loss jumps from batch to batch: drawn faintly, with a centred moving average on top
+        # (the ends, where the window does not fit, left out).
         window = max(1, train_loss.size // 50)
         faint = "train, each step" if window > 1 else "train"
         ax.plot(train_steps, train_loss, color="tab:blue", alpha=0.25, linewidth=0.8, label=faint)
         if window > 1:
-            smoothed = moving_average(train_steps, train_loss, window)
-            ax.plot(*smoothed, color="tab:blue", label=f"train, mean of {window} steps")
+            averaged = np.convolve(train_loss, np.ones(window) / window, mode="valid")
+            steps = train_steps[(window - 1) // 2 :][: len(averaged)]
+            ax.plot(steps, averaged, color="tab:blue", label=f"train, mean of {window} steps")
     # a point per evaluation: the line between two says nothing of the steps in between
     if val_loss.size:
         ax.plot(val_steps, val_loss, color="tab:orange", marker="o", markersize=4,
@@ -115,15 +108,12 @@ def plot_loss(ax, series, reference=False, clip=True):
     if reference:
         label = f"OpenAI GPT-2 124M, FineWeb-edu val: {GPT2_124M_FINEWEB_EDU_VAL_LOSS}"
         ax.axhline(GPT2_124M_FINEWEB_EDU_VAL_LOSS, color="red", linestyle="--", label=label)
-
-    notes = []
-    if train_skipped + val_skipped:
-        notes.append(f"{points(train_skipped + val_skipped)} nan/inf: not drawn")
+    skipped = train_skipped + val_skipped
+    notes = [f"{points(skipped)} nan/inf: not drawn"] if skipped else []
     losses = np.concatenate([train_loss, val_loss])
     if losses.size:
-        lowest, highest = losses.min(), losses.max()
-        top = min(highest, lowest + CLIP_NATS) if clip else highest
-        bottom = lowest
+        bottom, highest = losses.min(), losses.max()
+        top = min(highest, bottom + CLIP_NATS) if clip else highest
         if reference:  # the reference line stays in view, however far our curve is from it
             top = max(top, GPT2_124M_FINEWEB_EDU_VAL_LOSS)
             bottom = min(bottom, GPT2_124M_FINEWEB_EDU_VAL_LOSS)
@@ -216,9 +206,9 @@ def parse_args(argv=None):
     )  # fmt: skip
     parser.add_argument(
         "--no-clip", dest="clip", action="store_false",
-        help=f"show every loss point; by default the y-axis stops "
-        f"{CLIP_NATS:g} nats above the lowest loss so the first steps (~11) "
-        f"do not squash the curve, and a note says how many points that hides",
+        help=f"show every loss point; by default the y-axis stops {CLIP_NATS:g} nats above the "
+        "lowest loss so the first steps (~11) do not squash the curve, and a note says how many "
+        "points that hides",
     )  # fmt: skip
     return parser.parse_args(argv)
 

@@ -1,11 +1,9 @@
 r"""Sample text from GPT-2: OpenAI's weights, a Hugging Face directory, or a checkpoint of this
-project.
+project. An empty --prompt starts from <|endoftext|>, that is, from the beginning of a document.
 
     python sample.py --init gpt2 --prompt "Hello, I'm a language model," --num_samples 4 \
         --max_new_tokens 64 --top_k 50 --seed 42
     python sample.py --init log/model_19072.pt --temperature 0.8
-
-An empty --prompt starts from <|endoftext|>, that is, from the beginning of a document.
 """
 
 import torch
@@ -19,10 +17,7 @@ from train_gpt2 import load_model, sample_texts
 
 # Logits are divided by the temperature: below 1e-3 they overflow to inf and the sampling breaks,
 # so 0 is the greedy choice.
-TEMPERATURE = (
-    lambda value: value == 0 or value >= 1e-3,
-    "0 (the most likely token) or at least 1e-3",
-)
+TEMPERATURE = (lambda v: v == 0 or v >= 1e-3, "0 (the most likely token) or at least 1e-3")
 FLAGS = {
     "sampling": [
         ("--init", "gpt2", "gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging Face directory, or "
@@ -40,34 +35,25 @@ FLAGS = {
 }  # fmt: skip
 
 
-def parse_args(argv=None):
+def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     cli.add_flags(parser, FLAGS)
     args = parser.parse_args(argv)
     cli.check_ranges(args, FLAGS)
-    return args
-
-
-def sample(args):
-    """The prompt and its continuations, as one string per sample."""
     device = pick_device(args.device)
     if device.type == "cpu":
         keep_freed_memory(every_size=True)  # each token's buffers are not zeroed again
     model = load_model(args.init, device)
     dtype, _ = pick_autocast_dtype(args.dtype, device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     try:
-        autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-        return sample_texts(model, gpt2_tokenizer(), args.prompt, num_samples=args.num_samples,
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, seed=args.seed, autocast=autocast)  # fmt: skip
+        samples = sample_texts(model, gpt2_tokenizer(), args.prompt, num_samples=args.num_samples,
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_k=args.top_k, seed=args.seed, autocast=autocast)  # fmt: skip
     except torch.OutOfMemoryError:
         raise out_of_memory(
             device, "lower --num_samples (they are drawn in one batch) or --max_new_tokens"
         ) from None
-
-
-def main(argv=None):
-    samples = sample(parse_args(argv))
     for i, text in enumerate(samples):
         print(f"---------- sample {i + 1}/{len(samples)} ----------")
         print(text)

@@ -502,7 +502,7 @@ def load_checkpoint(path):
     """A checkpoint of this project. weights_only=True: a downloaded file cannot run code."""
     with checkpoints.reading(path):  # missing, damaged on disk, or not a checkpoint: one line
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    checkpoints.check_entries(checkpoint, path, GPTConfig)
+    checkpoints.check_checkpoint(checkpoint, path, GPTConfig)
     return checkpoint
 
 
@@ -577,13 +577,13 @@ def build_model(args, device):
     if checkpoint is not None:
         config = model_config(args, checkpoint["config"])
         checkpoints.check_same_model(checkpoint["config"], config, path)
-        checkpoints.check_resumable(checkpoint, path)
+        checkpoints.check_checkpoint(checkpoint, path, GPTConfig, resume=True)
         model = GPT(config)
         load_weights(model, checkpoint["model"], source=path)
     elif args.init:
         init_config, state = read_weights(args.init)
         config = model_config(args, asdict(init_config))
-        checkpoints.check_same_shape(asdict(init_config), config, flags.SHAPE_FLAGS, args.init)
+        checkpoints.check_same_model(asdict(init_config), config, args.init, flags.SHAPE_FLAGS)
         model = GPT(config)
         state = hf_format.padded_vocabulary(state, config.vocab_size)
         load_weights(model, state, source=args.init)

@@ -1,8 +1,8 @@
 """The memory estimate of machinery/devices.py (the one the trainer checks before its first step)
-per GPU for each GPT-2 size on 8 GPUs: DDP (--shard none) and --shard optimizer, without and with
---activation_checkpointing; at --batch_size 1 and 8 (T=1024), and the largest --batch_size that
-fits a 24, 40 and 80 GiB GPU and divides the --model's step. No GPU is used: the figures are the
-estimate's, fitted to eager runs on a CPU (a compiled bf16 run needs less).
+per GPU for each GPT-2 size on 8 GPUs: DDP (--shard none), --shard optimizer and --shard full,
+without and with --activation_checkpointing; at --batch_size 1 and 8 (T=1024), and the largest
+--batch_size that fits a 24, 40 and 80 GiB GPU and divides the --model's step. No GPU is used:
+the figures are the estimate's, fitted to eager runs on a CPU (a compiled bf16 run needs less).
 
     python benchmarks/memory_table.py [--gpus 8] [--seq_len 1024]
 """
@@ -19,12 +19,7 @@ import train_gpt2  # noqa: E402
 from machinery import devices, flags  # noqa: E402
 
 GPU_GIB = (24, 40, 80)
-SETTINGS = [  # (--shard, --activation_checkpointing)
-    ("none", False),
-    ("none", True),
-    ("optimizer", False),
-    ("optimizer", True),
-]
+SETTINGS = [(shard, recompute) for shard in ("none", "optimizer", "full") for recompute in (0, 1)]
 
 
 def main():
@@ -43,7 +38,7 @@ def main():
         params = sum(p.numel() for p in gpt.parameters())
         steps = [b for b in (64, 32, 16, 8, 4, 2, 1) if run.total_batch_size % (b * T * gpus) == 0]
         for shard, recompute in SETTINGS:
-            setting = dict(ranks_sharing=gpus if shard == "optimizer" else 1, recompute=recompute)
+            setting = dict(shard=shard, ranks=gpus, recompute=recompute)
             gib = {b: devices.training_bytes(gpt.config, params, b, T, **setting) / 2**30
                    for b in {*steps, 1, 8}}  # fmt: skip
             fits = [next((b for b in steps if gib[b] <= cap), None) for cap in GPU_GIB]

@@ -22,26 +22,26 @@ from machinery.files import in_folder
 CHECKPOINT_NAME = re.compile(r"model_(\d{5,})\.pt")
 
 
-def latest_checkpoint(log_dir):
-    """The checkpoint of the highest step in log_dir, or None."""
-    steps = {}
-    for path in glob.glob(os.path.join(glob.escape(log_dir), "model_*.pt")):
-        if (match := CHECKPOINT_NAME.fullmatch(os.path.basename(path))) and os.path.isfile(path):
-            steps[int(match.group(1))] = path
-    return steps[max(steps)] if steps else None
-
-
 def checkpoint_step(path):
     """The step in a checkpoint's name (model_00042.pt: 42), or None for another name."""
     match = CHECKPOINT_NAME.fullmatch(os.path.basename(path))
     return int(match.group(1)) if match else None
 
 
+def latest_checkpoint(log_dir):
+    """The checkpoint of the highest step in log_dir, or None."""
+    steps = {}
+    for path in glob.glob(os.path.join(glob.escape(log_dir), "model_*.pt")):
+        if (step := checkpoint_step(path)) is not None and os.path.isfile(path):
+            steps[step] = path
+    return steps[max(steps)] if steps else None
+
+
 def remove_stale(log_dir):
     """Remove checkpoints whose write was cut short (the one before is intact). The caller holds
     --log_dir's lock, so no other run can be writing them; only the trainer's names are removed."""
     for stale in glob.glob(os.path.join(glob.escape(log_dir), "model_*.pt.tmp")):
-        if CHECKPOINT_NAME.fullmatch(os.path.basename(stale).removesuffix(".tmp")):
+        if checkpoint_step(stale.removesuffix(".tmp")) is not None:
             os.remove(stale)
 
 
@@ -68,14 +68,11 @@ def disk_full(filename, log_dir):
 # torch.load does not check: a checkpoint with bytes overwritten on disk would load and train on.
 # Checking them reads the file once more (0.2 s per GiB from the page cache on a 2-core AMD EPYC).
 
-ZIP_MAGIC = b"PK\x03\x04"
-
 
 def check_intact(path):
-    """Refuse a checkpoint whose bytes changed on disk since it was written, or that was cut
-    short."""
+    """Refuse a checkpoint cut short, or whose bytes changed on disk since it was written."""
     with open(path, "rb") as f:
-        if f.read(4) != ZIP_MAGIC:
+        if f.read(4) != b"PK\x03\x04":
             return  # not torch's zip format: torch.load says what it is
     try:
         with zipfile.ZipFile(path) as archive:
@@ -105,17 +102,65 @@ def reading(path):
 
 
 # -----------------------------------------------------------------------------
-# What a checkpoint holds. Its weights and model config are checked wherever it is read (sample.py,
-# export_hf.py, hellaswag.py, --init); the entries a resume needs, when it is resumed.
+# What a checkpoint holds, checked by check_checkpoint: wherever one is read (sample.py,
+# export_hf.py, hellaswag.py, --init) its weights and a model config GPT can be built from; to be
+# resumed, every entry of SCHEMA. A checkpoint damaged or edited by hand is then one line that
+# names the entry, not a KeyError deep inside the restore.
 
 
-def check_entries(checkpoint, path, config_class):
-    """Refuse a file that torch.load read but that is not one of our checkpoints."""
+def whole(value):
+    """Whether a checkpoint's counter (a step, an epoch, a position) is a whole number from 0 up."""
+    return type(value) is int and value >= 0
+
+
+def is_fingerprint(data):
+    return isinstance(data, list) and all(isinstance(s, list) and len(s) == 3 for s in data)
+
+
+SCALER_FIELDS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
+LOADER_POSITION = {True: ("sequence",), False: ("shard", "position")}  # now, and before the shuffle
+# The entries a resume reads besides the weights, and the test each must pass.
+SCHEMA = {
+    "step": whole,
+    "optimizer": lambda o: isinstance(o, dict) and isinstance(o.get("state"), dict)
+    and isinstance(o.get("param_groups"), list) and bool(o["param_groups"]),
+    # empty where the run was not in fp16; else GradScaler's fields, with a usable scale
+    "scaler": lambda s: s == {} or isinstance(s, dict) and set(SCALER_FIELDS) <= s.keys()
+    and all(isinstance(s[k], (int, float)) for k in SCALER_FIELDS)
+    and math.isfinite(s["scale"]) and s["scale"] > 0,
+    "loader": lambda loader: isinstance(loader, dict)
+    and all(whole(loader.get(k)) for k in ("epoch", *LOADER_POSITION[("sequence" in loader)]))
+    and is_fingerprint(loader.get("data", [])),
+    "rng": lambda rng: isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor)
+    and rng["torch"].shape == torch.get_rng_state().shape
+    and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in rng.values()),
+    "args": lambda args: isinstance(args, dict),
+    "eval_pending": lambda pending: isinstance(pending, bool),
+    "val_data": is_fingerprint,
+}  # fmt: skip
+OPTIONAL = {"args": {}, "eval_pending": False, "val_data": []}  # absent in older checkpoints
+
+
+def check_checkpoint(checkpoint, path, config_class, resume=False):
+    """Refuse what torch.load read from `path` unless it is one of our checkpoints, and, to
+    `resume` it, one of weights only (sample.py and export_hf.py read those) or of a wrong entry."""
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(
             f"{path} is not a checkpoint of this project: it lacks the 'model' and 'config' entries"
         )
     check_config(checkpoint["config"], path, config_class)
+    if not resume:
+        return
+    if "optimizer" not in checkpoint:
+        raise UserError(
+            f"{path} holds weights only (no optimizer state): it cannot be resumed; "
+            f"start a new run from its weights with --init {path}"
+        )
+    if wrong := [k for k, fits in SCHEMA.items() if not fits(checkpoint.get(k, OPTIONAL.get(k)))]:
+        raise UserError(
+            f"{path}: its {', '.join(wrong)} entry is missing or damaged, so it cannot be resumed; "
+            "resume from an earlier checkpoint (its weights still load with --init)"
+        )
 
 
 def check_config(config, source, config_class):
@@ -161,87 +206,8 @@ def check_weights_fit(expected, state, source):
             )
 
 
-def whole(value):
-    """Whether a checkpoint's counter (a step, an epoch, a position) is a whole number from 0 up."""
-    return type(value) is int and value >= 0
-
-
-def is_rng_state(rng):
-    return (
-        isinstance(rng, dict)
-        and isinstance(rng.get("torch"), torch.Tensor)
-        and rng["torch"].shape == torch.get_rng_state().shape
-        and all(isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in rng.values())
-    )
-
-
-SCALER_FIELDS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
-
-
-def is_scaler_state(scaler):
-    """Empty where the run was not in fp16; else GradScaler's fields, with a usable scale."""
-    if scaler == {}:
-        return True
-    return (
-        isinstance(scaler, dict)
-        and set(SCALER_FIELDS) <= scaler.keys()
-        and all(isinstance(scaler[k], (int, float)) for k in SCALER_FIELDS)
-        and math.isfinite(scaler["scale"])
-        and scaler["scale"] > 0
-    )
-
-
-def is_fingerprint(data):
-    return isinstance(data, list) and all(isinstance(s, list) and len(s) == 3 for s in data)
-
-
-LOADER_POSITION = {True: ("sequence",), False: ("shard", "position")}  # now, and before the shuffle
-# The entries a resume reads, and the test each must pass: a checkpoint damaged or edited by hand
-# is one line that names the entry, not a KeyError deep inside the restore.
-RESUMABLE = {
-    "step": whole,
-    "optimizer": lambda o: isinstance(o, dict) and isinstance(o.get("state"), dict)
-    and isinstance(o.get("param_groups"), list) and bool(o["param_groups"]),
-    "scaler": is_scaler_state,
-    "loader": lambda loader: isinstance(loader, dict)
-    and all(whole(loader.get(k)) for k in ("epoch", *LOADER_POSITION[("sequence" in loader)]))
-    and is_fingerprint(loader.get("data", [])),
-    "rng": is_rng_state,
-    "args": lambda args: isinstance(args, dict),
-    "eval_pending": lambda pending: isinstance(pending, bool),
-    "val_data": is_fingerprint,
-}  # fmt: skip
-OPTIONAL = {"args": {}, "eval_pending": False, "val_data": []}  # absent in older checkpoints
-
-
-def check_resumable(checkpoint, path):
-    """A checkpoint that can continue a run: not one of weights only (sample.py and export_hf.py
-    read those), and each entry of RESUMABLE of the right kind."""
-    if "optimizer" not in checkpoint:
-        raise UserError(
-            f"{path} holds weights only (no optimizer state): it cannot be resumed; "
-            f"start a new run from its weights with --init {path}"
-        )
-    wrong = [k for k, fits in RESUMABLE.items() if not fits(checkpoint.get(k, OPTIONAL.get(k)))]
-    if wrong:
-        raise UserError(
-            f"{path}: its {', '.join(wrong)} entry is missing or damaged, so it cannot be resumed; "
-            "resume from an earlier checkpoint (its weights still load with --init)"
-        )
-
-
 # -----------------------------------------------------------------------------
 # The model a checkpoint or --init's weights set: their config against the run's flags.
-
-
-def config_differences(weights, config, names):
-    """Where the run's config differs from `weights` (a config dict) among `names`, as flags:
-    '--n_layer 12 there, 24 here, ...'; empty when they agree."""
-    return ", ".join(
-        f"--{name} {weights.get(name)} there, {getattr(config, name)} here"
-        for name in names
-        if weights.get(name) != getattr(config, name)
-    )
 
 
 def check_shape(config, seq_len):
@@ -254,21 +220,23 @@ def check_shape(config, seq_len):
         )
 
 
-def check_same_model(then, config, path):
-    """A resumed run is the checkpoint's model (`then`, its config dict): every field must agree."""
-    if differences := config_differences(then, config, vars(config)):
+def check_same_model(weights, config, source, shape_flags=None):
+    """Refuse a run whose config differs from `weights` (a config dict): a resumed run is its
+    checkpoint's model, every field; --init's weights set the fields of `shape_flags`."""
+    differences = ", ".join(
+        f"--{name} {weights.get(name)} there, {getattr(config, name)} here"
+        for name in shape_flags or vars(config)
+        if weights.get(name) != getattr(config, name)
+    )
+    if differences and shape_flags:
         raise UserError(
-            f"{path} is from another model ({differences}): resume with the model flags it was "
-            "trained with"
+            f"--init {source} has another shape ({differences}): its weights set the model's "
+            "shape, so leave out --n_layer/--n_head/--n_embd/--block_size"
         )
-
-
-def check_same_shape(weights, config, shape_flags, init):
-    """--init's weights set the model's shape: a shape flag that disagrees is refused."""
-    if differences := config_differences(weights, config, shape_flags):
+    if differences:
         raise UserError(
-            f"--init {init} has another shape ({differences}): its weights set the model's shape, "
-            "so leave out --n_layer/--n_head/--n_embd/--block_size"
+            f"{source} is from another model ({differences}): resume with the model flags it was "
+            "trained with"
         )
 
 
@@ -277,11 +245,9 @@ def check_same_shape(weights, config, shape_flags, init):
 
 
 def to_resume(resume, log_dir, load, writes=True):
-    """(path, contents) of the checkpoint --resume continues, read by `load` ((None, None) without
-    --resume): the newest in --log_dir (bare --resume, 'latest') or in a folder --resume names, or
-    the file it names. A resumed run that `writes` to --log_dir needs a folder that holds no other
-    run's checkpoints, nor newer ones of this run (they would be overwritten, or taken by the next
-    --resume); --eval_only writes nothing."""
+    """(path, contents, read by `load`) of the checkpoint --resume continues, or (None, None): the
+    newest in --log_dir ('latest') or in a folder it names, or the file it names. A run that
+    `writes` (not --eval_only) must not overwrite other checkpoints in --log_dir, nor newer ones."""
     if resume is None:
         return None, None
     if not resume.strip():
@@ -371,8 +337,6 @@ def check_new_run(log_dir):
 # Divergence: a loss, gradient or weight that is inf or NaN will not come back, so the run stops
 # before such weights are saved, and names the checkpoint to go back to.
 
-DIVERGENCE_FLAGS = "a lower --max_lr (or check --weight_decay, --beta2, --eps, --grad_clip)"
-
 
 def check_finite(train_loss, norm, loss_scaling, step, log_dir):
     """Stop at a step whose loss or gradient norm is inf or NaN (loss_scaling: fp16's scaler)."""
@@ -390,9 +354,10 @@ def check_finite_weights(model, step, log_dir):
 
 def stop_diverged(step, fault, log_dir):
     """End a diverged run in one line that names the checkpoint to go back to, if there is one."""
-    kept = latest_checkpoint(log_dir)
-    advice = f"last good checkpoint: {kept}: resume from it" if kept else "no checkpoint was saved"
-    advice += "" if kept else " yet: start again"
+    advice = "no checkpoint was saved yet: start again"
+    if kept := latest_checkpoint(log_dir):
+        advice = f"last good checkpoint: {kept}: resume from it"
     raise UserError(
-        f"step {step}: {fault}; stopping without saving. {advice} with {DIVERGENCE_FLAGS}"
+        f"step {step}: {fault}; stopping without saving. {advice} with a lower --max_lr (or "
+        "check --weight_decay, --beta2, --eps, --grad_clip)"
     )

@@ -1,6 +1,5 @@
-"""The command line of every script: the user-error type and run_cli, which turns one into a single
-line and exit 1 (an OSError too, and Ctrl-C/SIGTERM into one line); argparse's parser and help
-format; a table of flags made into arguments, with the range each numeric flag must lie in.
+"""The command line of every script: the user-error type; run_cli, which says an error, Ctrl-C or
+SIGTERM in one line; argparse's parser and help format; flag tables, with each number's range.
 
 torch-free, and it imports nothing of this project: every script and module may build on it.
 """
@@ -29,14 +28,20 @@ class DiskFull(UserError):
         self.filename = filename
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the script is: it unwinds as on Ctrl-C (atomic writes drop a part)."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
 def run_cli(main, argv=None, interrupted=None, group=False):
     """Call main(argv) as a script's entry point: a UserError, or an OSError (a path that cannot be
-    read or written), becomes `error: ...` on stderr and exit 1; Ctrl-C becomes one line and exit
-    130, and SIGTERM the same with exit 143 (as a shell reports them), so that a script unwinds and
-    removes its partial files either way; `interrupted`, if given, is said after that line, to say
-    what was kept. group: the script runs as a torchrun group (the trainer), where an error is said
-    once per machine (by its LOCAL_RANK 0), or by the one rank whose UserError `speaks`; every
-    other script speaks whatever the environment holds."""
+    read or written), becomes `error: ...` on stderr and exit 1; Ctrl-C one line and exit 130, and
+    SIGTERM exit 143 (as a shell reports them), once the script has unwound and removed its partial
+    files; `interrupted` follows that line, to say what was kept. group (the trainer's torchrun
+    group): an error is said once per machine, or by the one rank whose UserError `speaks`."""
     signal.signal(signal.SIGTERM, raise_terminated)  # kill, a cluster's preemption: as Ctrl-C
     try:
         return main(argv)
@@ -45,25 +50,55 @@ def run_cli(main, argv=None, interrupted=None, group=False):
     except OSError as e:
         message, speaks = os_error_line(e), None
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, not a traceback
+        terminated = isinstance(e, Terminated)
         said = f": {interrupted}" if interrupted else ""
-        print(
-            f"\n{'terminated' if isinstance(e, Terminated) else 'interrupted'}{said}",
-            file=sys.stderr,
-        )
-        sys.exit(143 if isinstance(e, Terminated) else 130)  # as a shell reports SIGTERM, SIGINT
-    if speaks is None:
-        speaks = not group or says_for_its_machine()
+        print(f"\n{'terminated' if terminated else 'interrupted'}{said}", file=sys.stderr)
+        sys.exit(143 if terminated else 130)
+    if speaks is None:  # an error every rank may meet alike (a missing folder): said per machine
+        local_rank = os.environ.get("LOCAL_RANK", "0").strip()  # its first process says it
+        speaks = not group or "TORCHELASTIC_RUN_ID" not in os.environ or local_rank in ("", "0")
     if speaks:
         print(f"error: {message}", file=sys.stderr)
     sys.exit(1)
 
 
-def says_for_its_machine():
-    """Whether this process says an error that each rank of a torchrun group may meet alike (a
-    missing folder): under torchrun its LOCAL_RANK 0 does; a process started otherwise always
-    speaks."""
-    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
-    return not under_torchrun or os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")
+# -----------------------------------------------------------------------------
+# A failed read or write (an OSError) as one line that says what to do. The writes that matter are
+# atomic (checkpoints, shards, progress files), so whatever was finished before a failure is intact.
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space left, a quota, a file-size limit
+IN_THE_WAY = (
+    "a file is in the way where this path needs a folder: pass another path, or move the file"
+)
+OS_ERRORS = {
+    errno.EISDIR: "is a folder where a file is needed: move the folder, or pass another path",
+    errno.ENOTDIR: IN_THE_WAY,
+    errno.EEXIST: IN_THE_WAY,  # a file where a folder of the path should be
+    errno.EROFS: "is on a read-only file system: pass a path on a disk this machine may write to",
+    errno.EACCES: (
+        "permission denied: change its permissions, or pass a path this user may read or write"
+    ),
+}
+
+
+def os_error_line(error, path=None):
+    """What a failed read or write of `path` (default: the error's own) says."""
+    path = path or error.filename
+    if error.errno in DISK_FULL:
+        return (
+            f"the disk is full{f' while writing {path}' if path else ''}: free some space and run "
+            "the command again; the files finished before are intact on disk"
+        )
+    reason = OS_ERRORS.get(
+        error.errno,
+        f"{error.strerror or error}: check that the path exists and that this user may read or "
+        "write it",
+    )
+    return f"{path}: {reason}" if path else reason
+
+
+# -----------------------------------------------------------------------------
+# argparse, its help page, and a table of flags made into arguments.
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -72,53 +107,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
-
-
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # no space left, a quota, a file-size limit
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the script is, so that it unwinds as on Ctrl-C (atomic writes discard
-    their part)."""
-
-
-def raise_terminated(signum, frame):
-    raise Terminated
-
-
-def os_error_line(error, path=None):
-    """What a failed read or write (an OSError) of `path` (default: the error's own) says: a full
-    disk, a file or folder where the other is needed, a read-only disk, a permission, or the
-    system's reason."""
-    # The writes that matter are atomic (checkpoints, shards, progress files), so whatever was
-    # finished before a failure is intact.
-    if error.errno in DISK_FULL:
-        where = f" while writing {path or error.filename}" if path or error.filename else ""
-        return (
-            f"the disk is full{where}: free some space and run the command again; the files "
-            "finished before are intact on disk"
-        )
-    where = f"{path or error.filename}: " if path or error.filename else ""
-    if error.errno == errno.EISDIR:
-        return f"{where}is a folder where a file is needed: move the folder, or pass another path"
-    if error.errno in (errno.ENOTDIR, errno.EEXIST):  # a file where a folder of the path should be
-        return (
-            f"{where}a file is in the way where this path needs "
-            f"a folder: pass another path, or move the file"
-        )
-    if error.errno == errno.EROFS:
-        return (
-            f"{where}is on a read-only file system: pass a path on a disk this machine may write to"
-        )
-    if error.errno == errno.EACCES:
-        return (
-            f"{where}permission denied: change its permissions, "
-            f"or pass a path this user may read or write"
-        )
-    return (
-        f"{where}{error.strerror or error}: check that the "
-        f"path exists and that this user may read or write it"
-    )
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -141,20 +129,18 @@ def add_flags(parser, table):
         group = parser.add_argument_group(title)
         for flag, default, reason, *_ in rows:  # the range is checked by check_ranges
             if default == "[PATH]":
-                group.add_argument(flag, nargs="?", const="latest", default=None, help=reason)
+                how = dict(nargs="?", const="latest", default=None)
             elif default is True or default is bool:
-                default = None if default is bool else True
-                group.add_argument(
-                    flag, action=argparse.BooleanOptionalAction, default=default, help=reason
-                )
+                how = dict(action=argparse.BooleanOptionalAction, default=default is True or None)
             elif default is False:
-                group.add_argument(flag, action="store_true", help=reason)
+                how = dict(action="store_true")
             elif isinstance(default, tuple):
-                group.add_argument(flag, default=default[0], choices=default, help=reason)
+                how = dict(default=default[0], choices=default)
             elif isinstance(default, type):
-                group.add_argument(flag, type=default, default=None, help=reason)
+                how = dict(type=default, default=None)
             else:
-                group.add_argument(flag, type=type(default), default=default, help=reason)
+                how = dict(type=type(default), default=default)
+            group.add_argument(flag, help=reason, **how)
 
 
 # -----------------------------------------------------------------------------

@@ -1,12 +1,9 @@
-"""Devices and number formats: which device a run uses, which 16-bit format autocast computes in and
-why, the speed settings that change no result, the peak FLOP/s behind MFU, and memory: what a run is
-estimated to need, what the device has, and the out-of-memory message.
-
-Not in train_gpt2.py because a reader of the tutorial needs only the outcome (a device, a dtype, one
-autocast context built once), not the probing of /proc/cpuinfo or the table of GPUs behind it.
+"""Devices and number formats: the device a run uses, the 16-bit format autocast computes in and
+why, the CPU speed settings that change no result, the peak FLOP/s behind MFU, and memory: what a
+step is estimated to need, what the device has, the out-of-memory message. Not in train_gpt2.py: its
+reader needs the outcome, not the probing of /proc/cpuinfo or the table of GPUs behind it.
 """
 
-import argparse
 import resource
 
 import torch
@@ -19,30 +16,27 @@ from machinery.memory import keep_freed_memory
 
 
 def pick_device(requested):
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(
-                f"--device {requested}, but PyTorch sees no CUDA GPU: "
-                f"install a CUDA build of torch or use --device cpu"
-            )
-        if requested == "mps" and not torch.backends.mps.is_available():
-            raise UserError("--device mps, but MPS is not available: use --device cpu")
-        try:
-            device = torch.device(requested)
-        except RuntimeError:
-            device = None
-        # meta, xla, ...: not set up here
-        if device is None or device.type not in ("cuda", "mps", "cpu"):
-            raise UserError(
-                f"--device {requested!r} is not a device this "
-                f"project runs on: use cuda, cuda:N, mps or cpu"
-            )
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if not requested:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"--device {requested}, but PyTorch sees no CUDA GPU: "
+            f"install a CUDA build of torch or use --device cpu"
+        )
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps, but MPS is not available: use --device cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:  # not a device's name at all
+        device = torch.device("meta")
+    if device.type not in ("cuda", "mps", "cpu"):  # meta, xla, ...: not set up here
+        raise UserError(
+            f"--device {requested!r} is not a device this project runs on: use cuda, cuda:N, mps "
+            "or cpu"
+        )
+    return device
 
 
 # -----------------------------------------------------------------------------
@@ -52,10 +46,9 @@ def pick_device(requested):
 
 
 def cpu_has_native_bf16(cpuinfo=None):
-    """Whether the CPU computes in bf16 in hardware: x86 AMX or AVX512-BF16, Arm's BF16 extension.
-    Without it PyTorch emulates bf16, and a training step runs many times slower than in fp32 (a
-    4-layer model here: 4.4 s in fp32, 245 s in bf16). `cpuinfo`: the text of /proc/cpuinfo (read
-    when None)."""
+    """Whether the CPU does bf16 in hardware (x86 AMX or AVX512-BF16, Arm's BF16): else PyTorch
+    emulates it, many times slower than fp32 (a 4-layer model's step: 4.4 s in fp32, 245 s in bf16).
+    `cpuinfo`: /proc/cpuinfo's text, read when None."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
@@ -70,21 +63,18 @@ def cpu_has_native_bf16(cpuinfo=None):
 
 
 def auto_dtype(device_type, native_bf16):
-    """The autocast dtype `--dtype auto` picks, and why, as a pure function of the device's type and
-    whether it does bf16 in hardware. bf16 keeps fp32's range, so it trains without loss scaling;
-    fp16 needs a loss scaler and serves GPUs without bf16; emulated bf16 is slower than fp32, so
-    such CPUs stay in fp32."""
+    """The autocast dtype `--dtype auto` picks, and why. bf16 keeps fp32's range, so it trains
+    without loss scaling; fp16 needs a loss scaler and serves GPUs without bf16; emulated bf16 is
+    slower than fp32, so such CPUs stay in fp32."""
+    if device_type == "cuda" and native_bf16:
+        return torch.bfloat16, "the GPU has bf16 tensor cores"
     if device_type == "cuda":
-        if native_bf16:
-            return torch.bfloat16, "the GPU has bf16 tensor cores"
         return torch.float16, "the GPU lacks bf16: fp16 with loss scaling"
+    if device_type == "cpu" and native_bf16:
+        return torch.bfloat16, "the CPU has native bf16 (AMX or AVX512-BF16)"
     if device_type == "cpu":
-        if native_bf16:
-            return torch.bfloat16, "the CPU has native bf16 (AMX or AVX512-BF16)"
-        return (
-            torch.float32,
-            "the CPU has no native bf16 (no AMX, no AVX512-BF16): emulated bf16 is slower",
-        )
+        why = "the CPU has no native bf16 (no AMX, no AVX512-BF16): emulated bf16 is slower"
+        return torch.float32, why
     return torch.float32, f"{device_type}: autocast to a 16-bit type is not set up for it here"
 
 
@@ -113,15 +103,12 @@ PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12}  # dense bf16
 
 
 def flops_per_token(config, seq_len, num_params):
-    non_embedding = (
-        num_params - config.block_size * config.n_embd
-    )  # the position table does no matmul
+    non_embedding = num_params - config.block_size * config.n_embd  # the position table: no matmul
     return 6 * non_embedding + 12 * config.n_layer * config.n_embd * seq_len
 
 
 def step_flops_of_peak(model, args, device, world_size):
-    """The model's FLOPs in one step over the devices' peak FLOP/s (MFU = this / the step's
-    seconds), or None where the peak is not known."""
+    """A step's FLOPs over the devices' peak FLOP/s (MFU: this / the step's seconds), or None."""
     peak = args.peak_flops or device_peak_flops(device)
     num_params = sum(p.numel() for p in model.parameters())
     flops = flops_per_token(model.config, args.seq_len, num_params) * args.total_batch_size
@@ -129,12 +116,8 @@ def step_flops_of_peak(model, args, device, world_size):
 
 
 def device_peak_flops(device):
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for gpu, flops in PEAK_BF16_FLOPS.items():
-            if gpu in name:
-                return flops
-    return None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((flops for gpu, flops in PEAK_BF16_FLOPS.items() if gpu in name), None)
 
 
 def peak_memory_gib(device):
@@ -154,17 +137,19 @@ def peak_memory_gib(device):
 # pass recomputes it, so one block's activations are held at a time.
 
 
-def training_bytes(config, num_params, batch_size, seq_len, ranks_sharing=1, recompute=False):
-    """A step's peak bytes per process; ranks_sharing: the ranks AdamW's moments are sharded over
-    (--shard optimizer), recompute: --activation_checkpointing."""
+def training_bytes(config, num_params, batch_size, seq_len, shard="none", ranks=1,
+                   recompute=False):  # fmt: skip
+    """A step's peak bytes per process under --shard over `ranks`; recompute:
+    --activation_checkpointing."""
     kept = (config.n_layer + 16 if recompute else 16 * config.n_layer) * config.n_embd
     per_token = 8 * config.vocab_size * 4 + kept * 4
-    state = 8 * num_params + 8 * num_params // ranks_sharing  # weights, grads; moments
+    if shard == "full":  # 1/ranks of it all, and the root and two blocks gathered whole at a time
+        block = 12 * config.n_embd**2 + 13 * config.n_embd
+        gathered = num_params - (config.n_layer - 2) * block
+        state = 16 * num_params // ranks + 8 * gathered  # their weights and gradients
+    else:  # weights, gradients; AdamW's moments
+        state = 8 * num_params + 8 * num_params // (ranks if shard == "optimizer" else 1)
     return state + batch_size * seq_len * per_token
-
-
-def evaluation_bytes(config, num_params, rows, seq_len):
-    return 4 * num_params + rows * seq_len * 4 * config.vocab_size * 4
 
 
 def available_bytes(device):
@@ -180,13 +165,10 @@ def available_bytes(device):
     if "MemAvailable:" in meminfo:
         limits.append(int(meminfo[meminfo.index("MemAvailable:") + 1]) * 1024)
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft != resource.RLIM_INFINITY and read_words("/proc/self/statm"):
-        limits.append(soft - int(read_words("/proc/self/statm")[0]) * resource.getpagesize())
-    cgroup_max, cgroup_now = (
-        read_words("/sys/fs/cgroup/memory.max"),
-        read_words("/sys/fs/cgroup/memory.current"),
-    )
+    if soft != resource.RLIM_INFINITY and (statm := read_words("/proc/self/statm")):
+        limits.append(soft - int(statm[0]) * resource.getpagesize())
     # cgroup v2: a container's own limit ("max": none)
+    cgroup_max, cgroup_now = (read_words(f"/sys/fs/cgroup/memory.{n}") for n in ("max", "current"))
     if cgroup_max and cgroup_max[0].isdigit() and cgroup_now:
         limits.append(int(cgroup_max[0]) - int(cgroup_now[0]))
     return min(limits) if limits else None
@@ -205,92 +187,75 @@ def evaluation_rows(model, batch_size, seq_len, device):
     """Rows of a val batch per forward pass: all --batch_size of them, or as many as the device has
     memory for (at least one). Splitting a batch changes no number: the loss is the mean over the
     same tokens."""
-    available, config = available_bytes(device), model.config
-    num_params = sum(p.numel() for p in model.parameters())
+    available = available_bytes(device)
     if available is None:
         return batch_size
     # 70% of it: the rest of the process grows during an evaluation too (loaders, the allocator's
-    # reserves, thread stacks), and an address-space limit counts what is reserved as well as what
-    # is used.
-    budget = 0.7 * available - evaluation_bytes(config, num_params, 0, seq_len)
-    return max(1, min(batch_size, int(budget // evaluation_bytes(config, 0, 1, seq_len))))
+    # reserves, thread stacks), and an address-space limit counts what is reserved as well as used.
+    budget = 0.7 * available - 4 * sum(p.numel() for p in model.parameters())
+    return max(1, min(batch_size, int(budget // (seq_len * 4 * model.config.vocab_size * 4))))
 
 
 def check_training_fits(model, args, world_size, device, compiled):
-    """The estimate of a step's peak memory and what the device has, as the start-up block's line;
-    refuses an eager run that cannot fit, naming the largest --batch_size that does, or else what
-    --activation_checkpointing and --shard optimizer would need (compiled runs need less: not
-    refused)."""
-    B, T = args.batch_size, args.seq_len
+    """The start-up block's memory line: a step's estimated peak and what the device has. Refuses an
+    eager run that cannot fit, naming the largest --batch_size that does, or else what
+    --activation_checkpointing, each further --shard (over this group, or 8 GPUs under torchrun),
+    and the last with recompute would need, then a smaller model or context. Compiled runs need
+    less: not refused."""
+    B, T, total = args.batch_size, args.seq_len, args.total_batch_size
     config, num_params = model.config, sum(p.numel() for p in model.parameters())
-    setting = dict(ranks_sharing=world_size if args.shard == "optimizer" else 1,
-                   recompute=args.activation_checkpointing)  # fmt: skip
-    needed = training_bytes(config, num_params, B, T, **setting)
-    available = available_bytes(device)
+    shard, recompute = args.shard, args.activation_checkpointing
+
+    def need(b, shard, ranks, recompute):
+        return training_bytes(config, num_params, b, T, shard, ranks, recompute)
+
+    def largest_fit(up_to, shard, ranks, recompute):
+        """The largest --batch_size up to `up_to` that divides the step on `ranks` and fits."""
+        fits = (b for b in range(up_to, 0, -1) if total % (b * T * ranks) == 0)
+        return next((b for b in fits if need(b, shard, ranks, recompute) <= available), None)
+
+    needed, available = need(B, shard, world_size, recompute), available_bytes(device)
+    over = {"optimizer": "AdamW's moments", "full": "weights, gradients and AdamW's moments"}
+    said = [f"{over[shard]} over {world_size} ranks"] if shard in over else []
+    said += ["activations recomputed"] * recompute
     line = f"~{needed / 2**30:.1f} GiB per process estimated for a step"
-    said = [f"AdamW's moments over {world_size} ranks"] * (setting["ranks_sharing"] > 1)
-    said += ["activations recomputed"] * setting["recompute"]
     line += f" ({', '.join(said)})" if said else ""
     if available is None:
         return line
     line += f", {available / 2**30:.1f} GiB available on {device}"
     if needed <= available or compiled:
         return line
-    fits = fitting_batch_sizes(config, num_params, args, world_size, available, **setting)
-    if fits:
+    if b := largest_fit(B - 1, shard, world_size, recompute):
         advice = (
-            f"use --batch_size {fits[0]} (--total_batch_size "
-            f"{args.total_batch_size} stays: more micro-steps make up the difference)"
+            f"use --batch_size {b} (--total_batch_size {total} stays: more micro-steps make up the "
+            "difference)"
         )
     else:
+        ranks, levels = world_size if world_size > 1 else 8, ["none", "optimizer", "full"]
+        options = [("--activation_checkpointing", shard, world_size, True)] * (not recompute)
+        for level in levels[levels.index(shard) + 1 :]:
+            options.append((f"--shard {level} on {ranks} GPUs", level, ranks, recompute))
+        if len(options) > 1 and not recompute:
+            name, level, on, _ = options[-1]
+            options.append((f"{name} with --activation_checkpointing", level, on, True))
         advice = "even --batch_size 1 does not fit"
-        advice += ways_out(config, num_params, args, world_size, available)
+        for name, level, on, recomputed in options:  # each at its largest --batch_size
+            b = largest_fit(B, level, on, recomputed)
+            gib = need(b or 1, level, on, recomputed) / 2**30
+            verdict = "fits" if b else "would need"
+            advice += f"; {name} {verdict} ~{gib:.1f} GiB per process at --batch_size {b or 1}"
+        advice += "; else a smaller model (--model, --n_layer, --n_embd) or a shorter --seq_len"
     raise UserError(
-        f"the run needs about {needed / 2**30:.1f} GiB per step at --batch_size "
-        f"{B} and {device} has {available / 2**30:.1f} GiB available: {advice}"
-    )
-
-
-def fitting_batch_sizes(config, num_params, args, world_size, available, **setting):
-    """The --batch_size values below the run's that divide its step and fit, largest first."""
-    B, T, total = args.batch_size, args.seq_len, args.total_batch_size
-    fits = [b for b in range(B - 1, 0, -1) if total % (b * T * world_size) == 0]
-    return [b for b in fits if training_bytes(config, num_params, b, T, **setting) <= available]
-
-
-def ways_out(config, num_params, args, world_size, available):
-    """What --activation_checkpointing, --shard optimizer (over this group, or 8 GPUs under
-    torchrun) and both would need, each at the largest --batch_size that then fits (or at 1), as
-    the end of the refusal; then a smaller model or context."""
-    ranks, sharded = world_size if world_size > 1 else 8, args.shard == "optimizer"
-    now = dict(ranks_sharing=world_size if sharded else 1, recompute=args.activation_checkpointing)
-    options = []  # (what to pass, on how many ranks, the estimate's setting)
-    if not args.activation_checkpointing:
-        options.append(("--activation_checkpointing", world_size, dict(now, recompute=True)))
-    if not sharded:
-        options.append(
-            (f"--shard optimizer on {ranks} GPUs", ranks, dict(now, ranks_sharing=ranks))
-        )
-    if len(options) == 2:
-        options.append(("both", ranks, dict(ranks_sharing=ranks, recompute=True)))
-    said = []
-    for name, on, setting in options:
-        run = argparse.Namespace(**dict(vars(args), batch_size=args.batch_size + 1))  # B counts
-        fits = fitting_batch_sizes(config, num_params, run, on, available, **setting)
-        b = fits[0] if fits else 1
-        need = training_bytes(config, num_params, b, args.seq_len, **setting) / 2**30
-        verdict = "fits" if fits else "would need"
-        said.append(f"{name} {verdict} ~{need:.1f} GiB per process at --batch_size {b}")
-    return "".join(f"; {words}" for words in said) + (
-        "; else a smaller model (--model, --n_layer, --n_embd) or a shorter --seq_len"
+        f"the run needs about {needed / 2**30:.1f} GiB per step at --batch_size {B} and {device} "
+        f"has {available / 2**30:.1f} GiB available: {advice}"
     )
 
 
 def lower_batch_size(args):
     return (
-        f"lower --batch_size (now {args.batch_size}) and keep "
-        f"--total_batch_size {args.total_batch_size}: more micro-steps "
-        f"make up the difference, and the run stays the same"
+        f"lower --batch_size (now {args.batch_size}) and keep --total_batch_size "
+        f"{args.total_batch_size}: more micro-steps make up the difference, and the run stays the "
+        "same"
     )
 
 
@@ -301,7 +266,7 @@ def out_of_memory(device, advice):
         free, total = torch.cuda.mem_get_info(device)
         peak = torch.cuda.max_memory_allocated(device)
         figures = (
-            f" ({peak / 2**30:.1f} GiB at the peak of "
-            f"{total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free now)"
+            f" ({peak / 2**30:.1f} GiB at the peak of {total / 2**30:.1f} GiB, "
+            f"{free / 2**30:.1f} GiB free now)"
         )
     return UserError(f"out of memory on {device}{figures}: {advice}")

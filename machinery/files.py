@@ -12,14 +12,13 @@ import socket
 from machinery.cli import DISK_FULL, DiskFull, UserError, os_error_line
 
 # -----------------------------------------------------------------------------
-# One writer per output folder. Two runs writing one folder (two trainers on one --log_dir, two
-# fineweb.py on one --out) would overwrite each other's checkpoints, logs and shards, and each would
-# delete the other's half-written files as stale. So a writer holds an OS lock on <folder>/.lock for
-# as long as it writes, and a second one is refused at once. The OS drops the lock when its process
-# ends, however it ends (even SIGKILL), so a lock left by a dead process never blocks. POSIX record
-# locks (lockf) are used rather than flock: a child process (tokenizer workers, torch.compile's
-# compilers) does not inherit them, so a worker that outlives a killed parent holds nothing. Not
-# covered: two writers in one process, and network file systems that do not implement POSIX locks.
+# One writer per output folder: two (two trainers on one --log_dir, two fineweb.py on one --out)
+# would overwrite each other's files and delete the other's half-written ones as stale. A writer
+# holds an OS lock on <folder>/.lock while it writes; a second one is refused at once. The OS drops
+# the lock when its process ends, even by SIGKILL, so a dead process never blocks. POSIX record
+# locks (lockf), not flock: a child process (tokenizer workers, torch.compile's compilers) does not
+# inherit them, so a worker that outlives a killed parent holds nothing. Not covered: two writers in
+# one process, and network file systems without POSIX locks.
 
 LOCK_NAME = ".lock"
 
@@ -27,9 +26,8 @@ LOCK_NAME = ".lock"
 @contextlib.contextmanager
 def output_lock(folder, flag):
     """`with output_lock(folder, "--out"):` creates folder if needed and holds its lock for the
-    block; a folder held by another process is a UserError naming the holder. The lock file holds
-    pid@host for that message and is removed at the end, and so is the folder if this block created
-    it and left it empty."""
+    block (a folder held by another process: a UserError naming it); at the end the lock file goes,
+    and so do the folders this block created if left empty."""
     if os.path.islink(folder) and not os.path.exists(folder):
         raise UserError(
             f"{flag} {folder} is a symbolic link to {os.readlink(folder)}, "
@@ -37,10 +35,9 @@ def output_lock(folder, flag):
         )
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise UserError(f"{flag} {folder} is a file, not a folder: pass a folder's path")
-    created = []  # the folders this block makes, deepest last: removed again if left empty
-    parent = os.path.abspath(folder)
+    created, parent = [], os.path.abspath(folder)  # the folders this block makes, deepest first
     while not os.path.isdir(parent):
-        created.insert(0, parent)
+        created.append(parent)
         parent = os.path.dirname(parent)
     try:
         try:
@@ -56,7 +53,7 @@ def output_lock(folder, flag):
                 os.remove(path)  # while still held: nobody else holds a file about to disappear
             os.close(fd)
     finally:
-        for made in reversed(created):  # rmdir fails on a folder that is not empty: it stays
+        for made in created:  # rmdir fails on a folder that is not empty: it stays
             with contextlib.suppress(OSError):
                 os.rmdir(made)  # a refused run leaves no folder behind
 
@@ -68,17 +65,15 @@ def acquire_lock(path, folder, flag):
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = (
-                os.read(fd, 200).decode(errors="replace").strip() or "a process that is starting"
-            )
+            holder = os.read(fd, 200).decode(errors="replace").strip()
             os.close(fd)
             raise UserError(
                 f"{flag} {folder} is in use by another run (pid "
-                f"{holder}): wait for it to end, or pass another {flag}"
+                f"{holder or 'a process that is starting'}): wait for it to end, or pass "
+                f"another {flag}"
             ) from None
-        # The holder removes the file just before it lets go: if we locked a file that is no longer
-        # at `path`, a newcomer could create and lock a new one beside us. Then try again on the new
-        # one.
+        # The holder removes the file just before it lets go: if the file we locked is no longer at
+        # `path`, a newcomer may hold a new one there. Then try again on that one.
         with contextlib.suppress(FileNotFoundError):
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 os.ftruncate(fd, 0)

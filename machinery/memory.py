@@ -1,25 +1,17 @@
-"""Memory: what a training step or an evaluation is estimated to need, what the machine has, and a
-C allocator that keeps what it frees.
+"""A C allocator that keeps the memory it frees. torch-free: fineweb.py's workers use it too.
 
-torch-free: fineweb.py's workers keep their freed memory too.
+glibc hands a large freed buffer back to the system, and the next one is faulted in again as fresh
+pages that the kernel zeroes one at a time. A program that frees and asks again for the same large
+buffers over and over pays for that in system time: fineweb.py's pieces (megabytes each: 4% of a
+worker's CPU time on prose, 4-15% of the main process's on parquet), and a model's step on a CPU
+(the logits over 50,304 tokens and their gradients, tens of MB per micro-step: a third of the
+README's tiny CPU run's CPU time; figures in docs/performance.md).
 """
 
 import ctypes
 
-# -----------------------------------------------------------------------------
-# Memory the C allocator keeps. glibc hands a large freed buffer back to the system, and the next
-# one is faulted in again as fresh pages that the kernel zeroes one at a time. A program that frees
-# and asks again for the same large buffers over and over pays for that in system time: fineweb.py's
-# pieces (megabytes each: 4% of a worker's CPU time on prose, 4-15% of the main process's on
-# parquet), and a model's step on a CPU (the logits over 50,304 tokens and their gradients, tens of
-# MB per micro-step: a third of the README's tiny CPU run's CPU time; figures in
-# docs/performance.md).
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = (
-    -1,
-    -3,
-    -4,
-)  # mallopt's parameters, from glibc's malloc.h
+# mallopt's parameters, from glibc's malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 
 
 def keep_freed_memory(every_size=False):
@@ -33,9 +25,8 @@ def keep_freed_memory(every_size=False):
     except AttributeError:  # a C library without mallopt (macOS)
         return False
     if every_size:
-        mallopt(
-            M_MMAP_MAX, 0
-        )  # no buffer gets a mapping of its own, returned to the system when freed
+        # no buffer gets a mapping of its own, returned to the system when freed
+        mallopt(M_MMAP_MAX, 0)
         mallopt(M_TRIM_THRESHOLD, 1 << 30)
     else:
         mallopt(M_MMAP_THRESHOLD, 32 << 20)

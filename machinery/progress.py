@@ -1,8 +1,7 @@
 """What a run tells the person watching it and what it logs: the start-up block, each step's line
-with its speed, MFU, elapsed time and an estimate of the time left, the last block with the commands
-to run next, and log.txt, whose lines are written whole or not at all.
-
-The tutorial's loop computes the numbers; this module turns them into lines. torch-free.
+(speed, MFU, time elapsed and left), the last block with the commands to run next, and log.txt,
+whose lines are written whole or not at all. The tutorial's loop computes the numbers; this module
+turns them into lines. torch-free.
 """
 
 import contextlib
@@ -40,8 +39,8 @@ class RunLog:
             print(
                 f"note: {path} of an earlier run that saved no checkpoint is replaced", flush=True
             )
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC)
-        self.path, self.fd = path, os.open(path, flags, 0o644)
+        mode = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if resume else os.O_TRUNC)
+        self.path, self.fd = path, os.open(path, mode, 0o644)
 
     def write(self, line):
         if self.fd is None:
@@ -63,8 +62,7 @@ class RunLog:
 
 
 class Progress:
-    """Where the run is: for each step's elapsed time and estimate of the time left, and the last
-    block."""
+    """Where the run is, for each step's line (time elapsed and left) and for the last block."""
 
     def __init__(self, first_step, last_step):
         self.first_step, self.last_step = first_step, last_step
@@ -85,10 +83,8 @@ class Progress:
         interval, self.last_step_end = now - self.last_step_end, now
         # the first step compiles and warms up: it says nothing of the others
         if step > self.first_step:
-            smoothed = self.seconds_per_step
-            self.seconds_per_step = (
-                interval if smoothed is None else 0.9 * smoothed + 0.1 * interval
-            )
+            before = self.seconds_per_step
+            self.seconds_per_step = interval if before is None else 0.9 * before + 0.1 * interval
         per_step = self.seconds_per_step
         return now - self.started, None if per_step is None else per_step * (self.last_step - step)
 
@@ -103,19 +99,16 @@ class Progress:
 def step_line(progress, step, train_loss, lr, norm, dt, args, mfu_flops=None, memory_gib=None):
     """The step's line on stdout: where the run is, its numbers, how fast it goes, how long it has
     left. mfu_flops: the step's FLOPs over the devices' peak FLOP/s (None when it is unknown)."""
-    progress.train_loss, tokens = train_loss, args.total_batch_size
-    mfu = mfu_flops / dt if mfu_flops else None
+    progress.train_loss = train_loss
     elapsed, left = progress.step_done(step)
-    speed = f"{1000 * dt:.0f} ms | {tokens / dt:,.0f} tok/s"
-    if mfu is not None:
-        speed += f" | mfu {100 * mfu:.1f}%"
+    speed = f"{1000 * dt:.0f} ms | {args.total_batch_size / dt:,.0f} tok/s"
+    if mfu_flops:
+        speed += f" | mfu {100 * (mfu_flops / dt):.1f}%"
     if memory_gib is not None:
         speed += f" | mem {memory_gib:.1f} GiB"
-    return (
-        f"{progress.label(step)} | loss {train_loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-        f"{speed} | "
-        f"{format_seconds(elapsed)} elapsed, {format_seconds(left)} left"
-    )
+    numbers = f"loss {train_loss:.6f} | lr {lr:.4e} | norm {norm:.4f}"
+    clock = f"{format_seconds(elapsed)} elapsed, {format_seconds(left)} left"
+    return f"{progress.label(step)} | {numbers} | {speed} | {clock}"
 
 
 def since(started):
@@ -138,21 +131,17 @@ def epoch_done(epoch, step, step_tokens):
 def start_block(args, world_size, device, use_compile, dtype, dtype_reason, model, memory, steps,
                 loaders):  # fmt: skip
     """The run's first lines: where it writes, what computes, the model, its memory, the batch, the
-    data and one epoch. steps: (first, last, micro-steps per step); loaders: (train, val, val
-    steps)."""
+    data, one epoch. steps: (first, last, micro-steps per step); loaders: (train, val, val steps)"""
     (first, last, grad_accum_steps), (train_loader, val_loader, val_steps) = steps, loaders
-    val_tokens, config = val_steps * val_loader.window, model.config
-    num_params = sum(p.numel() for p in model.parameters())
+    config, num_params = model.config, sum(p.numel() for p in model.parameters())
     weights = f" | weights of {args.init}" if args.init else ""
     warmup_note = ""
     # a short run with 124M's 715 warmup steps, say: it barely trains
     if args.warmup_steps >= args.max_steps:
         warmup_note = (
-            f"\nnote: --warmup_steps {args.warmup_steps} is not below "
-            f"--max_steps {args.max_steps}: the learning rate "
-            f"only warms up, to {100 * args.max_steps / args.warmup_steps:.3g}% of --max_lr, "
-            f"and never decays; lower "
-            "--warmup_steps for a short run"
+            f"\nnote: --warmup_steps {args.warmup_steps} is not below --max_steps {args.max_steps}"
+            f": the learning rate only warms up, to {100 * args.max_steps / args.warmup_steps:.3g}%"
+            " of --max_lr, and never decays; lower --warmup_steps for a short run"
         )
     return (
         f"log folder  {args.log_dir} (log.txt and checkpoints)\n"
@@ -163,12 +152,12 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, mode
         f"{config.n_embd} channels, vocabulary {config.vocab_size}{weights}\n"
         f"{recipe_line(args)}"
         f"memory      {memory}\n"
-        f"batch       {args.total_batch_size:,} tokens per step = "
-        f"{args.batch_size} x {args.seq_len} x {world_size} "
-        f"process(es) x {grad_accum_steps} micro-steps | steps {first} to {last}\n"
+        f"batch       {args.total_batch_size:,} tokens per step = {args.batch_size} x "
+        f"{args.seq_len} x {world_size} process(es) x {grad_accum_steps} micro-steps | steps "
+        f"{first} to {last}\n"
         f"data        {args.data_dir}: {describe_split(train_loader)} train, "
-        f"{describe_split(val_loader)} val "
-        f"({val_tokens:,} tokens per evaluation)\n"
+        f"{describe_split(val_loader)} val ({val_steps * val_loader.window:,} tokens per "
+        f"evaluation)\n"
         f"epoch       {describe_epoch(train_loader)}{warmup_note}"
     )
 
@@ -176,17 +165,15 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, mode
 def recipe_line(args):
     """Where the shape and the recipe come from, where --model gave any of them (a line), or ""
     when the flags gave them all."""
-    size = flags.MODELS[args.model]
+    size, taken = flags.MODELS[args.model], set(args.from_model)
     random_init = not (args.init or args.resume)  # else the shape is the weights'
     shape = [name for name in flags.MODEL_SHAPE if random_init and getattr(args, name) is None]
-    taken = set(args.from_model)
     if not (shape or taken):
         return ""
-    parts = [" ".join(f"--{name} {size[name]}" for name in shape) + " (GPT-2's shape)"] * bool(
-        shape
-    )
-    table = [f"--{name} {getattr(args, name):,}" for name in ("max_lr", "total_batch_size")
-             if name in taken]  # fmt: skip
+    parts = []
+    if shape:
+        parts.append(" ".join(f"--{name} {size[name]}" for name in shape) + " (GPT-2's shape)")
+    table = [f"--{n} {getattr(args, n):,}" for n in ("max_lr", "total_batch_size") if n in taken]
     parts += [", ".join(table) + f" (GPT-3 paper, Table 2.1: {size['row']})"] * bool(table)
     parts += ["--warmup_steps {warmup_steps} (375M tokens, as GPT-3)"] * ("warmup_steps" in taken)
     parts += ["--max_steps {max_steps:,} (10B tokens: one epoch)"] * ("max_steps" in taken)
@@ -199,35 +186,28 @@ def eval_only_block(weights, model, world_size, device, dtype, dtype_reason, dat
                     val_steps, rows):  # fmt: skip
     """--eval_only's first lines: the weights, what computes, the val tokens it reads and how many
     rows of a batch go through the model at once (fewer than the batch where memory is short)."""
-    batch, val_tokens = val_loader.B, val_steps * val_loader.window
-    num_params = sum(p.numel() for p in model.parameters())
-    at_once = f"{batch} rows per forward pass"
+    batch, num_params = val_loader.B, sum(p.numel() for p in model.parameters())
+    at_once = f"{min(rows, batch)} rows per forward pass"
     if rows < batch:
-        at_once = (
-            f"{rows} rows per forward pass "
-            f"(memory holds the logits of fewer than a batch's {batch})"
-        )
+        at_once += f" (memory holds the logits of fewer than a batch's {batch})"
     return (
         f"weights     {weights}: {num_params:,} parameters\n"
         f"device      {world_size} process(es) on {device} | "
         f"autocast {str(dtype).removeprefix('torch.')}: {dtype_reason}\n"
-        f"data        {data_dir}: {val_tokens:,} tokens of {describe_split(val_loader)} val, "
-        f"{at_once}"
+        f"data        {data_dir}: {val_steps * val_loader.window:,} tokens of "
+        f"{describe_split(val_loader)} val, {at_once}"
     )
 
 
 def resumed(path, start_step, args, args_then):
     """The line of a resumed run: where it continues, where its checkpoints go, and whether it
     evaluates on as many val tokens as the run before (args_then: the checkpoint's flags)."""
-    log_dir, val_tokens, in_log_dir = args.log_dir, args.val_tokens, in_folder(path, args.log_dir)
-    line = (
-        f"resumed from {path} at step {start_step}"
-        f"{'' if in_log_dir else f'; new checkpoints go to {log_dir}'}"
-    )
-    then = args_then.get("val_tokens", val_tokens)
-    if then != val_tokens:
+    line = f"resumed from {path} at step {start_step}"
+    if not in_folder(path, args.log_dir):
+        line += f"; new checkpoints go to {args.log_dir}"
+    if (then := args_then.get("val_tokens", args.val_tokens)) != args.val_tokens:
         line += (
-            f"\nnote: --val_tokens is {val_tokens}, the run before was {then}: its val losses "
+            f"\nnote: --val_tokens is {args.val_tokens}, the run before was {then}: its val losses "
             "compare with this run's only roughly"
         )
     return line
@@ -239,9 +219,9 @@ def describe_epoch(loader):
     order = f"shuffled by --seed {loader.seed}" if loader.shuffle else "in order (--no-shuffle)"
     where = "at the epoch's end" if loader.shuffle else "at shard ends"
     return (
-        f"{loader.steps_per_epoch():,} steps, {order} | "
-        f"unread each epoch: {tails:,} tokens of shard tails "
-        f"shorter than a sequence, {left_over:,} sequences that do not fill a step ({where})"
+        f"{loader.steps_per_epoch():,} steps, {order} | unread each epoch: {tails:,} tokens of "
+        f"shard tails shorter than a sequence, {left_over:,} sequences that do not fill a step "
+        f"({where})"
     )
 
 
@@ -257,8 +237,7 @@ def describe_split(loader):
 
 
 def print_summary(progress, log_path, prompt):
-    """The last block: what the run reached, where it is, and what to run next (commands quoted for
-    the shell)."""
+    """The last block: what the run reached, where it is, what to run next (shell-quoted)."""
     train = "-" if progress.train_loss is None else f"{progress.train_loss:.4f}"
     val = "-"
     if progress.val_loss is not None:
@@ -269,19 +248,17 @@ def print_summary(progress, log_path, prompt):
     if progress.start_val_loss is not None and progress.val_step != -1:
         also.append(f"{progress.start_val_loss:.4f} before step 0")
     val += f" ({', '.join(also)})" if also else ""
-    hellaswag = (
-        "" if progress.hellaswag is None else f" | hellaswag acc_norm {progress.hellaswag:.4f}"
-    )
-    print(f"\ndone in {format_seconds(time.monotonic() - progress.started)}")
-    print(f"final       train loss {train} | val loss {val}{hellaswag}")
-    print(f"checkpoint  {progress.checkpoint}")
-    print(f"log         {log_path}")
-    sample, plot = script_path("sample.py"), script_path("plot_log.py")
+    if progress.hellaswag is not None:
+        val += f" | hellaswag acc_norm {progress.hellaswag:.4f}"
+    sample = f"{script_path('sample.py')} --init {shlex.quote(progress.checkpoint)}"
     print(
-        f"next        python {sample} --init {shlex.quote(progress.checkpoint)} "
-        f"--prompt {shlex.quote(prompt)}"
+        f"\ndone in {format_seconds(time.monotonic() - progress.started)}\n"
+        f"final       train loss {train} | val loss {val}\n"
+        f"checkpoint  {progress.checkpoint}\n"
+        f"log         {log_path}\n"
+        f"next        python {sample} --prompt {shlex.quote(prompt)}\n"
+        f"            python {script_path('plot_log.py')} {shlex.quote(log_path)}"
     )
-    print(f"            python {plot} {shlex.quote(log_path)}")
 
 
 def at_step(step):
@@ -289,7 +266,6 @@ def at_step(step):
 
 
 def script_path(name):
-    """A script of this project as a command run from the current folder names it (sample.py in the
-    clone)."""
+    """This project's script `name` as a command run from the current folder names it."""
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return shlex.quote(os.path.relpath(os.path.join(repository, name)))

@@ -20,9 +20,9 @@ from machinery.tokenizer import GPT2_VOCAB_SIZE
 # Shards. fineweb.py writes uint16 .npy files; llm.c and modded-nanogpt write .bin files: a header
 # of 256 int32 (magic, version, token count, ...), then the uint16 tokens.
 
-# A shard's name as fineweb.py and llm.c write it, matched whole: PREFIX_SPLIT_INDEX.npy or .bin.
-# Matched whole, the split is the word right before the index, so a prefix such as "x_train" cannot
-# make a val shard (x_train_val_000000.npy) look like a train shard.
+# A shard's name as fineweb.py and llm.c write it: PREFIX_SPLIT_INDEX.npy or .bin. Matched whole,
+# the split is the word right before the index: a prefix "x_train" cannot make a val shard
+# (x_train_val_000000.npy) look like a train shard.
 SHARD_NAME = re.compile(r"(.+)_(train|val)_(\d{6})\.(npy|bin)")
 BIN_MAGIC, BIN_VERSION, BIN_HEADER_INTS = 20240520, 1, 256
 BIN_HEADER_BYTES = 4 * BIN_HEADER_INTS
@@ -34,17 +34,16 @@ def bin_header_tokens(path):
     if len(header) < BIN_HEADER_INTS or header[0] != BIN_MAGIC or header[1] != BIN_VERSION:
         found = f"magic {header[0]}, version {header[1]}" if len(header) >= 2 else "no header"
         raise UserError(
-            f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, "
-            f"version {BIN_VERSION}): not an llm.c token shard"
+            f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, version {BIN_VERSION}): "
+            "not an llm.c token shard"
         )
-    num_tokens = int(header[2])
-    expected_bytes = 4 * BIN_HEADER_INTS + 2 * num_tokens
+    expected_bytes = BIN_HEADER_BYTES + 2 * int(header[2])
     if os.path.getsize(path) != expected_bytes:
         raise UserError(
             f"{path}: {os.path.getsize(path)} bytes, header promises {expected_bytes}: "
             "the file is truncated, download it again"
         )
-    return num_tokens
+    return int(header[2])
 
 
 @contextlib.contextmanager
@@ -56,16 +55,15 @@ def reading(path):
         raise
     except Exception as e:
         raise UserError(
-            f"{path}: not a readable .npy shard ({e}): it is "
-            f"probably truncated, regenerate it with fineweb.py"
+            f"{path}: not a readable .npy shard ({e}): it is probably truncated, regenerate it "
+            "with fineweb.py"
         ) from None
 
 
 def check_tokens(path, tokens):
-    """Refuse a shard with ids the tokenizer never makes (a shard of another tokenizer, or uint16
-    data that is not tokens): past the embedding table they would crash a step deep into the run,
-    and below it they would train rows that no text uses. Reading a shard once costs about as much
-    as a few training steps."""
+    """Refuse a shard with ids the tokenizer never makes (another tokenizer's, or uint16 data that
+    is not tokens): past the embedding table they would crash a step deep into the run, below it
+    train rows that no text uses. Reading a shard once costs about a few training steps."""
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(
             f"{path}: tokens are {tokens.dtype} with shape {tokens.shape}, expected a 1-D uint16 "
@@ -78,9 +76,8 @@ def check_tokens(path, tokens):
     largest = int(tokens.max())
     if largest >= GPT2_VOCAB_SIZE:
         raise UserError(
-            f"{path} holds token id {largest}, but GPT-2's tokenizer "
-            f"has {GPT2_VOCAB_SIZE} tokens: it is not a shard of "
-            f"GPT-2 tokens; remove it, or regenerate it with fineweb.py"
+            f"{path} holds token id {largest}, but GPT-2's tokenizer has {GPT2_VOCAB_SIZE} tokens: "
+            "it is not a shard of GPT-2 tokens; remove it, or regenerate it with fineweb.py"
         )
     return tokens
 
@@ -103,8 +100,8 @@ def find(data_dir, split):
         path = os.path.join(data_dir, name)
         if match and os.path.islink(path) and not os.path.exists(path):
             raise UserError(
-                f"{path} is a symbolic link to {os.readlink(path)}, which does not "
-                f"exist: mount or copy the shards it points to, or remove the link"
+                f"{path} is a symbolic link to {os.readlink(path)}, which does not exist: "
+                "mount or copy the shards it points to, or remove the link"
             )
         if not (match and match.group(2) == split and os.path.isfile(path)):
             continue
@@ -126,39 +123,32 @@ def find(data_dir, split):
             f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir}: run "
             f"`python fineweb.py` (or fineweb.py --input your.txt --out {data_dir}) first"
         )
-    if split == "train":
-        note_unfinished_data(data_dir)
-    return [shards[index] for index in sorted(shards)]
-
-
-def note_unfinished_data(data_dir):
-    """Say (once per group) that a fineweb.py run into data_dir has not finished: its shards so far
-    are used."""
-    for path in glob.glob(os.path.join(glob.escape(data_dir), "*_progress.json")):
+    # A fineweb.py run into data_dir that has not finished: training uses its shards so far, and
+    # rank 0 says so.
+    pattern = os.path.join(glob.escape(data_dir), "*_progress.json")
+    for path in glob.glob(pattern) if split == "train" else []:
         try:
             with open(path) as f:
                 finished = json.load(f).get("finished", True)
         except (OSError, ValueError, AttributeError):  # not fineweb.py's: nothing to say
             continue
-        if not finished and os.environ.get("RANK", "0").strip() in ("", "0"):  # rank 0 alone
+        if not finished and os.environ.get("RANK", "0").strip() in ("", "0"):
             print(
-                f"note: {path} says its fineweb.py run has not "
-                f"finished: training uses the shards written so far"
+                f"note: {path} says its fineweb.py run has not finished: training uses the shards "
+                "written so far"
             )
+    return [shards[index] for index in sorted(shards)]
 
 
 def no_step_in_split(paths, shards, window, split):
-    """The error for a split too short to hold one batch (val: --batch_size rows per rank) or one
-    step (train)."""
+    """The error for a split too short for one batch (val: --batch_size rows per rank) or step."""
     longest = max(range(len(paths)), key=lambda i: len(shards[i]))
-    lower = (
-        "--batch_size (or --seq_len)"
-        if split == "val"
-        else "--total_batch_size (or --batch_size/--seq_len)"
-    )
+    lower = "--batch_size (or --seq_len)"
+    if split == "train":
+        lower = "--total_batch_size (or --batch_size/--seq_len)"
     return UserError(
-        f"{paths[longest]} has {len(shards[longest])} tokens, fewer than one batch "
-        f"of all ranks' sequences + 1 = {window + 1}, and the {split} split holds "
+        f"{paths[longest]} has {len(shards[longest])} tokens, fewer than one batch of all ranks' "
+        f"sequences + 1 = {window + 1}, and the {split} split holds "
         f"no {'batch' if split == 'val' else 'step'}: lower {lower} or add data"
     )
 
@@ -179,40 +169,32 @@ def fingerprint(paths, shards):
 
 def check_loader_state(state, loader):
     """Refuse to resume a loader state saved with another step size, sequence length, data or order
-    (checkpoints from before these were recorded are taken as they are), or a position past the
-    epoch."""
-    step_tokens, seq_len, data = loader.window, loader.T, loader.data
-    shuffle, seed, epoch_sequences = loader.shuffle, loader.seed, loader.epoch_sequences
-    then = (state.get("step_tokens", step_tokens), state.get("seq_len", seq_len))
-    if then != (step_tokens, seq_len):
+    (a checkpoint from before one was recorded is taken as it is), or a position past the epoch."""
+    then = (state.get("step_tokens", loader.window), state.get("seq_len", loader.T))
+    if then != (loader.window, loader.T):
         raise UserError(
-            f"the checkpoint read steps of {then[0]} tokens in sequences of {then[1]}, "
-            f"this run {step_tokens} in {seq_len}: resume with its --total_batch_size "
-            f"and --seq_len (the number of processes and --batch_size may change)"
+            f"the checkpoint read steps of {then[0]} tokens in sequences of {then[1]}, this run "
+            f"{loader.window} in {loader.T}: resume with its --total_batch_size and --seq_len "
+            "(the number of processes and --batch_size may change)"
         )
-    check_same_data(state.get("data", data), data, "train")
-    if state.get("sequence", 0) >= epoch_sequences or state.get("sequence", 0) % (
-        step_tokens // seq_len
-    ):
+    check_same_data(state.get("data", loader.data), loader.data, "train")
+    sequence = state.get("sequence", 0)
+    if sequence >= loader.epoch_sequences or sequence % (loader.window // loader.T):
         raise UserError(
-            f"the checkpoint's data position (sequence {state['sequence']}) "
-            f"is not the start of a step of an epoch of {epoch_sequences} "
-            f"sequences: the checkpoint is damaged; resume from an earlier one"
+            f"the checkpoint's data position (sequence {sequence}) is not the start of a step of "
+            f"an epoch of {loader.epoch_sequences} sequences: the checkpoint is damaged; resume "
+            "from an earlier one"
         )
-    shuffled, then_seed = (
-        state.get("shuffle", False),
-        state.get("seed"),
-    )  # older checkpoints read in order
-    if shuffled != shuffle or (shuffled and then_seed != seed):
-        order = f"--shuffle --seed {then_seed}" if shuffled else "--no-shuffle"
+    shuffled, seed = state.get("shuffle", False), state.get("seed")  # older ones read in order
+    if shuffled != loader.shuffle or (shuffled and seed != loader.seed):
+        order = f"--shuffle --seed {seed}" if shuffled else "--no-shuffle"
         raise UserError(
             f"the checkpoint read the train shards in another order: resume with {order}"
         )
 
 
 def check_same_data(then, now, split):
-    """Refuse to resume on `split` shards other than the checkpoint's (`then`, `now`:
-    fingerprints)."""
+    """Refuse to resume on `split` shards other than the checkpoint's (then, now: fingerprints)."""
     if any(len(entry) < 3 or len(entry[2]) != 8 for entry in then):
         # An older checkpoint's checksum (of each shard's head and tail) is not a CRC-32 of the
         # whole: names and sizes are what can be compared.

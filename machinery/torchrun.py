@@ -1,6 +1,5 @@
-"""The processes of a torchrun group: the rule for torchrun's variables, waiting for the group to
-form, a user error said once for the group, the lock of the log folder across ranks, and stop
-requests (SIGINT/SIGTERM) that let a run save before it ends.
+"""The processes of a torchrun group: torchrun's variables, waiting for the group, ZeRO-1, one
+error line for the group, the log folder's lock across ranks, and stop requests that let a run save.
 """
 
 import contextlib
@@ -26,8 +25,7 @@ from machinery.files import output_lock
 
 @dataclass(frozen=True)
 class Processes:
-    """This process's place in the group (one process: the defaults), and the two collectives
-    the run needs from it."""
+    """This process's place in the group (one process: the defaults), and the run's collectives."""
 
     ddp: bool = False
     rank: int = 0
@@ -58,62 +56,25 @@ class Processes:
         return tensor
 
 
-# -----------------------------------------------------------------------------
-# --shard optimizer: PyTorch's ZeRO-1. DDP still gives every rank all the gradients; each rank keeps
-# AdamW's two moments of its share of the parameters only, updates that share, and broadcasts it.
-# A checkpoint stays one file of a plain AdamW's state, gathered on rank 0: it resumes on any
-# --shard and any number of ranks, and every script reads it as before.
-
-
-def sharded_adamw(groups, **adamw):
-    """AdamW over the parameter groups, sharded over the group's ranks (ZeRO-1). Imported here:
-    torch.distributed.optim takes 0.6 s to import, which every script would pay."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    class ShardedAdamW(ZeroRedundancyOptimizer):
-        def state_dict(self):
-            """The whole state in a plain AdamW's layout, on rank 0 after gather_optimizer_state():
-            ZeRO's groups hold only the arguments given, AdamW's every one (amsgrad, ...)."""
-            state = super().state_dict()
-            for group in state["param_groups"]:
-                for name, value in self.optim.defaults.items():
-                    group.setdefault(name, value)
-            return state
-
-    return ShardedAdamW(groups, optimizer_class=torch.optim.AdamW, **adamw)
-
-
-def gather_optimizer_state(optimizer):
-    """Before rank 0 saves: every rank sends it its share of a sharded optimizer's state (a
-    collective: each rank calls it). A plain AdamW holds it all already."""
-    if hasattr(optimizer, "consolidate_state_dict"):
-        optimizer.consolidate_state_dict(to=0)
-
-
 GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
-def variables(env=None):
-    """(rank, local_rank, world_size) of this process in a torchrun group, or None for one process.
-    None of RANK, LOCAL_RANK, WORLD_SIZE set (or set empty): one process; all of them, with
-    MASTER_ADDR and a MASTER_PORT, consistent: a group; anything in between: a UserError that names
-    the variable missing or wrong."""
-    env = os.environ if env is None else env
+def variables():
+    """(rank, local_rank, world_size) where all of GROUP_VARIABLES, MASTER_ADDR and MASTER_PORT are
+    set and consistent; None (one process) where none of GROUP_VARIABLES is (or all are empty);
+    anything in between: a UserError naming the variable missing or wrong."""
+    env = os.environ
     present = [name for name in GROUP_VARIABLES if env.get(name, "").strip()]
     if not present:
         return None
     given = " ".join(f"{name}={env[name]}" for name in present)
-    missing = [
-        name
-        for name in (*GROUP_VARIABLES, "MASTER_ADDR", "MASTER_PORT")
-        if not env.get(name, "").strip()
-    ]
+    needed = (*GROUP_VARIABLES, "MASTER_ADDR", "MASTER_PORT")
+    missing = [name for name in needed if not env.get(name, "").strip()]
     if missing:
         raise UserError(
-            f"{given} is set but {', '.join(missing)} "
-            f"{'is' if len(missing) == 1 else 'are'} not: start the "
-            f"processes with torchrun, which sets them all, or unset {' '.join(present)} "
-            f"for one process"
+            f"{given} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+            f"start the processes with torchrun, which sets them all, or unset {' '.join(present)} "
+            "for one process"
         )
     try:
         rank, local_rank, world_size = (int(env[name]) for name in GROUP_VARIABLES)
@@ -127,30 +88,52 @@ def variables(env=None):
     if not (port.isdigit() and 0 < int(port) < 65536):
         raise UserError(
             f"MASTER_PORT={port}: the group's port must be a number from 1 to 65535, "
-            f"as torchrun sets it"
+            "as torchrun sets it"
         )
     return rank, local_rank, world_size
 
 
-def check_master_address(env=None):
-    """Refuse a MASTER_ADDR that names no host, before the group is joined: torch would retry it
-    for half an hour."""
-    env = os.environ if env is None else env
+@contextlib.contextmanager
+def waiting_for_peers(procs):
+    """Around init_process_group. A MASTER_ADDR that does not resolve is refused at once (torch
+    would retry it for half an hour); ranks started by hand (no torchrun) say that they wait for the
+    others, rather than hang silently; and Ctrl-C and SIGTERM end the wait (torch waits inside C++,
+    where Python's handlers would run too late)."""
+    address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
     try:
-        socket.getaddrinfo(env["MASTER_ADDR"], int(env["MASTER_PORT"]), type=socket.SOCK_STREAM)
+        socket.getaddrinfo(address, int(port), type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        reason = getattr(e, "strerror", None) or str(e)
         raise UserError(
-            f"MASTER_ADDR={env['MASTER_ADDR']}: no such host ({reason}): "
-            f"set it to rank 0's host name or address"
+            f"MASTER_ADDR={address}: no such host ({reason}): "
+            "set it to rank 0's host name or address"
         ) from None
+    if "TORCHELASTIC_RUN_ID" not in os.environ and procs.world_size > 1:
+        last = procs.world_size - 1
+        others = "rank 0" if procs.rank else f"ranks 1 to {last}" if last > 1 else "rank 1"
+        print(f"rank {procs.rank} of {procs.world_size}: waiting for {others} at {address}:{port} "
+              "(set by MASTER_ADDR, MASTER_PORT); start every rank, "
+              "or unset RANK, LOCAL_RANK and WORLD_SIZE; Ctrl-C stops the wait",
+              file=sys.stderr, flush=True)  # fmt: skip
+    handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except dist.DistNetworkError as e:  # rank 0 could not open the group's port
+        if "EADDRINUSE" not in str(e):
+            raise
+        raise UserError(
+            f"MASTER_PORT={port} on {address} is in use by another program (another run?): "
+            "pass a free port (torchrun --master_port, or MASTER_PORT)"
+        ) from None
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
 def log_dir_lock(log_dir, procs, device):
-    """Rank 0 holds --log_dir's lock for the whole run (files.output_lock), so that a second run on
-    the same folder is refused before it reads or removes anything there. All ranks learn whether it
-    got the lock, so that none goes on alone; only rank 0's message is printed."""
+    """Rank 0 holds --log_dir's lock for the whole run (files.output_lock): a second run on the
+    folder is refused before it reads or removes anything. Every rank learns whether it got it."""
     with contextlib.ExitStack() as stack:
         refusal = None
         if procs.master:
@@ -159,7 +142,10 @@ def log_dir_lock(log_dir, procs, device):
             except UserError as e:
                 refusal = e
         if procs.any(refusal is not None, device):
-            raise refusal or silent(UserError(f"rank 0 could not lock --log_dir {log_dir}"))
+            if refusal is None:  # this rank's echo of rank 0's refusal: run_cli says nothing
+                refusal = UserError(f"rank 0 could not lock --log_dir {log_dir}")
+                refusal.speaks = False
+            raise refusal
         try:
             yield
         except (OSError, DiskFull) as e:  # rank 0's log or checkpoint: how to go on, if at all
@@ -177,14 +163,11 @@ def one_error_line(procs):
     try:
         yield
     except (UserError, RuntimeError) as e:
-        if (
-            not (procs.ddp and torch.distributed.is_initialized())
-            or getattr(e, "speaks", None) is False
-        ):
+        if not (procs.ddp and dist.is_initialized()) or getattr(e, "speaks", None) is False:
             raise  # one process; or a rank's echo of an error that another rank says
         user_error = isinstance(e, UserError)
         try:
-            store = torch.distributed.distributed_c10d._get_default_store()
+            store = dist.distributed_c10d._get_default_store()
             errors_before = store.add("user_errors", int(user_error)) - int(user_error)
         except Exception:  # the store went with a failed peer
             errors_before = None
@@ -197,62 +180,49 @@ def one_error_line(procs):
         raise error from None
 
 
-def silent(error):
-    """`error` marked as the echo of an error that another rank says: run_cli prints nothing for
-    it."""
-    error.speaks = False
-    return error
+# -----------------------------------------------------------------------------
+# --shard optimizer: PyTorch's ZeRO-1. DDP still gives every rank all the gradients; each rank keeps
+# AdamW's two moments of its share of the parameters only, updates that share, and broadcasts it.
+# A checkpoint stays one file of a plain AdamW's state, gathered on rank 0: it resumes on any
+# --shard and any number of ranks, and every script reads it as before.
 
 
-@contextlib.contextmanager
-def waiting_for_peers(procs):
-    """Around init_process_group, which joins the group at MASTER_ADDR:MASTER_PORT. A host that does
-    not resolve is refused at once. Ranks started by hand (no torchrun) say that they wait for the
-    others, rather than hang silently when those never come; and while the group forms, Ctrl-C and
-    SIGTERM end the process (torch waits inside C++, where Python's handlers would run too late)."""
-    check_master_address()
-    where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
-    if "TORCHELASTIC_RUN_ID" not in os.environ and procs.world_size > 1:
-        others = (
-            "rank 0"
-            if procs.rank
-            else f"ranks 1 to {procs.world_size - 1}"
-            if procs.world_size > 2
-            else "rank 1"
-        )
-        print(f"rank {procs.rank} of {procs.world_size}: waiting for {others} at {where} "
-              "(set by MASTER_ADDR, MASTER_PORT); start every rank, "
-              "or unset RANK, LOCAL_RANK and WORLD_SIZE; Ctrl-C stops the wait",
-              file=sys.stderr, flush=True)  # fmt: skip
-    handlers = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    except torch.distributed.DistNetworkError as e:  # rank 0 could not open the group's port
-        if "EADDRINUSE" not in str(e):
-            raise
-        raise UserError(
-            f"MASTER_PORT={os.environ['MASTER_PORT']} on {os.environ['MASTER_ADDR']} "
-            "is in use by another program (another run?): "
-            "pass a free port (torchrun --master_port, or MASTER_PORT)"
-        ) from None
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
+def sharded_adamw(groups, **adamw):
+    """AdamW over the parameter groups, sharded over the group's ranks (ZeRO-1). Imported here:
+    torch.distributed.optim takes 0.6 s to import, which every script would pay."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    class ShardedAdamW(ZeroRedundancyOptimizer):
+        def state_dict(self):
+            # On rank 0 after gather_optimizer_state(), in a plain AdamW's layout: ZeRO's groups
+            # hold only the arguments given, AdamW's every one (amsgrad, ...).
+            state = super().state_dict()
+            for group in state["param_groups"]:
+                for name, value in self.optim.defaults.items():
+                    group.setdefault(name, value)
+            return state
+
+    return ShardedAdamW(groups, optimizer_class=torch.optim.AdamW, **adamw)
+
+
+def gather_optimizer_state(optimizer):
+    """Before rank 0 saves: every rank sends it its share of a sharded optimizer's state."""
+    if hasattr(optimizer, "consolidate_state_dict"):
+        optimizer.consolidate_state_dict(to=0)
 
 
 # -----------------------------------------------------------------------------
-# Signals.
+# Stop requests.
 
 
 class StopRequest:
     """SIGINT/SIGTERM/SIGHUP (Ctrl-C, a cluster's preemption, a closed terminal) ask the run to
-    stop: it finishes the step it is in (an evaluation stops between batches), saves a checkpoint
-    and exits 0. A second Ctrl-C stops at once:
-    run_cli says so in one line, and a checkpoint being written is discarded (atomic_write)."""
+    stop: it finishes the step (an evaluation stops between batches), saves and exits 0. A second
+    Ctrl-C stops at once, discarding a checkpoint being written (atomic_write)."""
 
     def __init__(self, procs):
         self.requested, self.speaks = False, procs.master  # one notice for the group, from rank 0
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: a closed terminal
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -261,8 +231,7 @@ class StopRequest:
         name = signal.Signals(signum).name
         notice = f"\n{name}: saving a checkpoint after this step, then stopping\n"
         # os.write, not print: the signal can arrive in the middle of a print (say, one blocked on a
-        # full pipe), and print cannot be re-entered: it would raise instead of letting the run save
-        # and stop.
+        # full pipe), and print cannot be re-entered: it would raise, and the run would not save.
         with contextlib.suppress(OSError):
             if self.speaks:
                 os.write(sys.stdout.fileno(), notice.encode())
