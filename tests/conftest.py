@@ -1,9 +1,8 @@
-"""What the test files share: the repository on sys.path, the tiny model and the tiny run, the
-environment of a test's subprocesses, shard, checkpoint and snapshot builders, two tiny corpora, a
-guard for signal handlers, and a stand-in for a full disk. The constants and helpers are imported as
-`from conftest import REPO` (pytest puts tests/ on sys.path); the corpora and the guard are
-fixtures. train_gpt2 is imported inside the helpers, not here: a file that does not import must fail
-its own tests, not the collection of every test."""
+"""What the test files share, imported as `from conftest import REPO` (pytest puts tests/ on
+sys.path): the repository on sys.path, the tiny model and run, the environment of a test's
+subprocesses, shard, checkpoint and snapshot builders, a stand-in for a full disk; and as fixtures
+two tiny corpora and a guard for signal handlers. train_gpt2 is imported inside the helpers, not
+here: a file that does not import must fail its own tests, not the collection of every test."""
 
 import contextlib
 import hashlib
@@ -51,9 +50,8 @@ def run_script(*args, env=ENV):
 def run_trainer(*flags, nproc=1, cwd=REPO):
     """train_gpt2.py with these flags in a subprocess (under torchrun for nproc > 1); it must exit
     with status 0. Returns the CompletedProcess."""
-    launcher = [sys.executable]
-    if nproc > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    launcher = [sys.executable, *(torchrun if nproc > 1 else [])]
     command = [*launcher, os.path.join(REPO, "train_gpt2.py"), *map(str, flags)]
     result = subprocess.run(
         command, cwd=cwd, capture_output=True, text=True, env=ENV, timeout=TIMEOUT
@@ -67,12 +65,9 @@ def write_random_shards(folder, val_tokens=4096, train_lengths=(8192,)):
     fineweb.py names its shards (tiny_val_000000.npy, tiny_train_000001.npy, ...)."""
     rng = np.random.default_rng(0)
     os.makedirs(folder, exist_ok=True)
-    np.save(
-        os.path.join(folder, "tiny_val_000000.npy"), rng.integers(0, 50257, val_tokens, np.uint16)
-    )
-    for index, length in enumerate(train_lengths, start=1):
-        np.save(os.path.join(folder, f"tiny_train_{index:06d}.npy"),
-                rng.integers(0, 50257, length, np.uint16))  # fmt: skip
+    for index, length in enumerate((val_tokens, *train_lengths)):
+        name = f"tiny_{'train' if index else 'val'}_{index:06d}.npy"
+        np.save(os.path.join(folder, name), rng.integers(0, 50257, length, np.uint16))
     return str(folder)
 
 
@@ -90,11 +85,11 @@ def write_bin_shard(path, tokens, magic=None, promised=None):
 
 def write_hellaswag(path, n=6):
     """n HellaSwag examples of 4 endings, right one cycling through 0..3."""
+    endings = ["a", "b c", "d e f", "g"]
     with open(path, "w") as f:
         for i in range(n):
-            endings = ["a", "b c", "d e f", "g"]
-            f.write(json.dumps({"ctx": f"Example {i}: the model reads", "endings": endings,
-                                "label": i % 4}) + "\n")  # fmt: skip
+            example = {"ctx": f"Example {i}: the model reads", "endings": endings, "label": i % 4}
+            f.write(json.dumps(example) + "\n")
     return str(path)
 
 
@@ -152,9 +147,8 @@ def text_shards(tmp_path_factory):
     tokens and a train shard of the rest. Shared: treat it as read-only."""
     from machinery.tokenizer import EOT_TOKEN, gpt2_tokenizer
 
-    enc = gpt2_tokenizer()
     text = open(os.path.join(REPO, "train_gpt2.py")).read()
-    tokens = np.array([EOT_TOKEN] + enc.encode_ordinary(text), dtype=np.uint16)
+    tokens = np.array([EOT_TOKEN, *gpt2_tokenizer().encode_ordinary(text)], dtype=np.uint16)
     data_dir = tmp_path_factory.mktemp("text_shards")
     np.save(data_dir / "text_val_000000.npy", tokens[:2048])
     np.save(data_dir / "text_train_000001.npy", tokens[2048:])
@@ -179,10 +173,8 @@ def keep_signal_handlers():
 def file_size_limit(max_bytes):
     """Writes past max_bytes fail, as on a full disk (RLIMIT_FSIZE; SIGXFSZ ignored so the write
     just errs)."""
-    old_limits, old_handler = (
-        resource.getrlimit(resource.RLIMIT_FSIZE),
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN),
-    )
+    old_limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, old_limits[1]))
     try:
         yield

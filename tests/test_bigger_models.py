@@ -10,21 +10,15 @@ import copy
 import os
 import re
 import shutil
-import subprocess
-import sys
 
-import numpy as np
 import pytest
 import torch
 
 import export_hf
 import train_gpt2
-from conftest import REPO, TINY_MODEL
+from conftest import TINY_MODEL, run_trainer, write_random_shards
 from machinery import devices, flags, progress
 from machinery.cli import UserError
-
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 # OpenAI's parameter counts (Hugging Face's GPT2LMHeadModel, 50257 tokens); the trainer pads the
 # vocabulary to 50304 rows, 47 more rows of n_embd each.
@@ -36,24 +30,6 @@ RECIPES = {  # GPT-3 paper, Table 2.1: (learning rate, tokens per step, warmup s
     "gpt2-large": (2.5e-4, 2**19, 715, 19073),
     "gpt2-xl": (2e-4, 2**20, 357, 9536),
 }
-
-
-def shards(folder, train_tokens=8192, val_tokens=4096):
-    rng = np.random.default_rng(0)
-    os.makedirs(folder, exist_ok=True)
-    np.save(os.path.join(folder, "tiny_val_000000.npy"),
-            rng.integers(0, 50257, val_tokens, dtype=np.uint16))  # fmt: skip
-    np.save(os.path.join(folder, "tiny_train_000001.npy"),
-            rng.integers(0, 50257, train_tokens, dtype=np.uint16))  # fmt: skip
-    return str(folder)
-
-
-def trainer(*flags_, launcher=(sys.executable,)):
-    result = subprocess.run([*launcher, os.path.join(REPO, "train_gpt2.py"), *map(str, flags_)],
-                            cwd=REPO, capture_output=True, text=True, env=ENV,
-                            timeout=600)  # fmt: skip
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return result
 
 
 def train_losses(log_dir):
@@ -71,7 +47,7 @@ def test_each_model_gives_its_shape_parameter_count_and_recipe_in_the_start_up_b
     model, tmp_path
 ):
     args = flags.parse(["--model", model, "--batch_size", "1", "--seq_len", "64",
-                        "--data_dir", shards(tmp_path / "data")])  # fmt: skip
+                        "--data_dir", write_random_shards(tmp_path / "data")])  # fmt: skip
     lr, batch, warmup, steps = RECIPES[model]
     assert (args.max_lr, args.total_batch_size, args.warmup_steps, args.max_steps) == RECIPES[model]
     assert args.min_lr == pytest.approx(0.1 * lr)
@@ -113,7 +89,7 @@ def test_a_flag_given_overrides_the_model_and_the_start_up_block_says_so():
 def test_one_cpu_step_of_gpt2_medium(tmp_path):
     # The trainer's own step, on gpt2-medium's shape as --model builds it (the start-up block is
     # checked above): a whole run would spend most of its time writing a 5.7 GB checkpoint.
-    data = shards(tmp_path / "data", train_tokens=1024, val_tokens=1024)
+    data = write_random_shards(tmp_path / "data", 1024, (1024,))
     args = flags.parse(["--model", "gpt2-medium", "--data_dir", data])
     model = train_gpt2.GPT(train_gpt2.model_config(args))
     assert sum(p.numel() for p in model.parameters()) == 354_871_296
@@ -151,7 +127,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_activation_checkpointing_trains_the_same_losses(tmp_path):
-    data = shards(tmp_path / "data")
+    data = write_random_shards(tmp_path / "data")
     run = [*TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32",
            "--total_batch_size", "256", "--max_steps", "4", "--warmup_steps", "2",
            "--eval_every", "100", "--val_tokens", "256", "--no-hellaswag", "--no-sample_every_eval",
@@ -169,7 +145,12 @@ def test_activation_checkpointing_trains_the_same_losses(tmp_path):
 
 
 def test_shard_refusals_are_one_line_and_write_nothing(tmp_path):
-    base = ["--data_dir", shards(tmp_path / "data"), "--log_dir", str(tmp_path / "log")]
+    base = [
+        "--data_dir",
+        write_random_shards(tmp_path / "data"),
+        "--log_dir",
+        str(tmp_path / "log"),
+    ]
     for shard, said in [("optimizer", "this is one process: start it with torchrun"),
                         ("full", "--shard full (FSDP2, weights and gradients sharded too) is not "
                          "offered yet")]:  # fmt: skip
@@ -180,14 +161,13 @@ def test_shard_refusals_are_one_line_and_write_nothing(tmp_path):
 
 
 def test_sharded_optimizer_logs_ddp_losses_and_its_checkpoint_resumes_anywhere(tmp_path):
-    data = shards(tmp_path / "data")
+    data = write_random_shards(tmp_path / "data")
     run = [*TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32",
            "--total_batch_size", "256", "--max_steps", "6", "--warmup_steps", "2",
            "--no-hellaswag", "--no-sample_every_eval", "--eval_every", "100",
            "--val_tokens", "256", "--ckpt_every", "3"]  # fmt: skip
-    trainer(*run, "--log_dir", tmp_path / "ddp", launcher=TORCHRUN)
-    sharded = trainer(*run, "--log_dir", tmp_path / "zero", "--shard", "optimizer",
-                      launcher=TORCHRUN)  # fmt: skip
+    run_trainer(*run, "--log_dir", tmp_path / "ddp", nproc=2)
+    sharded = run_trainer(*run, "--log_dir", tmp_path / "zero", "--shard", "optimizer", nproc=2)
     assert "(AdamW's moments over 2 ranks)" in sharded.stdout
     ddp = train_losses(tmp_path / "ddp")
     assert sorted(ddp) == list(range(6))
@@ -205,12 +185,11 @@ def test_sharded_optimizer_logs_ddp_losses_and_its_checkpoint_resumes_anywhere(t
 
     # Stopped after step 2: resumed on 1 process (a plain AdamW, 2 micro-steps), and on 2 sharded
     # ranks, each continues as the unbroken run did.
-    for name, launcher, shard in [("one", (sys.executable,), "none"),
-                                  ("two", TORCHRUN, "optimizer")]:  # fmt: skip
+    for name, nproc, shard in [("one", 1, "none"), ("two", 2, "optimizer")]:
         os.makedirs(tmp_path / name)
         shutil.copy(tmp_path / "zero" / "model_00002.pt", tmp_path / name)
-        resumed = trainer(*run, "--log_dir", tmp_path / name, "--resume", "--shard", shard,
-                          launcher=launcher)  # fmt: skip
+        resumed = run_trainer(*run, "--log_dir", tmp_path / name, "--resume", "--shard", shard,
+                              nproc=nproc)  # fmt: skip
         assert "resumed from" in resumed.stdout
         losses = train_losses(tmp_path / name)
         assert sorted(losses) == [3, 4, 5]
@@ -243,9 +222,13 @@ def test_the_estimate_counts_sharding_and_recomputation():
         model = train_gpt2.GPT(train_gpt2.model_config(estimate_args()))
     config, params = model.config, sum(p.numel() for p in model.parameters())
     ddp = devices.training_bytes(config, params, 4, 1024)
-    sharded = devices.training_bytes(config, params, 4, 1024, ranks_sharing=8)
+    sharded = devices.training_bytes(config, params, 4, 1024, shard="optimizer", ranks=8)
+    full = devices.training_bytes(config, params, 4, 1024, shard="full", ranks=8)
     recomputed = devices.training_bytes(config, params, 4, 1024, recompute=True)
     assert ddp - sharded == 8 * params - 8 * params // 8  # 7/8 of AdamW's moments are elsewhere
+    # 1/8 of all 16 bytes, and the whole weights and gradients of the root and 2 of 48 blocks
+    block = 12 * config.n_embd**2 + 13 * config.n_embd
+    assert ddp - full == 16 * params - 16 * params // 8 - 8 * (params - 46 * block)
     per_token = (16 * 48 - (48 + 16)) * config.n_embd * 4  # kept: block inputs + one block
     assert ddp - recomputed == 4 * 1024 * per_token
 
@@ -260,19 +243,25 @@ def test_a_run_that_cannot_fit_even_at_batch_size_1_names_checkpointing_and_shar
     message = str(error.value)
     assert "\n" not in message
     assert "even --batch_size 1 does not fit; --activation_checkpointing would need" in message
-    assert re.search(r"; --shard optimizer on 8 GPUs fits ~[\d.]+ GiB per process at "
-                     r"--batch_size [1-8]; both fits ~[\d.]+ GiB per process at "
-                     r"--batch_size [1-8]; else a smaller model", message), message  # fmt: skip
+    fits = r" fits ~[\d.]+ GiB per process at --batch_size [1-8]"
+    assert re.search(rf"; --shard optimizer on 8 GPUs{fits}; --shard full on 8 GPUs{fits}; "
+                     rf"--shard full on 8 GPUs with --activation_checkpointing{fits}; else a "
+                     r"smaller model", message), message  # fmt: skip
     # sharded over the group's 8 ranks already: the start-up block's line says so
     line = devices.check_training_fits(model, estimate_args(batch_size=1, shard="optimizer"), 8,
                                        torch.device("cuda"), compiled=False)  # fmt: skip
     assert "(AdamW's moments over 8 ranks), 24.0 GiB available on cuda" in line
+    # fully sharded and recomputing already, on 4 GB GPUs: nothing left to name but a smaller model
+    monkeypatch.setattr(devices, "available_bytes", lambda device: 4 * 2**30)
+    args = estimate_args(batch_size=4, seq_len=1024, shard="full", activation_checkpointing=True)
+    with pytest.raises(UserError, match="even --batch_size 1 does not fit; else a smaller model"):
+        devices.check_training_fits(model, args, 8, torch.device("cuda"), compiled=False)
 
 
 def test_a_resume_keeps_the_model_whose_recipe_it_was_trained_with(tmp_path):
     # A tiny shape under gpt2-medium's recipe: resumed under the default --model gpt2, its
     # learning rate would double without a word.
-    data, log = shards(tmp_path / "data"), tmp_path / "log"
+    data, log = write_random_shards(tmp_path / "data"), tmp_path / "log"
     run = [*TINY_MODEL, "--data_dir", data, "--log_dir", str(log), "--batch_size", "4",
            "--seq_len", "32", "--total_batch_size", "128", "--warmup_steps", "1",
            "--val_tokens", "256", "--no-hellaswag", "--no-sample_every_eval"]  # fmt: skip

@@ -1,10 +1,7 @@
-"""Hardening drills that need real processes, or more than one run: two trainers on one --log_dir
-and two fineweb.py on one --out cannot both run; SIGTERM cuts an evaluation short; a second Ctrl-C
-exits at once; fineweb.py stopped by SIGTERM finishes the same shards on a rerun; a rank without its
-group says it waits, and stops when told; a full disk and a read-only folder are one line in every
-script; and the runs that must just work (an fp16 resume, a torn log line, an earlier log, ...). The
-table of bad inputs is in test_faults.py.
-"""
+"""Hardening drills that need real processes or more than one run: two writers on one folder,
+stop signals, a rank without its group, a full disk and a read-only folder in every script, and the
+runs that must just work (an fp16 resume, a torn log line, an earlier log, ...). The table of bad
+inputs is in test_faults.py."""
 
 import json
 import os
@@ -28,6 +25,7 @@ from conftest import (
     REPO,
     TIMEOUT,
     TINY_RUN,
+    file_size_limit,
     run_script,
     run_trainer,
     snapshot,
@@ -38,18 +36,18 @@ from machinery import progress
 from machinery.cli import run_cli
 from machinery.tokenizer import gpt2_tokenizer
 
-# --- concurrency: one writer per folder, with real processes --------------------------------------
+# --- drills with real processes: two writers on one folder, stop signals, a lone rank -------------
 
 
-def start(script, *args):
+def start(script, *args, env=ENV):
     """A script in a subprocess, its stdout and stderr merged into one pipe read by the test."""
-    return subprocess.Popen([sys.executable, script, *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV)  # fmt: skip
+    command = [sys.executable, script, *map(str, args)]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
 def read_until(proc, pattern):
-    """Lines of proc's output up to the first that matches `pattern` (the test fails if none
-    does)."""
+    """Lines of proc's output up to the first that matches `pattern` (none: the test fails)."""
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -58,51 +56,35 @@ def read_until(proc, pattern):
     raise AssertionError(f"exit {proc.wait()} before a line matched {pattern!r}:\n{''.join(lines)}")
 
 
-def test_two_trainers_on_one_log_dir_cannot_both_run(tmp_path):
-    data, log = write_random_shards(tmp_path / "data"), str(tmp_path / "log")
-    flags = [*TINY_RUN, "--data_dir", data, "--log_dir", log]
-    first = start("train_gpt2.py", *flags, "--max_steps", "100000")
+def assert_a_second_run_is_refused(first, script, flags, folder):
+    """With `first` paused (it holds folder's lock and writes nothing meanwhile), the same command
+    again ends in one line that names the folder and first's pid; then first goes on."""
+    first.send_signal(signal.SIGSTOP)
+    second = run_script(script, *flags)
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
+    assert f"{folder} is in use by another run (pid {first.pid}@" in second.stderr.splitlines()[-1]
+    first.send_signal(signal.SIGCONT)
+
+
+def test_a_second_trainer_on_one_log_dir_is_refused_and_a_second_ctrl_c_exits_at_once(tmp_path):
+    data = write_random_shards(tmp_path / "data", train_lengths=(70_000,))
+    log = str(tmp_path / "log")
+    # 512 micro-steps per step: the second Ctrl-C comes long before the step could end and save.
+    flags = [*TINY_RUN, "--data_dir", data, "--log_dir", log, "--total_batch_size", "65536"]
+    first = start("train_gpt2.py", *flags)
     try:
-        read_until(first, r"^step +0/")
-        first.send_signal(signal.SIGSTOP)  # holds the lock, writes nothing while the second tries
-        second = run_script("train_gpt2.py", *flags)
-        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
-        last_line = second.stderr.splitlines()[-1]
-        assert f"--log_dir {log} is in use by another run (pid {first.pid}@" in last_line
-        first.send_signal(signal.SIGCONT)
-        # the first run goes on, undisturbed, until it is told to stop
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(timeout=TIMEOUT) == 0
+        read_until(first, r"^data ")
+        assert_a_second_run_is_refused(first, "train_gpt2.py", flags, f"--log_dir {log}")
+        time.sleep(1)  # the first goes on, undisturbed, until told to stop
+        first.send_signal(signal.SIGINT)
+        read_until(first, r"^SIGINT: saving a checkpoint after this step")
+        first.send_signal(signal.SIGINT)
+        output = first.communicate(timeout=TIMEOUT)[0]
     finally:
         first.kill()
-    assert not os.path.exists(os.path.join(log, ".lock"))  # released and removed at the end
-
-
-def test_two_fineweb_runs_on_one_out_cannot_both_run(tmp_path):
-    corpus = tmp_path / "corpus.jsonl"
-    documents = [json.dumps({"text": f"document {i} " * 50}) for i in range(2000)]
-    corpus.write_text("\n".join(documents) + "\n")
-    out = str(tmp_path / "out")
-    flags = ["--input", str(corpus), "--shard_size", "5000", "--num_proc", "1", "--out", out]
-    first = start("fineweb.py", *flags)
-    try:
-        deadline = time.monotonic() + TIMEOUT
-        while not os.path.exists(os.path.join(out, ".lock")) and time.monotonic() < deadline:
-            time.sleep(0.001)
-        first.send_signal(signal.SIGSTOP)
-        second = run_script("fineweb.py", *flags)
-        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
-        assert f"--out {out} is in use by another run (pid" in second.stderr.splitlines()[-1]
-        first.send_signal(signal.SIGCONT)
-        assert first.wait(timeout=TIMEOUT) == 0, first.stdout.read()
-    finally:
-        first.kill()
-    assert "tiny" not in os.listdir(out) and ".lock" not in os.listdir(out)
-    with open(os.path.join(out, "shard_progress.json")) as f:
-        assert json.load(f)["finished"]
-
-
-# --- signals --------------------------------------------------------------------------------------
+    assert first.returncode == 130 and "Traceback" not in output, output
+    assert output.strip().splitlines()[-1].startswith("interrupted: stopped at once, without")
+    assert os.listdir(log) == ["log.txt"]  # no checkpoint, no torn .tmp, the lock released
 
 
 def test_sigterm_cuts_an_evaluation_short_then_saves_and_exits_0(tmp_path):
@@ -133,40 +115,18 @@ def test_sigterm_cuts_an_evaluation_short_then_saves_and_exits_0(tmp_path):
     assert re.search(r"^step 1/2 \| val loss \d.*\n(.*\n)*step 2/2 \| loss", resumed.stdout, re.M)
 
 
-def test_a_second_ctrl_c_exits_at_once_without_a_traceback(tmp_path):
-    data = write_random_shards(tmp_path / "data", train_lengths=(70_000,))
-    log = str(tmp_path / "log")
-    # 512 micro-steps per step: the second Ctrl-C comes long before the step could end and save.
-    run = start("train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", log,
-                "--total_batch_size", "65536")  # fmt: skip
-    try:
-        read_until(run, r"^data ")
-        time.sleep(1)
-        run.send_signal(signal.SIGINT)
-        read_until(run, r"^SIGINT: saving a checkpoint after this step")
-        run.send_signal(signal.SIGINT)
-        output = run.communicate(timeout=TIMEOUT)[0]
-    finally:
-        run.kill()
-    assert run.returncode == 130 and "Traceback" not in output, output
-    assert output.strip().splitlines()[-1].startswith("interrupted: stopped at once, without")
-    assert os.listdir(log) == ["log.txt"]  # no checkpoint, no torn .tmp, the lock released
-
-
-# --- third round: drills with real processes, and the cases that must just work -------------------
-
-
-def test_fineweb_on_sigterm_says_so_in_one_line_and_a_rerun_finishes_the_same_shards(tmp_path):
-    corpus = tmp_path / "corpus"
+def test_fineweb_refuses_a_second_run_and_after_sigterm_a_rerun_finishes_the_same_shards(tmp_path):
+    corpus, cut = tmp_path / "corpus", str(tmp_path / "cut")
     corpus.mkdir()
     with open(os.path.join(REPO, "README.md")) as f:
         text = f.read()
     for k in range(60):  # 60 documents of ~1.5 MB: several seconds of tokenizing on 2 cores
         (corpus / f"doc{k:02d}.txt").write_text(f"document {k}\n" + text * 160)
     flags = ["--input", str(corpus), "--shard_size", "2000000", "--num_proc", "2"]
-    run = start("fineweb.py", *flags, "--out", str(tmp_path / "cut"))
+    run = start("fineweb.py", *flags, "--out", cut)
     try:
         read_until(run, r"tokenizing")
+        assert_a_second_run_is_refused(run, "fineweb.py", [*flags, "--out", cut], f"--out {cut}")
         time.sleep(0.5)
         run.send_signal(signal.SIGTERM)
         output = run.communicate(timeout=TIMEOUT)[0]
@@ -180,7 +140,9 @@ def test_fineweb_on_sigterm_says_so_in_one_line_and_a_rerun_finishes_the_same_sh
     for out in ("cut", "whole"):  # the cut run, finished by a rerun, and one that never stopped
         rerun = run_script("fineweb.py", *flags, "--out", tmp_path / out)
         assert rerun.returncode == 0, rerun.stderr
-    assert snapshot(tmp_path / "cut") == snapshot(tmp_path / "whole")
+    assert snapshot(cut) == snapshot(tmp_path / "whole")  # the lock gone, nothing else left
+    with open(os.path.join(cut, "shard_progress.json")) as f:
+        assert json.load(f)["finished"]
 
 
 @pytest.mark.parametrize("rank, stop", [(1, signal.SIGTERM), (0, signal.SIGINT)])
@@ -191,16 +153,12 @@ def test_a_rank_started_without_its_group_says_it_is_waiting_and_stops_when_told
     port = str(29517 + rank)
     variables = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
-    run = subprocess.Popen(
-        [sys.executable, "train_gpt2.py", *TINY_RUN, "--data_dir", data,
-         "--log_dir", str(tmp_path / "log"), "--total_batch_size", "256"],  # a step of 2 ranks
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**ENV, **variables},
-    )  # fmt: skip
+    # A step of 2 ranks. It used to wait for its peers without a word, inside torch's wait, where
+    # Python's handlers did not run: Ctrl-C and SIGTERM did nothing.
+    run = start("train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", tmp_path / "log",
+                "--total_batch_size", "256", env={**ENV, **variables})  # fmt: skip
     try:
-        lines = read_until(run, r"waiting")  # it used to wait for its peers without a word
-        # inside torch's wait, where Python's handlers did not run: Ctrl-C and SIGTERM did
-        # nothing
+        lines = read_until(run, r"waiting")
         time.sleep(1)
         run.send_signal(stop)
         assert run.wait(timeout=10) == -stop
@@ -212,21 +170,21 @@ def test_a_rank_started_without_its_group_says_it_is_waiting_and_stops_when_told
     assert not os.path.exists(tmp_path / "log")
 
 
-def test_an_export_that_fills_the_disk_is_one_line_and_leaves_nothing(tmp_path):
+# --- in one process: the cases that must just work, and one line for each fault -------------------
+
+
+def test_an_export_that_fills_the_disk_is_one_line_and_leaves_nothing(tmp_path, capsys):
     path = tiny_checkpoint(str(tmp_path / "model_00005.pt"))  # 13 MB of weights
-    script = (
-        "import resource, signal, sys, export_hf\nfrom machinery import cli\n"
-        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-        "resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, resource.RLIM_INFINITY))\n"
-        "cli.run_cli(export_hf.main, sys.argv[1:])"
-    )
-    run = run_script("-c", script, "--init", path, "--out", tmp_path / "hf")
-    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
-    assert run.stderr.startswith("error: the disk is full") or "is the disk full?" in run.stderr
+    with file_size_limit(4 << 20), pytest.raises(SystemExit) as exited:
+        run_cli(export_hf.main, ["--init", path, "--out", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: the disk is full") or "is the disk full?" in err
     assert sorted(os.listdir(tmp_path)) == ["model_00005.pt"]  # no export, no half-written folder
 
 
-def test_only_the_trainer_leaves_an_error_to_its_machines_first_rank(monkeypatch, capsys):
+def test_the_trainer_leaves_an_error_to_its_machines_first_rank(monkeypatch, capsys):
+    # (any other script says its error in any environment: test_faults.py's stray torchrun rows)
     group = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", TORCHELASTIC_RUN_ID="x",
                  MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")  # fmt: skip
     for name, value in group.items():
@@ -235,24 +193,9 @@ def test_only_the_trainer_leaves_an_error_to_its_machines_first_rank(monkeypatch
     def fails(argv):
         raise train_gpt2.UserError("no train shards in data")
 
-    for group, said in [(True, ""), (False, "error: no train shards in data\n")]:
-        with pytest.raises(SystemExit):
-            run_cli(fails, group=group)
-        # in a torchrun group, LOCAL_RANK 0 of the machine says it
-        assert capsys.readouterr().err == said
-
-
-def test_a_run_resumed_in_fp16_starts_a_fresh_loss_scaler(tmp_path):
-    """--dtype auto picks fp16 where a run moves to an older GPU: its checkpoint's scaler state is
-    empty."""
-    data, log = write_random_shards(tmp_path / "data"), str(tmp_path / "log")
-    flags = [*TINY_RUN, "--data_dir", data, "--log_dir", log, "--ckpt_every", "3"]
-    flags.append("--no-eval_first")
-    run_trainer(*flags, "--max_steps", "3")
-    resumed = run_trainer(*flags, "--resume", "--dtype", "float16")
-    assert "resumed from" in resumed.stdout and "autocast float16" in resumed.stdout
-    scaler = torch.load(os.path.join(log, "model_00005.pt"), weights_only=True)["scaler"]
-    assert scaler and scaler["scale"] > 0  # the fp16 run's own scaler, saved for its next resume
+    with pytest.raises(SystemExit):
+        run_cli(fails, group=True)
+    assert capsys.readouterr().err == ""  # LOCAL_RANK 0 of the machine says it
 
 
 def test_fineweb_drops_a_file_named_twice_and_a_byte_order_mark(tmp_path, capsys):
@@ -270,26 +213,8 @@ def test_fineweb_drops_a_file_named_twice_and_a_byte_order_mark(tmp_path, capsys
     tokens = np.load(tmp_path / "out" / "shard_val_000000.npy")
 
     enc = gpt2_tokenizer()
-    expected = [
-        50256,
-        *enc.encode("The first document."),
-        50256,
-        *enc.encode("The second document."),
-    ]
-    assert tokens.tolist() == expected  # no tokens for the mark
-
-
-def test_training_on_the_shards_of_an_unfinished_fineweb_run_says_so(tmp_path, capsys):
-    data = write_random_shards(tmp_path / "data")
-    with open(os.path.join(data, "tiny_progress.json"), "w") as f:
-        json.dump({"finished": False, "shards": 2, "documents": 10, "tokens": 12288}, f)
-    train_gpt2.main(
-        [*TINY_RUN, "--data_dir", data, "--log_dir", str(tmp_path / "log"), "--max_steps", "1"]
-    )
-    out = capsys.readouterr().out
-    assert (
-        "says its fineweb.py run has not finished: training uses the shards written so far" in out
-    )
+    documents = ("The first document.", "The second document.")
+    assert tokens.tolist() == [t for d in documents for t in [50256, *enc.encode(d)]]  # no mark
 
 
 def test_the_next_commands_are_quoted_for_the_shell_and_the_clock_can_step_back(
@@ -328,13 +253,9 @@ def read_only_folder(tmp_path):
         yield str(folder)
         folder.chmod(0o755)
         return
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        pytest.skip(
-            "runs as root, which ignores permissions, and may not mount a read-only folder here"
-        )
+    mount = ["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(folder)]
+    if subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("runs as root, which ignores permissions, and may not mount a folder here")
     try:
         yield str(folder)
     finally:
@@ -367,7 +288,11 @@ def test_every_script_says_a_read_only_folder_in_one_line(tmp_path, read_only_fo
     assert snapshot(tmp_path) == before
 
 
-def test_a_resume_drops_a_torn_last_line_of_the_log_and_the_plot_leaves_one_out(tmp_path, capsys):
+def test_a_resume_in_fp16_drops_a_torn_last_log_line_and_starts_a_fresh_loss_scaler(
+    tmp_path, capsys
+):
+    """A kill can leave half a line at the end of log.txt; --dtype auto picks fp16 where a run moves
+    to an older GPU, and its checkpoint's scaler state is empty."""
     data, log = write_random_shards(tmp_path / "data"), tmp_path / "log"
     flags = [*TINY_RUN, "--data_dir", data, "--log_dir", str(log), "--no-eval_first"]
     flags.append("--no-shuffle")
@@ -378,7 +303,11 @@ def test_a_resume_drops_a_torn_last_line_of_the_log_and_the_plot_leaves_one_out(
     assert plot_log.parse_log(str(log / "log.txt"))["train"][0] == [0, 1, 2]
     note = f"note: the last line of {log / 'log.txt'} is cut short ('3 trai'): it is left out"
     assert note in capsys.readouterr().out
-    train_gpt2.main([*flags, "--max_steps", "6", "--resume"])
+    train_gpt2.main([*flags, "--max_steps", "6", "--resume", "--dtype", "float16"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "autocast float16" in out
+    scaler = torch.load(log / "model_00005.pt", weights_only=True)["scaler"]
+    assert scaler and scaler["scale"] > 0  # the fp16 run's own scaler, saved for its next resume
     lines = (log / "log.txt").read_text().splitlines()
     # what was whole is kept as it was; the torn line is gone (was "3 trai3 train 10.8")
     assert lines[: len(torn.splitlines()) - 1] == torn.splitlines()[:-1]
@@ -389,15 +318,18 @@ def test_a_resume_drops_a_torn_last_line_of_the_log_and_the_plot_leaves_one_out(
     assert plot_log.parse_log(str(log / "log.txt"))["train"] == ([0], [3.5])
 
 
-def test_a_new_run_says_it_replaces_an_earlier_log_and_that_its_warmup_is_too_long(
-    tmp_path, capsys
-):
+def test_a_new_run_notes_unfinished_shards_an_earlier_log_and_a_too_long_warmup(tmp_path, capsys):
     data, log = write_random_shards(tmp_path / "data"), tmp_path / "log"
+    with open(os.path.join(data, "tiny_progress.json"), "w") as f:  # a fineweb.py run cut short
+        json.dump({"finished": False, "shards": 2, "documents": 10, "tokens": 12288}, f)
     log.mkdir()
     (log / "log.txt").write_text("0 train 3.0\n1000 val 2.5\n")  # a run that saved no checkpoint
     train_gpt2.main([*TINY_RUN, "--data_dir", data, "--log_dir", str(log), "--max_steps", "1",
                      "--warmup_steps", "4"])  # fmt: skip
     out = capsys.readouterr().out
+    assert (
+        "says its fineweb.py run has not finished: training uses the shards written so far" in out
+    )
     assert f"note: {log / 'log.txt'} of an earlier run that saved no checkpoint is replaced" in out
     assert (
         "note: --warmup_steps 4 is not below --max_steps 1: "

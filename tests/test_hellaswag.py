@@ -56,17 +56,14 @@ LENGTH_EXAMPLE = example(
     "ate glue.",
     "purple seven.",
 )  # fmt: skip
-LENGTH_EXAMPLE_DECOY = (
-    "Lisa looked at the old map and ran to the station to catch the morning train."
-)
+LENGTH_EXAMPLE_DECOY = LENGTH_EXAMPLE["ctx"] + " ran to the station to catch the morning train."
 ALL_EXAMPLES = EXAMPLES + [LENGTH_EXAMPLE]
 EXPECTED_COUNTS = dict(n=7, correct=6, correct_norm=7)  # acc misses LENGTH_EXAMPLE only
 
 
 class WordTokenizer:
-    """A stand-in for GPT-2's BPE with a vocabulary of a few hundred words, so that a model over it
-    learns the examples in a second: each word with its leading space is one token, numbered as
-    first seen."""
+    """A stand-in for GPT-2's BPE, of a few hundred words so that a model learns the examples in a
+    second: each word with its leading space is one token, numbered as first seen."""
 
     def __init__(self):
         self.ids = {}
@@ -81,8 +78,7 @@ WORD_MODEL_CONFIG = GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """The models here are tiny: one thread runs them as fast as two, and many times faster when
-    other processes compete for the cores (threads that wait on each other then wait on the
-    scheduler too)."""
+    other processes compete for the cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -107,10 +103,8 @@ def memorised():
     """A tiny GPT trained until it knows the right ending of every example by heart (see
     LENGTH_EXAMPLE), and its word tokenizer."""
     words = WordTokenizer()
-    texts = [ex["ctx"] + " " + ex["endings"][ex["label"]] for ex in EXAMPLES]
-    texts += [LENGTH_EXAMPLE["ctx"] + " " + LENGTH_EXAMPLE["endings"][1]] + [
-        LENGTH_EXAMPLE_DECOY
-    ] * 3
+    texts = [ex["ctx"] + " " + ex["endings"][ex["label"]] for ex in ALL_EXAMPLES]
+    texts += [LENGTH_EXAMPLE_DECOY] * 3
     sequences = [words.encode_ordinary(text) for text in texts]
     length = max(len(s) for s in sequences)
     inputs = torch.zeros((len(sequences), length - 1), dtype=torch.long)
@@ -130,16 +124,19 @@ def memorised():
     return model.eval(), words
 
 
-# -----------------------------------------------------------------------------
-# Reading the data
+# --- Reading the data -----------------------------------------------------------------------------
 
 
-def test_load_examples_reads_fields_skips_blank_lines_and_limits(tmp_path):
+def test_load_examples_reads_fields_skips_blank_lines_limits_and_needs_an_example(tmp_path):
     path = write_jsonl(tmp_path / "val.jsonl", EXAMPLES[:3] + ["", "   "])
     examples = hellaswag.load_examples(path)
     assert [ex["label"] for ex in examples] == [0, 1, 2]
     assert examples[1]["endings"] == EXAMPLES[1]["endings"]
     assert len(hellaswag.load_examples(path, limit=2)) == 2
+    with pytest.raises(UserError, match="no examples"):
+        hellaswag.load_examples(write_jsonl(tmp_path / "empty.jsonl", []))
+    with pytest.raises(UserError, match="cannot read"):
+        hellaswag.load_examples(str(tmp_path))  # a directory
 
 
 BAD_LINES = {
@@ -164,40 +161,22 @@ def test_bad_line_is_a_user_error_naming_file_and_line(tmp_path, case):
     assert expected in str(error.value)
 
 
-def test_empty_or_unreadable_file_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="no examples"):
-        hellaswag.load_examples(write_jsonl(tmp_path / "empty.jsonl", []))
-    with pytest.raises(UserError, match="cannot read"):
-        hellaswag.load_examples(str(tmp_path))  # a directory
-
-
-def test_data_path_must_exist(tmp_path):
-    assert hellaswag.hellaswag_path(write_jsonl(tmp_path / "mine.jsonl", EXAMPLES)) == str(
-        tmp_path / "mine.jsonl"
-    )
-    with pytest.raises(UserError, match="no such file.*pass the path of hellaswag_val.jsonl"):
-        hellaswag.hellaswag_path(str(tmp_path / "missing.jsonl"))
-
-
-def test_default_cache_dir_follows_xdg_cache_home(monkeypatch, tmp_path):
+def test_the_data_path_and_the_cache_that_one_download_fills(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert hellaswag.default_cache_dir() == str(tmp_path / "xdg" / "gpt2-repro" / "hellaswag")
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert hellaswag.default_cache_dir() == str(
-        tmp_path / "home" / ".cache" / "gpt2-repro" / "hellaswag"
-    )
-
-
-def test_cache_without_download_gives_none(tmp_path):
-    assert hellaswag.hellaswag_path(cache_dir=str(tmp_path / "cache"), download=False) is None
-    assert not (tmp_path / "cache").exists()
-
-
-def test_download_fills_the_cache_once(tmp_path):
-    # A file:// URL goes through the same urllib code as the real https one, without network.
+    home_cache = tmp_path / "home" / ".cache" / "gpt2-repro" / "hellaswag"
+    assert hellaswag.default_cache_dir() == str(home_cache)
+    # A path given must exist; else the file is downloaded into the cache, once.
     source = write_jsonl(tmp_path / "source.jsonl", EXAMPLES)
+    assert hellaswag.hellaswag_path(source) == source
+    with pytest.raises(UserError, match="no such file.*pass the path of hellaswag_val.jsonl"):
+        hellaswag.hellaswag_path(str(tmp_path / "missing.jsonl"))
     cache_dir = str(tmp_path / "cache")
+    assert hellaswag.hellaswag_path(cache_dir=cache_dir, download=False) is None
+    assert not os.path.exists(cache_dir)
+    # A file:// URL goes through the same urllib code as the real https one, without network.
     path = hellaswag.hellaswag_path(cache_dir=cache_dir, url="file://" + source)
     assert path == os.path.join(cache_dir, "hellaswag_val.jsonl")
     assert hellaswag.load_examples(path) == EXAMPLES
@@ -205,63 +184,46 @@ def test_download_fills_the_cache_once(tmp_path):
     os.remove(source)  # the second call must use the cache, not the URL
     assert hellaswag.hellaswag_path(cache_dir=cache_dir, url="file://" + source) == path
     assert hellaswag.hellaswag_path(cache_dir=cache_dir, download=False) == path
-
-
-def test_failed_download_is_a_user_error_and_leaves_no_file(tmp_path):
-    cache_dir = tmp_path / "cache"
+    # A failed download (of the source, now gone) or an unwritable cache is a user error, and
+    # leaves no file.
+    other_cache = tmp_path / "other_cache"
     with pytest.raises(UserError, match="could not download.*--data PATH"):
-        hellaswag.hellaswag_path(
-            cache_dir=str(cache_dir), url="file://" + str(tmp_path / "nowhere.jsonl")
-        )
-    assert os.listdir(cache_dir) == []
-
-
-def test_unwritable_cache_is_a_user_error(tmp_path):
-    source = write_jsonl(tmp_path / "source.jsonl", EXAMPLES)
-    cache_dir = str(tmp_path / "source.jsonl" / "cache")  # under a file: cannot be made
+        hellaswag.hellaswag_path(cache_dir=str(other_cache), url="file://" + source)
+    assert os.listdir(other_cache) == []
+    write_jsonl(source, EXAMPLES)  # back: the download works, the write cannot
+    under_a_file = str(tmp_path / "source.jsonl" / "cache")  # cannot be made
     with pytest.raises(UserError, match="cannot write to .*XDG_CACHE_HOME"):
-        hellaswag.hellaswag_path(cache_dir=cache_dir, url="file://" + source)
+        hellaswag.hellaswag_path(cache_dir=under_a_file, url="file://" + source)
 
 
-# -----------------------------------------------------------------------------
-# Rendering
+# --- Rendering ------------------------------------------------------------------------------------
 
 
-def test_render_example_gives_the_context_and_the_endings_with_a_space(tmp_path, enc):
+def test_render_example_gives_the_context_and_the_endings_with_a_space_cut_to_fit(tmp_path, enc):
     path = write_jsonl(tmp_path / "val.jsonl", [EXAMPLES[2]])
     example = hellaswag.load_examples(path)[0]
-    context, endings = hellaswag.render_example(example, enc)
-    assert context == enc.encode_ordinary(example["ctx"])
-    assert enc.decode(context) == example["ctx"]
-    assert [enc.decode(ending) for ending in endings] == [
-        " " + ending for ending in example["endings"]
-    ]
-    # Context + ending is the tokenization of the whole sentence (the space joins them, BPE keeps
-    # it).
-    for ending, text in zip(endings, example["endings"]):
-        assert context + ending == enc.encode_ordinary(example["ctx"] + " " + text)
-
-
-def test_render_example_cuts_the_context_so_the_longest_ending_fits(enc):
-    example = EXAMPLES[2]
     full_context, full_endings = hellaswag.render_example(example, enc)
+    assert full_context == enc.encode_ordinary(example["ctx"])
+    assert enc.decode(full_context) == example["ctx"]
+    assert [enc.decode(e) for e in full_endings] == [" " + e for e in example["endings"]]
+    # Context + ending is the tokenization of the whole sentence: BPE keeps the space joining them.
+    for ending, text in zip(full_endings, example["endings"]):
+        assert full_context + ending == enc.encode_ordinary(example["ctx"] + " " + text)
+    # With max_len, the context is cut so that the longest ending fits.
     longest = max(len(ending) for ending in full_endings)
     context, endings = hellaswag.render_example(example, enc, max_len=longest + 3)
     assert endings == full_endings  # endings are what is scored: they are kept whole
     assert context == full_context[-3:]  # the context loses tokens from its start
-    context, endings = hellaswag.render_example(
-        example, enc, max_len=4
-    )  # shorter than the longest ending
+    context, endings = hellaswag.render_example(example, enc, max_len=4)  # < the longest ending
     assert endings == [ending[:3] for ending in full_endings] and context == full_context[-1:]
 
 
-def test_packed_row_puts_each_ending_right_after_the_context():
+def test_packed_row_puts_each_ending_right_after_the_context_and_the_mask_keeps_them_apart():
     context, endings = [10, 11, 12], [[20, 21], [30], [40, 41, 42], [50, 51]]
     packed = hellaswag.pack_example(context, endings)
     # The row: the context, then each ending without its last token (that token predicts nothing).
     assert packed.tokens == [10, 11, 12, 20, 40, 41, 50]
-    # every ending starts at the position after the context
-    assert packed.positions == [0, 1, 2, 3, 3, 4, 3]
+    assert packed.positions == [0, 1, 2, 3, 3, 4, 3]  # each ending starts after the context
     assert packed.segments == [0, 0, 0, 1, 3, 3, 4]
     # Every ending token is a target exactly once, predicted by the output of the token before it in
     # its own sequence: the context's last token (row index 2) for the first token of each ending.
@@ -272,29 +234,23 @@ def test_packed_row_puts_each_ending_right_after_the_context():
     for target, at, k in zip(packed.targets, packed.predict_at, packed.ending_of):
         sequence = context + endings[k]  # what the model reads when this ending is scored alone
         assert sequence[sequence.index(target) - 1] == row[at]
-
-
-def test_attention_mask_lets_an_ending_see_the_context_and_itself_only():
-    packed = hellaswag.pack_example([10, 11, 12], [[20, 21], [30], [40, 41, 42], [50, 51]])
+    # The attention mask lets an ending see the context and itself only.
     segments = torch.tensor([packed.segments + [-1]])  # one padding token at the end
     positions = torch.tensor([packed.positions + [0]])
     mask = hellaswag.attention_mask(segments, positions)[0, 0]
     sees = {q: [s for s in range(mask.size(1)) if mask[q, s]] for q in range(mask.size(0))}
     assert sees[0] == [0] and sees[1] == [0, 1] and sees[2] == [0, 1, 2]  # the context: causal
     assert sees[3] == [0, 1, 2, 3]  # ending 0
-    # ending 2 sees nothing of ending 0
-    assert sees[4] == [0, 1, 2, 4] and sees[5] == [0, 1, 2, 4, 5]
+    assert sees[4] == [0, 1, 2, 4] and sees[5] == [0, 1, 2, 4, 5]  # ending 2: nothing of ending 0
     assert sees[6] == [0, 1, 2, 6]  # ending 3
     assert all(not mask[q, 7] for q in range(7))  # padding is seen by no real token
 
 
-# -----------------------------------------------------------------------------
-# Scoring
+# --- Scoring --------------------------------------------------------------------------------------
 
 
 def alone(model, context, ending):
-    """The summed loss of an ending's tokens, the model reading context + ending as one plain
-    sequence."""
+    """The summed loss of an ending's tokens, the model reading context + ending alone."""
     tokens = torch.tensor([context + ending])
     logits, _ = model(tokens)
     losses = torch.nn.functional.cross_entropy(logits[0, :-1], tokens[0, 1:], reduction="none")
@@ -305,44 +261,32 @@ def test_batched_scores_equal_each_ending_scored_alone():
     torch.manual_seed(0)
     model = GPT(WORD_MODEL_CONFIG).eval()  # random weights: every score is different
     words = WordTokenizer()
-    long_context = {
-        "ctx": " ".join(f"w{i}" for i in range(80)),
-        "endings": ["short.", "a bit longer than that.", "x", "the end."],
-        "label": 0,
-    }
+    long_endings = ["short.", "a bit longer than that.", "x", "the end."]
+    long_context = example(" ".join(f"w{i}" for i in range(80)), 0, *long_endings)
     examples = ALL_EXAMPLES + [long_context]  # endings of 1 to 15 tokens; a context over 64
     reference_sums, reference_counts = [], []
     with torch.no_grad():
-        for example in examples:
-            context, endings = hellaswag.render_example(
-                example, words, max_len=WORD_MODEL_CONFIG.block_size
-            )
-            reference_sums.append(
-                torch.stack([alone(model, context, ending) for ending in endings])
-            )
-            reference_counts.append(torch.tensor([len(ending) for ending in endings]))
+        for ex in examples:
+            context, endings = hellaswag.render_example(ex, words, WORD_MODEL_CONFIG.block_size)
+            reference_sums.append(torch.stack([alone(model, context, e) for e in endings]))
+            reference_counts.append(torch.tensor([len(e) for e in endings]))
     reference_sums, reference_counts = torch.stack(reference_sums), torch.stack(reference_counts)
     # Every ending token is scored: the context before it predicts the first one.
-    assert reference_counts[:7].tolist() == [
-        [len(e.split()) for e in ex["endings"]] for ex in ALL_EXAMPLES
-    ]
+    words_per_ending = [[len(e.split()) for e in ex["endings"]] for ex in ALL_EXAMPLES]
+    assert reference_counts[:7].tolist() == words_per_ending
     for batch_size in (1, 3, 100):
         sums, counts = hellaswag.score_examples(model, examples, words, "cpu", batch_size)
         assert torch.equal(counts, reference_counts)
         torch.testing.assert_close(sums, reference_sums, rtol=1e-5, atol=1e-5)
 
 
-def test_predictions_acc_by_sum_acc_norm_by_mean():
-    # Ending 0: one token of loss 3 (sum 3, mean 3); ending 1: five tokens of loss 1 (sum 5, mean
-    # 1).
+def test_acc_by_sum_acc_norm_by_mean_and_a_memorised_model_finds_the_right_endings(memorised):
+    # Ending 0: one token of loss 3 (sum 3, mean 3); ending 1: five of loss 1 (sum 5, mean 1).
     sum_losses = torch.tensor([[3.0, 5.0, 9.0, 12.0], [4.0, 2.0, 6.0, 8.0]])
     n_tokens = torch.tensor([[1, 5, 3, 4], [2, 2, 2, 2]])
     pred, pred_norm = hellaswag.predictions(sum_losses, n_tokens)
-    assert pred.tolist() == [0, 1]
-    assert pred_norm.tolist() == [1, 1]
-
-
-def test_memorised_model_finds_the_right_endings(memorised):
+    assert pred.tolist() == [0, 1] and pred_norm.tolist() == [1, 1]
+    # The memorised model finds the right endings, compiled or not, and in bf16 too.
     model, words = memorised
     sum_losses, n_tokens = hellaswag.score_examples(model, ALL_EXAMPLES, words, "cpu", batch_size=4)
     pred, pred_norm = hellaswag.predictions(sum_losses, n_tokens)
@@ -350,46 +294,30 @@ def test_memorised_model_finds_the_right_endings(memorised):
     assert pred_norm.tolist() == labels
     # acc differs on LENGTH_EXAMPLE only: the one-word "ran" wins the sum and loses the mean.
     assert pred.tolist() == labels[:-1] + [0]
-    assert (
-        hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", batch_size=2)
-        == EXPECTED_COUNTS
-    )
-
-
-def test_bf16_autocast_scores_close_to_fp32(memorised):
-    model, words = memorised
-    exact_sums, counts = hellaswag.score_examples(model, ALL_EXAMPLES, words, "cpu", batch_size=4)
     bf16_sums, bf16_counts = hellaswag.score_examples(
         model, ALL_EXAMPLES, words, "cpu", batch_size=4, autocast_dtype=torch.bfloat16
     )
-    assert torch.equal(bf16_counts, counts)
-    assert not torch.equal(bf16_sums, exact_sums)  # autocast did run in bf16
-    torch.testing.assert_close(bf16_sums / counts, exact_sums / counts, atol=0.1, rtol=0.05)
-
-
-def test_evaluate_works_with_a_compiled_model(memorised):
+    assert torch.equal(bf16_counts, n_tokens)
+    assert not torch.equal(bf16_sums, sum_losses)  # autocast did run in bf16
+    torch.testing.assert_close(bf16_sums / n_tokens, sum_losses / n_tokens, atol=0.1, rtol=0.05)
+    counts = hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", batch_size=2)
+    assert counts == EXPECTED_COUNTS
     # The eager backend runs Dynamo's tracing (the part that sees the changing batch shapes) without
     # the C++ compile time of the default backend.
-    model, words = memorised
     compiled = torch.compile(model, backend="eager")
-    assert (
-        hellaswag.evaluate_hellaswag(compiled, ALL_EXAMPLES, words, "cpu", batch_size=3)
-        == EXPECTED_COUNTS
-    )
+    counts = hellaswag.evaluate_hellaswag(compiled, ALL_EXAMPLES, words, "cpu", batch_size=3)
+    assert counts == EXPECTED_COUNTS
 
 
-def ddp_worker(rank, world_size, init_file, model, words, result_dir):
-    """One rank of a gloo run on CPU: evaluate its share, write the counts it gets back to a
-    file."""
+def ddp_worker(rank, world, init_file, model, words, result_dir):
+    """One rank of a gloo run on CPU: evaluate its share, write the counts it gets back."""
     torch.distributed.init_process_group(
-        "gloo", init_method="file://" + init_file, rank=rank, world_size=world_size
+        "gloo", init_method="file://" + init_file, rank=rank, world_size=world
     )
     try:
-        result = hellaswag.evaluate_hellaswag(
-            model, ALL_EXAMPLES, words, "cpu", 2, rank, world_size
-        )
+        counts = hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", 2, rank, world)
         with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
+            json.dump(counts, f)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -400,18 +328,15 @@ def test_evaluate_splits_examples_across_ranks_and_reduces(tmp_path, memorised):
         ddp_worker, args=(2, str(tmp_path / "init"), model, words, str(tmp_path)), nprocs=2
     )
     for rank in range(2):
-        with open(tmp_path / f"rank{rank}.json") as f:
-            # every rank holds the totals, each example counted once
+        with open(tmp_path / f"rank{rank}.json") as f:  # the totals, each example counted once
             assert json.load(f) == EXPECTED_COUNTS
 
 
-# -----------------------------------------------------------------------------
-# The command line
+# --- The command line -----------------------------------------------------------------------------
 
 
-def test_cli_prints_the_summary_line(tmp_path, enc):
-    # The CLI reads text with GPT-2's tokenizer, so its model has GPT-2's vocabulary (random
-    # weights).
+def test_cli_prints_the_summary_line_and_errors_in_one_line(tmp_path, enc):
+    # The CLI reads text with GPT-2's tokenizer: a model of GPT-2's vocabulary, random weights.
     torch.manual_seed(0)
     config = GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)
     model = GPT(config).eval()
@@ -432,9 +357,6 @@ def test_cli_prints_the_summary_line(tmp_path, enc):
         r"\(completion style, 0-shot, acc = lowest summed loss, acc_norm = lowest mean loss\)$",
         summary,
     )
-
-
-def test_cli_errors_are_one_line(tmp_path):
     result = run_script("hellaswag.py", "--init", "gpt2", "--data", tmp_path / "missing.jsonl")
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1

@@ -122,10 +122,7 @@ def test_eval_only_under_torchrun_equals_one_process(hf_dir, text_shards, tmp_pa
     flags = ["--init", hf_dir, "--data_dir", text_shards, "--hellaswag", "--hellaswag_data"]
     flags.append(write_hellaswag(tmp_path / "hellaswag.jsonl"))
     val_loss, out = eval_only(capsys, *flags)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command = [*launcher, os.path.join(REPO, "train_gpt2.py"), "--eval_only", *BATCH, *flags]
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=TIMEOUT)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    result = run_trainer("--eval_only", *BATCH, *flags, nproc=2)
     assert "2 process(es)" in result.stdout
     [ddp_line] = [line for line in result.stdout.splitlines() if line.startswith("val loss ")]
     assert abs(float(ddp_line.split()[2]) - val_loss) < 1e-5

@@ -59,41 +59,33 @@ def test_resumed_log_keeps_the_latest_run(tmp_path, evals_first):
         assert series[kind][1] == fresh[kind][1]
 
 
-def test_resume_drops_evals_the_new_run_has_not_reached(tmp_path):
+def test_a_resumed_run_keeps_its_evals_and_drops_those_it_has_not_reached(tmp_path):
     # The abandoned run evaluated at 100; the resumed one (from 80, between evals) stopped at 90:
     # the old run's evals at 100 must go too, though only train lines repeat steps.
-    lines = run_lines(0, 105, True) + run_lines(80, 90, True)
-    series = parse_log(write_log(tmp_path, lines))
-    assert series["val"][0] == [0, 25, 50, 75]
-    assert series["hella"][0] == [0, 25, 50, 75]
+    series = parse_log(write_log(tmp_path, run_lines(0, 105, True) + run_lines(80, 90, True)))
+    assert series["val"][0] == series["hella"][0] == [0, 25, 50, 75]
     assert series["train"][0][-1] == 90
-
-
-def test_resumed_run_that_evaluates_first(tmp_path):
     # Crashed after step 3, resumed from step 2, where the new run evaluates before training: its
     # val point at 2 is new, and must survive the train line at 2 that discards the old run's steps
     # 2 and 3.
     old_run = ["0 val 11.0", "0 train 11.0", "1 train 9.0", "2 train 8.0", "3 train 7.0"]
-    new_run = ["2 val 7.5", "2 train 7.9", "3 train 7.1"]
-    series = parse_log(write_log(tmp_path, old_run + new_run))
+    series = parse_log(write_log(tmp_path, old_run + ["2 val 7.5", "2 train 7.9", "3 train 7.1"]))
     assert series["train"] == ([0, 1, 2, 3], [11.0, 9.0, 7.9, 7.1])
     assert series["val"] == ([0, 2], [11.0, 7.5])
 
 
-def test_plots_resumed_partial_log_with_hellaswag(tmp_path):
-    log = write_log(tmp_path, run_lines(0, 120, True) + run_lines(75, 200, True))
-    out = tmp_path / "plots" / "loss.png"
-    result = run_script("plot_log.py", log, "-o", out)
+@pytest.mark.parametrize("out", ["plots/loss.png", None])
+def test_the_script_draws_a_resumed_log_or_one_without_hellaswag(tmp_path, out):
+    if out:
+        log = write_log(tmp_path, run_lines(0, 120, True) + run_lines(75, 200, True))
+    else:  # a first step diverged, no HellaSwag lines, and the image goes next to the log
+        log = write_log(tmp_path, ["0 train nan"] + run_lines(1, 60, False))
+    result = run_script("plot_log.py", log, *(["-o", tmp_path / out] if out else []))
     assert result.returncode == 0, result.stderr
-    assert_real_image(out)
-    assert [p.name for p in out.parent.iterdir()] == ["loss.png"]  # no temporary file left behind
-
-
-def test_plots_log_without_hellaswag_next_to_the_log(tmp_path):
-    log = write_log(tmp_path, ["0 train nan"] + run_lines(1, 60, False))  # a first step diverged
-    result = run_script("plot_log.py", log)
-    assert result.returncode == 0, result.stderr
-    assert_real_image(tmp_path / "loss.png")
+    image = tmp_path / (out or "loss.png")
+    assert_real_image(image)
+    # No temporary file left behind.
+    assert [p.name for p in image.parent.iterdir() if p.name != "log.txt"] == ["loss.png"]
 
 
 def assert_one_line_error(capsys, argv, start, message=""):
@@ -131,9 +123,8 @@ def test_missing_log_and_bad_output_name(tmp_path, capsys):
     assert os.listdir(tmp_path) == ["log.txt"]
 
 
-# -----------------------------------------------------------------------------
-# What the figure shows: read back from the matplotlib Figure, since a PNG existing says nothing of
-# its panels.
+# --- What the figure shows: read back from the matplotlib Figure, since a PNG existing says nothing
+# of its panels.
 
 
 def figure_for(tmp_path, lines, **options):
@@ -153,36 +144,22 @@ def only(lines, *kinds):
     return [line for line in lines if line.split()[1] in kinds]
 
 
-# 200 train points: each drawn faintly, and their moving average over 200 // 50 = 4 steps, named as
-# such
+# 200 train points: each drawn faintly, and their moving average over 200 // 50 = 4 steps.
 TRAIN = ["train, each step", "train, mean of 4 steps"]
 VAL = "val, each evaluation"
 
 
 def test_panels_and_legend_entries_follow_what_the_log_has(tmp_path):
     lines = run_lines(0, 200, True)
-    fig = figure_for(tmp_path, only(lines, "train"))
-    assert len(fig.axes) == 1
-    assert legend_texts(fig.axes[0]) == TRAIN
-
-    fig = figure_for(tmp_path, only(lines, "train", "val"))
-    assert len(fig.axes) == 1
-    assert legend_texts(fig.axes[0]) == [*TRAIN, VAL]
-    val_line = next(line for line in fig.axes[0].get_lines() if line.get_label() == VAL)
-    assert (
-        val_line.get_marker() == "o"
-    )  # each evaluation is a point: the line between two is no measurement
-
-    fig = figure_for(
-        tmp_path, only(lines, "val")
-    )  # a log with val lines only still has a loss panel
-    assert len(fig.axes) == 1
-    assert legend_texts(fig.axes[0]) == [VAL]
-
-    fig = figure_for(
-        tmp_path, only(lines, "train")[:30]
-    )  # too few points to smooth: one line, plain "train"
-    assert legend_texts(fig.axes[0]) == ["train"]
+    # A log with val lines only still has a loss panel; too few points to smooth: plain "train".
+    panels = [(("train",), TRAIN), (("val",), [VAL]), (("train", "val"), [*TRAIN, VAL])]
+    for kinds, legend in panels:
+        (ax,) = figure_for(tmp_path, only(lines, *kinds)).axes
+        assert legend_texts(ax) == legend
+    val_line = next(line for line in ax.get_lines() if line.get_label() == VAL)
+    assert val_line.get_marker() == "o"  # each evaluation is a point: between two, no measurement
+    (ax,) = figure_for(tmp_path, only(lines, "train")[:30]).axes
+    assert legend_texts(ax) == ["train"]
 
     loss_ax, hella_ax = figure_for(tmp_path, lines).axes
     assert (loss_ax.get_title(), hella_ax.get_title()) == ("Loss", "HellaSwag")
@@ -195,7 +172,7 @@ def reference_lines(ax):
     return sorted(line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--")
 
 
-def test_reference_lines_follow_the_flags(tmp_path):
+def test_reference_lines_follow_the_flags(tmp_path, monkeypatch):
     log = write_log(tmp_path, run_lines(0, 200, True))
     series = parse_log(log)
     loss_label = f"OpenAI GPT-2 124M, FineWeb-edu val: {GPT2_124M_FINEWEB_EDU_VAL_LOSS}"
@@ -217,31 +194,26 @@ def test_reference_lines_follow_the_flags(tmp_path):
     assert reference_lines(loss_ax) == reference_lines(hella_ax) == []
     assert legend_texts(hella_ax) == ["this run"]
 
-    # A short run whose loss is still far above the reference: the axis reaches down to the line
-    # anyway.
+    # The flags: of --ref and --no-ref the last one given wins, as with any pair of flags.
+    figures = []
+    monkeypatch.setattr(plot_log, "save_figure", lambda fig, out_path: figures.append(fig))
+    hella_lines = [0.2955, 0.337]
+    for flags, lines in [
+        ([], [[], hella_lines]),
+        (["--ref"], [[3.2924], hella_lines]),
+        (["--ref", "--no-ref"], [[], []]),
+    ]:
+        main([str(log), *flags])
+        assert [reference_lines(ax) for ax in figures.pop().axes] == lines
+
+    # A short run whose loss is still far above the reference: the axis reaches down to it anyway.
     short_run = [f"{step} train {9.0 - 0.01 * step}" for step in range(100)]
     low, high = figure_for(tmp_path, short_run, loss_reference=True).axes[0].get_ylim()
     assert low < GPT2_124M_FINEWEB_EDU_VAL_LOSS < 8.0 < high
 
 
-def test_ref_flags_on_the_command_line(tmp_path, monkeypatch):
-    log = write_log(tmp_path, run_lines(0, 200, True))
-    figures = []
-    monkeypatch.setattr(plot_log, "save_figure", lambda fig, out_path: figures.append(fig))
-    for flags, loss_lines, hella_lines in [
-        ([], [], [0.2955, 0.337]),
-        (["--ref"], [3.2924], [0.2955, 0.337]),
-    ]:
-        main([str(log), *flags])
-        loss_ax, hella_ax = figures.pop().axes
-        assert (reference_lines(loss_ax), reference_lines(hella_ax)) == (loss_lines, hella_lines)
-    main([str(log), "--ref", "--no-ref"])  # the last one given wins, as with any pair of flags
-    assert [reference_lines(ax) for ax in figures.pop().axes] == [[], []]
-
-
 def test_clipped_axis_says_how_many_points_it_hides(tmp_path):
-    # Loss falls from 11 to 3.3: the axis stops 3 nats above the lowest loss, hiding the first
-    # steps.
+    # Loss falls from 11 to 3.3: the axis stops 3 nats above the lowest loss, hiding first steps.
     lines = ["0 train nan"] + run_lines(1, 200, False)
     series = parse_log(write_log(tmp_path, lines))
     ax = build_figure(series).axes[0]
@@ -267,7 +239,6 @@ def test_help_lists_every_flag_with_its_default_once(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     for flag in ("--out", "--ref", "--no-ref", "--no-clip"):
         assert flag in help_text
-    # --ref and --no-ref share one setting: its default is told once, and in words, not as
-    # "(default: hellaswag)".
+    # --ref and --no-ref share one setting: its default is told once, in words, not "(default:".
     assert help_text.count("default") == 3  # --out's, --ref's, --no-clip's
     assert "(default:" not in help_text

@@ -17,17 +17,12 @@ def test_every_cpu_rung_runs_and_keeps_the_numbers(capsys):
     # The smallest shape that compiles, trained hard enough (lr 1e-2, 6 steps on real text) that the
     # loss has left its random-init value, ln(50257): equal losses then mean equal training, not
     # equal noise.
-    argv = (
-        "--device cpu --n_layer 1 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 32 "
-        "--steps 3 --warmup 3"
-    )
-    rows = speed_ladder.main([*argv.split(), "--lr", "1e-2"])
+    argv = "--device cpu --n_layer 1 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 32 --steps 3"
+    rows = speed_ladder.main([*argv.split(), "--warmup", "3", "--lr", "1e-2"])
     by_rung = {row["rung"]: row for row in rows}
 
-    assert {n for n, row in by_rung.items() if row.get("skipped") == "CUDA only"} == {
-        2,
-        7,
-    }  # TF32, fused AdamW
+    cuda_only = {n for n, row in by_rung.items() if row.get("skipped") == "CUDA only"}
+    assert cuda_only == {2, 7}  # TF32, fused AdamW
     timed = [row for row in rows if "skipped" not in row]
     assert [row["rung"] for row in timed] == [1, 3, 4, 5, 6]
     first = by_rung[1]
@@ -55,10 +50,5 @@ def test_the_top_rung_is_what_the_trainer_does_by_default():
     top = speed_ladder.cumulative_settings()[-1]
     trainer = speed_ladder.TRAINER_DEFAULTS
     assert top.vocab_size == trainer.vocab_size
-    assert (
-        top.tf32
-        and top.compile
-        and top.flash
-        and top.fused_adamw
-        and top.dtype == speed_ladder.torch.bfloat16
-    )
+    assert top.tf32 and top.compile and top.flash and top.fused_adamw
+    assert top.dtype == speed_ladder.torch.bfloat16

@@ -12,7 +12,6 @@ import train_gpt2
 from conftest import (
     TINY_MODEL,
     TINY_RUN,
-    TINY_SHAPE,
     run_trainer,
     write_bin_shard,
     write_hellaswag,
@@ -24,8 +23,8 @@ from train_gpt2 import DataLoaderLite, get_lr
 QUIET = ["--no-hellaswag", "--no-sample_every_eval"]
 
 
-def load_params(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def val_loss_lines(stdout):
@@ -51,14 +50,12 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 # --- the data loader ------------------------------------------------------------------------------
 
 
-def make_marked_shards(directory, lengths, split="train"):
-    """Shards whose token at offset i of shard k is 10000 * k + i, so a window's first token says
-    where it was read."""
+def make_marked_shards(directory, lengths):
+    """Train shards whose token at offset i of shard k is 10000 * k + i, so a window's first token
+    says where it was read."""
     for k, length in enumerate(lengths):
-        np.save(
-            directory / f"marked_{split}_{k:06d}.npy",
-            (10000 * k + np.arange(length)).astype(np.uint16),
-        )
+        tokens = (10000 * k + np.arange(length)).astype(np.uint16)
+        np.save(directory / f"marked_train_{k:06d}.npy", tokens)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
@@ -81,9 +78,7 @@ def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
                 for rank, loader in enumerate(loaders):
                     assert loader.epoch == epoch  # every rank in the same epoch
                     x, y = loader.next_batch()
-                    start = (
-                        w * window + rank * B * T
-                    )  # the striding: global window, then rank offset
+                    start = w * window + rank * B * T  # the striding: the window, the rank
                     expected = 10000 * shard + np.arange(start, start + B * T + 1)
                     assert start + B * T + 1 <= lengths[shard]  # never past the shard's end
                     assert torch.equal(x.flatten(), torch.from_numpy(expected[:-1]))
@@ -97,6 +92,7 @@ def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
 def test_loader_state_round_trips_mid_shard(tmp_path):
     make_marked_shards(tmp_path, [1000, 1000])
     loader = DataLoaderLite(str(tmp_path), 4, 16, 1, 2, "train")
+    assert isinstance(loader.shards[0], np.memmap)  # read from disk as needed, not loaded whole
     for _ in range(9):  # 9 windows of 128: into the second shard
         loader.next_batch()
     state = loader.state_dict()
@@ -127,32 +123,26 @@ def shuffled_loader(directory, seed=0, B=2, T=16, step_tokens=128):
     return DataLoaderLite(str(directory), B, T, 0, 1, "train", step_tokens, shuffle=True, seed=seed)
 
 
-def test_shuffled_order_depends_on_the_seed_and_the_epoch_only(tmp_path):
-    make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
-    steps = shuffled_loader(tmp_path).steps_per_epoch()
-    first = rows_read(shuffled_loader(tmp_path), 2 * steps)
-    again = rows_read(shuffled_loader(tmp_path), 2 * steps)
-    assert first == again  # the same seed: the same order, twice
-    epoch0, epoch1 = first[: len(first) // 2], first[len(first) // 2 :]
-    assert epoch0 != epoch1  # each epoch its own order
-    assert rows_read(shuffled_loader(tmp_path, seed=1), steps) != epoch0  # another seed, order
-    assert epoch0 != sorted(epoch0)  # shuffled indeed
-    # --batch_size does not change it: 8 sequences per step, read as 4 micro-steps of 2 or one of 8
-    assert rows_read(shuffled_loader(tmp_path, B=8), steps) == epoch0
-
-
-def test_shuffled_epoch_reads_every_window_once(tmp_path):
+def test_shuffled_order_reads_every_window_once_an_epoch_and_depends_on_seed_and_epoch(tmp_path):
     make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
     loader = shuffled_loader(tmp_path)
-    rows = rows_read(loader, loader.steps_per_epoch())
+    steps = loader.steps_per_epoch()
+    epoch0 = rows_read(loader, steps)
     windows = {(shard, k * 16) for shard, length in enumerate(SHUFFLED_LENGTHS)
                for k in range((length - 1) // 16)}  # fmt: skip
     tails, left_over = progress.unread_per_epoch(loader)
     assert tails == sum((length - 1) % 16 for length in SHUFFLED_LENGTHS)
-    assert len(rows) == len(set(rows)) == len(windows) - left_over
+    assert len(epoch0) == len(set(epoch0)) == len(windows) - left_over
     assert 0 <= left_over < 8  # fewer than one step
-    assert set(rows) <= windows and {shard for shard, _ in rows} == set(range(4))
+    assert set(epoch0) <= windows and {shard for shard, _ in epoch0} == set(range(4))
     assert (loader.epoch, loader.sequence) == (1, 0)  # the epoch ended with its last whole step
+    epoch1 = rows_read(loader, steps)
+    assert epoch0 != epoch1  # each epoch its own order
+    assert rows_read(shuffled_loader(tmp_path), 2 * steps) == epoch0 + epoch1  # the same seed
+    assert rows_read(shuffled_loader(tmp_path, seed=1), steps) != epoch0  # another seed, order
+    assert epoch0 != sorted(epoch0)  # shuffled indeed
+    # --batch_size does not change it: 8 sequences per step, read as 4 micro-steps of 2 or one of 8
+    assert rows_read(shuffled_loader(tmp_path, B=8), steps) == epoch0
 
 
 # mid-epoch, at its last step, at its end, past it
@@ -168,24 +158,17 @@ def test_shuffled_loader_resumes_exactly(tmp_path, steps_before):
     assert rows_read(resumed, 50 - steps_before) == straight[steps_before * 8 :]
 
 
-def test_a_resume_in_another_order_is_refused(tmp_path):
+def test_a_resume_in_another_order_is_refused_and_one_from_before_the_shuffle_reads_on(tmp_path):
     make_marked_shards(tmp_path, SHUFFLED_LENGTHS)
     state = shuffled_loader(tmp_path, seed=3).state_dict()
-    for other in (shuffled_loader(tmp_path, seed=4),
-                  DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)):  # fmt: skip
+    in_order = DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)
+    for other in (shuffled_loader(tmp_path, seed=4), in_order):
         with pytest.raises(train_gpt2.UserError, match="another order: resume with --shuffle --se"):
             other.load_state_dict(state)
-
-
-def test_loader_resumes_a_checkpoint_from_before_the_shuffle(tmp_path):
-    """Such a checkpoint saved the next step as a shard and a token position in it, and read in
-    order."""
-    make_marked_shards(tmp_path, [1000, 1000])
-    loader = DataLoaderLite(str(tmp_path), 2, 16, 0, 1, "train", 128)
-    old_state = dict(shard=1, position=2 * 128, epoch=0, step_tokens=128, data=loader.data)
-    loader.load_state_dict(old_state)
-    x, _ = loader.next_batch()
-    assert x[0, 0].item() == 10000 + 2 * 128
+    # a checkpoint from before the shuffle saved the next step as a shard and a token position
+    old_state = dict(shard=1, position=2 * 128, epoch=0, step_tokens=128, data=in_order.data)
+    in_order.load_state_dict(old_state)
+    assert in_order.next_batch()[0][0, 0].item() == 10000 + 2 * 128
     with pytest.raises(train_gpt2.UserError, match="resume with --no-shuffle"):
         shuffled_loader(tmp_path).load_state_dict(old_state)
 
@@ -197,32 +180,7 @@ def test_loader_reads_llm_c_bin_shards(tmp_path):
     assert torch.equal(y.flatten(), torch.arange(1, 21))
 
 
-def test_loader_memory_maps_shards(tmp_path):
-    make_marked_shards(tmp_path, [1000])
-    loader = DataLoaderLite(str(tmp_path), 2, 8, 0, 1, "train")
-    assert isinstance(loader.shards[0], np.memmap)
-
-
 # --- the training run -----------------------------------------------------------------------------
-
-
-def test_ddp_two_processes_equal_one_process_with_accumulation(tmp_path, text_shards):
-    """torchrun with 2 gloo ranks and no accumulation == 1 process accumulating 2 micro-steps."""
-    args = [*TINY_MODEL, *QUIET, "--data_dir", text_shards, *(
-        "--batch_size 4 --seq_len 32 --total_batch_size 256 --max_steps 4 --warmup_steps 2 "
-        "--eval_every 2 --val_tokens 512").split()]  # fmt: skip
-    ddp = run_trainer(*args, "--log_dir", tmp_path / "ddp", nproc=2)
-    single = run_trainer(*args, "--log_dir", tmp_path / "single")
-    assert "2 process(es)" in ddp.stdout and "x 2 process(es) x 1 micro-steps" in ddp.stdout
-    assert "x 1 process(es) x 2 micro-steps" in single.stdout
-    a = load_params(tmp_path / "ddp" / "model_00003.pt")
-    b = load_params(tmp_path / "single" / "model_00003.pt")
-    initial = train_gpt2.GPT(train_gpt2.GPTConfig(**TINY_SHAPE)).state_dict()
-    assert any(not torch.allclose(a[k], initial[k]) for k in a)  # the runs did train
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
-    # the val loss, reduced across ranks, is the single process's too
-    assert val_loss_lines(ddp.stdout) == val_loss_lines(single.stdout)
 
 
 def test_resume_is_bit_identical(tmp_path, text_shards):
@@ -240,20 +198,16 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     straight_run = run_trainer(*args, "--log_dir", tmp_path / "straight")
     assert "epoch       3 steps, shuffled by --seed 1337" in straight_run.stdout
     assert "epoch 0 done at step 2: 768 tokens seen" in straight_run.stdout
-    os.makedirs(tmp_path / "resumed")
-    # stopped after 4 of 8 steps
+    os.makedirs(tmp_path / "resumed")  # as if stopped after 4 of 8 steps
     shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "resumed")
     result = run_trainer(*args, "--log_dir", tmp_path / "resumed", "--resume")
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
     # the first half is not trained again
     assert "step 3/7 |" not in result.stdout and "step 4/7 |" in result.stdout
-    straight = torch.load(tmp_path / "straight" / "model_00007.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "resumed" / "model_00007.pt", weights_only=True)
+    straight, resumed = (load(tmp_path / run / "model_00007.pt") for run in ("straight", "resumed"))
     for key in straight["model"]:
         assert torch.equal(straight["model"][key], resumed["model"][key]), key
-    for a, b in zip(
-        straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()
-    ):
+    for a, b in zip(*(run["optimizer"]["state"].values() for run in (straight, resumed))):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight["loader"] == resumed["loader"] and straight["loader"]["epoch"] == 2
     straight_losses = [
@@ -261,8 +215,7 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     ]
     assert open(tmp_path / "resumed" / "log.txt").readlines() == straight_losses
     assert "note:" not in result.stdout
-    # Resumed with another --val_tokens: the run goes on, and says its val losses measure something
-    # else now.
+    # resumed with another --val_tokens: the run goes on, and says its val losses measure another
     os.makedirs(tmp_path / "changed")
     shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "changed")
     changed = run_trainer(
@@ -271,37 +224,28 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     assert "note: --val_tokens is 1024, the run before was 512" in changed.stdout
 
 
-def test_loss_goes_down_on_real_text(tmp_path, text_shards):
-    result = run_trainer(*TINY_MODEL, *QUIET, "--data_dir", text_shards, "--log_dir",
-                         tmp_path / "log", *("--batch_size 8 --seq_len 64 --total_batch_size 512 "
-                         "--max_steps 40 --warmup_steps 5 --max_lr 3e-3 --eval_every 20 "
+def test_a_compiled_run_learns_real_text_with_eval_hellaswag_and_sampling(tmp_path, text_shards):
+    """build-nanogpt ships with compile off because it broke its in-loop evals: here they all run
+    compiled, and the model learns."""
+    result = run_trainer(*TINY_MODEL, "--data_dir", text_shards, "--log_dir", tmp_path / "log",
+                         "--hellaswag_data", write_hellaswag(tmp_path / "h.jsonl"), *("--compile "
+                         "--batch_size 8 --seq_len 64 --total_batch_size 512 --max_steps 40 "
+                         "--warmup_steps 5 --max_lr 3e-3 --eval_every 20 "
                          "--val_tokens 1024").split())  # fmt: skip
+    assert "compile on" in result.stdout and "tok/s" in result.stdout
+    evals = [line for line in val_loss_lines(result.stdout) if line.startswith("step")]
+    assert [line.split(" |")[0] for line in evals] == ["step 19/39", "step 39/39"]
+    assert result.stdout.count('sample 0: """GPT-2 (124M') == 3  # the val split's start, each eval
     log = [line.split() for line in open(tmp_path / "log" / "log.txt")]
     train = [float(v) for _, kind, v in log if kind == "train"]
     val = [float(v) for _, kind, v in log if kind == "val"]
     assert train[0] > 10.5  # ln(50257) = 10.8: the start is uniform guessing
     assert sum(train[-5:]) / 5 < train[0] - 3.0
-    # the first: the starting weights
-    assert len(val) == 3 and val[0] > 10.5 and val[2] < val[1] < 9.0
-    assert "tok/s" in result.stdout
-
-
-def test_compile_with_eval_hellaswag_and_sampling_runs_on_cpu(tmp_path, text_shards):
-    """build-nanogpt ships with compile off because it broke its in-loop evals: here they all run
-    compiled."""
-    result = run_trainer(*TINY_MODEL, "--data_dir", text_shards, "--log_dir", tmp_path / "log",
-                         "--hellaswag_data", write_hellaswag(tmp_path / "h.jsonl"), *("--compile "
-                         "--batch_size 4 --seq_len 32 --total_batch_size 128 --max_steps 2 "
-                         "--warmup_steps 1 --eval_every 1 --val_tokens 256").split())  # fmt: skip
-    assert "compile on" in result.stdout
-    # one per evaluation
-    assert sum(line.startswith("step") for line in val_loss_lines(result.stdout)) == 2
-    # the val split's first words, at steps -1, 0, 1
-    assert result.stdout.count('sample 0: """GPT-2 (124M') == 3
-    hella = [line.split() for line in open(tmp_path / "log" / "log.txt") if " hella " in line]
-    assert [step for step, _, _ in hella] == ["-1", "0", "1"]
-    assert all(0 <= float(acc) <= 1 for _, _, acc in hella)
-    assert os.path.exists(tmp_path / "log" / "model_00001.pt")
+    assert len(val) == 3 and val[0] > 10.5 and val[2] < val[1] < 9.0  # val[0]: the start
+    hella = [(step, float(acc)) for step, kind, acc in log if kind == "hella"]
+    assert [step for step, _ in hella] == ["-1", "19", "39"]
+    assert all(0 <= acc <= 1 for _, acc in hella)
+    assert os.path.exists(tmp_path / "log" / "model_00039.pt")
 
 
 def test_grad_clip_0_is_no_clipping(random_shards):
@@ -376,26 +320,31 @@ def test_each_step_reads_the_same_tokens_for_any_number_of_processes(tmp_path, s
     assert steps_read(str(tmp_path), 4, 1, steps - 3, state, shuffle)[0] == one[3:]
 
 
-def test_resume_on_two_ranks_from_a_one_rank_checkpoint_near_a_shard_end(tmp_path):
-    """A 1-process run (2 micro-steps) checkpointed at a shard's end, resumed under torchrun on 2
-    ranks, ends where a 2-rank run that never stopped ends: same weights, same data position."""
+def test_two_ranks_equal_one_process_accumulating_and_resume_its_checkpoint(tmp_path):
+    """torchrun with 2 gloo ranks == 1 process accumulating 2 micro-steps: the same weights, val
+    losses (reduced across ranks) and data position. The 1-process run's checkpoint at a shard's
+    end, resumed on 2 ranks, ends where both runs end."""
     window = 256  # --total_batch_size
     data = write_random_shards(
         tmp_path / "data", val_tokens=2048, train_lengths=(3 * window + 130, 5 * window + 1)
     )
     flags = [*TINY_RUN, "--data_dir", data, "--total_batch_size", window, "--eval_every", 100,
              "--ckpt_every", 3, "--no-shuffle"]  # fmt: skip
-    run_trainer(*flags, "--log_dir", tmp_path / "one")  # step 2 ends shard 1: step 3 reads shard 2
-    run_trainer(*flags, "--log_dir", tmp_path / "two", nproc=2)
+    one = run_trainer(*flags, "--log_dir", tmp_path / "one")  # step 2 ends shard 1: 3 reads shard 2
+    two = run_trainer(*flags, "--log_dir", tmp_path / "two", nproc=2)
+    assert "x 1 process(es) x 2 micro-steps" in one.stdout
+    assert "x 2 process(es) x 1 micro-steps" in two.stdout
+    assert val_loss_lines(two.stdout) == val_loss_lines(one.stdout)
     os.makedirs(tmp_path / "resumed")
     shutil.copy(tmp_path / "one" / "model_00002.pt", tmp_path / "resumed")
     resumed = run_trainer(*flags, "--log_dir", tmp_path / "resumed", "--resume", nproc=2)
     assert "resumed from" in resumed.stdout and "2 process(es) x 1 micro-steps" in resumed.stdout
-    ours = torch.load(tmp_path / "resumed" / "model_00005.pt", weights_only=True)
-    for reference in ("two", "one"):
-        theirs = torch.load(tmp_path / reference / "model_00005.pt", weights_only=True)
+    ends = [load(tmp_path / run / "model_00005.pt") for run in ("resumed", "two", "one")]
+    for ours, theirs in [(ends[0], ends[1]), (ends[0], ends[2]), (ends[1], ends[2])]:
         assert ours["loader"] == theirs["loader"]
         for key in theirs["model"]:  # accumulation and DDP add the same gradients in another order
             torch.testing.assert_close(ours["model"][key], theirs["model"][key], atol=1e-5, rtol=0)
     # 3 steps into shard 2 (shard 1 holds 3 steps), as both read
-    assert ours["loader"]["sequence"] == 24 + 3 * 8
+    assert ends[0]["loader"]["sequence"] == 24 + 3 * 8
+    start = load(tmp_path / "one" / "model_00002.pt")["model"]
+    assert any(not torch.equal(start[k], ends[2]["model"][k]) for k in start)  # the runs did train
