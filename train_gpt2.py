@@ -32,7 +32,6 @@ from machinery import (
 from machinery.cli import UserError
 from machinery.files import atomic_write
 from machinery.tokenizer import GPT2_VOCAB_SIZE, gpt2_tokenizer
-from machinery.torchrun import Processes
 
 # -----------------------------------------------------------------------------
 # The model. GPT-2 is a stack of identical pre-LayerNorm transformer blocks between a token+position
@@ -112,9 +111,8 @@ class KVCache:
         T = k.size(2)
         assert self.length == 0 or T == 1, "the prompt at once, then one token at a time"
         if self.keys is None:
-            B, n_head, _, head_size = k.shape
-            self.keys = k.new_empty(B, n_head, self.max_len, head_size)
-            self.values = v.new_empty(B, n_head, self.max_len, head_size)
+            shape = (*k.shape[:2], self.max_len, k.size(3))  # (B, n_head, max_len, head_size)
+            self.keys, self.values = k.new_empty(shape), v.new_empty(shape)
         self.keys[:, :, self.length : self.length + T] = k
         self.values[:, :, self.length : self.length + T] = v
         self.length += T
@@ -254,9 +252,8 @@ def load_shard(path):
     (a header of 256 int32, then the tokens). A file that is neither is said in one line."""
     with shards.reading(path):
         if path.endswith(".bin"):
-            num_tokens = shards.bin_header_tokens(path)
-            offset = shards.BIN_HEADER_BYTES
-            tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=(num_tokens,))
+            shape, offset = (shards.bin_header_tokens(path),), shards.BIN_HEADER_BYTES
+            tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=offset, shape=shape)
         else:
             tokens = np.load(path, mmap_mode="r")
     return shards.check_tokens(path, tokens)
@@ -302,7 +299,7 @@ class DataLoaderLite:
         block = self.micro_step * self.num_processes + self.process_rank
         first = self.sequence + block * self.B
         rows = [
-            self.shards[s][k * self.T : k * self.T + self.T + 1] for s, k in self.windows_at(first)
+            self.shards[s][k * self.T : (k + 1) * self.T + 1] for s, k in self.windows_at(first)
         ]
         buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1), from the memory map
         x, y = buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
@@ -357,13 +354,13 @@ def window_order(seed, epoch, shard, windows):
 def validation_loss(model, val_loader, steps, autocast, procs, stop=None, rows=None):
     """Mean loss over `steps` batches from the start of the val split, averaged over ranks, `rows`
     sequences per forward pass (default: the batch). A stop request ends the loop between batches
-    (the result is then meaningless); every rank still joins the reduction, so none waits."""
+    (the result is then meaningless), on every rank at once: none is left waiting for the others."""
     device = next(model.parameters()).device
     model.eval()
     val_loader.reset()
     loss_sum = torch.zeros((), device=device)
     for _ in range(steps):
-        if stop is not None and stop.requested:
+        if stop is not None and stop.agreed():
             break
         x, y = val_loader.next_batch()  # (B, T) each
         for xs, ys in zip(x.split(rows or len(x)), y.split(rows or len(x))):  # (rows, T) at a time
@@ -411,8 +408,8 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 def join_group(group, device):
     """This process's place in the torchrun group (rank, local rank, world size), all joined."""
     if group is None:
-        return Processes()
-    procs = Processes(True, *group)
+        return torchrun.Processes()
+    procs = torchrun.Processes(True, *group)
     with torchrun.waiting_for_peers(procs):  # says so, and lets Ctrl-C end the wait
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return procs
@@ -460,6 +457,8 @@ def train_step(step_model, optimizer, scaler, loader, grad_accum_steps, lr, grad
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         # DDP averages gradients across ranks on the last micro-step; before, they add up locally.
         last_micro_step = micro_step == grad_accum_steps - 1
+        if torchrun.is_fully_sharded(step_model):  # FSDP2: the same, by reduce-scattering once
+            step_model.set_requires_gradient_sync(last_micro_step)
         with contextlib.nullcontext() if last_micro_step or not ddp else step_model.no_sync():
             with autocast:
                 _, loss = step_model(x, y)
@@ -487,15 +486,14 @@ def save_checkpoint(path, state):
         torch.save(state, f)
 
 
-def checkpoint_state(model, optimizer, scaler, step, loaders, device, args, eval_pending=False):
-    """What a checkpoint holds after `step`; eval_pending: its evaluation was cut short."""
+def checkpoint_state(model, weights, moments, scaler, step, loaders, device, args, eval_pending):
+    """What a checkpoint holds after `step`, with the model's and AdamW's whole state dicts."""
     rng = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
-    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                scaler=scaler.state_dict(), eval_pending=eval_pending, rng=rng,
-                loader=loaders[0].state_dict(), val_data=loaders[1].data,
-                config=asdict(model.config), args=vars(args))  # fmt: skip
+    return dict(model=weights, optimizer=moments, step=step, scaler=scaler.state_dict(),
+                eval_pending=eval_pending, rng=rng, loader=loaders[0].state_dict(),
+                val_data=loaders[1].data, config=asdict(model.config), args=vars(args))  # fmt: skip
 
 
 def load_checkpoint(path):
@@ -506,9 +504,9 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def restore_checkpoint(checkpoint, optimizer, scaler, loaders, device):
+def restore_checkpoint(checkpoint, model, optimizer, scaler, loaders, device):
     """Restore all but the weights (loaded already) as after the checkpoint's step: the next."""
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    torchrun.load_optimizer_state(model, optimizer, checkpoint["optimizer"])  # sharded or not
     if checkpoint["scaler"]:  # empty where the run was not in fp16: fp16 then starts afresh
         scaler.load_state_dict(checkpoint["scaler"])
     train_loader, val_loader = loaders
@@ -610,7 +608,7 @@ def validation_data(args, procs):
 
 @dataclass
 class Evaluation:
-    """What each evaluation reads and does: the val loss, HellaSwag, a few samples (rank 0)."""
+    """What each evaluation reads and does: the val loss, HellaSwag, a few samples."""
 
     val_loader: DataLoaderLite
     val_steps: int  # batches of the val split per evaluation
@@ -621,31 +619,33 @@ class Evaluation:
     samples: bool  # whether to draw them
 
     def run(self, model, forward_model, procs, stop, report, log, step):
-        """Each logged; whether they ran to the end (a stop request cuts them short, unsaid)."""
+        """Each logged, on every rank; whether all ran to the end (a stop cuts them short)."""
         label, started = report.label(step), time.time()
         val_loss = validation_loss(forward_model, self.val_loader, self.val_steps, self.autocast,
                                    procs, stop, self.rows)  # fmt: skip
-        if not stop.requested:
+        cut = stop.agreed()  # the same on every rank, so that all go on to the same next part
+        if not cut:
             procs.print(f"{label} | val loss {val_loss:.4f} | {progress.since(started)}")
             report.val_done(step, val_loss)
             log.write(f"{step} val {val_loss:.4f}")
-        if self.hellaswag:
+        if self.hellaswag and not cut:
             started = time.time()
             acc_norm = self.hellaswag(model, stop)  # uncompiled: its row lengths vary
-            if not stop.requested:
+            cut = stop.agreed()
+            if not cut:
                 took = progress.since(started)
                 procs.print(f"{label} | hellaswag acc_norm {acc_norm:.4f} | {took}")
                 report.hellaswag = acc_norm
                 log.write(f"{step} hella {acc_norm:.4f}")
-        if procs.master and self.samples and not stop.requested:
+        if self.samples and not cut:
             started = time.time()
             texts = sample_texts(model, gpt2_tokenizer(), self.prompt, num_samples=4,
                                  max_new_tokens=SAMPLE_TOKENS, autocast=self.autocast)  # fmt: skip
-            print("\n".join(f"sample {i}: {text}" for i, text in enumerate(texts)))
-            print(f"{label} | 4 samples | {progress.since(started)}")
-        if stop.requested:
+            procs.print("\n".join(f"sample {i}: {text}" for i, text in enumerate(texts)))
+            procs.print(f"{label} | 4 samples | {progress.since(started)}")
+        if cut:
             procs.print(f"{label} | evaluation cut short by the stop request; --resume redoes it")
-        return not stop.requested
+        return not cut
 
 
 # -----------------------------------------------------------------------------
@@ -666,12 +666,14 @@ def train(args, device, procs):
     memory = devices.check_training_fits(model, args, world_size, device, use_compile)
     rows = devices.evaluation_rows(model, B, T, device)  # fewer than B where memory is short
     model.activation_checkpointing = args.activation_checkpointing
+    if args.shard == "full":  # FSDP2, in place: the optimizer below holds this rank's shards only
+        torchrun.fully_shard_model(model, dtype)
     optimizer = configure_optimizer(model, args.weight_decay, args.max_lr, (args.beta1, args.beta2),
                                     args.eps, device.type, args.shard == "optimizer")  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)  # fp16 only
     start_step, eval_pending, loaders = 0, False, (train_loader, val_loader)
     if checkpoint is not None:
-        start_step = restore_checkpoint(checkpoint, optimizer, scaler, loaders, device)
+        start_step = restore_checkpoint(checkpoint, model, optimizer, scaler, loaders, device)
         eval_pending = checkpoint.get("eval_pending", False)
         checkpoints.check_steps_left(start_step, args.max_steps, eval_pending)
         checkpoints.check_same_recipe(checkpoint.get("args", {}), args.model, path)
@@ -682,7 +684,7 @@ def train(args, device, procs):
         checkpoints.remove_stale(args.log_dir)  # a write cut short: the one before is intact
     forward_model = torch.compile(model) if use_compile else model
     step_model = forward_model
-    if procs.ddp:
+    if procs.ddp and args.shard != "full":
         device_ids = [device.index] if device.type == "cuda" else None
         step_model = nn.parallel.DistributedDataParallel(forward_model, device_ids=device_ids)
     enc, grad_accum_steps = gpt2_tokenizer(), args.total_batch_size // (B * T * world_size)
@@ -696,19 +698,19 @@ def train(args, device, procs):
                             args.sample_every_eval)  # fmt: skip
     mfu_flops = devices.step_flops_of_peak(model, args, device, world_size)  # None: peak unknown
     log = progress.RunLog(args.log_dir, args.resume, procs.master)
-    stop = torchrun.StopRequest(procs)
+    stop = torchrun.StopRequest(procs, device)
     report = progress.Progress(start_step, last_step)
 
     def evaluate(step):
         return evaluation.run(model, forward_model, procs, stop, report, log, step)
 
     def save(step, eval_pending):
-        checkpoints.check_finite_weights(model, step, args.log_dir)  # every rank: none saves NaN
-        torchrun.gather_optimizer_state(optimizer)  # --shard optimizer: all shares to rank 0
+        checkpoints.check_finite_weights(model, step, args.log_dir, procs, device)  # none saves NaN
+        weights, moments = torchrun.whole_state(model, optimizer, procs)  # rank 0 gets them all
         if procs.master:
             path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
-            save_checkpoint(path, checkpoint_state(model, optimizer, scaler, step, loaders, device,
-                                                   args, eval_pending))  # fmt: skip
+            save_checkpoint(path, checkpoint_state(model, weights, moments, scaler, step, loaders,
+                                                   device, args, eval_pending))  # fmt: skip
             print(f"saved {path}", flush=True)
             report.checkpoint = path
 
@@ -749,8 +751,7 @@ def train(args, device, procs):
 
 
 def evaluate_only(args, device, procs):
-    """--eval_only: the val loss (and HellaSwag where its data is at hand) of the --init or
-    --resume weights, each rank scoring its share. No file is written, not even the log folder."""
+    """--eval_only: the val loss and HellaSwag of --init or --resume weights; no file written."""
     dtype, dtype_reason, autocast = mixed_precision(args.dtype, device)
     val_loader, val_steps = validation_data(args, procs)
     model, path, _ = build_model(args, device)
@@ -758,15 +759,14 @@ def evaluate_only(args, device, procs):
     weights, world_size = path or args.init, procs.world_size
     procs.print(progress.eval_only_block(weights, model, world_size, device, dtype, dtype_reason,
                                          args.data_dir, val_loader, val_steps, rows))  # fmt: skip
-    acc_norm = args.hellaswag and hellaswag.in_loop_eval(
-        args.hellaswag_data, gpt2_tokenizer(), procs, rows, dtype, download=False
-    )
+    hella = args.hellaswag and hellaswag.in_loop_eval(args.hellaswag_data, gpt2_tokenizer(), procs,
+                                                      rows, dtype, download=False)  # fmt: skip
     started = time.time()  # not compiled: one pass over the val tokens costs less than compiling
     val_loss = validation_loss(model, val_loader, val_steps, autocast, procs, rows=rows)
     procs.print(f"val loss {val_loss:.6f} | {progress.since(started)}")
-    if acc_norm:
+    if hella:
         started = time.time()
-        procs.print(f"hellaswag acc_norm {acc_norm(model):.4f} | {progress.since(started)}")
+        procs.print(f"hellaswag acc_norm {hella(model):.4f} | {progress.since(started)}")
 
 
 # -----------------------------------------------------------------------------

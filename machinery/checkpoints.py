@@ -345,10 +345,12 @@ def check_finite(train_loss, norm, loss_scaling, step, log_dir):
         stop_diverged(step, f"loss {train_loss} / grad norm {norm.item()} is not finite", log_dir)
 
 
-def check_finite_weights(model, step, log_dir):
+def check_finite_weights(model, step, log_dir, procs, device):
     """A step can leave inf or NaN weights behind a finite loss (a learning rate far too high):
-    checked before each checkpoint (on every rank), so that none ever holds them."""
-    if not torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all():
+    checked before each checkpoint, each rank its weights (with --shard full, its shards), so that
+    none ever holds them."""
+    weights = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+    if procs.any(not torch.stack([torch.isfinite(p).all() for p in weights]).all(), device):
         stop_diverged(step, "the loss is finite, but the weights after the step are not", log_dir)
 
 

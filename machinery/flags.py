@@ -87,7 +87,8 @@ FLAGS = {
         ("--compile", bool, "torch.compile the model (default: on for CUDA)"),
         ("--shard", ("none", "optimizer", "full"), "under torchrun: none keeps a full "
          "copy of the state on every rank (DDP); optimizer shards AdamW's moments over the ranks "
-         "(ZeRO-1): 8 + 8/ranks bytes a parameter, not 16"),
+         "(ZeRO-1): 8 + 8/ranks bytes a parameter, not 16; full shards the weights and gradients "
+         "too (FSDP2): 16/ranks"),
         ("--activation_checkpointing", False, "recompute each block's activations in the backward "
          "pass: the same numbers, about a third more compute, far less activation memory"),
         ("--peak_flops", float, "device peak FLOP/s for MFU (known for A100/H100/H200)", POSITIVE),
@@ -110,9 +111,6 @@ RULES = [
     (lambda a, ranks: a.eval_only or a.total_batch_size % (a.batch_size * a.seq_len * ranks) == 0,
      "--total_batch_size {total_batch_size} is not divisible by batch_size*seq_len*world_size = "
      "{batch_size}*{seq_len}*{world_size} = {micro_step_tokens}: change one of them"),
-    (lambda a, _: a.shard != "full", "--shard full (FSDP2, weights and gradients sharded too) is "
-     "not offered yet: --shard optimizer shards AdamW's moments, and --activation_checkpointing "
-     "saves activation memory"),
     (lambda a, ranks: a.shard == "none" or a.eval_only or ranks > 1, "--shard {shard} shares the "
      "state over the ranks of a torchrun group, and this is one process: start it with "
      "torchrun --nproc_per_node=N (N of 2 or more), or leave out --shard"),

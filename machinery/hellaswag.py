@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
+from machinery import torchrun
 from machinery.cli import UserError
 from machinery.files import atomic_write
 from machinery.tokenizer import cache_path
@@ -221,7 +222,7 @@ def score_examples(model, examples, enc, device, batch_size, autocast_dtype=torc
     bar = tqdm(total=len(packed), unit="example", desc="hellaswag", disable=not progress)
     with torch.no_grad(), autocast, bar:
         for start in range(0, len(order), batch_size):
-            if stop is not None and stop.requested:
+            if stop is not None and stop.agreed():  # on all ranks at once, as validation_loss
                 break
             batch = order[start : start + batch_size]
             losses, counts = ending_losses(model, [packed[i] for i in batch], device)
@@ -242,11 +243,15 @@ def evaluate_hellaswag(model, examples, enc, device, batch_size, rank=0, world_s
     ...) and gets the totals. `model` is the GPT (a compiled one runs its uncompiled methods here),
     not the DDP wrapper: evaluation needs no gradient sync."""
     own = examples[rank::world_size]  # this rank's share
-    counts = [0, 0, 0]  # more ranks than examples: this rank still joins the all_reduce
-    if own:
-        scores = score_examples(model, own, enc, device, batch_size, autocast_dtype, progress, stop)
-        labels = torch.tensor([example["label"] for example in own])
-        counts = [len(own)] + [(pred == labels).sum().item() for pred in predictions(*scores)]
+    # Every rank runs as many forward passes (with --shard full each needs all ranks): a share one
+    # short is made up with copies of the first example, scored but not counted.
+    turns = -(-len(examples) // world_size)
+    scored = own + examples[:1] * (turns - len(own))
+    sums, tokens = score_examples(model, scored, enc, device, batch_size, autocast_dtype, progress,
+                                  stop)  # fmt: skip
+    labels = torch.tensor([example["label"] for example in own], dtype=torch.long)
+    chosen = predictions(sums[: len(own)], tokens[: len(own)])
+    counts = [len(own)] + [(pred == labels).sum().item() for pred in chosen]
     if world_size > 1:
         counts = torch.tensor(counts, dtype=torch.long, device=device)
         torch.distributed.all_reduce(counts)
@@ -276,8 +281,9 @@ def in_loop_eval(data, enc, procs, batch_size, autocast_dtype, download=True):
     def hellaswag_acc_norm(model, stop=None):
         device = next(model.parameters()).device
         # one row per example, shorter than a training row: --batch_size of them fit
-        counts = evaluate_hellaswag(model, examples, enc, device, batch_size, procs.rank,
-                                    procs.world_size, autocast_dtype, stop=stop)  # fmt: skip
+        with torchrun.root_weights_gathered(model):  # --shard full: it calls no forward
+            counts = evaluate_hellaswag(model, examples, enc, device, batch_size, procs.rank,
+                                        procs.world_size, autocast_dtype, stop=stop)  # fmt: skip
         return counts["correct_norm"] / counts["n"]
 
     return hellaswag_acc_norm

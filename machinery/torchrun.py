@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -194,7 +195,7 @@ def sharded_adamw(groups, **adamw):
 
     class ShardedAdamW(ZeroRedundancyOptimizer):
         def state_dict(self):
-            # On rank 0 after gather_optimizer_state(), in a plain AdamW's layout: ZeRO's groups
+            # On rank 0 after whole_state(), in a plain AdamW's layout: ZeRO's groups
             # hold only the arguments given, AdamW's every one (amsgrad, ...).
             state = super().state_dict()
             for group in state["param_groups"]:
@@ -205,10 +206,86 @@ def sharded_adamw(groups, **adamw):
     return ShardedAdamW(groups, optimizer_class=torch.optim.AdamW, **adamw)
 
 
-def gather_optimizer_state(optimizer):
-    """Before rank 0 saves: every rank sends it its share of a sharded optimizer's state."""
-    if hasattr(optimizer, "consolidate_state_dict"):
+# -----------------------------------------------------------------------------
+# --shard full: PyTorch's FSDP2. Each rank keeps 1/ranks of every weight, gradient and AdamW moment.
+# A block's whole weights are gathered just before its forward (and again for its backward) and
+# freed after; its gradients are reduce-scattered onto the shards. The checkpoint is the same one
+# file: rank 0 gathers the whole weights and a plain AdamW's state, and writes them.
+
+
+def fully_shard_model(model, dtype):
+    """Shard each block, then the rest (embeddings, final LayerNorm) as the root, in place."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if dtype == torch.float16:  # the loss scaler's overflow check would see only this rank's shard
+        raise UserError("--shard full trains in bf16 or fp32, not fp16: pass --dtype bfloat16 "
+                        "where the GPU has it, or use --shard optimizer")  # fmt: skip
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    # sampling calls generate, not forward: it gathers the root's weights as forward does
+    register_fsdp_forward_method(model, "generate")
+    # forward returns its logits as a slice of the padded vocabulary's (a view), which no caller
+    # changes in place: FSDP2's warning about that is noise here
+    warnings.filterwarnings("ignore", "FSDP2-wrapped module .* returned a view tensor")
+
+
+def is_fully_sharded(model):
+    return hasattr(model, "reshard")  # what fully_shard adds to a module's class
+
+
+@contextlib.contextmanager
+def root_weights_gathered(model):
+    """HellaSwag calls the model's methods rather than its forward, which is where FSDP2 gathers the
+    root's own weights (the blocks gather theirs in their forward, as always)."""
+    if not is_fully_sharded(model):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+
+
+def parameter_names(model, optimizer):
+    """The name of each parameter in the optimizer's order: a plain AdamW's number for it."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def renumbered(state, new_keys):
+    """An optimizer state with its parameters' keys (names or numbers) mapped through new_keys."""
+    groups = [dict(g, params=[new_keys[p] for p in g["params"]]) for g in state["param_groups"]]
+    return {"state": {new_keys[p]: s for p, s in state["state"].items()}, "param_groups": groups}
+
+
+def whole_state(model, optimizer, procs):
+    """The weights and the optimizer's state as a plain model and AdamW hold them, on rank 0 (None
+    elsewhere), gathered from the ranks' shares where --shard splits them. Every rank calls it."""
+    if is_fully_sharded(model):
+        from torch.distributed.checkpoint import state_dict as dcp
+
+        options = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)  # all on rank 0
+        weights = dcp.get_model_state_dict(model, options=options)
+        state = dcp.get_optimizer_state_dict(model, optimizer, options=options)
+        numbers = {name: i for i, name in enumerate(parameter_names(model, optimizer))}
+        return (weights, renumbered(state, numbers)) if procs.master else (None, None)
+    if hasattr(optimizer, "consolidate_state_dict"):  # --shard optimizer: each share to rank 0
         optimizer.consolidate_state_dict(to=0)
+    return (model.state_dict(), optimizer.state_dict()) if procs.master else (None, None)
+
+
+def load_optimizer_state(model, optimizer, state):
+    """A checkpoint's optimizer state (a plain AdamW's) into the run's optimizer, sharded or not."""
+    if not is_fully_sharded(model):
+        optimizer.load_state_dict(state)  # ZeroRedundancyOptimizer keeps its share of it
+        return
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    named = renumbered(state, parameter_names(model, optimizer))
+    options = dcp.StateDictOptions(full_state_dict=True)  # every rank read the whole file
+    dcp.set_optimizer_state_dict(model, optimizer, named, options=options)
 
 
 # -----------------------------------------------------------------------------
@@ -220,8 +297,9 @@ class StopRequest:
     stop: it finishes the step (an evaluation stops between batches), saves and exits 0. A second
     Ctrl-C stops at once, discarding a checkpoint being written (atomic_write)."""
 
-    def __init__(self, procs):
+    def __init__(self, procs, device):
         self.requested, self.speaks = False, procs.master  # one notice for the group, from rank 0
+        self.procs, self.device = procs, device
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._handle)
 
@@ -235,3 +313,9 @@ class StopRequest:
         with contextlib.suppress(OSError):
             if self.speaks:
                 os.write(sys.stdout.fileno(), notice.encode())
+
+    def agreed(self):
+        """Whether any rank was asked to stop, the same answer on every rank (a collective): an
+        evaluation stops between two batches on all ranks together, since with --shard full every
+        forward pass needs every rank."""
+        return self.procs.any(self.requested, self.device)

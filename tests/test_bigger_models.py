@@ -1,8 +1,8 @@
 """Every GPT-2 size: --model's shapes and GPT-3's recipes in the start-up block, one CPU step of
-gpt2-medium; --activation_checkpointing gives the same numbers; --shard optimizer (ZeRO-1) on 2
-gloo ranks logs plain DDP's losses, and its one-file checkpoint resumes on 1 process or on 2
-sharded ranks, samples and exports; the memory estimate knows both and names them as the way
-out."""
+gpt2-medium; --activation_checkpointing gives the same numbers; --shard optimizer (ZeRO-1) and
+--shard full (FSDP2) on 2 gloo ranks log one process's numbers, and their one-file checkpoints
+resume on any --shard and world size, sample and export; the memory estimate knows each level and
+names them as the way out."""
 
 import argparse
 import contextlib
@@ -10,14 +10,15 @@ import copy
 import os
 import re
 import shutil
+from itertools import product
 
 import pytest
 import torch
 
 import export_hf
 import train_gpt2
-from conftest import TINY_MODEL, run_trainer, write_random_shards
-from machinery import devices, flags, progress
+from conftest import TINY_MODEL, TINY_SHAPE, run_trainer, write_hellaswag, write_random_shards
+from machinery import devices, flags, progress, torchrun
 from machinery.cli import UserError
 
 # OpenAI's parameter counts (Hugging Face's GPT2LMHeadModel, 50257 tokens); the trainer pads the
@@ -33,9 +34,14 @@ RECIPES = {  # GPT-3 paper, Table 2.1: (learning rate, tokens per step, warmup s
 
 
 def train_losses(log_dir):
+    return {step: value for (step, kind), value in logged(log_dir).items() if kind == "train"}
+
+
+def logged(log_dir):
+    """{(step, kind): value} of every line of a run's log.txt."""
     with open(os.path.join(log_dir, "log.txt")) as f:
         lines = [line.split() for line in f]
-    return {int(step): float(value) for step, kind, value in lines if kind == "train"}
+    return {(int(step), kind): float(value) for step, kind, value in lines}
 
 
 # -----------------------------------------------------------------------------
@@ -151,61 +157,85 @@ def test_shard_refusals_are_one_line_and_write_nothing(tmp_path):
         "--log_dir",
         str(tmp_path / "log"),
     ]
-    for shard, said in [("optimizer", "this is one process: start it with torchrun"),
-                        ("full", "--shard full (FSDP2, weights and gradients sharded too) is not "
-                         "offered yet")]:  # fmt: skip
+    for shard in ("optimizer", "full"):
         with pytest.raises(UserError) as error:
             train_gpt2.main([*base, "--shard", shard])
-        assert said in str(error.value) and "\n" not in str(error.value)
+        assert "this is one process: start it with torchrun" in str(error.value)
+        assert "\n" not in str(error.value)
     assert not (tmp_path / "log").exists()
+    # fp16's loss scaler would judge an overflow by this rank's shard of the gradients alone
+    with pytest.raises(UserError, match="--shard full trains in bf16 or fp32, not fp16"):
+        torchrun.fully_shard_model(
+            train_gpt2.GPT(train_gpt2.GPTConfig(**TINY_SHAPE)), torch.float16
+        )
 
 
-def test_sharded_optimizer_logs_ddp_losses_and_its_checkpoint_resumes_anywhere(tmp_path):
+def test_sharded_runs_log_one_process_numbers_and_their_checkpoints_resume_anywhere(
+    tmp_path, capsys
+):
+    """--shard optimizer and --shard full on 2 gloo ranks against one process with 2 micro-steps:
+    the same losses, val losses, HellaSwag (7 examples: shares of 4 and 3) and samples; one
+    checkpoint file in a plain AdamW's layout; a resume on any --shard and world size goes on as
+    the unbroken run."""
     data = write_random_shards(tmp_path / "data")
     run = [*TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32",
            "--total_batch_size", "256", "--max_steps", "6", "--warmup_steps", "2",
-           "--no-hellaswag", "--no-sample_every_eval", "--eval_every", "100",
-           "--val_tokens", "256", "--ckpt_every", "3"]  # fmt: skip
-    run_trainer(*run, "--log_dir", tmp_path / "ddp", nproc=2)
-    sharded = run_trainer(*run, "--log_dir", tmp_path / "zero", "--shard", "optimizer", nproc=2)
-    assert "(AdamW's moments over 2 ranks)" in sharded.stdout
-    ddp = train_losses(tmp_path / "ddp")
-    assert sorted(ddp) == list(range(6))
-    assert train_losses(tmp_path / "zero") == pytest.approx(ddp, abs=1e-5)
+           "--eval_every", "3", "--ckpt_every", "3", "--val_tokens", "256", "--hellaswag",
+           "--hellaswag_data", write_hellaswag(tmp_path / "hellaswag.jsonl", n=7)]  # fmt: skip
+    train_gpt2.main([*run, "--log_dir", str(tmp_path / "one")])
+    samples = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sample")]
+    reference = logged(tmp_path / "one")
+    assert sorted(reference) == sorted([*product(range(6), ["train"]),
+                                        *product([-1, 2, 5], ["val", "hella"])])  # fmt: skip
+    plain = torch.load(tmp_path / "one" / "model_00005.pt", weights_only=True)
+    for shard, said in [("optimizer", "AdamW's moments"),
+                        ("full", "weights, gradients and AdamW's moments")]:  # fmt: skip
+        sharded = run_trainer(*run, "--log_dir", tmp_path / shard, "--shard", shard, nproc=2)
+        assert f"({said} over 2 ranks)" in sharded.stdout
+        assert logged(tmp_path / shard) == pytest.approx(reference, abs=1e-5)
+        assert [
+            line for line in sharded.stdout.splitlines() if line.startswith("sample")
+        ] == samples
+        # One file in today's layout, written by rank 0: a plain AdamW's state, every entry of it.
+        ours = torch.load(tmp_path / shard / "model_00005.pt", weights_only=True)
+        assert ours["optimizer"]["param_groups"] == plain["optimizer"]["param_groups"]
+        assert ours["optimizer"]["state"].keys() == plain["optimizer"]["state"].keys()
+        for index, state in plain["optimizer"]["state"].items():
+            for name, value in state.items():
+                torch.testing.assert_close(ours["optimizer"]["state"][index][name], value,
+                                           atol=1e-5, rtol=0)  # fmt: skip
+        assert_same_weights(ours["model"], plain["model"])
 
-    # One file in today's layout, written by rank 0: a plain AdamW's state, every entry of it.
-    ours = torch.load(tmp_path / "zero" / "model_00005.pt", weights_only=True)
-    theirs = torch.load(tmp_path / "ddp" / "model_00005.pt", weights_only=True)
-    assert ours["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
-    assert ours["optimizer"]["state"].keys() == theirs["optimizer"]["state"].keys()
-    for index, state in theirs["optimizer"]["state"].items():
-        for name, value in state.items():
-            torch.testing.assert_close(ours["optimizer"]["state"][index][name], value, atol=1e-5,
-                                       rtol=0)  # fmt: skip
-
-    # Stopped after step 2: resumed on 1 process (a plain AdamW, 2 micro-steps), and on 2 sharded
-    # ranks, each continues as the unbroken run did.
-    for name, nproc, shard in [("one", 1, "none"), ("two", 2, "optimizer")]:
+    # Stopped after step 2, each goes on as the unbroken run: full's on one plain process and on 2
+    # fully sharded ranks, optimizer's on 2 fully sharded ranks.
+    for name, source, shard, nproc in [("full_to_one", "full", "none", 1),
+                                       ("full_to_full", "full", "full", 2),
+                                       ("optimizer_to_full", "optimizer", "full", 2)]:  # fmt: skip
         os.makedirs(tmp_path / name)
-        shutil.copy(tmp_path / "zero" / "model_00002.pt", tmp_path / name)
+        shutil.copy(tmp_path / source / "model_00002.pt", tmp_path / name)
         resumed = run_trainer(*run, "--log_dir", tmp_path / name, "--resume", "--shard", shard,
-                              nproc=nproc)  # fmt: skip
+                              "--no-hellaswag", "--no-sample_every_eval", nproc=nproc)  # fmt: skip
         assert "resumed from" in resumed.stdout
-        losses = train_losses(tmp_path / name)
-        assert sorted(losses) == [3, 4, 5]
-        assert losses == pytest.approx({step: ddp[step] for step in (3, 4, 5)}, abs=1e-5)
+        losses = {key: value for key, value in logged(tmp_path / name).items() if key[0] > 2}
+        assert losses == pytest.approx({key: reference[key] for key in losses}, abs=1e-5)
+        assert sorted(losses) == [(3, "train"), (4, "train"), (5, "train"), (5, "val")]
         end = torch.load(tmp_path / name / "model_00005.pt", weights_only=True)
-        for key, value in ours["model"].items():
-            torch.testing.assert_close(end["model"][key], value, atol=1e-5, rtol=0)
+        assert_same_weights(end["model"], plain["model"])
 
     # sample.py and export_hf.py read it as any other checkpoint
-    model = train_gpt2.load_model(str(tmp_path / "zero" / "model_00005.pt"))
+    model = train_gpt2.load_model(str(tmp_path / "full" / "model_00005.pt"))
     fp32 = torch.autocast("cpu", enabled=False)
     texts = train_gpt2.sample_texts(model, train_gpt2.gpt2_tokenizer(), "Hello", num_samples=1,
                                     max_new_tokens=4, autocast=fp32)  # fmt: skip
     assert texts[0].startswith("Hello")
     export_hf.export_hf(model, str(tmp_path / "hf"))
     assert sorted(os.listdir(tmp_path / "hf")) == sorted(export_hf.EXPORT_FILES)
+
+
+def assert_same_weights(ours, theirs):
+    assert ours.keys() == theirs.keys()
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0)
 
 
 # -----------------------------------------------------------------------------

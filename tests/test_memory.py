@@ -13,6 +13,7 @@ import pytest
 
 import train_gpt2
 from conftest import REPO
+from machinery import torchrun
 from machinery.cli import UserError
 from train_gpt2 import GPT, GPTConfig
 
@@ -74,7 +75,7 @@ def test_validation_loss_in_parts_is_the_loss_of_the_whole_batch(random_shards):
 
     model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
     loader = train_gpt2.DataLoaderLite(random_shards, 8, 64, 0, 1, "val")
-    autocast, procs = torch.autocast("cpu", enabled=False), train_gpt2.Processes()
+    autocast, procs = torch.autocast("cpu", enabled=False), torchrun.Processes()
 
     def validation_loss(**rows):
         return train_gpt2.validation_loss(model, loader, 3, autocast, procs, **rows)
