@@ -10,6 +10,7 @@ import copy
 import os
 import re
 import shutil
+import sys
 from itertools import product
 
 import pytest
@@ -17,7 +18,7 @@ import torch
 
 import export_hf
 import train_gpt2
-from conftest import TINY_MODEL, TINY_SHAPE, run_trainer, write_hellaswag, write_random_shards
+from conftest import REPO, TINY_MODEL, TINY_SHAPE, run_trainer, write_hellaswag, write_random_shards
 from machinery import devices, flags, progress, torchrun
 from machinery.cli import UserError
 
@@ -286,6 +287,19 @@ def test_a_run_that_cannot_fit_even_at_batch_size_1_names_checkpointing_and_shar
     args = estimate_args(batch_size=4, seq_len=1024, shard="full", activation_checkpointing=True)
     with pytest.raises(UserError, match="even --batch_size 1 does not fit; else a smaller model"):
         devices.check_training_fits(model, args, 8, torch.device("cuda"), compiled=False)
+
+
+def test_the_table_in_the_docs_is_the_estimates_own(capsys, monkeypatch):
+    # appended: benchmarks/hellaswag.py must not hide the repository's hellaswag.py
+    monkeypatch.setattr(sys, "path", [*sys.path, os.path.join(REPO, "benchmarks")])
+    monkeypatch.setattr(sys, "argv", ["memory_table.py"])
+    import memory_table
+
+    memory_table.main()
+    rows = capsys.readouterr().out.splitlines()
+    with open(os.path.join(REPO, "docs", "bigger_models.md")) as f:
+        docs = f.read().splitlines()
+    assert len(rows) == 2 + 4 * 6 and all(row in docs for row in rows)  # 4 sizes x 6 settings
 
 
 def test_a_resume_keeps_the_model_whose_recipe_it_was_trained_with(tmp_path):
