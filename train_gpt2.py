@@ -637,7 +637,7 @@ class Evaluation:
                 procs.print(f"{label} | hellaswag acc_norm {acc_norm:.4f} | {took}")
                 report.hellaswag = acc_norm
                 log.write(f"{step} hella {acc_norm:.4f}")
-        if self.samples and not cut:
+        if self.samples and not cut and (procs.master or torchrun.is_fully_sharded(model)):
             started = time.time()
             texts = sample_texts(model, gpt2_tokenizer(), self.prompt, num_samples=4,
                                  max_new_tokens=SAMPLE_TOKENS, autocast=self.autocast)  # fmt: skip
@@ -664,7 +664,7 @@ def train(args, device, procs):
     model, path, checkpoint = build_model(args, device)  # path: of --resume's checkpoint, or None
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     memory = devices.check_training_fits(model, args, world_size, device, use_compile)
-    rows = devices.evaluation_rows(model, B, T, device)  # fewer than B where memory is short
+    rows = devices.evaluation_rows(model, B, T, device, procs)  # fewer than B if memory is short
     model.activation_checkpointing = args.activation_checkpointing
     if args.shard == "full":  # FSDP2, in place: the optimizer below holds this rank's shards only
         torchrun.fully_shard_model(model, dtype)
@@ -688,8 +688,7 @@ def train(args, device, procs):
         device_ids = [device.index] if device.type == "cuda" else None
         step_model = nn.parallel.DistributedDataParallel(forward_model, device_ids=device_ids)
     enc, grad_accum_steps = gpt2_tokenizer(), args.total_batch_size // (B * T * world_size)
-    hella = args.hellaswag and hellaswag.in_loop_eval(args.hellaswag_data, enc, procs, rows,
-                                                      dtype)  # fmt: skip
+    hella = args.hellaswag and hellaswag.evaluator(args.hellaswag_data, procs, device, rows, dtype)
     procs.print(progress.start_block(args, world_size, device, use_compile, dtype, dtype_reason,
                                      model, memory, (start_step, last_step, grad_accum_steps),
                                      (train_loader, val_loader, val_steps)))  # fmt: skip
@@ -755,12 +754,12 @@ def evaluate_only(args, device, procs):
     dtype, dtype_reason, autocast = mixed_precision(args.dtype, device)
     val_loader, val_steps = validation_data(args, procs)
     model, path, _ = build_model(args, device)
-    rows = devices.evaluation_rows(model, args.batch_size, args.seq_len, device)
+    rows = devices.evaluation_rows(model, args.batch_size, args.seq_len, device, procs)
     weights, world_size = path or args.init, procs.world_size
     procs.print(progress.eval_only_block(weights, model, world_size, device, dtype, dtype_reason,
                                          args.data_dir, val_loader, val_steps, rows))  # fmt: skip
-    hella = args.hellaswag and hellaswag.in_loop_eval(args.hellaswag_data, gpt2_tokenizer(), procs,
-                                                      rows, dtype, download=False)  # fmt: skip
+    hella = args.hellaswag and hellaswag.evaluator(args.hellaswag_data, procs, device, rows, dtype,
+                                                   download=False)  # fmt: skip
     started = time.time()  # not compiled: one pass over the val tokens costs less than compiling
     val_loss = validation_loss(model, val_loader, val_steps, autocast, procs, rows=rows)
     procs.print(f"val loss {val_loss:.6f} | {progress.since(started)}")

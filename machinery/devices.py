@@ -183,17 +183,18 @@ def read_words(path):
         return []
 
 
-def evaluation_rows(model, batch_size, seq_len, device):
+def evaluation_rows(model, batch_size, seq_len, device, procs):
     """Rows of a val batch per forward pass: all --batch_size of them, or as many as the device has
-    memory for (at least one). Splitting a batch changes no number: the loss is the mean over the
-    same tokens."""
-    available = available_bytes(device)
-    if available is None:
-        return batch_size
-    # 70% of it: the rest of the process grows during an evaluation too (loaders, the allocator's
-    # reserves, thread stacks), and an address-space limit counts what is reserved as well as used.
-    budget = 0.7 * available - 4 * sum(p.numel() for p in model.parameters())
-    return max(1, min(batch_size, int(budget // (seq_len * 4 * model.config.vocab_size * 4))))
+    memory for (at least one), the least over the ranks (with --shard full each forward pass needs
+    every rank). Splitting a batch changes no number: the loss is the mean over the same tokens."""
+    rows, available = batch_size, available_bytes(device)
+    if available is not None:
+        # 70% of it: the rest of the process grows during an evaluation too (loaders, the
+        # allocator's reserves, thread stacks), and an address-space limit counts what is reserved
+        # as well as used.
+        budget = 0.7 * available - 4 * sum(p.numel() for p in model.parameters())
+        rows = max(1, min(batch_size, int(budget // (seq_len * 4 * model.config.vocab_size * 4))))
+    return procs.smallest(rows, device)
 
 
 def check_training_fits(model, args, world_size, device, compiled):

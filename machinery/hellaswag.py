@@ -9,7 +9,7 @@ space, and the model's cross-entropy on the ending's tokens only. Two answers ar
 OpenAI's GPT-2 on the 10,042 validation examples: 124M acc 0.2859 / acc_norm 0.2955,
 1558M (gpt2-xl) acc 0.3842 / acc_norm 0.4893. Random guessing gets 0.25.
 
-The model comes in as an argument (train_gpt2.py's evaluations call in_loop_eval(), hellaswag.py
+The model comes in as an argument (train_gpt2.py's evaluations call evaluator(), hellaswag.py
 evaluate_hellaswag()): this module imports nothing of the model's file.
 """
 
@@ -29,7 +29,7 @@ from tqdm import tqdm
 from machinery import torchrun
 from machinery.cli import UserError
 from machinery.files import atomic_write
-from machinery.tokenizer import cache_path
+from machinery.tokenizer import cache_path, gpt2_tokenizer
 
 # -----------------------------------------------------------------------------
 # The data: hellaswag_val.jsonl from the authors' repository, one JSON object per line. We use three
@@ -259,24 +259,24 @@ def evaluate_hellaswag(model, examples, enc, device, batch_size, rank=0, world_s
     return dict(zip(("n", "correct", "correct_norm"), counts))
 
 
-def in_loop_eval(data, enc, procs, batch_size, autocast_dtype, download=True):
+def evaluator(data, procs, device, batch_size, autocast_dtype, download=True):
     """For train_gpt2.py: a function (model, stop=None) -> HellaSwag acc_norm, or None (and a notice
     why) when the data cannot be had. data: --hellaswag_data, or None for the cached download;
     download=False (--eval_only, which writes no file) uses a cached copy only."""
-    if not data:  # one download into the cache, which the other ranks then read
-        if procs.master and download:
+    if not data:  # one download per machine into its cache, which its other ranks then read
+        if procs.local_rank == 0 and download:
             with contextlib.suppress(UserError):
                 hellaswag_path()
         if procs.ddp:
             torch.distributed.barrier()
     path = hellaswag_path(data or None, download=False)  # a path the user gave must exist
-    if path is None:
+    if procs.any(path is None, device):  # all ranks or none: each HellaSwag batch is a collective
         could_not = " and could not be downloaded" if download else ""
         procs.print(f"HellaSwag skipped: its data is not cached{could_not}; pass "
                     "--hellaswag_data PATH to a local hellaswag_val.jsonl, or "
                     "--no-hellaswag")  # fmt: skip
         return None
-    examples = load_examples(path)
+    examples, enc = load_examples(path), gpt2_tokenizer()
 
     def hellaswag_acc_norm(model, stop=None):
         device = next(model.parameters()).device

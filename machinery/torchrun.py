@@ -49,6 +49,14 @@ class Processes:
         dist.all_reduce(count, op=dist.ReduceOp.SUM)
         return count.item() > 0
 
+    def smallest(self, number, device):
+        """The least of `number` over the ranks: what every rank can do."""
+        if not self.ddp:
+            return number
+        value = torch.tensor(number, device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return value.item()
+
     def mean(self, tensor):
         """The mean of `tensor` over the ranks (summed, then divided: gloo has no average)."""
         if self.ddp:

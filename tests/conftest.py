@@ -47,12 +47,12 @@ def run_script(*args, env=ENV):
                           text=True, env=env, timeout=TIMEOUT)  # fmt: skip
 
 
-def run_trainer(*flags, nproc=1, cwd=REPO):
-    """train_gpt2.py with these flags in a subprocess (under torchrun for nproc > 1); it must exit
-    with status 0. Returns the CompletedProcess."""
+def run_trainer(*flags, nproc=1, cwd=REPO, script="train_gpt2.py"):
+    """train_gpt2.py (or a script that runs it) with these flags in a subprocess (under torchrun for
+    nproc > 1); it must exit with status 0. Returns the CompletedProcess."""
     torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     launcher = [sys.executable, *(torchrun if nproc > 1 else [])]
-    command = [*launcher, os.path.join(REPO, "train_gpt2.py"), *map(str, flags)]
+    command = [*launcher, os.path.join(REPO, script), *map(str, flags)]
     result = subprocess.run(
         command, cwd=cwd, capture_output=True, text=True, env=ENV, timeout=TIMEOUT
     )

@@ -163,6 +163,10 @@ def test_shard_refusals_are_one_line_and_write_nothing(tmp_path):
             train_gpt2.main([*base, "--shard", shard])
         assert "this is one process: start it with torchrun" in str(error.value)
         assert "\n" not in str(error.value)
+        with pytest.raises(
+            UserError, match=f"weights whole on each rank: leave out --shard {shard}"
+        ):
+            train_gpt2.main([*base, "--eval_only", "--init", "gpt2", "--shard", shard])
     assert not (tmp_path / "log").exists()
     # fp16's loss scaler would judge an overflow by this rank's shard of the gradients alone
     with pytest.raises(UserError, match="--shard full trains in bf16 or fp32, not fp16"):
@@ -191,7 +195,8 @@ def test_sharded_runs_log_one_process_numbers_and_their_checkpoints_resume_anywh
     plain = torch.load(tmp_path / "one" / "model_00005.pt", weights_only=True)
     for shard, said in [("optimizer", "AdamW's moments"),
                         ("full", "weights, gradients and AdamW's moments")]:  # fmt: skip
-        sharded = run_trainer(*run, "--log_dir", tmp_path / shard, "--shard", shard, nproc=2)
+        sharded = run_trainer(*run, "--log_dir", tmp_path / shard, "--shard", shard, nproc=2,
+                              script=rank_1_short_of_memory(tmp_path))  # fmt: skip
         assert f"({said} over 2 ranks)" in sharded.stdout
         assert logged(tmp_path / shard) == pytest.approx(reference, abs=1e-5)
         assert [
@@ -231,6 +236,19 @@ def test_sharded_runs_log_one_process_numbers_and_their_checkpoints_resume_anywh
     assert texts[0].startswith("Hello")
     export_hf.export_hf(model, str(tmp_path / "hf"))
     assert sorted(os.listdir(tmp_path / "hf")) == sorted(export_hf.EXPORT_FILES)
+
+
+def rank_1_short_of_memory(folder):
+    """A script that runs train_gpt2.py with rank 1 seeing memory for one evaluation row only: the
+    ranks must agree on the rows per forward pass, or fully sharded ones wait for each other."""
+    path = folder / "rank_1_short_of_memory.py"
+    path.write_text(
+        f"import os, runpy, sys\nsys.path.insert(0, {REPO!r})\nfrom machinery import devices\n"
+        "rows = devices.evaluation_rows\nif os.environ['RANK'] == '1':  # as if at --batch_size 1\n"
+        "    devices.evaluation_rows = lambda model, B, *more: rows(model, 1, *more)\n"
+        f"runpy.run_path({os.path.join(REPO, 'train_gpt2.py')!r}, run_name='__main__')\n"
+    )
+    return str(path)
 
 
 def assert_same_weights(ours, theirs):

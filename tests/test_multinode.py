@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from conftest import ENV, REPO, TINY_RUN, run_trainer
+from conftest import ENV, REPO, TINY_RUN, run_trainer, write_hellaswag
 
 # A step of 256 tokens: one micro-step on each of 2 nodes, or 2 in one process.
 FLAGS = [*TINY_RUN, "--total_batch_size", "256", "--eval_every", "2", "--val_tokens", "512",
@@ -22,12 +22,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def two_nodes(data_dir, node_dirs, *more, check=True):
+def two_nodes(data_dir, node_dirs, *more, check=True, caches=(None, None)):
     """Both agents of a 2-node torchrun group, started together and awaited; (returncode, stdout,
-    stderr) per node, each 0 when `check`."""
+    stderr) per node, each 0 when `check`. caches: each node's XDG_CACHE_HOME, if its own."""
     port = free_port()
     agents = []
-    for node_rank, cwd in enumerate(node_dirs):
+    for node_rank, (cwd, cache) in enumerate(zip(node_dirs, caches)):
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
             "--node_rank", str(node_rank), "--nproc_per_node", "1", "--rdzv_backend", "c10d",
@@ -38,7 +38,11 @@ def two_nodes(data_dir, node_dirs, *more, check=True):
         os.makedirs(cwd, exist_ok=True)
         agents.append(
             subprocess.Popen(
-                command, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                command,
+                cwd=cwd,
+                env=dict(ENV, XDG_CACHE_HOME=str(cache)) if cache else ENV,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
         )
     results = []
@@ -52,9 +56,18 @@ def two_nodes(data_dir, node_dirs, *more, check=True):
 
 def test_two_nodes_train_as_one_process_with_accumulation_and_resume(tmp_path, text_shards):
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
+    # HellaSwag's data is in node 0's cache only: both skip it (had node 0 alone evaluated it, it
+    # would wait for node 1 in each batch's collective).
+    os.makedirs(tmp_path / "cache0" / "gpt2-repro" / "hellaswag")
+    write_hellaswag(tmp_path / "cache0" / "gpt2-repro" / "hellaswag" / "hellaswag_val.jsonl")
+    caches = (tmp_path / "cache0", tmp_path / "cache1")
     (rank0_out, _), _ = [
-        (out, err) for _, out, err in two_nodes(text_shards, [node0, node1], "--max_steps", "2")
+        (out, err)
+        for _, out, err in two_nodes(
+            text_shards, [node0, node1], "--max_steps", "2", "--hellaswag", caches=caches
+        )
     ]
+    assert "HellaSwag skipped: its data is not cached" in rank0_out
     assert "2 process(es)" in rank0_out and "x 2 process(es) x 1 micro-steps" in rank0_out
     # Only global rank 0 writes: node 1 has no log folder at all.
     assert sorted(os.listdir(node0 / "log")) == ["log.txt", "model_00001.pt"]
