@@ -228,8 +228,8 @@ def text_rows(texts, name, text_field, first_row):
     """(where, text) of each of a column's values, numbered from first_row."""
     for row, text in enumerate(texts, start=first_row):
         if not isinstance(text, str):
-            null = " (null)" if text is None else ""
-            raise UserError(f"{name} row {row}: no text in column '{text_field}'{null}")
+            held = "null" if text is None else type(text).__name__  # int64 in parquet is int
+            raise UserError(f"{name} row {row}: column '{text_field}' holds {held}, not text")
         yield (name, "row", row), text
 
 

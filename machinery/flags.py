@@ -46,24 +46,31 @@ FLAGS = {
     "model": [
         ("--model", GPT2_SIZES, "the GPT-2 to train: its shape, and GPT-3's recipe for its size "
          "(learning rate, batch, warmup); a flag given sets its own value"),
-        ("--init", str, "start from these weights (a GPT-2 size, a Hugging Face GPT-2 directory, "
-         "or log/model_XXXXX.pt) with a fresh optimizer at step 0: fine-tuning"),
-        ("--n_layer", int, "transformer blocks (default: the --model's or the weights')", POSITIVE),
-        ("--n_head", int, "attention heads (default: the --model's or the weights')", POSITIVE),
-        ("--n_embd", int, "channels (default: the --model's or the weights')", POSITIVE),
+        ("--init", str, "start from these weights (gpt2, gpt2-medium, gpt2-large, gpt2-xl, a "
+         "Hugging Face GPT-2 directory, or log/model_XXXXX.pt), a fresh optimizer at step 0"),
+        ("--n_layer", int, "transformer blocks (default: the --model's, 12 for gpt2, or the "
+         "weights')", POSITIVE),
+        ("--n_head", int, "attention heads (default: the --model's, 12 for gpt2, or the "
+         "weights')", POSITIVE),
+        ("--n_embd", int, "channels (default: the --model's, 768 for gpt2, or the weights')",
+         POSITIVE),
         ("--block_size", int, "longest context (default: 1024, or the weights')", POSITIVE),
         ("--vocab_size", 50304, "50257 padded to a multiple of 128 for faster matmuls", POSITIVE),
     ],
     "optimisation": [
-        ("--max_lr", float, "peak learning rate (default: GPT-3's for the --model)", UNIT),
+        ("--max_lr", float, "peak learning rate (default: GPT-3's for the --model, 6e-4 for gpt2)",
+         UNIT),
         ("--min_lr", float, "final learning rate (default: 10%% of --max_lr, as GPT-3)", UNIT),
-        ("--warmup_steps", int, "linear warmup (default: 375M tokens, as GPT-3)", AT_LEAST_0),
-        ("--max_steps", int, "steps (default: 10B tokens: one epoch of FineWeb-edu)", POSITIVE),
+        ("--warmup_steps", int, "linear warmup (default: 375M tokens, as GPT-3: 715 steps of "
+         "2**19)", AT_LEAST_0),
+        ("--max_steps", int, "steps (default: 10B tokens, one epoch of FineWeb-edu: 19073 steps of "
+         "2**19)", POSITIVE),
         ("--weight_decay", 0.1, "decoupled AdamW decay on matrices (GPT-3)", AT_LEAST_0),
         ("--beta1", 0.9, "AdamW first-moment decay (GPT-3)", BELOW_1),
         ("--beta2", 0.95, "AdamW second-moment decay (GPT-3)", BELOW_1),
         ("--eps", 1e-8, "AdamW epsilon (GPT-3)", EPS),
-        ("--grad_clip", 1.0, "clip the gradient norm (GPT-3); 0: off, as nanoGPT", AT_LEAST_0),
+        ("--grad_clip", 1.0, "clip the global gradient norm (GPT-3); 0: off, as nanoGPT",
+         AT_LEAST_0),
         ("--seed", 1337, "seed of the weight init and of the data order", SEED),
     ],
     "evaluation, logging and checkpoints": [
@@ -111,7 +118,9 @@ RULES = [
     (lambda a, ranks: a.eval_only or a.total_batch_size % (a.batch_size * a.seq_len * ranks) == 0,
      "--total_batch_size {total_batch_size} is not divisible by batch_size*seq_len*world_size = "
      "{batch_size}*{seq_len}*{world_size} = {micro_step_tokens}: change one of them"),
-    (lambda a, ranks: a.shard == "none" or a.eval_only or ranks > 1, "--shard {shard} shares the "
+    (lambda a, _: a.shard == "none" or not a.eval_only, "--eval_only keeps no optimizer and no "
+     "gradients, and holds the weights whole on each rank: leave out --shard {shard}"),
+    (lambda a, ranks: a.shard == "none" or ranks > 1, "--shard {shard} shares the "
      "state over the ranks of a torchrun group, and this is one process: start it with "
      "torchrun --nproc_per_node=N (N of 2 or more), or leave out --shard"),
 ]  # fmt: skip

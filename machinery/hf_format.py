@@ -94,8 +94,9 @@ def read_gpt2(name_or_path, hub_names):
             f"{directory} is a GPT-2 variant that this model does not implement ({variant}); "
             "only OpenAI's architecture loads"
         )
-    # a size it lacks is None, which check_config refuses as impossible
-    config = {field: hf_config.get(hf_name) for field, hf_name in HF_CONFIG_NAMES.items()}
+    if missing := [name for name in HF_CONFIG_NAMES.values() if name not in hf_config]:
+        raise UserError(f"{source} lacks {', '.join(missing)}: it is not a complete GPT-2 config")
+    config = {field: hf_config[hf_name] for field, hf_name in HF_CONFIG_NAMES.items()}
     tensors = {}
     for key, tensor in hf_state.items():
         key = key.removeprefix("transformer.")  # which some files omit

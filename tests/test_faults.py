@@ -195,9 +195,10 @@ def nanogpt_checkpoint(w):
 
 
 def hf_directory(w, n_head, extra=None):
-    """A Hugging Face GPT-2 folder: config.json with `n_head`, and a pytorch_model.bin of plain
-    tensors (and `extra`)."""
-    config = dict(n_positions=64, vocab_size=50257, n_layer=2, n_head=n_head, n_embd=64)
+    """A Hugging Face GPT-2 folder: config.json with `n_head` (None: none), and a pytorch_model.bin
+    of plain tensors (and `extra`)."""
+    config = dict(n_positions=64, vocab_size=50257, n_layer=2, n_embd=64)
+    config.update({} if n_head is None else dict(n_head=n_head))
     w.file("hf/config.json", json.dumps({"model_type": "gpt2", **config}))
     torch.save({"wte.weight": torch.zeros(3), **(extra or {})}, w.path("hf/pytorch_model.bin"))
     return w.path("hf")
@@ -637,6 +638,9 @@ FAULTS = [
          "holds NaN or inf, so its outputs would too"),
         ("sample_a_hugging_face_folder_with_n_head_0", lambda w: w.sample(init=hf_directory(w, 0)),
          "config.json: its model config is impossible (n_head 0)"),
+        ("sample_a_hugging_face_config_without_n_head",
+         lambda w: w.sample(init=hf_directory(w, None)),
+         "hf/config.json lacks n_head: it is not a complete GPT-2 config"),
         ("sample_a_pickled_pytorch_model_bin",
          lambda w: w.sample(init=hf_directory(w, 4, {"extra": Pickled()})),
          "a pytorch_model.bin of plain tensors"),

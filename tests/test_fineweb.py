@@ -515,7 +515,12 @@ def test_bad_jsonl_is_named_with_its_line(tmp_path, lines, message):
     "name, content, message",
     [
         ("x.parquet", pa.table({"body": ["a"]}), r"x.parquet: no column 'text' \(columns: body\)"),
-        ("nulls.parquet", pa.table({"text": ["a", None]}), "nulls.parquet row 1: no text"),
+        (
+            "nulls.parquet",
+            pa.table({"text": ["a", None]}),
+            "nulls.parquet row 1: column 'text' holds null, not text",
+        ),
+        ("ints.parquet", pa.table({"text": [1, 2]}), "row 0: column 'text' holds int, not text"),
         ("not.parquet", "hello", "not.parquet: not a readable parquet file"),
         ("nope.jsonl", None, "nope.jsonl: no such file or directory"),
         ("empty.jsonl", "\n   \n", "no documents"),
