@@ -48,13 +48,9 @@ def hellaswag_path(data=None, cache_dir=None, download=True, url=HELLASWAG_URL):
     """Where hellaswag_val.jsonl is: `data` if given (it must exist), else the copy in cache_dir
     (default_cache_dir()), downloaded from `url` if missing, or None with download=False."""
     if data is not None:
-        if not data.strip():
-            raise UserError(f"the path {data!r} names no file: pass the path of {HELLASWAG_FILE}")
-        if os.path.isdir(data):
-            raise UserError(f"{data} is a folder: pass the path of the {HELLASWAG_FILE} file in it")
-        if not os.path.isfile(data):
+        if not os.path.isfile(data):  # missing, a folder, or '' (no path at all)
             raise UserError(
-                f"{data}: no such file; pass the path of {HELLASWAG_FILE} (from {HELLASWAG_URL})"
+                f"{data!r} is not a file: pass the path of {HELLASWAG_FILE} (from {HELLASWAG_URL})"
             )
         return data
     path = os.path.join(cache_dir or default_cache_dir(), HELLASWAG_FILE)
@@ -107,15 +103,13 @@ def parse_example(line, where):
         example = json.loads(line)
     except json.JSONDecodeError as e:
         raise UserError(f"{where}: not valid JSON ({e.msg}); is this {HELLASWAG_FILE}?") from None
-    if not isinstance(example, dict):
-        raise UserError(f"{where}: expected a JSON object with ctx, endings and label")
-    ctx, endings, label = example.get("ctx"), example.get("endings"), example.get("label")
-    if not (isinstance(ctx, str) and ctx):  # the context's last token predicts each ending's first
-        raise UserError(f"{where}: 'ctx' must be a non-empty string (the context)")
-    if not (type(endings) is list and len(endings) == 4 and all(type(e) is str for e in endings)):
-        raise UserError(f"{where}: 'endings' must be a list of 4 strings")
-    if not (type(label) is int and 0 <= label <= 3):  # a JSON true is no label
-        raise UserError(f"{where}: 'label' must be an integer from 0 to 3, got {label!r}")
+    get = example.get if isinstance(example, dict) else lambda name: None
+    ctx, endings, label = get("ctx"), get("endings"), get("label")
+    # An empty context has no last token to predict an ending's first; a JSON true is no label.
+    texts = type(endings) is list and len(endings) == 4 and all(type(e) is str for e in endings)
+    if not (isinstance(ctx, str) and ctx and texts and type(label) is int and 0 <= label <= 3):
+        raise UserError(f"{where}: expected a JSON object with 'ctx' (a non-empty string), "
+                        "'endings' (4 strings) and 'label' (an integer from 0 to 3)")  # fmt: skip
     return example
 
 

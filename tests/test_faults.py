@@ -426,9 +426,9 @@ FAULTS = [
          "loss.png: it is a folder; pass a file's path")),
     *rows(hellaswag,
         ("hellaswag_data_empty", lambda w: ["--init", w.weights(), "--data", ""],
-         "the path '' names no file"),
+         "'' is not a file: pass the path of hellaswag_val.jsonl"),
         ("hellaswag_data_a_folder", lambda w: ["--init", w.weights(), "--data", w.data],
-         "is a folder: pass the path of the hellaswag_val.jsonl file in it"),
+         "data' is not a file: pass the path of hellaswag_val.jsonl"),
         ("hellaswag_init_checked_before_the_download",  # said the download's error first
          lambda w: w.with_env(HF_HUB_OFFLINE="1").sample(init=w.path("nowhere.pt")),
          "nowhere.pt' is not a file, a directory")),

@@ -171,7 +171,7 @@ def test_the_data_path_and_the_cache_that_one_download_fills(monkeypatch, tmp_pa
     # A path given must exist; else the file is downloaded into the cache, once.
     source = write_jsonl(tmp_path / "source.jsonl", EXAMPLES)
     assert hellaswag.hellaswag_path(source) == source
-    with pytest.raises(UserError, match="no such file.*pass the path of hellaswag_val.jsonl"):
+    with pytest.raises(UserError, match="is not a file: pass the path of hellaswag_val.jsonl"):
         hellaswag.hellaswag_path(str(tmp_path / "missing.jsonl"))
     cache_dir = str(tmp_path / "cache")
     assert hellaswag.hellaswag_path(cache_dir=cache_dir, download=False) is None
@@ -360,4 +360,4 @@ def test_cli_prints_the_summary_line_and_errors_in_one_line(tmp_path, enc):
     result = run_script("hellaswag.py", "--init", "gpt2", "--data", tmp_path / "missing.jsonl")
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "missing.jsonl: no such file" in result.stderr
+    assert "missing.jsonl' is not a file" in result.stderr
