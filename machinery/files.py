@@ -1,7 +1,5 @@
-"""Writing files so that nothing is lost: atomic writes (a file appears whole or not at all) and the
-lock of an output folder, so that two runs never write one folder.
-
-torch-free: fineweb.py and plot_log.py use it too.
+"""Writing files so that nothing is lost: atomic writes, and the lock of an output folder so that
+two runs never write one folder. torch-free: fineweb.py and plot_log.py use it too.
 """
 
 import contextlib
@@ -12,10 +10,9 @@ import socket
 from machinery.cli import DISK_FULL, DiskFull, UserError, os_error_line
 
 # -----------------------------------------------------------------------------
-# One writer per output folder: two (two trainers on one --log_dir, two fineweb.py on one --out)
-# would overwrite each other's files and delete the other's half-written ones as stale. A writer
-# holds an OS lock on <folder>/.lock while it writes; a second one is refused at once. The OS drops
-# the lock when its process ends, even by SIGKILL, so a dead process never blocks. POSIX record
+# One writer per output folder: two would overwrite each other's files and delete the other's
+# half-written ones as stale. A writer holds an OS lock on <folder>/.lock while it writes; a second
+# one is refused at once. The OS drops the lock when its process ends, even by SIGKILL. POSIX record
 # locks (lockf), not flock: a child process (tokenizer workers, torch.compile's compilers) does not
 # inherit them, so a worker that outlives a killed parent holds nothing. Not covered: two writers in
 # one process, and network file systems without POSIX locks.
@@ -26,8 +23,7 @@ LOCK_NAME = ".lock"
 @contextlib.contextmanager
 def output_lock(folder, flag):
     """`with output_lock(folder, "--out"):` creates folder if needed and holds its lock for the
-    block (a folder held by another process: a UserError naming it); at the end the lock file goes,
-    and so do the folders this block created if left empty."""
+    block; at the end the lock file goes, and so do the folders it created if left empty."""
     if os.path.islink(folder) and not os.path.exists(folder):
         raise UserError(
             f"{flag} {folder} is a symbolic link to {os.readlink(folder)}, "
@@ -45,7 +41,26 @@ def output_lock(folder, flag):
         except OSError as e:
             raise UserError(f"{flag} {os_error_line(e, folder)}") from None
         path = os.path.join(folder, LOCK_NAME)
-        fd = acquire_lock(path, folder, flag)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode(errors="replace").strip()
+                os.close(fd)
+                raise UserError(
+                    f"{flag} {folder} is in use by another run (pid "
+                    f"{holder or 'a process that is starting'}): wait for it to end, or pass "
+                    f"another {flag}"
+                ) from None
+            # The holder removes the file just before it lets go: if the file we locked is no
+            # longer at `path`, a newcomer may hold a new one there. Then try again on that one.
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
         try:
             yield
         finally:
@@ -56,30 +71,6 @@ def output_lock(folder, flag):
         for made in created:  # rmdir fails on a folder that is not empty: it stays
             with contextlib.suppress(OSError):
                 os.rmdir(made)  # a refused run leaves no folder behind
-
-
-def acquire_lock(path, folder, flag):
-    """An open fd of `path`, locked; or a UserError naming the process that holds it."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 200).decode(errors="replace").strip()
-            os.close(fd)
-            raise UserError(
-                f"{flag} {folder} is in use by another run (pid "
-                f"{holder or 'a process that is starting'}): wait for it to end, or pass "
-                f"another {flag}"
-            ) from None
-        # The holder removes the file just before it lets go: if the file we locked is no longer at
-        # `path`, a newcomer may hold a new one there. Then try again on that one.
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode())
-                return fd
-        os.close(fd)
 
 
 # -----------------------------------------------------------------------------
