@@ -5,11 +5,9 @@ lm-evaluation-harness and other tools can load what this project trains:
     python -c "from transformers import pipeline; \\
         print(pipeline('text-generation', 'gpt2-ours')('Hello,'))"
 
---init takes anything train_gpt2.load_model does. The directory holds config.json,
-model.safetensors (the padded 50304-row vocabulary trimmed back to GPT-2's 50257 tokens) and GPT-2's
-tokenizer files. It is built beside --out and renamed into place when complete, so a crash never
-leaves half a model behind. A non-empty --out is replaced only with --force, and only if it holds an
-earlier export and nothing else (never a run's log folder); it is locked while the export runs.
+--init takes anything train_gpt2.load_model does. The directory (config.json, model.safetensors with
+the vocabulary trimmed back to GPT-2's 50257 tokens, the tokenizer files) is built beside --out and
+renamed into place when complete. --force replaces an earlier export, and nothing else.
 """
 
 import json
@@ -38,25 +36,22 @@ def check_out_dir(out_dir, overwrite):
         raise UserError(
             f"--out {out_dir} is a symbolic link: pass the folder it points to, or another --out"
         )
-    if os.path.isfile(out_dir):
-        raise UserError(f"--out {out_dir} is a file, not a folder: choose another --out")
     here, real = os.getcwd(), os.path.realpath(out_dir)
     if here == real or here.startswith(real + os.sep):
         raise UserError(
             f"--out {out_dir} holds the current folder: choose a new folder for the export"
         )
-    others = set(os.listdir(out_dir)) - {LOCK_NAME} if os.path.isdir(out_dir) else set()
+    if not os.path.isdir(out_dir):
+        return  # a new folder (or a file, which output_lock refuses)
+    others = [entry for entry in os.scandir(out_dir) if entry.name != LOCK_NAME]
     if others and not overwrite:
         raise UserError(
             f"{out_dir} already exists and is not empty: choose another --out, or pass --force to "
             "replace it"
         )
     # Only regular files of an export's names are its own: a folder or a link so named is not.
-    paths = {name: os.path.join(out_dir, name) for name in others}
     foreign = sorted(
-        name
-        for name, path in paths.items()
-        if name not in EXPORT_FILES or os.path.islink(path) or not os.path.isfile(path)
+        e.name for e in others if e.name not in EXPORT_FILES or not e.is_file(follow_symlinks=False)
     )
     if foreign:
         more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
@@ -101,12 +96,11 @@ def export_hf(model, out_dir, overwrite=False):
         os.chmod(build_dir, 0o755)
         os.chmod(weights, 0o644)
         # empty, or --force: the old one is moved aside until the new one is in place
-        old_dir, replacing = build_dir + ".old", os.path.isdir(out_dir)
-        if replacing:
-            os.rename(out_dir, old_dir)
+        if replacing := os.path.isdir(out_dir):
+            os.rename(out_dir, build_dir + ".old")
         os.rename(build_dir, out_dir)
         if replacing:
-            shutil.rmtree(old_dir)
+            shutil.rmtree(build_dir + ".old")
     except BaseException:
         shutil.rmtree(build_dir, ignore_errors=True)
         raise
