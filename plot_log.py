@@ -29,20 +29,18 @@ CLIP_NATS = 3.0
 
 
 def parse_log(path):
-    """Read the log into {kind: (steps, values)}, keeping only the latest run's points for each
-    step. A resumed run appends to the same log from its checkpoint's step on, so a step can repeat:
-    when a line goes back to a step already logged, the points from that step on belong to the
-    abandoned run, and are dropped from every series."""
+    """Read the log into {kind: (steps, values)}. A resumed run appends to the log from its
+    checkpoint's step on: when a line goes back to a step already logged, the points from that step
+    on belong to the abandoned run, and are dropped from every series."""
     if not os.path.isfile(path):
         raise UserError(f"no log file at {path}; pass the log.txt your training run wrote")
-    try:
+    try:  # an OSError (permissions, say) is run_cli's to say
         with open(path) as f:
             text = f.read()  # a log has one short line per step: it fits in memory
-    except (OSError, UnicodeDecodeError) as e:
-        why = f"{path} is not a text file"
-        if isinstance(e, OSError):
-            why = f"cannot read {path} ({e.strerror})"
-        raise UserError(f"{why}; pass the log.txt your training run wrote") from None
+    except UnicodeDecodeError:
+        raise UserError(
+            f"{path} is not a text file; pass the log.txt your training run wrote"
+        ) from None
     lines = text.splitlines()
     # a line cut short (being written, or killed), even if it parses
     if lines and not text.endswith("\n"):
@@ -87,8 +85,7 @@ def points(n):
 def plot_loss(ax, series, reference=False, clip=True):
     """Train and val loss, whichever the log has, and with `reference` OpenAI's loss on FineWeb-edu
     val. With `clip`, the y-axis stops CLIP_NATS above the lowest loss, and a note says what that
-    hides. Only lines with points get a legend entry: an empty "val" reads as val data gone
-    missing."""
+    hides. Only lines with points get a legend entry: an empty "val" reads as val data lost."""
     train_steps, train_loss, train_skipped = finite_points(series, "train")
     val_steps, val_loss, val_skipped = finite_points(series, "val")
     if train_loss.size:
@@ -135,8 +132,7 @@ def plot_loss(ax, series, reference=False, clip=True):
 
 
 def plot_hellaswag(ax, series, reference=True):
-    """Our HellaSwag acc_norm, and with `reference` the GPT-2 and GPT-3 124M scores on the same
-    benchmark."""
+    """Our HellaSwag acc_norm, and with `reference` the GPT-2 and GPT-3 124M scores."""
     steps, accuracy, skipped = finite_points(series, "hella")
     if accuracy.size:
         ax.plot(steps, accuracy, color="tab:green", marker=".", label="this run")
@@ -154,8 +150,7 @@ def plot_hellaswag(ax, series, reference=True):
 
 
 def build_figure(series, loss_reference=False, hellaswag_reference=True, clip=True):
-    """The figure for a parsed log: a loss panel, and a HellaSwag panel only when the log has hella
-    lines."""
+    """The figure of a parsed log: a loss panel, and a HellaSwag one if the log has hella lines."""
     has_hella = bool(series.get("hella", ([], []))[0])
     fig = Figure(figsize=(13, 4.5) if has_hella else (7, 4.5))
     axes = fig.subplots(1, 2 if has_hella else 1, squeeze=False)[0]
@@ -183,15 +178,14 @@ class DocstringHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter
     """The module docstring's example keeps its line breaks; each flag's default shows once."""
 
 
-def parse_args(argv=None):
+def main(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=DocstringHelpFormatter)
     parser.add_argument("log", help="the log.txt a training run wrote (e.g. log/log.txt)")
     parser.add_argument(
         "-o", "--out", help="image to write (.png, .pdf, .svg); default: loss.png next to the log"
     )
     # Three settings on one dest. log.txt does not say which data a run used, so the loss reference
-    # (true of FineWeb-edu val only) waits for --ref; HellaSwag's hold for every run, so they are
-    # drawn by default.
+    # (true of FineWeb-edu val only) waits for --ref; HellaSwag's hold for any run: on by default.
     parser.add_argument(
         "--ref", dest="ref", action="store_const", const="all", default="hellaswag",
         help=f"also draw OpenAI GPT-2 124M's loss on FineWeb-edu val "
@@ -210,11 +204,7 @@ def parse_args(argv=None):
         "lowest loss so the first steps (~11) do not squash the curve, and a note says how many "
         "points that hides",
     )  # fmt: skip
-    return parser.parse_args(argv)
-
-
-def main(argv=None):
-    args = parse_args(argv)
+    args = parser.parse_args(argv)
     out_path = args.out or os.path.join(os.path.dirname(args.log), "loss.png")
     series = parse_log(args.log)
     references = dict(loss_reference=args.ref == "all", hellaswag_reference=args.ref != "none")
