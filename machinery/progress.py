@@ -1,7 +1,6 @@
-"""What a run tells the person watching it and what it logs: the start-up block, each step's line
-(speed, MFU, time elapsed and left), the last block with the commands to run next, and log.txt,
-whose lines are written whole or not at all. The tutorial's loop computes the numbers; this module
-turns them into lines. torch-free.
+"""What a run tells the person watching it and what it logs: the start-up block, each step's line,
+the last block with the commands to run next, and log.txt. The tutorial's loop computes the
+numbers; this module turns them into lines. torch-free.
 """
 
 import contextlib
@@ -16,9 +15,8 @@ from machinery.files import in_folder
 
 class RunLog:
     """log.txt, one `{step} {kind} {value}` line per measurement, written by rank 0 alone. A resume
-    appends, after dropping a last line cut short by a kill; a new run writes it anew, and says so
-    if an earlier run (one that saved no checkpoint) left one. A line that cannot be written whole
-    (a full disk) is taken back: the file never ends in a torn line."""
+    appends, after dropping a last line cut short by a kill; a new run writes it anew. A line that
+    cannot be written whole (a full disk) is taken back: the file never ends in a torn line."""
 
     def __init__(self, log_dir, resume, master):
         self.fd = None
@@ -97,8 +95,7 @@ class Progress:
 
 
 def step_line(progress, step, train_loss, lr, norm, dt, args, mfu_flops=None, memory_gib=None):
-    """The step's line on stdout: where the run is, its numbers, how fast it goes, how long it has
-    left. mfu_flops: the step's FLOPs over the devices' peak FLOP/s (None when it is unknown)."""
+    """The step's line; mfu_flops: its FLOPs over the devices' peak FLOP/s (None: unknown)."""
     progress.train_loss = train_loss
     elapsed, left = progress.step_done(step)
     speed = f"{1000 * dt:.0f} ms | {args.total_batch_size / dt:,.0f} tok/s"
@@ -130,11 +127,14 @@ def epoch_done(epoch, step, step_tokens):
 
 def start_block(args, world_size, device, use_compile, dtype, dtype_reason, model, memory, steps,
                 loaders):  # fmt: skip
-    """The run's first lines: where it writes, what computes, the model, its memory, the batch, the
-    data, one epoch. steps: (first, last, micro-steps per step); loaders: (train, val, val steps)"""
+    """The run's first lines. steps: (first, last, micro-steps); loaders: (train, val, val steps)"""
     (first, last, grad_accum_steps), (train_loader, val_loader, val_steps) = steps, loaders
     config, num_params = model.config, sum(p.numel() for p in model.parameters())
     weights = f" | weights of {args.init}" if args.init else ""
+    tails, left_over = unread_per_epoch(train_loader)  # of one epoch: its steps, order, unread
+    order, where = "in order (--no-shuffle)", "at shard ends"
+    if train_loader.shuffle:
+        order, where = f"shuffled by --seed {train_loader.seed}", "at the epoch's end"
     warmup_note = ""
     # a short run with 124M's 715 warmup steps, say: it barely trains
     if args.warmup_steps >= args.max_steps:
@@ -158,13 +158,14 @@ def start_block(args, world_size, device, use_compile, dtype, dtype_reason, mode
         f"data        {args.data_dir}: {describe_split(train_loader)} train, "
         f"{describe_split(val_loader)} val ({val_steps * val_loader.window:,} tokens per "
         f"evaluation)\n"
-        f"epoch       {describe_epoch(train_loader)}{warmup_note}"
+        f"epoch       {train_loader.steps_per_epoch():,} steps, {order} | unread each epoch: "
+        f"{tails:,} tokens of shard tails shorter than a sequence, {left_over:,} sequences that do "
+        f"not fill a step ({where}){warmup_note}"
     )
 
 
 def recipe_line(args):
-    """Where the shape and the recipe come from, where --model gave any of them (a line), or ""
-    when the flags gave them all."""
+    """The line of what --model gave of the shape and the recipe, or "" when the flags gave all."""
     size, taken = flags.MODELS[args.model], set(args.from_model)
     random_init = not (args.init or args.resume)  # else the shape is the weights'
     shape = [name for name in flags.MODEL_SHAPE if random_init and getattr(args, name) is None]
@@ -184,8 +185,7 @@ def recipe_line(args):
 
 def eval_only_block(weights, model, world_size, device, dtype, dtype_reason, data_dir, val_loader,
                     val_steps, rows):  # fmt: skip
-    """--eval_only's first lines: the weights, what computes, the val tokens it reads and how many
-    rows of a batch go through the model at once (fewer than the batch where memory is short)."""
+    """--eval_only's first lines; rows: how many of a batch go through the model at once."""
     batch, num_params = val_loader.B, sum(p.numel() for p in model.parameters())
     at_once = f"{min(rows, batch)} rows per forward pass"
     if rows < batch:
@@ -200,8 +200,7 @@ def eval_only_block(weights, model, world_size, device, dtype, dtype_reason, dat
 
 
 def resumed(path, start_step, args, args_then):
-    """The line of a resumed run: where it continues, where its checkpoints go, and whether it
-    evaluates on as many val tokens as the run before (args_then: the checkpoint's flags)."""
+    """The line of a resumed run (args_then: the flags of the run before)."""
     line = f"resumed from {path} at step {start_step}"
     if not in_folder(path, args.log_dir):
         line += f"; new checkpoints go to {args.log_dir}"
@@ -211,18 +210,6 @@ def resumed(path, start_step, args, args_then):
             "compare with this run's only roughly"
         )
     return line
-
-
-def describe_epoch(loader):
-    """One epoch of the train split: its steps, its order, and what it leaves unread."""
-    tails, left_over = unread_per_epoch(loader)
-    order = f"shuffled by --seed {loader.seed}" if loader.shuffle else "in order (--no-shuffle)"
-    where = "at the epoch's end" if loader.shuffle else "at shard ends"
-    return (
-        f"{loader.steps_per_epoch():,} steps, {order} | unread each epoch: {tails:,} tokens of "
-        f"shard tails shorter than a sequence, {left_over:,} sequences that do not fill a step "
-        f"({where})"
-    )
 
 
 def unread_per_epoch(loader):
@@ -237,7 +224,7 @@ def describe_split(loader):
 
 
 def print_summary(progress, log_path, prompt):
-    """The last block: what the run reached, where it is, what to run next (shell-quoted)."""
+    """The last block: what the run reached, and what to run next (shell-quoted)."""
     train = "-" if progress.train_loss is None else f"{progress.train_loss:.4f}"
     val = "-"
     if progress.val_loss is not None:
