@@ -675,11 +675,8 @@ def train(args, device, procs):
     if checkpoint is not None:
         start_step = restore_checkpoint(checkpoint, model, optimizer, scaler, loaders, device)
         eval_pending = checkpoint.get("eval_pending", False)
-        checkpoints.check_steps_left(start_step, args.max_steps, eval_pending)
-        checkpoints.check_same_recipe(checkpoint.get("args", {}), args.model, path)
+        checkpoints.check_resumed_run(checkpoint, path, start_step, args)
         procs.print(progress.resumed(path, start_step, args, checkpoint.get("args", {})))
-    else:
-        checkpoints.check_new_run(args.log_dir)
     if procs.master:
         checkpoints.remove_stale(args.log_dir)  # a write cut short: the one before is intact
     forward_model = torch.compile(model) if use_compile else model

@@ -1,6 +1,5 @@
-"""Checkpoints: their names, the newest one, which one --resume continues, reading one (a file
-damaged on disk is said as such), what it must hold (one schema, checked by one function), and the
-checks that keep a diverged step from ever being saved.
+"""Checkpoints: their names, which one --resume continues, reading one, what it must hold (one
+schema), and the checks that keep a diverged step from ever being saved.
 """
 
 import contextlib
@@ -38,20 +37,17 @@ def latest_checkpoint(log_dir):
 
 
 def remove_stale(log_dir):
-    """Remove checkpoints whose write was cut short (the one before is intact). The caller holds
-    --log_dir's lock, so no other run can be writing them; only the trainer's names are removed."""
+    """Remove the trainer's checkpoints whose write was cut short; the caller holds the lock."""
     for stale in glob.glob(os.path.join(glob.escape(log_dir), "model_*.pt.tmp")):
         if checkpoint_step(stale.removesuffix(".tmp")) is not None:
             os.remove(stale)
 
 
 def disk_full(filename, log_dir):
-    """What a run whose disk filled up says: the file it was writing, and how to go on from the
-    newest intact checkpoint in log_dir, or that there is none yet (--resume would be refused)."""
-    newest = latest_checkpoint(log_dir)
+    """What a run whose disk filled up says: how to go on from its newest intact checkpoint."""
     writing = f" (writing {filename})" if filename else ""
     with contextlib.suppress(UserError, OSError):
-        if newest is not None:
+        if newest := latest_checkpoint(log_dir):
             check_intact(newest)
             return UserError(
                 f"the disk is full{writing}: free some space, then run the same command with "
@@ -102,10 +98,9 @@ def reading(path):
 
 
 # -----------------------------------------------------------------------------
-# What a checkpoint holds, checked by check_checkpoint: wherever one is read (sample.py,
-# export_hf.py, hellaswag.py, --init) its weights and a model config GPT can be built from; to be
-# resumed, every entry of SCHEMA. A checkpoint damaged or edited by hand is then one line that
-# names the entry, not a KeyError deep inside the restore.
+# What a checkpoint holds: wherever one is read, its weights and a model config GPT can be built
+# from; to be resumed, every entry of SCHEMA. A checkpoint damaged or edited by hand is then one
+# line that names the entry, not a KeyError deep inside the restore.
 
 
 def whole(value):
@@ -119,7 +114,6 @@ def is_fingerprint(data):
 
 SCALER_FIELDS = ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")
 LOADER_POSITION = {True: ("sequence",), False: ("shard", "position")}  # now, and before the shuffle
-# The entries a resume reads besides the weights, and the test each must pass.
 SCHEMA = {
     "step": whole,
     "optimizer": lambda o: isinstance(o, dict) and isinstance(o.get("state"), dict)
@@ -143,7 +137,7 @@ OPTIONAL = {"args": {}, "eval_pending": False, "val_data": []}  # absent in olde
 
 def check_checkpoint(checkpoint, path, config_class, resume=False):
     """Refuse what torch.load read from `path` unless it is one of our checkpoints, and, to
-    `resume` it, one of weights only (sample.py and export_hf.py read those) or of a wrong entry."""
+    `resume` it, one of weights only (sample.py and export_hf.py read those) or a wrong entry."""
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(
             f"{path} is not a checkpoint of this project: it lacks the 'model' and 'config' entries"
@@ -221,22 +215,20 @@ def check_shape(config, seq_len):
 
 
 def check_same_model(weights, config, source, shape_flags=None):
-    """Refuse a run whose config differs from `weights` (a config dict): a resumed run is its
-    checkpoint's model, every field; --init's weights set the fields of `shape_flags`."""
+    """Refuse a run whose config differs from `weights` (a dict): in every field on a resume, in
+    `shape_flags` for --init."""
     differences = ", ".join(
         f"--{name} {weights.get(name)} there, {getattr(config, name)} here"
         for name in shape_flags or vars(config)
         if weights.get(name) != getattr(config, name)
     )
-    if differences and shape_flags:
+    if differences:
         raise UserError(
             f"--init {source} has another shape ({differences}): its weights set the model's "
             "shape, so leave out --n_layer/--n_head/--n_embd/--block_size"
-        )
-    if differences:
-        raise UserError(
-            f"{source} is from another model ({differences}): resume with the model flags it was "
-            "trained with"
+            if shape_flags
+            else f"{source} is from another model ({differences}): resume with the model flags "
+            "it was trained with"
         )
 
 
@@ -245,10 +237,14 @@ def check_same_model(weights, config, source, shape_flags=None):
 
 
 def to_resume(resume, log_dir, load, writes=True):
-    """(path, contents, read by `load`) of the checkpoint --resume continues, or (None, None): the
-    newest in --log_dir ('latest') or in a folder it names, or the file it names. A run that
-    `writes` (not --eval_only) must not overwrite other checkpoints in --log_dir, nor newer ones."""
+    """(path, contents read by `load`) of the checkpoint --resume continues, or (None, None). A run
+    that `writes` (not --eval_only) must not overwrite other or newer checkpoints in --log_dir."""
     if resume is None:
+        if writes and latest_checkpoint(log_dir):  # every rank checks
+            raise UserError(
+                f"{log_dir} already holds checkpoints: pass --resume to continue that run, or "
+                "choose another --log_dir"
+            )
         return None, None
     if not resume.strip():
         raise UserError(
@@ -303,33 +299,20 @@ def to_resume(resume, log_dir, load, writes=True):
     return resume, checkpoint
 
 
-def check_same_recipe(args_then, model, path):
-    """A resumed run keeps its --model: under another, the defaults of the learning rate, batch,
-    warmup and steps would change without a word."""
-    then = args_then.get("model", "gpt2")  # a checkpoint from before --model: 124M's recipe
-    if then != model:
+def check_resumed_run(checkpoint, path, start_step, args):
+    """A resumed run has steps (or its last evaluation) still to do, and keeps its --model: under
+    another, the defaults of the learning rate, batch, warmup and steps would change unsaid."""
+    if start_step >= args.max_steps and not checkpoint.get("eval_pending", False):
         raise UserError(
-            f"{path} was trained with --model {then}, this run has --model {model}: resume with "
-            f"--model {then} (it sets the defaults of --max_lr, --total_batch_size, --warmup_steps "
-            "and --max_steps)"
-        )
-
-
-def check_steps_left(start_step, max_steps, eval_pending):
-    """A resumed run with steps (or its last evaluation) still to do; a finished one is refused."""
-    if start_step >= max_steps and not eval_pending:
-        raise UserError(
-            f"the checkpoint is after step {start_step - 1} and --max_steps is {max_steps}: "
+            f"the checkpoint is after step {start_step - 1} and --max_steps is {args.max_steps}: "
             "nothing to train; raise --max_steps to train on"
         )
-
-
-def check_new_run(log_dir):
-    """A new run must not write over another run's checkpoints (every rank checks)."""
-    if latest_checkpoint(log_dir):
+    then = checkpoint.get("args", {}).get("model", "gpt2")  # from before --model: 124M's recipe
+    if then != args.model:
         raise UserError(
-            f"{log_dir} already holds checkpoints: pass --resume to continue that run, or choose "
-            "another --log_dir"
+            f"{path} was trained with --model {then}, this run has --model {args.model}: resume "
+            f"with --model {then} (it sets the defaults of --max_lr, --total_batch_size, "
+            "--warmup_steps and --max_steps)"
         )
 
 
