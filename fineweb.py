@@ -46,22 +46,17 @@ def find_input_files(paths):
     once, where it first comes (named twice, its text could be in the val split and in train)."""
     files = []
     for path in paths:
-        if os.path.isdir(path):
-            found = sorted(input_files_under(path, above=frozenset()))
-            if not found:
-                raise UserError(
-                    f"--input {path}: the directory holds no .txt, .jsonl or .parquet files"
-                )
-            files += found
+        found = sorted(input_files_under(path, frozenset())) if os.path.isdir(path) else [path]
+        if not found:
+            problem = "the directory holds no .txt, .jsonl or .parquet files"
         elif not os.path.exists(path):
-            raise UserError(f"--input {path}: no such file or directory")
-        elif not path.endswith(INPUT_SUFFIXES):
-            raise UserError(
-                f"--input {path}: unsupported file type; use "
-                f".txt (one document per file), .jsonl or .parquet"
-            )
+            problem = "no such file or directory"
+        elif not found[0].endswith(INPUT_SUFFIXES):
+            problem = "unsupported file type; use .txt (one document per file), .jsonl or .parquet"
         else:
-            files.append(path)
+            files += found
+            continue
+        raise UserError(f"--input {path}: {problem}")
     first_names = {}  # real path -> the name it first came by
     for path in files:
         real = os.path.realpath(path)
@@ -122,27 +117,27 @@ def first_line(error):
     return lines[0] if lines else type(error).__name__
 
 
-def cannot_read(path, error):
+@contextlib.contextmanager
+def reading(path):
     """Input files are read all through a long run: one may be moved or deleted meanwhile."""
-    moved = (
-        "; was it moved or deleted during the run?" if isinstance(error, FileNotFoundError) else ""
-    )
-    return UserError(f"{path}: cannot read it ({error.strerror or error}){moved}")
+    try:
+        yield
+    except OSError as e:
+        moved = (
+            "; was it moved or deleted during the run?" if isinstance(e, FileNotFoundError) else ""
+        )
+        raise UserError(f"{path}: cannot read it ({e.strerror or e}){moved}") from None
 
 
 def read_bytes(path, start=0, size=-1):
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            return f.read(size)
-    except OSError as e:
-        raise cannot_read(path, e) from None
+    with reading(path), open(path, "rb") as f:
+        f.seek(start)
+        return f.read(size)
 
 
 def read_txt_files(paths):
     """A piece of .txt files, each one a document."""
-    for path in paths:
-        yield (path,), read_txt(path)
+    return [((path,), read_txt(path)) for path in paths]
 
 
 def read_txt(path):
@@ -289,7 +284,7 @@ def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
     """The pieces of the files in order, leaving out their first `skip` documents."""
     txt_files, txt_bytes = [], 0  # .txt files waiting to fill a piece
     for path in files:
-        try:  # this runs as long as the run does: a file may have been moved or deleted since
+        with reading(path):  # a file may have been moved or deleted since the run began
             if skip and skip >= (count := count_documents(path)):
                 skip -= count
                 continue
@@ -303,8 +298,6 @@ def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
                 yield from plan_jsonl(path, text_field, skip, piece_bytes)
             elif not path.endswith(".txt"):  # .parquet
                 yield from pieces_of_documents(read_parquet(path, text_field, skip), piece_bytes)
-        except OSError as e:
-            raise cannot_read(path, e) from None
         skip = 0
     if txt_files:
         yield read_txt_files, txt_files
@@ -418,7 +411,7 @@ def input_key(path):
     64 KiB on a hash of its first and last MiB (catching a copy that kept the time). Hashing small
     files took 0.5 s of a 3.4 s run on 15,000 of 4 KB; a large file's costs under 1%."""
     edge = 1 << 20
-    try:
+    with reading(path):
         stat = os.stat(path)
         key = {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         if stat.st_size >= HASHED_INPUT_BYTES:
@@ -428,8 +421,6 @@ def input_key(path):
                     f.seek(max(edge, stat.st_size - edge))
                     digest.update(f.read(edge))
             key["ends_sha256"] = digest.hexdigest()
-    except OSError as e:
-        raise cannot_read(path, e) from None
     return key
 
 
@@ -494,8 +485,7 @@ def save_progress(out_dir, prefix, progress):
 def npy_header(tokens):
     """The header np.save writes before `tokens` uint16 values, padded so that the count can grow
     to 21 digits in place: a shard's header is written first and corrected at the end."""
-    header = io.BytesIO()
-    descr = np.lib.format.dtype_to_descr(np.dtype(np.uint16))
+    header, descr = io.BytesIO(), np.lib.format.dtype_to_descr(np.dtype(np.uint16))
     np.lib.format.write_array_header_1_0(
         header, {"descr": descr, "fortran_order": False, "shape": (tokens,)}
     )
