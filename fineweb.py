@@ -471,14 +471,6 @@ def describe_change(name, old, new):
     return f"input {len(old) if old else 'no'} files -> {len(new) if new else 'no'} files"
 
 
-def save_progress(out_dir, prefix, progress):
-    # On one line: json's fast C encoder works only without indent, and the settings name every
-    # input file: indented, the file cost more to write than thousands of small inputs to read.
-    temp = temp_path(out_dir, prefix, "progress")
-    with atomic_write(progress_path(out_dir, prefix), temp_path=temp) as f:
-        f.write((json.dumps(progress, sort_keys=True) + "\n").encode())
-
-
 def npy_header(tokens):
     """The header np.save writes before `tokens` uint16 values, padded so that the count can grow
     to 21 digits in place: a shard's header is written first and corrected at the end."""
@@ -490,10 +482,10 @@ def npy_header(tokens):
 
 
 class ShardWriter:
-    """Lays pieces' tokens end to end into .npy shards of shard_size tokens. They go straight into
-    the open shard's temporary file (a shard collected in memory left its write and fsync for the
-    end, when the workers wait); atomic_write renames it when full, and an error or Ctrl-C before
-    then removes it (use the writer in a `with` block). After each shard the progress is saved."""
+    """Lays pieces' tokens end to end into .npy shards of shard_size tokens, streamed into the open
+    shard's temporary file (collected in memory, a shard's write and fsync came at the end, while
+    the workers wait). atomic_write renames it when full; an error or Ctrl-C before then removes it
+    (use the writer in a `with` block). The progress is saved after each shard."""
 
     def __init__(self, out_dir, prefix, shard_size, progress):
         self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
@@ -522,41 +514,36 @@ class ShardWriter:
             self.open_shard.__exit__(*sys.exc_info())  # raises atomic_write's UserError
             raise
 
+    def save_progress(self):
+        # On one line: json's fast C encoder works only without indent, and the settings name every
+        # input file: indented, the file cost more to write than thousands of small inputs to read.
+        temp = temp_path(self.out_dir, self.prefix, "progress")
+        with atomic_write(progress_path(self.out_dir, self.prefix), temp_path=temp) as f:
+            f.write((json.dumps(self.progress, sort_keys=True) + "\n").encode())
+
     def add(self, ids, document_ends):
         """Add one piece: its documents' ids end to end, document i ending at document_ends[i]."""
         start, self.skip_tokens = self.skip_tokens, 0
         while start < len(ids):
             if self.shard_file is None:
-                self.start_shard()
+                index = self.progress["shards"]
+                if not os.path.exists(progress_path(self.out_dir, self.prefix)):  # settings first
+                    os.makedirs(self.out_dir, exist_ok=True)
+                    self.save_progress()
+                split = "val" if index == 0 else "train"  # the first shard: val, as build-nanogpt
+                path = os.path.join(self.out_dir, f"{self.prefix}_{split}_{index:06d}.npy")
+                temp = temp_path(self.out_dir, self.prefix, f"{index:06d}")
+                self.shard_file = self.open_shard.enter_context(atomic_write(path, temp_path=temp))
+                self.write(npy_header(self.shard_size))
             taken = min(self.shard_size - self.filled, len(ids) - start)
             self.write(ids[start : start + taken])
-            self.filled += taken
-            start += taken
+            self.filled, start = self.filled + taken, start + taken
             if self.filled == self.shard_size:
                 # the piece's documents done in full, and the tokens of the next one done
                 whole = int(np.searchsorted(document_ends, start, side="right"))
                 begun = start - (int(document_ends[whole - 1]) if whole else 0)
                 self.finish_shard(self.documents + whole, begun)
         self.documents += len(document_ends)
-
-    def finish(self):
-        """Finish the last, shorter shard, and the run (saved with the last shard's counts)."""
-        self.progress["finished"] = True
-        if self.filled:
-            self.finish_shard(self.documents, 0)
-        else:
-            save_progress(self.out_dir, self.prefix, self.progress)
-
-    def start_shard(self):
-        index = self.progress["shards"]
-        if not os.path.exists(progress_path(self.out_dir, self.prefix)):  # settings first on disk
-            os.makedirs(self.out_dir, exist_ok=True)
-            save_progress(self.out_dir, self.prefix, self.progress)
-        split = "val" if index == 0 else "train"  # the first shard is the val split (build-nanogpt)
-        path = os.path.join(self.out_dir, f"{self.prefix}_{split}_{index:06d}.npy")
-        temp = temp_path(self.out_dir, self.prefix, f"{index:06d}")
-        self.shard_file = self.open_shard.enter_context(atomic_write(path, temp_path=temp))
-        self.write(npy_header(self.shard_size))
 
     def finish_shard(self, documents, tokens_of_next_document):
         if self.filled < self.shard_size:  # the last shard: its header says how many tokens it has
@@ -567,7 +554,7 @@ class ShardWriter:
         self.progress["shards"] += 1
         self.progress["tokens"] += self.filled
         self.progress.update(documents=documents, tokens_of_next_document=tokens_of_next_document)
-        save_progress(self.out_dir, self.prefix, self.progress)
+        self.save_progress()
         self.shard_file, self.filled = None, 0
 
 
@@ -598,7 +585,11 @@ def write_shards(
             raise UserError(
                 "the corpus holds no documents; check --input (or --dataset, --name, --split)"
             )
-        writer.finish()
+        writer.progress["finished"] = True
+        if writer.filled:  # the last, shorter shard, saved with the run's final counts
+            writer.finish_shard(writer.documents, 0)
+        else:
+            writer.save_progress()
         bar.set_postfix(shards=writer.progress["shards"])
     return writer.progress
 
