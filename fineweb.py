@@ -226,24 +226,6 @@ def text_rows(texts, name, text_field, first_row):
         yield (name, "row", row), text
 
 
-def load_hf_dataset(dataset, name, split, streaming, text_field):
-    """The split of a Hugging Face dataset, downloaded now (or opened for streaming). Whatever stops
-    it (no network, offline without a cache, an unknown name) is one line: it raises many types."""
-    import datasets  # imported here: it takes a second to import and --input runs never need it
-
-    try:
-        rows = datasets.load_dataset(dataset, name=name, split=split, streaming=streaming)
-    except Exception as e:
-        raise UserError(
-            f"could not load {dataset} ({name}, {split}) with the "
-            f"datasets library: {first_line(e).rstrip('.')}. Without network, download "
-            f"its parquet files elsewhere and pass them with --input"
-        ) from None
-    if rows.column_names is not None:
-        check_column(dataset, rows.column_names, text_field)
-    return rows
-
-
 def hf_documents(rows, dataset, text_field, skip=0):
     """(where, text) for every row of a loaded Hugging Face dataset after its first `skip` rows."""
     if hasattr(rows, "__len__") and skip >= len(rows):  # Dataset.skip refuses to skip it all
@@ -627,38 +609,52 @@ def parse_args(argv=None):
          "the JSON field or column that holds the text (default: %(default)s)"),
     ]:  # fmt: skip
         parser.add_argument(flag, help=reason, **options)
-    return parser.parse_args(argv)
-
-
-def default_prefix(out_dir, local_input):
-    """The prefix of the shards in out_dir (a rerun resumes them; from the val shard if the progress
-    file is lost), else edufineweb for the download and shard, which claims no corpus, for files."""
-    for suffix in ["_progress.json", "_val_000000.npy"]:
-        held = glob.glob(os.path.join(glob.escape(out_dir), "*" + suffix))
+    args = parser.parse_args(argv)
+    if args.shard_size < 1 or args.num_proc < 1:
+        raise UserError("--shard_size and --num_proc must be at least 1")
+    if not args.prefix:  # a rerun goes on with the run in --out, found by its progress file
+        held = glob.glob(os.path.join(glob.escape(args.out), "*_progress.json"))
         if len(held) == 1:
-            return os.path.basename(held[0]).removesuffix(suffix)
-    return "shard" if local_input else "edufineweb"
+            args.prefix = os.path.basename(held[0]).removesuffix("_progress.json")
+        else:  # shard, which claims no corpus, for files
+            args.prefix = "shard" if args.input else "edufineweb"
+    # The trainer tells the splits apart by the word before the shard's number; a prefix naming a
+    # split or a folder would make other loaders (build-nanogpt's glob of *_train_*) misread names.
+    if not args.prefix or any(part in args.prefix for part in (os.sep, "_train", "_val")):
+        raise UserError(
+            f"--prefix {args.prefix!r}: use a plain name without '/', '_train' or '_val'"
+        )
+    return args
+
+
+def load_hf_dataset(args):
+    """The split of a Hugging Face dataset, downloaded now (or opened for streaming). Whatever stops
+    it (no network, offline without a cache, an unknown name) is one line: it raises many types."""
+    import datasets  # imported here: it takes a second to import and --input runs never need it
+
+    try:
+        rows = datasets.load_dataset(
+            args.dataset, name=args.name, split=args.split, streaming=args.streaming
+        )
+    except Exception as e:
+        raise UserError(
+            f"could not load {args.dataset} ({args.name}, {args.split}) with the datasets library: "
+            f"{first_line(e).rstrip('.')}. Without network, download its parquet files elsewhere "
+            "and pass them with --input"
+        ) from None
+    if rows.column_names is not None:
+        check_column(args.dataset, rows.column_names, args.text_field)
+    return rows
 
 
 def main(argv=None):
     args = parse_args(argv)
-    args.prefix = args.prefix or default_prefix(args.out, args.input)
-    if args.shard_size < 1 or args.num_proc < 1:
-        raise UserError("--shard_size and --num_proc must be at least 1")
-    # The trainer tells the splits apart by the word before the shard's number; a prefix naming a
-    # split or a folder would make other loaders (build-nanogpt's glob of *_train_*) misread names.
-    if not args.prefix or os.sep in args.prefix or "_train" in args.prefix or "_val" in args.prefix:
-        raise UserError(
-            f"--prefix {args.prefix!r}: use a plain name without '/', '_train' or '_val'"
-        )
     settings = {"tokenizer": "gpt2", "shard_size": args.shard_size, "text_field": args.text_field}
     if args.input:
         files = find_input_files(args.input)
         settings["input"] = [input_key(path) for path in files]
     else:
-        settings.update(
-            dataset=args.dataset, name=args.name, split=args.split, streaming=args.streaming
-        )
+        settings |= {key: vars(args)[key] for key in ("dataset", "name", "split", "streaming")}
     with output_lock(args.out, "--out"):  # one writer per folder; removed if this run makes nothing
         # The trainer reads one corpus per folder: shards of another prefix in --out are refused.
         for name in sorted(os.listdir(args.out)):
@@ -682,20 +678,17 @@ def main(argv=None):
         if args.input:
             pieces = plan_pieces(files, args.text_field, skip=progress["documents"])
         else:
-            rows = load_hf_dataset(
-                args.dataset, args.name, args.split, args.streaming, args.text_field
+            documents = hf_documents(
+                load_hf_dataset(args), args.dataset, args.text_field, progress["documents"]
             )
-            pieces = pieces_of_documents(
-                hf_documents(rows, args.dataset, args.text_field, skip=progress["documents"])
-            )
+            pieces = pieces_of_documents(documents)
         tokenize = functools.partial(gpt2_tokenize, gpt2_tokenizer())
         tokens_before = progress["tokens"]
         progress = write_shards(
             pieces, tokenize, args.out, args.prefix, args.shard_size, args.num_proc, progress,
             start_method=args.start_method,
         )  # fmt: skip
-    seconds = time.perf_counter() - start_time
-    tokens = progress["tokens"] - tokens_before
+    seconds, tokens = time.perf_counter() - start_time, progress["tokens"] - tokens_before
     print(
         f"{SUMMARY.format_map(progress)} in {args.out}; this run: {tokens:,} "
         f"tokens in {seconds:.1f} s, {tokens / seconds:,.0f} tokens/s"
@@ -704,11 +697,6 @@ def main(argv=None):
         print(
             "note: every document was empty: the shards hold "
             "end-of-text tokens only, nothing to train on"
-        )
-    elif progress["shards"] == 1:
-        print(
-            f"note: the corpus filled only the val shard; for train shards too, "
-            f"pass a --shard_size below {progress['tokens']:,} to a new --out"
         )
 
 
