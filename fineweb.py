@@ -235,8 +235,7 @@ def hf_documents(rows, dataset, text_field, skip=0):
 
 
 def pieces_of_documents(documents, piece_chars=PIECE_BYTES):
-    """The (where, text) pairs read here, in pieces of piece_chars or more; their reader, iter,
-    hands the pairs on as they are."""
+    """The (where, text) pairs read here, in pieces of piece_chars or more (their reader: iter)."""
     piece, chars = [], 0
     for where, text in documents:
         piece.append((where, text))
@@ -466,8 +465,8 @@ def npy_header(tokens):
 class ShardWriter:
     """Lays pieces' tokens end to end into .npy shards of shard_size tokens, streamed into the open
     shard's temporary file (collected in memory, a shard's write and fsync came at the end, while
-    the workers wait). atomic_write renames it when full; an error or Ctrl-C before then removes it
-    (use the writer in a `with` block). The progress is saved after each shard."""
+    the workers wait). atomic_write renames it when full; close() after an error or Ctrl-C removes
+    it. The progress is saved after each shard."""
 
     def __init__(self, out_dir, prefix, shard_size, progress):
         self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
@@ -477,17 +476,14 @@ class ShardWriter:
         self.documents = progress["documents"]  # documents added, counting earlier runs' ones
         self.skip_tokens = progress["tokens_of_next_document"]  # already in finished shards
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *error):
-        # The run stopped for a reason of its own (an input, a dropped connection, Ctrl-C): the
+    def close(self):
+        # If the run stopped for a reason of its own (an input, a dropped connection, Ctrl-C), the
         # open shard is removed with an error that atomic_write does not take for a failed write.
         self.open_shard.__exit__(Exception, Exception("shard abandoned"), None)
 
     def write(self, data, offset=None):
-        """Write data into the open shard (at offset, or at its end). A failed write (a full disk)
-        ends it as atomic_write ends any: its file removed, one line naming it."""
+        """Write into the open shard at offset (or at its end); a failed write (a full disk) ends
+        it as atomic_write ends any: its file removed, one line naming it."""
         try:
             if offset is not None:
                 self.shard_file.seek(offset)
@@ -556,7 +552,7 @@ def write_shards(
     context = multiprocessing.get_context(start_method)
     pool = context.Pool(num_proc, initializer=init_worker, initargs=(tokenize,))
     bar = tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing")
-    with pool, writer, bar:
+    with pool, contextlib.closing(writer), bar:
         pieces = itertools.chain(first_pieces, pieces)
         for ids, document_ends in tokenize_in_order(pieces, pool, max_in_flight=2 * num_proc):
             already_written = writer.skip_tokens  # by an earlier run, for a resumed first piece
