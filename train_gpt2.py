@@ -644,7 +644,8 @@ class Evaluation:
             procs.print("\n".join(f"sample {i}: {text}" for i, text in enumerate(texts)))
             procs.print(f"{label} | 4 samples | {progress.since(started)}")
         if cut:
-            procs.print(f"{label} | evaluation cut short by the stop request; --resume redoes it")
+            redo = "; --resume redoes it" if step >= 0 else ""  # not the one before step 0
+            procs.print(f"{label} | evaluation cut short by the stop request{redo}")
         return not cut
 
 
@@ -734,6 +735,7 @@ def train(args, device, procs):
             procs.print(progress.epoch_done(epoch - 1, step, args.total_batch_size))
         eval_pending = False
         if (step + 1) % args.eval_every == 0 or step == last_step:
+            checkpoints.check_finite_weights(model, step, args.log_dir, procs, device)
             eval_pending = not evaluate(step)
             stop_now = procs.any(stop.requested, device)  # a signal may come during it
         if (step + 1) % args.ckpt_every == 0 or step == last_step or stop_now:
@@ -782,10 +784,8 @@ def main(argv=None):
     lock = torchrun.log_dir_lock(args.log_dir, procs, device)
     lock = contextlib.nullcontext() if args.eval_only else lock
     try:
-        with torchrun.one_error_line(procs), lock:
+        with torchrun.one_error_line(procs), lock, devices.out_of_memory_said(device, args):
             (evaluate_only if args.eval_only else train)(args, device, procs)
-    except torch.OutOfMemoryError:
-        raise devices.out_of_memory(device, devices.lower_batch_size(args)) from None
     finally:
         if procs.ddp:
             dist.destroy_process_group()

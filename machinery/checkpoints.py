@@ -330,8 +330,8 @@ def check_finite(train_loss, norm, loss_scaling, step, log_dir):
 
 def check_finite_weights(model, step, log_dir, procs, device):
     """A step can leave inf or NaN weights behind a finite loss (a learning rate far too high):
-    checked before each checkpoint, each rank its weights (with --shard full, its shards), so that
-    none ever holds them."""
+    checked before each evaluation and checkpoint, each rank its weights (with --shard full, its
+    shards), so that none is evaluated, sampled from or saved."""
     weights = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     if procs.any(not torch.stack([torch.isfinite(p).all() for p in weights]).all(), device):
         stop_diverged(step, "the loss is finite, but the weights after the step are not", log_dir)

@@ -4,6 +4,7 @@ step is estimated to need, what the device has, the out-of-memory message. Not i
 reader needs the outcome, not the probing of /proc/cpuinfo or the table of GPUs behind it.
 """
 
+import contextlib
 import resource
 
 import torch
@@ -258,6 +259,16 @@ def lower_batch_size(args):
         f"{args.total_batch_size}: more micro-steps make up the difference, and the run stays the "
         "same"
     )
+
+
+@contextlib.contextmanager
+def out_of_memory_said(device, args):
+    """A run out of memory ends in one line: the figures, and what to lower. Inside
+    torchrun.one_error_line, so that the rank it happens on says it."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise out_of_memory(device, lower_batch_size(args)) from None
 
 
 def out_of_memory(device, advice):

@@ -257,20 +257,20 @@ def evaluator(data, procs, device, batch_size, autocast_dtype, download=True):
     """For train_gpt2.py: a function (model, stop=None) -> HellaSwag acc_norm, or None (and a notice
     why) when the data cannot be had. data: --hellaswag_data, or None for the cached download;
     download=False (--eval_only, which writes no file) uses a cached copy only."""
-    if not data:  # one download per machine into its cache, which its other ranks then read
-        if procs.local_rank == 0 and download:
-            with contextlib.suppress(UserError):
+    path = None
+    if procs.master:  # rank 0 reads the examples and sends them: every rank scores the same ones
+        if not data and download:
+            with contextlib.suppress(UserError):  # offline: the notice below says so
                 hellaswag_path()
-        if procs.ddp:
-            torch.distributed.barrier()
-    path = hellaswag_path(data or None, download=False)  # a path the user gave must exist
-    if procs.any(path is None, device):  # all ranks or none: each HellaSwag batch is a collective
+        path = hellaswag_path(data or None, download=False)  # a path the user gave must exist
+    examples = procs.from_rank_0(path and load_examples(path), device)
+    if examples is None:
         could_not = " and could not be downloaded" if download else ""
         procs.print(f"HellaSwag skipped: its data is not cached{could_not}; pass "
                     "--hellaswag_data PATH to a local hellaswag_val.jsonl, or "
                     "--no-hellaswag")  # fmt: skip
         return None
-    examples, enc = load_examples(path), gpt2_tokenizer()
+    enc = gpt2_tokenizer()
 
     def hellaswag_acc_norm(model, stop=None):
         device = next(model.parameters()).device

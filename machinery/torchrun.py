@@ -57,6 +57,14 @@ class Processes:
         dist.all_reduce(value, op=dist.ReduceOp.MIN)
         return value.item()
 
+    def from_rank_0(self, value, device):
+        """Rank 0's `value` (any picklable object) on every rank."""
+        if not self.ddp:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=device)
+        return box[0]
+
     def mean(self, tensor):
         """The mean of `tensor` over the ranks (summed, then divided: gloo has no average)."""
         if self.ddp:

@@ -665,12 +665,16 @@ FAULTS = [
         ("out_of_memory_in_an_evaluation",
          lambda w: w.with_setattr(train_gpt2, "validation_loss", out_of_memory).train(),
          "out of memory on cpu: lower --batch_size", 1, ["log", "log/*"]),
+        ("out_of_memory_on_a_rank_of_a_group",  # said by no rank: another rank's traceback instead
+         lambda w: w.with_env(**dict(GROUP, MASTER_PORT="29531"))
+                    .with_setattr(train_gpt2, "validation_loss", out_of_memory).train(),
+         "rank 0: out of memory on cpu: lower --batch_size", 1, ["log", "log/*"]),
         ("loss_nan_before_any_checkpoint",
          lambda w: w.with_setattr(train_gpt2, "train_step", diverging_train_step(0, False)).train(),
          "no checkpoint was saved yet: start again with a lower --max_lr", 1, ["log", "log/*"]),
         ("weights_inf_behind_a_finite_loss",
          lambda w: w.with_setattr(train_gpt2, "train_step", diverging_train_step(2, True))
-                    .train("--ckpt_every", "1"),
+                    .train("--ckpt_every", "1", "--sample_every_eval"),  # step 2 evaluates: samples
          "the weights after the step are not; stopping without saving. last good checkpoint",
          1, ["log", "log/*"]),
         ("sample_prompt_too_long_for_the_model",  # failed at the first evaluation

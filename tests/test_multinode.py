@@ -56,8 +56,8 @@ def two_nodes(data_dir, node_dirs, *more, check=True, caches=(None, None)):
 
 def test_two_nodes_train_as_one_process_with_accumulation_and_resume(tmp_path, text_shards):
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
-    # HellaSwag's data is in node 0's cache only: both skip it (had node 0 alone evaluated it, it
-    # would wait for node 1 in each batch's collective).
+    # HellaSwag's data is in node 0's cache only: rank 0 sends its examples, and both score them
+    # (had node 0 alone scored them, it would wait for node 1 in each batch's collective).
     os.makedirs(tmp_path / "cache0" / "gpt2-repro" / "hellaswag")
     write_hellaswag(tmp_path / "cache0" / "gpt2-repro" / "hellaswag" / "hellaswag_val.jsonl")
     caches = (tmp_path / "cache0", tmp_path / "cache1")
@@ -67,7 +67,7 @@ def test_two_nodes_train_as_one_process_with_accumulation_and_resume(tmp_path, t
             text_shards, [node0, node1], "--max_steps", "2", "--hellaswag", caches=caches
         )
     ]
-    assert "HellaSwag skipped: its data is not cached" in rank0_out
+    assert "hellaswag acc_norm" in rank0_out
     assert "2 process(es)" in rank0_out and "x 2 process(es) x 1 micro-steps" in rank0_out
     # Only global rank 0 writes: node 1 has no log folder at all.
     assert sorted(os.listdir(node0 / "log")) == ["log.txt", "model_00001.pt"]
