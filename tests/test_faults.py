@@ -1,18 +1,6 @@
-"""Faults: bad input to any script, as one table, and the drills that need a real training process.
-
-Each row of the table names a script, sets up a folder for it, and states what must come of it: the
-exit status, the text its last line holds (a refusal's is one `error:` line), and the files it may
-create, change or remove (none for a refusal). The script's main() runs in this process through
-run_cli, as its command line would, and must print no traceback; a few rows run again in a fresh
-interpreter. Rows cover numbers, paths, data, resumes, foreign files, concurrency, torchrun's
-variables, out of memory and divergence.
-
-The drills: SIGKILL mid-step, during evaluation and during a checkpoint write, each followed by
---resume, ends bit-identical to a run never killed, and a torn checkpoint never replaces the good
-one; SIGTERM and SIGINT save the current step and exit 0 within seconds, also while blocked on a
-full pipe; opening a checkpoint cannot run code. The other scripts' drills and those of several
-processes are in test_hardening.py; fineweb.py's in test_fineweb.py.
-"""
+"""Faults: bad input to any script as one table of rows (exit status, the one last line, the files
+it may touch), run through main() in this process; and the SIGKILL/SIGTERM/SIGINT drills of a real
+training run, which must resume bit-identical to a run never stopped."""
 
 import fcntl
 import fnmatch
@@ -32,6 +20,8 @@ import threading
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -56,6 +46,7 @@ from conftest import (
 )
 from machinery.checkpoints import latest_checkpoint
 from machinery.cli import UserError, run_cli
+from test_model import SMALL, random_hf_model
 from train_gpt2 import GPT, GPTConfig, load_checkpoint, save_checkpoint
 
 # --- the table ------------------------------------------------------------------------------------
@@ -65,6 +56,12 @@ GROUP = dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", 
 # What keeps the Hugging Face libraries off the network, or points them elsewhere
 OFFLINE = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_ENDPOINT", "HTTPS_PROXY", "https_proxy",
            "NO_PROXY")  # fmt: skip
+# A fine-tune from --init (test_init.py's): steps of 4 x 32 tokens, exact fp32
+INIT_RUN = (
+    "--batch_size 4 --seq_len 32 --total_batch_size 128 --val_tokens 1024 --dtype float32 "
+    "--no-hellaswag --no-sample_every_eval --max_steps 30 --warmup_steps 3 --max_lr 1e-3 "
+    "--eval_every 15 --ckpt_every 10"
+).split()
 HOLD_LOCK = """
 import sys, time
 from machinery.files import output_lock
@@ -80,11 +77,8 @@ ON_PATHS["truncated"] = lambda path: os.truncate(path, os.path.getsize(path) // 
 
 
 class Workspace:
-    """A temporary folder for one row: data/ holds a val shard of 4,096 random tokens and a train
-    shard of 8,192. Paths are relative to the folder. w.with_<change>(...) makes a change (one of
-    ON_PATHS, a method of the workspace, or of its monkeypatch: setattr, chdir) and returns the
-    workspace, so that a row's setup reads as one chain that ends in a script's argv (w.train(),
-    w.sample(), ...); the methods called without with_ return what they made."""
+    """A row's folder, with random shards in data/. w.with_<change>(...) (ON_PATHS, a method, or
+    monkeypatch's) makes a change and returns w, so a setup is one chain ending in an argv."""
 
     def __init__(self, root, monkeypatch):
         self.root, self.monkeypatch = str(root), monkeypatch
@@ -116,16 +110,14 @@ class Workspace:
         return path
 
     def shard(self, relative, tokens, **header):
-        """A .npy shard as np.save writes it, or a .bin in llm.c's format (with these header
-        fields)."""
+        """A .npy shard, or a .bin in llm.c's format with these header fields."""
         if relative.endswith(".bin"):
             write_bin_shard(self.path(relative), tokens, **header)
         else:
             np.save(self.path(relative), tokens)
 
     def weights(self, relative="model_00005.pt", **entries):
-        """A checkpoint of the tiny model's weights and config only, at `relative` (a step n:
-        log/model_<n>.pt)."""
+        """A weights-only tiny checkpoint at `relative` (a step n: log/model_<n>.pt)."""
         if isinstance(relative, int):
             relative = f"log/model_{relative:05d}.pt"
         return tiny_checkpoint(self.path(relative), **entries)
@@ -157,8 +149,8 @@ class Workspace:
         return [*TINY_RUN, "--data_dir", self.data, "--log_dir", self.log, *flags]
 
     def damaged(self, **entries):
-        """The argv of a run resuming log/model_00003.pt with its entries replaced (None: removed;
-        a function: applied to the entry), as a hand edit would leave them."""
+        """A run resuming log/model_00003.pt with entries replaced (None: removed; a function:
+        applied)."""
         path = self.resumable()
         state = torch.load(path, weights_only=True)
         for key, value in entries.items():
@@ -173,19 +165,31 @@ class Workspace:
         """sample.py's (or hellaswag.py's) argv: the model at `init`, the tiny one by default."""
         return ["--init", init or self.weights(), "--device", "cpu", *flags]
 
+    def init(self, *flags, init="hf_gpt2"):
+        """A fine-tune's argv: no model flags, the shape comes from --init (a random HF GPT-2)."""
+        if init == "hf_gpt2":
+            random_hf_model(**SMALL, n_positions=64).save_pretrained(self.path(init))
+        init = ["--init", self.path(init)] if init else []
+        return [*INIT_RUN, "--data_dir", self.data, "--log_dir", self.log, *init, *flags]
+
     def export(self, out, *flags, init=None):
         out = out if out in ("", ".") else self.path(out)  # those two as the user typed them
         return ["--init", init or self.weights(), "--out", out, *flags]
 
     def fineweb(self, *flags, name="corpus.txt", text="some text", out="out"):
-        return ["--input", self.file(name, text), "--out", self.path(out), *flags]
+        path = self.path(name)  # text None: no such file; a dict: a parquet file's columns
+        if isinstance(text, dict):
+            pq.write_table(pa.table(text), path)
+        elif text is not None:
+            self.file(name, text)
+        return ["--input", path, "--out", self.path(out), *flags]
 
     def plot(self, log, out="loss.png"):
         return [self.file("log.txt", log), "-o", self.path(out)]
 
 
 def nanogpt_checkpoint(w):
-    """nanoGPT's layout: 'model_args' for the model, and 'config' holding its training settings."""
+    """nanoGPT's layout: 'model_args' for the model, 'config' its training settings."""
     model_args = dict(TINY_SHAPE, bias=False, dropout=0.0)
     state = {"model": GPT(GPTConfig(**TINY_SHAPE)).state_dict(), "model_args": model_args}
     state.update(iter_num=5, config={"out_dir": "out", "eval_interval": 2000, "batch_size": 12})
@@ -195,8 +199,7 @@ def nanogpt_checkpoint(w):
 
 
 def hf_directory(w, n_head, extra=None):
-    """A Hugging Face GPT-2 folder: config.json with `n_head` (None: none), and a pytorch_model.bin
-    of plain tensors (and `extra`)."""
+    """A HF GPT-2 folder: config.json with `n_head` (None: none), pytorch_model.bin (+ `extra`)."""
     config = dict(n_positions=64, vocab_size=50257, n_layer=2, n_embd=64)
     config.update({} if n_head is None else dict(n_head=n_head))
     w.file("hf/config.json", json.dumps({"model_type": "gpt2", **config}))
@@ -209,8 +212,7 @@ class Pickled:
 
 
 class RunsCodeWhenUnpickled:
-    """Unpickling this calls open(marker, "w"), creating the marker file: the harmless stand-in for
-    what a malicious checkpoint would run (os.system, ...)."""
+    """Unpickling this creates the marker file: a harmless stand-in for a malicious payload."""
 
     def __init__(self, marker):
         self.marker = marker
@@ -220,8 +222,7 @@ class RunsCodeWhenUnpickled:
 
 
 def checkpoint_that_runs_code(w):
-    """A checkpoint with an entry that creates the file code_ran when unpickled: a script that ran
-    it would leave that file, which the row's snapshot sees."""
+    """A checkpoint whose unpickling creates code_ran, which the row's snapshot would see."""
     path = w.weights(args=RunsCodeWhenUnpickled(w.path("code_ran")))
     torch.load(path, weights_only=False)  # the payload is live: an unrestricted load runs it
     os.remove(w.path("code_ran"))
@@ -233,8 +234,7 @@ def out_of_memory(*args, **kwargs):
 
 
 def diverging_train_step(bad_step, weights):
-    """train_step as it is until call `bad_step`, which returns a NaN loss, or (weights=True) leaves
-    inf weights behind a finite loss."""
+    """train_step, but call `bad_step` returns a NaN loss, or (weights) leaves inf weights."""
     calls, real_train_step = [], train_gpt2.train_step
 
     def train_step(step_model, *args):
@@ -268,11 +268,8 @@ def hellaswag_on_a_model_too_short_for_an_example(w):
 
 
 def row(script, name, setup, says, code=1, changes=()):
-    """`script` (a module with a main) run on the argv that setup(workspace) returns must exit with
-    `code`, its last line must hold each of `says` (a string or several; {w.data}, {w.log} and
-    {w.root} name the workspace's folders), and only paths matching the globs in `changes` may
-    appear, change or disappear. A setup that is a string is flags added to the script's plain argv
-    (w.train(...), w.sample(...) or w.fineweb(...))."""
+    """script.main(setup(w)) exits with `code`, its last line holds each of `says` ({w.root}...
+    formatted), only paths matching `changes` globs change. A string setup: flags to w.<script>()"""
     if isinstance(setup, str):
         setup = plain_argv(script, setup.split())
     says = (says,) if isinstance(says, str) else says
@@ -334,7 +331,24 @@ FAULTS = [
         ("total_batch_not_divisible", "--total_batch_size 200",
          ("--total_batch_size 200", "not divisible", "128")),
         ("seq_len_over_block_size", "--seq_len 128 --total_batch_size 512",
-         ("--seq_len 128", "--block_size 64"))),
+         ("--seq_len 128", "--block_size 64")),
+        *[row for shard in ("optimizer", "full") for row in [
+            (f"shard_{shard}_in_one_process", f"--shard {shard}",
+             "this is one process: start it with torchrun"),
+            (f"eval_only_with_shard_{shard}", f"--eval_only --init gpt2 --shard {shard}",
+             f"weights whole on each rank: leave out --shard {shard}")]],
+        # --init: the shape comes from the weights, and flags must agree with it
+        ("init_with_another_n_layer", lambda w: w.init("--n_layer", "3"),
+         ("--init {w.root}/hf_gpt2 has another shape", "--n_layer 2 there, 3 here")),
+        ("init_with_another_block_size", lambda w: w.init("--n_embd", "64", "--block_size", "128"),
+         "(--block_size 64 there, 128 here)"),
+        ("init_seq_len_past_its_block_size",
+         lambda w: w.init("--seq_len", "128", "--total_batch_size", "512"),
+         ("--seq_len 128", "--block_size 64")),
+        ("init_and_resume", lambda w: w.init("--resume"), "--init and --resume together"),
+        ("eval_only_without_weights", lambda w: w.init("--eval_only", init=None),
+         ("--eval_only", "--init", "--resume")),
+        ("init_from_nowhere", lambda w: w.init(init="nowhere"), ("nowhere", "is not a file"))),
     *rows(sample,
         ("sample_temperature_nan", "--temperature nan", "--temperature must be a finite number"),
         ("sample_temperature_tiny", "--temperature 1e-40",
@@ -342,6 +356,10 @@ FAULTS = [
         ("sample_top_k_zero", "--top_k 0", "--top_k must be a finite number, positive"),
         ("sample_seed_too_large_for_torch", f"--seed {2**70}",  # a traceback
          "--seed must be a finite number, in [0, 2**63)"),
+        ("sample_new_tokens_past_the_context", "--max_new_tokens 60", "context window"),
+        ("sample_num_samples_zero", "--num_samples 0", "--num_samples"),
+        ("sample_temperature_negative", "--temperature -1", "--temperature"),
+        ("sample_max_new_tokens_negative", "--max_new_tokens -1", "--max_new_tokens"),
         ("sample_on_the_meta_device", "--device meta",
          "--device 'meta' is not a device this project runs on"),
         ("sample_prompt_longer_than_the_context_window",
@@ -372,6 +390,8 @@ FAULTS = [
          lambda w: w.with_file("keep.txt", "the user's own file\n").with_folder("log")
                     .with_link("keep.txt", "log/log.txt").train(),
          "log/log.txt is a symbolic link (to ", 1, ["log/.lock"]),
+        ("log_dir_name_too_long",  # past the file system's 255 bytes: and no folder left behind
+         lambda w: w.train("--log_dir", w.path("new", "parent", "x" * 300)), "--log_dir"),
         ("data_dir_missing", lambda w: w.train("--data_dir", w.path("nowhere")), "no train shards"),
         ("data_dir_empty", lambda w: w.train("--data_dir", ""),
          "--data_dir '' names no folder"),  # "no train shards ... in : run ..."
@@ -423,7 +443,15 @@ FAULTS = [
          lambda w: w.with_file("notes.txt", "mine").plot(LOG, out="notes.txt/loss.png"),
          "notes.txt: a file is in the way where this path needs a folder"),
         ("plot_out_a_folder", lambda w: w.with_folder("loss.png").plot(LOG),
-         "loss.png: it is a folder; pass a file's path")),
+         "loss.png: it is a folder; pass a file's path"),
+        ("plot_a_missing_log", lambda w: [w.path("nope.txt"), "-o", w.path("loss.png")],
+         "error: no log file at"),
+        ("plot_out_a_txt_file", lambda w: w.plot(LOG, out="loss.txt"), "cannot write .txt files"),
+        *[(f"plot_a_log_{name}", lambda w, log=log: w.plot(log), ("error: {w.root}/log.txt", said))
+          for name, log, said in [("with_a_bad_value", "0 train 10.9\n\n1 train oops\n", "line 3"),
+                                  ("line_cut_short", "0 train 10.9\n1 train\n", "line 2"),
+                                  ("with_a_bad_step", "x train 10.9\n", "line 1"),
+                                  ("without_losses", "0 hella 0.25\n", "no train or val lines")]]),
     *rows(hellaswag,
         ("hellaswag_data_empty", lambda w: ["--init", w.weights(), "--data", ""],
          "'' is not a file: pass the path of hellaswag_val.jsonl"),
@@ -431,7 +459,9 @@ FAULTS = [
          "data' is not a file: pass the path of hellaswag_val.jsonl"),
         ("hellaswag_init_checked_before_the_download",  # said the download's error first
          lambda w: w.with_env(HF_HUB_OFFLINE="1").sample(init=w.path("nowhere.pt")),
-         "nowhere.pt' is not a file, a directory")),
+         "nowhere.pt' is not a file, a directory"),
+        ("hellaswag_data_missing", lambda w: ["--init", "gpt2", "--data", w.path("missing.jsonl")],
+         "missing.jsonl' is not a file")),
 
     # Data: shards that are not GPT-2 tokens, or names that would mix the splits or two corpora.
     *rows(train_gpt2,
@@ -488,7 +518,19 @@ FAULTS = [
          lambda w: w.with_file("out/edufineweb_progress.json", '{"settings": ').fineweb(),
          "is damaged"),
         ("fineweb_input_replaced_by_a_file_of_the_same_size",
-         fineweb_input_replaced_by_a_file_of_the_same_size, "other settings (input")),
+         fineweb_input_replaced_by_a_file_of_the_same_size, "other settings (input"),
+        # input files that are not what they say, named; nothing written
+        *[(f"fineweb_input_{name}", lambda w, name=name, text=text: w.fineweb(name=name, text=text),
+           said) for name, text, said in [
+            ("bad.jsonl", '{"text": "a"}\n{oops\n', "bad.jsonl line 2"),
+            ("x.parquet", {"body": ["a"]}, "x.parquet: no column 'text' (columns: body)"),
+            ("nulls.parquet", {"text": ["a", None]},
+             "nulls.parquet row 1: column 'text' holds null, not text"),
+            ("ints.parquet", {"text": [1, 2]}, "row 0: column 'text' holds int, not text"),
+            ("not.parquet", "hello", "not.parquet: not a readable parquet file"),
+            ("nope.jsonl", None, "nope.jsonl: no such file or directory"),
+            ("empty.jsonl", "\n   \n", "no documents"),
+            ("empty.parquet", {"text": pa.array([], pa.string())}, "no documents")]]),
 
     # Resumes: only the trainer's own checkpoints count, and one must fit the data and the run.
     *rows(train_gpt2,
@@ -754,7 +796,14 @@ END_TO_END = (
     "int32_npy",
     "resume_with_another_n_layer",
     "sample_with_an_unknown_init",
+    "fineweb_input_bad.jsonl",
 )
+
+
+def on_screen(text):
+    """The lines a terminal shows, less fineweb.py's progress bar (redrawn after each \\r)."""
+    lines = [line.rsplit("\r", 1)[-1] for line in text.strip().split("\n")]
+    return [line for line in lines if not re.match(r"tokenizing: .* \[[\d:]+, ", line)]
 
 
 @pytest.mark.parametrize("script, setup, says, code, changes", FAULTS)
@@ -770,8 +819,8 @@ def test_fault(script, setup, says, code, changes, w, capsys, request):
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err, out + err
     assert exit_code == code, out + err
-    lines = (err if code else out).strip().splitlines()
-    assert lines and (code == 0 or lines[-1].startswith("error: ")), out + err
+    lines = on_screen(err if code else out)
+    assert lines and (code == 0 or len(lines) == 1 and lines[0].startswith("error: ")), out + err
     for fragment in says:
         assert fragment.format(w=w) in lines[-1], f"{fragment!r} not in the last line of:\n{err}"
     after = snapshot(w.root)
@@ -781,7 +830,7 @@ def test_fault(script, setup, says, code, changes, w, capsys, request):
     if request.node.callspec.id in END_TO_END:
         result = run_script(f"{script.__name__}.py", *argv)
         assert result.returncode == 1 and result.stdout == "", result.stdout + result.stderr
-        assert result.stderr.strip().splitlines() == lines[-1:], result.stderr
+        assert on_screen(result.stderr) == lines[-1:], result.stderr
         assert snapshot(w.root) == before
 
 

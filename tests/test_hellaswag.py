@@ -357,7 +357,3 @@ def test_cli_prints_the_summary_line_and_errors_in_one_line(tmp_path, enc):
         r"\(completion style, 0-shot, acc = lowest summed loss, acc_norm = lowest mean loss\)$",
         summary,
     )
-    result = run_script("hellaswag.py", "--init", "gpt2", "--data", tmp_path / "missing.jsonl")
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert "missing.jsonl' is not a file" in result.stderr

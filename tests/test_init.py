@@ -207,34 +207,3 @@ def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path):
             assert not loaded[key][GPT2_VOCAB_SIZE:].any(), key
         else:
             assert torch.equal(loaded[key], tensor), key
-
-
-# --- refusals -------------------------------------------------------------------------------------
-
-
-def test_refusals_are_one_line_and_touch_no_file(hf_dir, text_shards, tmp_path, capsys):
-    log_dir = tmp_path / "log"
-    cases = [
-        (["--init", hf_dir, "--n_layer", "3"],
-         [f"--init {hf_dir} has another shape", "--n_layer 2 there, 3 here"]),
-        (["--init", hf_dir, "--n_embd", "64", "--block_size", "128"],
-         ["(--block_size 64 there, 128 here)"]),
-        (["--init", hf_dir, "--seq_len", "128", "--total_batch_size", "512"],
-         ["--seq_len 128", "--block_size 64"]),
-        (["--init", hf_dir, "--resume"], ["--init and --resume together"]),
-        (["--eval_only"], ["--eval_only", "--init", "--resume"]),
-        (["--init", str(tmp_path / "nowhere")], ["nowhere", "is not a file"]),
-    ]  # fmt: skip
-    before = snapshot(tmp_path)
-    for flags, fragments in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(
-                train_gpt2.main,
-                ["--data_dir", text_shards, "--log_dir", str(log_dir), *FINE_TUNE, *flags],
-            )
-        assert exit_info.value.code == 1, flags
-        lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), lines
-        for fragment in fragments:
-            assert fragment in lines[0], (fragment, lines[0])
-    assert snapshot(tmp_path) == before and not log_dir.exists()

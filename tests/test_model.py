@@ -287,17 +287,3 @@ def test_sample_script(sample_checkpoint, capsys):
     assert capsys.readouterr().out == script.stdout  # the seed fixes the samples
     sample_main(args + ["--seed", "2"])
     assert capsys.readouterr().out != script.stdout
-
-
-@pytest.mark.parametrize(
-    "flags, message",
-    [
-        (["--max_new_tokens", "30"], "context window"),  # the prompt fits, the new tokens do not
-        (["--num_samples", "0"], "--num_samples"),
-        (["--temperature", "-1"], "--temperature"),
-        (["--max_new_tokens", "-1"], "--max_new_tokens"),
-    ],
-)
-def test_sample_flag_errors(sample_checkpoint, capsys, flags, message):
-    argv = ["--init", sample_checkpoint, "--device", "cpu", *flags]
-    assert_one_line_error(run_in_process(sample_main, argv, capsys), message)

@@ -9,7 +9,6 @@ import pytest
 
 import plot_log
 from conftest import run_script
-from machinery.cli import UserError, run_cli
 from plot_log import GPT2_124M_FINEWEB_EDU_VAL_LOSS, build_figure, main, parse_log
 
 
@@ -86,41 +85,6 @@ def test_the_script_draws_a_resumed_log_or_one_without_hellaswag(tmp_path, out):
     assert_real_image(image)
     # No temporary file left behind.
     assert [p.name for p in image.parent.iterdir() if p.name != "log.txt"] == ["loss.png"]
-
-
-def assert_one_line_error(capsys, argv, start, message=""):
-    with pytest.raises(SystemExit) as exited:
-        run_cli(main, [str(a) for a in argv])
-    assert exited.value.code == 1
-    stderr = capsys.readouterr().err
-    assert stderr.startswith(f"error: {start}") and message in stderr
-    assert stderr.count("\n") == 1  # one line, no traceback
-
-
-@pytest.mark.parametrize(
-    "lines, message",
-    [
-        (["0 train 10.9", "", "1 train oops"], "line 3"),
-        (["0 train 10.9", "1 train"], "line 2"),
-        (["x train 10.9"], "line 1"),
-        (["0 hella 0.25"], "no train or val lines"),
-    ],
-)
-def test_bad_log_is_one_line_error(tmp_path, capsys, lines, message):
-    log = write_log(tmp_path, lines)
-    with pytest.raises(UserError, match=message):
-        parse_log(log)
-    assert_one_line_error(capsys, [log, "-o", tmp_path / "loss.png"], str(log), message)
-    assert not (tmp_path / "loss.png").exists()
-
-
-def test_missing_log_and_bad_output_name(tmp_path, capsys):
-    assert_one_line_error(
-        capsys, [tmp_path / "nope.txt", "-o", tmp_path / "loss.png"], "no log file at"
-    )
-    log = write_log(tmp_path, run_lines(0, 30, False))
-    assert_one_line_error(capsys, [log, "-o", tmp_path / "loss.txt"], "cannot write .txt files")
-    assert os.listdir(tmp_path) == ["log.txt"]
 
 
 # --- What the figure shows: read back from the matplotlib Figure, since a PNG existing says nothing
