@@ -1065,7 +1065,7 @@ def stop_with(run, sig, log_dir):
     return stopped
 
 
-def test_sigterm_and_sigint_save_the_current_step_exit_0_and_resume_exactly(
+def test_sigterm_sigint_and_sighup_save_the_current_step_exit_0_and_resume_exactly(
     tmp_path, random_shards, reference_run, trainers
 ):
     log_dir = str(tmp_path / "log")
@@ -1095,6 +1095,12 @@ def test_sigterm_and_sigint_save_the_current_step_exit_0_and_resume_exactly(
     assert run.finish() == 0, run.output()
     assert checkpoint_steps(log_dir) == [term_step, int_step, LAST_STEP]
     assert_matches_reference(log_dir, reference_run)
+
+    # SIGHUP (the terminal closed) too
+    hup_dir = str(tmp_path / "hup")
+    run = trainers(hup_dir, random_shards, *rare)
+    run.wait_for(r"^step +3/")
+    assert checkpoint_steps(hup_dir) == [stop_with(run, signal.SIGHUP, hup_dir)]
 
 
 def pipe_fill(read_fd):
