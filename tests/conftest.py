@@ -1,8 +1,5 @@
-"""What the test files share, imported as `from conftest import REPO` (pytest puts tests/ on
-sys.path): the repository on sys.path, the tiny model and run, the environment of a test's
-subprocesses, shard, checkpoint and snapshot builders, a stand-in for a full disk; and as fixtures
-two tiny corpora and a guard for signal handlers. train_gpt2 is imported inside the helpers, not
-here: a file that does not import must fail its own tests, not the collection of every test."""
+"""What the tests share (`from conftest import ...`): the tiny run, subprocess helpers, shard,
+checkpoint and snapshot builders, a full disk; train_gpt2 is imported inside helpers only."""
 
 import contextlib
 import hashlib
@@ -94,10 +91,8 @@ def write_hellaswag(path, n=6):
 
 
 def tiny_checkpoint(path, model=None, data_dir=None, **entries):
-    """A checkpoint in train_gpt2.py's layout, built without training: the weights and config of
-    `model` (a fresh TINY_SHAPE GPT by default); with data_dir, all that a resume needs too
-    (optimizer, scaler, args, RNG, the step of its name, the position in data_dir's train split at
-    --batch_size 4 --seq_len 32 --total_batch_size 128). `entries` are added or replace these."""
+    """A checkpoint of `model` (a fresh tiny GPT) without training; with data_dir, resumable at
+    TINY_RUN's batch (optimizer, scaler, RNG, position, its name's step). `entries` override."""
     import torch
 
     from machinery.checkpoints import checkpoint_step
@@ -117,9 +112,7 @@ def tiny_checkpoint(path, model=None, data_dir=None, **entries):
 
 
 def snapshot(root):
-    """{path relative to root: sha256 of a file's bytes, "folder", or "link to <target>"} of
-    everything under root: two snapshots, before and after, show what was created, changed or
-    removed."""
+    """{relative path: sha256, "folder" or "link to <target>"} of everything under root."""
     found = {}
     for folder, folders, files in os.walk(root):
         for name in folders + files:
@@ -157,10 +150,8 @@ def text_shards(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def keep_signal_handlers():
-    """A run in the test's own process installs SIGINT/SIGTERM/SIGHUP handlers (the trainer's stop
-    request, run_cli's): give pytest its own back after every test. Left behind, a stop request's
-    handler would be inherited by a later test's forked workers, which then ignore the SIGTERM that
-    stops them."""
+    """Give pytest its SIGINT/SIGTERM/SIGHUP handlers back after an in-process run: left behind,
+    later tests' forked workers would inherit a stop request's handler and ignore SIGTERM."""
     handlers = {
         sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     }

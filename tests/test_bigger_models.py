@@ -1,8 +1,5 @@
-"""Every GPT-2 size: --model's shapes and GPT-3's recipes in the start-up block, one CPU step of
-gpt2-medium; --activation_checkpointing gives the same numbers; --shard optimizer (ZeRO-1) and
---shard full (FSDP2) on 2 gloo ranks log one process's numbers, and their one-file checkpoints
-resume on any --shard and world size, sample and export; the memory estimate knows each level and
-names them as the way out."""
+"""Every GPT-2 size (--model), --activation_checkpointing, --shard optimizer/full on 2 gloo ranks
+equal to one process with resumable one-file checkpoints, and the memory estimate."""
 
 import argparse
 import contextlib
@@ -162,10 +159,8 @@ def test_shard_full_refuses_fp16():
 def test_sharded_runs_log_one_process_numbers_and_their_checkpoints_resume_anywhere(
     tmp_path, capsys
 ):
-    """--shard optimizer and --shard full on 2 gloo ranks against one process with 2 micro-steps:
-    the same losses, val losses, HellaSwag (7 examples: shares of 4 and 3) and samples; one
-    checkpoint file in a plain AdamW's layout; a resume on any --shard and world size goes on as
-    the unbroken run."""
+    """2 sharded gloo ranks == one process of 2 micro-steps: losses, HellaSwag (7: shares 4 and 3),
+    samples, one plain-AdamW checkpoint; resumed on any --shard and world size as unbroken."""
     data = write_random_shards(tmp_path / "data")
     run = [*TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32",
            "--total_batch_size", "256", "--max_steps", "6", "--warmup_steps", "2",

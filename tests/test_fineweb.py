@@ -1,6 +1,5 @@
-"""fineweb.py: shards hold exactly EOT + doc1 + EOT + doc2 ..., a killed run resumes to the same
-bytes, the worker count changes nothing, and each kind of bad input ends in one clear error and no
-partial shard."""
+"""fineweb.py: shards hold EOT + doc1 + EOT + doc2 ..., byte-identical however made or resumed;
+bad input is one clear error and no partial shard."""
 
 import functools
 import glob
@@ -511,6 +510,34 @@ def test_bad_jsonl_is_named_with_its_line(tmp_path, lines, message):
     assert_no_partial_shard(out, 500)
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("x.parquet", pa.table({"body": ["a"]}), r"x.parquet: no column 'text' \(columns: body\)"),
+        (
+            "nulls.parquet",
+            pa.table({"text": ["a", None]}),
+            "nulls.parquet row 1: column 'text' holds null, not text",
+        ),
+        ("ints.parquet", pa.table({"text": [1, 2]}), "row 0: column 'text' holds int, not text"),
+        ("not.parquet", "hello", "not.parquet: not a readable parquet file"),
+        ("nope.jsonl", None, "nope.jsonl: no such file or directory"),
+        ("empty.jsonl", "\n   \n", "no documents"),
+        # One row group of no rows.
+        ("empty.parquet", pa.table({"text": pa.array([], pa.string())}), "no documents"),
+    ],
+)
+def test_a_bad_input_file_is_named_and_nothing_is_written(tmp_path, name, content, message):
+    path = tmp_path / name
+    if isinstance(content, str):
+        path.write_text(content)
+    elif content is not None:
+        pq.write_table(content, path)
+    with pytest.raises(UserError, match=message):
+        fineweb.main(["--input", str(path), "--out", str(tmp_path / "out")])
+    assert not os.path.exists(tmp_path / "out")
+
+
 def encode_with_a_huge_id(text):
     """A stand-in for a tokenizer with more than 65536 tokens."""
     return [70000] if "HUGE" in text else [len(word) for word in text.split()]
@@ -568,6 +595,17 @@ def test_an_input_file_deleted_or_the_connection_lost_during_the_run(tmp_path, t
         assert "Connection reset by peer" in str(error.value)
     assert len(shard_files(tmp_path / "out")) >= 1  # the shards finished before are kept, whole
     assert_no_partial_shard(tmp_path / "out", 400)  # the one being filled is gone, its temp too
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    run = run_script("fineweb.py", "--input", bad, "--out", tmp_path / "out")
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.jsonl line 2" in errors[0]
+    assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])

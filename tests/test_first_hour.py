@@ -92,11 +92,8 @@ def as_run_here(line):
 
 
 def path_with_this_python(tmp_path):
-    """PATH with this interpreter's folder first, so that `python` in the commands is this python
-    with its packages. Not a link to sys.executable: a virtual environment's python started through
-    a link outside its folder finds no pyvenv.cfg and runs as the base interpreter, without the
-    venv's packages. Where the folder has python3 but no python, a wrapper script named python
-    starts this interpreter by its own path (also where that folder's python is another one)."""
+    """PATH where `python` is this interpreter: its folder first, or a wrapper script (a link
+    would lose a venv's packages) where that folder's python is missing or another one."""
     folder = os.path.dirname(sys.executable)
     path = f"{folder}{os.pathsep}{os.environ['PATH']}"
     python = os.path.join(folder, "python")
@@ -110,10 +107,8 @@ def path_with_this_python(tmp_path):
 
 
 def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_path):
-    """Every CPU-sized command block of the README, then the data-order block of
-    docs/data-and-resume.md (it reads the tiny run's text), in order, by bash, in a copy of the
-    repository's files: each command ends with status 0 and changes no file that was there before
-    it."""
+    """The README's CPU-sized blocks, then docs/data-and-resume.md's data-order one, by bash in a
+    copy of the repository: each exits 0 and changes no file that was there before it."""
     clone = tmp_path / "clone"
     tracked = subprocess.run(
         ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True

@@ -1,7 +1,5 @@
-"""Hardening drills that need real processes or more than one run: two writers on one folder,
-stop signals, a rank without its group, a full disk and a read-only folder in every script, and the
-runs that must just work (an fp16 resume, a torn log line, an earlier log, ...). The table of bad
-inputs is in test_faults.py."""
+"""Drills that need real processes or several runs (two writers, signals, a lone rank, full disk,
+read-only folders), and runs that must just work (fp16 resume, torn log line, ...)."""
 
 import json
 import os

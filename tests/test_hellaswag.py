@@ -1,6 +1,5 @@
-"""Tests of hellaswag.py: reading and checking the data, rendering, batched scoring that equals one
-example at a time, a model whose answers are known by construction, DDP splitting, and the CLI.
-Offline: the data files and the tiny models are made here."""
+"""hellaswag.py: the data, rendering, batched scoring equal to one at a time, a model of known
+answers, DDP splitting and the CLI; offline."""
 
 import json
 import os

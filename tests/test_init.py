@@ -1,6 +1,5 @@
-"""Starting a run from given weights (--init: fine-tuning) and evaluating weights without training
-(--eval_only). Offline: a random GPT2LMHeadModel that transformers saves stands in for OpenAI's
-weights, and this repository's own source, tokenized, for the text to fine-tune on."""
+"""--init (fine-tuning) and --eval_only, offline: a random saved GPT2LMHeadModel stands in for
+OpenAI's weights."""
 
 import glob
 import os
@@ -45,9 +44,7 @@ FINE_TUNE = BATCH + [
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    """A random GPT-2 in Hugging Face's format, as save_pretrained writes it: 2 layers, 4 heads, 64
-    channels, a context of 64 and GPT-2's 50257 tokens. Random LayerNorms and biases too, so that a
-    tensor mapped wrongly cannot hide."""
+    """A random GPT-2 (SMALL, context 64) as save_pretrained writes it, LayerNorms, biases too."""
     directory = tmp_path_factory.mktemp("hf_gpt2")
     random_hf_model(**SMALL, n_positions=64).save_pretrained(directory)
     return str(directory)

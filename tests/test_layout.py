@@ -1,6 +1,5 @@
-"""The repository's layout: which file imports which, that the light tools stay free of torch,
-docstrings, the README's map of the code, and a fresh training run whose losses are pinned, so that
-moving code between files cannot change what a run computes."""
+"""The layout: imports, torch-free light tools, docstrings, the README's map of the code, and a
+fresh run's pinned losses, so moving code between files cannot change what a run computes."""
 
 import ast
 import glob
@@ -88,10 +87,8 @@ def test_every_module_opens_with_a_docstring():
 
 
 def make_pattern_shards(directory):
-    """A val shard (1,024 tokens) and two train shards (2,048 each) of one 101-token pattern, tiled,
-    over 64 token ids spread across GPT-2's vocabulary, with 10% of the tokens replaced by random
-    ones of the 64: a stream with structure, so that the loss falls, and one that depends on nothing
-    in the repository."""
+    """A val shard (1,024 tokens) and two train shards (2,048) of a tiled 101-token pattern of 64
+    ids, 10% replaced at random: structure the loss learns, independent of the repository."""
     rng = np.random.default_rng(1)
     vocab = rng.choice(50257, 64, replace=False)
     pattern = rng.integers(0, 64, 101)

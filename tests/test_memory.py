@@ -1,6 +1,5 @@
-"""Memory: an evaluation splits its batches to fit the machine, with the same val loss; a training
-run that cannot fit is refused before its first step, in one line that names the --batch_size that
-fits."""
+"""Memory: an evaluation splits batches to fit, with the same loss; a run that cannot fit is
+refused before its first step, naming a --batch_size that fits."""
 
 import os
 import re
@@ -26,9 +25,7 @@ ADDRESS_SPACE = 5 * 2**30  # the limit the default-batch evaluation runs under: 
 
 @pytest.fixture(scope="module")
 def checkpoint_and_val_split(tmp_path_factory):
-    """A checkpoint of the 1-layer model (one training step) and a val split of exactly 64 x 1024 +
-    1 tokens: one batch at the default --batch_size 64, sixteen at --batch_size 4, the same 64
-    sequences."""
+    """A 1-layer checkpoint and a val split of 64 x 1024 + 1 tokens: one batch of 64, or 16 of 4."""
     rng = np.random.default_rng(0)
     data_dir = tmp_path_factory.mktemp("wide_data")
     for split, tokens in [("val_000000", 64 * 1024 + 1), ("train_000001", 4 * 1024 + 1)]:

@@ -3,7 +3,6 @@ checkpoints, tokenizes like tiktoken's gpt2, and samples with a KV cache that ch
 
 import json
 import os
-import subprocess
 from dataclasses import asdict
 
 import pytest
@@ -11,10 +10,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
-from conftest import ENV, run_script, snapshot, tiny_checkpoint
+from conftest import ENV, run_script, tiny_checkpoint
 from export_hf import export_hf
 from export_hf import main as export_main
-from machinery.cli import UserError, run_cli
+from machinery.cli import UserError
 from machinery.tokenizer import gpt2_tokenizer
 from sample import main as sample_main
 from train_gpt2 import GPT, GPTConfig, load_model
@@ -58,13 +57,6 @@ def assert_one_line_error(result, *fragments):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
-
-
-def run_in_process(main, argv, capsys):
-    """main(argv) through run_cli, as its command line runs it: a CompletedProcess."""
-    with pytest.raises(SystemExit) as exited:
-        run_cli(main, argv)
-    return subprocess.CompletedProcess(argv, exited.value.code, "", capsys.readouterr().err)
 
 
 # --- Equivalence with transformers ----------------------------------------------------------------
@@ -132,7 +124,7 @@ def test_export_round_trip(tmp_path, vocab_size):
     assert not [p for p in os.listdir(tmp_path) if p != "hf"]  # no temporary directory left behind
 
 
-def test_export_script_and_its_force(tmp_path, capsys):
+def test_export_script_and_its_force(tmp_path):
     model = random_gpt(vocab_size=50304, block_size=32, **SMALL)
     init = ["--init", tiny_checkpoint(str(tmp_path / "model_00010.pt"), model=model)]
     result = run_script("export_hf.py", *init, "--out", tmp_path / "hf")
@@ -140,15 +132,8 @@ def test_export_script_and_its_force(tmp_path, capsys):
     idx = torch.randint(0, 50257, (1, 10))
     exported = load_model(str(tmp_path / "hf"))
     torch.testing.assert_close(exported(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
-    # without --force, over an export or a folder of other files: one line, and nothing changed
+    # (without --force, over an export or other files: test_faults.py's export_*_without_force)
     (tmp_path / "notes").mkdir()
-    (tmp_path / "notes" / "notes.txt").write_text("mine")
-    before = snapshot(tmp_path)
-    for out in ("hf", "notes"):
-        again = run_in_process(export_main, [*init, "--out", str(tmp_path / out)], capsys)
-        assert_one_line_error(again, "--force")
-    assert snapshot(tmp_path) == before
-    os.remove(tmp_path / "notes" / "notes.txt")
     export_main([*init, "--out", str(tmp_path / "notes")])  # into the empty folder
     # --force replaces an export (and nothing else: test_faults.py's export_over_its_own_log_dir)
     export_main([*init, "--out", str(tmp_path / "hf"), "--force"])

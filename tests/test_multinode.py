@@ -1,6 +1,5 @@
-"""Several machines, tried on one: two torchrun agents, --nnodes 2 with --node_rank 0 and 1, meeting
-by a c10d rendezvous on 127.0.0.1, one gloo process each. Each node runs in a folder of its own, as
-two machines would, with the data at the same (here: shared) path."""
+"""Two machines on one: torchrun agents --nnodes 2 meeting by c10d on 127.0.0.1, one gloo process
+each, each node in its own folder with the data at the same path."""
 
 import os
 import socket

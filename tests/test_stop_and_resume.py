@@ -1,6 +1,5 @@
-"""How scripts end when they are stopped or killed, and what a resume then finds: SIGTERM unwinds
-every script as Ctrl-C does (one line, exit 143), a killed export's build folder is cleared, an
-evaluation cut short is done by the resume, and a resume refuses data other than the run's."""
+"""Stopped or killed scripts, and what a resume then finds: SIGTERM is one line, exit 143; a killed
+export is cleared; a cut-short evaluation is resumed; changed data is refused."""
 
 import os
 import re

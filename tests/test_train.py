@@ -184,9 +184,8 @@ def test_loader_reads_llm_c_bin_shards(tmp_path):
 
 
 def test_resume_is_bit_identical(tmp_path, text_shards):
-    """N steps in one go == N/2 steps, stop, --resume, N/2 more: every parameter and optimizer
-    moment equal, over a train split of 3 steps an epoch (shuffled), so that the resumed half
-    crosses an epoch's end."""
+    """8 steps == 4, --resume, 4 more, bit for bit, the resumed half crossing a shuffled epoch's
+    end (3 steps an epoch)."""
     data = tmp_path / "data"
     os.makedirs(data)
     shutil.copy(os.path.join(text_shards, "text_val_000000.npy"), data)
@@ -282,9 +281,8 @@ def test_grad_clip_0_is_no_clipping(random_shards):
 
 
 def steps_read(data_dir, world_size, micro_steps, steps, state=None, shuffle=False):
-    """The sequences of each optimizer step, in block order (micro-step m of rank r is block m *
-    world_size + r), as lists of first tokens, read by world_size loaders; and the state after
-    them."""
+    """Each step's first tokens in block order (micro-step m of rank r: block m * world_size + r),
+    read by world_size loaders; and the state after them."""
     B, T = 2, 8
     loaders = [DataLoaderLite(data_dir, B, T, rank, world_size, "train",
                               B * T * world_size * micro_steps, shuffle)
@@ -321,9 +319,8 @@ def test_each_step_reads_the_same_tokens_for_any_number_of_processes(tmp_path, s
 
 
 def test_two_ranks_equal_one_process_accumulating_and_resume_its_checkpoint(tmp_path):
-    """torchrun with 2 gloo ranks == 1 process accumulating 2 micro-steps: the same weights, val
-    losses (reduced across ranks) and data position. The 1-process run's checkpoint at a shard's
-    end, resumed on 2 ranks, ends where both runs end."""
+    """2 gloo ranks == 1 process of 2 micro-steps (weights, val losses, data position); the latter's
+    checkpoint at a shard's end, resumed on 2 ranks, ends where both end."""
     window = 256  # --total_batch_size
     data = write_random_shards(
         tmp_path / "data", val_tokens=2048, train_lengths=(3 * window + 130, 5 * window + 1)
