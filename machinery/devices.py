@@ -131,7 +131,8 @@ def peak_memory_gib(device):
 # per parameter), and for each token of a micro-batch its activations (about 16 numbers per channel
 # per layer, kept for the backward pass) and its logits over the vocabulary with their softmax and
 # gradients (about 8 copies of 4 bytes): at small widths the logits are most of it. An evaluation
-# keeps the weights and about 4 copies of the logits, nothing for a backward pass. The figures were
+# keeps the weights and up to 6 copies of the logits (at 4, a 5 GiB address space failed one
+# evaluation in two), nothing for a backward pass. The figures were
 # fitted to the peak memory (max RSS) of eager fp32 and bf16 runs on a CPU, within 15%; a compiled
 # run needs less. --shard optimizer keeps 1/ranks of the moments on each rank; with
 # --activation_checkpointing a block keeps only its input (1 number per channel) until the backward
@@ -194,7 +195,7 @@ def evaluation_rows(model, batch_size, seq_len, device, procs):
         # allocator's reserves, thread stacks), and an address-space limit counts what is reserved
         # as well as used.
         budget = 0.7 * available - 4 * sum(p.numel() for p in model.parameters())
-        rows = max(1, min(batch_size, int(budget // (seq_len * 4 * model.config.vocab_size * 4))))
+        rows = max(1, min(batch_size, int(budget // (seq_len * 6 * model.config.vocab_size * 4))))
     return procs.smallest(rows, device)
 
 
@@ -267,7 +268,9 @@ def out_of_memory_said(device, args):
     torchrun.one_error_line, so that the rank it happens on says it."""
     try:
         yield
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # a CPU's allocator raises a plain RuntimeError
+        if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
+            raise
         raise out_of_memory(device, lower_batch_size(args)) from None
 
 

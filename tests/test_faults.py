@@ -231,6 +231,12 @@ def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
+def cpu_allocator_failure(*args, **kwargs):  # what a CPU's allocator raises: not OutOfMemoryError
+    raise RuntimeError(
+        "DefaultCPUAllocator: can't allocate memory: you tried to allocate 617558016"
+    )
+
+
 def diverging_train_step(bad_step, weights):
     """train_step, but call `bad_step` returns a NaN loss, or (weights) leaves inf weights."""
     calls, real_train_step = [], train_gpt2.train_step
@@ -694,6 +700,9 @@ FAULTS = [
          "lower --batch_size (now 4) and keep --total_batch_size 128", 1, ["log", "log/log.txt"]),
         ("out_of_memory_in_an_evaluation",
          lambda w: w.with_setattr(train_gpt2, "validation_loss", out_of_memory).train(),
+         "out of memory on cpu: lower --batch_size", 1, ["log", "log/*"]),
+        ("cpu_allocator_failure_in_an_evaluation",  # a traceback
+         lambda w: w.with_setattr(train_gpt2, "validation_loss", cpu_allocator_failure).train(),
          "out of memory on cpu: lower --batch_size", 1, ["log", "log/*"]),
         ("out_of_memory_on_a_rank_of_a_group",  # said by no rank: another rank's traceback instead
          lambda w: w.with_env(**dict(GROUP, MASTER_PORT="29531"))
