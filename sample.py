@@ -10,7 +10,7 @@ import torch
 
 from machinery import cli
 from machinery.cli import AT_LEAST_0, POSITIVE, SEED, ArgumentParser, HelpFormatter, run_cli
-from machinery.devices import out_of_memory, pick_autocast_dtype, pick_device
+from machinery.devices import out_of_memory_said, pick_autocast_dtype, pick_device
 from machinery.memory import keep_freed_memory
 from machinery.tokenizer import gpt2_tokenizer
 from train_gpt2 import load_model, sample_texts
@@ -46,14 +46,10 @@ def main(argv=None):
     model = load_model(args.init, device)
     dtype, _ = pick_autocast_dtype(args.dtype, device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-    try:
+    with out_of_memory_said(device, "lower --num_samples (drawn in one batch) or --max_new_tokens"):
         samples = sample_texts(model, gpt2_tokenizer(), args.prompt, num_samples=args.num_samples,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                top_k=args.top_k, seed=args.seed, autocast=autocast)  # fmt: skip
-    except torch.OutOfMemoryError:
-        raise out_of_memory(
-            device, "lower --num_samples (they are drawn in one batch) or --max_new_tokens"
-        ) from None
     for i, text in enumerate(samples):
         print(f"---------- sample {i + 1}/{len(samples)} ----------")
         print(text)

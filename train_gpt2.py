@@ -783,8 +783,9 @@ def main(argv=None):
     # --eval_only writes nothing, so it needs no lock. In a group, an error is said once, named.
     lock = torchrun.log_dir_lock(args.log_dir, procs, device)
     lock = contextlib.nullcontext() if args.eval_only else lock
+    out_of_memory = devices.out_of_memory_said(device, devices.lower_batch_size(args))
     try:
-        with torchrun.one_error_line(procs), lock, devices.out_of_memory_said(device, args):
+        with torchrun.one_error_line(procs), lock, out_of_memory:
             (evaluate_only if args.eval_only else train)(args, device, procs)
     finally:
         if procs.ddp:

@@ -263,15 +263,15 @@ def lower_batch_size(args):
 
 
 @contextlib.contextmanager
-def out_of_memory_said(device, args):
-    """A run out of memory ends in one line: the figures, and what to lower. Inside
-    torchrun.one_error_line, so that the rank it happens on says it."""
+def out_of_memory_said(device, advice):
+    """Running out of memory in the block ends in one line: the figures, and `advice` (what to
+    lower). The trainer's is inside torchrun.one_error_line: the rank it happens on says it."""
     try:
         yield
     except RuntimeError as e:  # a CPU's allocator raises a plain RuntimeError
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        raise out_of_memory(device, lower_batch_size(args)) from None
+        raise out_of_memory(device, advice) from None
 
 
 def out_of_memory(device, advice):
