@@ -41,9 +41,9 @@ def limit_address_space():
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
 
 
-def test_eval_only_with_the_default_batch_fits_a_few_gb_and_gives_the_small_batch_loss(
-    checkpoint_and_val_split,
-):
+def test_eval_only_with_the_default_batch_fits_a_few_gb(checkpoint_and_val_split):
+    """The default batch, 64 rows, is evaluated in parts that fit (the parts' loss equals the whole
+    batch's: the next test)."""
     checkpoint, data_dir = checkpoint_and_val_split
     command = [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--init", checkpoint,
                "--data_dir", data_dir, "--eval_only", "--no-hellaswag", "--device", "cpu",
@@ -54,17 +54,8 @@ def test_eval_only_with_the_default_batch_fits_a_few_gb_and_gives_the_small_batc
     assert limited.returncode == 0, limited.stdout + limited.stderr
     rows = int(re.search(r"(\d+) rows per forward pass \(memory holds", limited.stdout).group(1))
     assert 1 <= rows < 64  # the batch was split: 64 rows at once would need about 26 GB
-    small = subprocess.run(
-        command + ["--batch_size", "4"], cwd=REPO, capture_output=True, text=True, timeout=600
-    )
-    assert small.returncode == 0, small.stdout + small.stderr
-    assert "4 rows per forward pass\n" in small.stdout  # unsplit: 16 batches of 4 rows
-
-    def val_loss(run):
-        return float(re.search(r"^val loss (\d+\.\d+) \|", run.stdout, re.M).group(1))
-
-    # the same tokens, the same mean
-    assert val_loss(limited) == pytest.approx(val_loss(small), abs=2e-6)
+    val_loss = float(re.search(r"^val loss (\d+\.\d+) \|", limited.stdout, re.M).group(1))
+    assert 10 < val_loss < 12  # one step from random weights on random tokens: about ln(50257)
 
 
 def test_validation_loss_in_parts_is_the_loss_of_the_whole_batch(random_shards):
