@@ -191,10 +191,11 @@ def test_sharded_runs_log_one_process_numbers_and_their_checkpoints_resume_anywh
                                            atol=1e-5, rtol=0)  # fmt: skip
         assert_same_weights(ours["model"], plain["model"])
 
-    # Stopped after step 2, full's goes on as the unbroken run on one plain process and on 2 fully
-    # sharded ranks (optimizer's file holds a plain AdamW's entries, as checked above).
+    # Stopped after step 2, full's goes on as the unbroken run on one plain process, and the plain
+    # process's on 2 fully sharded ranks (the sharded files hold a plain AdamW's entries, as
+    # checked above): each ends where the unbroken run ends, weights and data position.
     for name, source, shard, nproc in [("full_to_one", "full", "none", 1),
-                                       ("full_to_full", "full", "full", 2)]:  # fmt: skip
+                                       ("one_to_full", "one", "full", 2)]:  # fmt: skip
         os.makedirs(tmp_path / name)
         shutil.copy(tmp_path / source / "model_00002.pt", tmp_path / name)
         resumed = run_trainer(*run, "--log_dir", tmp_path / name, "--resume", "--shard", shard,
@@ -205,6 +206,7 @@ def test_sharded_runs_log_one_process_numbers_and_their_checkpoints_resume_anywh
         assert sorted(losses) == [(3, "train"), (4, "train"), (5, "train"), (5, "val")]
         end = torch.load(tmp_path / name / "model_00005.pt", weights_only=True)
         assert_same_weights(end["model"], plain["model"])
+        assert end["loader"] == plain["loader"]
 
     # sample.py and export_hf.py read it as any other checkpoint
     model = train_gpt2.load_model(str(tmp_path / "full" / "model_00005.pt"))

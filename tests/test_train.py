@@ -9,14 +9,7 @@ import pytest
 import torch
 
 import train_gpt2
-from conftest import (
-    TINY_MODEL,
-    TINY_RUN,
-    run_trainer,
-    write_bin_shard,
-    write_hellaswag,
-    write_random_shards,
-)
+from conftest import TINY_MODEL, run_trainer, write_bin_shard, write_hellaswag
 from machinery import progress
 from train_gpt2 import DataLoaderLite, get_lr
 
@@ -316,32 +309,3 @@ def test_each_step_reads_the_same_tokens_for_any_number_of_processes(tmp_path, s
     _, state = steps_read(str(tmp_path), world_size=1, micro_steps=4, steps=3, shuffle=shuffle)
     assert (state["epoch"], state["sequence"]) == (0, 3 * 8)  # in order: the end of shard 0
     assert steps_read(str(tmp_path), 4, 1, steps - 3, state, shuffle)[0] == one[3:]
-
-
-def test_two_ranks_equal_one_process_accumulating_and_resume_its_checkpoint(tmp_path):
-    """2 gloo ranks == 1 process of 2 micro-steps (weights, val losses, data position); the latter's
-    checkpoint at a shard's end, resumed on 2 ranks, ends where both end."""
-    window = 256  # --total_batch_size
-    data = write_random_shards(
-        tmp_path / "data", val_tokens=2048, train_lengths=(3 * window + 130, 5 * window + 1)
-    )
-    flags = [*TINY_RUN, "--data_dir", data, "--total_batch_size", window, "--eval_every", 100,
-             "--ckpt_every", 3, "--no-shuffle"]  # fmt: skip
-    one = run_trainer(*flags, "--log_dir", tmp_path / "one")  # step 2 ends shard 1: 3 reads shard 2
-    two = run_trainer(*flags, "--log_dir", tmp_path / "two", nproc=2)
-    assert "x 1 process(es) x 2 micro-steps" in one.stdout
-    assert "x 2 process(es) x 1 micro-steps" in two.stdout
-    assert val_loss_lines(two.stdout) == val_loss_lines(one.stdout)
-    os.makedirs(tmp_path / "resumed")
-    shutil.copy(tmp_path / "one" / "model_00002.pt", tmp_path / "resumed")
-    resumed = run_trainer(*flags, "--log_dir", tmp_path / "resumed", "--resume", nproc=2)
-    assert "resumed from" in resumed.stdout and "2 process(es) x 1 micro-steps" in resumed.stdout
-    ends = [load(tmp_path / run / "model_00005.pt") for run in ("resumed", "two", "one")]
-    for ours, theirs in [(ends[0], ends[1]), (ends[0], ends[2]), (ends[1], ends[2])]:
-        assert ours["loader"] == theirs["loader"]
-        for key in theirs["model"]:  # accumulation and DDP add the same gradients in another order
-            torch.testing.assert_close(ours["model"][key], theirs["model"][key], atol=1e-5, rtol=0)
-    # 3 steps into shard 2 (shard 1 holds 3 steps), as both read
-    assert ends[0]["loader"]["sequence"] == 24 + 3 * 8
-    start = load(tmp_path / "one" / "model_00002.pt")["model"]
-    assert any(not torch.equal(start[k], ends[2]["model"][k]) for k in start)  # the runs did train
