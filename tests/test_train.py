@@ -1,5 +1,5 @@
-"""The training run: schedule, data loader striding, DDP equivalence, exact resume, learning,
-compile."""
+"""The training run: schedule, data loader striding over any number of ranks, exact resume,
+learning, compile."""
 
 import os
 import shutil
