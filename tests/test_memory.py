@@ -42,8 +42,8 @@ def limit_address_space():
 
 
 def test_eval_only_with_the_default_batch_fits_a_few_gb(checkpoint_and_val_split):
-    """The default batch, 64 rows, is evaluated in parts that fit (the parts' loss equals the whole
-    batch's: the next test)."""
+    """The default batch, 64 rows, is evaluated in parts that fit (that the parts' loss is the whole
+    batch's, test_validation_loss_in_parts_is_the_loss_of_the_whole_batch checks)."""
     checkpoint, data_dir = checkpoint_and_val_split
     command = [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--init", checkpoint,
                "--data_dir", data_dir, "--eval_only", "--no-hellaswag", "--device", "cpu",
