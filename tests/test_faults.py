@@ -40,6 +40,7 @@ from conftest import (
     snapshot,
     tiny_checkpoint,
     write_bin_shard,
+    write_hellaswag,
     write_random_shards,
 )
 from machinery.checkpoints import latest_checkpoint
@@ -123,6 +124,12 @@ class Workspace:
     def resumable(self, relative=3, **entries):
         """A checkpoint, named as weights() names them, that a run on data/ can resume."""
         return self.weights(relative, data_dir=self.data, **entries)
+
+    def scribble(self, relative, data):
+        """`data` written over the middle of a file, as a failing disk or a bad copy leaves it."""
+        with open(self.path(relative), "r+b") as f:
+            f.seek(os.path.getsize(self.path(relative)) // 2)
+            f.write(data)
 
     def env(self, *unset, **variables):
         """The environment variables named in `unset` removed, then these set."""
@@ -253,6 +260,13 @@ def diverging_train_step(bad_step, weights):
     return train_step
 
 
+def damaged_weights(w):
+    """The tiny model's weights at model_00005.pt, with 16 KB of its embedding overwritten."""
+    path = w.weights()
+    w.scribble("model_00005.pt", FINITE_16_KB)
+    return path
+
+
 def nan_weights(w):
     model = GPT(GPTConfig(**TINY_SHAPE))
     model.transformer.ln_f.weight.data *= float("nan")
@@ -300,6 +314,7 @@ A_SHARD_OF = "holds train shards of two corpora (other_train_{}.npy, tiny_train_
 CONTEXT = "with the 32 that each sample adds, past the model's context of"
 DAMAGED = "entry is missing or damaged"
 OTHER_TOKENS = np.arange(8192, dtype=np.uint16)  # a train shard's worth, not the random ones
+FINITE_16_KB = np.full(4096, 0.5, np.float32).tobytes()  # weights that load and train, wrongly
 
 # One rows() per script in each section. A comment after a row says what the script did before its
 # fix, where that was not a refusal.
@@ -657,6 +672,33 @@ FAULTS = [
         ("a_folder_named_like_a_newer_checkpoint_is_not_one",  # was taken as the newest
          lambda w: w.with_folder("log/model_00009.pt").damaged(step=5),
          "the checkpoint is after step 5 and --max_steps is 6")),
+
+    # Damage on disk: a checkpoint whose bytes changed since it was written (its zip entries'
+    # CRC-32s), or that was cut short, is refused by every script that reads one, before any write.
+    *rows(train_gpt2,
+        ("resume_a_checkpoint_with_16_kb_overwritten",  # resumed, and trained on other weights
+         lambda w: w.with_resumable(3).with_scribble("log/model_00003.pt", FINITE_16_KB)
+                    .train("--resume"),
+         "model_00003.pt is damaged on disk (model_00003/data/0 is cut short or changed since"),
+        ("resume_a_checkpoint_with_64_bytes_of_0xff",  # said "a run that diverged"
+         lambda w: w.with_resumable(3).with_scribble("log/model_00003.pt", b"\xff" * 64)
+                    .train("--resume"),
+         "model_00003.pt is damaged on disk"),
+        ("resume_a_checkpoint_cut_in_half",
+         lambda w: w.with_resumable(3).with_truncated("log/model_00003.pt").train("--resume"),
+         "model_00003.pt is damaged on disk (its end is cut short"),
+        ("init_from_a_damaged_checkpoint", lambda w: w.train("--init", damaged_weights(w)),
+         "model_00005.pt is damaged on disk"),
+        ("eval_only_of_a_damaged_checkpoint",
+         lambda w: w.train("--eval_only", "--init", damaged_weights(w)),
+         "model_00005.pt is damaged on disk")),
+    row(sample, "sample_a_damaged_checkpoint", lambda w: w.sample(init=damaged_weights(w)),
+        "model_00005.pt is damaged on disk"),
+    row(hellaswag, "hellaswag_on_a_damaged_checkpoint",
+        lambda w: w.sample("--data", write_hellaswag(w.path("h.jsonl")), init=damaged_weights(w)),
+        "model_00005.pt is damaged on disk"),
+    row(export_hf, "export_a_damaged_checkpoint",
+        lambda w: w.export("hf", init=damaged_weights(w)), "model_00005.pt is damaged on disk"),
 
     # Foreign files: checkpoints of other programs, impossible configs, pickles.
     row(export_hf, "export_a_nanogpt_checkpoint",
