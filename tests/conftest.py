@@ -5,10 +5,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import resource
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 
 import numpy as np
@@ -55,6 +57,44 @@ def run_trainer(*flags, nproc=1, cwd=REPO, script="train_gpt2.py"):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result
+
+
+def start(*args, env=ENV):
+    """python with these arguments in a subprocess that the test reads as it runs (read_until): its
+    stdout and stderr merged into one pipe."""
+    command = [sys.executable, *map(str, args)]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+def read_until(proc, pattern):
+    """Lines of proc's output up to the first that matches `pattern`; none fails the test (an exit,
+    or a run that hangs: killed after TIMEOUT seconds)."""
+    watchdog = threading.Timer(TIMEOUT, proc.kill)
+    watchdog.start()
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(pattern, line):
+                return lines
+    finally:
+        watchdog.cancel()
+    raise AssertionError(f"exit {proc.wait()} before a line matched {pattern!r}:\n{''.join(lines)}")
+
+
+def assert_same_checkpoints(path, other):
+    """The two checkpoints hold the same weights, AdamW moments and data position, bit for bit.
+    Returns the first, loaded."""
+    import torch
+
+    ours, theirs = (torch.load(p, map_location="cpu", weights_only=True) for p in (path, other))
+    for key in ours["model"]:
+        assert torch.equal(ours["model"][key], theirs["model"][key]), key
+    for a, b in zip(ours["optimizer"]["state"].values(), theirs["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert ours["loader"] == theirs["loader"]
+    return ours
 
 
 def write_random_shards(folder, val_tokens=4096, train_lengths=(8192,)):

@@ -7,7 +7,6 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -24,8 +23,10 @@ from conftest import (
     TIMEOUT,
     TINY_RUN,
     file_size_limit,
+    read_until,
     run_script,
     snapshot,
+    start,
     tiny_checkpoint,
     write_random_shards,
 )
@@ -34,23 +35,6 @@ from machinery.cli import run_cli
 from machinery.tokenizer import gpt2_tokenizer
 
 # --- drills with real processes: two writers on one folder, stop signals, a lone rank -------------
-
-
-def start(script, *args, env=ENV):
-    """A script in a subprocess, its stdout and stderr merged into one pipe read by the test."""
-    command = [sys.executable, script, *map(str, args)]
-    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-
-
-def read_until(proc, pattern):
-    """Lines of proc's output up to the first that matches `pattern` (none: the test fails)."""
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if re.search(pattern, line):
-            return lines
-    raise AssertionError(f"exit {proc.wait()} before a line matched {pattern!r}:\n{''.join(lines)}")
 
 
 def assert_a_second_run_is_refused(first, script, flags, folder):
@@ -87,8 +71,7 @@ def test_a_second_trainer_on_one_log_dir_is_refused_and_a_second_ctrl_c_exits_at
 def test_fineweb_refuses_a_second_run_and_after_sigterm_a_rerun_finishes_the_same_shards(tmp_path):
     corpus, cut = tmp_path / "corpus", str(tmp_path / "cut")
     corpus.mkdir()
-    with open(os.path.join(REPO, "README.md")) as f:
-        text = f.read()
+    text = open(os.path.join(REPO, "README.md")).read()
     for k in range(60):  # 60 documents of ~1.5 MB: several seconds of tokenizing on 2 cores
         (corpus / f"doc{k:02d}.txt").write_text(f"document {k}\n" + text * 160)
     flags = ["--input", str(corpus), "--shard_size", "2000000", "--num_proc", "2"]
