@@ -5,9 +5,6 @@ import glob
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 
 import numpy as np
 import pytest
@@ -17,11 +14,11 @@ from transformers import GPT2LMHeadModel
 
 import train_gpt2
 from conftest import (
-    ENV,
-    REPO,
-    TIMEOUT,
+    assert_same_checkpoints,
+    read_until,
     run_trainer,
     snapshot,
+    start,
     tiny_checkpoint,
     write_hellaswag,
 )
@@ -36,10 +33,9 @@ BATCH = [
     "--dtype", "float32", "--no-hellaswag", "--no-sample_every_eval",
 ]  # fmt: skip
 # 30 steps of fine-tuning: val loss after steps 14 and 29, checkpoints after steps 9, 19 and 29.
-FINE_TUNE = BATCH + [
-    "--max_steps", "30", "--warmup_steps", "3", "--max_lr", "1e-3", "--eval_every", "15",
-    "--ckpt_every", "10",
-]  # fmt: skip
+FINE_TUNE = BATCH + (
+    "--max_steps 30 --warmup_steps 3 --max_lr 1e-3 --eval_every 15 --ckpt_every 10".split()
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +69,12 @@ def read_log(log_dir):
 # --- --eval_only ----------------------------------------------------------------------------------
 
 
-def test_eval_only_gives_the_val_loss_transformers_gives(hf_dir, text_shards, capsys):
-    val_loss, out = eval_only(capsys, "--init", hf_dir, "--data_dir", text_shards)
+def test_eval_only_gives_the_val_loss_transformers_gives_in_one_process_and_under_torchrun(
+    hf_dir, text_shards, tmp_path, capsys
+):
+    flags = ["--init", hf_dir, "--data_dir", text_shards, "--hellaswag", "--hellaswag_data"]
+    flags.append(write_hellaswag(tmp_path / "hellaswag.jsonl"))
+    val_loss, out = eval_only(capsys, *flags)
     assert "1,024 tokens" in out
     # The same 1,024 tokens through transformers' own model: the first 1,024 inputs of the val
     # shard, each predicting the token after it, in rows of 32.
@@ -85,6 +85,17 @@ def test_eval_only_gives_the_val_loss_transformers_gives(hf_dir, text_shards, ca
         logits = hf_model(tokens[:-1].view(-1, 32)).logits
     expected = F.cross_entropy(logits.flatten(0, 1), tokens[1:]).item()
     assert abs(val_loss - expected) < 1e-5, (val_loss, expected)
+    # Two ranks each score half of the val batches and half of the HellaSwag examples; the results
+    # are one process's.
+    result = run_trainer("--eval_only", *BATCH, *flags, nproc=2)
+    assert "2 process(es)" in result.stdout
+    [ddp_line] = [line for line in result.stdout.splitlines() if line.startswith("val loss ")]
+    assert abs(float(ddp_line.split()[2]) - val_loss) < 1e-5
+
+    def acc_norm(text):
+        return [line.split(" | ")[0] for line in text.splitlines() if line.startswith("hellaswag")]
+
+    assert acc_norm(result.stdout) == acc_norm(out) and len(acc_norm(out)) == 1
 
 
 def test_eval_only_writes_no_file(hf_dir, text_shards, fine_tune, tmp_path, capsys, monkeypatch):
@@ -105,29 +116,10 @@ def test_eval_only_writes_no_file(hf_dir, text_shards, fine_tune, tmp_path, caps
     (log_dir / "model_00039.pt.tmp").write_bytes(b"torn")
     hellaswag = write_hellaswag(tmp_path / "hellaswag.jsonl")
     before = {k: v for k, v in snapshot(tmp_path).items() if k not in tokenizer_cache}
-    _, out = eval_only(
-        capsys, "--resume", "--log_dir", str(log_dir), "--data_dir", text_shards, "--hellaswag",
-        "--hellaswag_data", hellaswag,
-    )  # fmt: skip
+    _, out = eval_only(capsys, "--resume", "--log_dir", str(log_dir), "--data_dir", text_shards,
+                       "--hellaswag", "--hellaswag_data", hellaswag)  # fmt: skip
     assert f"weights     {log_dir / 'model_00029.pt'}" in out and "hellaswag acc_norm" in out
     assert {k: v for k, v in snapshot(tmp_path).items() if k not in tokenizer_cache} == before
-
-
-def test_eval_only_under_torchrun_equals_one_process(hf_dir, text_shards, tmp_path, capsys):
-    """Two ranks each score half of the val batches and half of the HellaSwag examples; the results
-    are one process's."""
-    flags = ["--init", hf_dir, "--data_dir", text_shards, "--hellaswag", "--hellaswag_data"]
-    flags.append(write_hellaswag(tmp_path / "hellaswag.jsonl"))
-    val_loss, out = eval_only(capsys, *flags)
-    result = run_trainer("--eval_only", *BATCH, *flags, nproc=2)
-    assert "2 process(es)" in result.stdout
-    [ddp_line] = [line for line in result.stdout.splitlines() if line.startswith("val loss ")]
-    assert abs(float(ddp_line.split()[2]) - val_loss) < 1e-5
-
-    def acc_norm(text):
-        return [line.split(" | ")[0] for line in text.splitlines() if line.startswith("hellaswag")]
-
-    assert acc_norm(result.stdout) == acc_norm(out) and len(acc_norm(out)) == 1
 
 
 # --- fine-tuning ----------------------------------------------------------------------------------
@@ -149,35 +141,22 @@ def test_fine_tune_lowers_the_val_loss(hf_dir, text_shards, fine_tune, capsys):
 def test_fine_tune_killed_then_resumed_is_bit_exact(hf_dir, text_shards, fine_tune, tmp_path):
     log_dir = str(tmp_path / "killed")
     flags = ["--init", hf_dir, "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE]
-    command = [sys.executable, os.path.join(REPO, "train_gpt2.py"), *flags]
-    run = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
-    )
-    watchdog = threading.Timer(TIMEOUT, run.kill)  # a run that hangs fails instead of blocking
-    watchdog.start()
-    for line in run.stdout:
-        if line.startswith("step 12/29"):  # after the checkpoint of step 9, well before the next
-            run.send_signal(signal.SIGKILL)
-            break
-    run.wait()
-    watchdog.cancel()
-    run.stdout.close()
+    run = start("train_gpt2.py", *flags)
+    try:
+        read_until(run, r"^step 12/29")  # after the checkpoint of step 9, well before the next
+        run.send_signal(signal.SIGKILL)
+    finally:
+        run.kill()
+        run.communicate()
     assert run.returncode == -signal.SIGKILL
     # the lock: see files.output_lock
     assert sorted(os.listdir(log_dir)) == [".lock", "log.txt", "model_00009.pt"]
-    # resumed as any run is: the same flags and --resume; the checkpoint holds the config, so no
-    # --init
+    # resumed as any run is: its flags and --resume (no --init: the checkpoint holds the config)
     result = run_trainer("--resume", "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE)
     assert "at step 10" in result.stdout and "step  9/29 |" not in result.stdout
-    straight = torch.load(os.path.join(fine_tune, "model_00029.pt"), weights_only=True)
-    resumed = torch.load(os.path.join(log_dir, "model_00029.pt"), weights_only=True)
-    for key in straight["model"]:
-        assert torch.equal(straight["model"][key], resumed["model"][key]), key
-    for a, b in zip(
-        straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()
-    ):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert straight["loader"] == resumed["loader"]
+    assert_same_checkpoints(
+        *(os.path.join(folder, "model_00029.pt") for folder in (fine_tune, log_dir))
+    )
 
 
 def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path):
@@ -187,10 +166,8 @@ def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path):
     # one step at learning rate 0: AdamW leaves every weight as it was, so the checkpoint shows what
     # was loaded
     flags = "--max_steps 1 --warmup_steps 0 --max_lr 0 --eval_every 1 --ckpt_every 1".split()
-    run_cli(
-        train_gpt2.main,
-        ["--init", path, "--data_dir", text_shards, "--log_dir", str(log_dir), *BATCH, *flags],
-    )
+    argv = ["--init", path, "--data_dir", text_shards, "--log_dir", str(log_dir), *BATCH, *flags]
+    run_cli(train_gpt2.main, argv)
     step_0 = DataLoaderLite(text_shards, 4, 32, 0, 1, "train", 128, shuffle=True, seed=1337)
     x, y = step_0.next_batch()
     with torch.no_grad():
