@@ -5,8 +5,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -15,17 +13,16 @@ import torch
 
 import export_hf
 import train_gpt2
-from conftest import ENV, REPO, TINY_MODEL, file_size_limit, run_trainer, write_random_shards
+from conftest import TINY_RUN, file_size_limit, read_until, run_trainer, start, write_random_shards
 from machinery import progress
 
 
 def tiny_run(tmp_path, val_tokens=4096):
-    """The flags of a tiny run on random shards in tmp_path/data, logging to tmp_path/log: steps
-    of 128 tokens on one process; the caller adds --max_steps and what its case needs."""
+    """TINY_RUN warming up for 1 step, on random shards in tmp_path/data, logging to tmp_path/log;
+    the caller adds --max_steps and what its case needs."""
     data = write_random_shards(tmp_path / "data", val_tokens=val_tokens)
-    return [*TINY_MODEL, "--data_dir", data, "--log_dir", str(tmp_path / "log"), "--batch_size",
-            "4", "--seq_len", "32", "--total_batch_size", "128", "--warmup_steps", "1",
-            "--no-hellaswag", "--no-sample_every_eval"]  # fmt: skip
+    log = str(tmp_path / "log")
+    return [*TINY_RUN, "--data_dir", data, "--log_dir", log, "--warmup_steps", "1"]
 
 
 def test_sigterm_ends_any_script_with_one_line_and_exit_143():
@@ -39,9 +36,9 @@ def test_sigterm_ends_any_script_with_one_line_and_exit_143():
         "    time.sleep(30)\n"
         "run_cli(main)\n"
     )
-    ended = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                           cwd=REPO, timeout=60)  # fmt: skip
-    assert (ended.returncode, ended.stderr.strip()) == (143, "terminated")
+    ended = start("-c", script)
+    output = ended.communicate(timeout=60)[0]  # stdout and stderr
+    assert (ended.returncode, output.strip()) == (143, "terminated")
 
 
 def test_an_export_clears_the_build_folders_a_killed_export_left(tmp_path):
@@ -61,27 +58,24 @@ def test_an_export_clears_the_build_folders_a_killed_export_left(tmp_path):
 # SIGTERM during the evaluation after the last step: the checkpoint says its evaluation is pending,
 # and --resume does it (no training step), then saves it as done; with more steps to go, it does the
 # evaluation, then trains. On 2 fully sharded ranks the signal goes to rank 1 only.
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-@pytest.mark.parametrize("launcher", [[sys.executable], TORCHRUN], ids=["1 process", "2 ranks"])
-def test_a_stop_during_the_last_evaluation_is_resumed_into_that_evaluation(tmp_path, launcher):
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1 process", "2 ranks"])
+def test_a_stop_during_the_last_evaluation_is_resumed_into_that_evaluation(tmp_path, nproc):
     log = tmp_path / "log"
     flags = [*tiny_run(tmp_path, val_tokens=1_000_000), "--total_batch_size", "256",
              "--max_steps", "2", "--eval_every", "100", "--no-eval_first"]  # fmt: skip
-    flags += ["--shard", "full"] if launcher == TORCHRUN else []
+    flags += ["--shard", "full"] if nproc == 2 else []
     # An evaluation of 999,000 tokens after the last step: far longer than the test waits.
-    run = subprocess.Popen([*launcher, "train_gpt2.py", *flags, "--val_tokens", "999000"],
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           env=ENV)  # fmt: skip
+    launcher = TORCHRUN if nproc == 2 else []
+    run = start(*launcher, "train_gpt2.py", *flags, "--val_tokens", 999000)
     try:
-        for line in run.stdout:
-            if re.match(r"step +1/\d+ \| loss", line):
-                break
+        line = read_until(run, r"^step +1/\d+ \| loss")[-1]
         time.sleep(1)
         # The one process, or rank 1 of torchrun's (not torchrun, whose handler is a traceback)
         sent = time.monotonic()
-        os.kill(run.pid if launcher != TORCHRUN else children(run.pid)[1], signal.SIGTERM)
+        os.kill(run.pid if nproc == 1 else children(run.pid)[1], signal.SIGTERM)
         stopped = line + run.communicate(timeout=300)[0]
         seconds = time.monotonic() - sent
     finally:
@@ -90,24 +84,21 @@ def test_a_stop_during_the_last_evaluation_is_resumed_into_that_evaluation(tmp_p
     assert "evaluation cut short by the stop request" in stopped, stopped
     assert not re.search(r"\| val loss \d", stopped)
     assert f"saved {log / 'model_00001.pt'}" in stopped and "stopped after step 1" in stopped
-    if launcher != TORCHRUN:
+    if nproc == 1:
         assert seconds < 20, f"{seconds:.1f} s from SIGTERM to exit"
         shutil.copytree(log, tmp_path / "more")  # to resume with more steps to go
     checkpoint = torch.load(log / "model_00001.pt", weights_only=True)
     assert checkpoint["eval_pending"] is True
     assert not os.path.exists(log / "model_00002.pt")
 
-    resumed = subprocess.run([*launcher, "train_gpt2.py", *flags, "--val_tokens", "2048",
-                              "--resume"], cwd=REPO, capture_output=True, text=True, env=ENV,
-                             timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    resumed = run_trainer(*flags, "--val_tokens", 2048, "--resume", nproc=nproc)
     assert re.search(r"^step +1/1 \| val loss \d", resumed.stdout, re.M), resumed.stdout
     assert not re.search(r"^step +\d+/\d+ \| loss", resumed.stdout, re.M)  # no step trained
     assert "at step 1" in resumed.stdout  # the summary's val loss is this evaluation's
     logged = (log / "log.txt").read_text().splitlines()
     assert logged[-1].startswith("1 val "), logged
     assert torch.load(log / "model_00001.pt", weights_only=True)["eval_pending"] is False
-    if launcher != TORCHRUN:  # the evaluation that was cut short comes before the next step
+    if nproc == 1:  # the evaluation that was cut short comes before the next step
         more = run_trainer(*flags, "--val_tokens", 256, "--resume", "--max_steps", 3, "--log_dir",
                            tmp_path / "more")  # fmt: skip
         assert re.search(r"^step 1/2 \| val loss \d.*\n(.*\n)*step 2/2 \| loss", more.stdout, re.M)
@@ -124,12 +115,27 @@ def children(pid):
     raise AssertionError(f"torchrun started {pids}")
 
 
-# The data of a resumed run must be the data it was trained and evaluated on: a shard replaced or
-# changed in place (same name, same length) is refused, before any file is written.
-def test_a_resume_refuses_a_changed_val_split_but_takes_an_older_checkpoints_fingerprint(tmp_path):
+# A full disk ends a run with the way on: --resume and the intact checkpoint it continues from, or,
+# where no checkpoint was saved yet, the same command again (a --resume would be refused). The data
+# of a resumed run must be the data it was trained and evaluated on: a shard replaced or changed in
+# place (same name, same length) is refused, before any file is written.
+def test_a_full_disk_says_how_to_go_on_a_changed_val_split_is_refused_an_old_fingerprint_is_not(
+    tmp_path,
+):
     data, log = tmp_path / "data", tmp_path / "log"
-    flags = [*tiny_run(tmp_path), "--eval_every", "2", "--val_tokens", "256"]
+    flags = [*tiny_run(tmp_path), "--eval_every", "2", "--ckpt_every", "2"]
+    with file_size_limit(1 << 20), pytest.raises(train_gpt2.UserError) as first:
+        train_gpt2.main([*flags, "--max_steps", "4"])  # a checkpoint of the tiny model is ~40 MB
+    message = str(first.value)
+    assert "no intact checkpoint was saved yet" in message, message
+    assert "model_00001.pt" in message and "(without --resume)" in message
+    assert sorted(os.listdir(log)) == ["log.txt"]  # no torn checkpoint left taking space
     train_gpt2.main([*flags, "--max_steps", "2"])
+    with file_size_limit(1 << 20), pytest.raises(train_gpt2.UserError) as later:
+        train_gpt2.main([*flags, "--max_steps", "4", "--resume"])
+    intact = f"--resume; it continues from {log / 'model_00001.pt'}, which is intact"
+    assert intact in str(later.value), later.value
+
     val = np.load(data / "tiny_val_000000.npy")
     val[2000] ^= 1  # one token, in the middle of the shard
     np.save(data / "tiny_val_000000.npy", val)
@@ -147,27 +153,6 @@ def test_a_resume_refuses_a_changed_val_split_but_takes_an_older_checkpoints_fin
     torch.save(checkpoint, log / "model_00001.pt")
     train_gpt2.main([*flags, "--max_steps", "4", "--resume"])
     assert os.path.exists(log / "model_00003.pt")
-
-
-# A full disk ends a run with the way on: --resume and the intact checkpoint it continues from, or,
-# where no checkpoint was saved yet, the same command again (a --resume would be refused).
-def test_a_full_disk_says_whether_to_resume_and_from_which_checkpoint(tmp_path):
-    log = tmp_path / "log"
-    flags = [*tiny_run(tmp_path), "--eval_every", "2", "--val_tokens", "256", "--ckpt_every", "2"]
-    with file_size_limit(1 << 20):  # a checkpoint of the tiny model is about 40 MB
-        with pytest.raises(train_gpt2.UserError) as first:
-            train_gpt2.main([*flags, "--max_steps", "4"])
-    assert "no intact checkpoint was saved yet" in str(first.value), first.value
-    assert "model_00001.pt" in str(first.value) and "(without --resume)" in str(first.value)
-    assert sorted(os.listdir(log)) == ["log.txt"]  # no torn checkpoint left taking space
-
-    train_gpt2.main([*flags, "--max_steps", "2"])
-    with file_size_limit(1 << 20):
-        with pytest.raises(train_gpt2.UserError) as later:
-            train_gpt2.main([*flags, "--max_steps", "4", "--resume"])
-    assert f"--resume; it continues from {log / 'model_00001.pt'}, which is intact" in str(
-        later.value
-    ), later.value
 
 
 def test_a_log_line_that_finds_the_disk_full_is_taken_back_whole(tmp_path):
