@@ -15,7 +15,7 @@ import torch
 
 import export_hf
 import train_gpt2
-from conftest import REPO, TINY_MODEL, TINY_SHAPE, run_trainer, write_hellaswag, write_random_shards
+from conftest import REPO, TINY_RUN, TINY_SHAPE, run_trainer, write_hellaswag, write_random_shards
 from machinery import devices, flags, progress, torchrun
 from machinery.cli import UserError
 
@@ -29,10 +29,6 @@ RECIPES = {  # GPT-3 paper, Table 2.1: (learning rate, tokens per step, warmup s
     "gpt2-large": (2.5e-4, 2**19, 715, 19073),
     "gpt2-xl": (2e-4, 2**20, 357, 9536),
 }
-
-
-def train_losses(log_dir):
-    return {step: value for (step, kind), value in logged(log_dir).items() if kind == "train"}
 
 
 def logged(log_dir):
@@ -57,17 +53,14 @@ def test_each_model_gives_its_shape_parameter_count_and_recipe_in_the_start_up_b
     assert args.min_lr == pytest.approx(0.1 * lr)
     with torch.device("meta"):  # the shape without the memory: gpt2-xl is 6 GB in fp32
         gpt = train_gpt2.GPT(train_gpt2.model_config(args))
-    config = gpt.config
-    expected = OPENAI_PARAMETERS[model] + (50304 - 50257) * config.n_embd
+    expected = OPENAI_PARAMETERS[model] + (50304 - 50257) * gpt.config.n_embd
     loaders = [train_gpt2.DataLoaderLite(args.data_dir, 1, 64, 0, 1, split, 64)
                for split in ("train", "val")]  # fmt: skip
     block = progress.start_block(args, 1, torch.device("cpu"), False, torch.float32, "test", gpt,
                                  "~", (0, steps - 1, 1), (*loaders, 1))  # fmt: skip
     shape = flags.MODELS[model]
-    assert (
-        f"model       {expected:,} parameters: {shape['n_layer']} layers, {shape['n_head']} heads, "
-        f"{shape['n_embd']} channels" in block
-    )
+    layers = f"{shape['n_layer']} layers, {shape['n_head']} heads, {shape['n_embd']} channels"
+    assert f"model       {expected:,} parameters: {layers}" in block
     recipe = re.search(r"^recipe      .*$", block, re.M).group(0)
     assert recipe.startswith(f"recipe      --model {model}: --n_layer {shape['n_layer']} ")
     assert f"--max_lr {lr:g}, --total_batch_size {batch:,} (GPT-3 paper, Table 2.1" in recipe
@@ -79,8 +72,8 @@ def test_each_model_gives_its_shape_parameter_count_and_recipe_in_the_start_up_b
 def test_a_flag_given_overrides_the_model_and_the_start_up_block_says_so():
     args = flags.parse(["--model", "gpt2-large", "--max_lr", "1e-4", "--n_layer", "2"])
     assert (args.max_lr, args.min_lr, args.total_batch_size) == (1e-4, pytest.approx(1e-5), 2**19)
-    assert train_gpt2.model_config(args).n_layer == 2
-    assert train_gpt2.model_config(args).n_embd == 1280
+    config = train_gpt2.model_config(args)
+    assert (config.n_layer, config.n_embd) == (2, 1280)
     line = progress.recipe_line(args)
     assert "--n_head 20 --n_embd 1280 (GPT-2's shape)" in line and "--n_layer" not in line
     assert line.rstrip().endswith("as given: --max_lr")
@@ -115,8 +108,7 @@ def test_one_cpu_step_of_a_gpt2_medium_layer(tmp_path):
 
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    config = train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=4, n_embd=64)
-    plain = train_gpt2.GPT(config)
+    plain = train_gpt2.GPT(train_gpt2.GPTConfig(**TINY_SHAPE))
     recomputed = copy.deepcopy(plain)
     recomputed.activation_checkpointing = True
     x, y = torch.randint(0, 50257, (2, 32)), torch.randint(0, 50257, (2, 32))
@@ -132,16 +124,13 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_activation_checkpointing_trains_the_same_losses(tmp_path):
     data = write_random_shards(tmp_path / "data")
-    run = [*TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32",
-           "--total_batch_size", "256", "--max_steps", "4", "--warmup_steps", "2",
-           "--eval_every", "100", "--val_tokens", "256", "--no-hellaswag", "--no-sample_every_eval",
-           "--device", "cpu", "--no-compile"]  # fmt: skip
+    run = [*TINY_RUN, "--data_dir", data, "--total_batch_size", "256", "--max_steps", "4",
+           "--eval_every", "100", "--device", "cpu", "--no-compile"]  # fmt: skip
     train_gpt2.main([*run, "--log_dir", str(tmp_path / "plain")])
     train_gpt2.main([*run, "--log_dir", str(tmp_path / "recomputed"), "--activation_checkpointing"])
-    plain, recomputed = train_losses(tmp_path / "plain"), train_losses(tmp_path / "recomputed")
-    assert sorted(plain) == [0, 1, 2, 3]
-    for step in plain:
-        assert recomputed[step] == pytest.approx(plain[step], abs=1e-6)
+    plain, recomputed = logged(tmp_path / "plain"), logged(tmp_path / "recomputed")
+    assert [step for step, kind in plain if kind == "train"] == [0, 1, 2, 3]
+    assert recomputed == pytest.approx(plain, abs=1e-6)  # and the val losses
 
 
 # -----------------------------------------------------------------------------
@@ -162,10 +151,9 @@ def test_sharded_runs_log_one_process_numbers_and_their_checkpoints_resume_anywh
     """2 sharded gloo ranks == one process of 2 micro-steps: losses, HellaSwag (7: shares 4 and 3),
     samples, one plain-AdamW checkpoint; resumed on any --shard and world size as unbroken."""
     data = write_random_shards(tmp_path / "data")
-    run = [*TINY_MODEL, "--data_dir", data, "--batch_size", "4", "--seq_len", "32",
-           "--total_batch_size", "256", "--max_steps", "6", "--warmup_steps", "2",
-           "--eval_every", "3", "--ckpt_every", "3", "--val_tokens", "256", "--hellaswag",
-           "--hellaswag_data", write_hellaswag(tmp_path / "hellaswag.jsonl", n=7)]  # fmt: skip
+    run = [*TINY_RUN, "--data_dir", data, "--total_batch_size", "256", "--ckpt_every", "3",
+           "--hellaswag", "--hellaswag_data", write_hellaswag(tmp_path / "hellaswag.jsonl", n=7),
+           "--sample_every_eval"]  # fmt: skip
     train_gpt2.main([*run, "--log_dir", str(tmp_path / "one")])
     samples = [line for line in capsys.readouterr().out.splitlines() if line.startswith("sample")]
     reference = logged(tmp_path / "one")
@@ -178,18 +166,13 @@ def test_sharded_runs_log_one_process_numbers_and_their_checkpoints_resume_anywh
                               script=rank_1_short_of_memory(tmp_path))  # fmt: skip
         assert f"({said} over 2 ranks)" in sharded.stdout
         assert logged(tmp_path / shard) == pytest.approx(reference, abs=1e-5)
-        assert [
-            line for line in sharded.stdout.splitlines() if line.startswith("sample")
-        ] == samples
+        printed = sharded.stdout.splitlines()
+        assert [line for line in printed if line.startswith("sample")] == samples
         # One file in today's layout, written by rank 0: a plain AdamW's state, every entry of it.
         ours = torch.load(tmp_path / shard / "model_00005.pt", weights_only=True)
         assert ours["optimizer"]["param_groups"] == plain["optimizer"]["param_groups"]
-        assert ours["optimizer"]["state"].keys() == plain["optimizer"]["state"].keys()
-        for index, state in plain["optimizer"]["state"].items():
-            for name, value in state.items():
-                torch.testing.assert_close(ours["optimizer"]["state"][index][name], value,
-                                           atol=1e-5, rtol=0)  # fmt: skip
-        assert_same_weights(ours["model"], plain["model"])
+        assert_close(ours["optimizer"]["state"], plain["optimizer"]["state"])  # keys too
+        assert_close(ours["model"], plain["model"])
 
     # Stopped after step 2, full's goes on as the unbroken run on one plain process, and the plain
     # process's on 2 fully sharded ranks (the sharded files hold a plain AdamW's entries, as
@@ -205,7 +188,7 @@ def test_sharded_runs_log_one_process_numbers_and_their_checkpoints_resume_anywh
         assert losses == pytest.approx({key: reference[key] for key in losses}, abs=1e-5)
         assert sorted(losses) == [(3, "train"), (4, "train"), (5, "train"), (5, "val")]
         end = torch.load(tmp_path / name / "model_00005.pt", weights_only=True)
-        assert_same_weights(end["model"], plain["model"])
+        assert_close(end["model"], plain["model"])
         assert end["loader"] == plain["loader"]
 
     # sample.py and export_hf.py read it as any other checkpoint
@@ -231,10 +214,9 @@ def rank_1_short_of_memory(folder):
     return str(path)
 
 
-def assert_same_weights(ours, theirs):
-    assert ours.keys() == theirs.keys()
-    for key, value in theirs.items():
-        torch.testing.assert_close(ours[key], value, atol=1e-5, rtol=0)
+def assert_close(ours, theirs):
+    """Equal up to float noise: two state dicts' tensors, and their keys (nested ones too)."""
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
 # -----------------------------------------------------------------------------
@@ -304,9 +286,7 @@ def test_a_resume_keeps_the_model_whose_recipe_it_was_trained_with(tmp_path):
     # A tiny shape under gpt2-medium's recipe: resumed under the default --model gpt2, its
     # learning rate would double without a word.
     data, log = write_random_shards(tmp_path / "data"), tmp_path / "log"
-    run = [*TINY_MODEL, "--data_dir", data, "--log_dir", str(log), "--batch_size", "4",
-           "--seq_len", "32", "--total_batch_size", "128", "--warmup_steps", "1",
-           "--val_tokens", "256", "--no-hellaswag", "--no-sample_every_eval"]  # fmt: skip
+    run = [*TINY_RUN, "--data_dir", data, "--log_dir", str(log), "--warmup_steps", "1"]
     train_gpt2.main([*run, "--model", "gpt2-medium", "--max_steps", "2"])
     before = sorted(os.listdir(log))
     with pytest.raises(UserError, match="was trained with --model gpt2-medium, this run has "
