@@ -83,12 +83,14 @@ def read_until(proc, pattern):
     raise AssertionError(f"exit {proc.wait()} before a line matched {pattern!r}:\n{''.join(lines)}")
 
 
-def assert_same_checkpoints(path, other):
+def assert_bit_identical(checkpoint, other):
     """The two checkpoints hold the same weights, AdamW moments and data position, bit for bit.
     Returns the first, loaded."""
     import torch
 
-    ours, theirs = (torch.load(p, map_location="cpu", weights_only=True) for p in (path, other))
+    ours, theirs = (
+        torch.load(p, map_location="cpu", weights_only=True) for p in (checkpoint, other)
+    )
     for key in ours["model"]:
         assert torch.equal(ours["model"][key], theirs["model"][key]), key
     for a, b in zip(ours["optimizer"]["state"].values(), theirs["optimizer"]["state"].values()):

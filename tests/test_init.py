@@ -14,7 +14,7 @@ from transformers import GPT2LMHeadModel
 
 import train_gpt2
 from conftest import (
-    assert_same_checkpoints,
+    assert_bit_identical,
     read_until,
     run_trainer,
     snapshot,
@@ -154,9 +154,8 @@ def test_fine_tune_killed_then_resumed_is_bit_exact(hf_dir, text_shards, fine_tu
     # resumed as any run is: its flags and --resume (no --init: the checkpoint holds the config)
     result = run_trainer("--resume", "--data_dir", text_shards, "--log_dir", log_dir, *FINE_TUNE)
     assert "at step 10" in result.stdout and "step  9/29 |" not in result.stdout
-    assert_same_checkpoints(
-        *(os.path.join(folder, "model_00029.pt") for folder in (fine_tune, log_dir))
-    )
+    straight, resumed = (os.path.join(folder, "model_00029.pt") for folder in (fine_tune, log_dir))
+    assert_bit_identical(straight, resumed)
 
 
 def test_init_from_our_checkpoint_keeps_its_weights(text_shards, tmp_path):

@@ -2,6 +2,7 @@
 learning, compile."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -9,21 +10,9 @@ import pytest
 import torch
 
 import train_gpt2
-from conftest import TINY_MODEL, run_trainer, write_bin_shard, write_hellaswag
+from conftest import TINY_MODEL, assert_bit_identical, run_trainer, write_bin_shard, write_hellaswag
 from machinery import progress
 from train_gpt2 import DataLoaderLite, get_lr
-
-QUIET = ["--no-hellaswag", "--no-sample_every_eval"]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def val_loss_lines(stdout):
-    """Each evaluation's step and val loss as printed (without the time it took, which varies)."""
-    return [line.rsplit(" | ", 1)[0] for line in stdout.splitlines() if "val loss" in line]
-
 
 # --- the learning-rate schedule -------------------------------------------------------------------
 
@@ -73,7 +62,6 @@ def test_loader_striding_shard_switch_and_wraparound(tmp_path, world_size):
                     x, y = loader.next_batch()
                     start = w * window + rank * B * T  # the striding: the window, the rank
                     expected = 10000 * shard + np.arange(start, start + B * T + 1)
-                    assert start + B * T + 1 <= lengths[shard]  # never past the shard's end
                     assert torch.equal(x.flatten(), torch.from_numpy(expected[:-1]))
                     assert torch.equal(y.flatten(), torch.from_numpy(expected[1:]))
                     if epoch == 0:
@@ -184,32 +172,29 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     shutil.copy(os.path.join(text_shards, "text_val_000000.npy"), data)
     train = np.load(os.path.join(text_shards, "text_train_000001.npy"))[:900]
     np.save(data / "text_train_000001.npy", train)
-    args = [*TINY_MODEL, *QUIET, "--data_dir", data, *(
+    args = [*TINY_MODEL, "--data_dir", data, *(
         "--batch_size 4 --seq_len 32 --total_batch_size 256 --max_steps 8 --warmup_steps 2 "
-        "--eval_every 3 --val_tokens 512 --ckpt_every 4").split()]  # fmt: skip
+        "--eval_every 3 --val_tokens 512 --ckpt_every 4 --no-hellaswag --no-sample_every_eval"
+    ).split()]  # fmt: skip
     straight_run = run_trainer(*args, "--log_dir", tmp_path / "straight")
     assert "epoch       3 steps, shuffled by --seed 1337" in straight_run.stdout
     assert "epoch 0 done at step 2: 768 tokens seen" in straight_run.stdout
-    os.makedirs(tmp_path / "resumed")  # as if stopped after 4 of 8 steps
-    shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "resumed")
+    for name in ("resumed", "changed"):  # as if stopped after 4 of 8 steps
+        os.makedirs(tmp_path / name)
+        shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / name)
     result = run_trainer(*args, "--log_dir", tmp_path / "resumed", "--resume")
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
     # the first half is not trained again
     assert "step 3/7 |" not in result.stdout and "step 4/7 |" in result.stdout
-    straight, resumed = (load(tmp_path / run / "model_00007.pt") for run in ("straight", "resumed"))
-    for key in straight["model"]:
-        assert torch.equal(straight["model"][key], resumed["model"][key]), key
-    for a, b in zip(*(run["optimizer"]["state"].values() for run in (straight, resumed))):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert straight["loader"] == resumed["loader"] and straight["loader"]["epoch"] == 2
+    checkpoints = [tmp_path / run / "model_00007.pt" for run in ("straight", "resumed")]
+    straight = assert_bit_identical(*checkpoints)  # and returns the first, loaded
+    assert straight["loader"]["epoch"] == 2
     straight_losses = [
         line for line in open(tmp_path / "straight" / "log.txt") if int(line.split()[0]) >= 4
     ]
     assert open(tmp_path / "resumed" / "log.txt").readlines() == straight_losses
     assert "note:" not in result.stdout
     # resumed with another --val_tokens: the run goes on, and says its val losses measure another
-    os.makedirs(tmp_path / "changed")
-    shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "changed")
     changed = run_trainer(
         *args, "--log_dir", tmp_path / "changed", "--resume", "--val_tokens", 1024
     )
@@ -225,8 +210,8 @@ def test_a_compiled_run_learns_real_text_with_eval_hellaswag_and_sampling(tmp_pa
                          "--warmup_steps 4 --max_lr 3e-3 --eval_every 12 "
                          "--val_tokens 1024").split())  # fmt: skip
     assert "compile on" in result.stdout and "tok/s" in result.stdout
-    evals = [line for line in val_loss_lines(result.stdout) if line.startswith("step")]
-    assert [line.split(" |")[0] for line in evals] == ["step 11/23", "step 23/23"]
+    evals = re.findall(r"^(step +\d+/\d+) \| val loss", result.stdout, re.M)
+    assert evals == ["step 11/23", "step 23/23"]
     assert result.stdout.count('sample 0: """GPT-2 (124M') == 3  # the val split's start, each eval
     log = [line.split() for line in open(tmp_path / "log" / "log.txt")]
     train = [float(v) for _, kind, v in log if kind == "train"]
