@@ -38,8 +38,7 @@ def logged(log_dir):
     return {(int(step), kind): float(value) for step, kind, value in lines}
 
 
-# -----------------------------------------------------------------------------
-# --model
+# --- --model --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("model", flags.GPT2_SIZES)
@@ -102,8 +101,7 @@ def test_one_cpu_step_of_a_gpt2_medium_layer(tmp_path):
     assert not torch.equal(before, model.transformer.h[0].attn.c_attn.weight)
 
 
-# -----------------------------------------------------------------------------
-# --activation_checkpointing
+# --- --activation_checkpointing -------------------------------------------------------------------
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -133,16 +131,14 @@ def test_activation_checkpointing_trains_the_same_losses(tmp_path):
     assert recomputed == pytest.approx(plain, abs=1e-6)  # and the val losses
 
 
-# -----------------------------------------------------------------------------
-# --shard
+# --- --shard --------------------------------------------------------------------------------------
 
 
 def test_shard_full_refuses_fp16():
     # fp16's loss scaler would judge an overflow by this rank's shard of the gradients alone
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(**TINY_SHAPE))
     with pytest.raises(UserError, match="--shard full trains in bf16 or fp32, not fp16"):
-        torchrun.fully_shard_model(
-            train_gpt2.GPT(train_gpt2.GPTConfig(**TINY_SHAPE)), torch.float16
-        )
+        torchrun.fully_shard_model(model, torch.float16)
 
 
 def test_sharded_runs_log_one_process_numbers_and_their_checkpoints_resume_anywhere(
@@ -219,8 +215,7 @@ def assert_close(ours, theirs):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
 
 
-# -----------------------------------------------------------------------------
-# The memory estimate
+# --- the memory estimate --------------------------------------------------------------------------
 
 
 def estimate_args(**flags_given):
