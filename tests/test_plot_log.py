@@ -51,8 +51,7 @@ def test_resumed_log_keeps_the_latest_run(tmp_path, evals_first):
     lines = run_lines(0, 120, True, evals_first) + crashed_mid_step + ["", "  "] + resumed
     series = parse_log(write_log(tmp_path, lines))
     assert series["train"][0] == list(range(111))
-    assert series["val"][0] == [0, 25, 50, 75, 100]
-    assert series["hella"][0] == [0, 25, 50, 75, 100]
+    assert series["val"][0] == series["hella"][0] == [0, 25, 50, 75, 100]
     fresh = parse_log(write_log(tmp_path, run_lines(0, 110, True), "fresh.txt"))
     for kind in ("train", "val", "hella"):
         assert series[kind][1] == fresh[kind][1]
@@ -111,24 +110,7 @@ def only(lines, *kinds):
 # 200 train points: each drawn faintly, and their moving average over 200 // 50 = 4 steps.
 TRAIN = ["train, each step", "train, mean of 4 steps"]
 VAL = "val, each evaluation"
-
-
-def test_panels_and_legend_entries_follow_what_the_log_has(tmp_path):
-    lines = run_lines(0, 200, True)
-    # A log with val lines only still has a loss panel; too few points to smooth: plain "train".
-    panels = [(("train",), TRAIN), (("val",), [VAL]), (("train", "val"), [*TRAIN, VAL])]
-    for kinds, legend in panels:
-        (ax,) = figure_for(tmp_path, only(lines, *kinds)).axes
-        assert legend_texts(ax) == legend
-    val_line = next(line for line in ax.get_lines() if line.get_label() == VAL)
-    assert val_line.get_marker() == "o"  # each evaluation is a point: between two, no measurement
-    (ax,) = figure_for(tmp_path, only(lines, "train")[:30]).axes
-    assert legend_texts(ax) == ["train"]
-
-    loss_ax, hella_ax = figure_for(tmp_path, lines).axes
-    assert (loss_ax.get_title(), hella_ax.get_title()) == ("Loss", "HellaSwag")
-    assert legend_texts(loss_ax) == [*TRAIN, VAL]
-    assert legend_texts(hella_ax) == ["this run", "OpenAI GPT-2 124M: 0.2955", "GPT-3 124M: 0.337"]
+LOSS_REFERENCE = f"OpenAI GPT-2 124M, FineWeb-edu val: {GPT2_124M_FINEWEB_EDU_VAL_LOSS}"
 
 
 def reference_lines(ax):
@@ -136,40 +118,42 @@ def reference_lines(ax):
     return sorted(line.get_ydata()[0] for line in ax.get_lines() if line.get_linestyle() == "--")
 
 
-def test_reference_lines_follow_the_flags(tmp_path, monkeypatch):
-    log = write_log(tmp_path, run_lines(0, 200, True))
+def test_panels_legends_and_reference_lines_follow_the_log_and_the_flags(tmp_path, monkeypatch):
+    lines = run_lines(0, 200, True)
+    train = only(lines, "train")
+    # A log with val lines only still has a loss panel; too few points to smooth: plain "train".
+    # The last figure's val line is looked at below.
+    loss_alone = [(train[:30], ["train"]), (train, TRAIN), (only(lines, "val"), [VAL])]
+    for panel_lines, legend in loss_alone + [(only(lines, "train", "val"), [*TRAIN, VAL])]:
+        (ax,) = figure_for(tmp_path, panel_lines).axes
+        assert legend_texts(ax) == legend
+    val_line = next(line for line in ax.get_lines() if line.get_label() == VAL)
+    assert val_line.get_marker() == "o"  # each evaluation is a point: between two, no measurement
+
+    log = write_log(tmp_path, lines)
     series = parse_log(log)
-    loss_label = f"OpenAI GPT-2 124M, FineWeb-edu val: {GPT2_124M_FINEWEB_EDU_VAL_LOSS}"
-
-    # Default: HellaSwag's references only; the loss one holds for FineWeb-edu val alone, which
-    # log.txt can't show.
-    loss_ax, hella_ax = build_figure(series).axes
-    assert reference_lines(loss_ax) == [] and loss_label not in legend_texts(loss_ax)
-    assert reference_lines(hella_ax) == [0.2955, 0.337]
-
-    loss_ax, hella_ax = build_figure(series, loss_reference=True).axes
-    assert reference_lines(loss_ax) == [GPT2_124M_FINEWEB_EDU_VAL_LOSS]
-    assert legend_texts(loss_ax) == [*TRAIN, VAL, loss_label]
-    low, high = loss_ax.get_ylim()
-    assert low < GPT2_124M_FINEWEB_EDU_VAL_LOSS < high
-    assert reference_lines(hella_ax) == [0.2955, 0.337]
-
-    loss_ax, hella_ax = build_figure(series, hellaswag_reference=False).axes
-    assert reference_lines(loss_ax) == reference_lines(hella_ax) == []
-    assert legend_texts(hella_ax) == ["this run"]
-
-    # The flags: of --ref and --no-ref the last one given wins, as with any pair of flags.
+    # By default HellaSwag's references only: the loss one holds for FineWeb-edu val alone, which
+    # log.txt can't show. Of the flags --ref and --no-ref the last one given wins, as with any pair
+    # of flags; each gives the figure that build_figure's options give.
     figures = []
     monkeypatch.setattr(plot_log, "save_figure", lambda fig, out_path: figures.append(fig))
-    hella_lines = [0.2955, 0.337]
-    for flags, lines in [
-        ([], [[], hella_lines]),
-        (["--ref"], [[3.2924], hella_lines]),
-        (["--ref", "--no-ref"], [[], []]),
+    # Each panel as (its reference lines, its legend).
+    loss = ([], [*TRAIN, VAL])
+    loss_and_reference = ([3.2924], [*TRAIN, VAL, LOSS_REFERENCE])
+    hella = ([0.2955, 0.337], ["this run", "OpenAI GPT-2 124M: 0.2955", "GPT-3 124M: 0.337"])
+    hella_alone = ([], ["this run"])
+    for flags, options, panels in [
+        ([], {}, [loss, hella]),
+        (["--ref"], dict(loss_reference=True), [loss_and_reference, hella]),
+        (["--ref", "--no-ref"], dict(hellaswag_reference=False), [loss, hella_alone]),
     ]:
         main([str(log), *flags])
-        assert [reference_lines(ax) for ax in figures.pop().axes] == lines
+        for figure in [figures.pop(), build_figure(series, **options)]:
+            assert [ax.get_title() for ax in figure.axes] == ["Loss", "HellaSwag"]
+            assert [(reference_lines(ax), legend_texts(ax)) for ax in figure.axes] == panels
 
+    low, high = build_figure(series, loss_reference=True).axes[0].get_ylim()
+    assert low < GPT2_124M_FINEWEB_EDU_VAL_LOSS < high
     # A short run whose loss is still far above the reference: the axis reaches down to it anyway.
     short_run = [f"{step} train {9.0 - 0.01 * step}" for step in range(100)]
     low, high = figure_for(tmp_path, short_run, loss_reference=True).axes[0].get_ylim()
