@@ -40,21 +40,16 @@ EXAMPLES = [
             "carry it carefully up the stairs into the new apartment.", "turn into birds.",
             "whisper."),
 ]
-# fmt: on
 # One example where acc and acc_norm must disagree. The model is trained on its context followed by
 # the long right ending once, and followed by "ran" (then more words) three times: after the
 # context, "ran" gets probability 3/4 and the right ending's first word 1/4; the rest of the right
 # ending is memorised. So the one-word wrong ending "ran" has the lower summed loss (-ln 3/4 = 0.29
 # < -ln 1/4 = 1.39), and the 15-word right ending the lower mean loss (about 1.39 / 15 = 0.09 <
 # 0.29).
-LENGTH_EXAMPLE = example(
-    "Lisa looked at the old map and",
-    1,
-    "ran",
+LENGTH_EXAMPLE = example("Lisa looked at the old map and", 1, "ran",
     "followed the faded red line across the hills to the hidden valley by the river.",
-    "ate glue.",
-    "purple seven.",
-)  # fmt: skip
+    "ate glue.", "purple seven.")
+# fmt: on
 LENGTH_EXAMPLE_DECOY = LENGTH_EXAMPLE["ctx"] + " ran to the station to catch the morning train."
 ALL_EXAMPLES = EXAMPLES + [LENGTH_EXAMPLE]
 EXPECTED_COUNTS = dict(n=7, correct=6, correct_norm=7)  # acc misses LENGTH_EXAMPLE only
@@ -128,9 +123,7 @@ def memorised():
 
 def test_load_examples_reads_fields_skips_blank_lines_limits_and_needs_an_example(tmp_path):
     path = write_jsonl(tmp_path / "val.jsonl", EXAMPLES[:3] + ["", "   "])
-    examples = hellaswag.load_examples(path)
-    assert [ex["label"] for ex in examples] == [0, 1, 2]
-    assert examples[1]["endings"] == EXAMPLES[1]["endings"]
+    assert hellaswag.load_examples(path) == EXAMPLES[:3]
     assert len(hellaswag.load_examples(path, limit=2)) == 2
     with pytest.raises(UserError, match="no examples"):
         hellaswag.load_examples(write_jsonl(tmp_path / "empty.jsonl", []))
@@ -198,9 +191,8 @@ def test_the_data_path_and_the_cache_that_one_download_fills(monkeypatch, tmp_pa
 # --- Rendering ------------------------------------------------------------------------------------
 
 
-def test_render_example_gives_the_context_and_the_endings_with_a_space_cut_to_fit(tmp_path, enc):
-    path = write_jsonl(tmp_path / "val.jsonl", [EXAMPLES[2]])
-    example = hellaswag.load_examples(path)[0]
+def test_render_example_gives_the_context_and_the_endings_with_a_space_cut_to_fit(enc):
+    example = EXAMPLES[2]
     full_context, full_endings = hellaswag.render_example(example, enc)
     assert full_context == enc.encode_ordinary(example["ctx"])
     assert enc.decode(full_context) == example["ctx"]
@@ -238,11 +230,11 @@ def test_packed_row_puts_each_ending_right_after_the_context_and_the_mask_keeps_
     positions = torch.tensor([packed.positions + [0]])
     mask = hellaswag.attention_mask(segments, positions)[0, 0]
     sees = {q: [s for s in range(mask.size(1)) if mask[q, s]] for q in range(mask.size(0))}
+    # Each list is all that the token sees: the padding token (7) is in none of them.
     assert sees[0] == [0] and sees[1] == [0, 1] and sees[2] == [0, 1, 2]  # the context: causal
     assert sees[3] == [0, 1, 2, 3]  # ending 0
     assert sees[4] == [0, 1, 2, 4] and sees[5] == [0, 1, 2, 4, 5]  # ending 2: nothing of ending 0
     assert sees[6] == [0, 1, 2, 6]  # ending 3
-    assert all(not mask[q, 7] for q in range(7))  # padding is seen by no real token
 
 
 # --- Scoring --------------------------------------------------------------------------------------
@@ -334,7 +326,7 @@ def test_evaluate_splits_examples_across_ranks_and_reduces(tmp_path, memorised):
 # --- The command line -----------------------------------------------------------------------------
 
 
-def test_cli_prints_the_summary_line_and_errors_in_one_line(tmp_path, enc):
+def test_cli_prints_the_summary_line_of_its_counts(tmp_path, enc):
     # The CLI reads text with GPT-2's tokenizer: a model of GPT-2's vocabulary, random weights.
     torch.manual_seed(0)
     config = GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)
