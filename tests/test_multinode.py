@@ -1,5 +1,7 @@
 """Two machines on one: torchrun agents --nnodes 2 meeting by c10d on 127.0.0.1, one gloo process
-each, each node in its own folder with the data at the same path."""
+each, each node in its own folder with the data at the same path. c10d ignores --node_rank and gives
+rank 0 to the node whose address sorts first: node 0 is 127.0.0.1, node 1 127.0.0.2 (both loopback),
+so that node 0 is rank 0 however the agents are scheduled."""
 
 import os
 import socket
@@ -29,7 +31,8 @@ def two_nodes(data_dir, node_dirs, *more, check=True, caches=(None, None)):
     for node_rank, (cwd, cache) in enumerate(zip(node_dirs, caches)):
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-            "--node_rank", str(node_rank), "--nproc_per_node", "1", "--rdzv_backend", "c10d",
+            "--local_addr", f"127.0.0.{node_rank + 1}", "--nproc_per_node", "1",
+            "--rdzv_backend", "c10d",
             "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "multinode-test",
             os.path.join(REPO, "train_gpt2.py"), "--data_dir", data_dir,
             "--log_dir", "log", *FLAGS, *more,
