@@ -39,9 +39,7 @@ def main(argv=None):
     parser = cli.ArgumentParser(description=description, formatter_class=cli.HelpFormatter)
     parser.add_argument("--init", required=True, help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, a "
                         "Hugging Face directory, or a checkpoint .pt")  # fmt: skip
-    cli.add_flags(parser, flags)
-    args = parser.parse_args(argv)
-    cli.check_ranges(args, flags)
+    args = cli.parse_flags(parser, flags, argv)
     device = pick_device(args.device)
     if device.type == "cpu":
         keep_freed_memory(every_size=True)  # each batch's buffers are not zeroed again

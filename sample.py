@@ -37,9 +37,7 @@ FLAGS = {
 
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    cli.add_flags(parser, FLAGS)
-    args = parser.parse_args(argv)
-    cli.check_ranges(args, FLAGS)
+    args = cli.parse_flags(parser, FLAGS, argv)
     device = pick_device(args.device)
     if device.type == "cpu":
         keep_freed_memory(every_size=True)  # each token's buffers are not zeroed again

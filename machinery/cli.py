@@ -1,6 +1,5 @@
 """The command line of every script: the user-error type; run_cli, which says an error, Ctrl-C or
 SIGTERM in one line; argparse's parser and help format; flag tables, with each number's range.
-
 torch-free, and it imports nothing of this project: every script and module may build on it.
 """
 
@@ -37,11 +36,10 @@ def raise_terminated(signum, frame):
 
 
 def run_cli(main, argv=None, interrupted=None, group=False):
-    """Call main(argv) as a script's entry point: a UserError, or an OSError (a path that cannot be
-    read or written), becomes `error: ...` on stderr and exit 1; Ctrl-C one line and exit 130, and
-    SIGTERM exit 143 (as a shell reports them), once the script has unwound and removed its partial
-    files; `interrupted` follows that line, to say what was kept. group (the trainer's torchrun
-    group): an error is said once per machine, or by the one rank whose UserError `speaks`."""
+    """main(argv) as a script's entry point. A UserError or OSError is `error: ...` and exit 1;
+    Ctrl-C exit 130, SIGTERM 143 (as a shell reports them), once partial files are gone, with
+    `interrupted` to say what was kept. group (torchrun's): an error is said once per machine, or
+    by the one rank whose UserError `speaks`."""
     signal.signal(signal.SIGTERM, raise_terminated)  # kill, a cluster's preemption: as Ctrl-C
     try:
         return main(argv)
@@ -98,20 +96,18 @@ def os_error_line(error, path=None):
 
 
 # -----------------------------------------------------------------------------
-# argparse, its help page, and a table of flags made into arguments.
+# argparse, its help page, and a table of flags made into arguments, each number in its range.
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse's parser, whose mistakes (an unknown flag, a missing value) are a UserError: one
-    line and exit 1 like every other user error, not argparse's usage block and exit 2."""
+    """argparse's parser, whose mistakes are a UserError (one line, exit 1), not a usage block."""
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help lists each flag's default once: after its reason, unless the reason already names it
-    or there is none to show."""
+    """--help shows a flag's default, if any, after its reason, unless the reason names it."""
 
     def _get_help_string(self, action):
         if action.default is None or "default" in (action.help or ""):
@@ -119,15 +115,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def add_flags(parser, table):
-    """Add a table of flags, {group title: [(flag, default, reason[, range]), ...]}, to a parser.
-    The default's type is the flag's; True makes a --flag/--no-flag pair (off: --no-flag), False a
-    switch; a type (int, float, str, bool) means no default (bool: a --flag/--no-flag pair left at
-    None); a tuple lists the choices, the first being the default; "[PATH]" an optional value,
-    "latest" when left out."""
+def parse_flags(parser, table, argv=None):
+    """argv parsed with a table of flags, {group title: [(flag, default, reason[, range]), ...]},
+    and each number checked against its range (a flag left at None is not). The default's type is
+    the flag's; True makes a --flag/--no-flag pair (off: --no-flag), False a switch; a type (int,
+    float, str, bool) means no default (bool: a --flag/--no-flag pair left at None); a tuple lists
+    the choices, the first being the default; "[PATH]" an optional value, "latest" when left out."""
     for title, rows in table.items():
         group = parser.add_argument_group(title)
-        for flag, default, reason, *_ in rows:  # the range is checked by check_ranges
+        for flag, default, reason, *_ in rows:
             if default == "[PATH]":
                 how = dict(nargs="?", const="latest", default=None)
             elif default is True or default is bool:
@@ -141,13 +137,17 @@ def add_flags(parser, table):
             else:
                 how = dict(type=type(default), default=default)
             group.add_argument(flag, help=reason, **how)
+    args = parser.parse_args(argv)
+    ranges = {row[0][2:]: row[3] for rows in table.values() for row in rows if len(row) == 4}
+    for name, (test, must_be) in ranges.items():
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and test(value)):
+            raise UserError(f"--{name} must be a finite number, {must_be}; got {value}")
+    return args
 
 
-# -----------------------------------------------------------------------------
-# Numeric flags are checked against the range in their row of the flag table, not one `if` each.
-# float() accepts "nan" and "inf" (and "1e400", which overflows to inf), so every value must also be
-# finite.
-
+# A flag's range: what its value must pass, and how the error says it. float() accepts "nan" and
+# "inf" (and "1e400", which overflows to inf), so every value must also be finite.
 POSITIVE = (lambda value: value > 0, "positive")
 AT_LEAST_0 = (lambda value: value >= 0, "at least 0")
 BELOW_1 = (lambda value: 0 <= value < 1, "in [0, 1)")
@@ -155,13 +155,3 @@ BELOW_1 = (lambda value: 0 <= value < 1, "in [0, 1)")
 # above it the update overflows float32 inside the optimizer.
 UNIT = (lambda value: 0 <= value <= 1, "in [0, 1]")
 SEED = (lambda value: 0 <= value < 2**63, "in [0, 2**63): torch's generators take 64-bit seeds")
-
-
-def check_ranges(args, table):
-    """Refuse the first flag of a flag table (see add_flags) whose value fails its range's test or
-    is not finite. A flag left at None (an optional one not given) is not checked."""
-    ranges = {row[0][2:]: row[3] for rows in table.values() for row in rows if len(row) == 4}
-    for name, (test, must_be) in ranges.items():
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and test(value)):
-            raise UserError(f"--{name} must be a finite number, {must_be}; got {value}")

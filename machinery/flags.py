@@ -1,7 +1,5 @@
 """The trainer's flags: every hyperparameter with its default (GPT-2 124M's recipe), the reason
-shown in --help, and the range a number must lie in; then the rules between flags, which check()
-enforces in one line before any work starts.
-"""
+shown in --help and the range a number must lie in; then the rules between flags (check())."""
 
 from machinery import cli
 from machinery.cli import AT_LEAST_0, BELOW_1, POSITIVE, SEED, UNIT, UserError
@@ -132,8 +130,7 @@ def parse(argv=None):
         "from scratch or from --init weights; or only evaluate weights (--eval_only).",
         formatter_class=cli.HelpFormatter,
     )
-    cli.add_flags(p, FLAGS)
-    args = p.parse_args(argv)
+    args = cli.parse_flags(p, FLAGS, argv)  # each number in its range
     # The recipe flags left out take the --model's values (at 2**19 tokens a step, the lecture's 715
     # warmup steps and 19073 steps); the start-up block says which did.
     size = MODELS[args.model]
@@ -149,8 +146,7 @@ def parse(argv=None):
 
 
 def check(args, world_size):
-    """Refuse a number out of its range, or flags that make no sense together, in one line."""
-    cli.check_ranges(args, FLAGS)
+    """Refuse flags that make no sense together, in one line."""
     fields = dict(vars(args), world_size=world_size)  # what a rule's message may name
     fields["micro_step_tokens"] = args.batch_size * args.seq_len * world_size
     for holds, message in RULES:
