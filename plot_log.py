@@ -29,12 +29,10 @@ CLIP_NATS = 3.0
 
 
 def parse_log(path):
-    """Read the log into {kind: (steps, values)}. A resumed run appends to the log from its
-    checkpoint's step on: when a line goes back to a step already logged, the points from that step
-    on belong to the abandoned run, and are dropped from every series."""
-    if not os.path.isfile(path):
-        raise UserError(f"no log file at {path}; pass the log.txt your training run wrote")
-    try:  # an OSError (permissions, say) is run_cli's to say
+    """The log as {kind: (steps, values)}. A resumed run appends to the log from its checkpoint's
+    step on: when a line goes back to a step already logged, the points from that step on belong to
+    the abandoned run, and are dropped from every series."""
+    try:  # an OSError (no such file, permissions) is run_cli's to say
         with open(path) as f:
             text = f.read()  # a log has one short line per step: it fits in memory
     except UnicodeDecodeError:
@@ -71,8 +69,8 @@ def parse_log(path):
 
 
 def finite_points(series, kind):
-    """The (steps, values) of one kind that a line can draw, and how many it cannot: a diverged run
-    logs nan or inf, which matplotlib would skip without a word."""
+    """(steps, values) of one kind without nan and inf, and how many those were: a diverged run logs
+    them, and matplotlib would skip them without a word."""
     steps, values = (np.asarray(a, dtype=float) for a in series.get(kind, ([], [])))
     keep = np.isfinite(values)
     return steps[keep], values[keep], int(np.sum(~keep))
@@ -84,8 +82,8 @@ def points(n):
 
 def plot_loss(ax, series, reference=False, clip=True):
     """Train and val loss, whichever the log has, and with `reference` OpenAI's loss on FineWeb-edu
-    val. With `clip`, the y-axis stops CLIP_NATS above the lowest loss, and a note says what that
-    hides. Only lines with points get a legend entry: an empty "val" reads as val data lost."""
+    val; `clip`: see CLIP_NATS. Only lines with points get a legend entry: an empty "val" reads as
+    val data lost."""
     train_steps, train_loss, train_skipped = finite_points(series, "train")
     val_steps, val_loss, val_skipped = finite_points(series, "val")
     if train_loss.size:

@@ -465,9 +465,9 @@ FAULTS = [
          lambda w: w.with_file("notes.txt", "mine").plot(LOG, out="notes.txt/loss.png"),
          "notes.txt: a file is in the way where this path needs a folder"),
         ("plot_out_a_folder", lambda w: w.with_folder("loss.png").plot(LOG),
-         "loss.png: it is a folder; pass a file's path"),
+         "loss.png: is a folder where a file is needed"),
         ("plot_a_missing_log", lambda w: [w.path("nope.txt"), "-o", w.path("loss.png")],
-         "error: no log file at"),
+         "nope.txt: No such file or directory: check that the path exists"),
         ("plot_out_a_txt_file", lambda w: w.plot(LOG, out="loss.txt"), "cannot write .txt files"),
         *[(f"plot_a_log_{name}", lambda w, log=log: w.plot(log), ("error: {w.root}/log.txt", said))
           for name, log, said in [("with_a_bad_value", "0 train 10.9\n\n1 train oops\n", "line 3"),
