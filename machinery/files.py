@@ -81,10 +81,9 @@ def output_lock(folder, flag):
 @contextlib.contextmanager
 def atomic_write(path, mode="wb", temp_path=None):
     """`with atomic_write(path) as f:` writes f to path only if the block finishes. A failed write
-    (a full disk, a lost mount) removes the temporary file and raises a UserError naming path."""
+    (a full disk, a lost mount, a folder at path) removes the temporary file and raises a UserError
+    naming path."""
     temp_path = temp_path or path + ".tmp"
-    if os.path.isdir(path):
-        raise UserError(f"could not write {path}: it is a folder; pass a file's path")
     try:
         with open(temp_path, mode) as f:
             yield f
