@@ -1,16 +1,13 @@
 """HellaSwag: the common-sense sentence-completion benchmark people use to judge a GPT-2 124M run.
 
-Each example is a context and 4 possible endings, one of them right. A language model "answers" by
-which ending it finds most likely after the context. We use the completion style, 0-shot (as
-build-nanogpt and the GPT-3 paper do): the context's tokens, then an ending's tokens with a leading
-space, and the model's cross-entropy on the ending's tokens only. Two answers are counted:
+Each example is a context and 4 possible endings, one of them right. We score the completion style,
+0-shot (as build-nanogpt and the GPT-3 paper do): the context's tokens, then an ending's tokens with
+a leading space, and the model's cross-entropy on the ending's tokens only. Two answers are counted:
   acc       the ending with the lowest summed loss (favours short endings),
   acc_norm  the ending with the lowest mean loss per token (the headline number).
 OpenAI's GPT-2 on the 10,042 validation examples: 124M acc 0.2859 / acc_norm 0.2955,
 1558M (gpt2-xl) acc 0.3842 / acc_norm 0.4893. Random guessing gets 0.25.
-
-The model comes in as an argument (train_gpt2.py's evaluations call evaluator(), hellaswag.py
-evaluate_hellaswag()): this module imports nothing of the model's file.
+The model comes in as an argument: this module imports nothing of the model's file.
 """
 
 import contextlib
@@ -83,8 +80,7 @@ def hellaswag_path(data=None, cache_dir=None, download=True, url=HELLASWAG_URL):
 
 
 def load_examples(path, limit=None):
-    """The examples of a HellaSwag jsonl file (the first `limit` of them), each a dict with at least
-    ctx (str), endings (4 str) and label (int 0..3). A bad line ends with an error naming it."""
+    """The first `limit` examples (default: all) of a HellaSwag jsonl file, each line checked."""
     try:
         with open(path, encoding="utf-8") as f:
             # blank lines (a trailing newline or two) are not examples
@@ -122,9 +118,9 @@ def parse_example(line, where):
 
 
 def render_example(example, enc, max_len=None):
-    """The tokens of an example's context and of its 4 endings: (context, [4 endings]). Context plus
-    ending must fit in max_len (the model's block_size): an ending keeps at most max_len - 1 tokens,
-    and the context loses tokens from its start (the same for all 4) until the longest one fits."""
+    """(context tokens, [4 endings' tokens]), cut to fit max_len (the model's block_size): an ending
+    keeps at most max_len - 1 tokens, and the context loses tokens from its start (the same for all
+    4) until the longest ending fits."""
     context = enc.encode_ordinary(example["ctx"])
     endings = [enc.encode_ordinary(" " + ending) for ending in example["endings"]]
     if max_len is not None:
@@ -177,8 +173,8 @@ def attention_mask(segments, positions):
 
 
 def ending_losses(model, packed, device):
-    """One forward pass over packed examples on `device`: the summed loss of each ending's tokens
-    (E, 4) and how many there are (E, 4). The caller sets no_grad and any autocast."""
+    """One forward pass: each ending's summed loss (E, 4) and token count (E, 4). The caller sets
+    no_grad and any autocast."""
 
     def padded(field, pad=0):  # one field of every example as a right-padded row each
         rows = [torch.tensor(getattr(example, field)) for example in packed]
@@ -201,11 +197,10 @@ def ending_losses(model, packed, device):
 
 def score_examples(model, examples, enc, device, batch_size, autocast_dtype=torch.float32,
                    progress=False, stop=None):  # fmt: skip
-    """Summed losses (E, 4) and scored token counts (E, 4) of every ending of every example, in
-    batches of batch_size rows of about the same length (little compute goes into padding).
-    autocast_dtype float32 (no autocast) is exact; bfloat16 is faster where matmuls have bf16 units
-    but moves mean losses by 0.001 to 0.01, enough to flip a few near-tied answers. A stop request
-    (as in validation_loss) ends the scoring between batches."""
+    """ending_losses of every example, in batches of rows of about the same length (little compute
+    goes into padding). float32 (no autocast) is exact; bfloat16 is faster where matmuls have bf16
+    units but moves mean losses by 0.001 to 0.01, enough to flip a few near-tied answers. A stop
+    request (as in validation_loss) ends the scoring between batches."""
     packed = [pack_example(*render_example(ex, enc, model.config.block_size)) for ex in examples]
     # longest first: if memory runs out, it does at once
     order = sorted(range(len(packed)), key=lambda i: len(packed[i].tokens), reverse=True)
@@ -232,10 +227,9 @@ def predictions(sum_losses, n_tokens):
 
 def evaluate_hellaswag(model, examples, enc, device, batch_size, rank=0, world_size=1,
                        autocast_dtype=torch.float32, progress=False, stop=None):  # fmt: skip
-    """HellaSwag counts over all `examples`: dict(n, correct, correct_norm), for acc and acc_norm.
-    With DDP every rank passes all examples, scores its share (examples rank, rank + world_size,
-    ...) and gets the totals. `model` is the GPT (a compiled one runs its uncompiled methods here),
-    not the DDP wrapper: evaluation needs no gradient sync."""
+    """dict(n, correct, correct_norm) over all `examples`, for acc and acc_norm. With DDP every rank
+    passes all examples, scores its share and gets the totals. `model` is the GPT, not the DDP
+    wrapper: evaluation needs no gradient sync (a compiled one runs its uncompiled methods here)."""
     own = examples[rank::world_size]  # this rank's share
     # Every rank runs as many forward passes (with --shard full each needs all ranks): a share one
     # short is made up with copies of the first example, scored but not counted.
@@ -254,9 +248,9 @@ def evaluate_hellaswag(model, examples, enc, device, batch_size, rank=0, world_s
 
 
 def evaluator(data, procs, device, batch_size, autocast_dtype, download=True):
-    """For train_gpt2.py: a function (model, stop=None) -> HellaSwag acc_norm, or None (and a notice
-    why) when the data cannot be had. data: --hellaswag_data, or None for the cached download;
-    download=False (--eval_only, which writes no file) uses a cached copy only."""
+    """For train_gpt2.py: a function (model, stop=None) -> acc_norm, or None (and a notice why) when
+    the data cannot be had. data: --hellaswag_data, or None for the cached download; download=False
+    (--eval_only, which writes no file) uses a cached copy only."""
     path = None
     if procs.master:  # rank 0 reads the examples and sends them: every rank scores the same ones
         if not data and download:

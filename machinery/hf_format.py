@@ -1,8 +1,6 @@
-"""Hugging Face's GPT-2 format, both ways: fetching OpenAI's weights from the hub, reading a GPT-2
-directory (config.json with model.safetensors or pytorch_model.bin), and writing one for
-export_hf.py. The tutorial in train_gpt2.py needs only what this yields, a config and tensors under
-our module names, and keeps the step that matters to the lecture (Conv1D weights transposed).
-"""
+"""Hugging Face's GPT-2 format, both ways: OpenAI's weights from the hub or a GPT-2 directory, read
+as a config and tensors under our module names (train_gpt2.py keeps the step that matters to the
+lecture, the Conv1D transpose), and the tensors and config files export_hf.py writes."""
 
 import json
 import os
@@ -32,10 +30,9 @@ OPENAI_GPT2_SETTINGS = {
 
 
 def read_gpt2(name_or_path, hub_names):
-    """(config, tensors, source) of OpenAI's GPT-2: a hub name of `hub_names` (downloaded once and
-    cached) or a Hugging Face directory. config: GPTConfig's fields as a dict; tensors: keyed by our
-    module names, in Hugging Face's layout (Conv1D weights still transposed), without the
-    attention-mask buffers and the lm_head (tied to wte); source: the config's path, for errors."""
+    """(config, tensors, source) of a hub name of `hub_names` (downloaded once and cached) or a
+    Hugging Face directory: GPTConfig's fields; our module names, Conv1D weights still transposed,
+    no attention-mask buffers and no lm_head (tied to wte); the config's path, for errors."""
     directory = name_or_path
     if not os.path.isdir(name_or_path) and name_or_path not in hub_names:
         raise UserError(
@@ -106,9 +103,8 @@ def read_gpt2(name_or_path, hub_names):
 
 
 def to_hf_checkpoint(model):
-    """The tensors of `model` as a Hugging Face GPT2LMHeadModel, and its config.json and
-    tokenizer_config.json (export_hf.py writes them): the reverse of read_gpt2, with the vocabulary
-    cut back to the tokenizer's 50257 tokens (the padded rows are never real tokens)."""
+    """read_gpt2 reversed: the tensors of a GPT2LMHeadModel, the vocabulary cut back to the
+    tokenizer's 50257 tokens (padded rows are never real ones), and its two JSON files."""
     n_tokens, tensors = model.n_real_tokens, {}
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
@@ -133,8 +129,7 @@ def to_hf_checkpoint(model):
 
 def padded_vocabulary(state, vocab_size):
     """`state` with its token embedding cut to GPT-2's 50257 tokens and padded with zero rows to
-    vocab_size, as a run from scratch pads it. A padded row is never an input or a target, so it
-    stays zero."""
+    vocab_size, as a run from scratch pads it (a padded row, never an input or target, stays 0)."""
     key = "transformer.wte.weight"
     if key not in state:
         return state  # load_weights says what is missing

@@ -1,11 +1,10 @@
 """A C allocator that keeps the memory it frees. torch-free: fineweb.py's workers use it too.
 
 glibc hands a large freed buffer back to the system, and the next one is faulted in again as fresh
-pages that the kernel zeroes one at a time. A program that frees and asks again for the same large
-buffers over and over pays for that in system time: fineweb.py's pieces (megabytes each: 4% of a
-worker's CPU time on prose, 4-15% of the main process's on parquet), and a model's step on a CPU
-(the logits over 50,304 tokens and their gradients, tens of MB per micro-step: a third of the
-README's tiny CPU run's CPU time; figures in docs/performance.md).
+pages that the kernel zeroes one at a time. Freeing and asking again for the same large buffers
+costs system time: fineweb.py's pieces (megabytes each: 4% of a worker's CPU time on prose, 4-15%
+of the main process's on parquet), and a CPU step's logits over 50,304 tokens and their gradients
+(tens of MB: a third of the README's tiny CPU run's CPU time; figures in docs/performance.md).
 """
 
 import ctypes
@@ -15,15 +14,13 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
 
 
 def keep_freed_memory(every_size=False):
-    """Let this process's C allocator keep the memory it frees; True where it could (glibc), False
-    elsewhere, where nothing changes. By default buffers under 32 MB come from the process's own
-    heap, and free memory goes back to the system only past 256 MB. every_size: buffers of any size,
-    given back past 1 GiB; it costs peak memory (the tiny CPU run: about 1.35x), since freed buffers
-    are not returned at once."""
+    """Let glibc keep freed memory: buffers under 32 MB come from the process's heap, given back to
+    the system past 256 MB. every_size: buffers of any size, given back past 1 GiB; it costs peak
+    memory (the tiny CPU run: about 1.35x), since freed buffers are not returned at once."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
-    except AttributeError:  # a C library without mallopt (macOS)
-        return False
+    except AttributeError:  # a C library without mallopt (macOS): nothing changes
+        return
     if every_size:
         # no buffer gets a mapping of its own, returned to the system when freed
         mallopt(M_MMAP_MAX, 0)
@@ -31,4 +28,3 @@ def keep_freed_memory(every_size=False):
     else:
         mallopt(M_MMAP_THRESHOLD, 32 << 20)
         mallopt(M_TRIM_THRESHOLD, 256 << 20)
-    return True

