@@ -5,10 +5,8 @@ lm-evaluation-harness and other tools can load what this project trains:
     python -c "from transformers import pipeline; \\
         print(pipeline('text-generation', 'gpt2-ours')('Hello,'))"
 
---init takes anything train_gpt2.load_model does. The directory (config.json, model.safetensors with
-the vocabulary trimmed back to GPT-2's 50257 tokens, the tokenizer files) is built beside --out and
-renamed into place when complete. --force replaces an earlier export, and nothing else.
-"""
+The directory (config.json, model.safetensors with the vocabulary trimmed back to GPT-2's 50257
+tokens, the tokenizer files) is built beside --out and renamed into place when complete."""
 
 import json
 import os
@@ -63,7 +61,7 @@ def check_out_dir(out_dir, overwrite):
 
 
 def export_hf(model, out_dir, overwrite=False):
-    """Write `model` (a GPT of train_gpt2.py) to out_dir: a GPT2LMHeadModel and its tokenizer."""
+    """Write `model` (a GPT of train_gpt2.py) to out_dir as a GPT2LMHeadModel and its tokenizer."""
     check_out_dir(out_dir, overwrite)
     if (bpe_files := gpt2_bpe_files()) is None:
         raise UserError(

@@ -4,8 +4,7 @@
 
 The log has one line per measurement, `{step} {kind} {value}`, where kind is train, val or hella.
 Only what the log has is drawn: a run without HellaSwag gets one panel, a run without val no val
-line.
-"""
+line."""
 
 import argparse
 import os

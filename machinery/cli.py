@@ -1,7 +1,6 @@
 """The command line of every script: the user-error type; run_cli, which says an error, Ctrl-C or
 SIGTERM in one line; argparse's parser and help format; flag tables, with each number's range.
-torch-free, and it imports nothing of this project: every script and module may build on it.
-"""
+torch-free, and it imports nothing of this project: every script and module may build on it."""
 
 import argparse
 import errno
@@ -36,10 +35,9 @@ def raise_terminated(signum, frame):
 
 
 def run_cli(main, argv=None, interrupted=None, group=False):
-    """main(argv) as a script's entry point. A UserError or OSError is `error: ...` and exit 1;
-    Ctrl-C exit 130, SIGTERM 143 (as a shell reports them), once partial files are gone, with
-    `interrupted` to say what was kept. group (torchrun's): an error is said once per machine, or
-    by the one rank whose UserError `speaks`."""
+    """main(argv) as a script's entry point: a UserError or OSError is `error: ...` and exit 1,
+    Ctrl-C and SIGTERM one line (`interrupted` says what was kept) and exit 130 and 143, as a shell
+    says them. group (torchrun's): an error is said once per machine, or by the rank that speaks."""
     signal.signal(signal.SIGTERM, raise_terminated)  # kill, a cluster's preemption: as Ctrl-C
     try:
         return main(argv)

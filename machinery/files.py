@@ -1,6 +1,5 @@
 """Writing files so that nothing is lost: atomic writes, and the lock of an output folder so that
-two runs never write one folder. torch-free: fineweb.py and plot_log.py use it too.
-"""
+two runs never write one folder. torch-free: fineweb.py and plot_log.py use it too."""
 
 import contextlib
 import fcntl
