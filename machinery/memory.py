@@ -1,10 +1,8 @@
 """A C allocator that keeps the memory it frees. torch-free: fineweb.py's workers use it too.
 
 glibc hands a large freed buffer back to the system, and the next one is faulted in again as fresh
-pages that the kernel zeroes one at a time. Freeing and asking again for the same large buffers
-costs system time: fineweb.py's pieces (megabytes each: 4% of a worker's CPU time on prose, 4-15%
-of the main process's on parquet), and a CPU step's logits over 50,304 tokens and their gradients
-(tens of MB: a third of the README's tiny CPU run's CPU time; figures in docs/performance.md)."""
+pages the kernel zeroes one at a time: system time for fineweb.py's pieces (megabytes each) and a
+CPU step's logits and gradients (a third of the tiny CPU run's CPU time: docs/performance.md)."""
 
 import ctypes
 
