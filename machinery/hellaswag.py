@@ -7,7 +7,8 @@ a leading space, and the model's cross-entropy on the ending's tokens only. Two 
   acc_norm  the ending with the lowest mean loss per token (the headline number).
 OpenAI's GPT-2 on the 10,042 validation examples: 124M acc 0.2859 / acc_norm 0.2955,
 1558M (gpt2-xl) acc 0.3842 / acc_norm 0.4893. Random guessing gets 0.25.
-The model comes in as an argument: this module imports nothing of the model's file."""
+The model comes in as an argument (train_gpt2.py calls evaluator(), hellaswag.py
+evaluate_hellaswag()): this module imports nothing of the model's file."""
 
 import contextlib
 import json

@@ -30,9 +30,10 @@ OPENAI_GPT2_SETTINGS = {
 
 
 def read_gpt2(name_or_path, hub_names):
-    """(config, tensors, source) of a hub name of `hub_names` (downloaded once and cached) or a
-    Hugging Face directory: GPTConfig's fields; our module names, Conv1D weights still transposed,
-    no attention-mask buffers and no lm_head (tied to wte); the config's path, for errors."""
+    """(config, tensors, source) of a hub name of `hub_names` (downloaded once, then cached) or a
+    Hugging Face directory: GPTConfig's fields as a dict; the tensors under our module names, Conv1D
+    weights still transposed, without the attention-mask buffers and lm_head (tied to wte); the
+    config's path, for errors."""
     directory = name_or_path
     if not os.path.isdir(name_or_path) and name_or_path not in hub_names:
         raise UserError(
