@@ -1,6 +1,5 @@
-"""Checkpoints: their names, which one --resume continues, reading one, what it must hold (one
-schema), and the checks that keep a diverged step from ever being saved.
-"""
+"""Checkpoints: their names, reading one, what it must hold (one schema), which one --resume
+continues, and the checks that keep a diverged step from ever being saved."""
 
 import contextlib
 import glob
@@ -15,8 +14,8 @@ from machinery.cli import UserError
 from machinery.files import in_folder
 
 # -----------------------------------------------------------------------------
-# Names. The names the trainer writes are the only files that count as checkpoints: not a
-# half-written model_00042.pt.tmp, nor a copy a user made, such as model_00002_backup.pt.
+# Only the names the trainer writes count as checkpoints: not a half-written model_00042.pt.tmp,
+# nor a user's copy such as model_00002_backup.pt.
 
 CHECKPOINT_NAME = re.compile(r"model_(\d{5,})\.pt")
 
@@ -98,13 +97,11 @@ def reading(path):
 
 
 # -----------------------------------------------------------------------------
-# What a checkpoint holds: wherever one is read, its weights and a model config GPT can be built
-# from; to be resumed, every entry of SCHEMA. A checkpoint damaged or edited by hand is then one
-# line that names the entry, not a KeyError deep inside the restore.
+# What a checkpoint holds: wherever it is read, weights and a model config GPT can be built from; to
+# be resumed, every entry of SCHEMA: one damaged or edited by hand is one line naming the entry.
 
 
-def whole(value):
-    """Whether a checkpoint's counter (a step, an epoch, a position) is a whole number from 0 up."""
+def whole(value):  # a step, an epoch, a position
     return type(value) is int and value >= 0
 
 
@@ -137,7 +134,7 @@ OPTIONAL = {"args": {}, "eval_pending": False, "val_data": []}  # absent in olde
 
 def check_checkpoint(checkpoint, path, config_class, resume=False):
     """Refuse what torch.load read from `path` unless it is one of our checkpoints, and, to
-    `resume` it, one of weights only (sample.py and export_hf.py read those) or a wrong entry."""
+    `resume` it, one of weights only (as sample.py reads them) or with a wrong entry."""
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(
             f"{path} is not a checkpoint of this project: it lacks the 'model' and 'config' entries"
@@ -158,8 +155,8 @@ def check_checkpoint(checkpoint, path, config_class, resume=False):
 
 
 def check_config(config, source, config_class):
-    """Refuse a model config that GPT cannot be built from: one of another program (nanoGPT's
-    checkpoints also hold a 'config', of training settings), or one with impossible sizes."""
+    """Refuse a model config GPT cannot be built from: another program's (nanoGPT's 'config' holds
+    its training settings), or one of impossible sizes."""
     fields = set(config_class.__dataclass_fields__)
     if not isinstance(config, dict) or config.keys() != fields:
         found = sorted(config)[:4] if isinstance(config, dict) else type(config).__name__
@@ -177,31 +174,22 @@ def check_config(config, source, config_class):
 
 
 def check_weights_fit(expected, state, source):
-    """Refuse a state dict whose names or shapes differ from the model's (`expected`)."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected) - {"lm_head.weight"})
-    if missing or unexpected:
+    """Refuse a state dict whose names or shapes differ from the model's (`expected`), or that
+    holds NaN or inf."""
+    shapes = {key: tuple(tensor.shape) for key, tensor in expected.items()}
+    # lm_head.weight: tied to the embedding, not a weight of its own
+    theirs = {key: tuple(tensor.shape) for key, tensor in state.items() if key != "lm_head.weight"}
+    if differ := sorted(k for k in shapes.keys() | theirs.keys() if shapes.get(k) != theirs.get(k)):
         raise UserError(
-            f"{source} does not fit this model: missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}; was it saved from another model or another "
-            f"--n_layer/--n_head/--n_embd?"
+            f"{source} does not fit this model (names or shapes differ: {', '.join(differ[:3])}); "
+            "was it saved from another model or another --n_layer/--n_head/--n_embd/--vocab_size?"
         )
-    for key, tensor in expected.items():
-        if state[key].shape != tensor.shape:
-            raise UserError(
-                f"{source} does not fit this model: {key} is {tuple(state[key].shape)} there and "
-                f"{tuple(tensor.shape)} here; was it saved with another "
-                "--n_layer/--n_head/--n_embd/--vocab_size?"
-            )
+    for key in expected:
         if state[key].is_floating_point() and not torch.isfinite(state[key]).all():
             raise UserError(
                 f"{source}: {key} holds NaN or inf, so its outputs would too (a run that diverged "
                 "before it was saved): use an earlier checkpoint"
             )
-
-
-# -----------------------------------------------------------------------------
-# The model a checkpoint or --init's weights set: their config against the run's flags.
 
 
 def check_shape(config, seq_len):
@@ -215,7 +203,7 @@ def check_shape(config, seq_len):
 
 
 def check_same_model(weights, config, source, shape_flags=None):
-    """Refuse a run whose config differs from `weights` (a dict): in every field on a resume, in
+    """Refuse a run whose config differs from `weights` (a dict): in any field on a resume, in
     `shape_flags` for --init."""
     differences = ", ".join(
         f"--{name} {weights.get(name)} there, {getattr(config, name)} here"
@@ -237,8 +225,8 @@ def check_same_model(weights, config, source, shape_flags=None):
 
 
 def to_resume(resume, log_dir, load, writes=True):
-    """(path, contents read by `load`) of the checkpoint --resume continues, or (None, None). A run
-    that `writes` (not --eval_only) must not overwrite other or newer checkpoints in --log_dir."""
+    """(path, what `load` read) of the checkpoint --resume continues, or (None, None). A run that
+    `writes` (not --eval_only) must not overwrite other or newer checkpoints in --log_dir."""
     if resume is None:
         if writes and latest_checkpoint(log_dir):  # every rank checks
             raise UserError(
@@ -300,8 +288,8 @@ def to_resume(resume, log_dir, load, writes=True):
 
 
 def check_resumed_run(checkpoint, path, start_step, args):
-    """A resumed run has steps (or its last evaluation) still to do, and keeps its --model: under
-    another, the defaults of the learning rate, batch, warmup and steps would change unsaid."""
+    """A resumed run has steps (or its last evaluation) still to do, and keeps its --model: another
+    would change the defaults of the learning rate, batch, warmup and steps unsaid."""
     if start_step >= args.max_steps and not checkpoint.get("eval_pending", False):
         raise UserError(
             f"the checkpoint is after step {start_step - 1} and --max_steps is {args.max_steps}: "
@@ -322,23 +310,21 @@ def check_resumed_run(checkpoint, path, start_step, args):
 
 
 def check_finite(train_loss, norm, loss_scaling, step, log_dir):
-    """Stop at a step whose loss or gradient norm is inf or NaN (loss_scaling: fp16's scaler)."""
-    # With fp16 the scaler skips steps whose gradients overflowed, so only its loss must be finite.
+    """Stop at a step whose loss or gradient norm is inf or NaN. With fp16 (loss_scaling) the scaler
+    skips steps whose gradients overflowed: only the loss must be finite."""
     if not (math.isfinite(train_loss) and (loss_scaling or math.isfinite(norm.item()))):
         stop_diverged(step, f"loss {train_loss} / grad norm {norm.item()} is not finite", log_dir)
 
 
 def check_finite_weights(model, step, log_dir, procs, device):
     """A step can leave inf or NaN weights behind a finite loss (a learning rate far too high):
-    checked before each evaluation and checkpoint, each rank its weights (with --shard full, its
-    shards), so that none is evaluated, sampled from or saved."""
+    checked on every rank (its shards) before each evaluation and checkpoint, so none is saved."""
     weights = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
     if procs.any(not torch.stack([torch.isfinite(p).all() for p in weights]).all(), device):
         stop_diverged(step, "the loss is finite, but the weights after the step are not", log_dir)
 
 
 def stop_diverged(step, fault, log_dir):
-    """End a diverged run in one line that names the checkpoint to go back to, if there is one."""
     advice = "no checkpoint was saved yet: start again"
     if kept := latest_checkpoint(log_dir):
         advice = f"last good checkpoint: {kept}: resume from it"

@@ -1,8 +1,5 @@
-"""Devices and number formats: the device a run uses, the 16-bit format autocast computes in and
-why, the CPU speed settings that change no result, the peak FLOP/s behind MFU, and memory: what a
-step is estimated to need, what the device has, the out-of-memory message. Not in train_gpt2.py: its
-reader needs the outcome, not the probing of /proc/cpuinfo or the table of GPUs behind it.
-"""
+"""Devices: which one, autocast's 16-bit format and why, CPU speed-ups, the peak FLOP/s behind MFU,
+and memory: a step's estimate, what the device has, the out-of-memory line."""
 
 import contextlib
 import resource
@@ -17,25 +14,23 @@ from machinery.memory import keep_freed_memory
 
 
 def pick_device(requested):
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available["cpu"] = True  # the best there is: the first available, in this order
     if not requested:
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(
-            f"--device {requested}, but PyTorch sees no CUDA GPU: "
-            f"install a CUDA build of torch or use --device cpu"
-        )
-    if requested == "mps" and not torch.backends.mps.is_available():
-        raise UserError("--device mps, but MPS is not available: use --device cpu")
+        return torch.device(next(name for name, here in available.items() if here))
     try:
         device = torch.device(requested)
     except RuntimeError:  # not a device's name at all
         device = torch.device("meta")
-    if device.type not in ("cuda", "mps", "cpu"):  # meta, xla, ...: not set up here
+    if device.type not in available:  # meta, xla, ...: not set up here
         raise UserError(
             f"--device {requested!r} is not a device this project runs on: use cuda, cuda:N, mps "
             "or cpu"
+        )
+    if not available[device.type]:
+        raise UserError(
+            f"--device {requested}, but PyTorch sees no {device.type.upper()} device (a CUDA GPU "
+            "needs a CUDA build of torch): use --device cpu"
         )
     return device
 
@@ -47,9 +42,8 @@ def pick_device(requested):
 
 
 def cpu_has_native_bf16(cpuinfo=None):
-    """Whether the CPU does bf16 in hardware (x86 AMX or AVX512-BF16, Arm's BF16): else PyTorch
-    emulates it, many times slower than fp32 (a 4-layer model's step: 4.4 s in fp32, 245 s in bf16).
-    `cpuinfo`: /proc/cpuinfo's text, read when None."""
+    """Whether the CPU does bf16 in hardware (x86 AMX or AVX512-BF16, Arm's BF16), by /proc/cpuinfo
+    (or `cpuinfo`): else PyTorch emulates it, far slower (a step: 4.4 s in fp32, 245 s in bf16)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as f:
@@ -64,9 +58,8 @@ def cpu_has_native_bf16(cpuinfo=None):
 
 
 def auto_dtype(device_type, native_bf16):
-    """The autocast dtype `--dtype auto` picks, and why. bf16 keeps fp32's range, so it trains
-    without loss scaling; fp16 needs a loss scaler and serves GPUs without bf16; emulated bf16 is
-    slower than fp32, so such CPUs stay in fp32."""
+    """(dtype, why) of `--dtype auto`. bf16 keeps fp32's range: no loss scaling; fp16 needs a loss
+    scaler, for GPUs without bf16; emulated bf16 is slower than fp32, so such CPUs stay in fp32."""
     if device_type == "cuda" and native_bf16:
         return torch.bfloat16, "the GPU has bf16 tensor cores"
     if device_type == "cuda":
@@ -128,21 +121,17 @@ def peak_memory_gib(device):
 
 # -----------------------------------------------------------------------------
 # Memory. An eager step holds the weights, their gradients and AdamW's two moments (4 fp32 numbers
-# per parameter), and for each token of a micro-batch its activations (about 16 numbers per channel
-# per layer, kept for the backward pass) and its logits over the vocabulary with their softmax and
-# gradients (about 8 copies of 4 bytes): at small widths the logits are most of it. An evaluation
-# keeps the weights and up to 6 copies of the logits (at 4, a 5 GiB address space failed one
-# evaluation in two), nothing for a backward pass. The figures were
-# fitted to the peak memory (max RSS) of eager fp32 and bf16 runs on a CPU, within 15%; a compiled
-# run needs less. --shard optimizer keeps 1/ranks of the moments on each rank; with
-# --activation_checkpointing a block keeps only its input (1 number per channel) until the backward
-# pass recomputes it, so one block's activations are held at a time.
+# per parameter), and per token of a micro-batch its activations (about 16 numbers per channel per
+# layer) and its logits with their softmax and gradients (about 8 copies of 4 bytes). An evaluation
+# keeps the weights and up to 6 copies of the logits (at 4, a 5 GiB address space failed one in
+# two). Fitted to the max RSS of eager fp32 and bf16 CPU runs, within 15%; compiled runs need less.
+# --shard optimizer keeps 1/ranks of the moments per rank; --activation_checkpointing keeps a
+# block's input (1 number per channel) and one block's activations at a time.
 
 
 def training_bytes(config, num_params, batch_size, seq_len, shard="none", ranks=1,
                    recompute=False):  # fmt: skip
-    """A step's peak bytes per process under --shard over `ranks`; recompute:
-    --activation_checkpointing."""
+    """A step's peak bytes per process; recompute: --activation_checkpointing."""
     kept = (config.n_layer + 16 if recompute else 16 * config.n_layer) * config.n_embd
     per_token = 8 * config.vocab_size * 4 + kept * 4
     if shard == "full":  # 1/ranks of it all, and the root and two blocks gathered whole at a time
@@ -155,9 +144,8 @@ def training_bytes(config, num_params, batch_size, seq_len, shard="none", ranks=
 
 
 def available_bytes(device):
-    """Memory the run may still take: free GPU memory plus what this process holds there; on a CPU,
-    the system's available memory, within this process's address-space limit and its cgroup's limit
-    (Linux)."""
+    """Memory the run may still take: free GPU memory plus what it holds there; on a CPU the
+    system's available memory, within the address-space limit and the cgroup's limit (Linux)."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_allocated(device)
     if device.type != "cpu":
@@ -186,25 +174,21 @@ def read_words(path):
 
 
 def evaluation_rows(model, batch_size, seq_len, device, procs):
-    """Rows of a val batch per forward pass: all --batch_size of them, or as many as the device has
-    memory for (at least one), the least over the ranks (with --shard full each forward pass needs
-    every rank). Splitting a batch changes no number: the loss is the mean over the same tokens."""
+    """Rows of a val batch per forward pass: --batch_size, or as many as memory holds (at least 1),
+    the least over the ranks. The loss is the mean over the same tokens: no number changes."""
     rows, available = batch_size, available_bytes(device)
     if available is not None:
-        # 70% of it: the rest of the process grows during an evaluation too (loaders, the
-        # allocator's reserves, thread stacks), and an address-space limit counts what is reserved
-        # as well as used.
+        # 70%: the process grows during an evaluation too (loaders, the allocator's reserves,
+        # thread stacks), and an address-space limit counts what is reserved as well as used.
         budget = 0.7 * available - 4 * sum(p.numel() for p in model.parameters())
         rows = max(1, min(batch_size, int(budget // (seq_len * 6 * model.config.vocab_size * 4))))
     return procs.smallest(rows, device)
 
 
 def check_training_fits(model, args, world_size, device, compiled):
-    """The start-up block's memory line: a step's estimated peak and what the device has. Refuses an
-    eager run that cannot fit, naming the largest --batch_size that does, or else what
-    --activation_checkpointing, each further --shard (over this group, or 8 GPUs under torchrun),
-    and the last with recompute would need, then a smaller model or context. Compiled runs need
-    less: not refused."""
+    """The start-up block's memory line. Refuses an eager run that cannot fit, naming the largest
+    --batch_size that does, or else what --activation_checkpointing, each further --shard (over
+    this group, or 8 GPUs) and the last with recompute would need. Compiled runs: not refused."""
     B, T, total = args.batch_size, args.seq_len, args.total_batch_size
     config, num_params = model.config, sum(p.numel() for p in model.parameters())
     shard, recompute = args.shard, args.activation_checkpointing
@@ -213,7 +197,7 @@ def check_training_fits(model, args, world_size, device, compiled):
         return training_bytes(config, num_params, b, T, shard, ranks, recompute)
 
     def largest_fit(up_to, shard, ranks, recompute):
-        """The largest --batch_size up to `up_to` that divides the step on `ranks` and fits."""
+        # the largest --batch_size up to `up_to` that divides the step on `ranks` and fits
         fits = (b for b in range(up_to, 0, -1) if total % (b * T * ranks) == 0)
         return next((b for b in fits if need(b, shard, ranks, recompute) <= available), None)
 
@@ -264,24 +248,16 @@ def lower_batch_size(args):
 
 @contextlib.contextmanager
 def out_of_memory_said(device, advice):
-    """Running out of memory in the block ends in one line: the figures, and `advice` (what to
-    lower). The trainer's is inside torchrun.one_error_line: the rank it happens on says it."""
+    """Out of memory in the block: one line of the figures and `advice` (what to lower). The
+    trainer's is inside torchrun.one_error_line: the rank it happens on says it."""
     try:
         yield
     except RuntimeError as e:  # a CPU's allocator raises a plain RuntimeError
         if not isinstance(e, torch.OutOfMemoryError) and "can't allocate memory" not in str(e):
             raise
-        raise out_of_memory(device, advice) from None
-
-
-def out_of_memory(device, advice):
-    """The UserError for a device that ran out of memory: the memory figures, and what to lower."""
-    figures = ""
-    if device.type == "cuda":
-        free, total = torch.cuda.mem_get_info(device)
-        peak = torch.cuda.max_memory_allocated(device)
-        figures = (
-            f" ({peak / 2**30:.1f} GiB at the peak of {total / 2**30:.1f} GiB, "
-            f"{free / 2**30:.1f} GiB free now)"
-        )
-    return UserError(f"out of memory on {device}{figures}: {advice}")
+        figures = ""
+        if device.type == "cuda":
+            free, total = (n / 2**30 for n in torch.cuda.mem_get_info(device))
+            peak = torch.cuda.max_memory_allocated(device) / 2**30
+            figures = f" ({peak:.1f} GiB at the peak of {total:.1f} GiB, {free:.1f} GiB free now)"
+        raise UserError(f"out of memory on {device}{figures}: {advice}") from None

@@ -1,7 +1,5 @@
-"""What a run tells the person watching it and what it logs: the start-up block, each step's line,
-the last block with the commands to run next, and log.txt. The tutorial's loop computes the
-numbers; this module turns them into lines. torch-free.
-"""
+"""What a run prints and logs (torch-free): the start-up block, each step's line, the last block
+with the commands to run next, and log.txt. The loop computes the numbers, this makes the lines."""
 
 import contextlib
 import os

@@ -1,6 +1,5 @@
-"""The processes of a torchrun group: torchrun's variables, waiting for the group, ZeRO-1, one
-error line for the group, the log folder's lock across ranks, and stop requests that let a run save.
-"""
+"""The processes of a torchrun group: its variables, joining it, one error line for it, the log
+folder's lock across ranks, --shard (ZeRO-1, FSDP2), and stop requests that let a run save."""
 
 import contextlib
 import os
@@ -18,10 +17,9 @@ from machinery.cli import DISK_FULL, DiskFull, UserError
 from machinery.files import output_lock
 
 # -----------------------------------------------------------------------------
-# The processes of a torchrun group. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR
-# and MASTER_PORT, where the group meets) in each process it starts. A leftover variable (a
-# cluster's prologue, an old export) must not turn one process into a rank of a group that does not
-# exist.
+# torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and MASTER_ADDR and MASTER_PORT, where the group
+# meets) in each process it starts. A leftover one (a cluster's prologue, an old export) must not
+# make one process a rank of a group that does not exist.
 
 
 @dataclass(frozen=True)
@@ -41,21 +39,19 @@ class Processes:
         if self.master:
             print(*args, **kwargs)
 
-    def any(self, flag, device):
-        """Whether `flag` is true on any rank; every rank gets the same answer."""
-        if not self.ddp:
-            return flag
-        count = torch.tensor(float(flag), device=device)
-        dist.all_reduce(count, op=dist.ReduceOp.SUM)
-        return count.item() > 0
-
-    def smallest(self, number, device):
-        """The least of `number` over the ranks: what every rank can do."""
+    def reduced(self, number, op, device):
+        """`number` reduced by `op` over the ranks: every rank gets the same answer."""
         if not self.ddp:
             return number
         value = torch.tensor(number, device=device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        dist.all_reduce(value, op=op)
         return value.item()
+
+    def any(self, flag, device):
+        return self.reduced(float(flag), dist.ReduceOp.SUM, device) > 0  # true on any rank
+
+    def smallest(self, number, device):
+        return self.reduced(number, dist.ReduceOp.MIN, device)  # what every rank can do
 
     def from_rank_0(self, value, device):
         """Rank 0's `value` (any picklable object) on every rank."""
@@ -77,9 +73,8 @@ GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 def variables():
-    """(rank, local_rank, world_size) where all of GROUP_VARIABLES, MASTER_ADDR and MASTER_PORT are
-    set and consistent; None (one process) where none of GROUP_VARIABLES is (or all are empty);
-    anything in between: a UserError naming the variable missing or wrong."""
+    """(rank, local_rank, world_size) as torchrun sets them; None (one process) where none of
+    GROUP_VARIABLES is set or all are empty; anything in between: a UserError naming what is not."""
     env = os.environ
     present = [name for name in GROUP_VARIABLES if env.get(name, "").strip()]
     if not present:
@@ -112,17 +107,15 @@ def variables():
 
 @contextlib.contextmanager
 def waiting_for_peers(procs):
-    """Around init_process_group. A MASTER_ADDR that does not resolve is refused at once (torch
-    would retry it for half an hour); ranks started by hand (no torchrun) say that they wait for the
-    others, rather than hang silently; and Ctrl-C and SIGTERM end the wait (torch waits inside C++,
-    where Python's handlers would run too late)."""
+    """Around init_process_group: a MASTER_ADDR that does not resolve is refused (torch would retry
+    it for half an hour), a rank started by hand says that it waits for the others, and Ctrl-C and
+    SIGTERM end the wait (torch waits in C++, where Python's handlers would run too late)."""
     address, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
     try:
         socket.getaddrinfo(address, int(port), type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
+    except (OSError, UnicodeError) as e:  # UnicodeError: a name that is no host name at all
         raise UserError(
-            f"MASTER_ADDR={address}: no such host ({reason}): "
+            f"MASTER_ADDR={address}: no such host ({getattr(e, 'strerror', None) or e}): "
             "set it to rank 0's host name or address"
         ) from None
     if "TORCHELASTIC_RUN_ID" not in os.environ and procs.world_size > 1:
@@ -149,8 +142,8 @@ def waiting_for_peers(procs):
 
 @contextlib.contextmanager
 def log_dir_lock(log_dir, procs, device):
-    """Rank 0 holds --log_dir's lock for the whole run (files.output_lock): a second run on the
-    folder is refused before it reads or removes anything. Every rank learns whether it got it."""
+    """Rank 0 holds --log_dir's lock for the run: a second run on the folder is refused before it
+    reads or removes anything. Every rank learns whether rank 0 got it."""
     with contextlib.ExitStack() as stack:
         refusal = None
         if procs.master:
@@ -173,10 +166,9 @@ def log_dir_lock(log_dir, procs, device):
 
 @contextlib.contextmanager
 def one_error_line(procs):
-    """In a torchrun group, a user error on any rank reaches the screen once, naming its rank: the
-    first rank to fail says it (counted in the group's store), the others' errors stay silent, and a
-    rank that a failed peer leaves stuck in a collective exits without its traceback (torchrun then
-    ends the group)."""
+    """A user error on any rank of a group is said once, naming its rank: the first rank to fail
+    (counted in the group's store) says it, and a rank that a failed peer leaves stuck in a
+    collective exits without a traceback (torchrun then ends the group)."""
     try:
         yield
     except (UserError, RuntimeError) as e:
@@ -205,14 +197,13 @@ def one_error_line(procs):
 
 
 def sharded_adamw(groups, **adamw):
-    """AdamW over the parameter groups, sharded over the group's ranks (ZeRO-1). Imported here:
-    torch.distributed.optim takes 0.6 s to import, which every script would pay."""
+    """AdamW sharded over the ranks (ZeRO-1); imported here, as it takes 0.6 s to import."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     class ShardedAdamW(ZeroRedundancyOptimizer):
         def state_dict(self):
-            # On rank 0 after whole_state(), in a plain AdamW's layout: ZeRO's groups
-            # hold only the arguments given, AdamW's every one (amsgrad, ...).
+            # On rank 0 after whole_state(), in a plain AdamW's layout: ZeRO's groups hold only
+            # the arguments given, AdamW's every one (amsgrad, ...).
             state = super().state_dict()
             for group in state["param_groups"]:
                 for name, value in self.optim.defaults.items():
@@ -252,8 +243,7 @@ def is_fully_sharded(model):
 
 @contextlib.contextmanager
 def root_weights_gathered(model):
-    """HellaSwag calls the model's methods rather than its forward, which is where FSDP2 gathers the
-    root's own weights (the blocks gather theirs in their forward, as always)."""
+    """HellaSwag calls the model's methods, not forward, where FSDP2 gathers the root's weights."""
     if not is_fully_sharded(model):
         yield
         return
@@ -277,8 +267,8 @@ def renumbered(state, new_keys):
 
 
 def whole_state(model, optimizer, procs):
-    """The weights and the optimizer's state as a plain model and AdamW hold them, on rank 0 (None
-    elsewhere), gathered from the ranks' shares where --shard splits them. Every rank calls it."""
+    """A plain model's and AdamW's state dicts, gathered on rank 0 (None elsewhere) where --shard
+    splits them. Every rank calls it."""
     if is_fully_sharded(model):
         from torch.distributed.checkpoint import state_dict as dcp
 
@@ -314,8 +304,7 @@ class StopRequest:
     Ctrl-C stops at once, discarding a checkpoint being written (atomic_write)."""
 
     def __init__(self, procs, device):
-        self.requested, self.speaks = False, procs.master  # one notice for the group, from rank 0
-        self.procs, self.device = procs, device
+        self.requested, self.procs, self.device = False, procs, device
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, self._handle)
 
@@ -327,11 +316,10 @@ class StopRequest:
         # os.write, not print: the signal can arrive in the middle of a print (say, one blocked on a
         # full pipe), and print cannot be re-entered: it would raise, and the run would not save.
         with contextlib.suppress(OSError):
-            if self.speaks:
+            if self.procs.master:  # one notice for the group
                 os.write(sys.stdout.fileno(), notice.encode())
 
     def agreed(self):
-        """Whether any rank was asked to stop, the same answer on every rank (a collective): an
-        evaluation stops between two batches on all ranks together, since with --shard full every
-        forward pass needs every rank."""
+        """Whether any rank was asked to stop, on every rank: an evaluation stops on all ranks at
+        once, since with --shard full every forward pass needs every rank."""
         return self.procs.any(self.requested, self.device)
