@@ -133,8 +133,7 @@ OPTIONAL = {"args": {}, "eval_pending": False, "val_data": []}  # absent in olde
 
 
 def check_checkpoint(checkpoint, path, config_class, resume=False):
-    """Refuse what torch.load read from `path` unless it is one of our checkpoints, and, to
-    `resume` it, one of weights only (as sample.py reads them) or with a wrong entry."""
+    """Refuse what torch.load read unless it is our checkpoint; to `resume`, one with all of it."""
     if not isinstance(checkpoint, dict) or not {"model", "config"} <= checkpoint.keys():
         raise UserError(
             f"{path} is not a checkpoint of this project: it lacks the 'model' and 'config' entries"
@@ -174,8 +173,7 @@ def check_config(config, source, config_class):
 
 
 def check_weights_fit(expected, state, source):
-    """Refuse a state dict whose names or shapes differ from the model's (`expected`), or that
-    holds NaN or inf."""
+    """Refuse a state dict whose names or shapes are not the model's (`expected`), or NaN or inf."""
     shapes = {key: tuple(tensor.shape) for key, tensor in expected.items()}
     # lm_head.weight: tied to the embedding, not a weight of its own
     theirs = {key: tuple(tensor.shape) for key, tensor in state.items() if key != "lm_head.weight"}

@@ -29,8 +29,8 @@ def pick_device(requested):
         )
     if not available[device.type]:
         raise UserError(
-            f"--device {requested}, but PyTorch sees no {device.type.upper()} device (a CUDA GPU "
-            "needs a CUDA build of torch): use --device cpu"
+            f"--device {requested}, but PyTorch sees no {device.type.upper()} device here: use "
+            "--device cpu, or install a torch build for it"
         )
     return device
 

@@ -73,8 +73,7 @@ GROUP_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 
 
 def variables():
-    """(rank, local_rank, world_size) as torchrun sets them; None (one process) where none of
-    GROUP_VARIABLES is set or all are empty; anything in between: a UserError naming what is not."""
+    """(rank, local_rank, world_size) as torchrun sets them; None where none is set: one process."""
     env = os.environ
     present = [name for name in GROUP_VARIABLES if env.get(name, "").strip()]
     if not present:
@@ -142,8 +141,7 @@ def waiting_for_peers(procs):
 
 @contextlib.contextmanager
 def log_dir_lock(log_dir, procs, device):
-    """Rank 0 holds --log_dir's lock for the run: a second run on the folder is refused before it
-    reads or removes anything. Every rank learns whether rank 0 got it."""
+    """Rank 0 locks --log_dir for the run before anything is read or removed; all ranks learn it."""
     with contextlib.ExitStack() as stack:
         refusal = None
         if procs.master:
@@ -267,8 +265,7 @@ def renumbered(state, new_keys):
 
 
 def whole_state(model, optimizer, procs):
-    """A plain model's and AdamW's state dicts, gathered on rank 0 (None elsewhere) where --shard
-    splits them. Every rank calls it."""
+    """A plain model's and AdamW's state dicts on rank 0 (None elsewhere); every rank calls it."""
     if is_fully_sharded(model):
         from torch.distributed.checkpoint import state_dict as dcp
 
@@ -320,6 +317,5 @@ class StopRequest:
                 os.write(sys.stdout.fileno(), notice.encode())
 
     def agreed(self):
-        """Whether any rank was asked to stop, on every rank: an evaluation stops on all ranks at
-        once, since with --shard full every forward pass needs every rank."""
+        """Whether any rank was asked to stop, on every rank (--shard full's forward needs all)."""
         return self.procs.any(self.requested, self.device)
