@@ -42,8 +42,8 @@ INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 def find_input_files(paths):
-    """The files named by --input, folders replaced by the input files under them, each file kept
-    once, where it first comes (named twice, its text could be in the val split and in train)."""
+    """The files named by --input, each kept once, where it first comes (named twice, its text
+    could be in the val split and in train)."""
     files = []
     for path in paths:
         found = sorted(input_files_under(path, frozenset())) if os.path.isdir(path) else [path]
@@ -69,9 +69,9 @@ def find_input_files(paths):
 
 
 def input_files_under(folder, above):
-    """The input files under folder (`above`: the real paths of the folders it lies in) as glob
-    lists them, 5 times faster on 15,000 files. A link to nowhere is refused (its file would be
-    missing from the shards without a word); one that cannot be followed (a loop) is left out."""
+    """The input files under folder as glob lists them, 5 times faster on 15,000 files. A link to
+    nowhere is refused (its file would be missing from the shards without a word); one that cannot
+    be followed, or back to a folder it lies in (`above`: their real paths), is left out."""
     real = os.path.realpath(folder)
     if real in above:
         print(f"note: {folder} is a link back to {real}, a folder it lies in: left out")
@@ -106,7 +106,9 @@ def input_files_under(folder, above):
 # files, lines of a jsonl file, or rows the main process read (of a parquet file or a Hugging Face
 # dataset). A piece is (reader, *arguments); reader(*arguments) yields (where, text) per document,
 # `where` naming the file and line or row. Workers read .txt and jsonl pieces themselves: parsing in
-# the main process cost a tenth of the tokenizing, on cores the workers need.
+# the main process cost a tenth of the tokenizing, on cores the workers need. A resumed run plans
+# from the first document that finished shards do not hold: each file's planner skips what it can
+# of `skip` documents and returns the rest, for the next file.
 
 PIECE_BYTES = 1 << 20
 
@@ -129,8 +131,28 @@ def reading(path):
         raise UserError(f"{path}: cannot read it ({e.strerror or e}){moved}") from None
 
 
+def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
+    """The pieces of the files in order, leaving out their first `skip` documents."""
+    txt_files, txt_bytes = [], 0  # .txt files waiting to fill a piece
+    for path in files:
+        with reading(path):
+            if path.endswith(".txt") and skip:  # a .txt file is one document
+                skip -= 1
+            elif path.endswith(".txt"):
+                txt_files.append(path)
+                txt_bytes += os.path.getsize(path)
+            if txt_files and (txt_bytes >= piece_bytes or not path.endswith(".txt")):
+                yield read_txt_files, txt_files  # full, or a piece of its own before another file
+                txt_files, txt_bytes = [], 0
+            if path.endswith(".jsonl"):
+                skip = yield from plan_jsonl(path, text_field, skip, piece_bytes)
+            elif path.endswith(".parquet"):
+                skip = yield from plan_parquet(path, text_field, skip, piece_bytes)
+    if txt_files:
+        yield read_txt_files, txt_files
+
+
 def read_txt_files(paths):
-    """A piece of .txt files, each one a document."""
     return [((path,), read_txt(path)) for path in paths]
 
 
@@ -145,8 +167,26 @@ def read_txt(path):
     return text.replace("\r\n", "\n").replace("\r", "\n").removeprefix("\ufeff")
 
 
+def plan_jsonl(path, text_field, skip, piece_bytes):
+    """Whole lines, about piece_bytes at a time, found and numbered here; the workers parse them.
+    A piece of blank lines only is left out: every piece holds a document."""
+    with open(path, "rb") as f:
+        line_number = 1
+        while skip and (line := f.readline()):
+            if not line.isspace():
+                skip -= 1
+            line_number += 1
+        start = f.tell()
+        while block := f.read(piece_bytes):
+            block += f.readline()  # up to the end of the line that the block cut
+            if not block.isspace():
+                yield read_jsonl_lines, path, text_field, start, start + len(block), line_number
+            start += len(block)
+            line_number += block.count(b"\n")
+    return skip
+
+
 def read_jsonl_lines(path, text_field, start, stop, first_line_number):
-    """The documents of a jsonl file's lines in bytes start to stop (blank lines ignored)."""
     with reading(path), open(path, "rb") as f:
         f.seek(start)
         lines = f.read(stop - start).split(b"\n")
@@ -166,23 +206,6 @@ def read_jsonl_lines(path, text_field, start, stop, first_line_number):
         yield (path, "line", line_number), text
 
 
-def plan_jsonl(path, text_field, skip, piece_bytes):
-    """The pieces of a jsonl file after its first `skip` documents: whole lines, about piece_bytes
-    at a time, found and numbered here; the workers parse them."""
-    with open(path, "rb") as f:
-        line_number = 1
-        while skip:  # resuming: find the line after the last document that finished shards hold
-            if not f.readline().isspace():
-                skip -= 1
-            line_number += 1
-        start = f.tell()
-        while block := f.read(piece_bytes):
-            block += f.readline()  # up to the end of the line that the block cut
-            yield read_jsonl_lines, path, text_field, start, start + len(block), line_number
-            start += len(block)
-            line_number += block.count(b"\n")
-
-
 def check_column(name, columns, text_field):
     if text_field not in columns:
         raise UserError(
@@ -191,10 +214,9 @@ def check_column(name, columns, text_field):
         )
 
 
-def read_parquet(path, text_field, skip):
-    """(where, text) of a parquet file's column after its first `skip` rows, read here a batch at a
-    time: a worker could only read whole row groups, of a thousand rows (FineWeb's) or a million
-    (pyarrow's default), too few pieces to keep every worker busy."""
+def plan_parquet(path, text_field, skip, piece_bytes):
+    """Its rows are read here, a batch at a time: a worker could only read whole row groups, of a
+    thousand rows (FineWeb's) or a million (pyarrow's default), too few for every worker."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -203,10 +225,17 @@ def read_parquet(path, text_field, skip):
     except (pa.ArrowException, OSError) as e:
         raise UserError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     check_column(path, parquet.schema_arrow.names, text_field)
-    group, row = 0, 0  # the row groups that finished shards hold are skipped unread
-    while group < parquet.num_row_groups and skip >= (
-        rows := parquet.metadata.row_group(group).num_rows
-    ):
+    if skip >= parquet.metadata.num_rows:
+        return skip - parquet.metadata.num_rows
+    yield from pieces_of_documents(parquet_rows(parquet, path, text_field, skip), piece_bytes)
+    return 0
+
+
+def parquet_rows(parquet, path, text_field, skip):
+    import pyarrow as pa
+
+    group, row = 0, 0  # the row groups that finished shards hold are skipped unread (not all are)
+    while skip >= (rows := parquet.metadata.row_group(group).num_rows):
         skip, row, group = skip - rows, row + rows, group + 1
     groups = range(group, parquet.num_row_groups)
     try:  # a damaged page, or a file moved meanwhile: reading goes on for as long as the run
@@ -218,7 +247,6 @@ def read_parquet(path, text_field, skip):
 
 
 def text_rows(texts, name, text_field, first_row):
-    """(where, text) of each of a column's values, numbered from first_row."""
     for row, text in enumerate(texts, start=first_row):
         if not isinstance(text, str):
             held = "null" if text is None else type(text).__name__  # int64 in parquet is int
@@ -245,41 +273,6 @@ def pieces_of_documents(documents, piece_chars=PIECE_BYTES):
             piece, chars = [], 0
     if piece:
         yield iter, piece
-
-
-def count_documents(path):
-    """How many documents a file holds, without parsing them: to skip whole files on resume."""
-    if path.endswith(".txt"):
-        return 1
-    if path.endswith(".jsonl"):
-        with open(path, "rb") as f:
-            return sum(1 for line in f if not line.isspace())
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows
-
-
-def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
-    """The pieces of the files in order, leaving out their first `skip` documents."""
-    txt_files, txt_bytes = [], 0  # .txt files waiting to fill a piece
-    for path in files:
-        with reading(path):  # a file may have been moved or deleted since the run began
-            if skip and skip >= (count := count_documents(path)):
-                skip -= count
-                continue
-            if path.endswith(".txt"):
-                txt_files.append(path)
-                txt_bytes += os.path.getsize(path)
-            if txt_files and (txt_bytes >= piece_bytes or not path.endswith(".txt")):
-                yield read_txt_files, txt_files  # full, or a piece of its own before another file
-                txt_files, txt_bytes = [], 0
-            if path.endswith(".jsonl"):
-                yield from plan_jsonl(path, text_field, skip, piece_bytes)
-            elif not path.endswith(".txt"):  # .parquet
-                yield from pieces_of_documents(read_parquet(path, text_field, skip), piece_bytes)
-        skip = 0
-    if txt_files:
-        yield read_txt_files, txt_files
 
 
 # -----------------------------------------------------------------------------
@@ -340,10 +333,7 @@ def init_worker(tokenize):
 def tokenize_piece(piece):
     """In a worker: read a piece's documents and tokenize them; (ids as uint16, document_ends)."""
     reader, *arguments = piece
-    documents = list(reader(*arguments))
-    if not documents:  # a piece of nothing but blank lines
-        return np.empty(0, dtype=np.uint16), np.empty(0, dtype=np.int64)
-    wheres, texts = zip(*documents)
+    wheres, texts = zip(*reader(*arguments))
     ids, document_ends = worker_tokenize(list(texts))
     if ids.max() >= 2**16 or ids.min() < 0:
         first_bad = np.flatnonzero((ids >= 2**16) | (ids < 0))[0]
@@ -372,8 +362,6 @@ def tokenize_in_order(pieces, pool, max_in_flight):
 # many documents the finished shards hold in full and how many tokens of the next one. A rerun with
 # other settings is refused, so that shards of two different runs never mix.
 
-HASHED_INPUT_BYTES = 1 << 16  # input files from this size on are keyed by a hash of their ends too
-
 
 def progress_path(out_dir, prefix):
     return os.path.join(out_dir, f"{prefix}_progress.json")
@@ -392,7 +380,7 @@ def input_key(path):
     with reading(path):
         stat = os.stat(path)
         key = {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-        if stat.st_size >= HASHED_INPUT_BYTES:
+        if stat.st_size >= 1 << 16:
             with open(path, "rb") as f:
                 digest = hashlib.sha256(f.read(edge))
                 if stat.st_size > edge:  # and its last MiB, or what follows the first: none twice
@@ -424,9 +412,6 @@ def load_progress(out_dir, prefix, settings):
             f"{path} is damaged: delete it and the {prefix} shards "
             f"beside it to start over, or pass another --out"
         ) from None
-    for key in old.get("input") or []:  # a run of an earlier version hashed small files too
-        if isinstance(key, dict) and key.get("bytes", HASHED_INPUT_BYTES) < HASHED_INPUT_BYTES:
-            key.pop("ends_sha256", None)
     if old != settings:
         changed = ", ".join(
             describe_change(key, old.get(key), settings.get(key))
@@ -455,7 +440,8 @@ def describe_change(name, old, new):
 def npy_header(tokens):
     """The header np.save writes before `tokens` uint16 values, padded so that the count can grow
     to 21 digits in place: a shard's header is written first and corrected at the end."""
-    header, descr = io.BytesIO(), np.lib.format.dtype_to_descr(np.dtype(np.uint16))
+    header = io.BytesIO()
+    descr = np.lib.format.dtype_to_descr(np.dtype(np.uint16))
     np.lib.format.write_array_header_1_0(
         header, {"descr": descr, "fortran_order": False, "shape": (tokens,)}
     )
@@ -463,10 +449,9 @@ def npy_header(tokens):
 
 
 class ShardWriter:
-    """Lays pieces' tokens end to end into .npy shards of shard_size tokens, streamed into the open
-    shard's temporary file (collected in memory, a shard's write and fsync came at the end, while
-    the workers wait). atomic_write renames it when full; close() after an error or Ctrl-C removes
-    it. The progress is saved after each shard."""
+    """Lays pieces' tokens end to end into .npy shards, streamed into the open shard's temporary
+    file (collected in memory, a shard's write and fsync came at the end, while the workers wait).
+    atomic_write renames it when full; close() after an error or Ctrl-C removes it."""
 
     def __init__(self, out_dir, prefix, shard_size, progress):
         self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
@@ -477,16 +462,14 @@ class ShardWriter:
         self.skip_tokens = progress["tokens_of_next_document"]  # already in finished shards
 
     def close(self):
-        # If the run stopped for a reason of its own (an input, a dropped connection, Ctrl-C), the
-        # open shard is removed with an error that atomic_write does not take for a failed write.
+        # The run stopped for a reason of its own (an input, a dropped connection, Ctrl-C): the open
+        # shard is removed with an error that atomic_write does not take for a failed write.
         self.open_shard.__exit__(Exception, Exception("shard abandoned"), None)
 
-    def write(self, data, offset=None):
-        """Write into the open shard at offset (or at its end); a failed write (a full disk) ends
-        it as atomic_write ends any: its file removed, one line naming it."""
+    def write(self, data):
+        """A failed write (a full disk) ends the shard as atomic_write ends any: its file removed,
+        one line naming it."""
         try:
-            if offset is not None:
-                self.shard_file.seek(offset)
             self.shard_file.write(data)
         except OSError:
             self.open_shard.__exit__(*sys.exc_info())  # raises atomic_write's UserError
@@ -527,7 +510,8 @@ class ShardWriter:
         if self.filled < self.shard_size:  # the last shard: its header says how many tokens it has
             header = npy_header(self.filled)
             assert len(header) == len(npy_header(self.shard_size)), "it would move the tokens"
-            self.write(header, offset=0)
+            self.shard_file.seek(0)
+            self.write(header)
         self.open_shard.close()  # atomic_write: flush, fsync and rename the shard into place
         self.progress["shards"] += 1
         self.progress["tokens"] += self.filled
