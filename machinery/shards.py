@@ -1,8 +1,5 @@
 """Token shards: their names, finding a split's shards, checking a shard's header and token ids, and
-a fingerprint that a checkpoint records so that a resume notices changed data.
-
-torch-free: fineweb.py writes the shards that this module reads.
-"""
+the fingerprint a checkpoint records so that a resume notices changed data. torch-free."""
 
 import contextlib
 import glob
@@ -37,11 +34,11 @@ def bin_header_tokens(path):
             f"{path}: bad header ({found}; expected magic {BIN_MAGIC}, version {BIN_VERSION}): "
             "not an llm.c token shard"
         )
-    expected_bytes = BIN_HEADER_BYTES + 2 * int(header[2])
-    if os.path.getsize(path) != expected_bytes:
+    size, expected = os.path.getsize(path), BIN_HEADER_BYTES + 2 * int(header[2])
+    if size != expected:
         raise UserError(
-            f"{path}: {os.path.getsize(path)} bytes, header promises {expected_bytes}: "
-            "the file is truncated, download it again"
+            f"{path}: {size} bytes, header promises {expected}: the file is truncated, download it "
+            "again"
         )
     return int(header[2])
 
@@ -61,9 +58,8 @@ def reading(path):
 
 
 def check_tokens(path, tokens):
-    """Refuse a shard with ids the tokenizer never makes (another tokenizer's, or uint16 data that
-    is not tokens): past the embedding table they would crash a step deep into the run, below it
-    train rows that no text uses. Reading a shard once costs about a few training steps."""
+    """Refuse ids the tokenizer never makes (another tokenizer's, or not tokens): past the embedding
+    they crash a step deep into the run, below it train unused rows. The read costs a few steps."""
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(
             f"{path}: tokens are {tokens.dtype} with shape {tokens.shape}, expected a 1-D uint16 "
@@ -83,9 +79,7 @@ def check_tokens(path, tokens):
 
 
 def find(data_dir, split):
-    """The paths of the split's shards in data_dir, in index order. Only files count: a folder named
-    like a shard is not one. Shards of two corpora (two prefixes, or two shards with one index) are
-    refused."""
+    """The paths of the split's shard files in data_dir, in index order; two corpora are refused."""
     if not data_dir.strip():
         raise UserError(
             f"--data_dir {data_dir!r} names no folder: pass the folder that holds the shards"
@@ -123,33 +117,29 @@ def find(data_dir, split):
             f"no {split} shards (*_{split}_NNNNNN.npy or .bin) in {data_dir}: run "
             f"`python fineweb.py` (or fineweb.py --input your.txt --out {data_dir}) first"
         )
-    # A fineweb.py run into data_dir that has not finished: training uses its shards so far, and
-    # rank 0 says so.
-    pattern = os.path.join(glob.escape(data_dir), "*_progress.json")
-    for path in glob.glob(pattern) if split == "train" else []:
-        try:
+    # A fineweb.py run into data_dir that has not finished: training uses its shards so far.
+    rank_0 = split == "train" and os.environ.get("RANK", "0").strip() in ("", "0")
+    for path in glob.glob(os.path.join(glob.escape(data_dir), "*_progress.json")) if rank_0 else []:
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # not fineweb.py's: no note
             with open(path) as f:
-                finished = json.load(f).get("finished", True)
-        except (OSError, ValueError, AttributeError):  # not fineweb.py's: nothing to say
-            continue
-        if not finished and os.environ.get("RANK", "0").strip() in ("", "0"):
-            print(
-                f"note: {path} says its fineweb.py run has not finished: training uses the shards "
-                "written so far"
-            )
+                if not json.load(f).get("finished", True):
+                    print(
+                        f"note: {path} says its fineweb.py run has not finished: training uses the "
+                        "shards written so far"
+                    )
     return [shards[index] for index in sorted(shards)]
 
 
 def no_step_in_split(paths, shards, window, split):
     """The error for a split too short for one batch (val: --batch_size rows per rank) or step."""
     longest = max(range(len(paths)), key=lambda i: len(shards[i]))
-    lower = "--batch_size (or --seq_len)"
+    unit, lower = "batch", "--batch_size (or --seq_len)"
     if split == "train":
-        lower = "--total_batch_size (or --batch_size/--seq_len)"
+        unit, lower = "step", "--total_batch_size (or --batch_size/--seq_len)"
     return UserError(
         f"{paths[longest]} has {len(shards[longest])} tokens, fewer than one batch of all ranks' "
-        f"sequences + 1 = {window + 1}, and the {split} split holds "
-        f"no {'batch' if split == 'val' else 'step'}: lower {lower} or add data"
+        f"sequences + 1 = {window + 1}, and the {split} split holds no {unit}: lower {lower} or "
+        "add data"
     )
 
 
