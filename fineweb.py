@@ -106,9 +106,8 @@ def input_files_under(folder, above):
 # files, lines of a jsonl file, or rows the main process read (of a parquet file or a Hugging Face
 # dataset). A piece is (reader, *arguments); reader(*arguments) yields (where, text) per document,
 # `where` naming the file and line or row. Workers read .txt and jsonl pieces themselves: parsing in
-# the main process cost a tenth of the tokenizing, on cores the workers need. A resumed run plans
-# from the first document that finished shards do not hold: each file's planner skips what it can
-# of `skip` documents and returns the rest, for the next file.
+# the main process cost a tenth of the tokenizing, on cores the workers need. A resume leaves out
+# the `skip` documents that finished shards hold: each file's planner returns what it did not skip.
 
 PIECE_BYTES = 1 << 20
 
@@ -335,11 +334,11 @@ def tokenize_piece(piece):
     reader, *arguments = piece
     wheres, texts = zip(*reader(*arguments))
     ids, document_ends = worker_tokenize(list(texts))
-    if ids.max() >= 2**16 or ids.min() < 0:
-        first_bad = np.flatnonzero((ids >= 2**16) | (ids < 0))[0]
-        where = wheres[np.searchsorted(document_ends, first_bad, side="right")]
+    too_large = np.flatnonzero((ids >= 2**16) | (ids < 0))
+    if len(too_large):
+        where = wheres[np.searchsorted(document_ends, too_large[0], side="right")]
         raise UserError(
-            f"{' '.join(map(str, where))}: the tokenizer made token id {ids[first_bad]}, which "
+            f"{' '.join(map(str, where))}: the tokenizer made token id {ids[too_large[0]]}, which "
             f"does not fit the uint16 shards; use a tokenizer with fewer than 65536 tokens"
         )
     return ids.astype(np.uint16), document_ends
@@ -353,8 +352,7 @@ def tokenize_in_order(pieces, pool, max_in_flight):
         in_flight.append(pool.apply_async(tokenize_piece, (piece,)))
         if len(in_flight) > max_in_flight:
             yield in_flight.popleft().get()
-    while in_flight:
-        yield in_flight.popleft().get()
+    yield from (result.get() for result in in_flight)
 
 
 # -----------------------------------------------------------------------------
@@ -367,8 +365,7 @@ def progress_path(out_dir, prefix):
     return os.path.join(out_dir, f"{prefix}_progress.json")
 
 
-def temp_path(out_dir, prefix, name):
-    # Hidden, and without "train" or "val" in the name: no data loader ever takes it for a shard.
+def temp_path(out_dir, prefix, name):  # hidden, and not named *_train_* or *_val_*: no shard
     return os.path.join(out_dir, f".{prefix}_{name}.tmp")
 
 
