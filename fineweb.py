@@ -70,11 +70,10 @@ def find_input_files(paths):
 
 def input_files_under(folder, above):
     """The input files under folder as glob lists them, 5 times faster on 15,000 files. A link to
-    nowhere is refused (its file would be missing from the shards without a word); one that cannot
-    be followed, or back to a folder it lies in (`above`: their real paths), is left out."""
+    nowhere is refused (its file would be missing without a word); one that cannot be followed, or
+    back to a folder it lies in (`above`: their real paths, whose files are listed), is left out."""
     real = os.path.realpath(folder)
     if real in above:
-        print(f"note: {folder} is a link back to {real}, a folder it lies in: left out")
         return
     try:
         with os.scandir(folder) as listing:
@@ -300,10 +299,8 @@ def gpt2_encode(encoding, text, special=frozenset()):
 
 def tokenize_documents(texts, encode):
     """(ids, document_ends) of the texts with a tokenizer of one text at a time, encode(text)."""
-    encoded = [np.asarray(encode(text)) for text in texts]
-    parts = [part for document in encoded for part in ([EOT_TOKEN], document)]
-    # casting="unsafe" only so that an empty document's float64 np.asarray([]) joins in
-    ids = np.concatenate(parts, dtype=np.int64, casting="unsafe")
+    encoded = [np.asarray(encode(text), dtype=np.int64) for text in texts]
+    ids = np.concatenate([part for document in encoded for part in ([EOT_TOKEN], document)])
     return ids, np.cumsum([1 + len(document) for document in encoded], dtype=np.int64)
 
 
@@ -437,8 +434,7 @@ def describe_change(name, old, new):
 def npy_header(tokens):
     """The header np.save writes before `tokens` uint16 values, padded so that the count can grow
     to 21 digits in place: a shard's header is written first and corrected at the end."""
-    header = io.BytesIO()
-    descr = np.lib.format.dtype_to_descr(np.dtype(np.uint16))
+    header, descr = io.BytesIO(), np.lib.format.dtype_to_descr(np.dtype(np.uint16))
     np.lib.format.write_array_header_1_0(
         header, {"descr": descr, "fortran_order": False, "shape": (tokens,)}
     )
