@@ -317,9 +317,7 @@ def test_a_folder_gives_its_input_files_in_order_without_hidden_ones(tmp_path):
     assert sorted(n for n in listed if n.endswith(kept) and os.path.isfile(n)) == expected
 
 
-def test_a_loop_of_links_in_an_input_folder_is_said_once_and_left_out_a_dead_one_is_an_error(
-    tmp_path, capsys
-):
+def test_a_loop_of_links_in_an_input_folder_is_left_out_a_dead_one_is_an_error(tmp_path, capsys):
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.txt").write_text("a document")
     (tmp_path / "sub" / "b.txt").write_text("another")
@@ -327,10 +325,8 @@ def test_a_loop_of_links_in_an_input_folder_is_said_once_and_left_out_a_dead_one
     os.symlink("itself.txt", tmp_path / "itself.txt")
     found = fineweb.find_input_files([str(tmp_path)])
     assert found == [str(tmp_path / "a.txt"), str(tmp_path / "sub" / "b.txt")]
-    notes = capsys.readouterr().out.splitlines()
-    assert len(notes) == 2, notes
-    assert any(str(tmp_path / "sub" / "up") in note for note in notes)
-    assert any(str(tmp_path / "itself.txt") in note for note in notes)
+    notes = capsys.readouterr().out.splitlines()  # the link back up lists nothing twice
+    assert len(notes) == 1 and str(tmp_path / "itself.txt") in notes[0], notes
     # A link to nowhere (a disk not mounted, say) is one error naming it.
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("a document")
