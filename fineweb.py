@@ -460,8 +460,7 @@ class ShardWriter:
         self.open_shard.__exit__(Exception, Exception("shard abandoned"), None)
 
     def write(self, data):
-        """A failed write (a full disk) ends the shard as atomic_write ends any: its file removed,
-        one line naming it."""
+        """A failed write (a full disk) ends the shard as atomic_write ends any, in one line."""
         try:
             self.shard_file.write(data)
         except OSError:

@@ -16,7 +16,6 @@ from machinery.tokenizer import GPT2_VOCAB_SIZE
 # -----------------------------------------------------------------------------
 # Shards. fineweb.py writes uint16 .npy files; llm.c and modded-nanogpt write .bin files: a header
 # of 256 int32 (magic, version, token count, ...), then the uint16 tokens.
-
 # A shard's name as fineweb.py and llm.c write it: PREFIX_SPLIT_INDEX.npy or .bin. Matched whole,
 # the split is the word right before the index: a prefix "x_train" cannot make a val shard
 # (x_train_val_000000.npy) look like a train shard.
