@@ -166,8 +166,8 @@ def read_txt(path):
 
 
 def plan_jsonl(path, text_field, skip, piece_bytes):
-    """Whole lines, about piece_bytes at a time, found and numbered here; the workers parse them.
-    A piece of blank lines only is left out: every piece holds a document."""
+    """A jsonl file's lines, about piece_bytes at a time, found and numbered here; the workers parse
+    them. A piece of blank lines only is left out: every piece holds a document."""
     with open(path, "rb") as f:
         line_number = 1
         while skip and (line := f.readline()):
@@ -213,8 +213,8 @@ def check_column(name, columns, text_field):
 
 
 def plan_parquet(path, text_field, skip, piece_bytes):
-    """Its rows are read here, a batch at a time: a worker could only read whole row groups, of a
-    thousand rows (FineWeb's) or a million (pyarrow's default), too few for every worker."""
+    """A parquet file's rows are read here, a batch at a time: a worker could only read whole row
+    groups, of a thousand rows (FineWeb's) or a million (pyarrow's default), too few pieces."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -232,7 +232,8 @@ def plan_parquet(path, text_field, skip, piece_bytes):
 def parquet_rows(parquet, path, text_field, skip):
     import pyarrow as pa
 
-    group, row = 0, 0  # the row groups that finished shards hold are skipped unread (not all are)
+    # The row groups that finished shards hold are skipped unread (skip is under the file's rows).
+    group, row = 0, 0
     while skip >= (rows := parquet.metadata.row_group(group).num_rows):
         skip, row, group = skip - rows, row + rows, group + 1
     groups = range(group, parquet.num_row_groups)

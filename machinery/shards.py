@@ -58,7 +58,8 @@ def reading(path):
 
 def check_tokens(path, tokens):
     """Refuse ids the tokenizer never makes (another tokenizer's, or not tokens): past the embedding
-    they crash a step deep into the run, below it train unused rows. The read costs a few steps."""
+    they crash a step deep into the run, below it they train rows no text uses. Reading a shard
+    once costs a few training steps."""
     if tokens.dtype != np.uint16 or tokens.ndim != 1:
         raise UserError(
             f"{path}: tokens are {tokens.dtype} with shape {tokens.shape}, expected a 1-D uint16 "
