@@ -11,6 +11,7 @@ import os
 import pathlib
 import platform
 import random
+import re
 import resource
 import signal
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 import tiktoken.load
 
 import fineweb
-from conftest import ENV, REPO, file_size_limit, run_script
+from conftest import ENV, REPO, file_size_limit, run_script, snapshot
 from machinery import tokenizer as tokenizer_module
 from machinery.cli import UserError, run_cli
 from machinery.tokenizer import EOT_TOKEN, gpt2_tokenizer
@@ -59,37 +60,36 @@ def write_jsonl(path, documents):
     return str(path)
 
 
+def write_txt_files(folder, documents):
+    """A folder of .txt files, 000.txt, 001.txt, ..., one document each."""
+    folder.mkdir()
+    for i, document in enumerate(documents):
+        (folder / f"{i:03d}.txt").write_text(document, encoding="utf-8")
+    return str(folder)
+
+
 def write_corpus(directory, documents):
     """The documents over a jsonl file, a parquet file of row groups of 17 and a folder of .txt."""
     third = len(documents) // 3
     jsonl = write_jsonl(directory / "a.jsonl", documents[:third])
     parquet = str(directory / "b.parquet")
     pq.write_table(pa.table({"text": documents[third:-20]}), parquet, row_group_size=17)
-    (directory / "c").mkdir()
-    for i, document in enumerate(documents[-20:]):
-        (directory / "c" / f"{i:03d}.txt").write_text(document, encoding="utf-8")
-    return [jsonl, parquet, str(directory / "c")]
+    return [jsonl, parquet, write_txt_files(directory / "c", documents[-20:])]
 
 
 def shard_files(out_dir):
     """The shard names in out_dir, in shard order (by their number: "val" sorts after "train")."""
-    names = [name for name in os.listdir(out_dir) if name.endswith(".npy")]
+    names = [os.path.basename(path) for path in glob.glob(os.path.join(out_dir, "*.npy"))]
     return sorted(names, key=lambda name: name[-10:])
 
 
-def read_directory(out_dir):
-    """Every file in out_dir (hidden ones too), name -> bytes."""
-    return {path.name: path.read_bytes() for path in sorted(pathlib.Path(out_dir).iterdir())}
-
-
 def write_shards(out, pieces, tokenize, shard_size, num_proc=2, **options):
-    """fineweb.write_shards into out as a fresh run; returns what out then holds."""
-    out = str(out)
-    progress = fineweb.load_progress(out, "edufineweb", {"test": True})
+    """fineweb.write_shards into out as a fresh run; returns the snapshot of what out then holds."""
+    progress = fineweb.load_progress(str(out), "edufineweb", {"test": True})
     fineweb.write_shards(
-        pieces, tokenize, out, "edufineweb", shard_size, num_proc, progress, **options
+        pieces, tokenize, str(out), "edufineweb", shard_size, num_proc, progress, **options
     )
-    return read_directory(out)
+    return snapshot(out)
 
 
 def assert_no_partial_shard(out_dir, shard_size):
@@ -110,9 +110,15 @@ def tokenize(tokenizer):
     return functools.partial(fineweb.gpt2_tokenize, tokenizer)
 
 
-def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """300 documents over the three kinds of input file: (the documents, the --input paths)."""
     documents = make_documents(300, 60)
-    inputs = write_corpus(tmp_path, documents)
+    return documents, write_corpus(tmp_path_factory.mktemp("corpus"), documents)
+
+
+def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer, corpus):
+    documents, inputs = corpus
     out = str(tmp_path / "out")
     fineweb.main(["--input", *inputs, "--out", out, "--shard_size", "1000", "--num_proc", "2"])
 
@@ -134,30 +140,27 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer):
     assert (progress["documents"], progress["tokens"]) == (300, len(expected))
 
 
-def pinned_corpus(directory, kind):
-    """3.6 MB of prose and of code and markup, as .txt files, one jsonl or one parquet file: several
-    batches."""
+@pytest.fixture(scope="module")
+def pinned_corpus(tmp_path_factory):
+    """3.6 MB of prose and of code and markup, as .txt files, one jsonl or one parquet file (kind ->
+    its --input): several batches."""
     prose = make_documents(500, 1000, seed=7)
     code = make_documents(500, 1000, seed=8, words=CODE_AND_MARKUP)
     documents = [document for pair in zip(prose, code) for document in pair]
-    if kind == "txt":
-        (directory / "docs").mkdir()
-        for i, document in enumerate(documents):
-            (directory / "docs" / f"{i:04d}.txt").write_text(document, encoding="utf-8")
-        return str(directory / "docs")
-    if kind == "jsonl":
-        return write_jsonl(directory / "corpus.jsonl", documents)
-    pq.write_table(pa.table({"text": documents}), directory / "corpus.parquet", row_group_size=100)
-    return str(directory / "corpus.parquet")
+    folder = tmp_path_factory.mktemp("pinned")
+    pq.write_table(pa.table({"text": documents}), folder / "corpus.parquet", row_group_size=100)
+    return {
+        "txt": write_txt_files(folder / "docs", documents),
+        "jsonl": write_jsonl(folder / "corpus.jsonl", documents),
+        "parquet": str(folder / "corpus.parquet"),
+    }
 
 
 def digest_of_shards(out_dir):
     """How many shards out_dir holds, and one sha256 of their names and bytes in order."""
-    digest = hashlib.sha256()
     names = shard_files(out_dir)
-    for name in names:
-        digest.update(name.encode() + pathlib.Path(out_dir, name).read_bytes())
-    return len(names), digest.hexdigest()
+    data = b"".join(name.encode() + pathlib.Path(out_dir, name).read_bytes() for name in names)
+    return len(names), hashlib.sha256(data).hexdigest()
 
 
 # What the code of commit 067ecb5 made from pinned_corpus: however the making of shards changes (its
@@ -174,9 +177,9 @@ PINNED_FLAGS = ["--shard_size", "50000", "--num_proc", "2", "--prefix", "edufine
 
 
 @pytest.mark.parametrize("kind, spawn", [("txt", 0), ("jsonl", 0), ("parquet", 0), ("jsonl", 1)])
-def test_shards_are_byte_identical_to_pinned_ones(tmp_path, kind, spawn):
+def test_shards_are_byte_identical_to_pinned_ones(tmp_path, pinned_corpus, kind, spawn):
     out = str(tmp_path / "out")
-    flags = ["--input", pinned_corpus(tmp_path, kind), "--out", out, *PINNED_FLAGS]
+    flags = ["--input", pinned_corpus[kind], "--out", out, *PINNED_FLAGS]
     if spawn:
         # The script under spawn, the default on macOS and Windows: each worker is a new Python that
         # imports the script again and receives the tokenizer pickled, inheriting nothing.
@@ -240,12 +243,10 @@ def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
     documents = make_documents(120, 5)
     files = fineweb.find_input_files(write_corpus(tmp_path, documents))
     jsonl = files[0]
-    with open(jsonl) as f:
-        lines = f.readlines()
+    lines = pathlib.Path(jsonl).read_text().splitlines(keepends=True)
     lines[10:10] = ["\n", "  \r\n"]  # blank lines are no documents, but they count in line numbers
     lines = ["\n", *lines[:-1], lines[-1].rstrip("\n")]  # and the last line may have no line end
-    with open(jsonl, "w", newline="") as f:
-        f.writelines(lines)
+    pathlib.Path(jsonl).write_text("".join(lines), newline="")
     line_numbers = [number for number, line in enumerate(lines, start=1) if line.strip()]
     # Pieces of 50 bytes: a few lines of the jsonl file, one or two .txt files each. Pieces of a
     # megabyte: all.
@@ -261,19 +262,14 @@ def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
             assert documents_of(pieces) == everything[skip:]
 
 
-def test_txt_files_read_as_text_mode_reads_them(tmp_path):
+def test_txt_and_parquet_files_read_as_plain_text(tmp_path):
+    # A .txt file as text mode reads it: each line end a "\n".
     path = tmp_path / "lines.txt"
     path.write_bytes("one\r\ntwo\rthree\n\r\n\n\rfour \u00e9\r".encode())
     with open(path, encoding="utf-8") as f:
         assert fineweb.read_txt(str(path)) == f.read()
-    path.write_bytes(b"fine" * 5000 + b"\xff")
-    message = r"lines.txt: not UTF-8 text \(invalid start byte at byte 20000\)"
-    with pytest.raises(UserError, match=message):
-        fineweb.read_txt(str(path))
-
-
-def test_parquet_dictionaries_views_and_empty_row_groups_read_as_plain_text(tmp_path):
-    texts = [" ".join(document) for document in make_documents(40, 30)] * 2  # repeats: dictionaries
+    # A parquet column as dictionaries (repeated texts) or views gives the shards of plain strings.
+    texts = [" ".join(document) for document in make_documents(40, 30)] * 2
     columns = {"plain": pa.array(texts), "dictionary": pa.array(texts).dictionary_encode()}
     if hasattr(pa, "string_view"):  # pyarrow 16 and later
         columns["view"] = pa.array(texts, type=pa.string_view())
@@ -302,46 +298,50 @@ def test_hugging_face_rows_can_be_skipped_too():
             ]
 
 
-def test_a_folder_gives_its_input_files_in_order_without_hidden_ones(tmp_path):
+def test_a_folder_gives_its_input_files_in_order_without_hidden_ones_loops_or_dead_links(
+    tmp_path, capsys
+):
+    listed = tmp_path / "listed"
     shown = ["b.txt", "a/z.txt", "a/b/c.jsonl", "d.parquet", "dir.txt/inner.txt", "notes.md"]
     for name in shown + [".hidden.txt", ".git/x.txt", ".store/target.txt"]:
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("x")
-    os.symlink(tmp_path / ".store" / "target.txt", tmp_path / "link.txt")  # listed, unlike .store
+        (listed / name).parent.mkdir(parents=True, exist_ok=True)
+        (listed / name).write_text("x")
+    os.symlink(listed / ".store" / "target.txt", listed / "link.txt")  # listed, unlike .store
     expected = ["a/b/c.jsonl", "a/z.txt", "b.txt", "d.parquet", "dir.txt/inner.txt", "link.txt"]
-    expected = [str(tmp_path / name) for name in expected]
-    assert fineweb.find_input_files([str(tmp_path)]) == expected
+    expected = [str(listed / name) for name in expected]
+    assert fineweb.find_input_files([str(listed)]) == expected
     # What glob's recursive ** lists (used before: the keys of earlier runs name files so).
-    listed = glob.glob(str(tmp_path / "**" / "*"), recursive=True)
+    found = glob.glob(str(listed / "**" / "*"), recursive=True)
     kept = (".txt", ".jsonl", ".parquet")
-    assert sorted(n for n in listed if n.endswith(kept) and os.path.isfile(n)) == expected
-
-
-def test_a_loop_of_links_in_an_input_folder_is_left_out_a_dead_one_is_an_error(tmp_path, capsys):
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "a.txt").write_text("a document")
-    (tmp_path / "sub" / "b.txt").write_text("another")
-    os.symlink("..", tmp_path / "sub" / "up")  # followed, it would list everything again and again
-    os.symlink("itself.txt", tmp_path / "itself.txt")
-    found = fineweb.find_input_files([str(tmp_path)])
-    assert found == [str(tmp_path / "a.txt"), str(tmp_path / "sub" / "b.txt")]
-    notes = capsys.readouterr().out.splitlines()  # the link back up lists nothing twice
-    assert len(notes) == 1 and str(tmp_path / "itself.txt") in notes[0], notes
+    assert sorted(n for n in found if n.endswith(kept) and os.path.isfile(n)) == expected
+    # Links that cannot be followed: said once each, and left out.
+    loops = tmp_path / "loops"
+    (loops / "sub").mkdir(parents=True)
+    (loops / "a.txt").write_text("a document")
+    (loops / "sub" / "b.txt").write_text("another")
+    os.symlink("..", loops / "sub" / "up")  # followed, it would list everything again and again
+    os.symlink("itself.txt", loops / "itself.txt")
+    assert fineweb.find_input_files([str(loops)]) == [
+        str(loops / "a.txt"),
+        str(loops / "sub/b.txt"),
+    ]
+    notes = capsys.readouterr().out.splitlines()
+    assert len(notes) == 2, notes
+    assert any(str(loops / "sub" / "up") in note for note in notes)
+    assert any(str(loops / "itself.txt") in note for note in notes)
     # A link to nowhere (a disk not mounted, say) is one error naming it.
-    (tmp_path / "corpus").mkdir()
-    (tmp_path / "corpus" / "a.txt").write_text("a document")
-    os.symlink(tmp_path / "unmounted" / "b.txt", tmp_path / "corpus" / "b.txt")
+    os.symlink(tmp_path / "unmounted" / "b.txt", listed / "unmounted.txt")
     with pytest.raises(SystemExit) as exited:
-        run_cli(fineweb.main, ["--input", str(tmp_path / "corpus"), "--out", str(tmp_path / "out")])
+        run_cli(fineweb.main, ["--input", str(listed), "--out", str(tmp_path / "out")])
     assert exited.value.code == 1
     said = capsys.readouterr()
     assert said.out == "" and said.err.count("\n") == 1
-    assert said.err.startswith(f"error: {tmp_path / 'corpus' / 'b.txt'} is a symbolic link to ")
+    assert said.err.startswith(f"error: {listed / 'unmounted.txt'} is a symbolic link to ")
     assert not os.path.exists(tmp_path / "out")
 
 
 def test_workers_started_by_fork_or_spawn_and_how_many_of_them_change_no_byte(
-    tmp_path, monkeypatch, tokenize
+    tmp_path, monkeypatch, tokenize, corpus
 ):
     pool_sizes = []
 
@@ -351,13 +351,14 @@ def test_workers_started_by_fork_or_spawn_and_how_many_of_them_change_no_byte(
             super().__init__(processes, *args, **kwargs)
 
     monkeypatch.setattr(multiprocessing.pool, "Pool", CountedPool)  # what context.Pool makes
-    files = fineweb.find_input_files(write_corpus(tmp_path, make_documents(300, 60, seed=1)))
-    corpus = [write_jsonl(tmp_path / "corpus.jsonl", make_documents(300, 60, seed=1))]
+    documents, inputs = corpus
+    files = fineweb.find_input_files(inputs)
+    jsonl = [write_jsonl(tmp_path / "corpus.jsonl", documents)]
     # Small pieces, so that many are in flight at once and have to come back in order; then more
     # workers asked for than there are cores, or pieces (the last run: one piece).
     runs = [(files, 500, 1, "fork"), (files, 500, 2, "fork"), (files, 500, 2, "spawn")]
     whole = fineweb.PIECE_BYTES
-    runs += [(corpus, 300, 1, None), (corpus, 300, 64, None), (corpus, whole, 64, None)]
+    runs += [(jsonl, 300, 1, None), (jsonl, 300, 64, None), (jsonl, whole, 64, None)]
     outputs = []
     for i, (inputs, piece_bytes, num_proc, method) in enumerate(runs):
         pieces = fineweb.plan_pieces(inputs, "text", piece_bytes=piece_bytes)
@@ -394,86 +395,81 @@ def test_a_worker_reuses_its_memory_from_piece_to_piece(tmp_path, tokenize):
     assert faults < 40
 
 
-def reference_run(tmp_path, shard_size, seed):
-    """A jsonl corpus of 400 documents and an uninterrupted run on it: (its flags, its --out)."""
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(400, 1000, seed=seed))
-    flags = ["--input", corpus, "--shard_size", str(shard_size)]
-    reference = str(tmp_path / "reference")
+def test_a_killed_run_or_one_that_filled_the_disk_resumes_to_the_same_bytes(tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(400, 1000, seed=2))
+    killed, full, reference = (str(tmp_path / name) for name in ("killed", "full", "reference"))
+    flags = ["--input", corpus, "--shard_size", "2000"]
     fineweb.main([*flags, "--out", reference])
-    return flags, reference
-
-
-def test_killed_run_resumes_to_the_same_bytes(tmp_path):
-    flags, reference = reference_run(tmp_path, shard_size=2000, seed=2)
     total_shards = len(shard_files(reference))
     assert total_shards > 60
-
-    out = str(tmp_path / "out")
     # Shards finished when the run is killed; the second kill hits a resumed run.
     for kill_after in [3, 20]:
-        run = subprocess.Popen(
-            [sys.executable, "fineweb.py", *flags, "--out", out],
-            cwd=REPO,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        command = [sys.executable, "fineweb.py", *flags, "--out", killed]
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        run = subprocess.Popen(command, cwd=REPO, start_new_session=True, **quiet)
         deadline = time.time() + 60
-        while run.poll() is None and time.time() < deadline:
-            if os.path.isdir(out) and len(shard_files(out)) >= kill_after:
-                break
+        while (
+            run.poll() is None and time.time() < deadline and len(shard_files(killed)) < kill_after
+        ):
             time.sleep(0.002)
         os.killpg(run.pid, signal.SIGKILL)  # the main process and its workers, as a crash would
         run.wait()
-        progress = json.loads(pathlib.Path(out, "shard_progress.json").read_text())
+        progress = json.loads(pathlib.Path(killed, "shard_progress.json").read_text())
         assert not progress["finished"], "the run ended before it could be killed"
         assert kill_after - 1 <= progress["shards"] < total_shards
     # A shard being written when a kill comes leaves a temp file like this one behind (shard 1 is
     # done, so only the clean-up can remove it).
-    pathlib.Path(out, ".shard_000001.tmp").write_bytes(b"torn")
-
-    fineweb.main([*flags, "--out", out])
-    assert read_directory(out) == read_directory(reference)
-
-
-def test_rerun_with_the_same_settings_is_complete_and_with_other_settings_refused(tmp_path, capsys):
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(50, 20))
-    out = str(tmp_path / "out")
-    fineweb.main(["--input", corpus, "--out", out, "--shard_size", "300"])
-    fineweb.main(["--input", corpus, "--out", out, "--shard_size", "300"])
-    assert "is already complete" in capsys.readouterr().out
-    before = read_directory(out)
-    with pytest.raises(UserError, match="shard_size 300 -> 400"):
-        fineweb.main(["--input", corpus, "--out", out, "--shard_size", "400"])
-    other = write_jsonl(tmp_path / "other.jsonl", make_documents(50, 20, seed=5))
-    with pytest.raises(UserError, match="other settings"):
-        fineweb.main(["--input", other, "--out", out, "--shard_size", "300"])
-    assert read_directory(out) == before
-    os.remove(tmp_path / "out" / "shard_progress.json")  # shards whose origin is unknown
-    with pytest.raises(UserError, match="no shard_progress.json"):
-        fineweb.main(["--input", corpus, "--out", out, "--shard_size", "300"])
+    pathlib.Path(killed, ".shard_000001.tmp").write_bytes(b"torn")
+    fineweb.main([*flags, "--out", killed])
+    assert snapshot(killed) == snapshot(reference)
+    # Shards of 120 KB: the first one fails half way through, while tokens are streamed into it.
+    flags[-1] = "60000"
+    message = r"the disk is full while writing .*_val_000000.npy: free some"
+    with file_size_limit(50_000), pytest.raises(UserError, match=message):
+        fineweb.main([*flags, "--out", full])
+    assert os.listdir(full) == ["shard_progress.json"]  # no shard, no temporary file taking space
+    fineweb.main([*flags, "--out", full])
+    fineweb.main([*flags, "--out", f"{reference}_60000"])
+    assert len(shard_files(full)) > 2 and snapshot(full) == snapshot(f"{reference}_60000")
 
 
-def test_a_changed_input_is_named_even_when_it_kept_its_size_and_time(tmp_path):
+def test_a_rerun_is_complete_with_the_same_settings_and_refused_with_others(tmp_path, capsys):
     folder = tmp_path / "corpus"
-    folder.mkdir()
-    for i in range(200):
-        (folder / f"{i:03d}.txt").write_text(f"small document {i}")
+    write_txt_files(folder, [f"small document {i}" for i in range(200)])
     large = folder / "large.txt"
     large.write_text("the first corpus. " * 5000)  # 90 KB: enough that its key hashes its ends
-    flags = ["--input", str(folder), "--out", str(tmp_path / "out"), "--shard_size", "5000"]
-    fineweb.main([*flags, "--num_proc", "1"])
+    out = tmp_path / "out"
+    flags = ["--input", str(folder), "--out", str(out), "--shard_size", "5000", "--num_proc", "1"]
+    fineweb.main(flags)
+    fineweb.main(flags)
+    assert "is already complete" in capsys.readouterr().out
+    # The progress as the version that hashed small files too wrote it: the run still resumes.
+    progress = json.loads((out / "shard_progress.json").read_text())
+    digest = hashlib.sha256((folder / "000.txt").read_bytes()).hexdigest()
+    progress["settings"]["input"][0]["ends_sha256"] = digest
+    (out / "shard_progress.json").write_text(json.dumps(progress))
+    fineweb.main(flags)
+    assert "is already complete" in capsys.readouterr().out
+    before = snapshot(out)
+    with pytest.raises(UserError, match="shard_size 5000 -> 400"):
+        fineweb.main([*flags, "--shard_size", "400"])
+    with pytest.raises(UserError, match="other settings"):
+        fineweb.main(["--input", str(large), *flags[2:]])
     stat = os.stat(large)
     large.write_text("another corpus!. " * 5000 + "!" * 5000)  # the same size
     os.utime(large, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and time, as cp -p or tar keep it
     with pytest.raises(UserError) as error:
-        fineweb.main([*flags, "--num_proc", "1"])
+        fineweb.main(flags)
     message = str(error.value)
     assert f"(input {large.absolute()} changed since (its size, time or content))" in message
     assert len(message) < 300  # one file named, not two lists of 201 files
     expected = r"\(dataset None -> 'HuggingFaceFW/fineweb-edu', input 201 files -> no files"
     with pytest.raises(UserError, match=expected):
         fineweb.main(flags[2:])  # no --input: the default, download FineWeb-edu
+    assert snapshot(out) == before
+    os.remove(out / "shard_progress.json")  # shards whose origin is unknown
+    with pytest.raises(UserError, match="no shard_progress.json"):
+        fineweb.main(flags)
 
 
 FINE = json.dumps({"text": "fine"})
@@ -500,30 +496,44 @@ def test_bad_jsonl_is_named_with_its_line(tmp_path, lines, message):
 
 @pytest.mark.parametrize(
     "name, content, message",
-    [
-        ("x.parquet", pa.table({"body": ["a"]}), r"x.parquet: no column 'text' \(columns: body\)"),
+    [  # parquet columns, text or bytes; None: no such file
+        ("bad.jsonl", '{"text": "fine"}\n{oops\n', "bad.jsonl line 2: not valid JSON"),
+        ("x.parquet", {"body": ["a"]}, "x.parquet: no column 'text' (columns: body)"),
         (
             "nulls.parquet",
-            pa.table({"text": ["a", None]}),
+            {"text": ["a", None]},
             "nulls.parquet row 1: column 'text' holds null, not text",
         ),
-        ("ints.parquet", pa.table({"text": [1, 2]}), "row 0: column 'text' holds int, not text"),
+        ("ints.parquet", {"text": [1, 2]}, "ints.parquet row 0: column 'text' holds int, not text"),
         ("not.parquet", "hello", "not.parquet: not a readable parquet file"),
         ("nope.jsonl", None, "nope.jsonl: no such file or directory"),
         ("empty.jsonl", "\n   \n", "no documents"),
-        # One row group of no rows.
-        ("empty.parquet", pa.table({"text": pa.array([], pa.string())}), "no documents"),
+        (
+            "empty.parquet",
+            {"text": pa.array([], pa.string())},
+            "no documents",
+        ),  # a group of no rows
+        (
+            "lines.txt",
+            b"fine" * 5000 + b"\xff",
+            "lines.txt: not UTF-8 text (invalid start byte at byte 20000)",
+        ),
     ],
 )
-def test_a_bad_input_file_is_named_and_nothing_is_written(tmp_path, name, content, message):
+def test_a_bad_input_file_is_named_and_nothing_is_written(tmp_path, capfd, name, content, message):
     path = tmp_path / name
-    if isinstance(content, str):
-        path.write_text(content)
+    if isinstance(content, dict):
+        pq.write_table(pa.table(content), path)
     elif content is not None:
-        pq.write_table(content, path)
-    with pytest.raises(UserError, match=message):
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UserError, match=re.escape(message)) as error:
         fineweb.main(["--input", str(path), "--out", str(tmp_path / "out")])
+    assert "\n" not in str(error.value)
+    assert "Traceback" not in capfd.readouterr().err  # from this process or its workers
     assert not os.path.exists(tmp_path / "out")
+
+
+MOVED = "cannot read it (No such file or directory); was it moved or deleted during the run"
 
 
 def encode_with_a_huge_id(text):
@@ -531,69 +541,43 @@ def encode_with_a_huge_id(text):
     return [70000] if "HUGE" in text else [len(word) for word in text.split()]
 
 
-def test_token_id_too_large_for_uint16(tmp_path):
-    documents = make_documents(300, 30)
-    documents[250] = "a HUGE word"
-    corpus = write_jsonl(tmp_path / "corpus.jsonl", documents)
-    pieces = fineweb.plan_pieces([corpus], "text", piece_bytes=300)
-    tokenize = functools.partial(fineweb.tokenize_documents, encode=encode_with_a_huge_id)
-    with pytest.raises(UserError, match="corpus.jsonl line 251: the tokenizer made token id 70000"):
+@pytest.mark.parametrize(
+    "fault, encode, error, message",
+    [  # what happens as the 21st piece is handed out; the tokenizer's encode; the error
+        ("delete a.jsonl", None, UserError, f"a.jsonl: {MOVED}"),
+        ("delete c/019.txt", None, UserError, f"c/019.txt: {MOVED}"),
+        # An error from elsewhere while a shard is open: as it is, not called a failed write.
+        ("lose the connection", None, ConnectionResetError, "Connection reset by peer"),
+        (
+            None,
+            encode_with_a_huge_id,
+            UserError,
+            "a.jsonl line 91: the tokenizer made token id 70000",
+        ),
+    ],
+)
+def test_a_fault_in_the_run_is_one_error_and_the_shards_before_it_are_kept(
+    tmp_path, tokenize, fault, encode, error, message
+):
+    documents = make_documents(300, 60, seed=4)
+    documents[90] = "a HUGE word"
+    files = fineweb.find_input_files(write_corpus(tmp_path, documents))
+
+    def faulty(pieces):
+        for index, piece in enumerate(pieces):
+            if index == 20 and fault == "lose the connection":  # what a download raises then
+                raise ConnectionResetError(104, "Connection reset by peer")
+            if index == 20 and fault:
+                os.remove(tmp_path / fault.removeprefix("delete "))
+            yield piece
+
+    if encode:
+        tokenize = functools.partial(fineweb.tokenize_documents, encode=encode)
+    pieces = faulty(fineweb.plan_pieces(files, "text", piece_bytes=500))
+    with pytest.raises(error, match=re.escape(message)):
         write_shards(tmp_path / "out", pieces, tokenize, 400)
-    assert len(shard_files(tmp_path / "out")) > 3  # the shards before the bad document are kept
-    assert_no_partial_shard(tmp_path / "out", 400)
-
-
-def test_a_full_disk_while_a_shard_is_written_is_one_error_and_the_rerun_finishes(tmp_path):
-    flags, reference = reference_run(tmp_path, shard_size=60000, seed=3)
-    assert len(shard_files(reference)) > 2
-    out = str(tmp_path / "out")
-    # Shards are 120 KB: the first one fails half way through, while tokens are streamed into it.
-    message = r"the disk is full while writing .*_val_000000.npy: free some"
-    with file_size_limit(50_000), pytest.raises(UserError, match=message):
-        fineweb.main([*flags, "--out", out])
-    assert os.listdir(out) == ["shard_progress.json"]  # no shard, no temporary file taking space
-    fineweb.main([*flags, "--out", out])
-    assert read_directory(out) == read_directory(reference)
-
-
-def interrupted(pieces, after, fault):
-    """The pieces, with fault() called once `after` of them have been handed out."""
-    for index, piece in enumerate(pieces):
-        if index == after:
-            fault()
-        yield piece
-
-
-def drop_the_connection():
-    """What a download raises when the network goes (a ConnectionError is an OSError)."""
-    raise ConnectionResetError(104, "Connection reset by peer")
-
-
-@pytest.mark.parametrize("deleted", ["a.jsonl", "c/019.txt", None])
-def test_an_input_file_deleted_or_the_connection_lost_during_the_run(tmp_path, tokenize, deleted):
-    files = fineweb.find_input_files(write_corpus(tmp_path, make_documents(300, 60, seed=4)))
-    fault = functools.partial(os.remove, tmp_path / deleted) if deleted else drop_the_connection
-    pieces = interrupted(fineweb.plan_pieces(files, "text", piece_bytes=500), 12, fault)
-    with pytest.raises(UserError if deleted else ConnectionResetError) as error:
-        write_shards(tmp_path / "out", pieces, tokenize, 400)
-    if deleted:  # a file moved during a run: one error naming it
-        moved = "cannot read it (No such file or directory); was it moved or deleted during the run"
-        assert f"{deleted}: {moved}" in str(error.value)
-    else:  # an error from elsewhere while a shard is open: as it is, not called a failed write
-        assert "Connection reset by peer" in str(error.value)
-    assert len(shard_files(tmp_path / "out")) >= 1  # the shards finished before are kept, whole
+    assert len(shard_files(tmp_path / "out")) > 3  # the shards finished before are kept, whole
     assert_no_partial_shard(tmp_path / "out", 400)  # the one being filled is gone, its temp too
-
-
-def test_command_line_error_is_one_line(tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "fine"}\n{oops\n')
-    run = run_script("fineweb.py", "--input", bad, "--out", tmp_path / "out")
-    assert run.returncode == 1
-    assert "Traceback" not in run.stderr
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "bad.jsonl line 2" in errors[0]
-    assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
