@@ -298,44 +298,37 @@ def test_hugging_face_rows_can_be_skipped_too():
             ]
 
 
-def test_a_folder_gives_its_input_files_in_order_without_hidden_ones_loops_or_dead_links(
+def test_input_folders_list_files_in_order_without_hidden_ones_loops_or_dead_links(
     tmp_path, capsys
 ):
-    listed = tmp_path / "listed"
+    listed, loops = tmp_path / "listed", tmp_path / "loops"
     shown = ["b.txt", "a/z.txt", "a/b/c.jsonl", "d.parquet", "dir.txt/inner.txt", "notes.md"]
-    for name in shown + [".hidden.txt", ".git/x.txt", ".store/target.txt"]:
-        (listed / name).parent.mkdir(parents=True, exist_ok=True)
-        (listed / name).write_text("x")
+    hidden = [".hidden.txt", ".git/x.txt", ".store/target.txt"]
+    for path in [*(listed / name for name in shown + hidden), loops / "a.txt", loops / "sub/b.txt"]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("x")
     os.symlink(listed / ".store" / "target.txt", listed / "link.txt")  # listed, unlike .store
-    expected = ["a/b/c.jsonl", "a/z.txt", "b.txt", "d.parquet", "dir.txt/inner.txt", "link.txt"]
-    expected = [str(listed / name) for name in expected]
-    assert fineweb.find_input_files([str(listed)]) == expected
-    # What glob's recursive ** lists (used before: the keys of earlier runs name files so).
-    found = glob.glob(str(listed / "**" / "*"), recursive=True)
-    kept = (".txt", ".jsonl", ".parquet")
-    assert sorted(n for n in found if n.endswith(kept) and os.path.isfile(n)) == expected
     # Links that cannot be followed: said once each, and left out.
-    loops = tmp_path / "loops"
-    (loops / "sub").mkdir(parents=True)
-    (loops / "a.txt").write_text("a document")
-    (loops / "sub" / "b.txt").write_text("another")
     os.symlink("..", loops / "sub" / "up")  # followed, it would list everything again and again
     os.symlink("itself.txt", loops / "itself.txt")
-    assert fineweb.find_input_files([str(loops)]) == [
-        str(loops / "a.txt"),
-        str(loops / "sub/b.txt"),
-    ]
+    expected = ["a/b/c.jsonl", "a/z.txt", "b.txt", "d.parquet", "dir.txt/inner.txt", "link.txt"]
+    expected = [str(listed / name) for name in expected]
+    found = fineweb.find_input_files([str(listed), str(loops)])
+    assert found == [*expected, str(loops / "a.txt"), str(loops / "sub" / "b.txt")]
     notes = capsys.readouterr().out.splitlines()
     assert len(notes) == 2, notes
     assert any(str(loops / "sub" / "up") in note for note in notes)
     assert any(str(loops / "itself.txt") in note for note in notes)
+    # What glob's recursive ** lists (used before: the keys of earlier runs name files so).
+    globbed = glob.glob(str(listed / "**" / "*"), recursive=True)
+    kept = (".txt", ".jsonl", ".parquet")
+    assert sorted(n for n in globbed if n.endswith(kept) and os.path.isfile(n)) == expected
     # A link to nowhere (a disk not mounted, say) is one error naming it.
     os.symlink(tmp_path / "unmounted" / "b.txt", listed / "unmounted.txt")
     with pytest.raises(SystemExit) as exited:
         run_cli(fineweb.main, ["--input", str(listed), "--out", str(tmp_path / "out")])
-    assert exited.value.code == 1
     said = capsys.readouterr()
-    assert said.out == "" and said.err.count("\n") == 1
+    assert exited.value.code == 1 and said.out == "" and said.err.count("\n") == 1
     assert said.err.startswith(f"error: {listed / 'unmounted.txt'} is a symbolic link to ")
     assert not os.path.exists(tmp_path / "out")
 
@@ -397,31 +390,29 @@ def test_a_worker_reuses_its_memory_from_piece_to_piece(tmp_path, tokenize):
 
 def test_a_killed_run_or_one_that_filled_the_disk_resumes_to_the_same_bytes(tmp_path):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(400, 1000, seed=2))
-    killed, full, reference = (str(tmp_path / name) for name in ("killed", "full", "reference"))
+    out, full, reference = (str(tmp_path / name) for name in ("out", "full", "reference"))
     flags = ["--input", corpus, "--shard_size", "2000"]
     fineweb.main([*flags, "--out", reference])
     total_shards = len(shard_files(reference))
     assert total_shards > 60
     # Shards finished when the run is killed; the second kill hits a resumed run.
     for kill_after in [3, 20]:
-        command = [sys.executable, "fineweb.py", *flags, "--out", killed]
+        command = [sys.executable, "fineweb.py", *flags, "--out", out]
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
         run = subprocess.Popen(command, cwd=REPO, start_new_session=True, **quiet)
         deadline = time.time() + 60
-        while (
-            run.poll() is None and time.time() < deadline and len(shard_files(killed)) < kill_after
-        ):
+        while run.poll() is None and time.time() < deadline and len(shard_files(out)) < kill_after:
             time.sleep(0.002)
         os.killpg(run.pid, signal.SIGKILL)  # the main process and its workers, as a crash would
         run.wait()
-        progress = json.loads(pathlib.Path(killed, "shard_progress.json").read_text())
+        progress = json.loads(pathlib.Path(out, "shard_progress.json").read_text())
         assert not progress["finished"], "the run ended before it could be killed"
         assert kill_after - 1 <= progress["shards"] < total_shards
     # A shard being written when a kill comes leaves a temp file like this one behind (shard 1 is
     # done, so only the clean-up can remove it).
-    pathlib.Path(killed, ".shard_000001.tmp").write_bytes(b"torn")
-    fineweb.main([*flags, "--out", killed])
-    assert snapshot(killed) == snapshot(reference)
+    pathlib.Path(out, ".shard_000001.tmp").write_bytes(b"torn")
+    fineweb.main([*flags, "--out", out])
+    assert snapshot(out) == snapshot(reference)
     # Shards of 120 KB: the first one fails half way through, while tokens are streamed into it.
     flags[-1] = "60000"
     message = r"the disk is full while writing .*_val_000000.npy: free some"
@@ -473,25 +464,7 @@ def test_a_rerun_is_complete_with_the_same_settings_and_refused_with_others(tmp_
 
 
 FINE = json.dumps({"text": "fine"})
-
-
-@pytest.mark.parametrize(
-    "lines, message",
-    [
-        ([FINE, "{not json", FINE], "bad.jsonl line 2: not valid JSON"),
-        ([FINE, "", '{"body": "no text"}'], "bad.jsonl line 3: no text in field 'text'"),
-        (['{"text": 7}'], "bad.jsonl line 1: no text in field 'text'"),
-    ],
-)
-def test_bad_jsonl_is_named_with_its_line(tmp_path, lines, message):
-    good = write_jsonl(tmp_path / "good.jsonl", make_documents(200, 30))  # a few shards come first
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text("\n".join(lines) + "\n")
-    out = str(tmp_path / "out")
-    with pytest.raises(UserError, match=message) as error:
-        fineweb.main(["--input", good, str(bad), "--out", out, "--shard_size", "500"])
-    assert "\n" not in str(error.value)
-    assert_no_partial_shard(out, 500)
+NOT_UTF8 = b"fine" * 5000 + b"\xff"  # its first byte that is not UTF-8: byte 20000
 
 
 @pytest.mark.parametrize(
@@ -508,16 +481,8 @@ def test_bad_jsonl_is_named_with_its_line(tmp_path, lines, message):
         ("not.parquet", "hello", "not.parquet: not a readable parquet file"),
         ("nope.jsonl", None, "nope.jsonl: no such file or directory"),
         ("empty.jsonl", "\n   \n", "no documents"),
-        (
-            "empty.parquet",
-            {"text": pa.array([], pa.string())},
-            "no documents",
-        ),  # a group of no rows
-        (
-            "lines.txt",
-            b"fine" * 5000 + b"\xff",
-            "lines.txt: not UTF-8 text (invalid start byte at byte 20000)",
-        ),
+        ("empty.parquet", {"text": pa.array([], pa.string())}, "no documents"),  # 0 rows
+        ("lines.txt", NOT_UTF8, "lines.txt: not UTF-8 text (invalid start byte at byte 20000)"),
     ],
 )
 def test_a_bad_input_file_is_named_and_nothing_is_written(tmp_path, capfd, name, content, message):
@@ -536,46 +501,48 @@ def test_a_bad_input_file_is_named_and_nothing_is_written(tmp_path, capfd, name,
 MOVED = "cannot read it (No such file or directory); was it moved or deleted during the run"
 
 
-def encode_with_a_huge_id(text):
+def encode_huge_ids(text):
     """A stand-in for a tokenizer with more than 65536 tokens."""
     return [70000] if "HUGE" in text else [len(word) for word in text.split()]
 
 
 @pytest.mark.parametrize(
-    "fault, encode, error, message",
-    [  # what happens as the 21st piece is handed out; the tokenizer's encode; the error
-        ("delete a.jsonl", None, UserError, f"a.jsonl: {MOVED}"),
-        ("delete c/019.txt", None, UserError, f"c/019.txt: {MOVED}"),
+    "fault, error, message",
+    [  # what happens as the 21st piece is handed out, or the lines of a jsonl file after the corpus
+        ("delete a.jsonl", UserError, f"a.jsonl: {MOVED}"),
+        ("delete c/019.txt", UserError, f"c/019.txt: {MOVED}"),
         # An error from elsewhere while a shard is open: as it is, not called a failed write.
-        ("lose the connection", None, ConnectionResetError, "Connection reset by peer"),
-        (
-            None,
-            encode_with_a_huge_id,
-            UserError,
-            "a.jsonl line 91: the tokenizer made token id 70000",
-        ),
+        ("lose the connection", ConnectionResetError, "Connection reset by peer"),
+        ("ids past uint16", UserError, "a.jsonl line 91: the tokenizer made token id 70000"),
+        ([FINE, "{not json", FINE], UserError, "bad.jsonl line 2: not valid JSON"),
+        ([FINE, "", '{"body": 1}'], UserError, "bad.jsonl line 3: no text in field 'text'"),
+        (['{"text": 7}'], UserError, "bad.jsonl line 1: no text in field 'text'"),
     ],
 )
-def test_a_fault_in_the_run_is_one_error_and_the_shards_before_it_are_kept(
-    tmp_path, tokenize, fault, encode, error, message
+def test_a_fault_or_a_bad_line_is_one_error_and_the_shards_before_it_are_kept(
+    tmp_path, tokenize, fault, error, message
 ):
     documents = make_documents(300, 60, seed=4)
     documents[90] = "a HUGE word"
-    files = fineweb.find_input_files(write_corpus(tmp_path, documents))
+    inputs = write_corpus(tmp_path, documents)
+    if isinstance(fault, list):
+        inputs.append(str(tmp_path / "bad.jsonl"))
+        pathlib.Path(inputs[-1]).write_text("\n".join(fault) + "\n")
+    if fault == "ids past uint16":
+        tokenize = functools.partial(fineweb.tokenize_documents, encode=encode_huge_ids)
 
     def faulty(pieces):
         for index, piece in enumerate(pieces):
             if index == 20 and fault == "lose the connection":  # what a download raises then
                 raise ConnectionResetError(104, "Connection reset by peer")
-            if index == 20 and fault:
+            if index == 20 and fault in ("delete a.jsonl", "delete c/019.txt"):
                 os.remove(tmp_path / fault.removeprefix("delete "))
             yield piece
 
-    if encode:
-        tokenize = functools.partial(fineweb.tokenize_documents, encode=encode)
-    pieces = faulty(fineweb.plan_pieces(files, "text", piece_bytes=500))
-    with pytest.raises(error, match=re.escape(message)):
+    pieces = faulty(fineweb.plan_pieces(fineweb.find_input_files(inputs), "text", piece_bytes=500))
+    with pytest.raises(error, match=re.escape(message)) as raised:
         write_shards(tmp_path / "out", pieces, tokenize, 400)
+    assert "\n" not in str(raised.value)
     assert len(shard_files(tmp_path / "out")) > 3  # the shards finished before are kept, whole
     assert_no_partial_shard(tmp_path / "out", 400)  # the one being filled is gone, its temp too
 
