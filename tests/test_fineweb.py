@@ -77,9 +77,8 @@ def write_corpus(directory, documents):
 
 
 def shard_files(out_dir):
-    """The shard names in out_dir, in shard order (by their number: "val" sorts after "train")."""
-    names = [os.path.basename(path) for path in glob.glob(os.path.join(out_dir, "*.npy"))]
-    return sorted(names, key=lambda name: name[-10:])
+    """The shard names in out_dir (none if it is missing) by number ("val" sorts after "train")."""
+    return sorted(glob.glob("*.npy", root_dir=out_dir), key=lambda name: name[-10:])
 
 
 def write_shards(out, pieces, tokenize, shard_size, num_proc=2, **options):
