@@ -152,14 +152,11 @@ def digest_of_shards(out_dir):
 
 
 # What the code of commit 067ecb5 made from pinned_corpus: however the making of shards changes (its
-# speed, the workers' start method, who reads the files), the bytes of the shards must not. The .txt
-# files differ because they are read as text, in which "\r\n" becomes "\n" (in jsonl and parquet it
-# stays as it is).
-PINNED_SHARDS = {
-    "txt": (33, "bcf5df3a2587b872d5fcaff208fb59033ee98f014b6d77cd13c34cf684243d84"),
-    "jsonl": (33, "ebc6de53c29a2b51a3896f5d599e078f701e055fbc62ccc5d3c152297e59d28d"),
-    "parquet": (33, "ebc6de53c29a2b51a3896f5d599e078f701e055fbc62ccc5d3c152297e59d28d"),
-}
+# speed, the workers' start method, who reads the files), their bytes must not. The .txt files
+# differ as they are read as text, in which "\r\n" becomes "\n" (in jsonl and parquet it stays).
+TEXT_MODE_SHARDS = (33, "bcf5df3a2587b872d5fcaff208fb59033ee98f014b6d77cd13c34cf684243d84")
+AS_IS_SHARDS = (33, "ebc6de53c29a2b51a3896f5d599e078f701e055fbc62ccc5d3c152297e59d28d")
+PINNED_SHARDS = {"txt": TEXT_MODE_SHARDS, "jsonl": AS_IS_SHARDS, "parquet": AS_IS_SHARDS}
 # How the pinned shards were made (edufineweb: the prefix of their names).
 PINNED_FLAGS = ["--shard_size", "50000", "--num_proc", "2", "--prefix", "edufineweb"]
 
@@ -210,9 +207,8 @@ def test_tokenizer_comes_from_its_cache_and_a_corrupt_cache_is_rebuilt(
 def test_gpt2_encode_and_tokenize_give_each_text_the_tokens_it_gets_alone(tokenizer):
     for text in ["", "hello <|endoftext|> world", "lone surrogate \ud800 here", "日本語 🙂"]:
         assert fineweb.gpt2_encode(tokenizer, text).tolist() == tokenizer.encode_ordinary(text)
-    # Texts whose ends would merge into other tokens if they were simply joined: spaces and newlines
-    # before and after words, an empty text, a lone surrogate (JSON allows them), and one of half a
-    # surrogate pair each.
+    # Texts whose ends would merge into other tokens if simply joined: spaces and newlines around
+    # words, an empty text, a lone surrogate (JSON allows them), one of half a surrogate pair each.
     texts = ["", "a ", " b", "\n\n", "word", "  ", "x\n", "\ud83d", "\ude00 tail", "日本語 🙂"]
     texts.append("end. ")
     for piece in [texts, [*texts, "says <|endoftext|> as text"], [texts[0]], ["only one"]]:
@@ -227,7 +223,7 @@ def documents_of(pieces):
     return [document for reader, *arguments in pieces for document in reader(*arguments)]
 
 
-def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
+def test_pieces_and_hugging_face_rows_hold_every_document_once_in_order_after_a_skip(tmp_path):
     documents = make_documents(120, 5)
     files = fineweb.find_input_files(write_corpus(tmp_path, documents))
     jsonl = files[0]
@@ -236,8 +232,7 @@ def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
     lines = ["\n", *lines[:-1], lines[-1].rstrip("\n")]  # and the last line may have no line end
     pathlib.Path(jsonl).write_text("".join(lines), newline="")
     line_numbers = [number for number, line in enumerate(lines, start=1) if line.strip()]
-    # Pieces of 50 bytes: a few lines of the jsonl file, one or two .txt files each. Pieces of a
-    # megabyte: all.
+    # Pieces of 50 bytes (a few lines of the jsonl file, one or two .txt files each); of 1 MB: all.
     for piece_bytes in [50, fineweb.PIECE_BYTES]:
         everything = documents_of(fineweb.plan_pieces(files, "text", piece_bytes=piece_bytes))
         assert [text for _, text in everything] == documents
@@ -248,6 +243,14 @@ def test_pieces_hold_every_document_once_in_order_after_any_skip(tmp_path):
         for skip in [1, 11, 39, 40, 41, 56, 57, 100, 101, 119, 120]:
             pieces = fineweb.plan_pieces(files, "text", skip=skip, piece_bytes=piece_bytes)
             assert documents_of(pieces) == everything[skip:]
+    # The rows of a Hugging Face dataset, as load_dataset returns it and with --streaming.
+    datasets = pytest.importorskip("datasets")
+    rows = datasets.Dataset.from_dict({"text": documents})
+    for loaded in [rows, rows.to_iterable_dataset()]:
+        for skip in [0, 7, 120]:
+            assert list(fineweb.hf_documents(loaded, "corpus", "text", skip)) == [
+                (("corpus", "row", i), documents[i]) for i in range(skip, 120)
+            ]
 
 
 def test_txt_and_parquet_files_read_as_plain_text(tmp_path):
@@ -273,17 +276,6 @@ def test_txt_and_parquet_files_read_as_plain_text(tmp_path):
             writer.write_table(pa.table({"text": pa.array(texts, pa.string())}))
     pieces = fineweb.plan_pieces([str(tmp_path / "gap.parquet")], "text")
     assert [text for _, text in documents_of(pieces)] == ["before", "after"]
-
-
-def test_hugging_face_rows_can_be_skipped_too():
-    datasets = pytest.importorskip("datasets")
-    documents = make_documents(50, 5)
-    rows = datasets.Dataset.from_dict({"text": documents})
-    for loaded in [rows, rows.to_iterable_dataset()]:  # as load_dataset returns it; --streaming
-        for skip in [0, 7, 50]:
-            assert list(fineweb.hf_documents(loaded, "corpus", "text", skip)) == [
-                (("corpus", "row", i), documents[i]) for i in range(skip, 50)
-            ]
 
 
 def test_input_folders_list_files_in_order_without_hidden_ones_loops_or_dead_links(
@@ -332,8 +324,8 @@ def test_workers_started_by_fork_or_spawn_and_how_many_of_them_change_no_byte(
             super().__init__(processes, *args, **kwargs)
 
     monkeypatch.setattr(multiprocessing.pool, "Pool", CountedPool)  # what context.Pool makes
-    documents, inputs = corpus
-    files = fineweb.find_input_files(inputs)
+    documents, paths = corpus
+    files = fineweb.find_input_files(paths)
     jsonl = [write_jsonl(tmp_path / "corpus.jsonl", documents)]
     # Small pieces, so that many are in flight at once and have to come back in order; then more
     # workers asked for than there are cores, or pieces (the last run: one piece).
@@ -392,8 +384,7 @@ def test_a_killed_run_or_one_that_filled_the_disk_resumes_to_the_same_bytes(tmp_
         progress = json.loads(pathlib.Path(out, "shard_progress.json").read_text())
         assert not progress["finished"], "the run ended before it could be killed"
         assert kill_after - 1 <= progress["shards"] < total_shards
-    # A shard being written when a kill comes leaves a temp file like this one behind (shard 1 is
-    # done, so only the clean-up can remove it).
+    # A kill mid-shard leaves a temp file like this (shard 1 is done: only the clean-up removes it).
     pathlib.Path(out, ".shard_000001.tmp").write_bytes(b"torn")
     fineweb.main([*flags, "--out", out])
     assert snapshot(out) == snapshot(reference)
@@ -492,7 +483,7 @@ def encode_huge_ids(text):
 
 @pytest.mark.parametrize(
     "fault, error, message",
-    [  # what happens as the 21st piece is handed out, or the lines of a jsonl file after the corpus
+    [  # what happens as the 21st piece is handed out, or a jsonl file's lines after a.jsonl
         ("delete a.jsonl", UserError, f"a.jsonl: {MOVED}"),
         ("delete c/019.txt", UserError, f"c/019.txt: {MOVED}"),
         # An error from elsewhere while a shard is open: as it is, not called a failed write.
@@ -510,8 +501,8 @@ def test_a_fault_or_a_bad_line_is_one_error_and_the_shards_before_it_are_kept(
     documents[90] = "a HUGE word"
     inputs = write_corpus(tmp_path, documents)
     if isinstance(fault, list):
-        inputs.append(str(tmp_path / "bad.jsonl"))
-        pathlib.Path(inputs[-1]).write_text("\n".join(fault) + "\n")
+        inputs.insert(1, str(tmp_path / "bad.jsonl"))
+        pathlib.Path(inputs[1]).write_text("\n".join(fault) + "\n")
     if fault == "ids past uint16":
         tokenize = functools.partial(fineweb.tokenize_documents, encode=encode_huge_ids)
 
