@@ -445,7 +445,6 @@ NOT_UTF8 = b"fine" * 5000 + b"\xff"  # its first byte that is not UTF-8: byte 20
 @pytest.mark.parametrize(
     "name, content, message",
     [  # parquet columns, text or bytes; None: no such file
-        ("bad.jsonl", '{"text": "fine"}\n{oops\n', "bad.jsonl line 2: not valid JSON"),
         ("x.parquet", {"body": ["a"]}, "x.parquet: no column 'text' (columns: body)"),
         (
             "nulls.parquet",
@@ -522,6 +521,17 @@ def test_a_fault_or_a_bad_line_is_one_error_and_the_shards_before_it_are_kept(
     names = shard_files(tmp_path / "out")
     assert sorted(os.listdir(tmp_path / "out")) == sorted(["edufineweb_progress.json", *names])
     assert len(names) > 3 and all(len(np.load(tmp_path / "out" / name)) == 400 for name in names)
+
+
+def test_command_line_error_is_one_line(tmp_path):
+    # Found by a pool worker; the script exits 1 with one error line among its progress bar's.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{oops\n')
+    run = run_script("fineweb.py", "--input", bad, "--out", tmp_path / "out")
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.jsonl line 2" in errors[0]
+    assert not os.path.exists(tmp_path / "out")
 
 
 @pytest.mark.parametrize("variable", ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"])
