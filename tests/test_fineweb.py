@@ -284,17 +284,15 @@ def test_a_folder_lists_input_files_in_order_not_hidden_ones_loops_or_dead_links
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
     os.symlink(listed / ".store" / "target.txt", listed / "link.txt")  # listed, unlike .store
-    # Links that cannot be followed: said once each, and left out.
+    # Links that cannot be followed are left out: the one to itself with a note.
     os.symlink("..", loops / "sub" / "up")  # followed, it would list everything again and again
     os.symlink("itself.txt", loops / "itself.txt")
     expected = ["a/b/c.jsonl", "a/z.txt", "b.txt", "d.parquet", "dir.txt/inner.txt", "link.txt"]
     expected = [str(listed / name) for name in expected]
     found = fineweb.find_input_files([str(listed), str(loops)])
     assert found == [*expected, str(loops / "a.txt"), str(loops / "sub" / "b.txt")]
-    notes = capsys.readouterr().out.splitlines()
-    assert len(notes) == 2, notes
-    assert any(str(loops / "sub" / "up") in note for note in notes)
-    assert any(str(loops / "itself.txt") in note for note in notes)
+    notes = capsys.readouterr().out.splitlines()  # the link back up lists nothing twice
+    assert len(notes) == 1 and str(loops / "itself.txt") in notes[0], notes
     # What glob's recursive ** lists (used before: the keys of earlier runs name files so).
     globbed = glob.glob(str(listed / "**" / "*"), recursive=True)
     kept = (".txt", ".jsonl", ".parquet")
@@ -401,13 +399,6 @@ def test_a_rerun_is_complete_with_the_same_settings_and_refused_with_others(tmp_
     out = tmp_path / "out"
     flags = ["--input", str(folder), "--out", str(out), "--shard_size", "5000", "--num_proc", "1"]
     fineweb.main(flags)
-    fineweb.main(flags)
-    assert "is already complete" in capsys.readouterr().out
-    # The progress as the version that hashed small files too wrote it: the run still resumes.
-    progress = json.loads((out / "shard_progress.json").read_text())
-    digest = hashlib.sha256((folder / "000.txt").read_bytes()).hexdigest()
-    progress["settings"]["input"][0]["ends_sha256"] = digest
-    (out / "shard_progress.json").write_text(json.dumps(progress))
     fineweb.main(flags)
     assert "is already complete" in capsys.readouterr().out
     before = snapshot(out)
