@@ -103,8 +103,8 @@ def input_files_under(folder, above):
 # -----------------------------------------------------------------------------
 # Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt
 # files, lines of a jsonl file, or rows the main process read (of a parquet file or a Hugging Face
-# dataset). A piece is (reader, *arguments); reader(*arguments) yields (where, text) per document,
-# `where` naming the file and line or row. Workers read .txt and jsonl pieces themselves: parsing in
+# dataset). A piece is (reader, *arguments); reader(*arguments) yields the text of each document.
+# Workers read .txt and jsonl pieces themselves: parsing in
 # the main process cost a tenth of the tokenizing, on cores the workers need. A resume leaves out
 # the `skip` documents that finished shards hold: each file's planner returns what it did not skip.
 
@@ -151,7 +151,7 @@ def plan_pieces(files, text_field, skip=0, piece_bytes=PIECE_BYTES):
 
 
 def read_txt_files(paths):
-    return [((path,), read_txt(path)) for path in paths]
+    return [read_txt(path) for path in paths]
 
 
 def read_txt(path):
@@ -201,7 +201,7 @@ def read_jsonl_lines(path, text_field, start, stop, first_line_number):
                 f"{path} line {line_number}: no text in field "
                 f"'{text_field}' (pick the field with --text_field)"
             )
-        yield (path, "line", line_number), text
+        yield text
 
 
 def check_column(name, columns, text_field):
@@ -250,11 +250,11 @@ def text_rows(texts, name, text_field, first_row):
         if not isinstance(text, str):
             held = "null" if text is None else type(text).__name__  # int64 in parquet is int
             raise UserError(f"{name} row {row}: column '{text_field}' holds {held}, not text")
-        yield (name, "row", row), text
+        yield text
 
 
 def hf_documents(rows, dataset, text_field, skip=0):
-    """(where, text) for every row of a loaded Hugging Face dataset after its first `skip` rows."""
+    """The text of every row of a loaded Hugging Face dataset after its first `skip` rows."""
     if hasattr(rows, "__len__") and skip >= len(rows):  # Dataset.skip refuses to skip it all
         return iter(())
     texts = (text for batch in rows.skip(skip).iter(batch_size=1024) for text in batch[text_field])
@@ -262,10 +262,10 @@ def hf_documents(rows, dataset, text_field, skip=0):
 
 
 def pieces_of_documents(documents, piece_chars=PIECE_BYTES):
-    """The (where, text) pairs read here, in pieces of piece_chars or more (their reader: iter)."""
+    """The documents read here, in pieces of piece_chars or more (their reader: iter)."""
     piece, chars = [], 0
-    for where, text in documents:
-        piece.append((where, text))
+    for text in documents:
+        piece.append(text)
         chars += len(text)
         if chars >= piece_chars:
             yield iter, piece
@@ -277,7 +277,7 @@ def pieces_of_documents(documents, piece_chars=PIECE_BYTES):
 # -----------------------------------------------------------------------------
 # Tokenizing, in worker processes, a piece per task: big tasks keep the cost of handing out work
 # small. A tokenizer maps a piece's texts to (ids, document_ends): an EOT and each text's tokens,
-# end to end, and where each text's tokens end. Ids are checked to fit uint16: larger ones wrap.
+# end to end, and where each text's tokens end. GPT-2's ids (at most 50256) fit uint16.
 
 EOT_TEXT = "<|endoftext|>"  # how tiktoken writes EOT_TOKEN in text
 
@@ -330,15 +330,7 @@ def init_worker(tokenize):
 def tokenize_piece(piece):
     """In a worker: read a piece's documents and tokenize them; (ids as uint16, document_ends)."""
     reader, *arguments = piece
-    wheres, texts = zip(*reader(*arguments))
-    ids, document_ends = worker_tokenize(list(texts))
-    too_large = np.flatnonzero((ids >= 2**16) | (ids < 0))
-    if len(too_large):
-        where = wheres[np.searchsorted(document_ends, too_large[0], side="right")]
-        raise UserError(
-            f"{' '.join(map(str, where))}: the tokenizer made token id {ids[too_large[0]]}, which "
-            f"does not fit the uint16 shards; use a tokenizer with fewer than 65536 tokens"
-        )
+    ids, document_ends = worker_tokenize(list(reader(*arguments)))
     return ids.astype(np.uint16), document_ends
 
 
