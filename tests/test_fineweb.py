@@ -362,19 +362,23 @@ def test_a_killed_run_or_one_that_filled_the_disk_resumes_to_the_same_bytes(tmp_
     fineweb.main([*flags, "--out", reference])
     total_shards = len(shard_files(reference))
     assert total_shards > 60
-    # Shards finished when the run is killed; the second kill hits a resumed run.
-    for kill_after in [3, 20]:
+    # Shards finished when the run stops: killed with its workers, as a crash would kill them; then
+    # the resumed run gets Ctrl-C (a terminal sends SIGINT to the script and its workers alike).
+    for kill_after, stop in [(3, signal.SIGKILL), (20, signal.SIGINT)]:
         command = [sys.executable, "fineweb.py", *flags, "--out", out]
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        run = subprocess.Popen(command, cwd=REPO, start_new_session=True, **quiet)
+        pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
+        run = subprocess.Popen(command, cwd=REPO, start_new_session=True, **pipes)
         deadline = time.time() + 60
         while run.poll() is None and time.time() < deadline and len(shard_files(out)) < kill_after:
             time.sleep(0.002)
-        os.killpg(run.pid, signal.SIGKILL)  # the main process and its workers, as a crash would
-        run.wait()
+        os.killpg(run.pid, stop)
+        said = run.communicate(timeout=60)[1].splitlines()
         progress = json.loads(pathlib.Path(out, "shard_progress.json").read_text())
-        assert not progress["finished"], "the run ended before it could be killed"
+        assert not progress["finished"], "the run ended before it could be stopped"
         assert kill_after - 1 <= progress["shards"] < total_shards
+    assert run.returncode == 130 and "Traceback" not in "".join(said)
+    assert said[-1] == "interrupted: finished shards are kept; run the same command again to resume"
+    assert not glob.glob(".*.tmp", root_dir=out)  # Ctrl-C removed the shard it was filling
     # A kill mid-shard leaves a temp file like this (shard 1 is done: only the clean-up removes it).
     pathlib.Path(out, ".shard_000001.tmp").write_bytes(b"torn")
     fineweb.main([*flags, "--out", out])
