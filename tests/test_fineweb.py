@@ -401,8 +401,8 @@ def test_a_rerun_is_complete_with_the_same_settings_and_refused_with_others(tmp_
     large.write_text("the first corpus. " * 5000)  # 90 KB: enough that its key hashes its ends
     out = tmp_path / "out"
     flags = ["--input", str(folder), "--out", str(out), "--shard_size", "5000", "--num_proc", "1"]
-    fineweb.main(flags)
-    fineweb.main(flags)
+    fineweb.main([*flags, "--prefix", "notes"])
+    fineweb.main(flags)  # without --prefix: the one of the run that --out holds
     assert "is already complete" in capsys.readouterr().out
     before = snapshot(out)
     with pytest.raises(UserError, match="shard_size 5000 -> 400"):
@@ -421,9 +421,9 @@ def test_a_rerun_is_complete_with_the_same_settings_and_refused_with_others(tmp_
     with pytest.raises(UserError, match=expected):
         fineweb.main(flags[2:])  # no --input: the default, download FineWeb-edu
     assert snapshot(out) == before
-    os.remove(out / "shard_progress.json")  # shards whose origin is unknown
-    with pytest.raises(UserError, match="no shard_progress.json"):
-        fineweb.main(flags)
+    os.remove(out / "notes_progress.json")  # shards whose origin is unknown
+    with pytest.raises(UserError, match="no notes_progress.json"):
+        fineweb.main([*flags, "--prefix", "notes"])
 
 
 FINE = json.dumps({"text": "fine"})
