@@ -72,13 +72,16 @@ def read_log(log_dir):
 def test_eval_only_gives_the_val_loss_transformers_gives_in_one_process_and_under_torchrun(
     hf_dir, text_shards, tmp_path, capsys
 ):
-    flags = ["--init", hf_dir, "--data_dir", text_shards, "--hellaswag", "--hellaswag_data"]
-    flags.append(write_hellaswag(tmp_path / "hellaswag.jsonl"))
+    # It needs no train split; --val_tokens is rounded down to whole batches (of 128, 2 x 128).
+    [shard] = glob.glob(os.path.join(text_shards, "*_val_*.npy"))
+    os.makedirs(tmp_path / "val_only")
+    shutil.copy(shard, tmp_path / "val_only")
+    flags = ["--init", hf_dir, "--data_dir", str(tmp_path / "val_only"), "--val_tokens", "1100"]
+    flags += ["--hellaswag", "--hellaswag_data", write_hellaswag(tmp_path / "hellaswag.jsonl")]
     val_loss, out = eval_only(capsys, *flags)
     assert "1,024 tokens" in out
     # The same 1,024 tokens through transformers' own model: the first 1,024 inputs of the val
     # shard, each predicting the token after it, in rows of 32.
-    [shard] = glob.glob(os.path.join(text_shards, "*_val_*.npy"))
     tokens = torch.from_numpy(np.load(shard)[:1025].astype(np.int64))
     hf_model = GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
     with torch.no_grad():
@@ -88,7 +91,7 @@ def test_eval_only_gives_the_val_loss_transformers_gives_in_one_process_and_unde
     # Two ranks each score half of the val batches and half of the HellaSwag examples; the results
     # are one process's.
     result = run_trainer("--eval_only", *BATCH, *flags, nproc=2)
-    assert "2 process(es)" in result.stdout
+    assert "2 process(es)" in result.stdout and "1,024 tokens" in result.stdout
     [ddp_line] = [line for line in result.stdout.splitlines() if line.startswith("val loss ")]
     assert abs(float(ddp_line.split()[2]) - val_loss) < 1e-5
 
