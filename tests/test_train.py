@@ -179,9 +179,8 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     straight_run = run_trainer(*args, "--log_dir", tmp_path / "straight")
     assert "epoch       3 steps, shuffled by --seed 1337" in straight_run.stdout
     assert "epoch 0 done at step 2: 768 tokens seen" in straight_run.stdout
-    for name in ("resumed", "changed"):  # as if stopped after 4 of 8 steps
-        os.makedirs(tmp_path / name)
-        shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / name)
+    os.makedirs(tmp_path / "resumed")  # as if stopped after 4 of 8 steps
+    shutil.copy(tmp_path / "straight" / "model_00003.pt", tmp_path / "resumed")
     result = run_trainer(*args, "--log_dir", tmp_path / "resumed", "--resume")
     assert "resumed from" in result.stdout and "at step 4" in result.stdout
     # the first half is not trained again
@@ -194,11 +193,14 @@ def test_resume_is_bit_identical(tmp_path, text_shards):
     ]
     assert open(tmp_path / "resumed" / "log.txt").readlines() == straight_losses
     assert "note:" not in result.stdout
-    # resumed with another --val_tokens: the run goes on, and says its val losses measure another
-    changed = run_trainer(
-        *args, "--log_dir", tmp_path / "changed", "--resume", "--val_tokens", 1024
-    )
-    assert "note: --val_tokens is 1024, the run before was 512" in changed.stdout
+    # An earlier checkpoint into a new folder, with another --val_tokens: the run goes on, says
+    # where its checkpoints go, and that its val losses measure other tokens.
+    earlier = tmp_path / "straight" / "model_00003.pt"
+    changed = tmp_path / "changed"
+    result = run_trainer(*args, "--log_dir", changed, "--resume", earlier, "--val_tokens", 1024)
+    assert f"resumed from {earlier} at step 4; new checkpoints go to {changed}" in result.stdout
+    assert "note: --val_tokens is 1024, the run before was 512" in result.stdout
+    assert os.path.exists(changed / "model_00007.pt")
 
 
 def test_a_compiled_run_learns_real_text_with_eval_hellaswag_and_sampling(tmp_path, text_shards):
