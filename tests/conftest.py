@@ -83,19 +83,30 @@ def read_until(proc, pattern):
     raise AssertionError(f"exit {proc.wait()} before a line matched {pattern!r}:\n{''.join(lines)}")
 
 
-def assert_bit_identical(checkpoint, other):
-    """The two checkpoints hold the same weights, AdamW moments and data position, bit for bit.
-    Returns the first, loaded."""
+def assert_bit_identical(checkpoint, other, differing=("args",)):
+    """The two checkpoints hold the same entries, bit for bit: tensors of one dtype and equal,
+    containers item by item; all but `differing` (args: each run's own command line). Returns the
+    first, loaded."""
     import torch
+
+    def same(a, b, where):
+        assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
+        if isinstance(a, torch.Tensor):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
+        elif isinstance(a, (dict, list, tuple)):
+            if not isinstance(a, dict):  # a sequence: its items by index
+                a, b = dict(enumerate(a)), dict(enumerate(b))
+            assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
+            for key in a:
+                same(a[key], b[key], f"{where}[{key!r}]")
+        else:
+            assert a == b, f"{where}: {a!r} vs {b!r}"
 
     ours, theirs = (
         torch.load(p, map_location="cpu", weights_only=True) for p in (checkpoint, other)
     )
-    for key in ours["model"]:
-        assert torch.equal(ours["model"][key], theirs["model"][key]), key
-    for a, b in zip(ours["optimizer"]["state"].values(), theirs["optimizer"]["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert ours["loader"] == theirs["loader"]
+    compared = [{k: v for k, v in state.items() if k not in differing} for state in (ours, theirs)]
+    same(*compared, os.path.basename(checkpoint))
     return ours
 
 

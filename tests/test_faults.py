@@ -35,6 +35,7 @@ from conftest import (
     TIMEOUT,
     TINY_RUN,
     TINY_SHAPE,
+    assert_bit_identical,
     file_size_limit,
     run_script,
     snapshot,
@@ -939,21 +940,6 @@ def checkpoint_path(log_dir, step):
     return os.path.join(str(log_dir), f"model_{step:05d}.pt")
 
 
-def assert_same(a, b, where):
-    """a == b, exactly: tensors bit for bit (torch.equal), containers element by element."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} vs {type(b).__name__}"
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, (dict, list, tuple)):
-        if not isinstance(a, dict):  # a sequence: its items by index
-            a, b = dict(enumerate(a)), dict(enumerate(b))
-        assert a.keys() == b.keys(), f"{where}: keys {sorted(a)} vs {sorted(b)}"
-        for key in a:
-            assert_same(a[key], b[key], f"{where}[{key!r}]")
-    else:
-        assert a == b, f"{where}: {a!r} vs {b!r}"
-
-
 def read_log(log_dir):
     with open(os.path.join(log_dir, "log.txt")) as f:
         return {tuple(line.split()) for line in f if line.strip()}
@@ -965,13 +951,8 @@ def assert_matches_reference(log_dir, reference_dir):
     steps = checkpoint_steps(log_dir)
     assert steps and steps[-1] == LAST_STEP, f"the run did not finish: checkpoints at {steps}"
     for step in steps:
-        ours, reference = (
-            torch.load(checkpoint_path(folder, step), map_location="cpu", weights_only=True)
-            for folder in (log_dir, reference_dir)
-        )
-        for key in ("args", "eval_pending"):
-            del ours[key], reference[key]
-        assert_same(ours, reference, f"model_{step:05d}.pt")
+        paths = (checkpoint_path(folder, step) for folder in (log_dir, reference_dir))
+        assert_bit_identical(*paths, differing=("args", "eval_pending"))
     # A resumed run appends to log.txt and logs again the steps after its checkpoint: same values.
     ours, reference = read_log(log_dir), read_log(reference_dir)
     assert ours == reference, f"log.txt lines not in both runs' logs: {sorted(ours ^ reference)}"
