@@ -68,18 +68,20 @@ def start(*args, env=ENV):
 
 
 def read_until(proc, pattern):
-    """Lines of proc's output up to the first that matches `pattern`; none fails the test (an exit,
-    or a run that hangs: killed after TIMEOUT seconds)."""
+    """Lines of proc's output up to the first that matches `pattern` (None: to its end); none fails
+    the test (an exit, or a run that hangs: killed after TIMEOUT seconds)."""
     watchdog = threading.Timer(TIMEOUT, proc.kill)
     watchdog.start()
     lines = []
     try:
         for line in proc.stdout:
             lines.append(line)
-            if re.search(pattern, line):
+            if pattern is not None and re.search(pattern, line):
                 return lines
     finally:
         watchdog.cancel()
+    if pattern is None:
+        return lines
     raise AssertionError(f"exit {proc.wait()} before a line matched {pattern!r}:\n{''.join(lines)}")
 
 

@@ -16,7 +16,6 @@ import struct
 import subprocess
 import sys
 import termios
-import threading
 import time
 
 import numpy as np
@@ -37,8 +36,10 @@ from conftest import (
     TINY_SHAPE,
     assert_bit_identical,
     file_size_limit,
+    read_until,
     run_script,
     snapshot,
+    start,
     tiny_checkpoint,
     write_bin_shard,
     write_hellaswag,
@@ -875,42 +876,25 @@ LAST_STEP = 11
 
 
 class Trainer:
-    """train_gpt2.py in a subprocess whose merged output is read line by line as printed; killed
-    after TIMEOUT, so a hung run fails its test."""
+    """train_gpt2.py on LONG_RUN in a subprocess (conftest's start), its output kept as read."""
 
     def __init__(self, log_dir, data_dir, *flags):
-        command = [sys.executable, "train_gpt2.py", *LONG_RUN, "--data_dir", data_dir,
-                   "--log_dir", str(log_dir), *flags]  # fmt: skip
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env=ENV, cwd=REPO)  # fmt: skip
-        self.lines, self.watchdog = [], threading.Timer(TIMEOUT, self.proc.kill)
-        self.watchdog.daemon = True
-        self.watchdog.start()
+        folders = ["--data_dir", data_dir, "--log_dir", log_dir]
+        self.proc = start("train_gpt2.py", *LONG_RUN, *folders, *flags)
+        self.lines = []
 
     def wait_for(self, pattern):
         """Read output until a line matches the regex `pattern`; return the match."""
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-            if match := re.search(pattern, line):
-                return match
-        raise AssertionError(
-            f"the run ended (exit {self.proc.wait()}) before a line matched {pattern!r}:\n"
-            + self.output()
-        )
+        self.lines += read_until(self.proc, pattern)
+        return re.search(pattern, self.lines[-1])
 
     def finish(self):
-        """Wait for the process to end, reading all of its output; return the exit code."""
-        self.lines += [line.rstrip("\n") for line in self.proc.stdout]
-        code = self.proc.wait()
-        self.watchdog.cancel()
-        return code
-
-    def stop(self):
-        self.proc.kill()  # nothing, if it has ended
-        self.finish()
+        """Read the rest of the output; return the exit code."""
+        self.lines += read_until(self.proc, None)
+        return self.proc.wait()
 
     def output(self):
-        return "\n".join(self.lines)
+        return "".join(self.lines)
 
     def printed(self, pattern):
         return any(re.search(pattern, line) for line in self.lines)
@@ -918,17 +902,16 @@ class Trainer:
 
 @pytest.fixture
 def trainers():
-    """Start Trainers through this list; any still running when the test ends (a failed test) is
-    killed."""
+    """Start Trainers through this; any still running when the test ends (it failed) is killed."""
     started = []
     yield lambda *args: started.append(Trainer(*args)) or started[-1]
     for trainer in started:
-        trainer.stop()
+        trainer.proc.kill()  # nothing, if it has ended
+        trainer.proc.communicate()
 
 
 def step_of(path):
-    """The step in a checkpoint's name: 7 for log/model_00007.pt (and for its temporary
-    log/model_00007.pt.tmp)."""
+    """The step in a checkpoint's name: 7 for log/model_00007.pt (and log/model_00007.pt.tmp)."""
     return int(re.fullmatch(r"model_(\d+)\.pt(\.tmp)?", os.path.basename(path)).group(1))
 
 
@@ -972,7 +955,7 @@ def reference_run(random_shards, tmp_path_factory):
 
 
 def kill(run):
-    run.proc.send_signal(signal.SIGKILL)
+    run.proc.kill()
     assert run.finish() == -signal.SIGKILL
 
 
@@ -994,12 +977,11 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
     log_dir = str(tmp_path / "log")
     every_3, every_step = ["--ckpt_every", "3"], ["--ckpt_every", "1"]
 
-    # 1. Mid-step: at a random moment of step 5, once a checkpoint exists (they follow steps 2, 5,
-    # 8, 11).
+    # 1. Mid-step: at a random moment of step 5 (begun as step 4's line came), once a checkpoint
+    # exists (they follow steps 2, 5, 8, 11).
     run = trainers(log_dir, random_shards, *every_3)
     run.wait_for(r"^saved .*model_00002\.pt$")
     step_ms = int(run.wait_for(r"^step +4/\d+ \| loss .* \| (\d+) ms \|").group(1))
-    # step 5 started as step 4's line came
     time.sleep(random.Random(7).uniform(0.0, 1.0) * step_ms / 1000)
     kill(run)
     assert checkpoint_steps(log_dir) in ([2], [2, 5])
@@ -1048,6 +1030,12 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
 # --- SIGTERM and SIGINT: save the current step and exit 0 -----------------------------------------
 
 
+def stopped_step(output):
+    """The N of the output's one line "stopped after step N; continue with --resume"."""
+    [step] = re.findall(r"^stopped after step (\d+); continue with --resume$", output, re.M)
+    return int(step)
+
+
 def stop_with(run, sig, log_dir):
     """`sig` to `run`: it saves and exits 0 within 30 s, no traceback. Returns the step saved,
     checked against the last step line before the handler's notice."""
@@ -1060,10 +1048,7 @@ def stop_with(run, sig, log_dir):
                   if line.startswith(f"{sig.name}: saving a checkpoint"))  # fmt: skip
     before = [int(m.group(1)) for line in run.lines[:notice]
               if (m := re.match(r"step +(\d+)/\d+ \| loss", line))]  # fmt: skip
-    stopped = r"stopped after step (\d+); continue with --resume"
-    [stopped] = [
-        int(m.group(1)) for line in run.lines[notice:] if (m := re.fullmatch(stopped, line))
-    ]
+    stopped = stopped_step("".join(run.lines[notice:]))
     # The step in progress when the signal came finishes (or, if it had already passed the point
     # where ranks agree to stop, the one after it); nothing later. A signal during the evaluation
     # after a step cuts the evaluation short, and that step is the one saved.
@@ -1154,9 +1139,7 @@ def test_sigterm_while_printing_to_a_full_pipe_still_saves(tmp_path, random_shar
             if proc.poll() is None:
                 proc.kill()
     assert "Traceback" not in proc.stderr.read()
-    stopped = int(
-        re.search(r"^stopped after step (\d+); continue with --resume$", stdout, re.M).group(1)
-    )
+    stopped = stopped_step(stdout)
     assert checkpoint_steps(tmp_path) == [stopped] and stopped >= 20  # it ran until the pipe filled
 
 
