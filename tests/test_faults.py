@@ -70,11 +70,23 @@ with output_lock(sys.argv[1], "--folder"):
     print("locked", flush=True)
     time.sleep(600)
 """
-
-
 # The changes of a workspace that are one call on paths in its folder
 ON_PATHS = dict(folder=os.makedirs, link=os.symlink, copied=shutil.copy, removed=os.remove)
 ON_PATHS["truncated"] = lambda path: os.truncate(path, os.path.getsize(path) // 2)
+
+
+class Pickled:
+    """An object that only an unrestricted (code-running) unpickler can load."""
+
+
+class RunsCodeWhenUnpickled:
+    """Unpickling this creates the marker file: a harmless stand-in for a malicious payload."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
 
 
 class Workspace:
@@ -127,11 +139,51 @@ class Workspace:
         """A checkpoint, named as weights() names them, that a run on data/ can resume."""
         return self.weights(relative, data_dir=self.data, **entries)
 
+    def damaged_weights(self):
+        """model_00005.pt with 16 KB of its embedding overwritten by weights that load and train."""
+        path = self.weights()
+        self.scribble("model_00005.pt", FINITE_16_KB)
+        return path
+
+    def nan_weights(self):
+        model = GPT(GPTConfig(**TINY_SHAPE))
+        model.transformer.ln_f.weight.data *= float("nan")
+        return self.weights(model=model)
+
+    def code_running_weights(self):
+        """A checkpoint whose unpickling creates code_ran, which the row's snapshot would see."""
+        path = self.weights(args=RunsCodeWhenUnpickled(self.path("code_ran")))
+        torch.load(path, weights_only=False)  # the payload is live: an unrestricted load runs it
+        os.remove(self.path("code_ran"))
+        return path
+
+    def nanogpt(self):
+        """nanoGPT's layout: 'model_args' for the model, 'config' its training settings."""
+        model_args = dict(TINY_SHAPE, bias=False, dropout=0.0)
+        state = {"model": GPT(GPTConfig(**TINY_SHAPE)).state_dict(), "model_args": model_args}
+        config = {"out_dir": "out", "eval_interval": 2000, "batch_size": 12, **model_args}
+        state.update(iter_num=5, config=config)
+        torch.save(state, self.path("ckpt.pt"))
+        return self.path("ckpt.pt")
+
+    def hf(self, n_head, extra=None):
+        """A HF GPT-2 folder: config.json with `n_head` (None: none), pytorch_model.bin (+extra)."""
+        config = dict(n_positions=64, vocab_size=50257, n_layer=2, n_embd=64)
+        config.update({} if n_head is None else dict(n_head=n_head))
+        self.file("hf/config.json", json.dumps({"model_type": "gpt2", **config}))
+        weights = {"wte.weight": torch.zeros(3), **(extra or {})}
+        torch.save(weights, self.path("hf/pytorch_model.bin"))
+        return self.path("hf")
+
     def scribble(self, relative, data):
         """`data` written over the middle of a file, as a failing disk or a bad copy leaves it."""
         with open(self.path(relative), "r+b") as f:
             f.seek(os.path.getsize(self.path(relative)) // 2)
             f.write(data)
+
+    def ran(self, script, argv):
+        """script.main(argv), run before the row's own."""
+        script.main(argv)
 
     def env(self, *unset, **variables):
         """The environment variables named in `unset` removed, then these set."""
@@ -154,6 +206,10 @@ class Workspace:
     # --- the scripts' argvs
     def train(self, *flags):
         return [*TINY_RUN, "--data_dir", self.data, "--log_dir", self.log, *flags]
+
+    def group(self, **variables):
+        """A run in a one-process group, with these of its variables changed."""
+        return self.with_env(**dict(GROUP, **variables)).train()
 
     def damaged(self, **entries):
         """A run resuming log/model_00003.pt with entries replaced (None: removed; a function:
@@ -190,52 +246,6 @@ class Workspace:
         return [self.file("log.txt", log), "-o", self.path(out)]
 
 
-def over_an_export(w):
-    export_hf.main(w.export("hf"))
-    return w.export("hf")
-
-
-def nanogpt_checkpoint(w):
-    """nanoGPT's layout: 'model_args' for the model, 'config' its training settings."""
-    model_args = dict(TINY_SHAPE, bias=False, dropout=0.0)
-    state = {"model": GPT(GPTConfig(**TINY_SHAPE)).state_dict(), "model_args": model_args}
-    state.update(iter_num=5, config={"out_dir": "out", "eval_interval": 2000, "batch_size": 12})
-    state["config"].update(model_args)
-    torch.save(state, w.path("ckpt.pt"))
-    return w.path("ckpt.pt")
-
-
-def hf_directory(w, n_head, extra=None):
-    """A HF GPT-2 folder: config.json with `n_head` (None: none), pytorch_model.bin (+ `extra`)."""
-    config = dict(n_positions=64, vocab_size=50257, n_layer=2, n_embd=64)
-    config.update({} if n_head is None else dict(n_head=n_head))
-    w.file("hf/config.json", json.dumps({"model_type": "gpt2", **config}))
-    torch.save({"wte.weight": torch.zeros(3), **(extra or {})}, w.path("hf/pytorch_model.bin"))
-    return w.path("hf")
-
-
-class Pickled:
-    """An object that only an unrestricted (code-running) unpickler can load."""
-
-
-class RunsCodeWhenUnpickled:
-    """Unpickling this creates the marker file: a harmless stand-in for a malicious payload."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
-def checkpoint_that_runs_code(w):
-    """A checkpoint whose unpickling creates code_ran, which the row's snapshot would see."""
-    path = w.weights(args=RunsCodeWhenUnpickled(w.path("code_ran")))
-    torch.load(path, weights_only=False)  # the payload is live: an unrestricted load runs it
-    os.remove(w.path("code_ran"))
-    return path
-
-
 def out_of_memory(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
@@ -262,43 +272,11 @@ def diverging_train_step(bad_step, weights):
     return train_step
 
 
-def damaged_weights(w):
-    """The tiny model's weights at model_00005.pt, with 16 KB of its embedding overwritten."""
-    path = w.weights()
-    w.scribble("model_00005.pt", FINITE_16_KB)
-    return path
-
-
-def nan_weights(w):
-    model = GPT(GPTConfig(**TINY_SHAPE))
-    model.transformer.ln_f.weight.data *= float("nan")
-    return w.weights(model=model)
-
-
-def fineweb_input_replaced_by_a_file_of_the_same_size(w):
-    flags = ["--shard_size", "500", "--num_proc", "1"]
-    fineweb.main(w.fineweb(*flags, text="the first corpus, " * 200))
-    return w.fineweb(*flags, text="another corpus!!, " * 200)  # same size, other text
-
-
-def hellaswag_on_a_model_too_short_for_an_example(w):
-    example = {"ctx": "A man", "endings": ["runs", "sits", "eats", "sings"], "label": 0}
-    short = GPT(GPTConfig(block_size=1, vocab_size=50304, n_layer=1, n_head=1, n_embd=8))
-    return w.sample("--data", w.file("h.jsonl", json.dumps(example)), init=w.weights(model=short))
-
-
 def row(script, name, setup, says, code=1, changes=()):
     """script.main(setup(w)) exits with `code`, its last line holds each of `says` ({w.root}...
     formatted), only paths matching `changes` globs change. A string setup: flags to w.<script>()"""
-    if isinstance(setup, str):
-        setup = plain_argv(script, setup.split())
     says = (says,) if isinstance(says, str) else says
     return pytest.param(script, setup, says, code, changes, id=name)
-
-
-def plain_argv(script, flags):
-    method = script.__name__.removesuffix("_gpt2")  # train_gpt2: w.train
-    return lambda w: getattr(w, method)(*flags)
 
 
 def rows(script, *table):
@@ -312,11 +290,15 @@ FP16_SCALER = dict(scale=65536.0, growth_factor=2.0, backoff_factor=0.5, growth_
 ELASTIC = dict(GROUP, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", TORCHELASTIC_RUN_ID="stray")
 NO_INIT = "no_such.pt' is not a file, a directory, or one of gpt2"
 TRAIN_SHARD, VAL_SHARD = "data/tiny_train_000001.npy", "data/tiny_val_000000.npy"
+BIN = "data/fineweb_train_000001.bin"  # a train shard in llm.c's format
 A_SHARD_OF = "holds train shards of two corpora (other_train_{}.npy, tiny_train_000001.npy)"
 CONTEXT = "with the 32 that each sample adds, past the model's context of"
 DAMAGED = "entry is missing or damaged"
+FINITE = "must be a finite number"
 OTHER_TOKENS = np.arange(8192, dtype=np.uint16)  # a train shard's worth, not the random ones
 FINITE_16_KB = np.full(4096, 0.5, np.float32).tobytes()  # weights that load and train, wrongly
+SMALL_SHARDS = ["--shard_size", "500", "--num_proc", "1"]  # fineweb's: 500 tokens, one process
+EXAMPLE = {"ctx": "A man", "endings": ["runs", "sits", "eats", "sings"], "label": 0}
 
 # One rows() per script in each section. A comment after a row says what the script did before its
 # fix, where that was not a refusal.
@@ -324,27 +306,24 @@ FINITE_16_KB = np.full(4096, 0.5, np.float32).tobytes()  # weights that load and
 FAULTS = [
     # Numbers: every numeric flag must be finite and in its range, by one table (FLAG_RANGES).
     *rows(train_gpt2,
-        ("max_lr_inf", "--max_lr inf", "--max_lr must be a finite number"),
-        ("max_lr_nan", "--max_lr nan", "--max_lr must be a finite number"),
-        ("max_lr_past_what_adamw_can_step", "--max_lr 1e38",
-         "--max_lr must be a finite number, in [0, 1]"),
-        ("min_lr_nan", "--min_lr nan", "--min_lr must be a finite number"),
-        ("weight_decay_overflowing_to_inf", "--weight_decay 1e400",
-         "--weight_decay must be a finite number"),
-        ("grad_clip_inf", "--grad_clip inf", "--grad_clip must be a finite number"),
-        ("beta2_one", "--beta2 1", "--beta2 must be a finite number, in [0, 1)"),
-        ("eps_negative", "--eps=-1e-8", "--eps must be a finite number, in (0, 1e-3]"),
+        ("max_lr_inf", "--max_lr inf", f"--max_lr {FINITE}"),
+        ("max_lr_nan", "--max_lr nan", f"--max_lr {FINITE}"),
+        ("max_lr_past_what_adamw_can_step", "--max_lr 1e38", f"--max_lr {FINITE}, in [0, 1]"),
+        ("min_lr_nan", "--min_lr nan", f"--min_lr {FINITE}"),
+        ("weight_decay_overflowing_to_inf", "--weight_decay 1e400", f"--weight_decay {FINITE}"),
+        ("grad_clip_inf", "--grad_clip inf", f"--grad_clip {FINITE}"),
+        ("beta2_one", "--beta2 1", f"--beta2 {FINITE}, in [0, 1)"),
+        ("eps_negative", "--eps=-1e-8", f"--eps {FINITE}, in (0, 1e-3]"),
         ("eps_so_large_that_nothing_is_learned", "--eps 1e300",
          "a larger eps makes AdamW's steps vanish"),
         ("weight_decay_that_wipes_the_weights", "--weight_decay 1e10",
          "each step would decay every weight by all of it; lower --weight_decay"),
-        ("peak_flops_zero", "--peak_flops 0", "--peak_flops must be a finite number, positive"),
-        ("n_head_zero", "--n_head 0", "--n_head must be a finite number, positive"),
-        ("val_tokens_zero", "--val_tokens 0", "--val_tokens must be a finite number, positive"),
+        ("peak_flops_zero", "--peak_flops 0", f"--peak_flops {FINITE}, positive"),
+        ("n_head_zero", "--n_head 0", f"--n_head {FINITE}, positive"),
+        ("val_tokens_zero", "--val_tokens 0", f"--val_tokens {FINITE}, positive"),
         ("vocab_size_too_small", "--vocab_size 100",
          "--vocab_size 100 is smaller than GPT-2's 50257"),
-        ("seed_too_large_for_torch", f"--seed {10**23}",
-         "--seed must be a finite number, in [0, 2**63)"),
+        ("seed_too_large_for_torch", f"--seed {10**23}", f"--seed {FINITE}, in [0, 2**63)"),
         *[(f"{flag}_{value}", f"--{flag} {value}", (f"--{flag}", value))
           for flag, value in [("batch_size", "0"), ("seq_len", "0"), ("max_steps", "-1"),
                               ("max_lr", "-1"), ("ckpt_every", "0"), ("eval_every", "0"),
@@ -371,12 +350,12 @@ FAULTS = [
          ("--eval_only", "--init", "--resume")),
         ("init_from_nowhere", lambda w: w.init(init="nowhere"), ("nowhere", "is not a file"))),
     *rows(sample,
-        ("sample_temperature_nan", "--temperature nan", "--temperature must be a finite number"),
+        ("sample_temperature_nan", "--temperature nan", f"--temperature {FINITE}"),
         ("sample_temperature_tiny", "--temperature 1e-40",
-         "--temperature must be a finite number, 0 (the most likely token) or at least 1e-3"),
-        ("sample_top_k_zero", "--top_k 0", "--top_k must be a finite number, positive"),
+         f"--temperature {FINITE}, 0 (the most likely token) or at least 1e-3"),
+        ("sample_top_k_zero", "--top_k 0", f"--top_k {FINITE}, positive"),
         ("sample_seed_too_large_for_torch", f"--seed {2**70}",  # a traceback
-         "--seed must be a finite number, in [0, 2**63)"),
+         f"--seed {FINITE}, in [0, 2**63)"),
         ("sample_new_tokens_past_the_context", "--max_new_tokens 60", "context window"),
         ("sample_num_samples_zero", "--num_samples 0", "--num_samples"),
         ("sample_temperature_negative", "--temperature -1", "--temperature"),
@@ -427,8 +406,7 @@ FAULTS = [
          "no train shards"),
         ("a_prefix_ending_in_train_does_not_make_val_a_train_shard",
          lambda w: w.with_copied(VAL_SHARD, "data/x_train_val_000000.npy")
-                    .with_removed(TRAIN_SHARD).with_removed(VAL_SHARD).train(),
-         "no train shards")),
+                    .with_removed(TRAIN_SHARD).with_removed(VAL_SHARD).train(), "no train shards")),
     *rows(export_hf,
         ("export_out_empty", lambda w: w.export(""), "--out is empty"),
         ("export_out_is_a_file",
@@ -447,7 +425,8 @@ FAULTS = [
         ("export_force_over_a_folder_named_like_an_export_file",  # deleted, exit 0
          lambda w: w.with_file("out/vocab.json/important.txt", "mine").export("out", "--force"),
          "holds files that an export does not write (vocab.json)"),
-        ("export_over_an_export_without_force", over_an_export, "--force"),
+        ("export_over_an_export_without_force",
+         lambda w: w.with_ran(export_hf, w.export("hf")).export("hf"), "--force"),
         ("export_over_other_files_without_force",
          lambda w: w.with_file("notes/notes.txt", "mine").export("notes"), "--force")),
     *rows(fineweb,
@@ -497,20 +476,15 @@ FAULTS = [
          lambda w: w.with_shard(TRAIN_SHARD, np.arange(100, dtype=np.uint16)).train(),
          ("tiny_train_000001.npy", "fewer than one batch")),
         ("bin_with_wrong_magic",
-         lambda w: w.with_removed(TRAIN_SHARD)
-                    .with_shard("data/fineweb_train_000001.bin", np.arange(5000), magic=12345)
-                    .train(),
+         lambda w: w.with_removed(TRAIN_SHARD).with_shard(BIN, range(5000), magic=12345).train(),
          ("fineweb_train_000001.bin", "magic 12345")),
         ("truncated_bin",
-         lambda w: w.with_removed(TRAIN_SHARD).with_shard("data/fineweb_train_000001.bin",
-                                                          np.arange(5000), promised=100_000_000)
-                    .train(),
+         lambda w: w.with_removed(TRAIN_SHARD).with_shard(BIN, range(5000), promised=10**8).train(),
          ("fineweb_train_000001.bin", "truncated")),
         ("npy_shard_with_token_ids_past_the_vocabulary",
          lambda w: w.with_shard(TRAIN_SHARD, np.full(8192, 60000, dtype=np.uint16)).train(),
          "holds token id 60000, but GPT-2's tokenizer has 50257 tokens"),
-        ("bin_shard_with_token_ids_past_the_vocabulary",
-         lambda w: w.with_removed(TRAIN_SHARD)
+        ("bin_shard_with_token_ids_past_the_vocabulary", lambda w: w.with_removed(TRAIN_SHARD)
                     .with_shard("data/llmc_train_000001.bin", np.full(8192, 50300)).train(),
          "holds token id 50300"),
         ("two_corpora_in_one_folder",
@@ -541,8 +515,10 @@ FAULTS = [
         ("fineweb_damaged_progress_file",
          lambda w: w.with_file("out/edufineweb_progress.json", '{"settings": ').fineweb(),
          "is damaged"),
-        ("fineweb_input_replaced_by_a_file_of_the_same_size",
-         fineweb_input_replaced_by_a_file_of_the_same_size, "other settings (input")),
+        ("fineweb_input_replaced_by_a_file_of_the_same_size",  # same size, other text
+         lambda w: w.with_ran(fineweb, w.fineweb(*SMALL_SHARDS, text="the first corpus, " * 200))
+                    .fineweb(*SMALL_SHARDS, text="another corpus!!, " * 200),
+         "other settings (input")),
     # Resumes: only the trainer's own checkpoints count, and one must fit the data and the run.
     *rows(train_gpt2,
         ("resume_with_no_checkpoint",
@@ -577,7 +553,7 @@ FAULTS = [
          lambda w: w.with_resumable(3).with_file("log/model_00005.pt", b"").train("--resume"),
          "move it out of"),
         ("resume_a_checkpoint_that_runs_code",  # checkpoints are read with weights_only=True
-         lambda w: w.train("--resume", checkpoint_that_runs_code(w)),
+         lambda w: w.train("--resume", w.code_running_weights()),
          "{w.root}/model_00005.pt is not a checkpoint"),
         ("resume_from_weights_only_checkpoint", lambda w: w.train("--resume", w.weights(5)),
          ("{w.log}/model_00005.pt", "weights only")),
@@ -596,8 +572,7 @@ FAULTS = [
          "not the ones the checkpoint was trained on (tiny_train_000001.npy holds other tokens"),
         ("resume_after_a_shard_was_added",
          lambda w: w.with_resumable(3).with_shard("data/tiny_train_000002.npy", OTHER_TOKENS)
-                    .train("--resume", w.path("log/model_00003.pt")),
-         "1 train shards then, 2 now"),
+                    .train("--resume", w.path("log/model_00003.pt")), "1 train shards then, 2 now"),
         ("fresh_start_over_checkpoints",  # would overwrite its log and checkpoints
          lambda w: w.with_resumable(5).with_file("log/log.txt", "5 train 10.8\n").train(),
          ("already holds checkpoints", "--resume")),
@@ -605,8 +580,7 @@ FAULTS = [
          lambda w: w.with_resumable(7).train("--resume", w.resumable("other/model_00003.pt")),
          "holds checkpoints of another run (model_00007.pt)"),
         ("resume_a_folder_into_a_log_dir_of_another_run",  # then overwrote log/'s newer
-         lambda w: w.with_resumable(3)
-                    .with_resumable("other/model_00001.pt", step=1)
+         lambda w: w.with_resumable(3).with_resumable("other/model_00001.pt", step=1)
                     .train("--resume", w.path("other")),
          "holds checkpoints of another run (model_00003.pt): resuming"),
         ("resume_an_earlier_checkpoint_among_newer_ones",  # wrote over model_00005.pt
@@ -621,15 +595,13 @@ FAULTS = [
         ("resume_a_renamed_checkpoint_into_a_new_folder",
          lambda w: w.with_resumable(2, step=1)  # its successors sort after it
                     .train("--log_dir", w.path("new"), "--resume", w.path("log/model_00002.pt"),
-                           "--no-shuffle"),
-         "", 0, ["new", "new/*"]),
+                           "--no-shuffle"), "", 0, ["new", "new/*"]),
         ("eval_only_of_an_earlier_checkpoint_among_newer_ones",  # refused as overwriting
          lambda w: w.with_resumable(5).train("--eval_only", "--resume", w.resumable(1)),
          "val loss", 0),
         ("eval_only_of_another_run_with_a_used_log_dir",
          lambda w: w.with_resumable(5).with_resumable("other/model_00002.pt")
-                    .train("--eval_only", "--resume", w.path("other")),
-         "val loss", 0),
+                    .train("--eval_only", "--resume", w.path("other")), "val loss", 0),
         ("eval_only_with_a_batch_past_the_val_split",
          lambda w: w.train("--init", w.weights(), "--eval_only", "--batch_size", "256"),
          "the val split holds no batch: lower --batch_size (or --seq_len)"),
@@ -660,11 +632,9 @@ FAULTS = [
          f"its scaler {DAMAGED}"),  # no step
         ("checkpoint_scale_negative",  # every step skipped
          lambda w: w.damaged(scaler=dict(FP16_SCALER, scale=-1.0)), f"its scaler {DAMAGED}"),
-        ("checkpoint_with_nan_weights",
-         lambda w: w.damaged(model=lambda model: {
+        ("checkpoint_with_nan_weights", lambda w: w.damaged(model=lambda model: {
              k: v * float("nan") if k == "transformer.h.0.mlp.c_fc.weight" else v
-             for k, v in model.items()}),
-         "holds NaN or inf, so its outputs would too"),
+             for k, v in model.items()}), "holds NaN or inf, so its outputs would too"),
         ("resume_a_checkpoint_with_indivisible_heads",
          lambda w: w.train("--resume", w.resumable(config=dict(TINY_SHAPE, n_head=3))),
          "its model config is impossible (n_embd not divisible by n_head)"),
@@ -684,51 +654,49 @@ FAULTS = [
          "model_00003.pt is damaged on disk (model_00003/data/0 is cut short or changed since"),
         ("resume_a_checkpoint_with_64_bytes_of_0xff",  # said "a run that diverged"
          lambda w: w.with_resumable(3).with_scribble("log/model_00003.pt", b"\xff" * 64)
-                    .train("--resume"),
-         "model_00003.pt is damaged on disk"),
+                    .train("--resume"), "model_00003.pt is damaged on disk"),
         ("resume_a_checkpoint_cut_in_half",
          lambda w: w.with_resumable(3).with_truncated("log/model_00003.pt").train("--resume"),
          "model_00003.pt is damaged on disk (its end is cut short"),
-        ("init_from_a_damaged_checkpoint", lambda w: w.train("--init", damaged_weights(w)),
+        ("init_from_a_damaged_checkpoint", lambda w: w.train("--init", w.damaged_weights()),
          "model_00005.pt is damaged on disk"),
         ("eval_only_of_a_damaged_checkpoint",
-         lambda w: w.train("--eval_only", "--init", damaged_weights(w)),
+         lambda w: w.train("--eval_only", "--init", w.damaged_weights()),
          "model_00005.pt is damaged on disk")),
-    row(sample, "sample_a_damaged_checkpoint", lambda w: w.sample(init=damaged_weights(w)),
+    row(sample, "sample_a_damaged_checkpoint", lambda w: w.sample(init=w.damaged_weights()),
         "model_00005.pt is damaged on disk"),
     row(hellaswag, "hellaswag_on_a_damaged_checkpoint",
-        lambda w: w.sample("--data", write_hellaswag(w.path("h.jsonl")), init=damaged_weights(w)),
+        lambda w: w.sample("--data", write_hellaswag(w.path("h.jsonl")), init=w.damaged_weights()),
         "model_00005.pt is damaged on disk"),
     row(export_hf, "export_a_damaged_checkpoint",
-        lambda w: w.export("hf", init=damaged_weights(w)), "model_00005.pt is damaged on disk"),
+        lambda w: w.export("hf", init=w.damaged_weights()), "model_00005.pt is damaged on disk"),
 
     # Foreign files: checkpoints of other programs, impossible configs, pickles.
     row(export_hf, "export_a_nanogpt_checkpoint",
-        lambda w: w.export("exported", init=nanogpt_checkpoint(w)), "laid out differently"),
+        lambda w: w.export("exported", init=w.nanogpt()), "laid out differently"),
     *rows(sample,
-        ("sample_a_nanogpt_checkpoint", lambda w: w.sample(init=nanogpt_checkpoint(w)),
+        ("sample_a_nanogpt_checkpoint", lambda w: w.sample(init=w.nanogpt()),
          "laid out differently"),
-        ("sample_a_checkpoint_that_runs_code",
-         lambda w: w.sample(init=checkpoint_that_runs_code(w)),
+        ("sample_a_checkpoint_that_runs_code", lambda w: w.sample(init=w.code_running_weights()),
          "{w.root}/model_00005.pt is not a checkpoint"),
         ("sample_a_checkpoint_with_n_head_0",
          lambda w: w.sample(init=w.weights(config=dict(TINY_SHAPE, n_head=0))),
          "its model config is impossible (n_head 0)"),
-        ("sample_from_nan_weights", lambda w: w.sample(init=nan_weights(w)),
+        ("sample_from_nan_weights", lambda w: w.sample(init=w.nan_weights()),
          "holds NaN or inf, so its outputs would too"),
-        ("sample_a_hugging_face_folder_with_n_head_0", lambda w: w.sample(init=hf_directory(w, 0)),
+        ("sample_a_hugging_face_folder_with_n_head_0", lambda w: w.sample(init=w.hf(0)),
          "config.json: its model config is impossible (n_head 0)"),
-        ("sample_a_hugging_face_config_without_n_head",
-         lambda w: w.sample(init=hf_directory(w, None)),
+        ("sample_a_hugging_face_config_without_n_head", lambda w: w.sample(init=w.hf(None)),
          "hf/config.json lacks n_head: it is not a complete GPT-2 config"),
         ("sample_a_pickled_pytorch_model_bin",
-         lambda w: w.sample(init=hf_directory(w, 4, {"extra": Pickled()})),
+         lambda w: w.sample(init=w.hf(4, {"extra": Pickled()})),
          "a pytorch_model.bin of plain tensors"),
         ("sample_from_a_log_dir",  # spoke of config.json only
          lambda w: w.sample(init=w.with_weights(5).log),
          "is the folder of a training run, not a Hugging Face model: pass one of its checkpoints")),
     row(hellaswag, "hellaswag_on_a_model_too_short_for_an_example",
-        hellaswag_on_a_model_too_short_for_an_example,
+        lambda w: w.sample("--data", w.file("h.jsonl", json.dumps(EXAMPLE)), init=w.weights(
+            model=GPT(GPTConfig(block_size=1, vocab_size=50304, n_layer=1, n_head=1, n_embd=8)))),
         "a model with block_size 1 cannot score HellaSwag: it needs at least 2 positions"),
 
     # Concurrency: a folder locked by a live process refuses a second writer.
@@ -749,8 +717,8 @@ FAULTS = [
          lambda w: w.with_setattr(train_gpt2, "validation_loss", cpu_allocator_failure).train(),
          "out of memory on cpu: lower --batch_size", 1, ["log", "log/*"]),
         ("out_of_memory_on_a_rank_of_a_group",  # said by no rank: another rank's traceback instead
-         lambda w: w.with_env(**dict(GROUP, MASTER_PORT="29531"))
-                    .with_setattr(train_gpt2, "validation_loss", out_of_memory).train(),
+         lambda w: w.with_setattr(train_gpt2, "validation_loss", out_of_memory)
+                    .group(MASTER_PORT="29531"),
          "rank 0: out of memory on cpu: lower --batch_size", 1, ["log", "log/*"]),
         ("loss_nan_before_any_checkpoint",
          lambda w: w.with_setattr(train_gpt2, "train_step", diverging_train_step(0, False)).train(),
@@ -786,22 +754,19 @@ FAULTS = [
         ("empty_group_variables_count_as_unset",  # said "RANK= ... is set but RANK"
          lambda w: w.with_env(*GROUP, RANK="", LOCAL_RANK="", WORLD_SIZE="2").train(),
          "WORLD_SIZE=2 is set but RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT are not"),
-        ("local_rank_not_a_number", lambda w: w.with_env(**dict(GROUP, LOCAL_RANK="abc")).train(),
+        ("local_rank_not_a_number", lambda w: w.group(LOCAL_RANK="abc"),
          "RANK=0 LOCAL_RANK=abc WORLD_SIZE=1: each must be a whole number"),
-        ("rank_past_the_world",
-         lambda w: w.with_env(**dict(GROUP, RANK="2", WORLD_SIZE="2")).train(),
+        ("rank_past_the_world", lambda w: w.group(RANK="2", WORLD_SIZE="2"),
          "RANK=2 LOCAL_RANK=0 WORLD_SIZE=2: a group needs 0 <= LOCAL_RANK <= RANK < WORLD_SIZE"),
-        ("master_port_past_the_last_port",
-         lambda w: w.with_env(**dict(GROUP, MASTER_PORT="99999")).train(),
+        ("master_port_past_the_last_port", lambda w: w.group(MASTER_PORT="99999"),
          "MASTER_PORT=99999: the group's port must be a number from 1 to 65535"),
-        ("master_port_not_a_number",  # a ValueError traceback from torch
-         lambda w: w.with_env(**dict(GROUP, MASTER_PORT="abc")).train(),
+        ("master_port_not_a_number", lambda w: w.group(MASTER_PORT="abc"),  # torch's ValueError
          "MASTER_PORT=abc: the group's port must be a number from 1 to 65535"),
         ("master_addr_that_does_not_resolve",  # retried, deaf to SIGTERM
-         lambda w: w.with_env(**dict(GROUP, MASTER_ADDR="no-such-host.invalid")).train(),
+         lambda w: w.group(MASTER_ADDR="no-such-host.invalid"),
          "MASTER_ADDR=no-such-host.invalid: no such host"),
         ("master_port_in_use",  # torch's DistNetworkError traceback
-         lambda w: w.with_port_in_use(29511).with_env(**dict(GROUP, MASTER_PORT="29511")).train(),
+         lambda w: w.with_port_in_use(29511).group(MASTER_PORT="29511"),
          "MASTER_PORT=29511 on 127.0.0.1 is in use by another program (another run?): "
          "pass a free port")),
     # A stray torchrun environment silences no script but the trainer's echoes.
@@ -832,17 +797,15 @@ def w(tmp_path, monkeypatch):
 
 # A few rows run again, end to end in a fresh interpreter: exit status and output as a user sees
 # them, nothing but the error line, and no file changed.
-END_TO_END = (
-    "no_shards",
-    "int32_npy",
-    "resume_with_another_n_layer",
-    "sample_with_an_unknown_init",
-)
+END_TO_END = "no_shards int32_npy resume_with_another_n_layer sample_with_an_unknown_init".split()
 
 
 @pytest.mark.parametrize("script, setup, says, code, changes", FAULTS)
 def test_fault(script, setup, says, code, changes, w, capsys, request):
-    argv = setup(w)
+    if isinstance(setup, str):  # flags to w.<script>(): w.train for train_gpt2
+        argv = getattr(w, script.__name__.removesuffix("_gpt2"))(*setup.split())
+    else:
+        argv = setup(w)
     before = snapshot(w.root)
     capsys.readouterr()  # what the setup printed is not the row's output
     try:
