@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
 
 import numpy as np
@@ -1006,17 +1007,17 @@ def stop_with(run, sig, log_dir):
     run.proc.send_signal(sig)
     assert run.finish() == 0, run.output()
     assert time.monotonic() - sent < 30, f"took {time.monotonic() - sent:.1f}s to stop"
-    assert "Traceback" not in run.output() and "KeyboardInterrupt" not in run.output()
-    notice = next(i for i, line in enumerate(run.lines)
-                  if line.startswith(f"{sig.name}: saving a checkpoint"))  # fmt: skip
-    before = [int(m.group(1)) for line in run.lines[:notice]
-              if (m := re.match(r"step +(\d+)/\d+ \| loss", line))]  # fmt: skip
-    stopped = stopped_step("".join(run.lines[notice:]))
+    output = run.output()
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output
+    before, notice, after = output.partition(f"\n{sig.name}: saving a checkpoint")
+    assert notice, output
+    last = int(re.findall(r"^step +(\d+)/\d+ \| loss", before, re.M)[-1])
+    stopped = stopped_step(after)
     # The step in progress when the signal came finishes (or, if it had already passed the point
     # where ranks agree to stop, the one after it); nothing later. A signal during the evaluation
     # after a step cuts the evaluation short, and that step is the one saved.
-    cut_short = run.printed(rf"^step +{before[-1]}/\d+ \| evaluation cut short")
-    assert before[-1] + (0 if cut_short else 1) <= stopped <= before[-1] + 2, run.output()
+    cut_short = run.printed(rf"^step +{last}/\d+ \| evaluation cut short")
+    assert last + (0 if cut_short else 1) <= stopped <= last + 2, output
     assert run.printed(f"^saved {re.escape(checkpoint_path(log_dir, stopped))}$")
     return stopped
 
@@ -1037,9 +1038,8 @@ def test_sigterm_sigint_and_sighup_save_the_current_step_exit_0_and_resume_exact
     # SIGINT (Ctrl-C) during the evaluation after step 7: it stops between two batches, and step 7
     # is saved.
     run = trainers(log_dir, random_shards, *rare, "--resume")
-    run.wait_for(
-        f"^resumed from {re.escape(checkpoint_path(log_dir, term_step))} at step {term_step + 1}$"
-    )
+    saved = re.escape(checkpoint_path(log_dir, term_step))
+    run.wait_for(f"^resumed from {saved} at step {term_step + 1}$")
     run.wait_for(r"^step +7/\d+ \| loss")
     int_step = stop_with(run, signal.SIGINT, log_dir)
     # the latter unless the eval was fast
@@ -1109,18 +1109,11 @@ def test_sigterm_while_printing_to_a_full_pipe_still_saves(tmp_path, random_shar
 # --- checkpoint writes are atomic ---------------------------------------------------------------
 
 
-class CannotBeSaved:
-    """Pickling this fails (TypeError, as for a lock): a write dying half way, not for the disk."""
-
-    def __reduce__(self):
-        raise TypeError("this object cannot be saved")
-
-
 def test_a_failed_checkpoint_write_leaves_the_previous_one_and_no_partial_file(tmp_path):
     previous = str(tmp_path / "model_00003.pt")
     save_checkpoint(previous, {"step": 3, "weights": torch.arange(10)})
-    with pytest.raises(TypeError):
-        save_checkpoint(previous, {"step": 4, "weights": torch.zeros(10), "bad": CannotBeSaved()})
+    with pytest.raises(TypeError):  # unpicklable (a lock): a write dying half way, not for the disk
+        save_checkpoint(previous, {"step": 4, "weights": torch.zeros(10), "bad": threading.Lock()})
     # A full disk, for a new checkpoint and for one overwritten: 4 MB, past the 1 MB left.
     with file_size_limit(1 << 20):
         for path in (str(tmp_path / "model_00004.pt"), previous):
