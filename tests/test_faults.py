@@ -950,9 +950,8 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
     kill(run)
     assert checkpoint_steps(log_dir) in ([2], [2, 5])
 
-    # 2. During evaluation: step 7's line is printed just before its val loss is computed. On a
-    # badly overloaded machine the kill may land after the evaluation: then roll back to step 5 and
-    # try again.
+    # 2. During evaluation: step 7's line is printed just before its val loss is computed. If the
+    # kill lands after the evaluation (a badly overloaded machine), roll back to step 5, try again.
     for _ in range(3):
         run = trainers(log_dir, random_shards, *every_3, "--resume")
         run.wait_for(r"^resumed from .*model_0000[25]\.pt at step [36]$")
@@ -966,11 +965,9 @@ def test_sigkill_mid_step_mid_eval_and_mid_checkpoint_write_then_resume_is_exact
     else:
         pytest.fail("three kills in a row landed after the evaluation, none during it")
     assert checkpoint_steps(log_dir) == [2, 5]
-    # a resume removes what an earlier kill tore
-    assert not glob.glob(os.path.join(log_dir, "*.tmp"))
+    assert not glob.glob(os.path.join(log_dir, "*.tmp"))  # a resume removes what a kill tore
 
-    # 3. During a checkpoint write: a checkpoint every step, killed as soon as a temporary file
-    # appears.
+    # 3. During a checkpoint write (one every step): killed as soon as a temporary file appears.
     for _ in range(3):
         if torn := kill_during_checkpoint_write(
             trainers(log_dir, random_shards, *every_step, "--resume"), log_dir
@@ -1035,8 +1032,7 @@ def test_sigterm_sigint_and_sighup_save_the_current_step_exit_0_and_resume_exact
     term_step = stop_with(run, signal.SIGTERM, log_dir)
     assert checkpoint_steps(log_dir) == [term_step]
 
-    # SIGINT (Ctrl-C) during the evaluation after step 7: it stops between two batches, and step 7
-    # is saved.
+    # SIGINT (Ctrl-C) during the evaluation after step 7: it stops between two batches, saving 7.
     run = trainers(log_dir, random_shards, *rare, "--resume")
     saved = re.escape(checkpoint_path(log_dir, term_step))
     run.wait_for(f"^resumed from {saved} at step {term_step + 1}$")
@@ -1085,8 +1081,7 @@ def test_sigterm_while_printing_to_a_full_pipe_still_saves(tmp_path, random_shar
     os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
         try:
-            # Blocked: the pipe is (nearly) full and stays so for 0.5s, while the run would print a
-            # line every few ms.
+            # Blocked: the pipe (nearly) full for 0.5 s, while the run prints a line every few ms.
             deadline, fills = time.monotonic() + TIMEOUT, [-1]
             while fills[-1] < capacity - 256 or fills[-10:] != [fills[-1]] * 10:
                 assert proc.poll() is None and time.monotonic() < deadline, (
