@@ -76,10 +76,6 @@ ON_PATHS = dict(folder=os.makedirs, link=os.symlink, copied=shutil.copy, removed
 ON_PATHS["truncated"] = lambda path: os.truncate(path, os.path.getsize(path) // 2)
 
 
-class Pickled:
-    """An object that only an unrestricted (code-running) unpickler can load."""
-
-
 class RunsCodeWhenUnpickled:
     """Unpickling this creates the marker file: a harmless stand-in for a malicious payload."""
 
@@ -690,7 +686,7 @@ FAULTS = [
         ("sample_a_hugging_face_config_without_n_head", lambda w: w.sample(init=w.hf(None)),
          "hf/config.json lacks n_head: it is not a complete GPT-2 config"),
         ("sample_a_pickled_pytorch_model_bin",
-         lambda w: w.sample(init=w.hf(4, {"extra": Pickled()})),
+         lambda w: w.sample(init=w.hf(4, {"extra": RunsCodeWhenUnpickled(w.path("code_ran"))})),
          "a pytorch_model.bin of plain tensors"),
         ("sample_from_a_log_dir",  # spoke of config.json only
          lambda w: w.sample(init=w.with_weights(5).log),
