@@ -286,6 +286,7 @@ FP16_SCALER = dict(scale=65536.0, growth_factor=2.0, backoff_factor=0.5, growth_
                    _growth_tracker=0)  # fmt: skip
 ELASTIC = dict(GROUP, RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", TORCHELASTIC_RUN_ID="stray")
 NO_INIT = "no_such.pt' is not a file, a directory, or one of gpt2"
+NAN_WEIGHTS = "holds NaN or inf, so its outputs would too"
 TRAIN_SHARD, VAL_SHARD = "data/tiny_train_000001.npy", "data/tiny_val_000000.npy"
 BIN = "data/fineweb_train_000001.bin"  # a train shard in llm.c's format
 A_SHARD_OF = "holds train shards of two corpora (other_train_{}.npy, tiny_train_000001.npy)"
@@ -667,6 +668,16 @@ FAULTS = [
         "model_00005.pt is damaged on disk"),
     row(export_hf, "export_a_damaged_checkpoint",
         lambda w: w.export("hf", init=w.damaged_weights()), "model_00005.pt is damaged on disk"),
+    # NaN weights, intact on disk: every script that loads weights refuses them before any write.
+    *rows(train_gpt2,
+        ("init_from_nan_weights", lambda w: w.train("--init", w.nan_weights()), NAN_WEIGHTS),
+        ("eval_only_of_nan_weights", lambda w: w.train("--eval_only", "--init", w.nan_weights()),
+         NAN_WEIGHTS)),
+    row(hellaswag, "hellaswag_on_nan_weights",
+        lambda w: w.sample("--data", write_hellaswag(w.path("h.jsonl")), init=w.nan_weights()),
+        NAN_WEIGHTS),
+    row(export_hf, "export_nan_weights", lambda w: w.export("hf", init=w.nan_weights()),
+        NAN_WEIGHTS),
 
     # Foreign files: checkpoints of other programs, impossible configs, pickles.
     row(export_hf, "export_a_nanogpt_checkpoint",
@@ -679,8 +690,7 @@ FAULTS = [
         ("sample_a_checkpoint_with_n_head_0",
          lambda w: w.sample(init=w.weights(config=dict(TINY_SHAPE, n_head=0))),
          "its model config is impossible (n_head 0)"),
-        ("sample_from_nan_weights", lambda w: w.sample(init=w.nan_weights()),
-         "holds NaN or inf, so its outputs would too"),
+        ("sample_from_nan_weights", lambda w: w.sample(init=w.nan_weights()), NAN_WEIGHTS),
         ("sample_a_hugging_face_folder_with_n_head_0", lambda w: w.sample(init=w.hf(0)),
          "config.json: its model config is impossible (n_head 0)"),
         ("sample_a_hugging_face_config_without_n_head", lambda w: w.sample(init=w.hf(None)),
@@ -701,6 +711,8 @@ FAULTS = [
         "is in use by another run (pid "),
     row(fineweb, "fineweb_out_held_by_another_process", lambda w: w.with_lock("out").fineweb(),
         "is in use by another run (pid "),
+    row(export_hf, "export_out_held_by_another_process",
+        lambda w: w.with_lock("hf").export("hf"), "is in use by another run (pid "),
 
     # Faults during a run: out of memory, divergence.
     *rows(train_gpt2,
