@@ -161,8 +161,6 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
     assert (clone / "log_cpu" / "log.txt").read_text().startswith("-1 val ")
 
 
-# --- --dtype auto ---------------------------------------------------------------------------------
-
 X86_WITHOUT_BF16 = "processor : 0\nflags : fpu sse sse2 avx avx2 fma avx512f avx512bw avx512_vnni\n"
 X86_WITH_AMX = "processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
 ARM_WITH_BF16 = "processor : 0\nFeatures : fp asimd sve bf16 i8mm\n"
@@ -181,8 +179,6 @@ def test_dtype_auto_is_fp32_on_cpus_without_native_bf16_and_bf16_with_it():
     dtype, reason = devices.auto_dtype("cpu", native_bf16=False)
     assert "no native bf16" in reason  # the start-up block says why
 
-
-# --- --help ---------------------------------------------------------------------------------------
 
 SCRIPTS = {
     "train_gpt2.py": train_gpt2.main,
@@ -218,9 +214,6 @@ def test_help_gives_every_flag_a_reason_and_its_default_once(script, capsys):
             if not (w.startswith(("-", "{", "[")) or w.rstrip(",]").isupper())
         ]
         assert len(reason) >= 2, f"{script} {flag} has no reason: {text}"
-
-
-# --- greedy sampling equals Hugging Face's --------------------------------------------------------
 
 
 def test_greedy_sample_in_fp32_equals_hugging_face_greedy_decoding(tmp_path, capsys):

@@ -48,36 +48,25 @@ def imports(path):
 # --- imports --------------------------------------------------------------------------------------
 
 
-def test_no_import_cycle():
-    """No project module imports itself back, directly or through others, even inside a function."""
+def test_no_import_cycle_and_cli_imports_no_project_module_and_no_torch():
+    """No project module imports itself back, even through others or inside a function.
+    machinery/cli.py, which every script imports, is the graph's bottom: it costs nothing."""
     files = project_files()
     graph = {name: imports(path) & files.keys() for name, path in files.items()}
     try:  # graphlib reads the graph as {module: the modules it needs first}
         graphlib.TopologicalSorter(graph).prepare()
     except graphlib.CycleError as error:
         pytest.fail("import cycle: " + " -> ".join(reversed(error.args[1])))
-
-
-def test_cli_imports_no_project_file_and_no_torch():
-    """machinery/cli.py is the bottom of the import graph: every script imports it, and it imports
-    no project module and not torch, so it costs nothing to import."""
-    files = project_files()
-    cli_imports = imports(files["machinery.cli"])
-    assert not cli_imports & files.keys(), sorted(cli_imports & files.keys())
-    assert "torch" not in cli_imports
+    assert not graph["machinery.cli"], sorted(graph["machinery.cli"])
+    assert "torch" not in imports(files["machinery.cli"])
 
 
 def test_fineweb_and_plot_log_do_not_import_torch():
-    """Tokenizing a corpus and plotting a log need no torch: importing them leaves it unloaded."""
     result = run_script("-c", "import fineweb, plot_log, sys; print('torch' in sys.modules)")
     assert (result.returncode, result.stdout) == (0, "False\n"), result.stdout + result.stderr
 
 
-# --- documentation --------------------------------------------------------------------------------
-
-
 def test_every_module_opens_with_a_docstring():
-    """Every top-level .py file says what it is for in a module docstring."""
     files = project_files().items()
     missing = [name for name, path in files if not (ast.get_docstring(parse(path)) or "").strip()]
     assert not missing, missing
@@ -176,9 +165,6 @@ def test_fresh_run_losses_are_pinned(order, tmp_path):
         assert train_close or loss == expected, f"step {step} {kind} {loss}, pinned {expected}"
 
 
-# --- the README's map of train_gpt2.py ------------------------------------------------------------
-
-
 def definitions(path):
     """{name: first line, decorators included} of the module's top-level functions, classes and
     assignments, and Class.method."""
@@ -199,8 +185,7 @@ def definitions(path):
 
 
 def test_readme_map_names_the_code_in_order():
-    """The README's map of train_gpt2.py names functions and classes that exist there, in the
-    order the file defines them, so that the map cannot go stale when the file changes."""
+    """Names that train_gpt2.py defines, in its order: the map cannot go stale."""
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         readme = f.read()
     table = readme.split("## Reading the code beside the lecture", 1)[1].split("\n## ", 1)[0]
