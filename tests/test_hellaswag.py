@@ -79,11 +79,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def enc():
-    return gpt2_tokenizer()
-
-
 def write_jsonl(path, lines):
     """Lines are dicts (written as JSON) or raw strings (written as they are)."""
     with open(path, "w", encoding="utf-8") as f:
@@ -124,7 +119,7 @@ def memorised():
 def test_load_examples_reads_fields_skips_blank_lines_limits_and_needs_an_example(tmp_path):
     path = write_jsonl(tmp_path / "val.jsonl", EXAMPLES[:3] + ["", "   "])
     assert hellaswag.load_examples(path) == EXAMPLES[:3]
-    assert len(hellaswag.load_examples(path, limit=2)) == 2
+    assert hellaswag.load_examples(path, limit=2) == EXAMPLES[:2]
     with pytest.raises(UserError, match="no examples"):
         hellaswag.load_examples(write_jsonl(tmp_path / "empty.jsonl", []))
     with pytest.raises(UserError, match="cannot read"):
@@ -191,8 +186,8 @@ def test_the_data_path_and_the_cache_that_one_download_fills(monkeypatch, tmp_pa
 # --- Rendering ------------------------------------------------------------------------------------
 
 
-def test_render_example_gives_the_context_and_the_endings_with_a_space_cut_to_fit(enc):
-    example = EXAMPLES[2]
+def test_render_example_gives_the_context_and_the_endings_with_a_space_cut_to_fit():
+    enc, example = gpt2_tokenizer(), EXAMPLES[2]
     full_context, full_endings = hellaswag.render_example(example, enc)
     assert full_context == enc.encode_ordinary(example["ctx"])
     assert enc.decode(full_context) == example["ctx"]
@@ -217,24 +212,20 @@ def test_packed_row_puts_each_ending_right_after_the_context_and_the_mask_keeps_
     assert packed.positions == [0, 1, 2, 3, 3, 4, 3]  # each ending starts after the context
     assert packed.segments == [0, 0, 0, 1, 3, 3, 4]
     # Every ending token is a target exactly once, predicted by the output of the token before it in
-    # its own sequence: the context's last token (row index 2) for the first token of each ending.
+    # its own sequence (context + that ending): the context's last token (row index 2) for the first
+    # token of each ending.
     assert packed.targets == [20, 21, 30, 40, 41, 42, 50, 51]
     assert packed.ending_of == [0, 0, 1, 2, 2, 2, 3, 3]
     assert packed.predict_at == [2, 3, 2, 2, 4, 5, 2, 6]
-    row = packed.tokens
-    for target, at, k in zip(packed.targets, packed.predict_at, packed.ending_of):
-        sequence = context + endings[k]  # what the model reads when this ending is scored alone
-        assert sequence[sequence.index(target) - 1] == row[at]
     # The attention mask lets an ending see the context and itself only.
     segments = torch.tensor([packed.segments + [-1]])  # one padding token at the end
     positions = torch.tensor([packed.positions + [0]])
     mask = hellaswag.attention_mask(segments, positions)[0, 0]
-    sees = {q: [s for s in range(mask.size(1)) if mask[q, s]] for q in range(mask.size(0))}
-    # Each list is all that the token sees: the padding token (7) is in none of them.
-    assert sees[0] == [0] and sees[1] == [0, 1] and sees[2] == [0, 1, 2]  # the context: causal
-    assert sees[3] == [0, 1, 2, 3]  # ending 0
-    assert sees[4] == [0, 1, 2, 4] and sees[5] == [0, 1, 2, 4, 5]  # ending 2: nothing of ending 0
-    assert sees[6] == [0, 1, 2, 6]  # ending 3
+    # What each of the 7 tokens sees, all of it: the padding token (7) is in none of the lists.
+    sees = [[s for s in range(mask.size(1)) if mask[q, s]] for q in range(7)]
+    causal_context = [[0], [0, 1], [0, 1, 2]]
+    # ending 0; ending 2, which sees nothing of ending 0; ending 3
+    assert sees == causal_context + [[0, 1, 2, 3], [0, 1, 2, 4], [0, 1, 2, 4, 5], [0, 1, 2, 6]]
 
 
 # --- Scoring --------------------------------------------------------------------------------------
@@ -323,17 +314,14 @@ def test_evaluate_splits_examples_across_ranks_and_reduces(tmp_path, memorised):
             assert json.load(f) == EXPECTED_COUNTS
 
 
-# --- The command line -----------------------------------------------------------------------------
-
-
-def test_cli_prints_the_summary_line_of_its_counts(tmp_path, enc):
+def test_cli_prints_the_summary_line_of_its_counts(tmp_path):
     # The CLI reads text with GPT-2's tokenizer: a model of GPT-2's vocabulary, random weights.
     torch.manual_seed(0)
     config = GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)
     model = GPT(config).eval()
     checkpoint = tiny_checkpoint(str(tmp_path / "model.pt"), model=model)
     data = write_jsonl(tmp_path / "val.jsonl", ALL_EXAMPLES)
-    counts = hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, enc, "cpu", batch_size=16)
+    counts = hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, gpt2_tokenizer(), "cpu", 16)
     result = run_script("hellaswag.py", "--init", checkpoint, "--data", data, "--batch_size", "3",
                         "--device", "cpu")  # fmt: skip
     assert result.returncode == 0, result.stderr
