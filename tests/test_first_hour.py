@@ -23,8 +23,7 @@ from machinery.cli import run_cli
 
 
 def command_blocks(path):
-    """The ```bash blocks of a markdown file, in order, as lists of shell lines (continuation lines
-    joined)."""
+    """The ```bash blocks of a markdown file, as lists of shell lines (continuations joined)."""
     with open(path) as f:
         text = f.read()
     blocks = re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S)
@@ -110,10 +109,7 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
     """The README's CPU-sized blocks, then docs/data-and-resume.md's data-order one, by bash in a
     copy of the repository: each exits 0 and changes no file that was there before it."""
     clone = tmp_path / "clone"
-    tracked = subprocess.run(
-        ["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True
-    )
-    for name in tracked.stdout.splitlines():
+    for name in subprocess.check_output(["git", "ls-files"], cwd=REPO, text=True).splitlines():
         if os.path.isfile(os.path.join(REPO, name)):
             os.makedirs(clone / os.path.dirname(name), exist_ok=True)
             shutil.copy(os.path.join(REPO, name), clone / name)
@@ -171,13 +167,12 @@ def test_dtype_auto_is_fp32_on_cpus_without_native_bf16_and_bf16_with_it():
     assert devices.cpu_has_native_bf16(X86_WITH_AMX)
     assert devices.cpu_has_native_bf16(ARM_WITH_BF16)
     assert not devices.cpu_has_native_bf16("")  # nothing known: no bf16
-    assert devices.auto_dtype("cpu", native_bf16=False)[0] == torch.float32
     assert devices.auto_dtype("cpu", native_bf16=True)[0] == torch.bfloat16
     assert devices.auto_dtype("cuda", native_bf16=True)[0] == torch.bfloat16
     assert devices.auto_dtype("cuda", native_bf16=False)[0] == torch.float16  # with a loss scaler
     assert devices.auto_dtype("mps", native_bf16=False)[0] == torch.float32
     dtype, reason = devices.auto_dtype("cpu", native_bf16=False)
-    assert "no native bf16" in reason  # the start-up block says why
+    assert dtype == torch.float32 and "no native bf16" in reason  # the start-up block says why
 
 
 SCRIPTS = {
@@ -197,8 +192,7 @@ def test_help_gives_every_flag_a_reason_and_its_default_once(script, capsys):
     assert exited.value.code == 0
     page = capsys.readouterr().out
     options = page[page.index("options:") :]
-    # One entry per flag: it starts at a line that begins with "  -" and runs until the next such
-    # line.
+    # One entry per flag: from a line that begins with "  -" to the next such line.
     entries = re.split(r"\n(?=  -)", options)[1:]
     assert entries, page
     for entry in entries:
@@ -208,11 +202,8 @@ def test_help_gives_every_flag_a_reason_and_its_default_once(script, capsys):
             continue
         assert "(default: None)" not in text, f"{script} {flag}: {text}"
         assert text.count("default") <= 1, f"{script} {flag} names its default twice: {text}"
-        reason = [
-            w
-            for w in text.split()
-            if not (w.startswith(("-", "{", "[")) or w.rstrip(",]").isupper())
-        ]
+        words = [word for word in text.split() if not word.startswith(("-", "{", "["))]
+        reason = [word for word in words if not word.rstrip(",]").isupper()]
         assert len(reason) >= 2, f"{script} {flag} has no reason: {text}"
 
 

@@ -71,8 +71,7 @@ WORD_MODEL_CONFIG = GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The models here are tiny: one thread runs them as fast as two, and many times faster when
-    other processes compete for the cores."""
+    """Tiny models: one thread runs them as fast as two, and many times faster on busy cores."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -282,13 +281,11 @@ def test_acc_by_sum_acc_norm_by_mean_and_a_memorised_model_finds_the_right_endin
     assert torch.equal(bf16_counts, n_tokens)
     assert not torch.equal(bf16_sums, sum_losses)  # autocast did run in bf16
     torch.testing.assert_close(bf16_sums / n_tokens, sum_losses / n_tokens, atol=0.1, rtol=0.05)
-    counts = hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", batch_size=2)
-    assert counts == EXPECTED_COUNTS
+    assert hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, words, "cpu", 2) == EXPECTED_COUNTS
     # The eager backend runs Dynamo's tracing (the part that sees the changing batch shapes) without
     # the C++ compile time of the default backend.
     compiled = torch.compile(model, backend="eager")
-    counts = hellaswag.evaluate_hellaswag(compiled, ALL_EXAMPLES, words, "cpu", batch_size=3)
-    assert counts == EXPECTED_COUNTS
+    assert hellaswag.evaluate_hellaswag(compiled, ALL_EXAMPLES, words, "cpu", 3) == EXPECTED_COUNTS
 
 
 def ddp_worker(rank, world, init_file, model, words, result_dir):

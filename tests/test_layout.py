@@ -14,8 +14,7 @@ from conftest import REPO, TINY_MODEL, run_script
 
 
 def project_files():
-    """{module name: path} of the scripts and of the machinery package's modules (as
-    machinery.x)."""
+    """{module name: path} of the scripts and of machinery's modules (as machinery.x)."""
     files = {os.path.basename(p)[:-3]: p for p in sorted(glob.glob(os.path.join(REPO, "*.py")))}
     for path in sorted(glob.glob(os.path.join(REPO, "machinery", "*.py"))):
         if not path.endswith("__init__.py"):
@@ -30,8 +29,7 @@ def parse(path):
 
 
 def imports(path):
-    """The modules (machinery.x by its whole name, others by their top-level package) that the
-    module imports, at its top or inside its functions."""
+    """What the module imports anywhere (machinery.x by its whole name, others by package)."""
     names = set()
     for node in ast.walk(parse(path)):
         if isinstance(node, ast.Import):
@@ -43,9 +41,6 @@ def imports(path):
                 machinery = node.module.startswith("machinery.")
                 names.add(node.module if machinery else node.module.split(".")[0])
     return names
-
-
-# --- imports --------------------------------------------------------------------------------------
 
 
 def test_no_import_cycle_and_cli_imports_no_project_module_and_no_torch():
@@ -70,9 +65,6 @@ def test_every_module_opens_with_a_docstring():
     files = project_files().items()
     missing = [name for name, path in files if not (ast.get_docstring(parse(path)) or "").strip()]
     assert not missing, missing
-
-
-# --- a fresh run's losses, pinned -----------------------------------------------------------------
 
 
 def make_pattern_shards(directory):
@@ -166,8 +158,7 @@ def test_fresh_run_losses_are_pinned(order, tmp_path):
 
 
 def definitions(path):
-    """{name: first line, decorators included} of the module's top-level functions, classes and
-    assignments, and Class.method."""
+    """{name: first line (its decorators')} of top-level defs, assignments and Class.method."""
 
     def first_line(node):
         return node.decorator_list[0].lineno if node.decorator_list else node.lineno

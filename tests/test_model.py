@@ -58,9 +58,6 @@ def random_gpt(seed=0, **config):
     return randomize_(GPT(GPTConfig(**config)), seed).eval()
 
 
-# --- Equivalence with transformers ----------------------------------------------------------------
-
-
 def assert_same_as_hf(model, hf_model, idx):
     """Same logits within 1e-4 and the same loss. transformers shifts `labels` inside the model; our
     targets are already the next tokens, so ours sees idx[:, :-1] with targets idx[:, 1:]."""
@@ -97,9 +94,6 @@ def test_from_pretrained_reads_openai_pytorch_model_bin(tmp_path):
     hf_model.config.to_json_file(tmp_path / "config.json")
     model = load_model(str(tmp_path))
     assert_same_as_hf(model, hf_model, torch.randint(0, 50257, (2, 12)))
-
-
-# --- Export to a Hugging Face directory and back --------------------------------------------------
 
 
 @pytest.mark.parametrize("vocab_size", [50257, 50304])
@@ -209,9 +203,6 @@ def test_sampling_reproducible_among_the_top_k_and_never_padded():
     gen = torch.Generator().manual_seed(0)
     drawn = model.generate(prompt[:1].repeat(300, 1), 1, temperature=100.0, top_k=3, generator=gen)
     assert set(drawn[:, -1].tolist()) == top3
-
-
-# --- Errors a user can make: one clear line each --------------------------------------------------
 
 
 def test_weights_that_do_not_load_are_a_clear_error(tmp_path):
