@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from transformers import GPT2LMHeadModel
 
 import export_hf
 import fineweb
@@ -17,9 +18,10 @@ import hellaswag
 import plot_log
 import sample
 import train_gpt2
-from conftest import REPO, run_trainer, snapshot
+from conftest import REPO, TINY_RUN, run_trainer, snapshot
 from machinery import devices
 from machinery.cli import run_cli
+from machinery.tokenizer import gpt2_tokenizer
 
 
 def command_blocks(path):
@@ -120,7 +122,7 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
     blocks.append(
         next(b for b in command_blocks(clone / "docs" / "data-and-resume.md") if "head -c" in b[0])
     )
-    outputs, ran = {}, 0
+    outputs = {}
     for block in blocks:
         script = [as_run_here(line) for line in block]
         if not any(script):
@@ -134,8 +136,9 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
         changed = [name for name, digest in before.items() if after.get(name) != digest]
         assert not changed, f"{script} changed or removed {changed}"
         outputs["\n".join(block)] = result.stdout
-        ran += 1
-    assert ran == 6  # the tiny run, sampling from ./gpt2, the fine-tune, plot, export, data order
+    assert (
+        len(outputs) == 6
+    )  # the tiny run, sampling from ./gpt2, the fine-tune, plot, export, data order
 
     # The tiny run's last block names a checkpoint and a log that exist, and the commands to go on,
     # quoted.
@@ -207,22 +210,12 @@ def test_help_gives_every_flag_a_reason_and_its_default_once(script, capsys):
         assert len(reason) >= 2, f"{script} {flag} has no reason: {text}"
 
 
-def test_greedy_sample_in_fp32_equals_hugging_face_greedy_decoding(tmp_path, capsys):
+def test_greedy_sample_in_fp32_equals_hugging_face_greedy_decoding(text_shards, tmp_path, capsys):
     """A model trained for 50 steps (random weights have near-tied logits, where any rounding flips
     a choice), exported, then decoded greedily by sample.py and by transformers: the same text."""
-    from transformers import GPT2LMHeadModel
-
-    from machinery.tokenizer import gpt2_tokenizer
-
-    with open(os.path.join(REPO, "README.md")) as f:
-        (tmp_path / "text.txt").write_text(f.read() * 3)
-    data = str(tmp_path / "data")
-    fineweb.main(["--input", str(tmp_path / "text.txt"), "--out", data, "--shard_size", "8000"])
-    run_trainer("--data_dir", data, "--log_dir", tmp_path / "log", *(
-        "--n_layer 2 --n_head 2 --n_embd 64 --block_size 64 --batch_size 4 --seq_len 64 "
-        "--total_batch_size 256 --max_steps 50 --warmup_steps 5 --max_lr 3e-3 --eval_every 50 "
-        "--val_tokens 256 --no-hellaswag --no-sample_every_eval --dtype float32 --device cpu"
-    ).split())  # fmt: skip
+    longer = "--seq_len 64 --total_batch_size 256 --max_steps 50 --warmup_steps 5 --max_lr 3e-3"
+    flags = ["--data_dir", text_shards, "--log_dir", tmp_path / "log", "--device", "cpu"]
+    run_trainer(*TINY_RUN, *longer.split(), "--eval_every", "50", *flags)
     checkpoint = str(tmp_path / "log" / "model_00049.pt")
     export_hf.main(["--init", checkpoint, "--out", str(tmp_path / "hf")])
 
