@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from conftest import run_script, tiny_checkpoint
 from machinery import hellaswag
@@ -93,13 +94,10 @@ def memorised():
     words = WordTokenizer()
     texts = [ex["ctx"] + " " + ex["endings"][ex["label"]] for ex in ALL_EXAMPLES]
     texts += [LENGTH_EXAMPLE_DECOY] * 3
-    sequences = [words.encode_ordinary(text) for text in texts]
-    length = max(len(s) for s in sequences)
-    inputs = torch.zeros((len(sequences), length - 1), dtype=torch.long)
-    targets = torch.full((len(sequences), length - 1), -100)  # -100: padding, ignored
-    for i, s in enumerate(sequences):
-        inputs[i, : len(s) - 1] = torch.tensor(s[:-1])
-        targets[i, : len(s) - 1] = torch.tensor(s[1:])
+    sequences = [torch.tensor(words.encode_ordinary(text)) for text in texts]
+    inputs = pad_sequence([s[:-1] for s in sequences], batch_first=True)
+    # the targets' padding, -100, is what cross_entropy ignores
+    targets = pad_sequence([s[1:] for s in sequences], batch_first=True, padding_value=-100)
     torch.manual_seed(0)
     model = GPT(WORD_MODEL_CONFIG)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
