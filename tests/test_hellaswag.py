@@ -56,15 +56,12 @@ ALL_EXAMPLES = EXAMPLES + [LENGTH_EXAMPLE]
 EXPECTED_COUNTS = dict(n=7, correct=6, correct_norm=7)  # acc misses LENGTH_EXAMPLE only
 
 
-class WordTokenizer:
+class WordTokenizer(dict):
     """A stand-in for GPT-2's BPE, of a few hundred words so that a model learns the examples in a
-    second: each word with its leading space is one token, numbered as first seen."""
-
-    def __init__(self):
-        self.ids = {}
+    second: each word with its leading space is one token, numbered as first seen (the dict)."""
 
     def encode_ordinary(self, text):
-        return [self.ids.setdefault(word, len(self.ids)) for word in re.findall(r" ?[^ ]+", text)]
+        return [self.setdefault(word, len(self)) for word in re.findall(r" ?[^ ]+", text)]
 
 
 WORD_MODEL_CONFIG = GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=64)
@@ -108,9 +105,6 @@ def memorised():
         optimizer.step()
     assert loss.item() < 0.1  # memorised: what is left is the 3:1 choice after LENGTH_EXAMPLE's ctx
     return model.eval(), words
-
-
-# --- Reading the data -----------------------------------------------------------------------------
 
 
 def test_load_examples_reads_fields_skips_blank_lines_limits_and_needs_an_example(tmp_path):
@@ -180,9 +174,6 @@ def test_the_data_path_and_the_cache_that_one_download_fills(monkeypatch, tmp_pa
         hellaswag.hellaswag_path(cache_dir=under_a_file, url="file://" + source)
 
 
-# --- Rendering ------------------------------------------------------------------------------------
-
-
 def test_render_example_gives_the_context_and_the_endings_with_a_space_cut_to_fit():
     enc, example = gpt2_tokenizer(), EXAMPLES[2]
     full_context, full_endings = hellaswag.render_example(example, enc)
@@ -223,9 +214,6 @@ def test_packed_row_puts_each_ending_right_after_the_context_and_the_mask_keeps_
     causal_context = [[0], [0, 1], [0, 1, 2]]
     # ending 0; ending 2, which sees nothing of ending 0; ending 3
     assert sees == causal_context + [[0, 1, 2, 3], [0, 1, 2, 4], [0, 1, 2, 4, 5], [0, 1, 2, 6]]
-
-
-# --- Scoring --------------------------------------------------------------------------------------
 
 
 def alone(model, context, ending):

@@ -145,8 +145,7 @@ def test_tokenizer():
     assert enc.encode_ordinary(PROMPT) == PROMPT_IDS
     for text in [PROMPT, "naïve café, 東京, emoji 🤖\n\ttabs  and   spaces", ""]:
         assert enc.decode(enc.encode_ordinary(text)) == text
-    # Documents are joined with <|endoftext|> = 50256; as plain text the same characters are
-    # ordinary tokens.
+    # <|endoftext|> = 50256 joins documents; as plain text the same characters are ordinary tokens.
     ids = enc.encode("one<|endoftext|>two", allowed_special={"<|endoftext|>"})
     assert ids.count(50256) == 1 and enc.decode(ids) == "one<|endoftext|>two"
     assert 50256 not in enc.encode_ordinary("one<|endoftext|>two")
@@ -178,8 +177,7 @@ def test_kv_cache_greedy_matches_recomputing():
 def test_sampling_reproducible_among_the_top_k_and_never_padded():
     model = random_gpt(**TINY_SHAPE)
     # Make the padded rows win by far: the final LayerNorm outputs all ones, and the padded rows of
-    # the (tied) embedding are large and positive. Only slicing the logits keeps them from being
-    # sampled.
+    # the (tied) embedding are large and positive. Only slicing the logits keeps them unsampled.
     with torch.no_grad():
         model.transformer.ln_f.weight.zero_()
         model.transformer.ln_f.bias.fill_(1.0)
