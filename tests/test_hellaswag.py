@@ -42,11 +42,10 @@ EXAMPLES = [
             "whisper."),
 ]
 # One example where acc and acc_norm must disagree. The model is trained on its context followed by
-# the long right ending once, and followed by "ran" (then more words) three times: after the
-# context, "ran" gets probability 3/4 and the right ending's first word 1/4; the rest of the right
-# ending is memorised. So the one-word wrong ending "ran" has the lower summed loss (-ln 3/4 = 0.29
-# < -ln 1/4 = 1.39), and the 15-word right ending the lower mean loss (about 1.39 / 15 = 0.09 <
-# 0.29).
+# the long right ending once, and by "ran" (then more words) three times: after the context, "ran"
+# gets probability 3/4 and the right ending's first word 1/4; the rest is memorised. So the one-word
+# wrong ending "ran" has the lower summed loss (-ln 3/4 = 0.29 < -ln 1/4 = 1.39), and the 15-word
+# right ending the lower mean loss (about 1.39 / 15 = 0.09 < 0.29).
 LENGTH_EXAMPLE = example("Lisa looked at the old map and", 1, "ran",
     "followed the faded red line across the hills to the hidden valley by the river.",
     "ate glue.", "purple seven.")
