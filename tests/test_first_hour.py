@@ -93,18 +93,14 @@ def as_run_here(line):
 
 
 def path_with_this_python(tmp_path):
-    """PATH where `python` is this interpreter: its folder first, or a wrapper script (a link
-    would lose a venv's packages) where that folder's python is missing or another one."""
-    folder = os.path.dirname(sys.executable)
-    path = f"{folder}{os.pathsep}{os.environ['PATH']}"
-    python = os.path.join(folder, "python")
-    if not (os.path.exists(python) and os.path.samefile(python, sys.executable)):
-        wrapper = tmp_path / "bin" / "python"
-        wrapper.parent.mkdir()
-        wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
-        wrapper.chmod(0o755)
-        path = f"{wrapper.parent}{os.pathsep}{path}"
-    return path
+    """PATH where `python` is this interpreter (a wrapper script: a link would lose a venv's
+    packages), then the interpreter's folder (a venv's tools), then the PATH of the tests."""
+    wrapper = tmp_path / "bin" / "python"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    wrapper.chmod(0o755)
+    folders = [wrapper.parent, os.path.dirname(sys.executable), os.environ["PATH"]]
+    return os.pathsep.join(map(str, folders))
 
 
 def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_path):
@@ -118,12 +114,10 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
     (clone / "readme_x3.txt").write_text((clone / "README.md").read_text() * 3)
     env = {**os.environ, "PATH": path_with_this_python(tmp_path), "HF_HUB_OFFLINE": "1"}
 
-    blocks = command_blocks(clone / "README.md")
-    blocks.append(
-        next(b for b in command_blocks(clone / "docs" / "data-and-resume.md") if "head -c" in b[0])
-    )
+    data_and_resume = command_blocks(clone / "docs" / "data-and-resume.md")
+    data_order = next(block for block in data_and_resume if "head -c" in block[0])
     outputs = {}
-    for block in blocks:
+    for block in command_blocks(clone / "README.md") + [data_order]:
         script = [as_run_here(line) for line in block]
         if not any(script):
             continue

@@ -230,13 +230,11 @@ def test_batched_scores_equal_each_ending_scored_alone():
     long_endings = ["short.", "a bit longer than that.", "x", "the end."]
     long_context = example(" ".join(f"w{i}" for i in range(80)), 0, *long_endings)
     examples = ALL_EXAMPLES + [long_context]  # endings of 1 to 15 tokens; a context over 64
-    reference_sums, reference_counts = [], []
+    block_size = WORD_MODEL_CONFIG.block_size
+    rendered = [hellaswag.render_example(ex, words, block_size) for ex in examples]
     with torch.no_grad():
-        for ex in examples:
-            context, endings = hellaswag.render_example(ex, words, WORD_MODEL_CONFIG.block_size)
-            reference_sums.append(torch.stack([alone(model, context, e) for e in endings]))
-            reference_counts.append(torch.tensor([len(e) for e in endings]))
-    reference_sums, reference_counts = torch.stack(reference_sums), torch.stack(reference_counts)
+        reference_sums = torch.tensor([[alone(model, c, e) for e in ends] for c, ends in rendered])
+    reference_counts = torch.tensor([[len(e) for e in endings] for _, endings in rendered])
     # Every ending token is scored: the context before it predicts the first one.
     words_per_ending = [[len(e.split()) for e in ex["endings"]] for ex in ALL_EXAMPLES]
     assert reference_counts[:7].tolist() == words_per_ending
