@@ -172,20 +172,13 @@ def test_dtype_auto_is_fp32_on_cpus_without_native_bf16_and_bf16_with_it():
     assert dtype == torch.float32 and "no native bf16" in reason  # the start-up block says why
 
 
-SCRIPTS = {
-    "train_gpt2.py": train_gpt2.main,
-    "fineweb.py": fineweb.main,
-    "sample.py": sample.main,
-    "hellaswag.py": hellaswag.main,
-    "export_hf.py": export_hf.main,
-    "plot_log.py": plot_log.main,
-}
+SCRIPTS = [train_gpt2, fineweb, sample, hellaswag, export_hf, plot_log]
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.__name__)
 def test_help_gives_every_flag_a_reason_and_its_default_once(script, capsys):
     with pytest.raises(SystemExit) as exited:
-        run_cli(SCRIPTS[script], ["--help"])
+        run_cli(script.main, ["--help"])
     assert exited.value.code == 0
     page = capsys.readouterr().out
     options = page[page.index("options:") :]
@@ -197,11 +190,12 @@ def test_help_gives_every_flag_a_reason_and_its_default_once(script, capsys):
         text = " ".join(entry.split())
         if flag == "-h,":
             continue
-        assert "(default: None)" not in text, f"{script} {flag}: {text}"
-        assert text.count("default") <= 1, f"{script} {flag} names its default twice: {text}"
+        where = f"{script.__name__}.py {flag}"
+        assert "(default: None)" not in text, f"{where}: {text}"
+        assert text.count("default") <= 1, f"{where} names its default twice: {text}"
         words = [word for word in text.split() if not word.startswith(("-", "{", "["))]
         reason = [word for word in words if not word.rstrip(",]").isupper()]
-        assert len(reason) >= 2, f"{script} {flag} has no reason: {text}"
+        assert len(reason) >= 2, f"{where} has no reason: {text}"
 
 
 def test_greedy_sample_in_fp32_equals_hugging_face_greedy_decoding(text_shards, tmp_path, capsys):

@@ -177,7 +177,6 @@ def test_render_example_gives_the_context_and_the_endings_with_a_space_cut_to_fi
     enc, example = gpt2_tokenizer(), EXAMPLES[2]
     full_context, full_endings = hellaswag.render_example(example, enc)
     assert full_context == enc.encode_ordinary(example["ctx"])
-    assert enc.decode(full_context) == example["ctx"]
     assert [enc.decode(e) for e in full_endings] == [" " + e for e in example["endings"]]
     # Context + ending is the tokenization of the whole sentence: BPE keeps the space joining them.
     for ending, text in zip(full_endings, example["endings"]):
@@ -297,8 +296,7 @@ def test_evaluate_splits_examples_across_ranks_and_reduces(tmp_path, memorised):
 def test_cli_prints_the_summary_line_of_its_counts(tmp_path):
     # The CLI reads text with GPT-2's tokenizer: a model of GPT-2's vocabulary, random weights.
     torch.manual_seed(0)
-    config = GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)
-    model = GPT(config).eval()
+    model = GPT(GPTConfig(block_size=64, vocab_size=50257, n_layer=1, n_head=2, n_embd=32)).eval()
     checkpoint = tiny_checkpoint(str(tmp_path / "model.pt"), model=model)
     data = write_jsonl(tmp_path / "val.jsonl", ALL_EXAMPLES)
     counts = hellaswag.evaluate_hellaswag(model, ALL_EXAMPLES, gpt2_tokenizer(), "cpu", 16)
