@@ -27,12 +27,9 @@ from machinery.tokenizer import gpt2_tokenizer
 def command_blocks(path):
     """The ```bash blocks of a markdown file, as lists of shell lines (continuations joined)."""
     with open(path) as f:
-        text = f.read()
-    blocks = re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S)
-    return [
-        [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
-        for block in blocks
-    ]
+        blocks = re.findall(r"^```bash\n(.*?)^```", f.read(), re.M | re.S)
+    joined = (block.replace("\\\n", " ") for block in blocks)
+    return [[line for line in block.splitlines() if line.strip()] for block in joined]
 
 
 # What the test does with the README's commands that a 2-core CPU without network cannot run as
@@ -134,8 +131,7 @@ def test_readme_commands_run_in_order_in_a_fresh_copy_and_overwrite_nothing(tmp_
         len(outputs) == 6
     )  # the tiny run, sampling from ./gpt2, the fine-tune, plot, export, data order
 
-    # The tiny run's last block names a checkpoint and a log that exist, and the commands to go on,
-    # quoted.
+    # The tiny run's last block names a checkpoint and a log that exist, and the next commands.
     train_output = next(out for first, out in outputs.items() if "curl" in first)
     last_block = train_output[train_output.rindex("\ndone in ") :]
     checkpoint = re.search(r"^checkpoint  (\S+)$", last_block, re.M).group(1)

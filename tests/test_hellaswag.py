@@ -161,8 +161,7 @@ def test_the_data_path_and_the_cache_that_one_download_fills(monkeypatch, tmp_pa
     os.remove(source)  # the second call must use the cache, not the URL
     assert hellaswag.hellaswag_path(cache_dir=cache_dir, url="file://" + source) == path
     assert hellaswag.hellaswag_path(cache_dir=cache_dir, download=False) == path
-    # A failed download (of the source, now gone) or an unwritable cache is a user error, and
-    # leaves no file.
+    # A failed download (of the source, now gone) or an unwritable cache: a user error, no file.
     other_cache = tmp_path / "other_cache"
     with pytest.raises(UserError, match="could not download.*--data PATH"):
         hellaswag.hellaswag_path(cache_dir=str(other_cache), url="file://" + source)
@@ -197,9 +196,8 @@ def test_packed_row_puts_each_ending_right_after_the_context_and_the_mask_keeps_
     assert packed.tokens == [10, 11, 12, 20, 40, 41, 50]
     assert packed.positions == [0, 1, 2, 3, 3, 4, 3]  # each ending starts after the context
     assert packed.segments == [0, 0, 0, 1, 3, 3, 4]
-    # Every ending token is a target exactly once, predicted by the output of the token before it in
-    # its own sequence (context + that ending): the context's last token (row index 2) for the first
-    # token of each ending.
+    # Each ending token is a target once, predicted at the row index of the token before it in its
+    # own sequence (context + ending): the context's last (index 2) for each ending's first token.
     assert packed.targets == [20, 21, 30, 40, 41, 42, 50, 51]
     assert packed.ending_of == [0, 0, 1, 2, 2, 2, 3, 3]
     assert packed.predict_at == [2, 3, 2, 2, 4, 5, 2, 6]
