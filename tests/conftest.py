@@ -39,6 +39,15 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 TIMEOUT = 300  # seconds: generous, since a loaded 2-core machine is slow; a healthy run needs a few
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """torch on one thread in the tests' own process too, as in their subprocesses (ENV): tiny
+    models run as fast as on two, many times faster on busy cores, and sums add in one order."""
+    import torch  # here, not at the top: conftest itself needs no torch
+
+    torch.set_num_threads(1)
+
+
 def run_script(*args, env=ENV):
     """python with these arguments (a script of the repository and its flags, or -c and code) in a
     fresh interpreter."""

@@ -66,15 +66,6 @@ class WordTokenizer(dict):
 WORD_MODEL_CONFIG = GPTConfig(block_size=64, vocab_size=256, n_layer=2, n_head=2, n_embd=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread runs them as fast as two, and many times faster on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_jsonl(path, lines):
     """Lines are dicts (written as JSON) or raw strings (written as they are)."""
     with open(path, "w", encoding="utf-8") as f:

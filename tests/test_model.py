@@ -23,15 +23,6 @@ PROMPT = "Hello, I'm a language model,"
 PROMPT_IDS = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread runs them as fast as two, and many times faster on busy cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randomize_(model, seed=0):
     """Random values in every parameter, LayerNorms and biases included: the default init leaves
     biases at 0 and LayerNorm gains at 1, which would hide a mis-mapped or mis-transposed tensor."""
