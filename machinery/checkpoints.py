@@ -178,9 +178,11 @@ def check_weights_fit(expected, state, source):
     # lm_head.weight: tied to the embedding, not a weight of its own
     theirs = {key: tuple(tensor.shape) for key, tensor in state.items() if key != "lm_head.weight"}
     if differ := sorted(k for k in shapes.keys() | theirs.keys() if shapes.get(k) != theirs.get(k)):
+        said = [f"{k} is {theirs.get(k, 'absent')} there and {shapes.get(k, 'absent')} here"
+                for k in differ[:3]]  # fmt: skip
         raise UserError(
-            f"{source} does not fit this model (names or shapes differ: {', '.join(differ[:3])}); "
-            "was it saved from another model or another --n_layer/--n_head/--n_embd/--vocab_size?"
+            f"{source} does not fit this model ({'; '.join(said)}): was it saved from another "
+            "model or another --n_layer/--n_head/--n_embd/--vocab_size?"
         )
     for key in expected:
         if state[key].is_floating_point() and not torch.isfinite(state[key]).all():

@@ -436,6 +436,10 @@ FAULTS = [
         ("fineweb_lock_file_a_folder",  # the lock's open was a traceback
          lambda w: w.with_folder("out/.lock").fineweb(name="notes.txt", text="a short document"),
          "out/.lock: is a folder where a file is needed: move the folder, or pass another path")),
+    row(train_gpt2, "log_dir_lock_file_a_folder", lambda w: w.with_folder("log/.lock").train(),
+        "log/.lock: is a folder where a file is needed: move the folder, or pass another path"),
+    row(export_hf, "export_lock_file_a_folder", lambda w: w.with_folder("hf/.lock").export("hf"),
+        "hf/.lock: is a folder where a file is needed: move the folder, or pass another path"),
     *rows(plot_log,
         ("plot_a_binary_file", lambda w: w.plot(bytes(range(256)) * 4), "is not a text file"),
         ("plot_a_text_file_that_is_not_a_log", lambda w: w.plot("x" * 10_000 + "\n"),
@@ -470,6 +474,14 @@ FAULTS = [
          ("tiny_train_000001.npy", "truncated")),  # what an interrupted copy leaves
         ("int32_npy", lambda w: w.with_shard(TRAIN_SHARD, np.arange(5000, dtype=np.int32)).train(),
          ("tiny_train_000001.npy", "int32", "uint16")),
+        ("big_endian_npy",  # the same values, read byte-swapped on this machine: other tokens
+         lambda w: w.with_shard(TRAIN_SHARD, np.arange(5000, dtype=">u2")).train(),
+         "tokens are >u2 with shape (5000,), expected a 1-D uint16 array"),
+        ("two_dimensional_npy",
+         lambda w: w.with_shard(TRAIN_SHARD, np.zeros((50, 100), np.uint16)).train(),
+         "tokens are uint16 with shape (50, 100), expected a 1-D uint16 array"),
+        ("npy_without_a_header", lambda w: w.with_file(TRAIN_SHARD, b"\x00" * 5000).train(),
+         "tiny_train_000001.npy"),
         ("shard_shorter_than_a_batch",
          lambda w: w.with_shard(TRAIN_SHARD, np.arange(100, dtype=np.uint16)).train(),
          ("tiny_train_000001.npy", "fewer than one batch")),
