@@ -513,6 +513,10 @@ def write_shards(
     under spawn (macOS, Windows): a module-level function or a functools.partial of one."""
     pieces = iter(pieces)
     first_pieces = list(itertools.islice(pieces, min(num_proc, available_cores())))
+    if not first_pieces and progress["documents"] == 0:  # said before any worker starts
+        raise UserError(
+            "the corpus holds no documents; check --input (or --dataset, --name, --split)"
+        )
     num_proc = max(1, len(first_pieces))
     writer = ShardWriter(out_dir, prefix, shard_size, progress)
     keep_freed_memory()  # here for the ids coming back (and parquet's rows), in each worker too
@@ -521,23 +525,27 @@ def write_shards(
     context = multiprocessing.get_context(start_method)
     pool = context.Pool(num_proc, initializer=init_worker, initargs=(tokenize,))
     bar = tqdm(initial=progress["tokens"], unit="tok", unit_scale=True, desc="tokenizing")
-    with pool, contextlib.closing(writer), bar:
-        pieces = itertools.chain(first_pieces, pieces)
-        for ids, document_ends in tokenize_in_order(pieces, pool, max_in_flight=2 * num_proc):
-            already_written = writer.skip_tokens  # by an earlier run, for a resumed first piece
-            writer.add(ids, document_ends)
-            bar.update(len(ids) - already_written)
-            bar.set_postfix(shards=writer.progress["shards"], refresh=False)
-        if writer.documents == 0:
-            raise UserError(
-                "the corpus holds no documents; check --input (or --dataset, --name, --split)"
-            )
-        writer.progress["finished"] = True
-        if writer.filled:  # the last, shorter shard, saved with the run's final counts
-            writer.finish_shard(writer.documents, 0)
-        else:
-            writer.save_progress()
-        bar.set_postfix(shards=writer.progress["shards"])
+    try:
+        with contextlib.closing(writer), bar:
+            pieces = itertools.chain(first_pieces, pieces)
+            for ids, document_ends in tokenize_in_order(pieces, pool, max_in_flight=2 * num_proc):
+                already_written = writer.skip_tokens  # by an earlier run, for a resumed 1st piece
+                writer.add(ids, document_ends)
+                bar.update(len(ids) - already_written)
+                bar.set_postfix(shards=writer.progress["shards"], refresh=False)
+            writer.progress["finished"] = True
+            if writer.filled:  # the last, shorter shard, saved with the run's final counts
+                writer.finish_shard(writer.documents, 0)
+            else:
+                writer.save_progress()
+            bar.set_postfix(shards=writer.progress["shards"])
+    finally:
+        # Not Pool's terminate (what `with pool` does): a worker it kills while it sends back ids
+        # holds the result queue's lock for ever, and the pool's own shutdown then waits on that
+        # lock (an error or Ctrl-C hung the run so). Closed, the workers finish the pieces handed
+        # out (about a second), then exit.
+        pool.close()
+        pool.join()
     return writer.progress
 
 
