@@ -134,21 +134,6 @@ def test_an_export_that_fills_the_disk_is_one_line_and_leaves_nothing(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["model_00005.pt"]  # no export, no half-written folder
 
 
-def test_the_trainer_leaves_an_error_to_its_machines_first_rank(monkeypatch, capsys):
-    # (any other script says its error in any environment: test_faults.py's stray torchrun rows)
-    group = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", TORCHELASTIC_RUN_ID="x",
-                 MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")  # fmt: skip
-    for name, value in group.items():
-        monkeypatch.setenv(name, value)
-
-    def fails(argv):
-        raise train_gpt2.UserError("no train shards in data")
-
-    with pytest.raises(SystemExit):
-        run_cli(fails, group=True)
-    assert capsys.readouterr().err == ""  # LOCAL_RANK 0 of the machine says it
-
-
 def test_fineweb_drops_a_file_named_twice_and_a_byte_order_mark(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
@@ -169,8 +154,7 @@ def test_the_next_commands_are_quoted_for_the_shell_and_the_clock_can_step_back(
     tmp_path, capsys, monkeypatch
 ):
     report = progress.Progress(0, 9)
-    # the wall clock set back to 1970: no effect on what is shown
-    monkeypatch.setattr(time, "time", lambda: 0.0)
+    monkeypatch.setattr(time, "time", lambda: 0.0)  # the wall clock set back to 1970: no effect
     assert report.step_done(1)[0] >= 0  # seconds since the start
     report.train_loss, report.checkpoint = 5.0, "my run/model_00009.pt"
     monkeypatch.chdir(REPO)
@@ -235,20 +219,34 @@ def test_every_script_says_a_read_only_folder_in_one_line(tmp_path, read_only_fo
     assert snapshot(tmp_path) == before
 
 
-def test_a_resume_in_fp16_drops_a_torn_last_log_line_and_starts_a_fresh_loss_scaler(
+def test_a_new_run_notes_what_it_finds_and_its_fp16_resume_drops_a_torn_last_log_line(
     tmp_path, capsys
 ):
-    """A kill can leave half a line at the end of log.txt; --dtype auto picks fp16 where a run moves
-    to an older GPU, and its checkpoint's scaler state is empty."""
+    """A new run notes unfinished shards, an earlier log and a warmup as long as the run. A kill
+    can leave half a line at the end of log.txt; --dtype auto picks fp16 where a run moves to an
+    older GPU, and its checkpoint's scaler state is empty."""
     data, log = write_random_shards(tmp_path / "data"), tmp_path / "log"
+    with open(os.path.join(data, "tiny_progress.json"), "w") as f:  # a fineweb.py run cut short
+        json.dump({"finished": False, "shards": 2, "documents": 10, "tokens": 12288}, f)
+    log.mkdir()
+    (log / "log.txt").write_text("0 train 3.0\n1000 val 2.5\n")  # a run that saved no checkpoint
     flags = [*TINY_RUN, "--data_dir", data, "--log_dir", str(log), "--no-eval_first"]
-    flags.append("--no-shuffle")
-    train_gpt2.main([*flags, "--max_steps", "3"])
+    flags += ["--no-shuffle", "--warmup_steps", "4"]
+    train_gpt2.main([*flags, "--max_steps", "1"])
+    out = capsys.readouterr().out
+    for note in [
+        "says its fineweb.py run has not finished: training uses the shards written so far",
+        f"note: {log / 'log.txt'} of an earlier run that saved no checkpoint is replaced",
+        "note: --warmup_steps 4 is not below --max_steps 1: the learning rate only warms up, "
+        "to 25% of",
+    ]:
+        assert note in out, out
+    assert "1000 val" not in (log / "log.txt").read_text()
     with open(log / "log.txt", "a") as f:
-        f.write("3 trai")  # a kill in the middle of a line
+        f.write("1 trai")  # a kill in the middle of a line
     torn = (log / "log.txt").read_text()
-    assert plot_log.parse_log(str(log / "log.txt"))["train"][0] == [0, 1, 2]
-    note = f"note: the last line of {log / 'log.txt'} is cut short ('3 trai'): it is left out"
+    assert plot_log.parse_log(str(log / "log.txt"))["train"][0] == [0]
+    note = f"note: the last line of {log / 'log.txt'} is cut short ('1 trai'): it is left out"
     assert note in capsys.readouterr().out
     train_gpt2.main([*flags, "--max_steps", "6", "--resume", "--dtype", "float16"])
     out = capsys.readouterr().out
@@ -256,33 +254,13 @@ def test_a_resume_in_fp16_drops_a_torn_last_log_line_and_starts_a_fresh_loss_sca
     scaler = torch.load(log / "model_00005.pt", weights_only=True)["scaler"]
     assert scaler and scaler["scale"] > 0  # the fp16 run's own scaler, saved for its next resume
     lines = (log / "log.txt").read_text().splitlines()
-    # what was whole is kept as it was; the torn line is gone (was "3 trai3 train 10.8")
+    # what was whole is kept as it was; the torn line is gone (was "1 trai1 train 10.8")
     assert lines[: len(torn.splitlines()) - 1] == torn.splitlines()[:-1]
     assert all(re.fullmatch(r"\d+ (train|val) [0-9.]+", line) for line in lines), lines
     assert plot_log.parse_log(str(log / "log.txt"))["train"][0] == [0, 1, 2, 3, 4, 5]
     # cut from "1 train 2.345": it parses, and is left out
     (log / "log.txt").write_text("0 train 3.5\n1 train 2")
     assert plot_log.parse_log(str(log / "log.txt"))["train"] == ([0], [3.5])
-
-
-def test_a_new_run_notes_unfinished_shards_an_earlier_log_and_a_too_long_warmup(tmp_path, capsys):
-    data, log = write_random_shards(tmp_path / "data"), tmp_path / "log"
-    with open(os.path.join(data, "tiny_progress.json"), "w") as f:  # a fineweb.py run cut short
-        json.dump({"finished": False, "shards": 2, "documents": 10, "tokens": 12288}, f)
-    log.mkdir()
-    (log / "log.txt").write_text("0 train 3.0\n1000 val 2.5\n")  # a run that saved no checkpoint
-    train_gpt2.main([*TINY_RUN, "--data_dir", data, "--log_dir", str(log), "--max_steps", "1",
-                     "--warmup_steps", "4"])  # fmt: skip
-    out = capsys.readouterr().out
-    assert (
-        "says its fineweb.py run has not finished: training uses the shards written so far" in out
-    )
-    assert f"note: {log / 'log.txt'} of an earlier run that saved no checkpoint is replaced" in out
-    assert (
-        "note: --warmup_steps 4 is not below --max_steps 1: "
-        "the learning rate only warms up, to 25% of" in out
-    )
-    assert "1000 val" not in (log / "log.txt").read_text()
 
 
 def writes_a_log_line_to_a_full_disk(argv):
@@ -295,18 +273,32 @@ def interrupted(argv):
     raise KeyboardInterrupt  # as Ctrl-C in sample.py's or hellaswag.py's loop: was a traceback
 
 
+def finds_no_shards(argv):
+    raise train_gpt2.UserError("no train shards in data")
+
+
+# torchrun's second process on a machine: the trainer (group=True) leaves its errors to LOCAL_RANK 0
+# (any other script says its error in any environment: test_faults.py's stray torchrun rows)
+SECOND_RANK = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="2", TORCHELASTIC_RUN_ID="x")
+
+
 @pytest.mark.parametrize(
-    "main, code, said",
+    "main, group, code, said",
     [
-        (writes_a_log_line_to_a_full_disk, 1, "error: the disk is full.*\n"),
-        (interrupted, 130, r"\s*interrupted\s*"),
+        (writes_a_log_line_to_a_full_disk, {}, 1, "error: the disk is full.*\n"),
+        (interrupted, {}, 130, r"\s*interrupted\s*"),
+        (finds_no_shards, SECOND_RANK, 1, ""),
     ],
 )
-def test_a_full_disk_and_ctrl_c_in_any_script_are_one_line(main, code, said, capsys):
+def test_a_full_disk_and_ctrl_c_in_any_script_are_one_line_and_a_second_rank_says_nothing(
+    main, group, code, said, capsys, monkeypatch
+):
     if main is writes_a_log_line_to_a_full_disk and not os.path.exists("/dev/full"):
         pytest.skip("needs Linux's /dev/full, a file whose writes fail as on a full disk")
+    for name, value in group.items():
+        monkeypatch.setenv(name, value)
     with pytest.raises(SystemExit) as exited:
-        run_cli(main)
+        run_cli(main, group=bool(group))
     assert exited.value.code == code
     err = capsys.readouterr().err
     assert re.fullmatch(said, err), err
