@@ -19,15 +19,14 @@ from conftest import REPO, TINY_RUN, TINY_SHAPE, run_trainer, write_hellaswag, w
 from machinery import devices, flags, progress, torchrun
 from machinery.cli import UserError
 
-# OpenAI's parameter counts (Hugging Face's GPT2LMHeadModel, 50257 tokens); the trainer pads the
-# vocabulary to 50304 rows, 47 more rows of n_embd each.
-OPENAI_PARAMETERS = {"gpt2": 124_439_808, "gpt2-medium": 354_823_168,
-                     "gpt2-large": 774_030_080, "gpt2-xl": 1_557_611_200}  # fmt: skip
-RECIPES = {  # GPT-3 paper, Table 2.1: (learning rate, tokens per step, warmup steps, steps)
-    "gpt2": (6e-4, 2**19, 715, 19073),
-    "gpt2-medium": (3e-4, 2**19, 715, 19073),
-    "gpt2-large": (2.5e-4, 2**19, 715, 19073),
-    "gpt2-xl": (2e-4, 2**20, 357, 9536),
+# Each size's parameter count by OpenAI (Hugging Face's GPT2LMHeadModel, 50257 tokens: the trainer
+# pads the vocabulary to 50304 rows, 47 more rows of n_embd each), and its recipe in the GPT-3
+# paper, Table 2.1: learning rate, tokens per step, warmup steps, steps.
+SIZES = {
+    "gpt2": (124_439_808, 6e-4, 2**19, 715, 19073),
+    "gpt2-medium": (354_823_168, 3e-4, 2**19, 715, 19073),
+    "gpt2-large": (774_030_080, 2.5e-4, 2**19, 715, 19073),
+    "gpt2-xl": (1_557_611_200, 2e-4, 2**20, 357, 9536),
 }
 
 
@@ -47,12 +46,13 @@ def test_each_model_gives_its_shape_parameter_count_and_recipe_in_the_start_up_b
 ):
     args = flags.parse(["--model", model, "--batch_size", "1", "--seq_len", "64",
                         "--data_dir", write_random_shards(tmp_path / "data")])  # fmt: skip
-    lr, batch, warmup, steps = RECIPES[model]
-    assert (args.max_lr, args.total_batch_size, args.warmup_steps, args.max_steps) == RECIPES[model]
+    parameters, *recipe = SIZES[model]
+    lr, batch, warmup, steps = recipe
+    assert [args.max_lr, args.total_batch_size, args.warmup_steps, args.max_steps] == recipe
     assert args.min_lr == pytest.approx(0.1 * lr)
     with torch.device("meta"):  # the shape without the memory: gpt2-xl is 6 GB in fp32
         gpt = train_gpt2.GPT(train_gpt2.model_config(args))
-    expected = OPENAI_PARAMETERS[model] + (50304 - 50257) * gpt.config.n_embd
+    expected = parameters + (50304 - 50257) * gpt.config.n_embd
     loaders = [train_gpt2.DataLoaderLite(args.data_dir, 1, 64, 0, 1, split, 64)
                for split in ("train", "val")]  # fmt: skip
     block = progress.start_block(args, 1, torch.device("cpu"), False, torch.float32, "test", gpt,
@@ -120,15 +120,25 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert torch.equal(plain(x)[0], recomputed(x)[0])
 
 
-def test_activation_checkpointing_trains_the_same_losses(tmp_path):
-    data = write_random_shards(tmp_path / "data")
+def test_activation_checkpointing_trains_the_same_losses_and_a_resume_keeps_the_model(tmp_path):
+    # A tiny shape under gpt2-medium's recipe: resumed under the default --model gpt2, its
+    # learning rate would double without a word.
+    data, log = write_random_shards(tmp_path / "data"), tmp_path / "plain"
     run = [*TINY_RUN, "--data_dir", data, "--total_batch_size", "256", "--max_steps", "4",
            "--eval_every", "100", "--device", "cpu", "--no-compile"]  # fmt: skip
-    train_gpt2.main([*run, "--log_dir", str(tmp_path / "plain")])
-    train_gpt2.main([*run, "--log_dir", str(tmp_path / "recomputed"), "--activation_checkpointing"])
-    plain, recomputed = logged(tmp_path / "plain"), logged(tmp_path / "recomputed")
+    medium = [*run, "--model", "gpt2-medium"]
+    for name, recompute in [("plain", []), ("recomputed", ["--activation_checkpointing"])]:
+        train_gpt2.main([*medium, "--log_dir", str(tmp_path / name), *recompute])
+    plain, recomputed = logged(log), logged(tmp_path / "recomputed")
     assert [step for step, kind in plain if kind == "train"] == [0, 1, 2, 3]
     assert recomputed == pytest.approx(plain, abs=1e-6)  # and the val losses
+    before = sorted(os.listdir(log))
+    with pytest.raises(UserError, match="was trained with --model gpt2-medium, this run has "
+                       "--model gpt2: resume with --model gpt2-medium"):  # fmt: skip
+        train_gpt2.main([*run, "--max_steps", "6", "--log_dir", str(log), "--resume"])
+    assert sorted(os.listdir(log)) == before
+    train_gpt2.main([*medium, "--max_steps", "6", "--log_dir", str(log), "--resume"])
+    assert "model_00005.pt" in os.listdir(log)
 
 
 # --- --shard --------------------------------------------------------------------------------------
@@ -275,18 +285,3 @@ def test_the_table_in_the_docs_is_the_estimates_own(capsys, monkeypatch):
     with open(os.path.join(REPO, "docs", "bigger_models.md")) as f:
         docs = f.read().splitlines()
     assert len(rows) == 2 + 4 * 6 and all(row in docs for row in rows)  # 4 sizes x 6 settings
-
-
-def test_a_resume_keeps_the_model_whose_recipe_it_was_trained_with(tmp_path):
-    # A tiny shape under gpt2-medium's recipe: resumed under the default --model gpt2, its
-    # learning rate would double without a word.
-    data, log = write_random_shards(tmp_path / "data"), tmp_path / "log"
-    run = [*TINY_RUN, "--data_dir", data, "--log_dir", str(log), "--warmup_steps", "1"]
-    train_gpt2.main([*run, "--model", "gpt2-medium", "--max_steps", "2"])
-    before = sorted(os.listdir(log))
-    with pytest.raises(UserError, match="was trained with --model gpt2-medium, this run has "
-                       "--model gpt2: resume with --model gpt2-medium"):  # fmt: skip
-        train_gpt2.main([*run, "--max_steps", "4", "--resume"])
-    assert sorted(os.listdir(log)) == before
-    train_gpt2.main([*run, "--model", "gpt2-medium", "--max_steps", "4", "--resume"])
-    assert "model_00003.pt" in os.listdir(log)
