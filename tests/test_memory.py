@@ -1,17 +1,19 @@
 """Memory: an evaluation splits batches to fit, with the same loss; a run that cannot fit is
-refused before its first step, naming a --batch_size that fits."""
+refused before its first step, naming a --batch_size that fits; the start-up block's estimate."""
 
+import contextlib
+import io
 import os
 import re
 import resource
 import subprocess
 import sys
 
-import numpy as np
 import pytest
+import torch
 
 import train_gpt2
-from conftest import REPO
+from conftest import REPO, write_random_shards
 from machinery import torchrun
 from machinery.cli import UserError
 from train_gpt2 import GPT, GPTConfig
@@ -24,27 +26,28 @@ ADDRESS_SPACE = 5 * 2**30  # the limit the default-batch evaluation runs under: 
 
 
 @pytest.fixture(scope="module")
-def checkpoint_and_val_split(tmp_path_factory):
-    """A 1-layer checkpoint and a val split of 64 x 1024 + 1 tokens: one batch of 64, or 16 of 4."""
-    rng = np.random.default_rng(0)
-    data_dir = tmp_path_factory.mktemp("wide_data")
-    for split, tokens in [("val_000000", 64 * 1024 + 1), ("train_000001", 4 * 1024 + 1)]:
-        np.save(data_dir / f"wide_{split}.npy", rng.integers(0, 50257, tokens, dtype=np.uint16))
+def wide_run(tmp_path_factory):
+    """A 1-layer checkpoint, what the run that saved it printed, and a val split of 64 x 1024 + 1
+    tokens: one batch of 64, or 16 of 4."""
+    data_dir = str(tmp_path_factory.mktemp("wide_data"))
+    write_random_shards(data_dir, 64 * 1024 + 1, (4 * 1024 + 1,))
     log_dir = tmp_path_factory.mktemp("wide_log")
-    train_gpt2.main([*WIDE_CONTEXT, "--data_dir", str(data_dir), "--log_dir", str(log_dir), *(
-        "--batch_size 1 --total_batch_size 1024 --max_steps 1 --warmup_steps 1 --val_tokens 1024 "
-        "--no-hellaswag --no-sample_every_eval --no-eval_first --device cpu").split()])  # fmt: skip
-    return str(log_dir / "model_00000.pt"), str(data_dir)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        train_gpt2.main([*WIDE_CONTEXT, "--data_dir", data_dir, "--log_dir", str(log_dir), *(
+            "--batch_size 1 --total_batch_size 1024 --max_steps 1 --warmup_steps 1 "
+            "--val_tokens 1024 --no-hellaswag --no-sample_every_eval --no-eval_first "
+            "--device cpu").split()])  # fmt: skip
+    return str(log_dir / "model_00000.pt"), data_dir, out.getvalue()
 
 
 def limit_address_space():
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
 
 
-def test_eval_only_with_the_default_batch_fits_a_few_gb(checkpoint_and_val_split):
+def test_eval_only_with_the_default_batch_fits_a_few_gb(wide_run):
     """The default batch, 64 rows, is evaluated in parts that fit (that the parts' loss is the whole
     batch's, test_validation_loss_in_parts_is_the_loss_of_the_whole_batch checks)."""
-    checkpoint, data_dir = checkpoint_and_val_split
+    checkpoint, data_dir, _ = wide_run
     command = [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--init", checkpoint,
                "--data_dir", data_dir, "--eval_only", "--no-hellaswag", "--device", "cpu",
                "--dtype", "float32"]  # fmt: skip
@@ -59,8 +62,6 @@ def test_eval_only_with_the_default_batch_fits_a_few_gb(checkpoint_and_val_split
 
 
 def test_validation_loss_in_parts_is_the_loss_of_the_whole_batch(random_shards):
-    import torch
-
     model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
     loader = train_gpt2.DataLoaderLite(random_shards, 8, 64, 0, 1, "val")
     autocast, procs = torch.autocast("cpu", enabled=False), torchrun.Processes()
@@ -75,10 +76,9 @@ def test_validation_loss_in_parts_is_the_loss_of_the_whole_batch(random_shards):
 
 
 def test_a_run_that_cannot_fit_is_refused_before_its_first_step_naming_the_batch_size(tmp_path):
-    rng, log_dir = np.random.default_rng(0), tmp_path / "log"
-    for split, index in [("val", 0), ("train", 1)]:  # a step of each split: the loaders come first
-        tokens = rng.integers(0, 50257, 16384 * 64 + 1, dtype=np.uint16)
-        np.save(tmp_path / f"big_{split}_{index:06d}.npy", tokens)
+    log_dir = tmp_path / "log"
+    # a step of each split: the loaders come first
+    write_random_shards(tmp_path, 16384 * 64 + 1, (16384 * 64 + 1,))
     flags = ["--data_dir", str(tmp_path), "--log_dir", str(log_dir), *(
         "--n_layer 1 --n_head 2 --n_embd 32 --block_size 64 --seq_len 64 --batch_size 16384 "
         f"--total_batch_size {16384 * 64} --device cpu --no-hellaswag --no-compile").split(),
@@ -101,13 +101,8 @@ def test_a_run_that_cannot_fit_is_refused_before_its_first_step_naming_the_batch
     assert not log_dir.exists()  # refused before anything was written
 
 
-def test_the_start_up_block_prints_the_estimate(random_shards, tmp_path, capsys):
-    train_gpt2.main(["--data_dir", random_shards, "--log_dir", str(tmp_path / "log"), *(
-        "--n_layer 1 --n_head 2 --n_embd 32 --block_size 64 --seq_len 64 --batch_size 4 "
-        "--max_steps 1 --total_batch_size 256 --device cpu --no-hellaswag --no-sample_every_eval "
-        "--no-eval_first --warmup_steps 1 --val_tokens 256").split()])  # fmt: skip
-    out = capsys.readouterr().out
+def test_the_start_up_block_prints_the_estimate(wide_run):
     estimate = (
         r"^memory      ~[\d.]+ GiB per process estimated for a step, [\d.]+ GiB available on cpu$"
     )
-    assert re.search(estimate, out, re.M)
+    assert re.search(estimate, wide_run[2], re.M), wide_run[2]
