@@ -7,17 +7,15 @@ import sys
 
 from conftest import REPO
 
-# Appended, not put first: benchmarks/hellaswag.py must not hide the repository's hellaswag.py.
+# benchmarks/ is no package: on sys.path, last, so as not to hide the repository's hellaswag.py
 sys.path.append(os.path.join(REPO, "benchmarks"))
-# (benchmarks/ is no package: it goes on sys.path before this import)
 import speed_ladder  # noqa: E402
 
 
 def test_the_cpu_rungs_run_and_keep_the_numbers(capsys):
-    # The smallest shape that compiles, trained hard enough (lr 1e-2, 6 steps on real text) that the
-    # loss has left its random-init value, ln(50257): equal losses then mean equal training, not
-    # equal noise. Rung 6 holds every setting of rungs 4 and 5 (compile, flash attention) too: one
-    # compile checks them all.
+    # The smallest shape that compiles, trained (lr 1e-2, 6 steps on real text) until the loss has
+    # left ln(50257), its random-init value: equal losses then mean equal training, not equal noise.
+    # Rung 6 holds rungs 4's and 5's settings (compile, flash attention): one compile checks all.
     argv = "--device cpu --n_layer 1 --n_head 2 --n_embd 32 --batch_size 2 --seq_len 32 --steps 3"
     rows = speed_ladder.main([*argv.split(), "--warmup", "3", "--lr", "1e-2", "--rungs", "1,2,3,6"])
     by_rung = {row["rung"]: row for row in rows}

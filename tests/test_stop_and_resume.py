@@ -29,12 +29,8 @@ def test_sigterm_ends_any_script_with_one_line_and_exit_143():
     # A script with no words of its own for a stop (sample.py, export_hf.py, ...), in a process of
     # its own: without run_cli's handler, SIGTERM would kill it outright (no clean-up, status -15).
     script = (
-        "import os, signal, time\n"
-        "from machinery.cli import run_cli\n"
-        "def main(argv):\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    time.sleep(30)\n"
-        "run_cli(main)\n"
+        "import os, signal, time\nfrom machinery.cli import run_cli\ndef main(argv):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n    time.sleep(30)\nrun_cli(main)\n"
     )
     ended = start("-c", script)
     output = ended.communicate(timeout=60)[0]  # stdout and stderr
@@ -87,8 +83,7 @@ def test_a_stop_during_the_last_evaluation_is_resumed_into_that_evaluation(tmp_p
     if nproc == 1:
         assert seconds < 20, f"{seconds:.1f} s from SIGTERM to exit"
         shutil.copytree(log, tmp_path / "more")  # to resume with more steps to go
-    checkpoint = torch.load(log / "model_00001.pt", weights_only=True)
-    assert checkpoint["eval_pending"] is True
+    assert torch.load(log / "model_00001.pt", weights_only=True)["eval_pending"] is True
     assert not os.path.exists(log / "model_00002.pt")
 
     resumed = run_trainer(*flags, "--val_tokens", 2048, "--resume", nproc=nproc)
