@@ -42,10 +42,10 @@ def logged(log_dir):
 
 @pytest.mark.parametrize("model", flags.GPT2_SIZES)
 def test_each_model_gives_its_shape_parameter_count_and_recipe_in_the_start_up_block(
-    model, tmp_path
+    model, random_shards
 ):
     args = flags.parse(["--model", model, "--batch_size", "1", "--seq_len", "64",
-                        "--data_dir", write_random_shards(tmp_path / "data")])  # fmt: skip
+                        "--data_dir", random_shards])  # fmt: skip
     parameters, *recipe = SIZES[model]
     lr, batch, warmup, steps = recipe
     assert [args.max_lr, args.total_batch_size, args.warmup_steps, args.max_steps] == recipe
@@ -82,18 +82,17 @@ def test_a_flag_given_overrides_the_model_and_the_start_up_block_says_so():
     assert progress.recipe_line(given) == ""
 
 
-def test_one_cpu_step_of_a_gpt2_medium_layer(tmp_path):
+def test_one_cpu_step_of_a_gpt2_medium_layer(random_shards):
     # The trainer's own step, on one layer of gpt2-medium's width and heads as --model builds it
     # (its parameters are counted above): 24 layers would spend 20 s on the same code.
-    data = write_random_shards(tmp_path / "data", 1024, (1024,))
-    args = flags.parse(["--model", "gpt2-medium", "--n_layer", "1", "--data_dir", data])
+    args = flags.parse(["--model", "gpt2-medium", "--n_layer", "1", "--data_dir", random_shards])
     model = train_gpt2.GPT(train_gpt2.model_config(args))
     assert (model.config.n_embd, model.config.n_head, model.config.block_size) == (1024, 16, 1024)
     betas = (args.beta1, args.beta2)
     optimizer = train_gpt2.configure_optimizer(model, args.weight_decay, args.max_lr, betas,
                                                args.eps, "cpu")  # fmt: skip
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    loader = train_gpt2.DataLoaderLite(data, 1, 64, 0, 1, "train")
+    loader = train_gpt2.DataLoaderLite(random_shards, 1, 64, 0, 1, "train")
     before = model.transformer.h[0].attn.c_attn.weight.clone()
     loss, norm = train_gpt2.train_step(model, optimizer, scaler, loader, 1, args.max_lr,
                                        args.grad_clip, contextlib.nullcontext())  # fmt: skip
@@ -152,12 +151,11 @@ def test_shard_full_refuses_fp16():
 
 
 def test_sharded_runs_log_one_process_numbers_and_their_checkpoints_resume_anywhere(
-    tmp_path, capsys
+    tmp_path, random_shards, capsys
 ):
     """2 sharded gloo ranks == one process of 2 micro-steps: losses, HellaSwag (7: shares 4 and 3),
     samples, one plain-AdamW checkpoint; resumed on any --shard and world size as unbroken."""
-    data = write_random_shards(tmp_path / "data")
-    run = [*TINY_RUN, "--data_dir", data, "--total_batch_size", "256", "--ckpt_every", "3",
+    run = [*TINY_RUN, "--data_dir", random_shards, "--total_batch_size", "256", "--ckpt_every", "3",
            "--hellaswag", "--hellaswag_data", write_hellaswag(tmp_path / "hellaswag.jsonl", n=7),
            "--sample_every_eval"]  # fmt: skip
     train_gpt2.main([*run, "--log_dir", str(tmp_path / "one")])

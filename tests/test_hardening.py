@@ -98,16 +98,15 @@ def test_fineweb_refuses_a_second_run_and_after_sigterm_a_rerun_finishes_the_sam
 
 @pytest.mark.parametrize("rank, stop", [(1, signal.SIGTERM), (0, signal.SIGINT)])
 def test_a_rank_started_without_its_group_says_it_is_waiting_and_stops_when_told(
-    tmp_path, rank, stop
+    tmp_path, random_shards, rank, stop
 ):
-    data = write_random_shards(tmp_path / "data")
     port = str(29517 + rank)
     variables = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}  # fmt: skip
     # A step of 2 ranks. It used to wait for its peers without a word, inside torch's wait, where
     # Python's handlers did not run: Ctrl-C and SIGTERM did nothing.
-    run = start("train_gpt2.py", *TINY_RUN, "--data_dir", data, "--log_dir", tmp_path / "log",
-                "--total_batch_size", "256", env={**ENV, **variables})  # fmt: skip
+    run = start("train_gpt2.py", *TINY_RUN, "--data_dir", random_shards, "--total_batch_size",
+                "256", "--log_dir", tmp_path / "log", env={**ENV, **variables})  # fmt: skip
     try:
         lines = read_until(run, r"waiting")
         time.sleep(1)

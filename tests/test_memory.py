@@ -51,7 +51,6 @@ def test_eval_only_with_the_default_batch_fits_a_few_gb(wide_run):
     command = [sys.executable, os.path.join(REPO, "train_gpt2.py"), "--init", checkpoint,
                "--data_dir", data_dir, "--eval_only", "--no-hellaswag", "--device", "cpu",
                "--dtype", "float32"]  # fmt: skip
-    # the default batch flags
     limited = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
                              preexec_fn=limit_address_space)  # fmt: skip
     assert limited.returncode == 0, limited.stdout + limited.stderr
