@@ -80,8 +80,7 @@ def test_the_script_draws_a_resumed_log_or_one_without_hellaswag(tmp_path, out):
     assert [p.name for p in image.parent.iterdir() if p.name != "log.txt"] == ["loss.png"]
 
 
-# --- What the figure shows: read back from the matplotlib Figure, since a PNG existing says nothing
-# of its panels.
+# --- What the figure shows, read back from the matplotlib Figure: a PNG says nothing of its panels
 
 
 def figure_for(tmp_path, lines, **options):
@@ -131,8 +130,7 @@ def test_panels_legends_and_reference_lines_follow_the_log_and_the_flags(tmp_pat
     # of flags; each gives the figure that build_figure's options give.
     figures = []
     monkeypatch.setattr(plot_log, "save_figure", lambda fig, out_path: figures.append(fig))
-    # Each panel as (its reference lines, its legend).
-    loss = ([], [*TRAIN, VAL])
+    loss = ([], [*TRAIN, VAL])  # each panel as (its reference lines, its legend)
     loss_and_reference = ([3.2924], [*TRAIN, VAL, LOSS_REFERENCE])
     hella = ([0.2955, 0.337], ["this run", "OpenAI GPT-2 124M: 0.2955", "GPT-3 124M: 0.337"])
     hella_alone = ([], ["this run"])
