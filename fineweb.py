@@ -322,8 +322,10 @@ worker_tokenize = None  # each worker's tokenizer, set once by init_worker: a ta
 def init_worker(tokenize):
     global worker_tokenize
     worker_tokenize = tokenize
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the main process stops the pool
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the pool stops its workers with SIGTERM
+    # Ctrl-C, or a SIGTERM to the whole group (a container's stop): the main process stops the
+    # pool; a worker killed while it sends ids back would leave the pool's result queue locked.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     keep_freed_memory()
 
 

@@ -355,6 +355,9 @@ def test_a_worker_reuses_its_memory_from_piece_to_piece(tmp_path, tokenize):
     assert faults < 40
 
 
+RUN_AGAIN = "run the same command again to resume"
+
+
 def test_a_killed_run_or_one_that_filled_the_disk_resumes_to_the_same_bytes(tmp_path):
     corpus = write_jsonl(tmp_path / "corpus.jsonl", make_documents(400, 1000, seed=2))
     out, full, reference = (str(tmp_path / name) for name in ("out", "full", "reference"))
@@ -363,8 +366,8 @@ def test_a_killed_run_or_one_that_filled_the_disk_resumes_to_the_same_bytes(tmp_
     total_shards = len(shard_files(reference))
     assert total_shards > 60
     # Shards finished when the run stops: killed with its workers, as a crash would kill them; then
-    # the resumed run gets Ctrl-C (a terminal sends SIGINT to the script and its workers alike).
-    for kill_after, stop in [(3, signal.SIGKILL), (20, signal.SIGINT)]:
+    # the resumed runs get Ctrl-C and a SIGTERM (a terminal, a container's stop: to all processes).
+    for kill_after, stop in [(3, signal.SIGKILL), (20, signal.SIGINT), (35, signal.SIGTERM)]:
         command = [sys.executable, "fineweb.py", *flags, "--out", out]
         pipes = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE, "text": True}
         run = subprocess.Popen(command, cwd=REPO, start_new_session=True, **pipes)
@@ -376,9 +379,11 @@ def test_a_killed_run_or_one_that_filled_the_disk_resumes_to_the_same_bytes(tmp_
         progress = json.loads(pathlib.Path(out, "shard_progress.json").read_text())
         assert not progress["finished"], "the run ended before it could be stopped"
         assert kill_after - 1 <= progress["shards"] < total_shards
-    assert run.returncode == 130 and "Traceback" not in "".join(said)
-    assert said[-1] == "interrupted: finished shards are kept; run the same command again to resume"
-    assert not glob.glob(".*.tmp", root_dir=out)  # Ctrl-C removed the shard it was filling
+        if stop != signal.SIGKILL:  # one line, and the shard being filled removed
+            word = "interrupted" if stop == signal.SIGINT else "terminated"
+            assert run.returncode == 128 + stop and "Traceback" not in "".join(said)
+            assert said[-1] == f"{word}: finished shards are kept; {RUN_AGAIN}"
+            assert not glob.glob(".*.tmp", root_dir=out)
     # A kill mid-shard leaves a temp file like this (shard 1 is done: only the clean-up removes it).
     pathlib.Path(out, ".shard_000001.tmp").write_bytes(b"torn")
     fineweb.main([*flags, "--out", out])
