@@ -104,9 +104,9 @@ def input_files_under(folder, above):
 # Reading documents. The input is cut, in a fixed order, into pieces of about a megabyte: a few .txt
 # files, lines of a jsonl file, or rows the main process read (of a parquet file or a Hugging Face
 # dataset). A piece is (reader, *arguments); reader(*arguments) yields the text of each document.
-# Workers read .txt and jsonl pieces themselves: parsing in
-# the main process cost a tenth of the tokenizing, on cores the workers need. A resume leaves out
-# the `skip` documents that finished shards hold: each file's planner returns what it did not skip.
+# Workers read .txt and jsonl pieces themselves: parsing in the main process cost a tenth of the
+# tokenizing, on cores the workers need. A resume leaves out the `skip` documents that finished
+# shards hold: each file's planner returns what it did not skip.
 
 PIECE_BYTES = 1 << 20
 
